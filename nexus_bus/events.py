@@ -1,0 +1,86 @@
+"""Event topics on the `NEXUS_EVENTS` stream behind the `EventLog` seam."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+import nats.js.errors as jserr
+from nats.js import JetStreamContext
+
+from nexus_bus.constants import EVENTS_STREAM, H_NATS_MSG_ID
+from nexus_bus.store import translate_nats_errors
+from nexus_bus.subjects import events_subject
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One event as stored: its stream sequence, encoded body and time."""
+
+    seq: int
+    data: bytes
+    time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """Where an appended event landed."""
+
+    seq: int
+    duplicate: bool
+
+
+class EventLog(Protocol):
+    """Append-only topics with sequence numbers and idempotent appends."""
+
+    async def append(self, topic: str, data: bytes, *, event_id: str | None = None) -> Appended:
+        """Append an event; a repeated `event_id` within the dedup window is not stored twice."""
+        ...
+
+    async def read(self, topic: str, after_seq: int = 0, limit: int = 100) -> list[StoredEvent]:
+        """Events of `topic` with sequence > `after_seq`, oldest first."""
+        ...
+
+
+class JetStreamEventLog:
+    """`EventLog` on the `NEXUS_EVENTS` stream."""
+
+    def __init__(self, js: JetStreamContext, stream: str = EVENTS_STREAM) -> None:
+        self._js = js
+        self._stream = stream
+
+    async def append(self, topic: str, data: bytes, *, event_id: str | None = None) -> Appended:
+        """Publish to `nexus.events.<topic>`; `event_id` becomes `Nats-Msg-Id`.
+
+        Raises:
+            InvalidRequest: a malformed topic.
+            Unavailable: JetStream cannot be reached.
+        """
+        subject = events_subject(topic)
+        headers = {H_NATS_MSG_ID: event_id} if event_id else None
+        async with translate_nats_errors(f"append {topic}"):
+            ack = await self._js.publish(subject, data, stream=self._stream, headers=headers)
+        return Appended(ack.seq, bool(ack.duplicate))
+
+    async def read(self, topic: str, after_seq: int = 0, limit: int = 100) -> list[StoredEvent]:
+        """Read up to `limit` events after `after_seq` with direct "next by subject" gets.
+
+        Raises:
+            Unavailable: JetStream cannot be reached.
+        """
+        subject = events_subject(topic)
+        events: list[StoredEvent] = []
+        seq = after_seq + 1
+        async with translate_nats_errors(f"read {topic}"):
+            while len(events) < limit:
+                try:
+                    msg = await self._js.get_msg(self._stream, seq=seq, subject=subject, next=True)
+                except jserr.NotFoundError:
+                    break
+                if msg.seq is None:
+                    break
+                when = msg.time or datetime.now(UTC)
+                events.append(StoredEvent(msg.seq, msg.data or b"", when))
+                seq = msg.seq + 1
+        return events

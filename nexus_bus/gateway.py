@@ -1,0 +1,205 @@
+"""The gateway client: call any operation over NATS request/reply.
+
+    async with await Gateway.connect(settings) as gw:
+        reply = await gw.request("data", "get", {"key": "k"}, token=token)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import nats.errors
+from nats.aio.client import Client
+
+from nexus_bus import codec
+from nexus_bus.config import Settings
+from nexus_bus.connection import connect_nats
+from nexus_bus.constants import (
+    BUILTIN_RESERVED_OPS,
+    H_AUTHORIZATION,
+    H_CONTENT_TYPE,
+    H_IDEMPOTENCY_KEY,
+    H_REQUEST_ID,
+    H_TRACEPARENT,
+    T_CLIENT,
+)
+from nexus_bus.errors import (
+    NexusError,
+    NoResponders,
+    PayloadTooLarge,
+    Unavailable,
+    UpstreamTimeout,
+)
+from nexus_bus.metadata import (
+    budget_headers,
+    check_headers,
+    clean_request_id,
+    new_trace,
+    parse_traceparent,
+)
+from nexus_bus.observability import METRICS
+from nexus_bus.replies import Reply, error_of, status_of
+from nexus_bus.subjects import check_operation, operation_subject
+
+T = TypeVar("T")
+
+
+class Gateway:
+    """Sends operation requests with the contract's headers and maps replies to results."""
+
+    def __init__(self, nc: Client, settings: Settings, *, owns_connection: bool = False) -> None:
+        self.nc = nc
+        self.settings = settings
+        self._limits = settings.limits
+        self._default_timeout_s = settings.client.default_timeout_ms / 1000
+        self._owns = owns_connection
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> Self:
+        """Open a NATS connection of its own.
+
+        Raises:
+            Unavailable: NATS cannot be reached.
+        """
+        nc = await connect_nats(settings.nats, name=f"{settings.service}-gateway")
+        return cls(nc, settings, owns_connection=True)
+
+    async def close(self) -> None:
+        """Drain and close the connection, when the gateway opened it."""
+        if self._owns and not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def build_headers(
+        self,
+        *,
+        token: str | None = None,
+        timeout_s: float,
+        request_id: str | None = None,
+        traceparent: str | None = None,
+        idempotency_key: str | None = None,
+        content_type: str | None = None,
+        extra: Mapping[str, str] | None = None,
+    ) -> dict[str, str]:
+        """The request headers of DESIGN.md, with a fresh deadline."""
+        trace = parse_traceparent(traceparent) or new_trace()
+        headers = {
+            H_REQUEST_ID: clean_request_id(request_id),
+            H_TRACEPARENT: trace.traceparent,
+            **budget_headers(timeout_s, int(time.time() * 1000)),
+        }
+        if extra:
+            headers.update(extra)
+        if token:
+            headers[H_AUTHORIZATION] = f"Bearer {token}"
+        if idempotency_key:
+            headers[H_IDEMPOTENCY_KEY] = idempotency_key
+        if content_type:
+            headers[H_CONTENT_TYPE] = content_type
+        return headers
+
+    async def request_raw(
+        self, op: str, action: str, body: bytes, headers: dict[str, str], *, timeout_s: float
+    ) -> Reply:
+        """Send an already-encoded request; return the reply as received (any status).
+
+        Raises:
+            InvalidRequest: a malformed op/action, or header characters that are not allowed.
+            PayloadTooLarge / HeadersTooLarge: over the configured or server limits.
+            NoResponders: no worker serves the op (at once, not after the timeout).
+            UpstreamTimeout: no reply within `timeout_s`.
+            Unavailable: the NATS connection is closed.
+        """
+        check_operation(op, action, allow_reserved=BUILTIN_RESERVED_OPS)
+        subject = operation_subject(op, action)
+        header_bytes = check_headers(
+            headers,
+            max_value_bytes=self._limits.max_header_value_bytes,
+            max_total_bytes=self._limits.max_header_bytes,
+        )
+        if len(body) > self._limits.max_body_bytes:
+            raise PayloadTooLarge(f"body of {len(body)} bytes exceeds {self._limits.max_body_bytes}")
+        # nats-py checks only the payload; headers count too, and the server drops the whole
+        # connection (every in-flight request) when the sum exceeds max_payload.
+        if len(body) + header_bytes > self.nc.max_payload:
+            raise PayloadTooLarge(f"request exceeds the server's max_payload of {self.nc.max_payload}")
+        try:
+            msg = await self.nc.request(subject, body, timeout=timeout_s, headers=headers)
+        except nats.errors.NoRespondersError:
+            raise NoResponders(f"no worker serves {op}.{action}") from None
+        except nats.errors.TimeoutError:
+            raise UpstreamTimeout(f"{op}.{action} did not answer within {timeout_s:g}s") from None
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError) as exc:
+            raise Unavailable("NATS connection is closed") from exc
+        return Reply(status_of(msg.headers), msg.headers or {}, msg.data)
+
+    async def request(
+        self,
+        op: str,
+        action: str,
+        payload: Any = None,
+        *,
+        token: str | None = None,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+        request_id: str | None = None,
+        traceparent: str | None = None,
+        reply_type: type[T] | Any = Any,
+        media: str = "json",
+    ) -> T:
+        """Call `op.action` with `payload` and return its decoded reply.
+
+        Args:
+            payload: a msgspec Struct, anything msgspec encodes, or pre-encoded bytes.
+            token: bearer token for the token service.
+            timeout: seconds; the worker receives the same budget as a deadline.
+            idempotency_key: makes a non-idempotent operation safe to retry.
+            reply_type: decode the reply into this type (default: plain JSON types).
+            media: "json" or "msgpack".
+
+        Raises:
+            NexusError: the error the reply carried, or the transport failure (see
+                `request_raw`).
+        """
+        check_operation(op, action, allow_reserved=BUILTIN_RESERVED_OPS)  # before op is a label
+        timeout_s = self._default_timeout_s if timeout is None else timeout
+        body = payload if isinstance(payload, bytes) else codec.encode(payload or {}, media)
+        headers = self.build_headers(
+            token=token,
+            timeout_s=timeout_s,
+            request_id=request_id,
+            traceparent=traceparent,
+            idempotency_key=idempotency_key,
+            content_type=codec.content_type_of(media) if media != "json" else None,
+        )
+        started = time.perf_counter()
+        status = 0
+        try:
+            reply = await self.request_raw(op, action, body, headers, timeout_s=timeout_s)
+            status = reply.status
+            if status >= 400:
+                raise error_of(status, reply.body)
+            result: T = codec.decode(
+                reply.body,
+                reply_type,
+                media=codec.media_type(reply.headers.get(H_CONTENT_TYPE)),
+                max_bytes=self.nc.max_payload,
+                max_depth=self._limits.max_depth * 2,
+            )
+            return result
+        except NexusError as exc:
+            status = status or exc.http_status
+            METRICS.count_error(op, exc.code)
+            raise
+        finally:
+            METRICS.observe(op, action, status, T_CLIENT, time.perf_counter() - started)

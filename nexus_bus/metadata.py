@@ -1,0 +1,126 @@
+"""Request metadata carried in headers: request ids, W3C trace context, deadlines.
+
+Pure functions; time and randomness come in as arguments. Nothing a client sends is trusted
+raw: malformed ids and trace contexts are replaced, oversized or CR/LF-bearing header values
+are refused before they can reach the NATS protocol line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from nexus_bus.constants import H_DEADLINE, H_REQUEST_ID, H_TIMEOUT_MS, H_TRACEPARENT
+from nexus_bus.errors import HeadersTooLarge, InvalidRequest
+
+_REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_TRACEPARENT: Final = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_HEADER_NAME: Final = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+_ZERO_TRACE: Final = "0" * 32
+_ZERO_SPAN: Final = "0" * 16
+
+
+def new_request_id() -> str:
+    """A fresh random request id (24 hex characters)."""
+    return os.urandom(12).hex()
+
+
+def clean_request_id(value: str | None) -> str:
+    """The client's request id when well-formed, otherwise a fresh one."""
+    if value and _REQUEST_ID.match(value):
+        return value
+    return new_request_id()
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """A W3C trace context: the trace, this hop's span, and the sampled flag."""
+
+    trace_id: str
+    span_id: str
+    flags: str = "01"
+
+    @property
+    def traceparent(self) -> str:
+        """The `traceparent` header value."""
+        return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
+
+    def child(self) -> TraceContext:
+        """The context of a new span in the same trace."""
+        return TraceContext(self.trace_id, os.urandom(8).hex(), self.flags)
+
+
+def new_trace() -> TraceContext:
+    """A new root trace context."""
+    return TraceContext(os.urandom(16).hex(), os.urandom(8).hex())
+
+
+def parse_traceparent(value: str | None) -> TraceContext | None:
+    """Parse a `traceparent` value; None when absent or invalid (all-zero ids are invalid)."""
+    if not value:
+        return None
+    m = _TRACEPARENT.match(value.strip())
+    if m is None or m.group(1) == "ff":
+        return None
+    _, trace_id, span_id, flags = m.groups()
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        return None
+    return TraceContext(trace_id, span_id, flags)
+
+
+def trace_from_headers(headers: Mapping[str, str]) -> TraceContext:
+    """The caller's trace continued with a new span, or a new trace when it sent none."""
+    parent = parse_traceparent(headers.get(H_TRACEPARENT))
+    return parent.child() if parent else new_trace()
+
+
+def budget_headers(timeout_s: float, now_ms: int) -> dict[str, str]:
+    """`Nexus-Timeout-Ms` and `Nexus-Deadline` for a request sent now with this budget."""
+    budget_ms = max(1, int(timeout_s * 1000))
+    return {H_TIMEOUT_MS: str(budget_ms), H_DEADLINE: str(now_ms + budget_ms)}
+
+
+def deadline_ms(headers: Mapping[str, str], now_ms: int, default_budget_ms: int) -> int:
+    """The absolute deadline (epoch ms) of a received request.
+
+    `Nexus-Deadline` wins: a relative budget alone cannot tell that a request sat in a
+    reconnect buffer. A lone `Nexus-Timeout-Ms` counts from receipt; neither gives the default.
+    Malformed values are ignored, never trusted.
+    """
+    for name, base in ((H_DEADLINE, 0), (H_TIMEOUT_MS, now_ms)):
+        raw = headers.get(name)
+        if raw and raw.isdigit() and len(raw) <= 15:
+            return base + int(raw)
+    return now_ms + default_budget_ms
+
+
+def check_headers(headers: Mapping[str, str], *, max_value_bytes: int, max_total_bytes: int) -> int:
+    """Refuse header sets that could break the NATS protocol or exceed its limits.
+
+    Returns:
+        The encoded size of the headers, for the `max_payload` check.
+
+    Raises:
+        InvalidRequest: a name or value with characters that are not allowed (CR, LF, NUL...).
+        HeadersTooLarge: a value or the whole set is larger than allowed.
+    """
+    total = 12  # "NATS/1.0\r\n" + final "\r\n"
+    for name, value in headers.items():
+        if not _HEADER_NAME.match(name):
+            raise InvalidRequest(f"invalid header name {name[:40]!r}")
+        if not value.isprintable() or not value.isascii():
+            raise InvalidRequest(f"header {name} has characters that are not allowed")
+        if len(value) > max_value_bytes:
+            raise HeadersTooLarge(f"header {name} is longer than {max_value_bytes} bytes")
+        total += len(name) + len(value) + 4
+    if total > max_total_bytes:
+        raise HeadersTooLarge(f"headers total {total} bytes, more than {max_total_bytes}")
+    return total
+
+
+def request_id_of(headers: Mapping[str, str]) -> str:
+    """The request id of a received message, cleaned."""
+    return clean_request_id(headers.get(H_REQUEST_ID))

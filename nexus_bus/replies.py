@@ -1,0 +1,84 @@
+"""Reply construction: success and error replies with the contract's headers and bodies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import msgspec
+
+from nexus_bus.constants import (
+    CT_PROBLEM,
+    H_CONTENT_TYPE,
+    H_REQUEST_ID,
+    H_SERVICE_ERROR,
+    H_SERVICE_ERROR_CODE,
+    H_STATUS,
+    PROBLEM_TYPE_BASE,
+)
+from nexus_bus.errors import InternalError, NexusError, error_from_code
+from nexus_bus.schemas.problem import Problem
+
+_problem_encoder: Final = msgspec.json.Encoder()
+_problem_decoder: Final = msgspec.json.Decoder(Problem)
+_MAX_ERROR_HEADER: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A reply as it travels: status, headers and encoded body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def problem_of(error: NexusError, request_id: str | None) -> Problem:
+    """The problem document describing `error`."""
+    return Problem(
+        type=PROBLEM_TYPE_BASE + error.code,
+        title=error.title,
+        status=error.http_status,
+        code=error.code,
+        detail=error.detail,
+        request_id=request_id,
+    )
+
+
+def _header_safe(text: str) -> str:
+    cleaned = "".join(c if c.isprintable() and c.isascii() else " " for c in text)
+    return cleaned[:_MAX_ERROR_HEADER]
+
+
+def error_reply(error: NexusError, request_id: str) -> Reply:
+    """An error reply: `Nexus-Status`, the NATS micro error headers and a problem body."""
+    headers = {
+        H_STATUS: str(error.http_status),
+        H_SERVICE_ERROR_CODE: str(error.http_status),
+        H_SERVICE_ERROR: _header_safe(f"{error.code}: {error.detail}"),
+        H_CONTENT_TYPE: CT_PROBLEM,
+        H_REQUEST_ID: request_id,
+    }
+    body = _problem_encoder.encode(problem_of(error, request_id))
+    return Reply(error.http_status, headers, body)
+
+
+def success_reply(body: bytes, content_type: str, request_id: str, status: int = 200) -> Reply:
+    """A success reply."""
+    headers = {H_STATUS: str(status), H_CONTENT_TYPE: content_type, H_REQUEST_ID: request_id}
+    return Reply(status, headers, body)
+
+
+def status_of(headers: dict[str, str] | None) -> int:
+    """The `Nexus-Status` of a received reply; a reply without one is treated as 500."""
+    raw = (headers or {}).get(H_STATUS, "")
+    return int(raw) if raw.isdigit() and len(raw) == 3 else 500
+
+
+def error_of(status: int, body: bytes) -> NexusError:
+    """The NexusError an error reply stands for, read from its problem body."""
+    try:
+        problem = _problem_decoder.decode(body)
+    except msgspec.MsgspecError:
+        return InternalError(f"error reply {status} without a problem document")
+    return error_from_code(problem.code, problem.detail, problem.status)

@@ -1,0 +1,142 @@
+"""The system of record for `data`: a JetStream KV bucket behind the `RecordStore` seam.
+
+nats exceptions are translated here, once; handlers only see NexusErrors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import nats.errors
+import nats.js.errors as jserr
+from nats.js.kv import KeyValue
+
+from nexus_bus.errors import Conflict, NexusError, NotFound, Unavailable, UpstreamTimeout
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A stored value (encoded JSON bytes) at a revision."""
+
+    key: str
+    value: bytes
+    revision: int
+
+
+class RecordStore(Protocol):
+    """Key/value records with revisions and compare-and-set."""
+
+    async def get(self, key: str) -> Record:
+        """The current record. Raises NotFound."""
+        ...
+
+    async def put(self, key: str, value: bytes, *, expected_revision: int | None = None) -> int:
+        """Write; with `expected_revision` only if current (0: only if absent). Raises Conflict."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Delete; whether a live value existed."""
+        ...
+
+    async def keys(self, prefix: str = "", limit: int = 100) -> list[str]:
+        """Live keys starting with `prefix`, sorted, at most `limit`."""
+        ...
+
+
+@asynccontextmanager
+async def translate_nats_errors(what: str) -> AsyncIterator[None]:
+    """Map nats-py / JetStream exceptions to NexusErrors (the adapter's one boundary)."""
+    try:
+        yield
+    except NexusError:
+        raise
+    except (jserr.KeyNotFoundError, jserr.KeyDeletedError, jserr.NotFoundError) as exc:
+        raise NotFound(f"{what}: not found") from exc
+    except jserr.KeyWrongLastSequenceError as exc:
+        raise Conflict(f"{what}: revision mismatch") from exc
+    except jserr.APIError as exc:
+        if exc.err_code == 10071:  # wrong last sequence
+            raise Conflict(f"{what}: revision mismatch") from exc
+        if exc.code == 503 or exc.err_code == 10008:
+            raise Unavailable(f"{what}: JetStream unavailable") from exc
+        raise Unavailable(f"{what}: JetStream error {exc.err_code}: {exc.description}") from exc
+    except (nats.errors.TimeoutError, TimeoutError) as exc:
+        raise UpstreamTimeout(f"{what}: JetStream did not answer in time") from exc
+    except (nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
+        raise Unavailable(f"{what}: JetStream unavailable") from exc
+    except nats.errors.Error as exc:
+        raise Unavailable(f"{what}: {type(exc).__name__}") from exc
+
+
+class KeyValueRecordStore:
+    """`RecordStore` on a JetStream KV bucket."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    async def get(self, key: str) -> Record:
+        """The current record of `key`.
+
+        Raises:
+            NotFound: no live value.
+            Unavailable: JetStream cannot be reached.
+        """
+        async with translate_nats_errors(f"get {key}"):
+            entry = await self._kv.get(key)
+        if entry.value is None or entry.revision is None:
+            raise NotFound(f"get {key}: not found")
+        return Record(key, entry.value, entry.revision)
+
+    async def put(self, key: str, value: bytes, *, expected_revision: int | None = None) -> int:
+        """Write `value`; compare-and-set when `expected_revision` is given.
+
+        Raises:
+            Conflict: the key is not at `expected_revision` (or exists, for 0).
+            Unavailable: JetStream cannot be reached.
+        """
+        async with translate_nats_errors(f"put {key}"):
+            if expected_revision is None:
+                return await self._kv.put(key, value)
+            if expected_revision == 0:
+                try:
+                    return await self._kv.create(key, value)
+                except jserr.KeyWrongLastSequenceError as exc:
+                    raise Conflict(f"put {key}: key already exists") from exc
+            return await self._kv.update(key, value, last=expected_revision)
+
+    async def delete(self, key: str) -> bool:
+        """Delete `key`; whether it had a live value.
+
+        Raises:
+            Unavailable: JetStream cannot be reached.
+        """
+        async with translate_nats_errors(f"delete {key}"):
+            try:
+                await self._kv.get(key)
+            except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
+                return False
+            await self._kv.delete(key)
+            return True
+
+    async def keys(self, prefix: str = "", limit: int = 100) -> list[str]:
+        """Live keys starting with `prefix`, in lexical order.
+
+        A prefix ending at a token boundary (`.`) is filtered by the server; any other
+        prefix is filtered here.
+        """
+        pattern = f"{prefix}>" if prefix.endswith(".") and len(prefix) > 1 else ">"
+        found: list[str] = []
+        async with translate_nats_errors("list keys"):
+            watcher = await self._kv.watch(pattern, ignore_deletes=True, meta_only=True)
+            try:
+                async for entry in watcher:
+                    if entry is None:  # end of the initial snapshot
+                        break
+                    if entry.key.startswith(prefix):
+                        found.append(entry.key)
+            finally:
+                await watcher.stop()
+        return sorted(found)[:limit]

@@ -1,0 +1,86 @@
+"""Shared fixtures: real NATS and Redis, settings, a running worker and a gateway client."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from nexus_bus import Gateway, Settings, Worker, load_settings
+from nexus_bus.embedded import ServerProcess, nats_server, redis_server
+from nexus_bus.handlers import builtin_groups
+from nexus_bus.observability import configure_logging
+from tests import servers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logging() -> None:
+    configure_logging("nexus-test", "WARNING", json_lines=False)
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A shared NATS server with JetStream for the whole session."""
+    with servers.nats_url(tmp_path_factory.mktemp("nats")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A shared Redis server for the whole session."""
+    with servers.redis_url(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture
+def local_nats(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A NATS server of this test's own, which the test may kill and restart."""
+    with servers.local(nats_server(tmp_path / "nats")) as server:
+        yield server
+
+
+@pytest.fixture
+def local_redis(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A Redis server of this test's own, which the test may kill and restart."""
+    with servers.local(redis_server(tmp_path / "redis")) as server:
+        yield server
+
+
+def make_settings(nats: str, redis: str | None = None, **overrides: object) -> Settings:
+    """Test settings pointing at the given servers."""
+    values: dict[str, object] = {"nats": {"url": nats}, "log": {"level": "WARNING"}}
+    if redis:
+        values["redis"] = {"url": redis}
+    values.update(overrides)
+    return load_settings(**values)
+
+
+@pytest.fixture(scope="session")
+def settings(nats_url: str, redis_url: str) -> Settings:
+    """Settings for the shared servers."""
+    return make_settings(nats_url, redis_url)
+
+
+@pytest.fixture(scope="session")
+async def worker(settings: Settings) -> AsyncIterator[Worker]:
+    """A worker serving every built-in op on the shared NATS."""
+    w = Worker(settings, builtin_groups())
+    await w.start()
+    yield w
+    await w.drain(1)
+
+
+@pytest.fixture(scope="session")
+async def gateway(settings: Settings, worker: Worker) -> AsyncIterator[Gateway]:
+    """A gateway client on its own connection."""
+    gw = await Gateway.connect(settings)
+    yield gw
+    await gw.close()
+
+
+@pytest.fixture
+def uid() -> str:
+    """A unique token for isolating keys, topics and subjects per test."""
+    return uuid.uuid4().hex[:12]

@@ -1,0 +1,114 @@
+"""Bad input over real NATS: clear errors with stable codes, and nobody else is hurt."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import pytest
+
+from nexus_bus import Gateway, InvalidRequest, NoResponders, PayloadTooLarge, UnknownOperation
+from nexus_bus.errors import HeadersTooLarge, NexusError
+
+INJECTED_TOKENS = ["a.b", "a b", "a\r\nPUB nexus.data.delete 2", "*", ">", "", "A", "x" * 65]
+
+
+@pytest.mark.parametrize("bad", INJECTED_TOKENS)
+async def test_subject_injection_is_refused_before_publishing(gateway: Gateway, bad: str) -> None:
+    for op, action in ((bad, "get"), ("data", bad)):
+        with pytest.raises((InvalidRequest, UnknownOperation)):
+            await gateway.request(op, action, {"key": "k"})
+    assert not gateway.nc.is_closed
+
+
+@pytest.mark.parametrize("op", ["jobs", "dlq", "events", "sys"])
+async def test_reserved_ops_are_refused(gateway: Gateway, op: str) -> None:
+    with pytest.raises(UnknownOperation):
+        await gateway.request(op, "x", {})
+
+
+async def test_unknown_op_and_action(gateway: Gateway) -> None:
+    with pytest.raises(NoResponders):
+        await gateway.request("nosuchop", "get", {}, timeout=5)
+    with pytest.raises(UnknownOperation) as info:
+        await gateway.request("data", "nosuchaction", {})
+    assert info.value.http_status == 404
+
+
+async def test_no_responders_is_immediate(gateway: Gateway) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(NoResponders):
+        await gateway.request("nobodyhome", "x", {}, timeout=10)
+    assert loop.time() - started < 1
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"{", "invalid_request"),
+        (b'{"key": "k"} trailing', "invalid_request"),
+        (b'{"key": "\xff"}', "invalid_request"),
+        (b'{"key": "a b"}', "invalid_request"),
+        (b'{"key": "k", "value": ' + b"[" * 5000 + b"]" * 5000 + b"}", "invalid_request"),
+        (b'{"key": "k", "value": 1' + b"9" * 400 + b"}", "invalid_request"),
+    ],
+)
+async def test_malformed_bodies_are_400(gateway: Gateway, body: bytes, code: str) -> None:
+    with pytest.raises(NexusError) as info:
+        await gateway.request("data", "put", body)
+    assert info.value.code == code and info.value.http_status == 400
+
+
+async def test_oversized_body_and_headers(gateway: Gateway) -> None:
+    big = b'{"key": "k", "value": "' + b"x" * (gateway.settings.limits.max_body_bytes + 1) + b'"}'
+    with pytest.raises(PayloadTooLarge):
+        await gateway.request("data", "put", big)
+    with pytest.raises(HeadersTooLarge):
+        await gateway.request("data", "get", {"key": "k"}, token="t" * 100_000)
+    with pytest.raises(InvalidRequest):
+        await gateway.request("data", "get", {"key": "k"}, idempotency_key="a\r\nb")
+    assert not gateway.nc.is_closed
+
+
+async def test_worker_enforces_limits_for_direct_nats_clients(
+    gateway: Gateway, nats_url: str
+) -> None:
+    """A plain NATS client bypasses the gateway; the worker must still refuse."""
+    nc = await nats.connect(nats_url)
+    try:
+        limit = gateway.settings.limits.max_body_bytes
+        body = b'{"key":"k","value":"' + b"x" * limit + b'"}'
+        msg = await nc.request("nexus.data.put", body, timeout=5)
+        assert msg.headers is not None and msg.headers["Nexus-Status"] == "413"
+        msg = await nc.request("nexus.data.get", b"{", timeout=5)
+        assert msg.headers is not None and msg.headers["Nexus-Status"] == "400"
+        assert msg.headers["Nats-Service-Error-Code"] == "400"
+        msg = await nc.request(
+            "nexus.data.get", b'{"key":"k"}', timeout=5, headers={"Content-Type": "text/xml"}
+        )
+        assert msg.headers is not None and msg.headers["Nexus-Status"] == "415"
+    finally:
+        await nc.close()
+
+
+async def test_bad_requests_do_not_break_in_flight_ones(gateway: Gateway, uid: str) -> None:
+    await gateway.request("data", "put", {"key": f"ok.{uid}", "value": 1})
+    oversized = b'{"key":"k","value":"' + b"x" * 2_000_000 + b'"}'
+
+    async def good() -> int:
+        return int((await gateway.request("data", "get", {"key": f"ok.{uid}"}))["value"])
+
+    async def bad(i: int) -> str:
+        body = [oversized, b"{", b"[" * 3000][i % 3]
+        try:
+            await gateway.request("data", "put", body)
+        except NexusError as exc:
+            return exc.code
+        return "accepted"
+
+    results = await asyncio.gather(*(good() for _ in range(50)), *(bad(i) for i in range(30)))
+    assert results[:50] == [1] * 50
+    assert "accepted" not in results[50:]
+    assert not gateway.nc.is_closed
+    assert await good() == 1

@@ -1,0 +1,96 @@
+"""Built-in data and stream operations over real NATS (JetStream KV and streams)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from nexus_bus import Conflict, Gateway, NotFound
+
+
+async def test_put_get_list_delete(gateway: Gateway, uid: str) -> None:
+    key = f"t.{uid}.a"
+    put = await gateway.request("data", "put", {"key": key, "value": {"n": [1, "x", None]}})
+    assert put["key"] == key and put["revision"] > 0
+    got = await gateway.request("data", "get", {"key": key})
+    assert got == {"key": key, "value": {"n": [1, "x", None]}, "revision": put["revision"]}
+    await gateway.request("data", "put", {"key": f"t.{uid}.b", "value": 2})
+    listed = await gateway.request("data", "list", {"prefix": f"t.{uid}."})
+    assert listed["keys"] == [f"t.{uid}.a", f"t.{uid}.b"]
+    partial = await gateway.request("data", "list", {"prefix": f"t.{uid}.a", "limit": 5})
+    assert partial["keys"] == [f"t.{uid}.a"]
+    assert await gateway.request("data", "delete", {"key": key}) == {"key": key, "deleted": True}
+    assert await gateway.request("data", "delete", {"key": key}) == {"key": key, "deleted": False}
+    with pytest.raises(NotFound):
+        await gateway.request("data", "get", {"key": key})
+
+
+async def test_any_json_value_round_trips(gateway: Gateway, uid: str) -> None:
+    for i, value in enumerate([0, -1.5, "s", True, None, [], {}, {"deep": [[{"a": 1}]]}]):
+        key = f"v.{uid}.{i}"
+        await gateway.request("data", "put", {"key": key, "value": value})
+        assert (await gateway.request("data", "get", {"key": key}))["value"] == value
+
+
+async def test_compare_and_set(gateway: Gateway, uid: str) -> None:
+    key = f"cas.{uid}"
+    first = await gateway.request("data", "put", {"key": key, "value": 1, "expected_revision": 0})
+    with pytest.raises(Conflict):
+        await gateway.request("data", "put", {"key": key, "value": 2, "expected_revision": 0})
+    second = await gateway.request(
+        "data", "put", {"key": key, "value": 2, "expected_revision": first["revision"]}
+    )
+    with pytest.raises(Conflict) as info:
+        await gateway.request(
+            "data", "put", {"key": key, "value": 3, "expected_revision": first["revision"]}
+        )
+    assert info.value.http_status == 409
+    got = await gateway.request("data", "get", {"key": key})
+    assert got["value"] == 2 and got["revision"] == second["revision"]
+
+
+async def test_concurrent_cas_has_exactly_one_winner(gateway: Gateway, uid: str) -> None:
+    key = f"race.{uid}"
+    base = await gateway.request("data", "put", {"key": key, "value": 0})
+
+    async def attempt(i: int) -> bool:
+        try:
+            await gateway.request(
+                "data", "put", {"key": key, "value": i, "expected_revision": base["revision"]}
+            )
+            return True
+        except Conflict:
+            return False
+
+    results = await asyncio.gather(*(attempt(i) for i in range(20)))
+    assert sum(results) == 1
+
+
+async def test_msgpack_requests(gateway: Gateway, uid: str) -> None:
+    key = f"mp.{uid}"
+    await gateway.request("data", "put", {"key": key, "value": {"b": 1}}, media="msgpack")
+    got = await gateway.request("data", "get", {"key": key}, media="msgpack")
+    assert got["value"] == {"b": 1}
+
+
+async def test_stream_publish_dedup_and_read(gateway: Gateway, uid: str) -> None:
+    topic = f"t{uid}"
+    first = await gateway.request("stream", "publish", {"topic": topic, "event": {"n": 1}, "id": "e1"})
+    again = await gateway.request("stream", "publish", {"topic": topic, "event": {"n": 1}, "id": "e1"})
+    assert not first["duplicate"] and again["duplicate"] and again["seq"] == first["seq"]
+    second = await gateway.request("stream", "publish", {"topic": topic, "event": {"n": 2}})
+    read = await gateway.request("stream", "read", {"topic": topic})
+    assert [e["event"] for e in read["events"]] == [{"n": 1}, {"n": 2}]
+    after = await gateway.request("stream", "read", {"topic": topic, "after_seq": first["seq"]})
+    assert [e["seq"] for e in after["events"]] == [second["seq"]]
+    limited = await gateway.request("stream", "read", {"topic": topic, "limit": 1})
+    assert len(limited["events"]) == 1
+    assert (await gateway.request("stream", "read", {"topic": f"none{uid}"}))["events"] == []
+
+
+async def test_ai_embed_is_deterministic(gateway: Gateway) -> None:
+    one = await gateway.request("ai", "embed", {"input": "the quick brown fox"})
+    two = await gateway.request("ai", "embed", {"input": ["the quick brown fox", "lazy dog"]})
+    assert one["vectors"][0] == two["vectors"][0] and len(two["vectors"]) == 2
+    assert abs(sum(v * v for v in one["vectors"][0]) - 1) < 1e-9

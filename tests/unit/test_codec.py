@@ -1,0 +1,75 @@
+import msgspec
+import pytest
+
+from nexus_bus import codec
+from nexus_bus.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from nexus_bus.schemas.data import PutRequest
+
+LIMITS = {"max_bytes": 4096, "max_depth": 8}
+
+
+def test_round_trip_json_and_msgpack() -> None:
+    req = PutRequest(key="a.b", value={"x": [1, 2.5, None, "s"]})
+    for media in ("json", "msgpack"):
+        body = codec.encode(req, media)
+        assert codec.decode(body, PutRequest, media=media, **LIMITS) == req
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{",
+        b'{"key": "a", "value": 1} trailing',
+        b'{"key": "\xff\xfe", "value": 1}',
+        b'{"key": "a", "value": 1' + b"0" * 40 + b"}",
+        b"",
+        b'{"value": 1}',
+        b'{"key": "bad key", "value": 1}',
+    ],
+)
+def test_malformed_input_is_invalid_request(body: bytes) -> None:
+    with pytest.raises(InvalidRequest):
+        codec.decode(body, PutRequest, **LIMITS)
+
+
+def test_too_deep_is_invalid_request_not_recursion_error() -> None:
+    nested = b'{"key": "k", "value": ' + b"[" * 20 + b"]" * 20 + b"}"
+    with pytest.raises(InvalidRequest, match="nested"):
+        codec.decode(nested, PutRequest, **LIMITS)
+    hopeless = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(InvalidRequest):
+        codec.decode(hopeless, max_bytes=1 << 20, max_depth=32)
+
+
+def test_depth_within_limit_is_accepted() -> None:
+    ok = b'{"key": "k", "value": ' + b"[" * 6 + b"]" * 6 + b"}"
+    assert codec.decode(ok, PutRequest, **LIMITS).value == [[[[[[]]]]]]
+
+
+def test_oversized_body_is_413_before_decoding() -> None:
+    with pytest.raises(PayloadTooLarge):
+        codec.decode(b" " * 4097, PutRequest, **LIMITS)
+
+
+def test_media_types() -> None:
+    assert codec.media_type(None) == "json"
+    assert codec.media_type("application/json; charset=utf-8") == "json"
+    assert codec.media_type("application/msgpack") == "msgpack"
+    with pytest.raises(UnsupportedMediaType):
+        codec.media_type("text/xml")
+
+
+def test_depth_counts_structs_and_containers() -> None:
+    class Box(msgspec.Struct):
+        inner: list[dict[str, int]]
+
+    codec.check_value(Box(inner=[{"a": 1}]), 3)
+    with pytest.raises(InvalidRequest):
+        codec.check_value(Box(inner=[{"a": 1}]), 2)
+
+
+@pytest.mark.parametrize("number", [b"1" + b"9" * 400, b"18446744073709551616", b"-9223372036854775809"])
+def test_huge_integers_are_refused(number: bytes) -> None:
+    with pytest.raises(InvalidRequest, match="out of range"):
+        codec.decode(b'{"key": "k", "value": ' + number + b"}", PutRequest, **LIMITS)
+    assert codec.decode(b'{"key": "k", "value": 18446744073709551615}', PutRequest, **LIMITS)

@@ -1,0 +1,68 @@
+import pytest
+
+from nexus_bus.config import ConfigError, load_settings
+from nexus_bus.errors import (
+    ERRORS_BY_CODE,
+    NexusError,
+    NotFound,
+    RemoteError,
+    UpstreamTimeout,
+    error_from_code,
+)
+from nexus_bus.replies import error_of, error_reply, status_of
+
+
+def test_every_code_is_stable_snake_case_with_a_status() -> None:
+    for code, cls in ERRORS_BY_CODE.items():
+        assert code == cls.code and code.islower() and " " not in code
+        assert 400 <= cls.http_status < 600
+    assert issubclass(UpstreamTimeout, TimeoutError) and UpstreamTimeout.retryable
+
+
+def test_error_reply_round_trips_to_the_same_error() -> None:
+    reply = error_reply(NotFound("no such key"), "rid-1")
+    assert reply.status == 404 and status_of(reply.headers) == 404
+    assert reply.headers["Nats-Service-Error-Code"] == "404"
+    err = error_of(reply.status, reply.body)
+    assert isinstance(err, NotFound) and err.detail == "no such key"
+
+
+def test_unknown_codes_keep_their_status() -> None:
+    err = error_from_code("teapot", "short and stout", 418)
+    assert isinstance(err, RemoteError) and err.http_status == 418 and err.code == "teapot"
+    assert isinstance(error_from_code("weird", None, 99), NexusError)
+
+
+def test_error_header_is_sanitised() -> None:
+    reply = error_reply(NotFound("bad\r\nInjected: yes"), "rid")
+    assert "\r" not in reply.headers["Nats-Service-Error"]
+
+
+def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEXUS_NATS__URL", "nats://a:1,nats://b:2")
+    monkeypatch.setenv("NEXUS_WORKER__CONCURRENCY", "7")
+    s = load_settings()
+    assert s.nats.servers == ["nats://a:1", "nats://b:2"] and s.worker.concurrency == 7
+
+
+def test_bad_config_lists_every_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEXUS_WORKER__CONCURRENCY", "many")
+    monkeypatch.setenv("NEXUS_LIMITS__MAX_DEPTH", "0")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "worker.concurrency" in str(info.value) and "limits.max_depth" in str(info.value)
+
+
+def test_secrets_are_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEXUS_NATS__PASSWORD", "hunter2")
+    s = load_settings()
+    assert "hunter2" not in repr(s) and "hunter2" not in str(s.model_dump())
+
+
+def test_toml_file(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "nexus.toml"
+    path.write_text('service = "from-toml"\n[worker]\nconcurrency = 3\n')
+    monkeypatch.setenv("NEXUS_CONFIG", str(path))
+    monkeypatch.setenv("NEXUS_WORKER__CONCURRENCY", "5")
+    s = load_settings()
+    assert s.service == "from-toml" and s.worker.concurrency == 5

@@ -1,0 +1,62 @@
+import pytest
+
+from nexus_bus.constants import H_DEADLINE, H_TIMEOUT_MS, H_TRACEPARENT
+from nexus_bus.errors import HeadersTooLarge, InvalidRequest
+from nexus_bus.metadata import (
+    budget_headers,
+    check_headers,
+    clean_request_id,
+    deadline_ms,
+    parse_traceparent,
+    trace_from_headers,
+)
+
+VALID_TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_request_ids_are_kept_when_clean_and_replaced_otherwise() -> None:
+    assert clean_request_id("abc-123") == "abc-123"
+    for bad in (None, "", "a b", "x\r\ny", "a" * 129, "<script>"):
+        fresh = clean_request_id(bad)
+        assert fresh != bad and len(fresh) == 24
+
+
+def test_traceparent_parsing() -> None:
+    ctx = parse_traceparent(VALID_TP)
+    assert ctx is not None and ctx.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    for bad in (
+        "garbage",
+        "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-" + "0" * 16 + "-01",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        VALID_TP.upper(),
+    ):
+        assert parse_traceparent(bad) is None
+
+
+def test_trace_continues_or_starts() -> None:
+    child = trace_from_headers({H_TRACEPARENT: VALID_TP})
+    assert child.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert child.span_id != "00f067aa0ba902b7"
+    fresh = trace_from_headers({H_TRACEPARENT: "bogus"})
+    assert len(fresh.trace_id) == 32 and fresh.trace_id != child.trace_id
+
+
+def test_deadline_prefers_absolute_then_relative_then_default() -> None:
+    now = 1_000_000
+    assert deadline_ms({H_DEADLINE: "1000500", H_TIMEOUT_MS: "9"}, now, 5000) == 1_000_500
+    assert deadline_ms({H_TIMEOUT_MS: "250"}, now, 5000) == 1_000_250
+    assert deadline_ms({H_DEADLINE: "-5", H_TIMEOUT_MS: "x"}, now, 5000) == 1_005_000
+    assert budget_headers(0.25, now) == {H_TIMEOUT_MS: "250", H_DEADLINE: "1000250"}
+
+
+def test_header_checks() -> None:
+    assert check_headers({"A": "b"}, max_value_bytes=10, max_total_bytes=100) > 0
+    with pytest.raises(InvalidRequest):
+        check_headers({"A": "b\r\nX: y"}, max_value_bytes=100, max_total_bytes=1000)
+    with pytest.raises(InvalidRequest):
+        check_headers({"A B": "b"}, max_value_bytes=100, max_total_bytes=1000)
+    with pytest.raises(HeadersTooLarge):
+        check_headers({"A": "b" * 11}, max_value_bytes=10, max_total_bytes=1000)
+    with pytest.raises(HeadersTooLarge):
+        check_headers({f"H{i}": "v" * 9 for i in range(20)}, max_value_bytes=10, max_total_bytes=100)

@@ -37,7 +37,7 @@ def nats_options(settings: NatsSettings, *, name: str | None = None) -> dict[str
         logger.warning("nats reconnected")
 
     async def on_disconnect() -> None:
-        logger.warning("nats disconnected")
+        logger.info("nats disconnected")
 
     async def on_error(exc: Exception) -> None:
         logger.warning("nats connection error: {}", exc)

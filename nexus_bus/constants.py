@@ -31,6 +31,8 @@ H_DEADLINE: Final = "Nexus-Deadline"
 H_IDEMPOTENCY_KEY: Final = "Idempotency-Key"
 H_CONTENT_TYPE: Final = "Content-Type"
 H_NATS_MSG_ID: Final = "Nats-Msg-Id"
+# Set by the HTTP shim from the peer address (and trusted proxies); used for rate limiting.
+H_CLIENT_IP: Final = "Nexus-Client-Ip"
 
 # Reply headers
 H_STATUS: Final = "Nexus-Status"

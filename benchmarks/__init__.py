@@ -1,0 +1,1 @@
+"""Benchmarks: every figure printed beside a baseline measured in the same run."""

@@ -63,6 +63,7 @@ class RedisSettings(BaseModel):
     """The Redis cache connection; short timeouts so a sick Redis never stalls requests."""
 
     url: str = "redis://127.0.0.1:6379/0"
+    cluster: bool = False  # the URL names one node of a Redis Cluster
     password: SecretStr | None = None
     tls: TLSSettings = Field(default_factory=TLSSettings)
     socket_timeout_s: float = Field(0.1, gt=0)

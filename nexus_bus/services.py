@@ -11,6 +11,7 @@ from nats.js import JetStreamContext
 from nexus_bus.config import Settings
 from nexus_bus.events import EventLog, JetStreamEventLog
 from nexus_bus.jetstream import ensure_data_bucket, ensure_events_stream
+from nexus_bus.redis_client import RedisClient, create_redis
 from nexus_bus.store import KeyValueRecordStore, RecordStore
 
 
@@ -23,6 +24,7 @@ class Services:
     js: JetStreamContext
     records: RecordStore
     events: EventLog
+    redis: RedisClient
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -41,4 +43,10 @@ async def create_services(nc: Client, settings: Settings) -> Services:
         js=js,
         records=KeyValueRecordStore(kv),
         events=JetStreamEventLog(js),
+        redis=create_redis(settings.redis),
     )
+
+
+async def close_services(services: Services) -> None:
+    """Release what `create_services` opened (the NATS connection belongs to the caller)."""
+    await services.redis.aclose()

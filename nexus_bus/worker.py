@@ -26,7 +26,7 @@ from nexus_bus.dispatch import Dispatcher, Expired
 from nexus_bus.errors import Unavailable
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.operations import Operations
-from nexus_bus.services import Services, create_services
+from nexus_bus.services import Services, close_services, create_services
 from nexus_bus.subjects import is_inbox, operation_wildcard, queue_group
 
 
@@ -155,6 +155,8 @@ class Worker:
             for task in pending:
                 task.cancel()
         await self.broker.stop()
+        if self.services is not None:
+            await close_services(self.services)
         logger.info("worker stopped")
 
     async def run(self) -> None:

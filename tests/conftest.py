@@ -73,6 +73,12 @@ async def worker(settings: Settings) -> AsyncIterator[Worker]:
 
 
 @pytest.fixture(scope="session")
+def admin_token() -> str | None:
+    """A token with every scope, for tests that go through authentication (None: auth off)."""
+    return None
+
+
+@pytest.fixture(scope="session")
 async def gateway(settings: Settings, worker: Worker) -> AsyncIterator[Gateway]:
     """A gateway client on its own connection."""
     gw = await Gateway.connect(settings)

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test install lint typecheck bench schemas clean
+.PHONY: up test install lint typecheck bench schemas clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,10 +14,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# NGINX (tests/e2e) and wrk (bench_http's load generator) from Debian's packages, when absent.
+system-deps:
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx wrk)
+	command -v wrk >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk)
+
 up: $(STAMP)
 	$(BIN)/nexus-bus up
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -26,7 +31,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy nexus_bus handlers schemas
 
-bench: $(STAMP)
+bench: $(STAMP) system-deps
 	$(BIN)/python -m benchmarks
 
 schemas: $(STAMP)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from nexus_bus.operations import Operations
-from nexus_bus.handlers import ai, data, stream
+from nexus_bus.handlers import ai, auth, data, stream
 
-BUILTIN: dict[str, Operations] = {g.op: g for g in (data.ops, stream.ops, ai.ops)}
+BUILTIN: dict[str, Operations] = {g.op: g for g in (data.ops, stream.ops, ai.ops, auth.ops)}
 
 
 def builtin_groups(names: list[str] | None = None) -> list[Operations]:

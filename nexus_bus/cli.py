@@ -57,13 +57,30 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from nexus_bus.worker import Worker
 
     ops = args.ops or ",".join(settings.worker.ops) or None
+    if settings.worker.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.worker.metrics_port, settings.worker.metrics_host)
     worker = Worker(settings, load_groups(ops, args.app))
     _run_async(worker.run())
     return 0
 
 
+def cmd_shim(args: argparse.Namespace, settings: Settings) -> int:
+    """Serve the HTTP shim until SIGTERM; exit 0 after draining in-flight requests."""
+    from nexus_bus.http import serve
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if overrides:
+        settings = settings.model_copy(
+            update={"http": settings.http.model_copy(update=overrides)}
+        )
+    return serve(settings)
+
+
 def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
     """Call one operation and print its reply (or its problem document, exiting 1)."""
+    from nexus_bus.auth.operator import dev_token
     from nexus_bus.gateway import Gateway
 
     op, _, action = args.operation.partition(".")
@@ -76,7 +93,8 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
     async def call() -> Any:
         async with await Gateway.connect(settings) as gw:
             return await gw.request(
-                op, action, payload, token=args.token or os.environ.get("NEXUS_TOKEN"),
+                op, action, payload,
+                token=args.token or os.environ.get("NEXUS_TOKEN") or dev_token(settings),
                 timeout=args.timeout, idempotency_key=args.idempotency_key,
             )
 
@@ -91,14 +109,21 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     """Start the embedded stack in the foreground until Ctrl-C."""
+    from nexus_bus.auth.operator import dev_admin_token
     from nexus_bus.stack import start_stack, wait_forever
 
-    stack = start_stack(settings, workers=args.workers)
+    created_kid, admin = dev_admin_token(settings)  # before workers start: they load the keys
+    stack = start_stack(
+        settings, workers=args.workers, nats_port=args.nats_port, redis_port=args.redis_port,
+        http_port=settings.http.port, extra=[["shim"]],
+    )
     env = stack.env
+    http_url = f"http://{settings.http.host}:{env['NEXUS_HTTP__PORT']}"
     print(
         "nexus-bus is up\n"
         f"  NATS (JetStream)  {env['NEXUS_NATS__URL']}\n"
         f"  Redis             {env['NEXUS_REDIS__URL']}\n"
+        f"  HTTP shim         {http_url}  (OpenAPI: {http_url}/openapi.json)\n"
         f"  workers           {args.workers} (ops: data, stream, ai)\n"
         f"  state             {stack.state_dir}\n\n"
         "Try it from another terminal in this folder:\n"
@@ -107,7 +132,78 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         "Ctrl-C stops everything.",
         flush=True,
     )
+    print(
+        (f"\nCreated dev signing key {created_kid}. " if created_kid else "\n")
+        + "Admin token (all scopes, 24 h; `nexus-bus call` uses it from the state dir):\n"
+        + f"  export NEXUS_TOKEN={admin.token}",
+        flush=True,
+    )
+    print(
+        "\nOver HTTP (paste after the export above):\n"
+        f"  curl -s -X POST {http_url}/v1/data/get \\\n"
+        '    -H "Authorization: Bearer $NEXUS_TOKEN" -H "Content-Type: application/json" \\\n'
+        "    -d '{\"key\": \"hello\"}'",
+        flush=True,
+    )
     wait_forever(stack)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    """Generate a signing key pair; the newest key signs, older ones still verify."""
+    from pathlib import Path
+
+    from nexus_bus.auth import generate_key, keys_dir_of
+
+    directory = Path(args.dir) if args.dir else keys_dir_of(settings)
+    try:
+        kid = generate_key(directory, kid=args.kid)
+    except (ValueError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(kid)
+    print(f"wrote {directory}/{kid}.pem (private, 0600) and {kid}.pub.pem", file=sys.stderr)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    """Issue a token with the local signing key, or revoke one by its id."""
+    from datetime import UTC, datetime
+
+    from nexus_bus.auth import parse_duration, parse_scopes
+    from nexus_bus.auth.operator import issue_token, revoke_token
+
+    if args.token_command == "revoke":
+        _run_async(revoke_token(settings, args.jti))
+        print(f"revoked {args.jti}", file=sys.stderr)
+        return 0
+    ttl = parse_duration(args.ttl) if args.ttl else None
+    signed = issue_token(settings, args.sub, parse_scopes(args.scopes), ttl)
+    expires = datetime.fromtimestamp(signed.claims.exp, UTC).isoformat()
+    print(signed.token)
+    print(f"jti {signed.claims.jti}  kid {signed.kid}  expires {expires}", file=sys.stderr)
+    return 0
+
+
+def cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:
+    """Write the contract documents (JSON Schema, AsyncAPI, OpenAPI); `--check` only compares."""
+    from pathlib import Path
+
+    from nexus_bus import specs
+
+    directory = Path(args.dir) if args.dir else specs.default_directory()
+    groups = load_groups(args.ops, args.app)
+    if args.check:
+        outdated = specs.stale(directory, groups)
+        if outdated:
+            print(f"stale contract documents in {directory} (run `make schemas`):", file=sys.stderr)
+            for name in outdated:
+                print(f"  {name}", file=sys.stderr)
+            return 1
+        print(f"contract documents in {directory} are up to date")
+        return 0
+    for path in specs.export(directory, groups):
+        print(path)
     return 0
 
 
@@ -121,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", action="append", default=[], help="module:attr of your Operations")
     p.set_defaults(func=cmd_worker)
 
+    p = sub.add_parser("shim", help="serve the HTTP shim (POST /v1/{op}/{action}, SSE, probes)")
+    p.add_argument("--host", help="address to listen on (default: http.host)")
+    p.add_argument("--port", type=int, help="port to listen on (default: http.port)")
+    p.set_defaults(func=cmd_shim)
+
     p = sub.add_parser("call", help="call one operation, e.g. call data.get '{\"key\":\"k\"}'")
     p.add_argument("operation", help="op.action")
     p.add_argument("payload", nargs="?", default="{}", help="JSON request body")
@@ -129,9 +230,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idempotency-key")
     p.set_defaults(func=cmd_call)
 
-    p = sub.add_parser("up", help="start the embedded stack: NATS, Redis, workers")
+    p = sub.add_parser("up", help="start the embedded stack: NATS, Redis, workers, HTTP shim")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--nats-port", type=int, default=4222, help="0: any free port")
+    p.add_argument("--redis-port", type=int, default=6379, help="0: any free port")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("keys", help="signing keys for the token service")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True)
+    p = keys_sub.add_parser("generate", help="write a new Ed25519 key pair (newest signs)")
+    p.add_argument("--dir", help="keys directory (default: auth.keys_dir or <state_dir>/keys)")
+    p.add_argument("--kid", help="key id (default: creation time + random suffix)")
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("token", help="issue or revoke tokens")
+    token_sub = p.add_subparsers(dest="token_command", required=True)
+    p = token_sub.add_parser("issue", help="sign a token with the local key; prints it")
+    p.add_argument("--sub", required=True, help="the subject (who the token stands for)")
+    p.add_argument("--scopes", required=True, help="e.g. data:get,data:put or data:* or *")
+    p.add_argument("--ttl", help="lifetime: 90s, 15m, 1h, 7d (default: auth.default_ttl_s)")
+    p.set_defaults(func=cmd_token)
+    p = token_sub.add_parser("revoke", help="revoke a token id on every worker")
+    p.add_argument("jti", help="the token id (`jti`) to revoke")
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("schemas", help="the generated contract documents")
+    schemas_sub = p.add_subparsers(dest="schemas_command", required=True)
+    p = schemas_sub.add_parser(
+        "export", help="write JSON Schema, AsyncAPI and OpenAPI documents into schemas/"
+    )
+    p.add_argument("--dir", help="target folder (default: the source tree's schemas/)")
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 when stale")
+    p.add_argument("--ops", help="built-in ops to describe, comma-separated (default: all)")
+    p.add_argument("--app", action="append", default=[], help="module:attr of your Operations")
+    p.set_defaults(func=cmd_schemas)
+
+    from nexus_bus.jobs.commands import add_commands as add_job_commands
+
+    add_job_commands(sub)  # dlq list|replay|purge, jobs show (docs/jobs.md)
     return parser
 
 

@@ -6,11 +6,12 @@ section. Nested fields use a double underscore: `NEXUS_NATS__URL`, `NEXUS_WORKER
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -18,6 +19,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from nexus_bus.constants import CACHE_KEY_PREFIX
 from nexus_bus.errors import InvalidRequest
 
 
@@ -47,6 +49,7 @@ class NatsSettings(BaseModel):
     nkey_seed_file: Path | None = None
     tls: TLSSettings = Field(default_factory=TLSSettings)
     connect_timeout_s: float = Field(2.0, gt=0)
+    initial_connect_timeout_s: float = Field(10.0, gt=0)  # then fail at start, not hang
     reconnect_wait_s: float = Field(0.5, gt=0)
     max_reconnect_attempts: int = -1  # forever: a worker must outlive a broker restart
     # Bounded so that a long outage cannot replay minutes of stale requests (TRAPS.md).
@@ -68,6 +71,44 @@ class RedisSettings(BaseModel):
     tls: TLSSettings = Field(default_factory=TLSSettings)
     socket_timeout_s: float = Field(0.1, gt=0)
     connect_timeout_s: float = Field(0.2, gt=0)
+
+
+class CacheSettings(BaseModel):
+    """The Redis cache in front of the `data` system of record (docs/cache.md)."""
+
+    enabled: bool = True
+    key_prefix: str = CACHE_KEY_PREFIX
+    # Names the Redis in cache notices between workers ("": host:port/db of `redis.url`).
+    # Workers that reach the same Redis under different URLs must set the same scope.
+    scope: str = ""
+    ttl_s: float = Field(3600.0, gt=0)  # how long a value is fresh
+    negative_ttl_s: float = Field(30.0, ge=0)  # "not found" and tombstones; 0: not cached
+    stale_s: float = Field(30.0, ge=0)  # served stale while one worker reloads; 0: off
+    jitter: float = Field(0.1, ge=0, lt=1)  # TTLs spread by up to this fraction either way
+    lease_s: float = Field(2.0, gt=0)  # one loader per key holds the lease this long at most
+    wait_s: float = Field(0.5, ge=0)  # others wait this long for it, then load themselves
+    # Per Redis call, connecting included; past it the request fails open to the KV.
+    timeout_ms: int = Field(150, gt=0, le=10_000)
+    fence_timeout_ms: int = Field(200, gt=0, le=10_000)  # waiting for a peer to fence
+    fence_ttl_s: float = Field(60.0, gt=0)
+    # A load slower than this is not filled: the tombstone it raced with may be gone.
+    max_fill_age_s: float = Field(5.0, gt=0)
+    breaker_failures: int = Field(5, ge=1)  # consecutive failures that open the breaker
+    breaker_reset_s: float = Field(0.5, gt=0)  # first probe after opening; doubles per failure
+    breaker_reset_max_s: float = Field(10.0, gt=0)
+    local_max_entries: int = Field(10_000, ge=1)  # L1 bound (policies opt in; never `data`)
+    max_floors: int = Field(100_000, ge=1)  # unfenced writes remembered before distrusting
+
+    @model_validator(mode="after")
+    def _check_fill_age(self) -> CacheSettings:
+        # Tombstones and fences must outlive every fill that may still race with them.
+        if self.negative_ttl_s and self.negative_ttl_s <= self.max_fill_age_s:
+            raise ValueError("negative_ttl_s must be 0 or longer than max_fill_age_s")
+        if self.fence_ttl_s <= self.max_fill_age_s:
+            raise ValueError("fence_ttl_s must be longer than max_fill_age_s")
+        if self.breaker_reset_max_s < self.breaker_reset_s:
+            raise ValueError("breaker_reset_max_s must be at least breaker_reset_s")
+        return self
 
 
 class LimitSettings(BaseModel):
@@ -96,12 +137,103 @@ class WorkerSettings(BaseModel):
     drain_grace_s: float = Field(10.0, ge=0)
     clock_skew_ms: int = Field(250, ge=0)
     default_timeout_ms: int = Field(5_000, gt=0)
+    metrics_port: int = Field(0, ge=0, le=65535)  # 0: no /metrics endpoint of its own
+    # Route core requests through FastStream subscribers (its middlewares and context) instead
+    # of the fast path on the same connection; measured at about half the throughput.
+    faststream_subscribers: bool = False
+    metrics_host: str = "127.0.0.1"
+
+
+class JobsSettings(BaseModel):
+    """Asynchronous jobs on JetStream: consumers, retries and dead-lettering (docs/jobs.md)."""
+
+    enabled: bool = True  # workers run job consumers for the ops they serve
+    max_deliver: int = Field(5, ge=1, le=1000)  # attempts before dead-lettering
+    # Retry delay after failed attempt n: min(max, base * multiplier**(n-1)), jittered
+    # (resilience.backoff): "equal" keeps at least half of it, so retries of a burst spread
+    # out without ever retrying at once; "full" spreads most; "none" is exact.
+    backoff_base_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(300.0, gt=0)
+    backoff_multiplier: float = Field(2.0, ge=1)
+    backoff_jitter: Literal["none", "full", "equal"] = "equal"
+    ack_wait_s: float = Field(30.0, gt=0)  # a crashed worker's job is redelivered after this
+    heartbeat_s: float = Field(10.0, gt=0)  # `in_progress` interval; must be below ack_wait_s
+    concurrency: int = Field(16, ge=1, le=10_000)  # jobs in flight per op per worker
+    timeout_s: float = Field(300.0, gt=0)  # a job's handler budget (jobs have no caller deadline)
+    status_ttl_s: float = Field(7 * 24 * 3600, gt=0)  # job status documents expire after this
+    dlq_max_age_s: float = Field(14 * 24 * 3600, gt=0)
+    # Effect records must outlive every possible redelivery or replay of their job.
+    effect_ttl_s: float = Field(15 * 24 * 3600, gt=0)
+
+    @model_validator(mode="after")
+    def _check_timings(self) -> JobsSettings:
+        if self.heartbeat_s >= self.ack_wait_s:
+            raise ValueError("heartbeat_s must be below ack_wait_s, or long jobs are redelivered")
+        if self.effect_ttl_s < self.dlq_max_age_s:
+            raise ValueError("effect_ttl_s must be at least dlq_max_age_s (replays need records)")
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError("backoff_max_s must be at least backoff_base_s")
+        return self
 
 
 class ClientSettings(BaseModel):
     """The gateway client."""
 
     default_timeout_ms: int = Field(5_000, gt=0)
+
+
+class AuthSettings(BaseModel):
+    """The token service and the authentication every worker enforces (docs/auth.md)."""
+
+    enabled: bool = True  # production default is enforcing; False only for local experiments
+    # Ed25519 keys as PEM files named `<kid>.pem` (private) or `<kid>.pub.pem` (verify only).
+    # None: `<state_dir>/keys`, where `nexus-bus up` and `nexus-bus keys generate` write.
+    keys_dir: Path | None = None
+    active_kid: str | None = None  # None: the newest private key (kids sort by creation time)
+    issuer: str = "nexus-bus"
+    audience: str = "nexus-bus"
+    default_ttl_s: int = Field(3600, ge=1)
+    max_ttl_s: int = Field(30 * 24 * 3600, ge=1)
+    leeway_s: int = Field(10, ge=0, le=300)  # clock skew allowed on exp / nbf / iat
+    max_token_bytes: int = Field(4096, ge=256, le=65536)
+    # A cached verification is trusted this long without asking the revocation store again:
+    # the bound on how long a revoked token can still pass when a revocation notice is lost.
+    cache_ttl_s: float = Field(5.0, ge=0, le=60)  # 0 disables the verification cache
+    cache_size: int = Field(10_000, ge=1)
+    rate_limit_failures: int = Field(20, ge=1)  # auth failures per client per window
+    rate_limit_window_s: float = Field(10.0, gt=0)
+    rate_limit_clients: int = Field(10_000, ge=1)  # clients tracked at once (memory bound)
+
+
+class HttpSettings(BaseModel):
+    """The HTTP shim (docs/http.md); body size comes from `limits.max_body_bytes`."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    backlog: int = Field(2048, ge=1)
+    max_header_bytes: int = Field(16 * 1024, ge=1024)  # request line + headers; over: 431
+    read_timeout_s: float = Field(10.0, gt=0)  # headers and body must arrive within this
+    # Idle keep-alive; above NGINX's upstream `keepalive_timeout` (60 s) so NGINX always
+    # closes first and never writes a request onto a connection the shim is closing.
+    keep_alive_s: float = Field(75.0, gt=0)
+    max_timeout_ms: int = Field(60_000, gt=0)  # cap on a client's Nexus-Timeout-Ms
+    grace_s: float = Field(10.0, ge=0)  # in-flight requests get this long after SIGTERM
+    drain_delay_s: float = Field(1.0, ge=0)  # not-ready but serving, before the listener closes
+    retry_after_s: int = Field(1, ge=0)  # Retry-After on 429/503 when the reply names none
+    # CIDRs whose X-Forwarded-For is believed (NGINX's address); empty: the peer is the client.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    sse_heartbeat_s: float = Field(15.0, gt=0)
+    sse_retry_ms: int = Field(2_000, ge=0)  # EventSource reconnect delay sent to clients
+    sse_max_streams: int = Field(1_000, ge=1)  # open event streams per shim process
+
+    @model_validator(mode="after")
+    def _check_proxies(self) -> HttpSettings:
+        for cidr in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"trusted_proxies: {cidr!r} is not an address or CIDR") from exc
+        return self
 
 
 class LogSettings(BaseModel):
@@ -124,10 +256,14 @@ class Settings(BaseSettings):
     state_dir: Path = Path(".nexus")
     nats: NatsSettings = Field(default_factory=NatsSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     jetstream: JetStreamSettings = Field(default_factory=JetStreamSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     client: ClientSettings = Field(default_factory=ClientSettings)
+    jobs: JobsSettings = Field(default_factory=JobsSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod

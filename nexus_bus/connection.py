@@ -5,15 +5,27 @@ One place builds the options, so the gateway, workers and shim connect alike.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from typing import Any
 
 import nats
+from faststream.nats.security import (
+    NatsCredentials,
+    NatsNKey,
+    NatsSecurity,
+    NatsToken,
+    NatsUserPassword,
+)
 from nats.aio.client import Client
 
+from nexus_bus import nats_headers
 from nexus_bus.config import NatsSettings, TLSSettings
 from nexus_bus.errors import Unavailable
 from nexus_bus.observability import METRICS, logger
+
+
+nats_headers.install()  # same results, a fifth less CPU per message (nats_headers.py)
 
 
 def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
@@ -69,6 +81,37 @@ def nats_options(settings: NatsSettings, *, name: str | None = None) -> dict[str
     return opts
 
 
+_SECURITY_OPTIONS = ("user", "password", "token", "user_credentials", "nkeys_seed", "tls")
+
+
+def broker_security(settings: NatsSettings) -> NatsSecurity | None:
+    """The same credentials and TLS as one FastStream security object.
+
+    FastStream's `NatsBroker` refuses nats-py's `user`/`password`/`tls` keywords and takes one
+    security object, so one method wins: credentials file, then NKey seed, then user and
+    password, then token (configure only one). TLS travels with any of them.
+    """
+    ctx = tls_context(settings.tls)
+    if settings.creds_file:
+        return NatsCredentials(str(settings.creds_file), ssl_context=ctx)
+    if settings.nkey_seed_file:
+        return NatsNKey.from_file(settings.nkey_seed_file, ssl_context=ctx)
+    if settings.user:
+        password = settings.password.get_secret_value() if settings.password else ""
+        return NatsUserPassword(settings.user, password, ssl_context=ctx)
+    if settings.token:
+        return NatsToken(settings.token.get_secret_value(), ssl_context=ctx)
+    return NatsSecurity(ssl_context=ctx) if ctx is not None else None
+
+
+def broker_options(settings: NatsSettings, *, name: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for FastStream's `NatsBroker`: `nats_options` with `security=`."""
+    opts = {k: v for k, v in nats_options(settings, name=name).items()
+            if k not in _SECURITY_OPTIONS}
+    opts["security"] = broker_security(settings)
+    return opts
+
+
 async def connect_nats(settings: NatsSettings, *, name: str | None = None) -> Client:
     """Connect to NATS.
 
@@ -76,6 +119,9 @@ async def connect_nats(settings: NatsSettings, *, name: str | None = None) -> Cl
         Unavailable: no server answered within the connect timeout.
     """
     try:
-        return await nats.connect(**nats_options(settings, name=name))
+        # With unlimited reconnects nats-py also retries the *first* connect forever: a
+        # wrong URL or credential would hang the process instead of failing it.
+        async with asyncio.timeout(settings.initial_connect_timeout_s):
+            return await nats.connect(**nats_options(settings, name=name))
     except (OSError, TimeoutError, nats.errors.Error) as exc:
-        raise Unavailable(f"cannot connect to NATS at {settings.url}: {exc}") from exc
+        raise Unavailable(f"cannot connect to NATS at {settings.url}: {exc!r}") from exc

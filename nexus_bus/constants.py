@@ -50,6 +50,9 @@ M_ERRORS: Final = "nexus_error_rate"  # prometheus-client appends _total to coun
 M_INFLIGHT: Final = "nexus_inflight_requests"
 M_EXPIRED: Final = "nexus_expired_requests"
 M_NATS_RECONNECTS: Final = "nexus_nats_reconnects"
+M_CACHE_REQUESTS: Final = "nexus_cache_requests"  # labels cache, result
+M_CACHE_HIT_RATIO: Final = "nexus_cache_hit_ratio"  # label cache
+M_CIRCUIT_STATE: Final = "nexus_circuit_state"  # label name; 0 closed, 1 half-open, 2 open
 
 # Transports, as the `transport` metric label
 T_NATS: Final = "nats"
@@ -57,3 +60,67 @@ T_CLIENT: Final = "client"
 T_HTTP: Final = "http"
 
 PROBLEM_TYPE_BASE: Final = "https://nexus-bus.dev/problems/"
+
+# Token service (docs/auth.md)
+AUTH_OP: Final = "auth"
+AUTH_ALGORITHM: Final = "EdDSA"  # Ed25519 signatures; the only algorithm ever accepted
+AUTH_REVOKED_SUBJECT: Final = "nexus.sys.auth.revoked"  # revocation notices to every worker
+AUTH_REVOKED_KEY_PREFIX: Final = "nexus:auth:revoked:"  # Redis: one key per revoked jti
+AUTH_PRIVATE_KEY_SUFFIX: Final = ".pem"
+AUTH_PUBLIC_KEY_SUFFIX: Final = ".pub.pem"
+AUTH_KEYS_DIR: Final = "keys"  # under the state directory when auth.keys_dir is unset
+AUTH_SCHEME: Final = "Bearer"
+
+# Jobs (docs/jobs.md)
+JOBS_CONSUMER_PREFIX: Final = "nexus_jobs_"  # durable pull consumer per op: nexus_jobs_<op>
+# Effect records live in the data bucket's stream under their own subject tree, so the KV API
+# (and `data.list`) never sees them while atomic batches can still cover effect + record.
+EFFECTS_PREFIX: Final = "nexus.sys.effects"
+T_JOBS: Final = "jobs"
+H_JOB_ID: Final = "Nexus-Job-Id"
+H_DLQ_ERROR_CODE: Final = "Nexus-Dlq-Error-Code"
+H_DLQ_ERROR_STATUS: Final = "Nexus-Dlq-Error-Status"
+H_DLQ_ERROR: Final = "Nexus-Dlq-Error"
+H_DLQ_ATTEMPTS: Final = "Nexus-Dlq-Attempts"
+H_DLQ_SUBJECT: Final = "Nexus-Dlq-Subject"
+H_DLQ_STREAM_SEQ: Final = "Nexus-Dlq-Stream-Seq"
+H_DLQ_ENQUEUED_AT: Final = "Nexus-Dlq-Enqueued-At"
+H_DLQ_FAILED_AT: Final = "Nexus-Dlq-Failed-At"
+DLQ_HEADER_PREFIX: Final = "Nexus-Dlq-"
+NATS_HEADER_PREFIX: Final = "Nats-"
+H_NATS_BATCH_ID: Final = "Nats-Batch-Id"
+H_NATS_BATCH_SEQUENCE: Final = "Nats-Batch-Sequence"
+H_NATS_BATCH_COMMIT: Final = "Nats-Batch-Commit"
+H_NATS_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
+H_NATS_TTL: Final = "Nats-TTL"
+H_KV_OPERATION: Final = "KV-Operation"
+KV_SUBJECT_PREFIX: Final = "$KV"
+KV_STREAM_PREFIX: Final = "KV_"
+M_JOBS_REDELIVERED: Final = "nexus_jobs_redelivered"
+M_JOBS_DEAD_LETTERED: Final = "nexus_jobs_dead_lettered"
+M_JOBS_COMPLETED: Final = "nexus_jobs_completed"
+
+# HTTP shim (docs/http.md)
+H_RETRY_AFTER: Final = "Retry-After"
+H_WWW_AUTHENTICATE: Final = "WWW-Authenticate"
+H_LOCATION: Final = "Location"
+H_PREFER: Final = "Prefer"
+H_LAST_EVENT_ID: Final = "Last-Event-ID"
+H_FORWARDED_FOR: Final = "X-Forwarded-For"
+PREFER_ASYNC: Final = "respond-async"
+CT_EVENT_STREAM: Final = "text/event-stream"
+HTTP_API_PREFIX: Final = "/v1"
+HTTP_HEALTHZ: Final = "/healthz"
+HTTP_READYZ: Final = "/readyz"
+HTTP_METRICS: Final = "/metrics"
+HTTP_OPENAPI: Final = "/openapi.json"
+AUTH_REALM: Final = "nexus-bus"
+
+# Cache (docs/cache.md)
+CACHE_KEY_PREFIX: Final = "nexus:cache"  # Redis: <prefix>:<namespace>:{<key>}
+CACHE_LEASE_SUFFIX: Final = ":lease"  # Redis: the load lease of an entry, same hash slot
+CACHE_DATA_NAMESPACE: Final = "data"  # the namespace (and metric label) of `data.*` records
+CACHE_DEFAULT_NAMESPACE: Final = "default"  # `get_or_set` without a namespace
+CACHE_INVALIDATE_SUBJECT: Final = "nexus.sys.cache.invalidate"  # broadcast to every worker
+CACHE_FENCE_SUBJECT: Final = "nexus.sys.cache.fence"  # request: fence an entry in Redis
+CACHE_BREAKER: Final = "redis_cache"  # the breaker's `name` label

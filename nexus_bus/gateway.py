@@ -18,7 +18,6 @@ from nexus_bus import codec
 from nexus_bus.config import Settings
 from nexus_bus.connection import connect_nats
 from nexus_bus.constants import (
-    BUILTIN_RESERVED_OPS,
     H_AUTHORIZATION,
     H_CONTENT_TYPE,
     H_IDEMPOTENCY_KEY,
@@ -33,6 +32,7 @@ from nexus_bus.errors import (
     Unavailable,
     UpstreamTimeout,
 )
+from nexus_bus.jobs.client import get_job, submit_job
 from nexus_bus.metadata import (
     budget_headers,
     check_headers,
@@ -42,7 +42,8 @@ from nexus_bus.metadata import (
 )
 from nexus_bus.observability import METRICS
 from nexus_bus.replies import Reply, error_of, status_of
-from nexus_bus.subjects import check_operation, operation_subject
+from nexus_bus.schemas.jobs import Job, JobAccepted
+from nexus_bus.subjects import client_subject
 
 T = TypeVar("T")
 
@@ -50,22 +51,35 @@ T = TypeVar("T")
 class Gateway:
     """Sends operation requests with the contract's headers and maps replies to results."""
 
-    def __init__(self, nc: Client, settings: Settings, *, owns_connection: bool = False) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        settings: Settings,
+        *,
+        owns_connection: bool = False,
+        token: str | None = None,
+    ) -> None:
         self.nc = nc
         self.settings = settings
         self._limits = settings.limits
         self._default_timeout_s = settings.client.default_timeout_ms / 1000
         self._owns = owns_connection
+        # The bearer token sent when a call passes none. Never taken from settings: a shim's
+        # gateway must not lend its own identity to anonymous requests.
+        self.token = token
 
     @classmethod
-    async def connect(cls, settings: Settings) -> Self:
+    async def connect(cls, settings: Settings, *, token: str | None = None) -> Self:
         """Open a NATS connection of its own.
+
+        Args:
+            token: default bearer token for calls that pass none.
 
         Raises:
             Unavailable: NATS cannot be reached.
         """
         nc = await connect_nats(settings.nats, name=f"{settings.service}-gateway")
-        return cls(nc, settings, owns_connection=True)
+        return cls(nc, settings, owns_connection=True, token=token)
 
     async def close(self) -> None:
         """Drain and close the connection, when the gateway opened it."""
@@ -76,7 +90,10 @@ class Gateway:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()
 
@@ -100,6 +117,7 @@ class Gateway:
         }
         if extra:
             headers.update(extra)
+        token = token or self.token
         if token:
             headers[H_AUTHORIZATION] = f"Bearer {token}"
         if idempotency_key:
@@ -120,19 +138,21 @@ class Gateway:
             UpstreamTimeout: no reply within `timeout_s`.
             Unavailable: the NATS connection is closed.
         """
-        check_operation(op, action, allow_reserved=BUILTIN_RESERVED_OPS)
-        subject = operation_subject(op, action)
+        subject = client_subject(op, action)
         header_bytes = check_headers(
             headers,
             max_value_bytes=self._limits.max_header_value_bytes,
             max_total_bytes=self._limits.max_header_bytes,
         )
         if len(body) > self._limits.max_body_bytes:
-            raise PayloadTooLarge(f"body of {len(body)} bytes exceeds {self._limits.max_body_bytes}")
+            limit = self._limits.max_body_bytes
+            raise PayloadTooLarge(f"body of {len(body)} bytes exceeds {limit}")
         # nats-py checks only the payload; headers count too, and the server drops the whole
         # connection (every in-flight request) when the sum exceeds max_payload.
         if len(body) + header_bytes > self.nc.max_payload:
-            raise PayloadTooLarge(f"request exceeds the server's max_payload of {self.nc.max_payload}")
+            raise PayloadTooLarge(
+                f"request exceeds the server's max_payload of {self.nc.max_payload}"
+            )
         try:
             msg = await self.nc.request(subject, body, timeout=timeout_s, headers=headers)
         except nats.errors.NoRespondersError:
@@ -150,7 +170,7 @@ class Gateway:
         payload: Any = None,
         *,
         token: str | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the budget travels to the worker too
         idempotency_key: str | None = None,
         request_id: str | None = None,
         traceparent: str | None = None,
@@ -171,7 +191,7 @@ class Gateway:
             NexusError: the error the reply carried, or the transport failure (see
                 `request_raw`).
         """
-        check_operation(op, action, allow_reserved=BUILTIN_RESERVED_OPS)  # before op is a label
+        client_subject(op, action)  # validated before `op` becomes a metric label
         timeout_s = self._default_timeout_s if timeout is None else timeout
         body = payload if isinstance(payload, bytes) else codec.encode(payload or {}, media)
         headers = self.build_headers(
@@ -188,7 +208,7 @@ class Gateway:
             reply = await self.request_raw(op, action, body, headers, timeout_s=timeout_s)
             status = reply.status
             if status >= 400:
-                raise error_of(status, reply.body)
+                raise error_of(status, reply.body, reply.headers)
             result: T = codec.decode(
                 reply.body,
                 reply_type,
@@ -203,3 +223,46 @@ class Gateway:
             raise
         finally:
             METRICS.observe(op, action, status, T_CLIENT, time.perf_counter() - started)
+
+    async def submit(
+        self,
+        op: str,
+        action: str,
+        payload: Any = None,
+        *,
+        token: str | None = None,
+        idempotency_key: str | None = None,
+        request_id: str | None = None,
+        traceparent: str | None = None,
+        media: str = "json",
+    ) -> JobAccepted:
+        """Submit `op.action` as a job on JetStream; it runs with retries (docs/jobs.md).
+
+        Args:
+            payload: a msgspec Struct, anything msgspec encodes, or pre-encoded bytes.
+            token: bearer token; the worker checks it when the job runs.
+            idempotency_key: submitting again with the same key returns the same job.
+            media: "json" or "msgpack".
+
+        Raises:
+            NexusError: a malformed request, or JetStream did not acknowledge the submission
+                (see `nexus_bus.jobs.client.submit_job`).
+        """
+        body = payload if isinstance(payload, bytes) else codec.encode(payload or {}, media)
+        headers = self.build_headers(
+            token=token,
+            timeout_s=self._default_timeout_s,
+            request_id=request_id,
+            traceparent=traceparent,
+            idempotency_key=idempotency_key,
+            content_type=codec.content_type_of(media) if media != "json" else None,
+        )
+        return await submit_job(self.nc, self.settings, op, action, body, headers)
+
+    async def job(self, job_id: str) -> Job:
+        """The status document of a job.
+
+        Raises:
+            NotFound: no such job. InvalidRequest: a malformed id. Unavailable: no JetStream.
+        """
+        return await get_job(self.nc, self.settings, job_id)

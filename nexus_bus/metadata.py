@@ -8,24 +8,44 @@ are refused before they can reach the NATS protocol line.
 from __future__ import annotations
 
 import os
+import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from nexus_bus.constants import H_DEADLINE, H_REQUEST_ID, H_TIMEOUT_MS, H_TRACEPARENT
+from nexus_bus.constants import (
+    H_AUTHORIZATION,
+    H_CLIENT_IP,
+    H_CONTENT_TYPE,
+    H_DEADLINE,
+    H_IDEMPOTENCY_KEY,
+    H_REQUEST_ID,
+    H_TIMEOUT_MS,
+    H_TRACEPARENT,
+    H_TRACESTATE,
+)
 from nexus_bus.errors import HeadersTooLarge, InvalidRequest
 
 _REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _TRACEPARENT: Final = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _HEADER_NAME: Final = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+_KNOWN_NAMES: Final = frozenset(
+    {H_AUTHORIZATION, H_REQUEST_ID, H_TRACEPARENT, H_TRACESTATE, H_TIMEOUT_MS, H_DEADLINE,
+     H_IDEMPOTENCY_KEY, H_CONTENT_TYPE, H_CLIENT_IP}
+)
 _ZERO_TRACE: Final = "0" * 32
 _ZERO_SPAN: Final = "0" * 16
 
 
+# Request and trace ids need uniqueness, not secrecy: a PRNG seeded from the OS avoids a
+# system call per id on the hot path.
+_rng: Final = random.Random(os.urandom(32))
+
+
 def new_request_id() -> str:
     """A fresh random request id (24 hex characters)."""
-    return os.urandom(12).hex()
+    return f"{_rng.getrandbits(96):024x}"
 
 
 def clean_request_id(value: str | None) -> str:
@@ -50,12 +70,16 @@ class TraceContext:
 
     def child(self) -> TraceContext:
         """The context of a new span in the same trace."""
-        return TraceContext(self.trace_id, os.urandom(8).hex(), self.flags)
+        return TraceContext(self.trace_id, _span_id(), self.flags)
+
+
+def _span_id() -> str:
+    return f"{_rng.getrandbits(64) or 1:016x}"
 
 
 def new_trace() -> TraceContext:
     """A new root trace context."""
-    return TraceContext(os.urandom(16).hex(), os.urandom(8).hex())
+    return TraceContext(f"{_rng.getrandbits(128) or 1:032x}", _span_id())
 
 
 def parse_traceparent(value: str | None) -> TraceContext | None:
@@ -109,7 +133,7 @@ def check_headers(headers: Mapping[str, str], *, max_value_bytes: int, max_total
     """
     total = 12  # "NATS/1.0\r\n" + final "\r\n"
     for name, value in headers.items():
-        if not _HEADER_NAME.match(name):
+        if name not in _KNOWN_NAMES and not _HEADER_NAME.match(name):
             raise InvalidRequest(f"invalid header name {name[:40]!r}")
         if not value.isprintable() or not value.isascii():
             raise InvalidRequest(f"header {name} has characters that are not allowed")

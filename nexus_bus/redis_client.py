@@ -29,7 +29,8 @@ def redis_options(settings: RedisSettings) -> dict[str, Any]:
     if settings.password:
         opts["password"] = settings.password.get_secret_value()
     if settings.tls.enabled:
-        opts["ssl"] = True
+        # No `ssl=True` here: with from_url it reaches the connection class, which refuses
+        # it; the `rediss://` scheme (see `redis_url`) is what selects TLS.
         if settings.tls.ca_file:
             opts["ssl_ca_certs"] = str(settings.tls.ca_file)
         if settings.tls.cert_file:
@@ -41,13 +42,21 @@ def redis_options(settings: RedisSettings) -> dict[str, Any]:
     return opts
 
 
+def redis_url(settings: RedisSettings) -> str:
+    """The URL to connect to: `rediss://` whenever TLS material is configured."""
+    if settings.tls.enabled and settings.url.startswith("redis://"):
+        return "rediss://" + settings.url[len("redis://") :]
+    return settings.url
+
+
 def create_redis(settings: RedisSettings) -> RedisClient:
     """A Redis client for `settings.url`: a cluster client when `settings.cluster` is set.
 
     Connections are opened lazily, so this never blocks or fails; commands raise redis-py
     errors that the caller's adapter translates.
     """
+    url = redis_url(settings)
     if settings.cluster:
-        return RedisCluster.from_url(settings.url, **redis_options(settings))
-    client: aioredis.Redis = aioredis.Redis.from_url(settings.url, **redis_options(settings))
+        return RedisCluster.from_url(url, **redis_options(settings))
+    client: aioredis.Redis = aioredis.Redis.from_url(url, **redis_options(settings))
     return client

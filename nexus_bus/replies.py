@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Final
 
 import msgspec
 
 from nexus_bus.constants import (
+    CT_JSON,
     CT_PROBLEM,
     H_CONTENT_TYPE,
     H_REQUEST_ID,
+    H_RETRY_AFTER,
     H_SERVICE_ERROR,
     H_SERVICE_ERROR_CODE,
     H_STATUS,
@@ -59,13 +62,17 @@ def error_reply(error: NexusError, request_id: str) -> Reply:
         H_CONTENT_TYPE: CT_PROBLEM,
         H_REQUEST_ID: request_id,
     }
+    if error.retry_after is not None:
+        headers[H_RETRY_AFTER] = str(max(0, math.ceil(error.retry_after)))
     body = _problem_encoder.encode(problem_of(error, request_id))
     return Reply(error.http_status, headers, body)
 
 
 def success_reply(body: bytes, content_type: str, request_id: str, status: int = 200) -> Reply:
     """A success reply."""
-    headers = {H_STATUS: str(status), H_CONTENT_TYPE: content_type, H_REQUEST_ID: request_id}
+    headers = {H_STATUS: str(status), H_REQUEST_ID: request_id}
+    if content_type != CT_JSON:  # JSON is the default; one header less on the hot path
+        headers[H_CONTENT_TYPE] = content_type
     return Reply(status, headers, body)
 
 
@@ -75,10 +82,14 @@ def status_of(headers: dict[str, str] | None) -> int:
     return int(raw) if raw.isdigit() and len(raw) == 3 else 500
 
 
-def error_of(status: int, body: bytes) -> NexusError:
-    """The NexusError an error reply stands for, read from its problem body."""
+def error_of(status: int, body: bytes, headers: dict[str, str] | None = None) -> NexusError:
+    """The NexusError an error reply stands for, read from its problem body and headers."""
     try:
         problem = _problem_decoder.decode(body)
     except msgspec.MsgspecError:
         return InternalError(f"error reply {status} without a problem document")
-    return error_from_code(problem.code, problem.detail, problem.status)
+    error = error_from_code(problem.code, problem.detail, problem.status)
+    retry_after = (headers or {}).get(H_RETRY_AFTER, "")
+    if retry_after.isdigit() and len(retry_after) <= 6:
+        error.retry_after = float(retry_after)
+    return error

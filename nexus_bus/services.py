@@ -8,6 +8,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from nexus_bus.cache import Cache, cached_records, start_cache
 from nexus_bus.config import Settings
 from nexus_bus.events import EventLog, JetStreamEventLog
 from nexus_bus.jetstream import ensure_data_bucket, ensure_events_stream
@@ -26,6 +27,7 @@ class Services:
     events: EventLog
     redis: RedisClient
     extras: dict[str, Any] = field(default_factory=dict)
+    cache: Cache | None = None  # None when `cache.enabled` is off
 
 
 async def create_services(nc: Client, settings: Settings) -> Services:
@@ -37,16 +39,26 @@ async def create_services(nc: Client, settings: Settings) -> Services:
     js = nc.jetstream()
     await ensure_events_stream(js, settings.jetstream)
     kv = await ensure_data_bucket(js, settings.jetstream)
+    redis = create_redis(settings.redis)
+    records: RecordStore = KeyValueRecordStore(kv)
+    cache = await start_cache(nc, redis, settings) if settings.cache.enabled else None
+    if cache is not None:
+        # The cache wraps everything that writes records (docs/cache.md): a wrapper outside
+        # it that wrote to the KV directly would leave stale entries behind.
+        records = cached_records(records, js, cache, settings.cache)
     return Services(
         settings=settings,
         nc=nc,
         js=js,
-        records=KeyValueRecordStore(kv),
+        records=records,
         events=JetStreamEventLog(js),
-        redis=create_redis(settings.redis),
+        redis=redis,
+        cache=cache,
     )
 
 
 async def close_services(services: Services) -> None:
     """Release what `create_services` opened (the NATS connection belongs to the caller)."""
+    if services.cache is not None:
+        await services.cache.close()
     await services.redis.aclose()

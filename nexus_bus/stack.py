@@ -48,11 +48,23 @@ class Stack:
 
 
 def _port(preferred: int) -> int:
-    return preferred if port_is_free(preferred) else free_port()
+    """The preferred port when free (0: any free port), else a free one."""
+    return preferred if preferred and port_is_free(preferred) else free_port()
 
 
-def start_stack(settings: Settings, *, workers: int = 1, extra: list[list[str]] | None = None) -> Stack:
+def start_stack(
+    settings: Settings,
+    *,
+    workers: int = 1,
+    extra: list[list[str]] | None = None,
+    nats_port: int = 4222,
+    redis_port: int = 6379,
+    http_port: int | None = None,
+) -> Stack:
     """Start NATS, Redis and `workers` worker processes (plus any `extra` nexus-bus commands).
+
+    With `http_port` (or any free port when it is taken) the HTTP shim's port is passed to every
+    child (and recorded in stack.json) as `NEXUS_HTTP__PORT`.
 
     Raises:
         Unavailable: a server binary is missing or did not start.
@@ -60,15 +72,17 @@ def start_stack(settings: Settings, *, workers: int = 1, extra: list[list[str]] 
     state = settings.state_dir.resolve()
     stack = Stack(state)
     try:
-        nats = nats_server(state / "nats", _port(4222)).start()
+        nats = nats_server(state / "nats", _port(nats_port)).start()
         stack.servers.append(nats)
-        redis = redis_server(state / "redis", _port(6379)).start()
+        redis = redis_server(state / "redis", _port(redis_port)).start()
         stack.servers.append(redis)
         stack.env = {
             "NEXUS_NATS__URL": nats.url,
             "NEXUS_REDIS__URL": redis.url + "/0",
             "NEXUS_STATE_DIR": str(state),
         }
+        if http_port is not None:  # the shim's port, for an `extra` shim and for clients
+            stack.env["NEXUS_HTTP__PORT"] = str(_port(http_port))
         env = {**os.environ, **stack.env}
         commands = [["worker"]] * workers + (extra or [])
         for args in commands:

@@ -6,10 +6,12 @@ space, CR/LF, wildcard or dot inside a token would redirect replies or inject co
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final
 
 from nexus_bus.constants import (
+    BUILTIN_RESERVED_OPS,
     DLQ_PREFIX,
     EVENTS_PREFIX,
     JOBS_PREFIX,
@@ -47,6 +49,21 @@ def check_operation(op: str, action: str, *, allow_reserved: frozenset[str] = fr
     check_token(action, "action")
     if op in RESERVED_OPS and op not in allow_reserved:
         raise UnknownOperation(f"op {op!r} is reserved")
+
+
+@functools.lru_cache(maxsize=4096)
+def client_subject(op: str, action: str) -> str:
+    """The subject a client may send `op.action` to, validated once per distinct pair.
+
+    Failures are not cached (lru_cache does not store exceptions), and the cache is bounded,
+    so hostile names cannot grow it.
+
+    Raises:
+        InvalidRequest: a token is malformed.
+        UnknownOperation: the op is reserved (`auth` is served by nexus-bus and allowed).
+    """
+    check_operation(op, action, allow_reserved=BUILTIN_RESERVED_OPS)
+    return f"{SUBJECT_ROOT}.{op}.{action}"
 
 
 def operation_subject(op: str, action: str) -> str:

@@ -11,23 +11,30 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from faststream.nats import NatsBroker, NatsMessage
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
-from nexus_bus.auth.base import Authenticator
+from nexus_bus.auth import Authenticator, create_authenticator
 from nexus_bus.config import Settings
-from nexus_bus.connection import nats_options
+from nexus_bus.connection import broker_options
 from nexus_bus.constants import T_NATS
 from nexus_bus.dispatch import Dispatcher, Expired
 from nexus_bus.errors import Unavailable
+from nexus_bus.metadata import deadline_ms
+from nexus_bus.jobs.runner import JobRunner
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.operations import Operations
 from nexus_bus.services import Services, close_services, create_services
 from nexus_bus.subjects import is_inbox, operation_wildcard, queue_group
+
+
+_NO_HEADERS: dict[str, str] = {}
 
 
 async def _raw_message(msg: NatsMessage) -> Msg:
@@ -50,11 +57,15 @@ class Worker:
         self.groups = [g for g in groups if len(g)]
         self._authenticator = authenticator
         self._inbox_prefix = settings.nats.inbox_prefix
-        self._tasks: set[asyncio.Task[None]] = set()
+        # In-flight tasks with their op and absolute deadline (epoch ms), for the reaper.
+        self._tasks: dict[asyncio.Task[None], tuple[str, int]] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._subscriptions: list[Subscription] = []
         self._draining = False
         self.broker: NatsBroker | None = None
         self.services: Services | None = None
         self.dispatcher: Dispatcher | None = None
+        self.jobs: JobRunner | None = None
 
     @property
     def nc(self) -> Client:
@@ -62,6 +73,11 @@ class Worker:
         if self.broker is None or self.broker._connection is None:
             raise Unavailable("worker is not started")
         return self.broker._connection
+
+    @property
+    def authenticator(self) -> Authenticator | None:
+        """The authenticator requests pass (after `start`, the one built from settings)."""
+        return self._authenticator
 
     @property
     def inflight(self) -> int:
@@ -73,8 +89,9 @@ class Worker:
 
         Raises:
             Unavailable: NATS or JetStream cannot be reached.
+            ConfigError: auth is enabled but no signing or verification keys are configured.
         """
-        opts = nats_options(self.settings.nats, name=f"{self.settings.service}-worker")
+        opts = broker_options(self.settings.nats, name=f"{self.settings.service}-worker")
         broker = NatsBroker(
             **opts,
             decoder=_raw_message,
@@ -82,7 +99,7 @@ class Worker:
             logger=None,
             graceful_timeout=self.settings.worker.drain_grace_s,
         )
-        for group in self.groups:
+        for group in self.groups if self.settings.worker.faststream_subscribers else ():
             subscriber = broker.subscriber(
                 operation_wildcard(group.op),
                 queue=queue_group(group.op),
@@ -91,38 +108,79 @@ class Worker:
                 description=group.description or None,
             )
             subscriber(self._admitter(group.op))
-        await broker.connect()
+        try:
+            async with asyncio.timeout(self.settings.nats.initial_connect_timeout_s):
+                await broker.connect()  # nats-py would otherwise retry the first connect forever
+        except (OSError, TimeoutError) as exc:
+            raise Unavailable(f"cannot connect to NATS at {self.settings.nats.url}: {exc!r}") from exc
         self.broker = broker
         self.services = await create_services(self.nc, self.settings)
+        if self._authenticator is None:
+            # Workers are the auth boundary (NATS clients reach them directly): unless given
+            # one, they enforce the token service from settings, failing here without keys.
+            try:
+                self._authenticator = await create_authenticator(self.settings, self.services)
+            except BaseException:
+                await close_services(self.services)
+                await broker.stop()
+                raise
         self.dispatcher = Dispatcher(
             self.settings,
             self.groups,
             self.services,
             authenticator=self._authenticator,
             transport=T_NATS,
+            enforce_deadline=False,  # the reaper below does it for the whole worker
         )
         await broker.start()
+        if not self.settings.worker.faststream_subscribers:
+            # The fast path (docs/runtime.md): the same admission on the broker's own
+            # connection, without FastStream's per-message pipeline, which halves throughput.
+            for group in self.groups:
+                self._subscriptions.append(
+                    await self.nc.subscribe(
+                        operation_wildcard(group.op),
+                        queue=queue_group(group.op),
+                        cb=self._admitter(group.op),
+                    )
+                )
+        self._reaper = asyncio.create_task(self._reap_expired())
+        if self.settings.jobs.enabled and self.groups:
+            # Same ops, same handlers, on JetStream: the durable job consumers (docs/jobs.md).
+            self.jobs = JobRunner(
+                self.nc, self.settings, self.groups, self.services,
+                authenticator=self._authenticator,
+            )
+            try:
+                await self.jobs.start()
+            except BaseException:
+                await self.drain(0)  # release the broker and services this start opened
+                raise
         logger.info("worker serving ops {}", ",".join(g.op for g in self.groups))
 
     def _admitter(self, op: str) -> Any:
         limit = asyncio.Semaphore(self.settings.worker.concurrency)
 
+        inflight = METRICS.inflight.labels(T_NATS)
+        default_ms = self.settings.worker.default_timeout_ms
+
         async def admit(msg: Msg) -> None:
             await limit.acquire()
-            task = asyncio.create_task(self._serve(op, msg))
-            self._tasks.add(task)
-            METRICS.inflight.labels(T_NATS).inc()
+            deadline = deadline_ms(msg.headers or _NO_HEADERS, int(time.time() * 1000), default_ms)
+            task = asyncio.create_task(self._serve(op, msg, deadline))
+            self._tasks[task] = (op, deadline)
+            inflight.inc()
 
             def done(t: asyncio.Task[None]) -> None:
-                self._tasks.discard(t)
+                self._tasks.pop(t, None)
                 limit.release()
-                METRICS.inflight.labels(T_NATS).dec()
+                inflight.dec()
 
             task.add_done_callback(done)
 
         return admit
 
-    async def _serve(self, op: str, msg: Msg) -> None:
+    async def _serve(self, op: str, msg: Msg, deadline: int) -> None:
         reply_to = msg.reply
         if reply_to and not is_inbox(reply_to, self._inbox_prefix):
             # Answering would let any publisher make us publish onto a command subject.
@@ -131,7 +189,7 @@ class Worker:
             return
         action = msg.subject.rsplit(".", 1)[-1]
         assert self.dispatcher is not None
-        result = await self.dispatcher.dispatch(op, action, msg.headers, msg.data)
+        result = await self.dispatcher.dispatch(op, action, msg.headers, msg.data, deadline=deadline)
         if isinstance(result, Expired):
             logger.debug("dropped expired request {}", result.request_id)
             return
@@ -141,19 +199,39 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - the caller is gone or NATS is down
                 logger.warning("could not send reply: {}", exc)
 
+    async def _reap_expired(self, interval_s: float = 0.1) -> None:
+        """Cancel handlers still running past their caller's deadline (plus clock skew).
+
+        Nobody waits for their answer any more; cancelling frees the concurrency slot.
+        """
+        skew = self.settings.worker.clock_skew_ms
+        while True:
+            await asyncio.sleep(interval_s)
+            now_ms = time.time() * 1000
+            for task, (op, deadline) in list(self._tasks.items()):
+                if now_ms > deadline + skew and not task.done():
+                    task.cancel()
+                    METRICS.expired.labels(op).inc()
+
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop taking requests, let in-flight ones finish within `grace_s`, then disconnect."""
         if self._draining or self.broker is None:
             return
         self._draining = True
         grace = self.settings.worker.drain_grace_s if grace_s is None else grace_s
+        for subscription in self._subscriptions:
+            await subscription.unsubscribe()  # no new requests reach this worker
         for subscriber in self.broker.subscribers:
-            await subscriber.stop()  # unsubscribes: no new requests reach this worker
+            await subscriber.stop()
+        if self.jobs is not None:
+            await self.jobs.drain(grace)  # stop fetching jobs; unfinished ones are handed back
         if self._tasks:
             logger.info("draining {} in-flight requests", len(self._tasks))
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
             for task in pending:
                 task.cancel()
+        if self._reaper is not None:
+            self._reaper.cancel()
         await self.broker.stop()
         if self.services is not None:
             await close_services(self.services)

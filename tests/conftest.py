@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -9,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nexus_bus import Gateway, Settings, Worker, load_settings
+from nexus_bus.auth import Keyring, TokenCodec, generate_key
 from nexus_bus.embedded import ServerProcess, nats_server, redis_server
 from nexus_bus.handlers import builtin_groups
 from nexus_bus.observability import configure_logging
@@ -48,9 +54,32 @@ def local_redis(tmp_path: Path) -> Iterator[ServerProcess]:
         yield server
 
 
+@functools.cache
+def shared_keys_dir() -> Path:
+    """A signing key for the whole test run, generated into a temp dir (never a fixed key)."""
+    path = Path(tempfile.mkdtemp(prefix="nexus-test-keys-"))
+    atexit.register(shutil.rmtree, path, True)
+    generate_key(path, kid="test-k1")
+    return path
+
+
+def issue_test_token(
+    scopes: tuple[str, ...] = ("*",), *, subject: str = "test-admin", ttl_s: int = 24 * 3600
+) -> str:
+    """A token signed with the test key, as `nexus-bus token issue` would make it."""
+    codec = TokenCodec(Keyring.from_dir(shared_keys_dir()))
+    return codec.issue(
+        subject, frozenset(scopes), ttl_s, now=int(time.time()), jti=uuid.uuid4().hex
+    ).token
+
+
 def make_settings(nats: str, redis: str | None = None, **overrides: object) -> Settings:
-    """Test settings pointing at the given servers."""
-    values: dict[str, object] = {"nats": {"url": nats}, "log": {"level": "WARNING"}}
+    """Test settings pointing at the given servers, enforcing auth with the test key."""
+    auth: dict[str, object] = {"keys_dir": str(shared_keys_dir())}
+    extra_auth = overrides.pop("auth", None)
+    if isinstance(extra_auth, dict):
+        auth.update(extra_auth)
+    values: dict[str, object] = {"nats": {"url": nats}, "log": {"level": "WARNING"}, "auth": auth}
     if redis:
         values["redis"] = {"url": redis}
     values.update(overrides)
@@ -74,14 +103,16 @@ async def worker(settings: Settings) -> AsyncIterator[Worker]:
 
 @pytest.fixture(scope="session")
 def admin_token() -> str | None:
-    """A token with every scope, for tests that go through authentication (None: auth off)."""
-    return None
+    """A token with every scope (`*`), signed with the session's test key."""
+    return issue_test_token()
 
 
 @pytest.fixture(scope="session")
-async def gateway(settings: Settings, worker: Worker) -> AsyncIterator[Gateway]:
-    """A gateway client on its own connection."""
-    gw = await Gateway.connect(settings)
+async def gateway(
+    settings: Settings, worker: Worker, admin_token: str | None
+) -> AsyncIterator[Gateway]:
+    """A gateway client on its own connection, sending `admin_token` by default."""
+    gw = await Gateway.connect(settings, token=admin_token)
     yield gw
     await gw.close()
 

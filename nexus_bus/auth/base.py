@@ -12,7 +12,9 @@ from nexus_bus.operations import Operation
 class Authenticator(Protocol):
     """Establishes who sent a request and whether they may call the operation."""
 
-    async def authenticate(self, headers: Mapping[str, str], operation: Operation) -> Principal | None:
+    async def authenticate(
+        self, headers: Mapping[str, str], operation: Operation
+    ) -> Principal | None:
         """The principal, or None for a public operation called without a token.
 
         Raises:
@@ -26,6 +28,8 @@ class Authenticator(Protocol):
 class NoAuthentication:
     """Accepts every request anonymously. For local development and tests only."""
 
-    async def authenticate(self, headers: Mapping[str, str], operation: Operation) -> Principal | None:
+    async def authenticate(
+        self, headers: Mapping[str, str], operation: Operation
+    ) -> Principal | None:
         """Always None: nobody is identified, everything is allowed."""
         return None

@@ -7,10 +7,14 @@ request ids or subjects with user data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from nexus_bus.constants import (
+    M_CACHE_HIT_RATIO,
+    M_CACHE_REQUESTS,
+    M_CIRCUIT_STATE,
     M_ERRORS,
     M_EXPIRED,
     M_INFLIGHT,
@@ -29,6 +33,7 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        self._durations: dict[tuple[str, str, int, str], Any] = {}
         self.request_duration = Histogram(
             M_REQUEST_DURATION,
             "Time to answer a request, by operation, status and transport.",
@@ -48,10 +53,33 @@ class Metrics:
         self.nats_reconnects = Counter(
             M_NATS_RECONNECTS, "NATS reconnections.", registry=r
         )
+        self.cache_requests = Counter(
+            M_CACHE_REQUESTS,
+            "Cache reads by cache and result (hit, stale, coalesced, miss, bypass).",
+            ("cache", "result"),
+            registry=r,
+        )
+        self.cache_hit_ratio = Gauge(
+            M_CACHE_HIT_RATIO,
+            "Share of cache reads answered from the cache since the process started.",
+            ("cache",),
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            M_CIRCUIT_STATE, "Circuit breaker state: 0 closed, 1 half-open, 2 open.", ("name",),
+            registry=r,
+        )
 
     def observe(self, op: str, action: str, status: int, transport: str, seconds: float) -> None:
         """Record one answered request."""
-        self.request_duration.labels(op, action, str(status), transport).observe(seconds)
+        key = (op, action, status, transport)
+        child = self._durations.get(key)
+        if child is None:
+            # labels() costs microseconds a call on the hot path; the label set is small and
+            # bounded (registered ops x statuses x transports), so children are kept.
+            child = self.request_duration.labels(op, action, str(status), transport)
+            self._durations[key] = child
+        child.observe(seconds)
 
     def count_error(self, op: str, code: str) -> None:
         """Record one error reply."""

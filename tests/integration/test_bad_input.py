@@ -76,16 +76,18 @@ async def test_worker_enforces_limits_for_direct_nats_clients(
 ) -> None:
     """A plain NATS client bypasses the gateway; the worker must still refuse."""
     nc = await nats.connect(nats_url)
+    auth = {"Authorization": f"Bearer {gateway.token}"} if gateway.token else {}
     try:
         limit = gateway.settings.limits.max_body_bytes
         body = b'{"key":"k","value":"' + b"x" * limit + b'"}'
-        msg = await nc.request("nexus.data.put", body, timeout=5)
+        msg = await nc.request("nexus.data.put", body, timeout=5, headers=auth)
         assert msg.headers is not None and msg.headers["Nexus-Status"] == "413"
-        msg = await nc.request("nexus.data.get", b"{", timeout=5)
+        msg = await nc.request("nexus.data.get", b"{", timeout=5, headers=auth)
         assert msg.headers is not None and msg.headers["Nexus-Status"] == "400"
         assert msg.headers["Nats-Service-Error-Code"] == "400"
         msg = await nc.request(
-            "nexus.data.get", b'{"key":"k"}', timeout=5, headers={"Content-Type": "text/xml"}
+            "nexus.data.get", b'{"key":"k"}', timeout=5,
+            headers={**auth, "Content-Type": "text/xml"},
         )
         assert msg.headers is not None and msg.headers["Nexus-Status"] == "415"
     finally:

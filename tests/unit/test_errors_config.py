@@ -66,3 +66,12 @@ def test_toml_file(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: 
     monkeypatch.setenv("NEXUS_WORKER__CONCURRENCY", "5")
     s = load_settings()
     assert s.service == "from-toml" and s.worker.concurrency == 5
+
+
+def test_retry_after_travels_with_the_error() -> None:
+    from nexus_bus.errors import RateLimited
+
+    reply = error_reply(RateLimited("slow down", retry_after=2.2), "rid")
+    assert reply.headers["Retry-After"] == "3"
+    err = error_of(reply.status, reply.body, reply.headers)
+    assert isinstance(err, RateLimited) and err.retry_after == 3

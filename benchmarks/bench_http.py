@@ -1,0 +1,428 @@
+"""The HTTP path: our shim → NATS → worker, beside a minimal bridge and a no-NATS HTTP app.
+
+    python -m benchmarks.bench_http [--seconds 3] [--concurrency 1,16,128] [--servers]
+
+Targets, each measured at each concurrency in the same run:
+
+- `nexus shim -> worker`: `nexus-bus shim` and `nexus-bus worker` as deployed, auth on
+  (a scoped bearer token on every request) and the request validated against its schema.
+- `aiohttp bridge -> raw`: a minimal aiohttp HTTP→NATS bridge to a raw nats-py responder that
+  only does `msg.respond(msg.data)` (the issue's baseline).
+- `uvicorn bridge -> raw`: the same minimal bridge as bare ASGI on the shim's own server
+  (uvicorn + httptools + uvloop), isolating what the shim adds over the server.
+- `aiohttp raw (no NATS)` / `uvicorn raw (no NATS)`: answering without NATS at all.
+- with `--servers`: the minimal bridge on granian too (how the server was chosen).
+
+The load generator (`wrk`, else a Python closed loop) runs on CPU 0; everything under test
+(nats-server, Redis, bridges, shim, workers) on CPU 1, via `taskset`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import uvloop
+
+from benchmarks.harness import Result, closed_loop
+from nexus_bus import Operations, RequestContext
+from nexus_bus.embedded import free_port, nats_server, redis_server
+
+RAW_PREFIX = "bench.raw"
+BODY = b'{"key":"bench-key","n":42}'
+HERE = Path(__file__).resolve().parent.parent
+
+
+class EchoRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What the benchmark sends: validated like any operation's request."""
+
+    key: str
+    n: int
+
+
+bench_ops = Operations("bench", description="HTTP benchmark operation.")
+
+
+@bench_ops.action("echo")
+async def echo(req: EchoRequest, ctx: RequestContext) -> EchoRequest:
+    """Return the (validated) request; needs scope `bench:echo`."""
+    return req
+
+
+# --- the baselines, each run in a process of its own -------------------------------------
+
+
+async def serve_responder(url: str) -> None:
+    """A raw nats-py responder: the floor any worker runtime is measured against."""
+    import nats
+
+    nc = await nats.connect(url)
+
+    async def respond(msg: Any) -> None:
+        await msg.respond(msg.data)
+
+    await nc.subscribe(f"{RAW_PREFIX}.>", queue="bench", cb=respond)
+    await asyncio.Event().wait()
+
+
+def serve_aiohttp(url: str | None, port: int) -> None:
+    """aiohttp: a minimal HTTP→NATS bridge when `url` is given, else a no-NATS echo."""
+    import nats
+    from aiohttp import web
+
+    state: dict[str, Any] = {}
+
+    async def bridge(request: web.Request) -> web.Response:
+        body = await request.read()
+        op, action = request.match_info["op"], request.match_info["action"]
+        msg = await state["nc"].request(f"{RAW_PREFIX}.{op}.{action}", body, timeout=5)
+        return web.Response(body=msg.data, content_type="application/json")
+
+    async def plain(request: web.Request) -> web.Response:
+        return web.Response(body=await request.read(), content_type="application/json")
+
+    async def connect(app: web.Application) -> None:
+        state["nc"] = await nats.connect(url)
+
+    app = web.Application()
+    app.router.add_post("/v1/{op}/{action}", bridge if url else plain)
+    if url:
+        app.on_startup.append(connect)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, loop=uvloop.new_event_loop())
+
+
+def asgi_app(url: str | None) -> Any:
+    """Bare ASGI: a minimal HTTP→NATS bridge when `url` is given, else a no-NATS echo."""
+    import nats
+
+    state: dict[str, Any] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    if url:
+                        state["nc"] = await nats.connect(url)
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        if url:
+            _, _, op, action = scope["path"].split("/")
+            body = (await state["nc"].request(f"{RAW_PREFIX}.{op}.{action}", body, timeout=5)).data
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def serve_uvicorn(url: str | None, port: int) -> None:
+    """The bare ASGI app on uvicorn, configured like the shim (httptools, uvloop)."""
+    import uvicorn
+
+    uvicorn.run(
+        asgi_app(url), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
+        ws="none", access_log=False, log_level="warning", server_header=False,
+    )
+
+
+def serve_granian(url: str | None, port: int) -> None:
+    """The bare ASGI bridge on granian (only with --servers)."""
+    from granian.constants import Interfaces, Loops
+    from granian.server import Server
+
+    os.environ["BENCH_NATS_URL"] = url or ""
+    Server(
+        "benchmarks.bench_http:granian_target", address="127.0.0.1", port=port,
+        interface=Interfaces.ASGI, loop=Loops.uvloop, websockets=False, log_enabled=False,
+        factory=True,
+    ).serve()
+
+
+def granian_target() -> Any:
+    """granian imports its target (a factory) by name; the URL comes through the environment."""
+    return asgi_app(os.environ.get("BENCH_NATS_URL") or None)
+
+
+# --- the harness ------------------------------------------------------------------------
+
+
+def _pin(cpu: int) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", str(cpu)]
+    return []
+
+
+def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*_pin(1), sys.executable, *argv], env=env, cwd=HERE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def _wait_http(port: int, headers: dict[str, str], procs: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                err = p.stderr.read().decode()[-2000:] if p.stderr else ""
+                raise RuntimeError(f"a benchmark process exited: {p.args}\n{err}")
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/bench/echo", data=BODY, headers=headers, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"port {port} did not answer 200 in time")
+
+
+_LAT = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def run_wrk(name: str, port: int, conc: int, seconds: float, script: Path) -> Result:
+    """One wrk run on CPU 0 (one thread: the other CPU belongs to the system under test)."""
+    out = subprocess.run(
+        [*_pin(0), "wrk", "-t1", f"-c{conc}", f"-d{seconds:g}s", "--latency", "-s", str(script),
+         f"http://127.0.0.1:{port}/v1/bench/echo"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    lat = {m.group(1): float(m.group(2)) * _UNIT_MS[m.group(3)] for m in _LAT.finditer(out)}
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(bad.group(1)) if bad else 0) + (sum(map(int, sock.groups())) if sock else 0)
+    return Result(name, conc, total - errors, errors, seconds, lat.get("50", 0), lat.get("99", 0))
+
+
+async def run_python(
+    name: str, port: int, conc: int, seconds: float, headers: dict[str, str]
+) -> Result:
+    """The fallback load generator when wrk is absent (slower: it shares CPU 0 only)."""
+    import aiohttp
+
+    url = f"http://127.0.0.1:{port}/v1/bench/echo"
+    limits = aiohttp.TCPConnector(limit=conc)
+    async with aiohttp.ClientSession(connector=limits) as session:
+
+        async def call() -> None:
+            async with session.post(url, data=BODY, headers=headers) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(resp.status)
+
+        return await closed_loop(name, call, concurrency=conc, seconds=seconds)
+
+
+Target = tuple[str, list[tuple[str, list[str]]]]  # name, [(role, python argv)]
+
+
+def _targets(url: str, servers: bool) -> list[Target]:
+    me = ["-m", "benchmarks.bench_http"]
+    responder = ("responder", [*me, "--serve-responder", url])
+    targets: list[Target] = [
+        ("nexus shim -> worker", [
+            ("worker", ["-m", "nexus_bus", "worker", "--app", "benchmarks.bench_http:bench_ops"]),
+            ("shim", ["-m", "nexus_bus", "shim", "--port", "{port}"]),
+        ]),
+        ("aiohttp bridge -> raw", [responder, ("bridge", [*me, "--serve-aiohttp", "{port}", url])]),
+        ("uvicorn bridge -> raw", [responder, ("bridge", [*me, "--serve-uvicorn", "{port}", url])]),
+        ("aiohttp raw (no NATS)", [("app", [*me, "--serve-aiohttp", "{port}"])]),
+        ("uvicorn raw (no NATS)", [("app", [*me, "--serve-uvicorn", "{port}"])]),
+    ]
+    if servers:
+        granian = ("bridge", [*me, "--serve-granian", "{port}", url])
+        targets.append(("granian bridge -> raw", [responder, granian]))
+    return targets
+
+
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) * _TICK_S
+
+
+class Bench:
+    """The servers, the credentials and the load script shared by every target."""
+
+    def __init__(self, tmp: Path, seconds: float) -> None:
+        from nexus_bus.auth import Keyring, TokenCodec, generate_key
+
+        self.seconds = seconds
+        self.servers = [nats_server(tmp / "nats"), redis_server(tmp / "redis")]
+        for server in self.servers:
+            server.argv = [*_pin(1), *server.argv]
+            server.start()
+        self.nats_url = self.servers[0].url
+        keys = tmp / "keys"
+        generate_key(keys, kid="bench-k1")
+        self.env = {
+            **os.environ, "NEXUS_NATS__URL": self.nats_url,
+            "NEXUS_REDIS__URL": self.servers[1].url + "/0", "NEXUS_AUTH__KEYS_DIR": str(keys),
+            "NEXUS_LOG__LEVEL": "WARNING", "NEXUS_STATE_DIR": str(tmp / "state"),
+            "PYTHONPATH": str(HERE),
+        }
+        # Auth on: a token scoped to exactly this operation, verified by the worker.
+        token = TokenCodec(Keyring.from_dir(keys)).issue(
+            "bench", frozenset({"bench:echo"}), 3600, now=int(time.time()), jti=uuid.uuid4().hex
+        ).token
+        self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        self.script = tmp / "post.lua"
+        self.script.write_text(
+            'wrk.method = "POST"\n'
+            f"wrk.body = '{BODY.decode()}'\n"
+            + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in self.headers.items())
+        )
+        self.use_wrk = shutil.which("wrk") is not None
+        self.cpu_us: dict[tuple[str, int], dict[str, float]] = {}
+
+    def close(self) -> None:
+        """Stop the servers."""
+        for server in reversed(self.servers):
+            server.stop()
+
+    def run_target(self, target: Target, levels: list[int]) -> list[Result]:
+        """Start a target's processes, load it at each concurrency, stop them."""
+        name, roles = target
+        port = free_port()
+        procs = {
+            role: _spawn([a.replace("{port}", str(port)) for a in argv], self.env)
+            for role, argv in roles
+        }
+        results = []
+        try:
+            _wait_http(port, self.headers, list(procs.values()))
+            pids = {role: p.pid for role, p in procs.items()}
+            pids.update({s.name: s.proc.pid for s in self.servers if s.proc})
+            for conc in levels:
+                results.append(self._load(name, port, conc, pids))
+        finally:
+            for p in reversed(procs.values()):
+                p.terminate()
+            for p in procs.values():
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        return results
+
+    def _load(self, name: str, port: int, conc: int, pids: dict[str, int]) -> Result:
+        if self.use_wrk:
+            run_wrk(name, port, conc, 1, self.script)  # warm-up at this concurrency
+        before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+        if self.use_wrk:
+            result = run_wrk(name, port, conc, self.seconds, self.script)
+        else:
+            result = uvloop.run(run_python(name, port, conc, self.seconds, self.headers))
+        served = max(1, result.requests)
+        split = {role: (cpu_seconds(p) - before[role]) / served * 1e6 for role, p in pids.items()}
+        self.cpu_us[(name, conc)] = split
+        parts = "  ".join(f"{role} {us:.0f}" for role, us in split.items())
+        print(f"{_row(result)}   cpu us/req: {parts}", flush=True)
+        return result
+
+
+def _row(r: Result) -> str:
+    return (f"{r.name:<24}{r.concurrency:>5}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
+            f"{r.errors:>8}")
+
+
+def report(results: Sequence[Result], cpu_us: dict[tuple[str, int], dict[str, float]]) -> None:
+    """The table with ratios to the aiohttp bridge, and the issue's targets checked.
+
+    `cpu us/req` is the CPU time all processes under test (servers, bridge or shim, worker or
+    responder) spent per answered request: what the one CPU they share had to pay.
+    """
+    by = {(r.name, r.concurrency): r for r in results}
+    print(f"\n{'target':<24}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'cpu us/req':>11}{'rps/bridge':>11}{'p99/bridge':>11}")
+    for r in results:
+        base = by.get(("aiohttp bridge -> raw", r.concurrency))
+        rps = f"{r.rps / base.rps:.2f}x" if base and base.rps else "-"
+        p99 = f"{r.p99_ms / base.p99_ms:.2f}x" if base and base.p99_ms else "-"
+        cpu = sum(cpu_us.get((r.name, r.concurrency), {}).values())
+        print(f"{_row(r)}{cpu:>11.0f}{rps:>11}{p99:>11}")
+    ours16, base16 = by.get(("nexus shim -> worker", 16)), by.get(("aiohttp bridge -> raw", 16))
+    ours128 = by.get(("nexus shim -> worker", 128))
+    if ours16 and base16 and base16.rps and base16.p99_ms:
+        ratio, p99_ratio = ours16.rps / base16.rps, ours16.p99_ms / base16.p99_ms
+        print(f"\ntarget: c=16 throughput >= 0.85x bridge: {ratio:.2f}x "
+              f"{'MET' if ratio >= 0.85 else 'MISSED'}")
+        print(f"target: c=16 p99 <= 1.5x bridge: {p99_ratio:.2f}x "
+              f"{'MET' if p99_ratio <= 1.5 else 'MISSED'}")
+    if ours128:
+        print(f"target: c=128 p99 < 100 ms: {ours128.p99_ms:.1f} ms "
+              f"{'MET' if ours128.p99_ms < 100 else 'MISSED'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--concurrency", default="1,16,128")
+    parser.add_argument("--servers", action="store_true", help="also granian (server choice)")
+    parser.add_argument("--serve-responder", metavar="NATS_URL")
+    parser.add_argument("--serve-aiohttp", nargs="+", metavar=("PORT", "NATS_URL"))
+    parser.add_argument("--serve-uvicorn", nargs="+", metavar=("PORT", "NATS_URL"))
+    parser.add_argument("--serve-granian", nargs="+", metavar=("PORT", "NATS_URL"))
+    args = parser.parse_args()
+    if args.serve_responder:
+        uvloop.run(serve_responder(args.serve_responder))
+        return 0
+    roles = (("aiohttp", serve_aiohttp), ("uvicorn", serve_uvicorn), ("granian", serve_granian))
+    for role, serve in roles:
+        given = getattr(args, f"serve_{role}")
+        if given:
+            serve(given[1] if len(given) > 1 else None, int(given[0]))
+            return 0
+    loadgen = "wrk (CPU 0)" if shutil.which("wrk") else "python closed loop (CPU 0)"
+    print(f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}  load: {loadgen}  "
+          f"system under test: CPU 1  seconds/point: {args.seconds:g}")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(Path(tmp), args.seconds)
+        try:
+            results = []
+            for target in _targets(bench.nats_url, args.servers):
+                try:
+                    results.extend(bench.run_target(target, levels))
+                except RuntimeError as exc:  # one broken baseline must not hide the others
+                    print(f"{target[0]}: not measured: {exc}", file=sys.stderr)
+        finally:
+            bench.close()
+    report(results, bench.cpu_us)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""The NATS-native path: gateway client → worker → `echo` / `data.get`, beside raw nats-py.
+
+    python -m benchmarks.bench_nats_path [--seconds 3] [--concurrency 1,16,128]
+
+Three processes share the machine: nats-server, the responder (our worker, or a raw nats-py
+responder doing nothing but `msg.respond(msg.data)`), and this load generator. Each target
+is measured at each concurrency in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import nats
+import uvloop
+
+from benchmarks.harness import Result, closed_loop, print_table
+from nexus_bus import Gateway, Operations, RequestContext, Settings, Worker, load_settings
+from nexus_bus.auth import Keyring, TokenCodec, generate_key
+from nexus_bus.embedded import nats_server, redis_server
+from nexus_bus.handlers import builtin_groups
+from nexus_bus.observability import configure_logging
+
+RAW_SUBJECT = "bench.raw.echo"
+RAW_HEADERS_SUBJECT = "bench.raw.headers"
+REPLY_HEADERS = {"Nexus-Status": "200", "Nexus-Request-Id": "0" * 24}
+
+
+class Echo(msgspec.Struct, frozen=True, kw_only=True):
+    """The echo request and reply."""
+
+    msg: str
+
+
+echo_ops = Operations("echo", description="Benchmark no-op.")
+
+
+@echo_ops.action("say", public=True)
+async def say(req: Echo, ctx: RequestContext) -> Echo:
+    """Return the request."""
+    return req
+
+
+echo_fs_ops = Operations("echofs", description="The same no-op, via FastStream subscribers.")
+echo_fs_ops.action("say", public=True)(say)
+
+
+def _settings(url: str, keys_dir: str, **extra: object) -> Settings:
+    """Production defaults (auth on, with a key made for this run), quiet logs.
+
+    The Redis URL comes from NEXUS_REDIS__URL, which main() points at its own redis-server.
+    """
+    return load_settings(
+        nats={"url": url}, log={"level": "WARNING"}, auth={"keys_dir": keys_dir}, **extra
+    )
+
+
+async def serve_worker(url: str, keys_dir: str) -> None:
+    """Run our worker (echo + data on the fast path, echofs on FastStream) until killed."""
+    configure_logging("bench-worker", "WARNING")
+    fast = Worker(_settings(url, keys_dir), [echo_ops, *builtin_groups(["data"])])
+    via_faststream = Worker(
+        _settings(url, keys_dir, worker={"faststream_subscribers": True}), [echo_fs_ops]
+    )
+    await via_faststream.start()
+    await fast.run()
+
+
+async def serve_raw(url: str, keys_dir: str) -> None:
+    """Raw nats-py responders: the floor any runtime is measured against.
+
+    `bench.raw.echo` answers with the body only; `bench.raw.headers` answers with the two
+    headers every nexus reply carries, which is the floor for our wire contract.
+    """
+    nc = await nats.connect(url)
+
+    async def respond(msg):  # type: ignore[no-untyped-def]
+        await nc.publish(msg.reply, msg.data)
+
+    async def respond_with_headers(msg):  # type: ignore[no-untyped-def]
+        await nc.publish(msg.reply, msg.data, headers=REPLY_HEADERS)
+
+    await nc.subscribe(RAW_SUBJECT, queue="bench", cb=respond)
+    await nc.subscribe(RAW_HEADERS_SUBJECT, queue="bench", cb=respond_with_headers)
+    await asyncio.Event().wait()
+
+
+def _spawn(role: str, url: str, keys_dir: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "benchmarks.bench_nats_path", f"--serve-{role}", url, keys_dir]
+    )
+
+
+async def measure(url: str, keys_dir: str, seconds: float, levels: list[int]) -> None:
+    """Run every target at every concurrency and print the table."""
+    configure_logging("bench", "WARNING")
+    settings = _settings(url, keys_dir)
+    raw_nc = await nats.connect(url)
+    token = TokenCodec(Keyring.from_dir(Path(keys_dir))).issue(
+        "bench", frozenset({"*"}), 3600, now=int(time.time()), jti="bench"
+    ).token
+    gw = await Gateway.connect(settings, token=token)
+    payload = msgspec.json.encode({"msg": "hello"})
+    await gw.request("data", "put", {"key": "bench.hot", "value": {"n": 1, "s": "x" * 64}})
+    for _ in range(50):  # both responders subscribed and warm
+        await raw_nc.request(RAW_SUBJECT, payload, timeout=5)
+        await gw.request("echo", "say", {"msg": "hello"})
+
+    async def raw() -> None:
+        await raw_nc.request(RAW_SUBJECT, payload, timeout=5)
+
+    contract_headers = gw.build_headers(timeout_s=5)
+
+    async def raw_headers() -> None:
+        await raw_nc.request(RAW_HEADERS_SUBJECT, payload, timeout=5, headers=contract_headers)
+
+    async def echo_faststream() -> None:
+        await gw.request("echofs", "say", payload)
+
+    async def echo() -> None:
+        await gw.request("echo", "say", payload)
+
+    async def data_get() -> None:
+        await gw.request("data", "get", b'{"key":"bench.hot"}')
+
+    baseline: dict[int, Result] = {}
+    rows: list[Result] = []
+    for c in levels:
+        baseline[c] = await closed_loop("raw nats-py request/reply", raw, concurrency=c, seconds=seconds)
+        rows.append(baseline[c])
+        rows.append(await closed_loop("raw, contract headers", raw_headers, concurrency=c, seconds=seconds))
+        rows.append(await closed_loop("nexus echo (full runtime)", echo, concurrency=c, seconds=seconds))
+        rows.append(await closed_loop("nexus echo via FastStream", echo_faststream, concurrency=c, seconds=seconds))
+        rows.append(await closed_loop("nexus data.get (hot key)", data_get, concurrency=c, seconds=seconds))
+    print_table("NATS path: gateway client -> worker, vs raw nats-py responder", rows, baseline)
+    await gw.close()
+    await raw_nc.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--concurrency", default="1,16,128")
+    parser.add_argument("--serve-worker", nargs=2)
+    parser.add_argument("--serve-raw", nargs=2)
+    args = parser.parse_args()
+    if args.serve_worker:
+        uvloop.run(serve_worker(*args.serve_worker))
+        return 0
+    if args.serve_raw:
+        uvloop.run(serve_raw(*args.serve_raw))
+        return 0
+    levels = [int(c) for c in args.concurrency.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        server = nats_server(Path(tmp)).start()
+        redis = redis_server(Path(tmp) / "redis").start()
+        os.environ["NEXUS_REDIS__URL"] = redis.url + "/0"
+        keys_dir = str(Path(tmp) / "keys")
+        generate_key(Path(keys_dir), kid="bench")
+        children = [_spawn("worker", server.url, keys_dir), _spawn("raw", server.url, keys_dir)]
+        try:
+            time.sleep(1.0)
+            print(f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}  seconds/point: {args.seconds}")
+            uvloop.run(measure(server.url, keys_dir, args.seconds, levels))
+        finally:
+            for child in children:
+                child.terminate()
+                child.wait(10)
+            server.stop()
+            redis.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""Shared pieces of the benchmarks: a closed-loop load generator and a result table."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measured configuration."""
+
+    name: str
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rps(self) -> float:
+        """Completed requests per second."""
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+async def closed_loop(
+    name: str,
+    call: Callable[[], Awaitable[object]],
+    *,
+    concurrency: int,
+    seconds: float,
+    warmup_s: float = 0.5,
+) -> Result:
+    """Run `concurrency` callers back to back for `seconds` (after a warm-up); time each call."""
+    latencies: list[float] = []
+    errors = 0
+    recording = False
+    stop_at = 0.0
+
+    async def caller() -> None:
+        nonlocal errors
+        while True:
+            started = time.perf_counter()
+            if recording and started >= stop_at:
+                return
+            try:
+                await call()
+            except Exception:  # noqa: BLE001 - counted, the load goes on
+                if recording:
+                    errors += 1
+                continue
+            if recording:
+                latencies.append(time.perf_counter() - started)
+
+    tasks = [asyncio.create_task(caller()) for _ in range(concurrency)]
+    await asyncio.sleep(warmup_s)
+    recording = True
+    begin = time.perf_counter()
+    stop_at = begin + seconds
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - begin
+    ordered = sorted(latencies) or [0.0]
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return Result(
+        name, concurrency, len(latencies), errors, elapsed,
+        statistics.median(ordered) * 1000, p99 * 1000,
+    )
+
+
+def print_table(title: str, rows: list[Result], baseline: dict[int, Result]) -> None:
+    """Print results with the ratio to the baseline at the same concurrency."""
+    print(f"\n{title}")
+    print(f"{'target':<28}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'ours/raw':>10}")
+    for r in rows:
+        base = baseline.get(r.concurrency)
+        ratio = f"{r.rps / base.rps:.2f}x" if base and base.rps else "-"
+        print(
+            f"{r.name:<28}{r.concurrency:>5}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
+            f"{r.errors:>8}{ratio:>10}"
+        )

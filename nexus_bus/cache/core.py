@@ -1,0 +1,439 @@
+"""The cache: read-through with one loader per key, revision-ordered write-through, fail-open.
+
+Read (`fetch`): the L1 when the policy keeps one, then one Redis script that returns the
+entry or, on a miss, hands out the key's lease. The lease holder loads from the system of
+record and fills; every other reader polls briefly for that fill (one loader per key across
+all workers) and loads by itself only after `wait_s`. A stale entry (inside its
+stale-while-revalidate window) is served at once while its lease holder reloads it in the
+background.
+
+Write (`write`, `invalidate`): after the system of record accepted a write, its revision is
+written through with the compare-and-set of `entries.accepts`, so a slower fill of an older
+revision can never overwrite it. When Redis cannot be updated the write must still not leave
+an old entry to be served: a peer that reaches Redis is asked to fence the key before the
+write returns, and if none can, every worker keeps a revision floor for it (`floors.py`)
+until a repair lands. Every write is announced on `nexus.sys.cache.invalidate` so that L1
+caches in other workers drop the key.
+
+Failure: every store call passes the breaker and fails open: an error or a timeout is
+counted and the request goes on to the system of record. No request fails because of the
+cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, Protocol, TypeVar
+
+import msgspec
+
+from nexus_bus.cache.entries import UNVERSIONED, CacheUnavailable, Entry, EntryStore, Kind
+from nexus_bus.cache.floors import Floors
+from nexus_bus.cache.keys import CacheKey, build_key, is_under
+from nexus_bus.cache.local import LocalCache
+from nexus_bus.cache.notice import Notice
+from nexus_bus.cache.policy import CachePolicy
+from nexus_bus.cache.stats import CacheResult, CacheStats
+from nexus_bus.constants import CACHE_DEFAULT_NAMESPACE, CACHE_KEY_PREFIX
+from nexus_bus.errors import NotFound
+from nexus_bus.observability import logger
+from nexus_bus.resilience import CircuitBreaker, ExponentialBackoff, Jitter
+
+P = ParamSpec("P")
+T = TypeVar("T")
+Loader = Callable[[], Awaitable[Entry]]
+
+# Waiting for another worker's load: start fast (a KV read takes about a millisecond on a
+# LAN), then back off so hundreds of waiters do not hammer Redis.
+_FIRST_POLL_S = 0.002
+_MAX_POLL_S = 0.025
+_REPAIR_BACKOFF = ExponentialBackoff(base_s=0.2, cap_s=5.0, jitter=Jitter.EQUAL)
+_encode = msgspec.json.Encoder().encode
+
+
+class Peers(Protocol):
+    """The other workers, reached over NATS (`invalidation.CacheBus`)."""
+
+    async def fence(self, notice: Notice) -> bool:
+        """Ask a worker that reaches Redis to fence `notice.key`; whether one did."""
+        ...
+
+    async def announce(self, notice: Notice) -> None:
+        """Tell every worker about a write (best effort)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop listening to the other workers."""
+        ...
+
+
+class Cache:
+    """Read-through, write-through and cache-aside on an `EntryStore`.
+
+    Args:
+        store: where entries live (Redis in production).
+        prefix: the key prefix of every entry.
+        breaker: guards the store; a default one when omitted.
+        peers: the other workers, for fences and invalidation notices.
+        local: an L1 cache, used by policies with `local_ttl_s`.
+        floors: revision floors (a default bounded set when omitted).
+        max_fill_age_s: a load that took longer than this is not filled: a delete's tombstone
+            it raced with may have expired meanwhile.
+        repair_backoff: the delays between attempts to repair floors.
+        clock: monotonic seconds.
+        rng: randomness for TTL jitter and backoff.
+        origin: this cache's id in notices (random when omitted).
+        stats: where read results are counted.
+    """
+
+    def __init__(
+        self,
+        store: EntryStore,
+        *,
+        prefix: str = CACHE_KEY_PREFIX,
+        breaker: CircuitBreaker | None = None,
+        peers: Peers | None = None,
+        local: LocalCache | None = None,
+        floors: Floors | None = None,
+        max_fill_age_s: float = 5.0,
+        repair_backoff: ExponentialBackoff = _REPAIR_BACKOFF,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        origin: str | None = None,
+        stats: CacheStats | None = None,
+    ) -> None:
+        self._store = store
+        self.prefix = prefix
+        self.breaker = breaker or CircuitBreaker(clock=clock)
+        self._peers = peers
+        self._peer_breaker = CircuitBreaker(failure_threshold=3, clock=clock)
+        self._local = local
+        self.floors = floors or Floors(clock=clock)
+        self._max_fill_age_s = max_fill_age_s
+        self._repair_backoff = repair_backoff
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self.origin = origin or uuid.uuid4().hex
+        self.stats = stats or CacheStats()
+        self._tokens = itertools.count()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._repair_task: asyncio.Task[None] | None = None
+
+    def attach(self, peers: Peers | None) -> None:
+        """Connect the cache to its peers (once the bus is subscribed)."""
+        self._peers = peers
+
+    def key(self, namespace: str, key: str) -> CacheKey:
+        """The Redis names of `key` in `namespace`.
+
+        Raises:
+            ValueError: an invalid namespace or key.
+        """
+        return build_key(self.prefix, namespace, key)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def fetch(self, namespace: str, key: str, loader: Loader, policy: CachePolicy) -> Entry:
+        """The entry of `key`: from the cache, or from `loader` (filling the cache).
+
+        Args:
+            namespace: the cache namespace (also the `cache` metric label).
+            key: the key in the namespace.
+            loader: reads the system of record; returns a value or an `ABSENT` entry.
+            policy: TTLs, lease and waiting.
+
+        Raises:
+            ValueError: an invalid namespace or key.
+            Whatever `loader` raises; never a cache failure.
+        """
+        ck = self.key(namespace, key)
+        if (local := self._local_entry(ck, policy)) is not None:
+            self.stats.count(namespace, CacheResult.HIT)
+            return local
+        if self.floors.distrusted:
+            self.stats.count(namespace, CacheResult.BYPASS)
+            return await loader()
+        token = f"{self.origin}.{next(self._tokens)}"  # unique across workers, and cheap
+        deadline = self._clock() + policy.wait_s
+        pause, waited = _FIRST_POLL_S, False
+        while True:
+            minimum = self.floors.minimum(ck.entry)
+            lookup = await self._attempt(
+                self._store.read, ck, token=token, lease_ms=policy.lease_ms, min_revision=minimum
+            )
+            if lookup is None:
+                self.stats.count(namespace, CacheResult.BYPASS)
+                return await loader()
+            if lookup.entry is not None:
+                if lookup.stale and lookup.lease:
+                    self._spawn(self._refresh(namespace, ck, loader, policy, token))
+                result = CacheResult.STALE if lookup.stale else CacheResult.HIT
+                self.stats.count(namespace, CacheResult.COALESCED if waited else result)
+                self._remember(ck, lookup.entry, policy)
+                return lookup.entry
+            remaining = deadline - self._clock()
+            if lookup.lease or remaining <= 0:
+                self.stats.count(namespace, CacheResult.MISS)
+                return await self._load(ck, loader, policy, token if lookup.lease else "")
+            waited = True
+            await asyncio.sleep(min(pause, remaining))
+            pause = min(pause * 2, _MAX_POLL_S)
+
+    async def _load(self, ck: CacheKey, loader: Loader, policy: CachePolicy, token: str) -> Entry:
+        started = self._clock()
+        try:
+            entry = await loader()
+        except Exception:
+            if token:
+                await self._attempt(self._store.release, ck, token)
+            raise
+        too_old = self._clock() - started > self._max_fill_age_s
+        if too_old or (entry.kind is Kind.ABSENT and not policy.caches_absence):
+            if token:
+                await self._attempt(self._store.release, ck, token)
+            return entry
+        expiry = policy.expiry(entry.kind, self._rng)
+        stored = await self._attempt(
+            self._store.fill, ck, entry, ttl_ms=expiry.ttl_ms, stale_ms=expiry.stale_ms,
+            token=token, need_lease=not entry.versioned,
+        )
+        if stored:
+            self.floors.met(ck.entry, entry.revision)
+            self._remember(ck, entry, policy)
+        return entry
+
+    async def _refresh(
+        self, namespace: str, ck: CacheKey, loader: Loader, policy: CachePolicy, token: str
+    ) -> None:
+        try:
+            await self._load(ck, loader, policy, token)
+        except Exception as exc:
+            # Nobody awaits a background refresh: log it. The stale entry is served until
+            # its TTL ends, and the next stale read tries again.
+            logger.warning("cache refresh in {} failed: {}", namespace, exc)
+
+    async def get_or_set(
+        self,
+        key: str,
+        getter: Callable[[], Awaitable[T]],
+        ttl: float = 3600.0,
+        *,
+        namespace: str = CACHE_DEFAULT_NAMESPACE,
+        type: Any = Any,
+        policy: CachePolicy | None = None,
+    ) -> T:
+        """Cache-aside: the cached value of `key`, or `await getter()` cached for `ttl` seconds.
+
+        Values are stored as JSON (msgspec) and decoded as `type`, on hits and misses alike.
+        One caller per key across all workers runs `getter`; the others wait for its result.
+
+        Args:
+            key: the key in `namespace`.
+            getter: loads the value; raising `NotFound` caches the absence when the policy's
+                `negative_ttl_s` allows it.
+            ttl: seconds a value stays fresh (overrides `policy.ttl_s`).
+            namespace: the cache namespace and `cache` metric label.
+            type: what to decode the value as (any type msgspec can decode).
+            policy: the rest of the behaviour (negative TTL, stale window, L1, jitter).
+
+        Raises:
+            NotFound: the getter raised it, now or (cached) before.
+            Whatever `getter` raises; never a cache failure.
+        """
+        rules = (policy or CachePolicy()).with_(ttl_s=ttl)
+        missing: list[NotFound] = []
+
+        async def load() -> Entry:
+            try:
+                return Entry.of(_encode(await getter()))
+            except NotFound as exc:
+                missing.append(exc)
+                return Entry.absent()
+
+        entry = await self.fetch(namespace, key, load, rules)
+        if entry.kind is Kind.ABSENT:
+            raise missing[0] if missing else NotFound(f"{namespace} {key}: not found")
+        decoded: T = msgspec.json.decode(entry.value, type=type)
+        return decoded
+
+    async def set(
+        self,
+        key: str,
+        value: Any,
+        ttl: float = 3600.0,
+        *,
+        namespace: str = CACHE_DEFAULT_NAMESPACE,
+        policy: CachePolicy | None = None,
+    ) -> None:
+        """Cache-aside write: store `value` for `key` once the source has it (never raises)."""
+        rules = (policy or CachePolicy()).with_(ttl_s=ttl)
+        await self.write(namespace, key, Entry.of(_encode(value)), rules)
+
+    async def delete(
+        self,
+        key: str,
+        *,
+        namespace: str = CACHE_DEFAULT_NAMESPACE,
+        policy: CachePolicy | None = None,
+    ) -> None:
+        """Cache-aside invalidation: drop `key` so the next read loads it (never raises)."""
+        await self.invalidate(namespace, key, policy or CachePolicy())
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def write(self, namespace: str, key: str, entry: Entry, policy: CachePolicy) -> None:
+        """Write `entry` through after the system of record accepted it (never raises).
+
+        A versioned entry is stored unless the cache already holds a newer revision. An
+        unversioned value replaces the entry and revokes the lease, so that a load started
+        before this write cannot fill afterwards. An unversioned absence is an `invalidate`.
+        """
+        if not entry.versioned and entry.kind is not Kind.VALUE:
+            await self.invalidate(namespace, key, policy)
+            return
+        if entry.kind is Kind.ABSENT and not policy.caches_absence:
+            entry = Entry.fence(entry.revision)  # still outranks late fills of the old value
+        ck = self.key(namespace, key)
+        expiry = policy.expiry(entry.kind, self._rng)
+        stored = await self._attempt(
+            self._store.fill, ck, entry, ttl_ms=expiry.ttl_ms, stale_ms=expiry.stale_ms,
+            drop_lease=not entry.versioned,
+        )
+        if self._local is not None:
+            self._local.drop(ck.entry)
+        if stored is None:
+            await self._fence_elsewhere(ck, entry.revision, policy)
+        elif stored:
+            self.floors.met(ck.entry, entry.revision)
+        await self._announce(Notice(key=ck.entry, revision=entry.revision, origin=self.origin))
+
+    async def invalidate(self, namespace: str, key: str, policy: CachePolicy) -> None:
+        """Drop `key` and revoke its lease: the invalidation of unversioned entries."""
+        ck = self.key(namespace, key)
+        evicted = await self._attempt(self._store.evict, ck)
+        if self._local is not None:
+            self._local.drop(ck.entry)
+        if evicted is None:
+            await self._fence_elsewhere(ck, UNVERSIONED, policy)
+        await self._announce(Notice(key=ck.entry, revision=UNVERSIONED, origin=self.origin))
+
+    async def _fence_elsewhere(self, ck: CacheKey, revision: int, policy: CachePolicy) -> None:
+        notice = Notice(
+            key=ck.entry,
+            revision=revision,
+            origin=self.origin,
+            fence_ttl_ms=round(policy.fence_ttl_s * 1000),
+            lifetime_ms=round(policy.lifetime_s * 1000),
+        )
+        if self._peers is not None and self._peer_breaker.allow():
+            if await self._peers.fence(notice):
+                self._peer_breaker.record_success()
+                return
+            self._peer_breaker.record_failure()
+        # Debug only: during an outage every write comes here; the breaker logs the outage.
+        logger.debug("cache write-through failed and no peer could fence; keeping a floor")
+        self._raise_floor(notice)
+        await self._announce(msgspec.structs.replace(notice, floor=True))
+
+    async def _announce(self, notice: Notice) -> None:
+        if self._peers is not None:
+            await self._peers.announce(notice)
+
+    # -- peers ---------------------------------------------------------------------------
+
+    async def apply_fence(self, notice: Notice) -> bool:
+        """Fence `notice.key` in Redis for another worker; whether Redis took it."""
+        if not is_under(self.prefix, notice.key):
+            return False
+        ck = CacheKey.of_entry(notice.key)
+        if self._local is not None:
+            self._local.drop(ck.entry)
+        if notice.revision == UNVERSIONED:
+            return await self._attempt(self._store.evict, ck) is not None
+        fence = Entry.fence(notice.revision)
+        stored = await self._attempt(self._store.fill, ck, fence, ttl_ms=notice.fence_ttl_ms)
+        return stored is not None
+
+    def on_notice(self, notice: Notice) -> None:
+        """Another worker wrote `notice.key`: drop it from the L1, keep its floor if unfenced."""
+        if notice.origin == self.origin or not is_under(self.prefix, notice.key):
+            return
+        if self._local is not None:
+            self._local.drop(notice.key)
+        if notice.floor:
+            self._raise_floor(notice)
+
+    def _raise_floor(self, notice: Notice) -> None:
+        self.floors.raise_floor(
+            notice.key,
+            notice.revision,
+            lifetime_s=notice.lifetime_ms / 1000,
+            fence_ttl_ms=notice.fence_ttl_ms,
+        )
+        if self._local is not None:
+            self._local.drop(notice.key)
+        if self._repair_task is None or self._repair_task.done():
+            self._repair_task = asyncio.get_running_loop().create_task(self._repair())
+
+    async def _repair(self) -> None:
+        """Fence every floored key in Redis, retrying with backoff, until no floor is left."""
+        failures = 0
+        while pending := self.floors.pending():
+            for key, floor in pending:
+                notice = Notice(key=key, revision=floor.revision, fence_ttl_ms=floor.fence_ttl_ms)
+                if not await self.apply_fence(notice):
+                    failures += 1
+                    await asyncio.sleep(self._repair_backoff.compute(failures, self._rng))
+                    break
+                self.floors.repaired(key, floor)
+            else:
+                failures = 0
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    async def _attempt(
+        self, call: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T | None:
+        """Run a store call through the breaker; None when it is open or the call failed."""
+        if not self.breaker.allow():
+            return None
+        try:
+            result = await call(*args, **kwargs)
+        except CacheUnavailable as exc:
+            self.breaker.record_failure()
+            logger.debug("cache store call failed: {}", exc)
+            return None
+        self.breaker.record_success()
+        return result
+
+    def _local_entry(self, ck: CacheKey, policy: CachePolicy) -> Entry | None:
+        if self._local is None or policy.local_ttl_s <= 0:
+            return None
+        entry = self._local.get(ck.entry)
+        if entry is None or entry.revision < self.floors.minimum(ck.entry):
+            return None
+        return entry
+
+    def _remember(self, ck: CacheKey, entry: Entry, policy: CachePolicy) -> None:
+        if self._local is not None and policy.local_ttl_s > 0:
+            self._local.put(ck.entry, entry, policy.local_ttl_s)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Detach from the peers and cancel background refreshes and repairs."""
+        if self._peers is not None:
+            await self._peers.close()
+            self._peers = None
+        tasks = [*self._tasks, *([self._repair_task] if self._repair_task else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

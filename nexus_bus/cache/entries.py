@@ -1,0 +1,129 @@
+"""What the cache stores, the one rule that orders writes, and the `EntryStore` seam.
+
+Every entry carries the revision of the system-of-record state it mirrors. Writers (write
+-through after a put or delete) and readers (read-through fills after a miss) race, and a
+fill can land after a newer write; `accepts` decides which one wins, identically in the
+Redis Lua scripts and in the in-memory twin, so a cache never goes back in time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final, Protocol
+
+from nexus_bus.cache.keys import CacheKey
+from nexus_bus.errors import Unavailable
+
+# Values cached without a revision (cache-aside of arbitrary getters). They are ordered by
+# leases instead: a fill needs the lease it was loaded under, and every write revokes it.
+UNVERSIONED: Final = 0
+
+
+class Kind(StrEnum):
+    """What an entry says about its key (one letter: it is stored in every Redis hash)."""
+
+    VALUE = "v"  # the key has this value at this revision
+    ABSENT = "a"  # the key does not exist at this revision (tombstone / negative cache)
+    FENCE = "f"  # a write at this revision happened; nothing older may be served or filled
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One cached state of a key."""
+
+    kind: Kind
+    revision: int
+    value: bytes = b""
+
+    @classmethod
+    def of(cls, value: bytes, revision: int = UNVERSIONED) -> Entry:
+        """A value at `revision`."""
+        return cls(Kind.VALUE, revision, value)
+
+    @classmethod
+    def absent(cls, revision: int = UNVERSIONED) -> Entry:
+        """A tombstone: the key does not exist as of `revision`."""
+        return cls(Kind.ABSENT, revision)
+
+    @classmethod
+    def fence(cls, revision: int) -> Entry:
+        """A marker that hides every entry older than `revision` without a value of its own."""
+        return cls(Kind.FENCE, revision)
+
+    @property
+    def versioned(self) -> bool:
+        """Whether the entry is ordered by revision (not by lease)."""
+        return self.revision != UNVERSIONED
+
+
+def accepts(current: Entry | None, incoming: Entry) -> bool:
+    """Whether `incoming` may replace `current` (the compare-and-set rule).
+
+    A higher revision always wins. At the same revision the same kind refreshes the entry
+    (a revalidation), and a value or tombstone replaces the fence of its own write; a fence
+    never replaces what it was fencing.
+    """
+    if current is None:
+        return True
+    if current.revision != incoming.revision:
+        return incoming.revision > current.revision
+    return current.kind is incoming.kind or current.kind is Kind.FENCE
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """The answer to a read: a usable entry (or none), and whether this reader holds the lease.
+
+    Attributes:
+        entry: the entry when it is usable: not a fence and not below the reader's floor.
+        stale: the entry is past its fresh TTL but inside its serve-stale window.
+        lease: this reader won the right to load the key from the system of record.
+    """
+
+    entry: Entry | None
+    stale: bool = False
+    lease: bool = False
+
+
+class CacheUnavailable(Unavailable):
+    """The cache store did not answer in time or failed; callers fail open."""
+
+    code, title = "unavailable", "Cache unavailable"
+
+
+class EntryStore(Protocol):
+    """Where entries live (Redis, or the in-memory twin in unit tests).
+
+    Every method raises `CacheUnavailable` on any failure of the store, and nothing else.
+    """
+
+    async def read(self, key: CacheKey, *, token: str, lease_ms: int, min_revision: int) -> Lookup:
+        """Read `key`; when it is missing, stale or below `min_revision`, try to take its lease."""
+        ...
+
+    async def fill(
+        self,
+        key: CacheKey,
+        entry: Entry,
+        *,
+        ttl_ms: int,
+        stale_ms: int = 0,
+        token: str = "",
+        need_lease: bool = False,
+        drop_lease: bool = False,
+    ) -> bool:
+        """Store `entry` if `accepts` allows it (and, with `need_lease`, if `token` holds the
+        lease); the entry lives `ttl_ms`, of which the last `stale_ms` are stale. Releases the
+        lease held by `token`, or any lease with `drop_lease`. Returns whether it was stored.
+        """
+        ...
+
+    async def evict(self, key: CacheKey) -> bool:
+        """Remove the entry and revoke its lease (the invalidation of unversioned entries);
+        whether an entry was there."""
+        ...
+
+    async def release(self, key: CacheKey, token: str) -> None:
+        """Give up the lease held by `token` (the load failed)."""
+        ...

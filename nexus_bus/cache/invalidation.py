@@ -1,0 +1,141 @@
+"""Workers telling each other about cache writes, over NATS `nexus.sys.cache.*`.
+
+- `nexus.sys.cache.invalidate` (broadcast, every worker): sent after every write. Receivers
+  drop the key from their L1, and keep a revision floor when the notice says nobody could
+  fence the entry.
+- `nexus.sys.cache.fence` (request to every worker, first answer wins): sent by a writer
+  whose own write-through failed. Workers that reach Redis fence the entry and answer;
+  the others, and the writer itself, stay silent, so the writer waits at most
+  `fence_timeout_s` and then falls back to floors.
+
+nats exceptions are translated here: a lost notice or an unanswered fence is logged and
+reported as "not fenced", never raised into a request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from nexus_bus.cache.core import Cache
+from nexus_bus.cache.notice import FenceReply, Notice, decode_notice, decode_reply, encode
+from nexus_bus.constants import (
+    CACHE_FENCE_SUBJECT,
+    CACHE_INVALIDATE_SUBJECT,
+    DEFAULT_INBOX_PREFIX,
+)
+from nexus_bus.errors import Unavailable
+from nexus_bus.observability import logger
+from nexus_bus.subjects import is_inbox
+
+_NATS_FAILURES = (nats.errors.Error, TimeoutError, OSError)
+_BAD_MESSAGE = (msgspec.DecodeError, msgspec.ValidationError)
+_FENCED = encode(FenceReply(fenced=True))
+
+
+class CacheBus:
+    """The cache's `Peers` on a NATS connection.
+
+    Args:
+        nc: the worker's NATS connection.
+        cache: the cache whose notices this bus carries.
+        fence_timeout_s: how long a writer waits for a peer's fence.
+        inbox_prefix: fence answers go only to subjects under this prefix.
+        scope: names the Redis this worker's cache uses. Workers of another deployment (or a
+            test) may share the NATS server with another Redis; their notices are ignored,
+            since a fence in the wrong Redis would protect nothing.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        cache: Cache,
+        *,
+        fence_timeout_s: float = 0.2,
+        inbox_prefix: str = DEFAULT_INBOX_PREFIX,
+        scope: str = "",
+    ) -> None:
+        self._nc = nc
+        self._scope = scope
+        self._cache = cache
+        self._timeout_s = fence_timeout_s
+        self._inbox_prefix = inbox_prefix
+        self._subscriptions: list[Subscription] = []
+
+    async def start(self) -> None:
+        """Subscribe to both subjects and attach to the cache.
+
+        Raises:
+            Unavailable: NATS refused the subscriptions.
+        """
+        try:
+            self._subscriptions = [
+                await self._nc.subscribe(CACHE_INVALIDATE_SUBJECT, cb=self._on_invalidate),
+                await self._nc.subscribe(CACHE_FENCE_SUBJECT, cb=self._on_fence),
+            ]
+            # Make sure the server has both interests before the first write relies on them.
+            await self._nc.flush()
+        except _NATS_FAILURES as exc:
+            raise Unavailable(f"cannot subscribe to cache notices: {exc}") from exc
+        self._cache.attach(self)
+
+    async def fence(self, notice: Notice) -> bool:
+        """Ask every worker to fence `notice.key`; whether one did within the timeout."""
+        try:
+            reply = await self._nc.request(
+                CACHE_FENCE_SUBJECT, self._encode(notice), timeout=self._timeout_s
+            )
+            return decode_reply(reply.data).fenced
+        except _NATS_FAILURES as exc:
+            logger.debug("no worker could fence a cache entry: {}", type(exc).__name__)
+            return False
+        except _BAD_MESSAGE:
+            return False
+
+    async def announce(self, notice: Notice) -> None:
+        """Broadcast a write (best effort: a lost notice only leaves an L1 entry to its TTL)."""
+        try:
+            await self._nc.publish(CACHE_INVALIDATE_SUBJECT, self._encode(notice))
+        except _NATS_FAILURES as exc:
+            logger.warning("could not publish a cache invalidation: {}", exc)
+
+    async def close(self) -> None:
+        """Unsubscribe (the connection itself belongs to the worker)."""
+        for subscription in self._subscriptions:
+            # A closed connection raises here; nothing is subscribed any more then.
+            with contextlib.suppress(*_NATS_FAILURES):
+                await subscription.unsubscribe()
+        self._subscriptions = []
+
+    def _encode(self, notice: Notice) -> bytes:
+        return encode(msgspec.structs.replace(notice, scope=self._scope))
+
+    def _decode(self, msg: Msg) -> Notice | None:
+        try:
+            notice = decode_notice(msg.data)
+        except _BAD_MESSAGE:
+            logger.warning("dropped a malformed cache notice on {}", msg.subject)
+            return None
+        return notice if notice.scope == self._scope else None
+
+    async def _on_invalidate(self, msg: Msg) -> None:
+        if (notice := self._decode(msg)) is not None:
+            self._cache.on_notice(notice)
+
+    async def _on_fence(self, msg: Msg) -> None:
+        notice = self._decode(msg)
+        if notice is None or notice.origin == self._cache.origin or not msg.reply:
+            return  # our own request: this worker is the one that could not reach Redis
+        if not is_inbox(msg.reply, self._inbox_prefix):
+            logger.warning("refused a cache fence request with a non-inbox reply subject")
+            return
+        if await self._cache.apply_fence(notice):
+            try:
+                await self._nc.publish(msg.reply, _FENCED)
+            except _NATS_FAILURES as exc:
+                logger.warning("could not answer a cache fence request: {}", exc)

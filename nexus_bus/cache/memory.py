@@ -1,0 +1,126 @@
+"""An in-memory `EntryStore` with the Redis adapter's exact semantics, for unit tests.
+
+It follows the Lua scripts rule for rule (`accepts`, leases, the stale window measured on
+the remaining TTL), so the cache's logic is tested without a server. It is never a stand-in
+for Redis in integration tests. `down = True` makes every call fail like a dead Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nexus_bus.cache.entries import CacheUnavailable, Entry, Kind, Lookup, accepts
+from nexus_bus.cache.keys import CacheKey
+
+
+@dataclass(slots=True)
+class _Stored:
+    entry: Entry
+    expires_at: float
+    stale_s: float
+
+
+class MemoryEntryStore:
+    """`EntryStore` in a dict; the clock is injected.
+
+    Attributes:
+        down: when set, every call raises `CacheUnavailable`.
+        calls: how many calls reached the store (failed ones included).
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._entries: dict[str, _Stored] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
+        self.down = False
+        self.calls = 0
+
+    def _check(self) -> float:
+        self.calls += 1
+        if self.down:
+            raise CacheUnavailable("memory store is down")
+        return self._clock()
+
+    def peek(self, key: CacheKey) -> Entry | None:
+        """The stored entry, whatever its kind (for assertions)."""
+        stored = self._live(key.entry, self._clock())
+        return stored.entry if stored else None
+
+    def lease_holder(self, key: CacheKey) -> str | None:
+        """The token holding the lease of `key`, if any."""
+        return self._lease(key.lease, self._clock())
+
+    def _live(self, name: str, now: float) -> _Stored | None:
+        stored = self._entries.get(name)
+        if stored is not None and stored.expires_at <= now:
+            del self._entries[name]
+            return None
+        return stored
+
+    def _lease(self, name: str, now: float) -> str | None:
+        lease = self._leases.get(name)
+        if lease is not None and lease[1] <= now:
+            del self._leases[name]
+            return None
+        return lease[0] if lease else None
+
+    def _take_lease(self, name: str, token: str, lease_ms: int, now: float) -> bool:
+        if self._lease(name, now) is not None:
+            return False
+        self._leases[name] = (token, now + lease_ms / 1000)
+        return True
+
+    async def read(self, key: CacheKey, *, token: str, lease_ms: int, min_revision: int) -> Lookup:
+        """See `EntryStore.read`."""
+        now = self._check()
+        stored = self._live(key.entry, now)
+        usable = (
+            stored is not None
+            and stored.entry.kind is not Kind.FENCE
+            and stored.entry.revision >= min_revision
+        )
+        if stored is None or not usable:
+            return Lookup(None, lease=self._take_lease(key.lease, token, lease_ms, now))
+        stale = stored.stale_s > 0 and stored.expires_at - now <= stored.stale_s
+        lease = stale and self._take_lease(key.lease, token, lease_ms, now)
+        return Lookup(stored.entry, stale=stale, lease=lease)
+
+    async def fill(
+        self,
+        key: CacheKey,
+        entry: Entry,
+        *,
+        ttl_ms: int,
+        stale_ms: int = 0,
+        token: str = "",
+        need_lease: bool = False,
+        drop_lease: bool = False,
+    ) -> bool:
+        """See `EntryStore.fill`."""
+        now = self._check()
+        holder = self._lease(key.lease, now)
+        if need_lease and holder != token:
+            return False
+        current = self._live(key.entry, now)
+        stored = accepts(current.entry if current else None, entry)
+        if stored:
+            self._entries[key.entry] = _Stored(entry, now + ttl_ms / 1000, stale_ms / 1000)
+        if drop_lease or (token and holder == token):
+            self._leases.pop(key.lease, None)
+        return stored
+
+    async def evict(self, key: CacheKey) -> bool:
+        """See `EntryStore.evict`."""
+        now = self._check()
+        existed = self._live(key.entry, now) is not None
+        self._entries.pop(key.entry, None)
+        self._leases.pop(key.lease, None)
+        return existed
+
+    async def release(self, key: CacheKey, token: str) -> None:
+        """See `EntryStore.release`."""
+        now = self._check()
+        if self._lease(key.lease, now) == token:
+            del self._leases[key.lease]

@@ -1,0 +1,63 @@
+"""The message workers exchange about cache writes on `nexus.sys.cache.*`.
+
+The same notice is broadcast on `nexus.sys.cache.invalidate` after every write (other
+workers drop the key from their L1, and remember a floor when `floor` is set), and sent as
+a request on `nexus.sys.cache.fence` when the writer could not update Redis itself.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+
+class Notice(msgspec.Struct, frozen=True, kw_only=True):
+    """A write to one cache entry.
+
+    Attributes:
+        key: the Redis entry name (see `keys.build_key`).
+        revision: the write's revision; 0 for an unversioned write (an eviction).
+        origin: the id of the cache that wrote it (workers ignore their own notices).
+        floor: nobody could fence the entry in Redis; receivers keep a revision floor.
+        fence_ttl_ms: the TTL of the fence to write (and of the floor's repair fence).
+        lifetime_ms: how long an entry older than the write may still live in Redis.
+        scope: which Redis the entry lives in; workers on another Redis ignore the notice.
+    """
+
+    key: str
+    revision: int
+    origin: str = ""
+    scope: str = ""
+    floor: bool = False
+    fence_ttl_ms: int = 60_000
+    lifetime_ms: int = 0
+
+
+class FenceReply(msgspec.Struct, frozen=True, kw_only=True):
+    """A peer's answer to a fence request (sent only when it fenced the entry)."""
+
+    fenced: bool
+
+
+encode: Final = msgspec.json.Encoder().encode
+_notice_decoder: Final = msgspec.json.Decoder(Notice)
+_reply_decoder: Final = msgspec.json.Decoder(FenceReply)
+
+
+def decode_notice(data: bytes) -> Notice:
+    """Decode a notice.
+
+    Raises:
+        msgspec.ValidationError / msgspec.DecodeError: not a notice (the caller drops it).
+    """
+    return _notice_decoder.decode(data)
+
+
+def decode_reply(data: bytes) -> FenceReply:
+    """Decode a fence reply.
+
+    Raises:
+        msgspec.ValidationError / msgspec.DecodeError: not a fence reply.
+    """
+    return _reply_decoder.decode(data)

@@ -1,0 +1,130 @@
+"""`data.*` records through the cache: a `RecordStore` in front of the JetStream KV store.
+
+- `get` is read-through: one loader per key across workers, misses read the KV head (value
+  or delete marker, with its revision), not-found is cached for the short negative TTL.
+- `put` is write-through: after the KV accepted the write, its revision is written to Redis
+  with the revision compare-and-set, so no older fill can replace it.
+- `delete` writes a tombstone carrying the delete marker's revision, so a fill of the value
+  it deleted that was already in flight cannot bring it back.
+
+After `put` or `delete` returns, every `get` in any worker sees that write or a newer one:
+either the entry was written through, or a peer fenced it, or every worker holds a floor for
+it (see `core.py`). This store must be the outermost wrapper of the records: a wrapper that
+writes to the KV around it would leave the cache behind.
+"""
+
+from __future__ import annotations
+
+from nexus_bus.cache.core import Cache
+from nexus_bus.cache.entries import Entry, Kind
+from nexus_bus.cache.heads import Absent, Head, HeadReader, check_key
+from nexus_bus.cache.policy import CachePolicy
+from nexus_bus.constants import CACHE_DATA_NAMESPACE
+from nexus_bus.errors import Conflict, NotFound
+from nexus_bus.store import Record, RecordStore
+
+
+def entry_of(head: Head) -> Entry:
+    """The cache entry mirroring a KV head."""
+    if isinstance(head, Absent):
+        return Entry.absent(head.revision)
+    return Entry.of(head.value, head.revision)
+
+
+class CachedRecordStore:
+    """`RecordStore` with read-through gets and write-through puts and deletes.
+
+    Args:
+        inner: the system of record's store (writes and listing go there).
+        heads: reads the KV head of a key (loads on a miss, revisions after deletes).
+        cache: the cache.
+        policy: TTLs and stampede behaviour for `data` entries.
+        namespace: the cache namespace (and `cache` metric label).
+    """
+
+    def __init__(
+        self,
+        inner: RecordStore,
+        heads: HeadReader,
+        cache: Cache,
+        policy: CachePolicy,
+        *,
+        namespace: str = CACHE_DATA_NAMESPACE,
+    ) -> None:
+        self._inner = inner
+        self._heads = heads
+        self._cache = cache
+        self._policy = policy
+        self._namespace = namespace
+
+    async def get(self, key: str) -> Record:
+        """The current record of `key`, from the cache when it holds it.
+
+        Raises:
+            NotFound: no live value.
+            InvalidRequest: an invalid key.
+            Unavailable: the KV cannot be reached (a cache failure never raises).
+        """
+        check_key(key)
+
+        async def load() -> Entry:
+            return entry_of(await self._heads.head(key))
+
+        entry = await self._cache.fetch(self._namespace, key, load, self._policy)
+        if entry.kind is not Kind.VALUE:
+            raise NotFound(f"get {key}: not found")
+        return Record(key, entry.value, entry.revision)
+
+    async def put(self, key: str, value: bytes, *, expected_revision: int | None = None) -> int:
+        """Write `value` to the KV, then through to the cache.
+
+        Raises:
+            Conflict: `expected_revision` does not match.
+            InvalidRequest: an invalid key.
+            Unavailable / UpstreamTimeout: the KV cannot be reached.
+        """
+        check_key(key)
+        try:
+            revision = await self._inner.put(key, value, expected_revision=expected_revision)
+        except Conflict:
+            raise
+        except Exception:
+            # The write may have landed anyway (a timeout after the KV stored it): make sure
+            # the cache does not keep serving the value it replaced.
+            await self._write_head(key)
+            raise
+        await self._cache.write(self._namespace, key, Entry.of(value, revision), self._policy)
+        return revision
+
+    async def delete(self, key: str) -> bool:
+        """Delete `key` in the KV, then leave a tombstone with the delete marker's revision.
+
+        Raises:
+            InvalidRequest: an invalid key.
+            Unavailable / UpstreamTimeout: the KV cannot be reached.
+        """
+        check_key(key)
+        try:
+            return await self._inner.delete(key)
+        finally:
+            # The head read after the delete carries its marker's revision (or a newer
+            # write's); on failure it repairs whatever the cache held.
+            await self._write_head(key)
+
+    async def keys(self, prefix: str = "", limit: int = 100) -> list[str]:
+        """Live keys starting with `prefix`, straight from the KV (listings are not cached).
+
+        Raises:
+            Unavailable: the KV cannot be reached.
+        """
+        return await self._inner.keys(prefix, limit)
+
+    async def _write_head(self, key: str) -> None:
+        try:
+            head = await self._heads.head(key)
+        except Exception:
+            # The KV cannot be read either (the caller's own error says why): evicting is
+            # the best left to do, and its failure is handled inside the cache.
+            await self._cache.invalidate(self._namespace, key, self._policy)
+            return
+        await self._cache.write(self._namespace, key, entry_of(head), self._policy)

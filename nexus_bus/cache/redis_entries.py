@@ -1,0 +1,203 @@
+"""`EntryStore` on Redis (single node or Cluster): one Lua script per operation.
+
+An entry is a hash `{r: revision, k: kind, v: value, w: stale window ms}` with a TTL; the
+lease is a string key holding the loader's token. Reads and fills are scripts so that the
+revision compare-and-set, the lease check and the TTL are one atomic step on the server:
+without that, a slow read-through fill could land after a newer write and bring an old
+value back. Entry and lease share a hash tag (see `keys.py`), so the scripts are legal on
+Redis Cluster.
+
+Every redis-py exception, and a call exceeding `timeout_s`, becomes `CacheUnavailable`
+here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
+
+from nexus_bus.cache.entries import CacheUnavailable, Entry, Kind, Lookup
+from nexus_bus.cache.keys import CacheKey
+from nexus_bus.observability import logger
+from nexus_bus.redis_client import RedisClient
+
+T = TypeVar("T")
+
+# KEYS: entry, lease. ARGV: token, lease ms, min revision.
+# Returns {0, lease} for a miss, or {1 fresh | 2 stale, lease, revision, kind, value}.
+READ_LUA = """
+local e = redis.call('HMGET', KEYS[1], 'r', 'k', 'v', 'w')
+local status = 0
+if e[1] and e[2] ~= 'f' and tonumber(e[1]) >= tonumber(ARGV[3]) then
+  status = 1
+  local window = tonumber(e[4]) or 0
+  if window > 0 then
+    local pttl = redis.call('PTTL', KEYS[1])
+    if pttl >= 0 and pttl <= window then status = 2 end
+  end
+end
+local lease = 0
+if status ~= 1 and redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  lease = 1
+end
+if status == 0 then return {0, lease} end
+return {status, lease, e[1], e[2], e[3]}
+"""
+
+# KEYS: entry, lease. ARGV: revision, kind, value, ttl ms, stale ms, token, need lease (0/1),
+# drop lease (0/1). The accept rule is `entries.accepts`. Returns 1 when stored.
+FILL_LUA = """
+local holder = redis.call('GET', KEYS[2])
+if ARGV[7] == '1' and holder ~= ARGV[6] then return 0 end
+local cur = redis.call('HMGET', KEYS[1], 'r', 'k')
+local stored = 1
+if cur[1] then
+  local current, incoming = tonumber(cur[1]), tonumber(ARGV[1])
+  if current > incoming or (current == incoming and cur[2] ~= ARGV[2] and cur[2] ~= 'f') then
+    stored = 0
+  end
+end
+if stored == 1 then
+  redis.call('HSET', KEYS[1], 'r', ARGV[1], 'k', ARGV[2], 'v', ARGV[3], 'w', ARGV[5])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+if ARGV[8] == '1' or (ARGV[6] ~= '' and holder == ARGV[6]) then
+  redis.call('DEL', KEYS[2])
+end
+return stored
+"""
+
+# KEYS: lease. ARGV: token.
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: entry, lease. One script rather than DEL with two keys: redis-py's cluster client
+# would split a multi-key DEL into one command per key.
+EVICT_LUA = """
+local existed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2])
+return existed
+"""
+
+_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _bytes(raw: Any) -> bytes:
+    if raw is None:
+        return b""
+    return raw if isinstance(raw, bytes) else str(raw).encode()
+
+
+class RedisEntryStore:
+    """Entries in Redis through Lua scripts, every call bounded by `timeout_s`.
+
+    Args:
+        client: a `redis.asyncio` client or cluster client (see `redis_client.create_redis`).
+        timeout_s: the most any call may take, connection included; then it fails open.
+    """
+
+    def __init__(self, client: RedisClient, *, timeout_s: float = 0.15) -> None:
+        self._client = client
+        self._timeout_s = timeout_s
+        self._read = client.register_script(READ_LUA)
+        self._fill = client.register_script(FILL_LUA)
+        self._release = client.register_script(RELEASE_LUA)
+        self._evict = client.register_script(EVICT_LUA)
+
+    async def _run(self, what: str, call: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await call
+        except _FAILURES as exc:
+            raise CacheUnavailable(f"cache {what} failed: {type(exc).__name__}") from exc
+        except Exception as exc:
+            # redis-py can also fail with internal errors (an AttributeError on a connection
+            # torn down by a concurrent cancellation was seen under load on Cluster). Any
+            # failure of the cache is still only a cache failure: the request fails open.
+            logger.warning("unexpected redis-py error in cache {}: {!r}", what, exc)
+            raise CacheUnavailable(f"cache {what} failed: {type(exc).__name__}") from exc
+
+    async def warm_up(self, timeout_s: float) -> None:
+        """Connect, learn the cluster's slots and load the scripts, once, at start.
+
+        The first command of a fresh client does all of that (a cluster client asks every
+        node for its slots); under a burst of first requests it would exceed the per-call
+        timeout and open the breaker of a healthy Redis.
+
+        Raises:
+            CacheUnavailable: Redis did not answer within `timeout_s` (the cache still works
+                and fails open until it does).
+        """
+        scripts = (self._read, self._fill, self._release, self._evict)
+        try:
+            async with asyncio.timeout(timeout_s):
+                if isinstance(self._client, RedisCluster):
+                    await self._client.initialize()
+                for script in scripts:
+                    await self._client.script_load(script.script)
+        except Exception as exc:
+            raise CacheUnavailable(f"cache warm-up failed: {type(exc).__name__}") from exc
+
+    async def read(self, key: CacheKey, *, token: str, lease_ms: int, min_revision: int) -> Lookup:
+        """See `EntryStore.read`.
+
+        Raises:
+            CacheUnavailable: Redis failed or did not answer in time.
+        """
+        reply = await self._run(
+            "read", self._read(keys=[key.entry, key.lease], args=[token, lease_ms, min_revision])
+        )
+        status, lease = int(reply[0]), bool(int(reply[1]))
+        if status == 0:
+            return Lookup(None, lease=lease)
+        entry = Entry(Kind(_text(reply[3])), int(reply[2]), _bytes(reply[4]))
+        return Lookup(entry, stale=status == 2, lease=lease)
+
+    async def fill(
+        self,
+        key: CacheKey,
+        entry: Entry,
+        *,
+        ttl_ms: int,
+        stale_ms: int = 0,
+        token: str = "",
+        need_lease: bool = False,
+        drop_lease: bool = False,
+    ) -> bool:
+        """See `EntryStore.fill`.
+
+        Raises:
+            CacheUnavailable: Redis failed or did not answer in time.
+        """
+        args = [
+            entry.revision, entry.kind.value, entry.value, ttl_ms, stale_ms, token,
+            int(need_lease), int(drop_lease),
+        ]
+        reply = await self._run("fill", self._fill(keys=[key.entry, key.lease], args=args))
+        return bool(int(reply))
+
+    async def evict(self, key: CacheKey) -> bool:
+        """See `EntryStore.evict`.
+
+        Raises:
+            CacheUnavailable: Redis failed or did not answer in time.
+        """
+        return bool(int(await self._run("evict", self._evict(keys=[key.entry, key.lease]))))
+
+    async def release(self, key: CacheKey, token: str) -> None:
+        """See `EntryStore.release`.
+
+        Raises:
+            CacheUnavailable: Redis failed or did not answer in time.
+        """
+        await self._run("release", self._release(keys=[key.lease], args=[token]))

@@ -1,0 +1,105 @@
+"""Building the cache of a worker from settings: Redis store, breaker, peers, `data` records."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from nexus_bus.cache.core import Cache
+from nexus_bus.cache.entries import CacheUnavailable, EntryStore
+from nexus_bus.cache.floors import Floors
+from nexus_bus.cache.heads import KeyValueHeads
+from nexus_bus.cache.invalidation import CacheBus
+from nexus_bus.cache.local import LocalCache
+from nexus_bus.cache.policy import CachePolicy
+from nexus_bus.cache.records import CachedRecordStore
+from nexus_bus.cache.redis_entries import RedisEntryStore
+from nexus_bus.config import CacheSettings, RedisSettings, Settings
+from nexus_bus.constants import CACHE_BREAKER
+from nexus_bus.observability import METRICS, logger
+from nexus_bus.redis_client import RedisClient
+from nexus_bus.resilience import BreakerState, CircuitBreaker, ExponentialBackoff, Jitter
+from nexus_bus.store import RecordStore
+
+_WARM_UP_S = 2.0  # at start only: learning a cluster's slots may take a while
+
+
+def data_policy(settings: CacheSettings) -> CachePolicy:
+    """The policy of `data` records (never an L1: see `local.py`)."""
+    return CachePolicy(
+        ttl_s=settings.ttl_s,
+        negative_ttl_s=settings.negative_ttl_s,
+        stale_s=settings.stale_s,
+        jitter=settings.jitter,
+        lease_s=settings.lease_s,
+        wait_s=settings.wait_s,
+        fence_ttl_s=settings.fence_ttl_s,
+    )
+
+
+def _report_breaker(state: BreakerState) -> None:
+    METRICS.circuit_state.labels(CACHE_BREAKER).set(state.level)
+    if state is BreakerState.OPEN:
+        logger.warning("redis cache breaker opened: reads and writes go to the record only")
+    else:
+        logger.info("redis cache breaker {}", state.value)
+
+
+def redis_scope(settings: RedisSettings) -> str:
+    """The identity of the Redis a cache uses, as carried in notices: host, port and database
+    of its URL (never its credentials), marked for clusters."""
+    url = urlsplit(settings.url)
+    scope = f"{url.hostname or ''}:{url.port or ''}{url.path or ''}"
+    return f"{scope}+cluster" if settings.cluster else scope
+
+
+def create_cache(store: EntryStore, settings: CacheSettings) -> Cache:
+    """A cache on `store` with the breaker, L1 bound and floors from `settings` (no peers yet)."""
+    breaker = CircuitBreaker(
+        failure_threshold=settings.breaker_failures,
+        reset=ExponentialBackoff(
+            base_s=settings.breaker_reset_s, cap_s=settings.breaker_reset_max_s, jitter=Jitter.EQUAL
+        ),
+        on_change=_report_breaker,
+    )
+    METRICS.circuit_state.labels(CACHE_BREAKER).set(BreakerState.CLOSED.level)
+    return Cache(
+        store,
+        prefix=settings.key_prefix,
+        breaker=breaker,
+        local=LocalCache(settings.local_max_entries),
+        floors=Floors(max_keys=settings.max_floors),
+        max_fill_age_s=settings.max_fill_age_s,
+    )
+
+
+async def start_cache(nc: Client, redis: RedisClient, settings: Settings) -> Cache:
+    """A cache whose peers are the other workers on `nc` (subscribed before it returns).
+
+    Raises:
+        Unavailable: NATS refused the subscriptions.
+    """
+    store = RedisEntryStore(redis, timeout_s=settings.cache.timeout_ms / 1000)
+    try:
+        await store.warm_up(_WARM_UP_S)
+    except CacheUnavailable as exc:
+        logger.warning("redis cache is not reachable at start ({}); failing open until it is", exc)
+    cache = create_cache(store, settings.cache)
+    bus = CacheBus(
+        nc,
+        cache,
+        fence_timeout_s=settings.cache.fence_timeout_ms / 1000,
+        inbox_prefix=settings.nats.inbox_prefix,
+        scope=settings.cache.scope or redis_scope(settings.redis),
+    )
+    await bus.start()
+    return cache
+
+
+def cached_records(
+    inner: RecordStore, js: JetStreamContext, cache: Cache, settings: CacheSettings
+) -> CachedRecordStore:
+    """`inner` (the KV record store, or a wrapper of it) behind the cache."""
+    return CachedRecordStore(inner, KeyValueHeads(js), cache, data_policy(settings))

@@ -1,0 +1,199 @@
+"""`POST /v1/{op}/{action}`: one HTTP request becomes one NATS request, and its reply the answer.
+
+The hot path. The body is passed through as bytes (workers decode and validate it, the same
+for HTTP and NATS callers), the reply body is passed back untouched, and the answer status is
+the reply's `Nexus-Status`. With `Prefer: respond-async` the request becomes a job instead.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+from nexus_bus import codec
+from nexus_bus.config import Settings
+from nexus_bus.constants import (
+    CT_JSON,
+    CT_MSGPACK,
+    H_AUTHORIZATION,
+    H_CLIENT_IP,
+    H_CONTENT_TYPE,
+    H_RETRY_AFTER,
+    H_SERVICE_ERROR,
+    H_TRACEPARENT,
+    H_TRACESTATE,
+    PREFER_ASYNC,
+    T_HTTP,
+)
+from nexus_bus.errors import InternalError, InvalidRequest, NexusError
+from nexus_bus.gateway import Gateway
+from nexus_bus.http.jobs import JobRoutes
+from nexus_bus.http.labels import OperationLabels
+from nexus_bus.http.problems import Answer, ClientGone, retry_after_of, status_headers
+from nexus_bus.http.request import Receive, RequestHead, declared_length, read_body
+from nexus_bus.observability import METRICS
+
+_UNKNOWN_OPERATION: Final = "unknown_operation"
+_CLIENT_CLOSED: Final = 499  # nginx's convention, for the metric only: nobody gets it
+
+
+def budget_s(raw: str | None, *, default_ms: int, max_ms: int) -> float:
+    """The request's time budget in seconds, from the client's `Nexus-Timeout-Ms`.
+
+    Raises:
+        InvalidRequest: a value that is not a positive integer.
+    """
+    if raw is None:
+        return min(default_ms, max_ms) / 1000
+    if not raw.isdigit() or len(raw) > 9 or int(raw) == 0:
+        raise InvalidRequest("Nexus-Timeout-Ms must be a positive integer of milliseconds")
+    return min(int(raw), max_ms) / 1000
+
+
+def prefers_async(prefer: str | None) -> bool:
+    """Whether a Prefer header asks for `respond-async` (RFC 7240), among any others."""
+    if not prefer:
+        return False
+    return any(
+        p.split(";", 1)[0].split("=", 1)[0].strip().lower() == PREFER_ASYNC
+        for p in prefer.split(",")
+    )
+
+
+def bus_headers(
+    gateway: Gateway,
+    head: RequestHead,
+    request_id: str,
+    client_ip: str,
+    timeout_s: float,
+    media: str = "json",
+) -> dict[str, str]:
+    """The NATS request headers for an HTTP request: identity, trace, budget and metadata."""
+    extra: dict[str, str] = {}
+    if head.authorization:
+        extra[H_AUTHORIZATION] = head.authorization
+    if client_ip:
+        extra[H_CLIENT_IP] = client_ip
+    headers = gateway.build_headers(
+        timeout_s=timeout_s,
+        request_id=request_id,
+        traceparent=head.traceparent,
+        idempotency_key=head.idempotency_key,
+        content_type=CT_MSGPACK if media == "msgpack" else None,
+        extra=extra,
+    )
+    # tracestate belongs to the caller's trace; it travels only when that trace was kept.
+    if head.tracestate and headers[H_TRACEPARENT] == head.traceparent:
+        headers[H_TRACESTATE] = head.tracestate
+    return headers
+
+
+class OperationRoute:
+    """Forwards operation requests to the bus and answers with the reply."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        settings: Settings,
+        jobs: JobRoutes | None,
+        *,
+        read_timeout_s: float | None,
+    ) -> None:
+        """Args: read_timeout_s: the body read timeout, None when the server enforces it."""
+        self._gateway = gateway
+        self._jobs = jobs
+        self._max_body = settings.limits.max_body_bytes
+        self._read_timeout_s = read_timeout_s
+        self._default_ms = settings.client.default_timeout_ms
+        self._max_ms = settings.http.max_timeout_ms
+        self._retry_after = settings.http.retry_after_s
+        self._labels = OperationLabels()
+        self._content_types: dict[str, bytes] = {CT_JSON: CT_JSON.encode()}
+        # A plain counter read at scrape time: no lock per request on the hot path.
+        self.inflight = 0
+        METRICS.inflight.labels(T_HTTP).set_function(lambda: self.inflight)
+
+    async def handle(
+        self,
+        op: str,
+        action: str,
+        head: RequestHead,
+        request_id: str,
+        client_ip: str,
+        receive: Receive,
+    ) -> Answer:
+        """Serve one operation request.
+
+        Raises:
+            NexusError: a request the shim refuses itself (415, 413, 408, 400, 431) or a
+                transport failure (503 no responders or unavailable, 504 timeout).
+            ClientGone: the client left before its body was read.
+        """
+        started = time.perf_counter()
+        status = 500
+        served = False
+        self.inflight += 1
+        try:
+            answer, served = await self._forward(op, action, head, request_id, client_ip, receive)
+            status = answer.status
+            return answer
+        except NexusError as exc:
+            status = exc.http_status
+            raise
+        except ClientGone:
+            status = _CLIENT_CLOSED
+            raise
+        finally:
+            self.inflight -= 1
+            op_label, action_label = self._labels.of(op, action, served=served)
+            METRICS.observe(op_label, action_label, status, T_HTTP, time.perf_counter() - started)
+
+    async def _forward(
+        self,
+        op: str,
+        action: str,
+        head: RequestHead,
+        request_id: str,
+        client_ip: str,
+        receive: Receive,
+    ) -> tuple[Answer, bool]:
+        content_type = head.content_type
+        media = "json"
+        if content_type is not None and content_type != CT_JSON:
+            media = codec.media_type(content_type)  # 415 for anything but JSON or MessagePack
+        declared_length(head, self._max_body)  # 413 before reading a byte
+        body = await read_body(receive, self._max_body, self._read_timeout_s)
+        timeout_s = budget_s(head.timeout_ms, default_ms=self._default_ms, max_ms=self._max_ms)
+        headers = bus_headers(self._gateway, head, request_id, client_ip, timeout_s, media)
+        if self._jobs is not None and prefers_async(head.prefer):
+            return await self._jobs.submit(op, action, body, headers), True
+        reply = await self._gateway.request_raw(op, action, body, headers, timeout_s=timeout_s)
+        status = reply.status
+        if status > 599:
+            raise InternalError(f"{op}.{action} replied with status {status}")
+        reply_headers = reply.headers
+        extra_headers = (
+            status_headers(
+                status,
+                token_sent=head.authorization is not None,
+                retry_after=retry_after_of(reply_headers.get(H_RETRY_AFTER)),
+                default_retry_after=self._retry_after,
+            )
+            if status >= 400
+            else []
+        )
+        served = not (
+            status == 404 and reply_headers.get(H_SERVICE_ERROR, "").startswith(_UNKNOWN_OPERATION)
+        )
+        content_type_bytes = self._content_type(reply_headers.get(H_CONTENT_TYPE))
+        return Answer(status, content_type_bytes, extra_headers, reply.body), served
+
+    def _content_type(self, value: str | None) -> bytes:
+        if value is None:
+            value = CT_JSON
+        found = self._content_types.get(value)
+        if found is None:
+            found = value.encode("latin-1", "replace")
+            if len(self._content_types) < 64:  # a few distinct types in practice; stay bounded
+                self._content_types[value] = found
+        return found

@@ -1,0 +1,138 @@
+"""uvicorn's httptools protocol with the limits it lacks: head size (431) and read timeouts.
+
+uvicorn accepts request heads of any size and waits forever for a client that sends its
+request slowly (slowloris). Both are bounded here, where the bytes arrive:
+
+- the request line and headers may not exceed `max_head_bytes` (431, before the ASGI task
+  exists, so an oversized head is never handed to the app);
+- a whole request (head and body) must arrive within `read_timeout_s` of its first byte, and
+  a new connection must start one within that time (408).
+
+Enforcing the body timeout here, with one timer per request, spares the app an
+`asyncio.timeout` per request on the hot path. uvicorn's plain-text 400 for unparsable
+requests becomes a problem document with a request id, like every other answer of the shim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, ClassVar, Final
+
+import msgspec
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from nexus_bus.constants import H_HTTP_REQUEST_ID
+from nexus_bus.errors import HeadersTooLarge, InvalidRequest, NexusError
+from nexus_bus.http.problems import CT_PROBLEM_BYTES, RequestTimeout
+from nexus_bus.metadata import new_request_id
+from nexus_bus.replies import problem_of
+
+_encoder: Final = msgspec.json.Encoder()
+_REQUEST_ID: Final = H_HTTP_REQUEST_ID.lower().encode()
+
+
+def problem_bytes(error: NexusError) -> bytes:
+    """A complete HTTP/1.1 answer for `error` that closes the connection."""
+    request_id = new_request_id()
+    body = _encoder.encode(problem_of(error, request_id))
+    return b"".join(
+        [
+            STATUS_LINE[error.http_status],
+            b"content-type: " + CT_PROBLEM_BYTES + b"\r\n",
+            b"content-length: %d\r\n" % len(body),
+            _REQUEST_ID + b": " + request_id.encode() + b"\r\n",
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+    )
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol bounding each request in head size and read time.
+
+    Configure with `limited_protocol(...)`, which sets the two class attributes.
+    """
+
+    max_head_bytes: ClassVar[int] = 16 * 1024
+    read_timeout_s: ClassVar[float] = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True  # a new connection's first bytes are a head
+        self._head_bytes = 0
+        self._read_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # A connection that never sends a byte must not be held forever either.
+        self._arm_read_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_read_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Counted per chunk while a head is incomplete, not per header: one addition instead
+        # of a Python call for every header. A head that completes inside one chunk is
+        # measured exactly by the app (`parse_head`); this bounds heads that keep coming.
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse(HeadersTooLarge(f"request head exceeds {self.max_head_bytes} bytes"))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+        if self._read_timer is None:
+            self._arm_read_timer()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._cancel_read_timer()
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(InvalidRequest("malformed HTTP request"))
+
+    def _arm_read_timer(self) -> None:
+        self._cancel_read_timer()
+        self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+
+    def _cancel_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            # The app answered before reading everything (a 413, say): nothing to tell.
+            self.transport.close()
+            return
+        if cycle is not None and not cycle.response_complete:
+            # The app waits in receive() for a body that is not coming: wake it as if the
+            # client had left, so it answers nobody, and answer 408 from here.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self._refuse(RequestTimeout(f"request not received within {self.read_timeout_s:g}s"))
+
+    def _refuse(self, error: NexusError) -> None:
+        self._cancel_read_timer()
+        if not self.transport.is_closing():
+            self.transport.write(problem_bytes(error))
+            self.transport.close()
+
+
+def limited_protocol(max_head_bytes: int, read_timeout_s: float) -> type[LimitedHttpToolsProtocol]:
+    """A protocol class with these limits, for `uvicorn.Config(http=...)`."""
+    return type(
+        "ShimHttpProtocol",
+        (LimitedHttpToolsProtocol,),
+        {"max_head_bytes": max_head_bytes, "read_timeout_s": read_timeout_s},
+    )

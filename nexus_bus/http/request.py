@@ -1,0 +1,172 @@
+"""Reading an HTTP request off ASGI: the headers the shim uses, and the body within limits.
+
+The body is counted while it streams in: a declared Content-Length over the limit is refused
+before one byte is read, and a chunked body is refused as soon as it crosses the limit, so a
+client can never make the shim buffer more than `max_body_bytes`. Slow senders hit the read
+timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any, Final
+
+from nexus_bus.constants import (
+    H_AUTHORIZATION,
+    H_CONTENT_TYPE,
+    H_FORWARDED_FOR,
+    H_HTTP_REQUEST_ID,
+    H_IDEMPOTENCY_KEY,
+    H_LAST_EVENT_ID,
+    H_PREFER,
+    H_TIMEOUT_MS,
+    H_TRACEPARENT,
+    H_TRACESTATE,
+)
+from nexus_bus.errors import HeadersTooLarge, InvalidRequest, PayloadTooLarge
+from nexus_bus.http.problems import ClientGone, RequestTimeout
+
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+# ASGI header names arrive lower-cased; each maps to the RequestHead slot it fills.
+_SLOTS: Final[dict[bytes, str]] = {
+    H_AUTHORIZATION.lower().encode(): "authorization",
+    H_HTTP_REQUEST_ID.lower().encode(): "request_id",
+    H_TRACEPARENT.lower().encode(): "traceparent",
+    H_TRACESTATE.lower().encode(): "tracestate",
+    H_IDEMPOTENCY_KEY.lower().encode(): "idempotency_key",
+    H_TIMEOUT_MS.lower().encode(): "timeout_ms",
+    H_CONTENT_TYPE.lower().encode(): "content_type",
+    b"content-length": "content_length",
+    H_PREFER.lower().encode(): "prefer",
+    H_FORWARDED_FOR.lower().encode(): "forwarded_for",
+    H_LAST_EVENT_ID.lower().encode(): "last_event_id",
+}
+
+
+class RequestHead:
+    """The request headers the shim acts on, decoded; None when absent.
+
+    The first occurrence of a header wins, except X-Forwarded-For, whose repeats are one
+    list (RFC 9110 §5.3) and must all be seen for the rightmost-trusted rule.
+    """
+
+    __slots__ = (
+        "authorization",
+        "content_length",
+        "content_type",
+        "forwarded_for",
+        "idempotency_key",
+        "last_event_id",
+        "prefer",
+        "request_id",
+        "timeout_ms",
+        "traceparent",
+        "tracestate",
+    )
+
+    def __init__(self) -> None:
+        self.authorization: str | None = None
+        self.request_id: str | None = None
+        self.traceparent: str | None = None
+        self.tracestate: str | None = None
+        self.idempotency_key: str | None = None
+        self.timeout_ms: str | None = None
+        self.content_type: str | None = None
+        self.content_length: str | None = None
+        self.prefer: str | None = None
+        self.forwarded_for: str | None = None
+        self.last_event_id: str | None = None
+
+
+def parse_head(headers: Iterable[tuple[bytes, bytes]], max_bytes: int) -> RequestHead:
+    """Pick the headers the shim uses out of an ASGI header list.
+
+    Raises:
+        HeadersTooLarge: the headers add up to more than `max_bytes`.
+    """
+    head = RequestHead()
+    total = 0
+    for name, value in headers:
+        total += len(name) + len(value) + 4
+        slot = _SLOTS.get(name)
+        if slot is None:
+            continue
+        # latin-1 maps every byte; non-ASCII values are refused later, before NATS.
+        text = value.decode("latin-1")
+        current = getattr(head, slot)
+        if current is None:
+            setattr(head, slot, text)
+        elif slot == "forwarded_for":
+            head.forwarded_for = f"{current}, {text}"
+    if total > max_bytes:
+        raise HeadersTooLarge(f"request headers total {total} bytes, more than {max_bytes}")
+    return head
+
+
+def declared_length(head: RequestHead, limit: int) -> int | None:
+    """The Content-Length, checked against `limit` before any of the body is read.
+
+    Raises:
+        InvalidRequest: a Content-Length that is not a number.
+        PayloadTooLarge: a declared body over `limit`.
+    """
+    raw = head.content_length
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 18:
+        raise InvalidRequest("Content-Length must be a non-negative integer")
+    length = int(raw)
+    if length > limit:
+        raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit}")
+    return length
+
+
+async def read_body(receive: Receive, limit: int, timeout_s: float | None) -> bytes:
+    """Read the whole body, refusing it as soon as it crosses `limit`.
+
+    Args:
+        timeout_s: the read timeout; None when the server already enforces one (ours does,
+            in `protocol.py`, without a timer per request in the app).
+
+    Raises:
+        PayloadTooLarge: more than `limit` bytes arrived.
+        RequestTimeout: the body did not arrive within `timeout_s`.
+        ClientGone: the client disconnected.
+    """
+    if timeout_s is None:
+        return await _read(receive, limit)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read(receive, limit)
+    except TimeoutError as exc:
+        if isinstance(exc, RequestTimeout):
+            raise
+        raise RequestTimeout(f"request body not received within {timeout_s:g}s") from None
+
+
+async def _read(receive: Receive, limit: int) -> bytes:
+    message = await receive()
+    if message["type"] != "http.request":
+        raise ClientGone
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):  # the common case: one message
+        if len(body) > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        return body
+    return await _read_rest(receive, bytearray(body), limit)
+
+
+async def _read_rest(receive: Receive, buffer: bytearray, limit: int) -> bytes:
+    while True:
+        if len(buffer) > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone
+        buffer += message.get("body", b"")
+        if not message.get("more_body", False):
+            if len(buffer) > limit:
+                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+            return bytes(buffer)

@@ -1,0 +1,142 @@
+"""Running the shim: uvicorn with httptools and uvloop, our protocol limits, graceful drain.
+
+On SIGTERM (or SIGINT) the shim first turns not-ready and keeps serving for `drain_delay_s`,
+so load balancers and NGINX stop sending new work; answers in that window say
+`Connection: close` so clients do not keep reusing this replica. Then the listener closes,
+in-flight requests get `grace_s` to finish, connections close, NATS is drained, and the
+process exits 0. A second SIGINT forces the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import signal
+import socket
+import time
+from collections.abc import Generator
+from types import FrameType
+
+import uvicorn
+
+from nexus_bus.config import Settings
+from nexus_bus.http.app import ShimApp
+from nexus_bus.http.protocol import limited_protocol
+from nexus_bus.observability import logger
+
+
+def create_config(app: ShimApp, settings: Settings) -> uvicorn.Config:
+    """The uvicorn configuration of the shim (see docs/http.md for why each choice)."""
+    http = settings.http
+    return uvicorn.Config(
+        app,
+        host=http.host,
+        port=http.port,
+        backlog=http.backlog,
+        loop="uvloop",
+        http=limited_protocol(http.max_header_bytes, http.read_timeout_s),
+        ws="none",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,  # X-Forwarded-For is read by the app, from trusted proxies only
+        timeout_keep_alive=math.ceil(http.keep_alive_s),
+        timeout_graceful_shutdown=http.grace_s,  # type: ignore[arg-type]  # used as a float
+    )
+
+
+class ShimServer(uvicorn.Server):
+    """uvicorn's server with a readiness-first drain and a clean exit on SIGTERM."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        app: ShimApp,
+        *,
+        drain_delay_s: float,
+        handle_signals: bool = True,
+    ) -> None:
+        """Args: handle_signals: install SIGTERM/SIGINT handlers (off when embedded in tests)."""
+        super().__init__(config)
+        self._handle_signals = handle_signals
+        self.app = app
+        app.server_enforces_read_timeout()  # the protocol class times requests out
+        self._drain_delay_s = drain_delay_s
+        self._drain_started: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Start listening (after the app's lifespan startup)."""
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+        if self.started:
+            logger.info("shim listening on http://{}:{}", self.config.host, self.bound_port)
+
+    @property
+    def bound_port(self) -> int:
+        """The port actually listened on (useful with port 0)."""
+        for server in getattr(self, "servers", []):
+            for sock in server.sockets:
+                port: int = sock.getsockname()[1]
+                return port
+        return self.config.port
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """uvicorn's signal capture, or nothing when the embedding program owns signals."""
+        if not self._handle_signals:
+            yield
+            return
+        with super().capture_signals():
+            yield
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Signal handler: begin the drain; a second SIGINT forces the exit.
+
+        uvicorn's own handler re-raises the signal after shutting down, which would end the
+        process with -SIGTERM instead of 0; this one does not.
+        """
+        if self._drain_started is not None:
+            if sig == signal.SIGINT:
+                self.force_exit = True
+            return
+        self.begin_drain()
+
+    def begin_drain(self) -> None:
+        """Turn not-ready now; stop listening after `drain_delay_s`."""
+        if self._drain_started is not None:
+            return
+        self._drain_started = time.monotonic()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.app.begin_drain)
+        else:
+            self.app.begin_drain()
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's 100 ms tick: also ends the main loop once the drain delay has passed."""
+        if await super().on_tick(counter):
+            return True
+        started = self._drain_started
+        return started is not None and time.monotonic() - started >= self._drain_delay_s
+
+
+def create_server(
+    settings: Settings, app: ShimApp | None = None, *, handle_signals: bool = True
+) -> ShimServer:
+    """A ready-to-run shim server (call `await server.serve()` or `server.run()`)."""
+    app = app or ShimApp(settings)
+    return ShimServer(
+        create_config(app, settings),
+        app,
+        drain_delay_s=settings.http.drain_delay_s,
+        handle_signals=handle_signals,
+    )
+
+
+def serve(settings: Settings) -> int:
+    """Run the shim until SIGTERM/SIGINT; the process's exit code (0 after a clean drain)."""
+    server = create_server(settings)
+    server.run()
+    return 0 if server.started else 1

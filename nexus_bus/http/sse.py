@@ -1,0 +1,200 @@
+"""`GET /v1/events/{topic}`: Server-Sent Events from the `NEXUS_EVENTS` stream.
+
+Each client gets an ordered JetStream consumer (ephemeral, in memory, flow-controlled) that
+starts after its `Last-Event-ID` — the stream sequence, which every frame carries as `id:` —
+or at new events when it sends none. The shim holds no event state of its own, so a client
+may resume on any replica. A comment line every `sse_heartbeat_s` keeps proxies from timing
+the stream out and detects dead clients; when the client leaves (or the shim drains) the
+consumer is deleted at once.
+
+Authorization is the workers' job, so before streaming the shim asks `stream.read` for the
+same topic with the client's credentials: a 401 or 403 from it is the answer to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, Final
+from urllib.parse import parse_qs
+
+import msgspec
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from nexus_bus.config import HttpSettings
+from nexus_bus.constants import (
+    CT_EVENT_STREAM,
+    EVENTS_STREAM,
+    H_HTTP_REQUEST_ID,
+)
+from nexus_bus.errors import InvalidRequest, Unavailable
+from nexus_bus.observability import logger
+from nexus_bus.store import translate_nats_errors
+from nexus_bus.subjects import events_subject
+
+HEARTBEAT: Final = b": keepalive\n\n"
+_QUERY_LAST_ID: Final = "last_event_id"
+_MAX_SEQ_DIGITS: Final = 19
+_QUEUE_SIZE: Final = 256
+# Safety net for a consumer whose delete never arrived (shim killed): the server drops it.
+_INACTIVE_S: Final = 30.0
+_STOP: Final = object()
+_STREAM_HEADERS: Final = [
+    (b"content-type", CT_EVENT_STREAM.encode()),
+    (b"cache-control", b"no-cache"),
+    # NGINX buffers proxied responses by default; events must go out as they happen.
+    (b"x-accel-buffering", b"no"),
+]
+_REQUEST_ID: Final = H_HTTP_REQUEST_ID.lower().encode()
+
+
+def event_frame(seq: int, data: bytes) -> bytes:
+    """One SSE event: `id:` the stream sequence, `data:` the event (one line per line)."""
+    if b"\n" not in data and b"\r" not in data:
+        return b"id: %d\ndata: %s\n\n" % (seq, data)
+    lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    return b"id: %d\n" % seq + b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
+
+
+def retry_frame(retry_ms: int) -> bytes:
+    """The `retry:` field telling EventSource how long to wait before reconnecting."""
+    return b"retry: %d\n\n" % retry_ms
+
+
+def last_event_id(header: str | None, query_string: bytes) -> int | None:
+    """The stream sequence to resume after: `Last-Event-ID`, else `?last_event_id=`.
+
+    Raises:
+        InvalidRequest: a value that is not a sequence number.
+    """
+    raw = header
+    if raw is None and query_string:
+        values = parse_qs(query_string.decode("latin-1")).get(_QUERY_LAST_ID)
+        raw = values[0] if values else None
+    if raw is None or raw == "":
+        return None
+    raw = raw.strip()
+    if not raw.isdigit() or len(raw) > _MAX_SEQ_DIGITS:
+        raise InvalidRequest("Last-Event-ID must be a stream sequence number")
+    return int(raw)
+
+
+class EventStreams:
+    """Opens, feeds and tears down the SSE streams of one shim process."""
+
+    def __init__(self, js: Any, settings: HttpSettings) -> None:
+        self._js = js
+        self._heartbeat_s = settings.sse_heartbeat_s
+        self._retry = retry_frame(settings.sse_retry_ms)
+        self._max = settings.sse_max_streams
+        self._queues: set[asyncio.Queue[Any]] = set()
+
+    @property
+    def open_count(self) -> int:
+        """Streams open now."""
+        return len(self._queues)
+
+    def check_capacity(self) -> None:
+        """Raises: Unavailable: this process already serves `sse_max_streams` streams."""
+        if len(self._queues) >= self._max:
+            raise Unavailable("too many open event streams on this replica; retry later")
+
+    def close_all(self) -> None:
+        """End every stream (on drain); clients reconnect elsewhere with Last-Event-ID."""
+        for queue in list(self._queues):
+            _put_stop(queue)
+
+    async def stream(
+        self, topic: str, after: int | None, request_id: str, receive: Any, send: Any
+    ) -> None:
+        """Stream `topic` to the client until it disconnects or the shim drains.
+
+        Raises:
+            InvalidRequest: a malformed topic.
+            Unavailable: JetStream cannot be reached (before the response started).
+        """
+        subject = events_subject(topic)
+        queue: asyncio.Queue[Any] = asyncio.Queue(_QUEUE_SIZE)
+
+        async def deliver(msg: Msg) -> None:
+            # Blocking here backs up into the subscription's pending limit; past it the
+            # ordered consumer notices the gap and restarts after the last delivered seq.
+            await queue.put(msg)
+
+        config = ConsumerConfig(inactive_threshold=_INACTIVE_S)
+        if after is None:
+            policy = DeliverPolicy.NEW
+        else:
+            policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = after + 1
+        async with translate_nats_errors(f"subscribe to {topic}"):
+            sub = await self._js.subscribe(
+                subject,
+                stream=EVENTS_STREAM,
+                cb=deliver,
+                ordered_consumer=True,
+                deliver_policy=policy,
+                config=config,
+                idle_heartbeat=self._heartbeat_s,
+            )
+        self._queues.add(queue)
+        watcher = asyncio.create_task(_watch_disconnect(receive, queue))
+        try:
+            headers = [*_STREAM_HEADERS, (_REQUEST_ID, request_id.encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": self._retry, "more_body": True})
+            await self._pump(queue, send)
+        except Exception:
+            logger.opt(exception=True).warning("event stream {} for {} failed", topic, request_id)
+        finally:
+            self._queues.discard(queue)
+            watcher.cancel()
+            await _remove_consumer(self._js, sub)
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _pump(self, queue: asyncio.Queue[Any], send: Any) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self._heartbeat_s):
+                    item = await queue.get()
+            except TimeoutError:
+                await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
+                continue
+            if item is _STOP:
+                return
+            meta = item.metadata
+            frame = event_frame(meta.sequence.stream, item.data or b"")
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+
+
+def _put_stop(queue: asyncio.Queue[Any]) -> None:
+    while True:
+        try:
+            queue.put_nowait(_STOP)
+            return
+        except asyncio.QueueFull:
+            queue.get_nowait()  # tearing down: an undelivered event is resumed by the client
+
+
+async def _watch_disconnect(receive: Any, queue: asyncio.Queue[Any]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    _put_stop(queue)
+
+
+async def _remove_consumer(js: Any, sub: Any) -> None:
+    """Unsubscribe and delete the ephemeral consumer now rather than after its idle timeout."""
+    name = getattr(sub, "_consumer", None)  # nats-py keeps the current (reset) consumer here
+    with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+        await sub.unsubscribe()
+    if name:
+        with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+            await js.delete_consumer(EVENTS_STREAM, name)
+
+
+def encode_gate_request(topic: str, after: int | None) -> bytes:
+    """The `stream.read` body the shim sends to check the client may read `topic`."""
+    return msgspec.json.encode({"topic": topic, "after_seq": after or 0, "limit": 1})

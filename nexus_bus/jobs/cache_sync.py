@@ -1,0 +1,25 @@
+"""Writing journaled job writes through to the Redis cache, with its public API.
+
+The effect journal (`effects.py`) commits a job's writes to the KV in atomic batches, around
+the cached record store; this adapter then tells the cache what the KV now holds, exactly as
+the cached store does after its own writes, so no reader keeps seeing the replaced value.
+"""
+
+from __future__ import annotations
+
+from nexus_bus.cache import Cache, CachePolicy, Entry
+from nexus_bus.constants import CACHE_DATA_NAMESPACE
+
+
+class CacheWriteThrough:
+    """`WriteThrough` into the `data` namespace of the cache."""
+
+    def __init__(self, cache: Cache, policy: CachePolicy, namespace: str = CACHE_DATA_NAMESPACE):
+        self._cache = cache
+        self._policy = policy
+        self._namespace = namespace
+
+    async def written(self, key: str, value: bytes | None, revision: int) -> None:
+        """Store the entry at `revision` unless the cache holds a newer one. Never raises."""
+        entry = Entry.absent(revision) if value is None else Entry.of(value, revision)
+        await self._cache.write(self._namespace, key, entry, self._policy)

@@ -1,0 +1,341 @@
+"""Exactly-once effects: a job's writes commit atomically with their effect records.
+
+JetStream delivers a job at least once. When a worker dies after the handler wrote to the
+system of record but before the ack, the job is delivered again and the handler runs again;
+`Nats-Msg-Id` dedup only covers the submission, and late acks are accepted (TRAPS.md). So
+while a job runs, its handler's `ctx.services.records` is a `JournaledRecordStore`: the n-th
+write of job J is published as one JetStream *atomic batch* of two messages on the data
+bucket's stream,
+
+    1. the write itself on `$KV.<bucket>.<key>` (with its compare-and-set condition), and
+    2. an effect record on `nexus.sys.effects.J.n` with `Nats-Expected-Last-Subject-Sequence: 0`
+       (a KV-style `create()`: it can exist only once),
+
+so either both are stored or neither. An attempt that runs again finds record n when it
+reaches its n-th write, skips the write and returns the first outcome (the write's revision is
+the record's sequence minus one: a batch is stored contiguously). Two attempts racing (an ack
+timeout while the first still runs) cannot both commit: the second batch fails on the record.
+
+The handler must make its writes in the same order on every attempt; each record keeps the
+key it covers, and a different key at the same position is refused rather than guessed.
+Reads are not journaled: a retried handler reads the state its first attempt left behind.
+
+The journal wraps the worker's record store, cache included: reads go through it unchanged,
+and since journaled writes reach the KV around the cache, each one is then written through to
+the cache (`WriteThrough`) with its revision. After a write skipped on a rerun, the key's
+current head is written through (never the rerun's own value), which also repairs a cache
+the first attempt could not update before it died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import msgspec
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from nexus_bus.constants import (
+    DATA_BUCKET,
+    EFFECTS_PREFIX,
+    H_KV_OPERATION,
+    H_NATS_BATCH_COMMIT,
+    H_NATS_BATCH_ID,
+    H_NATS_BATCH_SEQUENCE,
+    H_NATS_EXPECTED_LAST_SUBJECT_SEQ,
+    H_NATS_TTL,
+    KV_SUBJECT_PREFIX,
+)
+from nexus_bus.errors import Conflict, InternalError, InvalidRequest, Unavailable
+from nexus_bus.schemas.common import KEY_PATTERN
+from nexus_bus.store import Record, RecordStore, translate_nats_errors
+
+_KEY: Final = re.compile(KEY_PATTERN)
+_WRONG_LAST_SEQUENCE: Final = 10071
+_DELETED: Final = frozenset({"DEL", "PURGE"})
+
+
+class EffectRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """What one journaled write did, stored next to it."""
+
+    kind: str  # "put" or "delete"
+    key: str
+    existed: bool = True  # for a delete: whether the key had a live value
+
+
+_encoder: Final = msgspec.json.Encoder()
+_decoder: Final = msgspec.json.Decoder(EffectRecord)
+
+
+class WriteThrough(Protocol):
+    """Keeps a cache in front of the records coherent with writes made around it."""
+
+    async def written(self, key: str, value: bytes | None, revision: int) -> None:
+        """`key` holds `value` (None: deleted) as of `revision`. Never raises."""
+        ...
+
+
+@dataclass(slots=True)
+class _JobScope:
+    job_id: str
+    writes: int = 0
+
+
+# Each job attempt runs in its own asyncio task, so a context variable scopes the journal
+# to that attempt without threading a parameter through the dispatcher and handler.
+_scope: ContextVar[_JobScope | None] = ContextVar("nexus_job_effects", default=None)
+
+
+@contextmanager
+def job_effects(job_id: str) -> Iterator[None]:
+    """Journal every write made through a `JournaledRecordStore` in this block under `job_id`."""
+    token = _scope.set(_JobScope(job_id))
+    try:
+        yield
+    finally:
+        _scope.reset(token)
+
+
+def effect_subject(job_id: str, ordinal: int) -> str:
+    """The subject of the effect record of a job's `ordinal`-th write."""
+    return f"{EFFECTS_PREFIX}.{job_id}.{ordinal}"
+
+
+class JournaledRecordStore:
+    """A `RecordStore` whose writes inside `job_effects()` are applied exactly once per job.
+
+    Outside a job scope every call goes to the wrapped store unchanged.
+    """
+
+    def __init__(
+        self,
+        inner: RecordStore,
+        nc: Client,
+        *,
+        stream: str,
+        bucket: str = DATA_BUCKET,
+        record_ttl_s: float,
+        timeout_s: float = 5.0,
+        write_through: WriteThrough | None = None,
+    ) -> None:
+        self._inner = inner
+        self._write_through = write_through
+        self._nc = nc
+        self._js: JetStreamContext = nc.jetstream(timeout=timeout_s)
+        self._stream = stream
+        self._bucket = bucket
+        self._ttl = f"{max(1, int(record_ttl_s))}s"
+        self._timeout = timeout_s
+
+    async def get(self, key: str) -> Record:
+        """The current record of `key` (not journaled).
+
+        Raises:
+            NotFound: no live value.
+            Unavailable: the store cannot be reached.
+        """
+        return await self._inner.get(key)
+
+    async def keys(self, prefix: str = "", limit: int = 100) -> list[str]:
+        """Live keys starting with `prefix` (not journaled).
+
+        Raises:
+            Unavailable: the store cannot be reached.
+        """
+        return await self._inner.keys(prefix, limit)
+
+    async def put(self, key: str, value: bytes, *, expected_revision: int | None = None) -> int:
+        """Write `value`; inside a job, once per job however often the job runs.
+
+        Raises:
+            Conflict: the key is not at `expected_revision` (or exists, for 0).
+            InternalError: a rerun of the job wrote a different key at this position.
+            Unavailable / UpstreamTimeout: JetStream cannot be reached.
+        """
+        scope = _scope.get()
+        if scope is None:
+            return await self._inner.put(key, value, expected_revision=expected_revision)
+        subject = self._key_subject(key)
+        record_subject = self._next_record(scope)
+        done = await self._recorded(record_subject, "put", key)
+        if done is None:
+            record = EffectRecord(kind="put", key=key)
+            try:
+                headers: dict[str, str] = {}
+                if expected_revision is not None:
+                    last = await self._expected_for(subject, key, expected_revision)
+                    headers[H_NATS_EXPECTED_LAST_SUBJECT_SEQ] = str(last)
+                seq = await self._commit(subject, value, headers, record_subject, record)
+            except Conflict:
+                # An earlier attempt's batch may have landed late (its confirmation was lost):
+                # then the key moved because of this very write, and it is done.
+                done = await self._recorded(record_subject, "put", key)
+                if done is None:
+                    raise
+            else:
+                if self._write_through is not None:
+                    await self._write_through.written(key, value, seq - 1)
+                return seq - 1
+        await self._resync(key, done[1] - 1)
+        return done[1] - 1
+
+    async def delete(self, key: str) -> bool:
+        """Delete `key`; inside a job, once per job. Whether it had a live value.
+
+        Raises:
+            InternalError: a rerun of the job wrote a different key at this position.
+            Unavailable / UpstreamTimeout: JetStream cannot be reached.
+        """
+        scope = _scope.get()
+        if scope is None:
+            return await self._inner.delete(key)
+        subject = self._key_subject(key)
+        record_subject = self._next_record(scope)
+        done = await self._recorded(record_subject, "delete", key)
+        if done is not None:
+            await self._resync(key, done[1] - 1)
+            return done[0].existed
+        existed = (await self._last(subject)) is not None
+        record = EffectRecord(kind="delete", key=key, existed=existed)
+        try:
+            seq = await self._commit(subject, b"", {H_KV_OPERATION: "DEL"}, record_subject, record)
+        except Conflict:  # without a CAS, only the record can refuse: a twin committed first
+            done = await self._recorded(record_subject, "delete", key)
+            if done is None:
+                raise
+            await self._resync(key, done[1] - 1)
+            return done[0].existed
+        if self._write_through is not None:
+            await self._write_through.written(key, None, seq - 1)
+        return existed
+
+    async def _resync(self, key: str, revision: int) -> None:
+        """After a skipped write, write the key's current head through to the cache.
+
+        The first attempt may have died before its own write-through. Its write may also be
+        gone already (a later write replaced it in a one-revision bucket), so the head is
+        what the cache must hold: the skipped write's value or something newer.
+        """
+        if self._write_through is None:
+            return
+        try:
+            async with translate_nats_errors(f"read {key}"):
+                msg = await self._js.get_last_msg(self._stream, self._key_subject(key))
+        except LookupError:
+            await self._write_through.written(key, None, revision)
+            return
+        deleted = (msg.headers or {}).get(H_KV_OPERATION) in _DELETED
+        value = None if deleted else (msg.data or b"")
+        await self._write_through.written(key, value, msg.seq or revision)
+
+    def _key_subject(self, key: str) -> str:
+        if len(key) > 256 or _KEY.match(key) is None:
+            raise InvalidRequest(f"invalid key {key[:80]!r}")
+        return f"{KV_SUBJECT_PREFIX}.{self._bucket}.{key}"
+
+    @staticmethod
+    def _next_record(scope: _JobScope) -> str:
+        scope.writes += 1
+        return effect_subject(scope.job_id, scope.writes)
+
+    async def _last(self, subject: str) -> int | None:
+        """The sequence of the live value on `subject`, or None when absent or deleted."""
+        try:
+            async with translate_nats_errors(f"read {subject}"):
+                msg = await self._js.get_last_msg(self._stream, subject)
+        except LookupError:
+            return None
+        if (msg.headers or {}).get(H_KV_OPERATION) in _DELETED:
+            return None
+        return msg.seq
+
+    async def _expected_for(self, subject: str, key: str, expected_revision: int) -> int:
+        """The last-subject-sequence condition for a compare-and-set write.
+
+        Like KV `create()`, revision 0 also accepts a key whose last entry is a delete.
+        """
+        if expected_revision != 0:
+            return expected_revision
+        try:
+            async with translate_nats_errors(f"read {subject}"):
+                msg = await self._js.get_last_msg(self._stream, subject)
+        except LookupError:
+            return 0
+        if (msg.headers or {}).get(H_KV_OPERATION) in _DELETED and msg.seq is not None:
+            return msg.seq
+        raise Conflict(f"put {key}: key already exists")
+
+    async def _recorded(
+        self, record_subject: str, kind: str, key: str
+    ) -> tuple[EffectRecord, int] | None:
+        """The effect record at `record_subject` and its sequence, when that write happened.
+
+        Read from the stream leader (not a direct get), so a follower lagging behind cannot
+        hide a committed record.
+        """
+        try:
+            async with translate_nats_errors(f"read {record_subject}"):
+                msg = await self._js.get_last_msg(self._stream, record_subject)
+        except LookupError:
+            return None
+        try:
+            record = _decoder.decode(msg.data or b"")
+        except msgspec.MsgspecError:
+            raise InternalError(f"unreadable effect record {record_subject}") from None
+        if record.kind != kind or record.key != key or msg.seq is None:
+            raise InternalError(
+                f"job is not deterministic: write {record_subject.rsplit('.', 1)[-1]} was "
+                f"{record.kind} {record.key!r} before, {kind} {key!r} now"
+            )
+        return record, msg.seq
+
+    async def _commit(
+        self,
+        subject: str,
+        value: bytes,
+        headers: dict[str, str],
+        record_subject: str,
+        record: EffectRecord,
+    ) -> int:
+        """Publish the write and its effect record as one atomic batch; the record's sequence.
+
+        Raises:
+            Conflict: the write's compare-and-set failed, or the record exists already.
+            Unavailable / UpstreamTimeout: JetStream did not confirm; the batch may or may not
+                be stored, which the next attempt finds out from the record.
+        """
+        batch_id = os.urandom(16).hex()
+        write_headers = {**headers, H_NATS_BATCH_ID: batch_id, H_NATS_BATCH_SEQUENCE: "1"}
+        record_headers = {
+            H_NATS_BATCH_ID: batch_id,
+            H_NATS_BATCH_SEQUENCE: "2",
+            H_NATS_BATCH_COMMIT: "1",
+            H_NATS_EXPECTED_LAST_SUBJECT_SEQ: "0",
+            H_NATS_TTL: self._ttl,
+        }
+        async with translate_nats_errors(f"write {record.key}"):
+            await self._nc.publish(subject, value, headers=write_headers)
+            reply = await self._nc.request(
+                record_subject,
+                _encoder.encode(record),
+                timeout=self._timeout,
+                headers=record_headers,
+            )
+        doc: dict[str, Any] = json.loads(reply.data or b"{}")
+        error = doc.get("error")
+        if not error:
+            return int(doc["seq"])
+        if error.get("err_code") == _WRONG_LAST_SEQUENCE:
+            # The record exists (a twin attempt committed first) or the write's CAS failed;
+            # the caller tells them apart.
+            raise Conflict(f"put {record.key}: revision mismatch")
+        raise Unavailable(
+            f"write {record.key}: JetStream refused the batch: {error.get('description')}"
+        )

@@ -1,0 +1,456 @@
+"""The job runner: durable pull consumers on `NEXUS_JOBS`, one per op, inside the worker.
+
+Each delivery runs the same registered handler as the synchronous path, through the same
+`Dispatcher` (auth, decode, handler, error mapping); only the deadline differs (the job
+timeout) and the handler's record store journals its writes (`effects.py`). Then:
+
+- success → status `succeeded` with the result, then a confirmed ack (`ack_sync`);
+- a retryable error with attempts left → status `pending` with the error, `nak(delay)` on the
+  backoff schedule (a bare nak would redeliver at once);
+- a permanent error → dead-letter at once, status `failed`, `term`;
+- a retryable error on the last attempt → dead-letter, status `dead`, `term`.
+
+The consumer itself has no `max_deliver`: the runner counts attempts, so a job that kills its
+worker on every attempt is still dead-lettered (by the next live worker) instead of being
+abandoned in the stream once the server stops redelivering it. Long jobs send `in_progress`
+every `heartbeat_s` so `ack_wait` only expires when the worker is really gone. Every status
+write happens before the ack, and a finished job's later deliveries are acked unrun.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from nexus_bus import codec
+from nexus_bus.auth.base import Authenticator
+from nexus_bus.cache import data_policy
+from nexus_bus.config import Settings
+from nexus_bus.constants import (
+    DLQ_STREAM,
+    H_CONTENT_TYPE,
+    H_JOB_ID,
+    JOBS_CONSUMER_PREFIX,
+    JOBS_PREFIX,
+    JOBS_STREAM,
+    RESERVED_OPS,
+    T_JOBS,
+)
+from nexus_bus.dispatch import Dispatcher, Expired
+from nexus_bus.errors import InvalidRequest, NexusError, Unavailable
+from nexus_bus.jobs.cache_sync import CacheWriteThrough
+from nexus_bus.jobs.dlq import dead_letter, dead_letter_headers
+from nexus_bus.jobs.effects import JournaledRecordStore, job_effects
+from nexus_bus.jobs.envelope import job_id_of_message, parse_job_subject, run_headers
+from nexus_bus.jobs.metrics import JOBS_COMPLETED, JOBS_DEAD_LETTERED, JOBS_REDELIVERED
+from nexus_bus.jobs.retry import Verdict, backoff_of, decide
+from nexus_bus.jobs.status import JobRecord, JobStore, advance
+from nexus_bus.jobs.streams import ensure_effect_records, ensure_job_streams
+from nexus_bus.observability import logger
+from nexus_bus.operations import Operations
+from nexus_bus.replies import Reply, error_of, problem_of
+from nexus_bus.schemas.jobs import JobStatus
+from nexus_bus.services import Services
+
+_FETCH_WAIT_S: Final = 2.0  # one pull request's lifetime; bounds how long drain waits on it
+_IDLE_AFTER_ERROR_S: Final = 0.5
+_ACK_TIMEOUT_S: Final = 2.0
+_TERMINAL_STATUS: Final = {Verdict.FAILED: JobStatus.FAILED, Verdict.DEAD: JobStatus.DEAD}
+
+
+def consumer_name(op: str) -> str:
+    """The durable consumer of an op's jobs."""
+    return f"{JOBS_CONSUMER_PREFIX}{op}"
+
+
+class JobRunner:
+    """Runs the jobs of the given ops with bounded concurrency, retries and dead-lettering."""
+
+    def __init__(
+        self,
+        nc: Client,
+        settings: Settings,
+        groups: Iterable[Operations],
+        services: Services,
+        *,
+        authenticator: Authenticator | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._nc = nc
+        self._settings = settings
+        self._conf = settings.jobs
+        # Reserved ops (the token service) never run as jobs: submissions refuse them.
+        self._groups = [g for g in groups if len(g) and g.op not in RESERVED_OPS]
+        self._services = services
+        self._authenticator = authenticator
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._backoff = backoff_of(settings.jobs)
+        self._js: JetStreamContext = nc.jetstream()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._subs: list[JetStreamContext.PullSubscription] = []
+        self._stopping = False
+        self._store: JobStore | None = None
+        self._dispatcher: Dispatcher | None = None
+
+    @property
+    def inflight(self) -> int:
+        """Jobs being run now."""
+        return len(self._tasks)
+
+    @property
+    def ops(self) -> list[str]:
+        """The ops whose jobs this runner consumes."""
+        return [g.op for g in self._groups]
+
+    async def start(self) -> None:
+        """Create streams, bucket and consumers, and start consuming.
+
+        Raises:
+            Unavailable: JetStream cannot be reached or refuses a configuration.
+        """
+        self._store = JobStore(
+            await ensure_job_streams(self._js, self._settings), clock=self._clock
+        )
+        stream = await ensure_effect_records(self._js)
+        cache = self._services.cache
+        journal = JournaledRecordStore(
+            self._services.records,
+            self._nc,
+            stream=stream,
+            record_ttl_s=self._conf.effect_ttl_s,
+            write_through=(
+                CacheWriteThrough(cache, data_policy(self._settings.cache)) if cache else None
+            ),
+        )
+        self._dispatcher = Dispatcher(
+            self._settings,
+            self._groups,
+            dataclasses.replace(self._services, records=journal),
+            authenticator=self._authenticator,
+            transport=T_JOBS,
+        )
+        for group in self._groups:
+            sub = await self._subscribe(group.op)
+            self._subs.append(sub)
+            self._loops.append(asyncio.create_task(self._consume(group.op, sub)))
+        if self._groups:
+            logger.info("job consumers for ops {}", ",".join(self.ops))
+
+    async def _subscribe(self, op: str) -> JetStreamContext.PullSubscription:
+        name = consumer_name(op)
+        config = ConsumerConfig(
+            name=name,
+            durable_name=name,
+            description=f"nexus-bus jobs of op {op}",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self._conf.ack_wait_s,
+            max_deliver=-1,  # the runner counts attempts itself (see the module docstring)
+            filter_subject=f"{JOBS_PREFIX}.{op}.*",
+            max_ack_pending=max(1000, self._conf.concurrency * 4),
+        )
+        try:
+            await self._js.add_consumer(JOBS_STREAM, config)
+            return await self._js.pull_subscribe_bind(durable=name, stream=JOBS_STREAM)
+        except nats.errors.Error as exc:
+            raise Unavailable(f"cannot create the job consumer {name}: {exc}") from exc
+
+    async def _consume(self, op: str, sub: JetStreamContext.PullSubscription) -> None:
+        """Fetch as many jobs as there are free slots, run each in its own task."""
+        slots = asyncio.Semaphore(self._conf.concurrency)
+        while not self._stopping:
+            await slots.acquire()
+            taken = 1
+            while taken < self._conf.concurrency and not slots.locked():
+                await slots.acquire()  # free slots: returns at once
+                taken += 1
+            msgs: list[Msg] = []
+            try:
+                msgs = await sub.fetch(taken, timeout=_FETCH_WAIT_S)
+            except TimeoutError:
+                pass  # nothing to do right now
+            except (nats.errors.Error, OSError) as exc:
+                logger.warning("job fetch for {} failed: {}", op, exc)
+                await asyncio.sleep(_IDLE_AFTER_ERROR_S)
+            for _ in range(taken - len(msgs)):
+                slots.release()
+            for msg in msgs:
+                task = asyncio.create_task(self._handle(op, msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(lambda _t: slots.release())
+
+    async def _handle(self, op: str, msg: Msg) -> None:
+        """Run one delivery; never raises (a failure leaves the message to be redelivered)."""
+        try:
+            await self._run(op, msg)
+        except asyncio.CancelledError:
+            # Drain ran out of grace: hand the job back now instead of after ack_wait. The short
+            # delay outlives any pull request this process may still have open on the server.
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await msg.nak(delay=_FETCH_WAIT_S)
+            raise
+        except NexusError as exc:
+            logger.warning("job bookkeeping failed on {}: {}; it will be redelivered", op, exc)
+            await self._hand_back(msg)
+        except Exception:
+            logger.exception("unexpected error running a job of {}", op)
+            await self._hand_back(msg)
+
+    async def _hand_back(self, msg: Msg) -> None:
+        """Redeliver later, on the backoff schedule (capped: the outage may be long over)."""
+        delay = self._backoff.compute(msg.metadata.num_delivered, self._rng)
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await msg.nak(delay=min(delay, self._conf.ack_wait_s))
+
+    async def _run(self, op: str, msg: Msg) -> None:
+        assert self._store is not None
+        meta = msg.metadata
+        try:
+            _, action = parse_job_subject(msg.subject, JOBS_PREFIX)
+        except InvalidRequest:
+            logger.warning("terminated a job on a malformed subject {!r}", msg.subject[:80])
+            await msg.term()
+            return
+        headers = dict(msg.headers or {})
+        job_id = job_id_of_message(op, action, headers, meta.sequence.stream)
+        headers[H_JOB_ID] = job_id
+        if meta.num_delivered > 1:
+            JOBS_REDELIVERED.labels(op).inc()
+        with logger.contextualize(op=op, action=action, job_id=job_id):
+            record, loaded = await self._load(job_id, op, action, meta.timestamp.timestamp())
+            if record.finished:
+                await self._ack(msg)  # a duplicate delivery of a finished job
+                return
+            # Attempts are handler runs, counted in the status document when each starts: a
+            # delivery that failed on bookkeeping (JetStream briefly away) does not use one up.
+            attempt = record.attempts + 1
+            if attempt > self._conf.max_deliver:
+                # The last runs ended without an outcome: the worker died or timed out.
+                error = Unavailable(
+                    f"no outcome after {record.attempts} attempts (crash or timeout)"
+                )
+                await self._bury(
+                    msg, op, action, record, loaded, headers, error, Verdict.DEAD, record.attempts
+                )
+                return
+            running = advance(record, JobStatus.RUNNING, now=self._clock(), attempts=attempt)
+            revision = await self._store.write_unless_finished(running, loaded)
+            if revision is None:
+                await self._ack(msg)  # a twin delivery finished it meanwhile
+                return
+            reply = await self._attempt(op, action, job_id, headers, msg, attempt)
+            await self._settle(msg, op, action, running, revision, headers, reply, attempt)
+
+    async def _load(
+        self, job_id: str, op: str, action: str, enqueued_at: float
+    ) -> tuple[JobRecord, int | None]:
+        """The job's status and its revision (None: no document yet)."""
+        assert self._store is not None
+        try:
+            return await self._store.get(job_id)
+        except LookupError:  # published by another client, or its status expired
+            record = JobRecord(
+                id=job_id,
+                op=op,
+                action=action,
+                status=JobStatus.PENDING,
+                created_at=enqueued_at,
+                updated_at=self._clock(),
+            )
+            return record, None
+
+    async def _attempt(
+        self, op: str, action: str, job_id: str, headers: dict[str, str], msg: Msg, attempt: int
+    ) -> Reply | Expired:
+        assert self._dispatcher is not None
+        beat = asyncio.create_task(self._heartbeat(msg))
+        try:
+            hdrs = run_headers(
+                headers, now_ms=int(self._clock() * 1000), timeout_s=self._conf.timeout_s
+            )
+            with job_effects(job_id):
+                return await self._dispatcher.dispatch(op, action, hdrs, msg.data, attempt=attempt)
+        finally:
+            beat.cancel()
+
+    async def _heartbeat(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self._conf.heartbeat_s)
+            try:
+                await msg.in_progress()
+            except (nats.errors.Error, OSError) as exc:
+                logger.debug("in_progress failed: {}", exc)
+
+    async def _settle(
+        self,
+        msg: Msg,
+        op: str,
+        action: str,
+        running: JobRecord,
+        revision: int,
+        headers: dict[str, str],
+        reply: Reply | Expired,
+        attempt: int,
+    ) -> None:
+        assert self._store is not None
+        if isinstance(reply, Expired):  # cannot happen with a job-long deadline; retry anyway
+            error: NexusError | None = Unavailable("the job's deadline passed before it started")
+            status, retryable = 503, True
+        else:
+            status = reply.status
+            error = error_of(status, reply.body) if status >= 400 else None
+            retryable = error.retryable if error is not None else False
+        decision = decide(
+            status=status,
+            retryable=retryable,
+            attempt=attempt,
+            max_deliver=self._conf.max_deliver,
+            backoff=self._backoff,
+            rng=self._rng,
+        )
+        JOBS_COMPLETED.labels(op, decision.verdict.value).inc()
+        if decision.verdict is Verdict.SUCCEEDED:
+            assert isinstance(reply, Reply)
+            done = advance(
+                running, JobStatus.SUCCEEDED, now=self._clock(), result=_result_of(reply)
+            )
+            # A twin that finished first keeps its status; the job succeeded either way.
+            await self._store.write_unless_finished(done, revision)
+            await self._ack(msg)
+            return
+        assert error is not None
+        if decision.verdict is Verdict.RETRY:
+            problem = _problem(error, running.request_id)
+            retry = advance(running, JobStatus.PENDING, now=self._clock(), error=problem)
+            if await self._store.write_unless_finished(retry, revision) is None:
+                await self._ack(msg)  # a twin delivery finished the job: nothing to retry
+                return
+            logger.info(
+                "job attempt {} failed ({}); retry in {:.3f}s",
+                attempt,
+                error.code,
+                decision.delay_s,
+            )
+            await msg.nak(delay=decision.delay_s)
+            return
+        await self._bury(
+            msg, op, action, running, revision, headers, error, decision.verdict, attempt
+        )
+
+    async def _bury(
+        self,
+        msg: Msg,
+        op: str,
+        action: str,
+        record: JobRecord,
+        revision: int | None,
+        headers: dict[str, str],
+        error: NexusError,
+        verdict: Verdict,
+        attempts: int,
+    ) -> None:
+        """Dead-letter the message, record the final status, then `term` it.
+
+        The entry is stored before the status: a crash in between redelivers the job, and the
+        entry's msg id keeps it single, whereas the other order could lose the entry.
+        """
+        assert self._store is not None
+        meta = msg.metadata
+        now = self._clock()
+        entry = await dead_letter(
+            self._js,
+            op=op,
+            action=action,
+            data=msg.data,
+            headers=dead_letter_headers(
+                headers,
+                error=error,
+                attempts=attempts,
+                subject=msg.subject,
+                stream_seq=meta.sequence.stream,
+                enqueued_at=meta.timestamp.timestamp(),
+                failed_at=now,
+            ),
+        )
+        status = _TERMINAL_STATUS[verdict]
+        final = advance(
+            record, status, now=now, attempts=attempts, error=_problem(error, record.request_id)
+        )
+        if await self._store.write_unless_finished(final, revision) is None:
+            # A twin delivery finished the job meanwhile: this entry is not a dead job.
+            with contextlib.suppress(NexusError, nats.errors.Error):
+                await self._js.delete_msg(DLQ_STREAM, entry)
+            await self._ack(msg)
+            return
+        JOBS_DEAD_LETTERED.labels(op, status.value).inc()
+        logger.warning(
+            "job dead-lettered after {} attempts: {}: {}", attempts, error.code, error.detail
+        )
+        await msg.term()
+
+    async def _ack(self, msg: Msg) -> None:
+        # A confirmed ack; if it is lost the job is redelivered and acked unrun as finished.
+        try:
+            await msg.ack_sync(timeout=_ACK_TIMEOUT_S)
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            logger.warning("job ack not confirmed ({}); a redelivery will be skipped", exc)
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop fetching, let running jobs finish within `grace_s`, hand back the rest."""
+        if self._stopping:
+            return
+        self._stopping = True
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        # Cancelling a fetch does not withdraw its pull request from the server: without the
+        # inbox's interest, the server cannot hand a job back to this process while it stops.
+        for sub in self._subs:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await sub.unsubscribe()
+        grace = self._settings.worker.drain_grace_s if grace_s is None else grace_s
+        if self._tasks:
+            logger.info("draining {} running jobs", len(self._tasks))
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        # The naks and acks above are buffered publishes: send them before the worker closes
+        # the connection, or handed-back jobs wait out their ack_wait instead.
+        with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+            await self._nc.flush(timeout=2)
+
+
+def _problem(error: NexusError, request_id: str | None) -> Any:
+    return msgspec.to_builtins(problem_of(error, request_id))
+
+
+def _result_of(reply: Reply) -> Any:
+    """The reply body as plain data for the status document (JSON or MessagePack)."""
+    try:
+        return codec.decode(
+            reply.body,
+            Any,
+            media=codec.media_type(reply.headers.get(H_CONTENT_TYPE)),
+            max_bytes=len(reply.body) + 1,
+            max_depth=1024,
+        )
+    except NexusError:
+        return reply.body.decode(errors="replace")

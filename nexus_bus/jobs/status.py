@@ -1,0 +1,226 @@
+"""Job status documents in the `nexus_jobs` KV bucket, one key per job id.
+
+The bucket is also the status-change feed: every transition is a KV update on
+`$KV.nexus_jobs.<job_id>`, so a client watches one job with `kv.watch(job_id)` (or
+`nats kv watch nexus_jobs <job_id>`) and sees pending → running → succeeded/failed/dead as
+they happen, including the last state when it starts watching late.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final
+
+import msgspec
+import nats.errors
+from nats.js.kv import KeyValue
+
+from nexus_bus.errors import Conflict, NexusError, NotFound
+from nexus_bus.schemas.jobs import Job, JobStatus
+from nexus_bus.store import translate_nats_errors
+
+# A job in one of these states is finished: a later delivery of its message is a duplicate.
+TERMINAL: Final = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.DEAD})
+
+
+class JobRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A job's stored status: the public `Job` fields plus bookkeeping times (epoch seconds)."""
+
+    id: str
+    op: str
+    action: str
+    status: JobStatus
+    attempts: int = 0
+    result: Any = None
+    error: Any = None  # the last error's problem document (code, title, status, detail)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    request_id: str | None = None
+
+    def to_job(self) -> Job:
+        """The public status document (`GET /v1/jobs/{id}`)."""
+        return Job(
+            id=self.id,
+            op=self.op,
+            action=self.action,
+            status=self.status,
+            attempts=self.attempts,
+            result=self.result,
+            error=self.error,
+        )
+
+    @property
+    def finished(self) -> bool:
+        """Whether the job reached a terminal state."""
+        return self.status in TERMINAL
+
+
+def advance(
+    record: JobRecord,
+    status: JobStatus,
+    *,
+    now: float,
+    attempts: int | None = None,
+    result: Any = None,
+    error: Any = None,
+) -> JobRecord:
+    """The record after a transition; a success clears the last error, a failure keeps no result."""
+    return msgspec.structs.replace(
+        record,
+        status=status,
+        attempts=record.attempts if attempts is None else attempts,
+        result=result if status is JobStatus.SUCCEEDED else None,
+        error=None
+        if status is JobStatus.SUCCEEDED
+        else (error if error is not None else record.error),
+        updated_at=now,
+    )
+
+
+_encoder: Final = msgspec.json.Encoder()
+_decoder: Final = msgspec.json.Decoder(JobRecord)
+
+
+def encode_record(record: JobRecord) -> bytes:
+    """The stored bytes of a record."""
+    return _encoder.encode(record)
+
+
+def decode_record(data: bytes) -> JobRecord:
+    """A stored record.
+
+    Raises:
+        NotFound: the bytes are not a job record (nothing we wrote).
+    """
+    try:
+        return _decoder.decode(data)
+    except msgspec.MsgspecError:
+        raise NotFound("job status document is unreadable") from None
+
+
+class JobStore:
+    """Job records on the `nexus_jobs` bucket; nats errors become NexusErrors here."""
+
+    def __init__(self, kv: KeyValue, *, clock: Callable[[], float] = time.time) -> None:
+        self._kv = kv
+        self.clock = clock
+
+    async def create(self, record: JobRecord) -> JobRecord | None:
+        """Store a new record; when the job exists already, return the existing one instead.
+
+        Raises:
+            Unavailable / UpstreamTimeout: JetStream cannot be reached.
+        """
+        try:
+            async with translate_nats_errors(f"job {record.id}"):
+                await self._kv.create(record.id, encode_record(record))
+        except Conflict:
+            try:
+                found, _ = await self.get(record.id)
+            except NotFound:  # expired or deleted in between: ours to write again
+                await self.put(record)
+                return None
+            return found
+        return None
+
+    async def get(self, job_id: str) -> tuple[JobRecord, int]:
+        """The record of `job_id` and its KV revision.
+
+        Raises:
+            NotFound: no such job (never submitted, or its status expired).
+            Unavailable / UpstreamTimeout: JetStream cannot be reached.
+        """
+        async with translate_nats_errors(f"job {job_id}"):
+            entry = await self._kv.get(job_id)
+        if entry.value is None or entry.revision is None:
+            raise NotFound(f"job {job_id}: not found")
+        return decode_record(entry.value), entry.revision
+
+    async def put(self, record: JobRecord) -> int:
+        """Write `record` unconditionally; its new revision.
+
+        Raises:
+            Unavailable / UpstreamTimeout: JetStream cannot be reached.
+        """
+        async with translate_nats_errors(f"job {record.id}"):
+            return await self._kv.put(record.id, encode_record(record))
+
+    async def replace(self, record: JobRecord, revision: int) -> int | None:
+        """Write `record` only if the stored one is still at `revision`; its new revision.
+
+        Returns:
+            The new revision, or None when the stored record moved on.
+
+        Raises:
+            Unavailable / UpstreamTimeout: JetStream cannot be reached.
+        """
+        try:
+            async with translate_nats_errors(f"job {record.id}"):
+                return await self._kv.update(record.id, encode_record(record), last=revision)
+        except Conflict:
+            return None
+
+    async def write_unless_finished(self, record: JobRecord, revision: int | None) -> int | None:
+        """Write `record` unless the job finished meanwhile; its new revision, or None.
+
+        Two deliveries of one job can run at once (an ack timeout while the first still runs).
+        The first terminal status wins: a twin's later "running", "retry" or failure must not
+        overwrite it. Compare-and-set from `revision` (the one this delivery last wrote or
+        read), re-reading whenever another writer got in between.
+
+        Raises:
+            Unavailable / UpstreamTimeout: JetStream cannot be reached.
+        """
+        if revision is not None:
+            written = await self.replace(record, revision)
+            if written is not None:
+                return written
+        while True:
+            try:
+                current, current_revision = await self.get(record.id)
+            except NotFound:  # expired, or never written: nothing to protect
+                return await self.put(record)
+            if current.finished:
+                return None
+            written = await self.replace(record, current_revision)
+            if written is not None:
+                return written
+
+    async def delete(self, job_id: str) -> None:
+        """Remove a record (a submission that was never published).
+
+        Raises:
+            Unavailable / UpstreamTimeout: JetStream cannot be reached.
+        """
+        async with translate_nats_errors(f"job {job_id}"):
+            await self._kv.delete(job_id)
+
+    async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
+        """Yield the current record, then every change, until the job finishes.
+
+        Raises:
+            Unavailable / UpstreamTimeout: JetStream cannot be reached.
+        """
+        async with translate_nats_errors(f"watch job {job_id}"):
+            watcher = await self._kv.watch(job_id, ignore_deletes=True)
+        try:
+            while True:
+                try:
+                    async with translate_nats_errors(f"watch job {job_id}"):
+                        entry = await watcher.updates(timeout=3600)  # type: ignore[no-untyped-call]
+                except NexusError as exc:
+                    if isinstance(exc, TimeoutError):
+                        continue
+                    raise
+                if entry is None or entry.value is None:  # end of the initial snapshot
+                    continue
+                record = decode_record(entry.value)
+                yield record
+                if record.finished:
+                    return
+        finally:
+            # The connection may be gone already; the watcher goes with it.
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await watcher.stop()  # type: ignore[no-untyped-call]

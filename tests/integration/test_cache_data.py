@@ -1,0 +1,264 @@
+"""The cache in front of `data` over real Redis and NATS: each pattern, two workers, fences."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from nexus_bus import Gateway, NotFound, Operations, RequestContext, Settings, Worker
+from nexus_bus.cache import (
+    CachedRecordStore,
+    CachePolicy,
+    CacheResult,
+    data_policy,
+    read_through,
+    write_through,
+)
+from nexus_bus.cache.heads import Head, KeyValueHeads
+from nexus_bus.connection import connect_nats
+from nexus_bus.embedded import free_port
+from nexus_bus.jetstream import ensure_data_bucket
+from nexus_bus.metadata import new_trace
+from nexus_bus.services import Services, close_services, create_services
+from nexus_bus.store import KeyValueRecordStore
+from tests.conftest import make_settings
+
+
+@asynccontextmanager
+async def open_services(settings: Settings) -> AsyncIterator[Services]:
+    """What one worker process builds: its own NATS connection, Redis client and cache."""
+    nc = await connect_nats(settings.nats)
+    services = await create_services(nc, settings)
+    try:
+        yield services
+    finally:
+        await close_services(services)
+        await nc.drain()
+
+
+@pytest.fixture
+def patient_settings(nats_url: str, redis_url: str) -> Settings:
+    """For tests that count loads: a Redis call that times out fails open into an extra load
+    by design, so these use timeouts far above a busy machine's scheduling hiccups (a burst
+    on a cold connection pool opens one connection per concurrent call)."""
+    return make_settings(nats_url, redis_url, cache={"timeout_ms": 3000, "breaker_failures": 1000})
+
+
+@pytest.fixture
+async def raw_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+def sample(result: str) -> float:
+    return REGISTRY.get_sample_value(
+        "nexus_cache_requests_total", {"cache": "data", "result": result}
+    ) or 0.0
+
+
+async def test_data_ops_read_and_write_through_the_cache(
+    gateway: Gateway, worker: Worker, raw_redis: aioredis.Redis, uid: str
+) -> None:
+    assert worker.services is not None and worker.services.cache is not None
+    entry = worker.services.cache.key("data", f"c.{uid}").entry
+    put = await gateway.request("data", "put", {"key": f"c.{uid}", "value": {"a": [1, 2]}})
+    stored = await raw_redis.hgetall(entry)
+    assert stored[b"r"] == str(put["revision"]).encode() and stored[b"k"] == b"v"
+    assert msgspec.json.decode(stored[b"v"]) == {"a": [1, 2]}
+    hits = sample("hit")
+    got = await gateway.request("data", "get", {"key": f"c.{uid}"})
+    assert got == {"key": f"c.{uid}", "value": {"a": [1, 2]}, "revision": put["revision"]}
+    assert sample("hit") == hits + 1  # written through: the first read is a hit
+    ratio = REGISTRY.get_sample_value("nexus_cache_hit_ratio", {"cache": "data"})
+    assert ratio is not None and 0 < ratio <= 1
+    await gateway.request("data", "delete", {"key": f"c.{uid}"})
+    tombstone = await raw_redis.hgetall(entry)
+    assert tombstone[b"k"] == b"a" and int(tombstone[b"r"]) > put["revision"]
+    assert 0 < await raw_redis.pttl(entry) <= 33_000  # the short negative TTL, jittered
+    with pytest.raises(NotFound):
+        await gateway.request("data", "get", {"key": f"c.{uid}"})
+    assert sample("hit") == hits + 2  # the absence, too, came from the cache
+
+
+async def test_a_put_on_one_worker_is_read_at_once_on_another(
+    settings: Settings, uid: str
+) -> None:
+    key = f"two.{uid}"
+    async with open_services(settings) as a, open_services(settings) as b:
+        await a.records.put(key, b"1")
+        assert (await b.records.get(key)).value == b"1"
+        for n in range(2, 30):
+            await a.records.put(key, str(n).encode())
+            assert (await b.records.get(key)).value == str(n).encode()
+            await b.records.delete(key)
+            with pytest.raises(NotFound):
+                await a.records.get(key)
+
+
+async def test_a_writer_that_cannot_reach_redis_has_a_peer_fence_the_old_entry(
+    nats_url: str, redis_url: str, uid: str
+) -> None:
+    key = f"fence.{uid}"
+    # The writer is cut off from the reader's Redis: its URL leads nowhere, while the shared
+    # scope says it is the same Redis (as for a worker behind a network partition).
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    scope = {"scope": f"partitioned-{uid}"}
+    async with (
+        open_services(make_settings(nats_url, redis_url, cache=scope)) as reader,
+        open_services(make_settings(nats_url, dead_redis, cache=scope)) as writer,
+    ):
+        await reader.records.put(key, b'"old"')
+        assert (await reader.records.get(key)).value == b'"old"'  # cached in Redis
+        revision = await writer.records.put(key, b'"new"')  # its own write-through fails
+        got = await reader.records.get(key)
+        assert (got.value, got.revision) == (b'"new"', revision)
+        assert writer.cache is not None and len(writer.cache.floors) == 0  # fenced, no floor
+        await writer.records.delete(key)
+        with pytest.raises(NotFound):
+            await reader.records.get(key)
+
+
+async def test_l1_entries_are_dropped_in_other_workers_when_a_key_is_written(
+    settings: Settings, uid: str
+) -> None:
+    policy = CachePolicy(ttl_s=600, local_ttl_s=600)  # an L1 that would keep values 10 min
+    async with open_services(settings) as a, open_services(settings) as b:
+        assert a.cache is not None and b.cache is not None
+        source = {"v": 1}
+
+        async def getter() -> dict[str, int]:
+            return dict(source)
+
+        assert await a.cache.get_or_set(uid, getter, 600, policy=policy) == {"v": 1}
+        assert await b.cache.get_or_set(uid, getter, 600, policy=policy) == {"v": 1}
+        source["v"] = 2
+        await a.cache.set(uid, {"v": 2}, 600, policy=policy)
+        deadline = asyncio.get_running_loop().time() + 5
+        while await b.cache.get_or_set(uid, getter, 600, policy=policy) != {"v": 2}:
+            assert asyncio.get_running_loop().time() < deadline, "the L1 kept the old value"
+            await asyncio.sleep(0.01)
+
+
+async def test_get_or_set_runs_one_getter_across_workers(
+    patient_settings: Settings, uid: str
+) -> None:
+    settings = patient_settings
+    calls: list[int] = []
+
+    async def getter() -> list[str]:
+        calls.append(1)
+        await asyncio.sleep(0.05)
+        return ["computed", uid]
+
+    async with open_services(settings) as a, open_services(settings) as b:
+        assert a.cache is not None and b.cache is not None
+        caches = [a.cache, b.cache] * 15
+        results = await asyncio.gather(*(c.get_or_set(f"gos.{uid}", getter, 60) for c in caches))
+        assert results == [["computed", uid]] * 30
+        assert len(calls) == 1
+        await b.cache.delete(f"gos.{uid}")
+        assert await a.cache.get_or_set(f"gos.{uid}", getter, 60) == ["computed", uid]
+        assert len(calls) == 2
+
+
+class CountingHeads:
+    """The real KV head reader, counting loads per key and taking a little longer."""
+
+    def __init__(self, inner: KeyValueHeads, delay_s: float) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+        self.loads: dict[str, int] = {}
+
+    async def head(self, key: str) -> Head:
+        self.loads[key] = self.loads.get(key, 0) + 1
+        await asyncio.sleep(self.delay_s)
+        return await self.inner.head(key)
+
+
+async def test_stampede_on_cold_keys_loads_each_key_once(
+    patient_settings: Settings, uid: str
+) -> None:
+    settings = patient_settings
+    keys = [f"hot.{uid}.{i}" for i in range(5)]
+    async with open_services(settings) as a, open_services(settings) as b:
+        kv = await ensure_data_bucket(a.js, settings.jetstream)
+        for key in keys:
+            await KeyValueRecordStore(kv).put(key, key.encode())  # in the KV, not the cache
+        stores: list[CachedRecordStore] = []
+        counters: list[CountingHeads] = []
+        for services in (a, b):
+            assert services.cache is not None
+            heads = CountingHeads(KeyValueHeads(services.js), delay_s=0.03)
+            counters.append(heads)
+            policy = data_policy(settings.cache).with_(wait_s=5.0)
+            stores.append(
+                CachedRecordStore(KeyValueRecordStore(kv), heads, services.cache, policy)
+            )
+        reads: list[Any] = [stores[i % 2].get(key) for key in keys for i in range(40)]
+        records = await asyncio.gather(*reads)
+        assert all(r.value == r.key.encode() for r in records)
+        for key in keys:
+            assert sum(c.loads.get(key, 0) for c in counters) == 1, key
+        assert a.cache is not None
+        counts = a.cache.stats.counts("data")
+        assert counts.get(CacheResult.COALESCED, 0) + counts.get(CacheResult.HIT, 0) > 0
+
+
+class Item(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    version: int
+
+
+class ItemRequest(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+
+
+async def test_declared_read_through_and_write_through_on_real_redis(
+    settings: Settings, uid: str
+) -> None:
+    ops = Operations(f"items{uid}")
+    source = {"a": Item(id="a", version=1)}
+    loads: list[str] = []
+    policy = CachePolicy(ttl_s=60, negative_ttl_s=5)
+
+    @ops.action("get")
+    @read_through(f"items{uid}", key=lambda r: r.id, policy=policy, revision=lambda i: i.version)
+    async def get(req: ItemRequest, ctx: RequestContext) -> Item:
+        loads.append(req.id)
+        if req.id not in source:
+            raise NotFound(req.id)
+        return source[req.id]
+
+    @ops.action("bump")
+    @write_through(
+        f"items{uid}", key=lambda r: r.id, value=lambda r, reply: reply,
+        revision=lambda i: i.version, policy=policy,
+    )
+    async def bump(req: ItemRequest, ctx: RequestContext) -> Item:
+        source[req.id] = Item(id=req.id, version=source[req.id].version + 1)
+        return source[req.id]
+
+    async with open_services(settings) as a, open_services(settings) as b:
+        ctx_a, ctx_b = (
+            RequestContext(
+                op=ops.op, action="get", request_id="r", trace=new_trace(), deadline_ms=0,
+                services=s,
+            )
+            for s in (a, b)
+        )
+        assert await get(ItemRequest(id="a"), ctx_a) == Item(id="a", version=1)
+        assert await get(ItemRequest(id="a"), ctx_b) == Item(id="a", version=1)  # other worker
+        await bump(ItemRequest(id="a"), ctx_b)
+        assert await get(ItemRequest(id="a"), ctx_a) == Item(id="a", version=2)
+        for ctx in (ctx_a, ctx_b):
+            with pytest.raises(NotFound):
+                await get(ItemRequest(id="missing"), ctx)
+        assert loads == ["a", "missing"]  # one load each; the rest hit Redis

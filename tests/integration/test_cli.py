@@ -1,0 +1,122 @@
+"""The `nexus-bus` command over real servers: `call`, and `up` bringing the stack up and down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nexus_bus import Settings, Worker
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nexus_bus", *args],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=30, check=False,
+    )
+
+
+@pytest.fixture
+def cli_env(settings: Settings, admin_token: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env.update(NEXUS_NATS__URL=settings.nats.url, NEXUS_REDIS__URL=settings.redis.url,
+               NEXUS_LOG__LEVEL="WARNING")
+    if admin_token:
+        env["NEXUS_TOKEN"] = admin_token
+    return env
+
+
+async def run_cli_async(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Like run_cli, without blocking the event loop the in-process worker serves on."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nexus_bus", *args, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(list(args), proc.returncode, out.decode(), err.decode())
+
+
+async def test_call_prints_the_reply_and_exits_nonzero_with_the_problem(
+    worker: Worker, cli_env: dict[str, str], uid: str
+) -> None:
+    run_cli = run_cli_async
+    put = await run_cli("call", "data.put", json.dumps({"key": f"cli.{uid}", "value": [1]}), env=cli_env)
+    assert put.returncode == 0, put.stderr
+    assert json.loads(put.stdout)["key"] == f"cli.{uid}"
+    got = await run_cli("call", "data.get", json.dumps({"key": f"cli.{uid}"}), env=cli_env)
+    assert json.loads(got.stdout)["value"] == [1]
+    missing = await run_cli("call", "data.get", json.dumps({"key": f"none.{uid}"}), env=cli_env)
+    assert missing.returncode == 1 and json.loads(missing.stdout)["code"] == "not_found"
+    bad = await run_cli("call", "data.get", "{not json", env=cli_env)
+    assert bad.returncode == 2 and "not JSON" in bad.stderr
+    injected = await run_cli("call", "data.get key", "{}", env=cli_env)
+    assert injected.returncode == 1 and json.loads(injected.stdout)["code"] == "invalid_request"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie awaiting its parent's wait() is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_up_starts_the_stack_serves_calls_and_stops_cleanly(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env["NEXUS_LOG__LEVEL"] = "WARNING"
+    up = subprocess.Popen(
+        [sys.executable, "-m", "nexus_bus", "up", "--workers", "1", "--nats-port", "0",
+         "--redis-port", "0"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert up.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = up.stdout.readline()
+            lines.append(line)
+            if "export NEXUS_TOKEN=" in line or not line:
+                break
+        text = "".join(lines)
+        assert "nexus-bus is up" in text, text
+        stack = json.loads((tmp_path / ".nexus" / "stack.json").read_text())
+        pids = stack["pids"]
+        # `call` finds the running stack by itself (state dir), token included.
+        put, got = None, None
+        for _ in range(50):  # the worker may still be subscribing
+            put = run_cli("call", "data.put", '{"key": "hello", "value": {"n": 1}}', env=env, cwd=tmp_path)
+            if put.returncode == 0:
+                break
+            time.sleep(0.2)
+        assert put is not None and put.returncode == 0, put.stdout + put.stderr
+        got = run_cli("call", "data.get", '{"key": "hello"}', env=env, cwd=tmp_path)
+        assert json.loads(got.stdout)["value"] == {"n": 1}
+        up.send_signal(signal.SIGINT)
+        assert up.wait(30) == 0
+        assert not any(_alive(pid) for pid in pids)
+        nats_port = int(stack["NEXUS_NATS__URL"].rsplit(":", 1)[1])
+        redis_port = int(stack["NEXUS_REDIS__URL"].rsplit(":", 1)[1].split("/")[0])
+        from nexus_bus.embedded import port_is_free
+
+        assert port_is_free(nats_port) and port_is_free(redis_port)
+        assert not (tmp_path / ".nexus" / "stack.json").exists()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+        if up.stdout is not None:
+            up.stdout.close()

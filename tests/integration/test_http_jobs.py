@@ -1,0 +1,94 @@
+"""`Prefer: respond-async` → 202 + Location, and `GET /v1/jobs/{id}`, over real JetStream."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from nexus_bus import Settings, Worker
+from tests.integration.http_shim import RunningShim, bearer, poll_until, running_shim
+
+ASYNC = {"Prefer": "respond-async"}
+
+
+@pytest.fixture(scope="module")
+async def shim(settings: Settings, worker: Worker) -> AsyncIterator[RunningShim]:
+    async with running_shim(settings) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(shim: RunningShim, admin_token: str | None) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=shim.url, headers=bearer(admin_token), timeout=10) as c:
+        yield c
+
+
+async def test_respond_async_runs_the_operation_as_a_job(
+    client: httpx.AsyncClient, uid: str
+) -> None:
+    key = f"job.{uid}"
+    accepted = await client.post(
+        "/v1/data/put", json={"key": key, "value": {"async": True}}, headers=ASYNC
+    )
+    assert accepted.status_code == 202, accepted.text
+    body = accepted.json()
+    assert body["status"] == "pending" and len(body["job_id"]) == 32
+    location = accepted.headers["location"]
+    assert location == f"/v1/jobs/{body['job_id']}"
+    assert accepted.headers["x-request-id"]
+
+    async def finished() -> bool:
+        doc = (await client.get(location)).json()
+        return bool(doc["status"] in ("succeeded", "failed", "dead"))
+
+    await poll_until(finished, 20)
+    job = (await client.get(location)).json()
+    assert job["id"] == body["job_id"] and (job["op"], job["action"]) == ("data", "put")
+    assert job["status"] == "succeeded" and job["result"]["key"] == key
+    got = await client.post("/v1/data/get", json={"key": key})
+    assert got.json()["value"] == {"async": True}
+
+
+async def test_prefer_with_other_preferences_still_submits(
+    client: httpx.AsyncClient, uid: str
+) -> None:
+    resp = await client.post(
+        "/v1/data/put",
+        json={"key": f"job2.{uid}", "value": 1},
+        headers={"Prefer": "return=minimal, respond-async; wait=5"},
+    )
+    assert resp.status_code == 202
+
+
+async def test_same_idempotency_key_is_the_same_job(client: httpx.AsyncClient, uid: str) -> None:
+    headers = {**ASYNC, "Idempotency-Key": f"key-{uid}"}
+    body = {"key": f"idem.{uid}", "value": 1}
+    first = await client.post("/v1/data/put", json=body, headers=headers)
+    second = await client.post("/v1/data/put", json=body, headers=headers)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["job_id"] == second.json()["job_id"]
+    assert first.headers["location"] == second.headers["location"]
+
+
+async def test_unknown_and_malformed_job_ids(client: httpx.AsyncClient) -> None:
+    missing = await client.get(f"/v1/jobs/{uuid.uuid4().hex}")
+    assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+    malformed = await client.get("/v1/jobs/not-a-job-id")
+    assert malformed.status_code == 400 and malformed.json()["code"] == "invalid_request"
+    wrong_method = await client.post(f"/v1/jobs/{uuid.uuid4().hex}", json={})
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "GET"
+
+
+async def test_async_submission_is_still_validated_by_the_shim(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    too_big = b'{"v":"' + b"x" * (settings.limits.max_body_bytes + 1) + b'"}'
+    resp = await client.post(
+        "/v1/data/put", content=too_big, headers={**ASYNC, "Content-Type": "application/json"}
+    )
+    assert resp.status_code == 413
+    reserved = await client.post("/v1/sys/x", json={}, headers=ASYNC)
+    assert reserved.status_code == 404

@@ -1,0 +1,180 @@
+"""`GET /v1/events/{topic}`: Server-Sent Events from NEXUS_EVENTS over a real shim."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import msgspec
+import pytest
+
+from nexus_bus import Gateway, Settings, Worker
+from nexus_bus.constants import EVENTS_STREAM
+from tests.integration.http_shim import RunningShim, bearer, poll_until, running_shim
+
+HEARTBEAT_S = 0.3
+
+
+@pytest.fixture(scope="module")
+async def shim(settings: Settings, worker: Worker) -> AsyncIterator[RunningShim]:
+    async with running_shim(settings, sse_heartbeat_s=HEARTBEAT_S, sse_retry_ms=1500) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(shim: RunningShim, admin_token: str | None) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=shim.url, headers=bearer(admin_token), timeout=10) as c:
+        yield c
+
+
+async def publish(client: httpx.AsyncClient, topic: str, event: object) -> int:
+    resp = await client.post("/v1/stream/publish", json={"topic": topic, "event": event})
+    assert resp.status_code == 200, resp.text
+    seq: int = resp.json()["seq"]
+    return seq
+
+
+class EventReader:
+    """Reads SSE frames off a streaming response: events, comments and fields."""
+
+    def __init__(self, resp: httpx.Response) -> None:
+        self._lines = resp.aiter_lines()
+        self.comments: list[str] = []
+        self.retry: int | None = None
+
+    async def next_event(self, timeout_s: float = 5) -> tuple[int, object]:
+        async with asyncio.timeout(timeout_s):
+            event_id, data = None, []
+            async for line in self._lines:
+                if line.startswith(":"):
+                    self.comments.append(line)
+                elif line.startswith("retry: "):
+                    self.retry = int(line[7:])
+                elif line.startswith("id: "):
+                    event_id = int(line[4:])
+                elif line.startswith("data: "):
+                    data.append(line[6:])
+                elif line == "" and event_id is not None:
+                    return event_id, msgspec.json.decode("\n".join(data))
+        raise AssertionError("stream ended")
+
+    async def wait_comment(self, timeout_s: float = 5) -> str:
+        async with asyncio.timeout(timeout_s):
+            async for line in self._lines:
+                if line.startswith(":"):
+                    return line
+        raise AssertionError("stream ended")
+
+
+def topic_of(uid: str) -> str:
+    return f"t{uid}"
+
+
+async def test_resume_after_last_event_id_then_live(client: httpx.AsyncClient, uid: str) -> None:
+    topic = topic_of(uid)
+    seqs = [await publish(client, topic, {"n": i}) for i in range(3)]
+    headers = {"Last-Event-ID": str(seqs[0])}
+    async with client.stream("GET", f"/v1/events/{topic}", headers=headers) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"] == "text/event-stream"
+        assert resp.headers["cache-control"] == "no-cache"
+        assert resp.headers["x-accel-buffering"] == "no"
+        assert resp.headers["x-request-id"]
+        reader = EventReader(resp)
+        assert await reader.next_event() == (seqs[1], {"n": 1})
+        assert await reader.next_event() == (seqs[2], {"n": 2})
+        assert reader.retry == 1500
+        live = await publish(client, topic, "multi\nline")
+        assert await reader.next_event() == (live, "multi\nline")
+
+
+async def test_without_last_event_id_only_new_events(client: httpx.AsyncClient, uid: str) -> None:
+    topic = topic_of(uid)
+    await publish(client, topic, "old")
+    async with client.stream("GET", f"/v1/events/{topic}") as resp:
+        reader = EventReader(resp)
+        await reader.wait_comment()  # subscribed: the heartbeat proves the stream is live
+        new = await publish(client, topic, "new")
+        assert await reader.next_event() == (new, "new")
+
+
+async def test_query_parameter_resumes_too(client: httpx.AsyncClient, uid: str) -> None:
+    topic = topic_of(uid)
+    first = await publish(client, topic, 1)
+    second = await publish(client, topic, 2)
+    async with client.stream("GET", f"/v1/events/{topic}?last_event_id={first}") as resp:
+        assert await EventReader(resp).next_event() == (second, 2)
+
+
+async def test_heartbeats_keep_an_idle_stream_alive(client: httpx.AsyncClient, uid: str) -> None:
+    async with client.stream("GET", f"/v1/events/{topic_of(uid)}") as resp:
+        reader = EventReader(resp)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await reader.wait_comment() == ": keepalive"
+        assert await reader.wait_comment() == ": keepalive"
+        assert loop.time() - started < HEARTBEAT_S * 2 + 3
+
+
+async def consumers_on(gateway: Gateway, topic: str) -> int:
+    """Consumers of NEXUS_EVENTS reading `topic` (unique per test, so others never count)."""
+    infos = await gateway.nc.jetstream().consumers_info(EVENTS_STREAM)
+    return sum(1 for i in infos if i.config.filter_subject == f"nexus.events.{topic}")
+
+
+async def test_client_leaving_removes_its_consumer(
+    client: httpx.AsyncClient, gateway: Gateway, shim: RunningShim, uid: str
+) -> None:
+    topic = topic_of(uid)
+    async with client.stream("GET", f"/v1/events/{topic}") as resp:
+        reader = EventReader(resp)  # kept: a collected line iterator closes the response
+        await reader.wait_comment()
+        assert await consumers_on(gateway, topic) == 1
+        assert shim.app._streams is not None and shim.app._streams.open_count >= 1
+    # Deleted at once, not after the consumer's 30 s inactivity threshold.
+    async def gone() -> bool:
+        return await consumers_on(gateway, topic) == 0
+
+    await poll_until(gone, 5)
+
+
+async def test_streams_need_the_workers_authorization(
+    shim: RunningShim, admin_token: str | None, uid: str
+) -> None:
+    if admin_token is None:
+        pytest.skip("authentication is off in this test run")
+    async with httpx.AsyncClient(base_url=shim.url) as anonymous:
+        resp = await anonymous.get(f"/v1/events/{topic_of(uid)}")
+        assert resp.status_code == 401 and resp.json()["code"] == "invalid_token"
+        assert resp.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/v1/events/Bad.Topic", {}),
+        ("/v1/events/ok", {"Last-Event-ID": "nope"}),
+        ("/v1/events/ok?last_event_id=-1", {}),
+    ],
+)
+async def test_bad_topic_or_resume_point_is_400(
+    client: httpx.AsyncClient, path: str, headers: dict[str, str]
+) -> None:
+    resp = await client.get(path, headers=headers)
+    assert resp.status_code == 400 and resp.json()["code"] == "invalid_request"
+
+
+async def test_drain_ends_streams(settings: Settings, admin_token: str | None, uid: str) -> None:
+    async with (
+        running_shim(settings, sse_heartbeat_s=HEARTBEAT_S) as own,
+        httpx.AsyncClient(base_url=own.url, headers=bearer(admin_token)) as c,
+    ):
+        async with c.stream("GET", f"/v1/events/{topic_of(uid)}") as resp:
+            reader = EventReader(resp)
+            await reader.wait_comment()
+            own.app.begin_drain()
+            with pytest.raises(AssertionError, match="stream ended"):
+                await reader.next_event(timeout_s=5)
+        refused = await c.get(f"/v1/events/{topic_of(uid)}")
+        assert refused.status_code == 503 and refused.headers["retry-after"]

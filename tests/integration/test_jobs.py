@@ -1,0 +1,421 @@
+"""Jobs over real NATS JetStream: submit, status, retries with backoff, dead-lettering, replay.
+
+Each test serves its own op (`j<uid>`), so its consumer, DLQ entries and counters are its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from nexus_bus.schemas.jobs import JobStatus
+
+from nexus_bus import (
+    Gateway,
+    InvalidRequest,
+    NotFound,
+    Operations,
+    RequestContext,
+    Settings,
+    Unavailable,
+    UnknownOperation,
+    Worker,
+)
+from nexus_bus.config import JobsSettings
+from nexus_bus.constants import DLQ_STREAM, H_AUTHORIZATION, H_DEADLINE
+from nexus_bus.jobs.client import get_job, job_store, submit_job, wait_job, watch_job
+from nexus_bus.jobs.dlq import DeadLetterQueue
+from nexus_bus.jobs.envelope import new_job_id
+from nexus_bus.jobs.status import JobRecord, advance
+
+
+def jobs_settings(settings: Settings, **jobs: Any) -> Settings:
+    """`settings` with its jobs section changed (validated)."""
+    merged = JobsSettings(**{**settings.jobs.model_dump(), **jobs})
+    return settings.model_copy(update={"jobs": merged})
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, *groups: Operations, **jobs: Any) -> AsyncIterator[Worker]:
+    """A worker serving `groups`, with its job consumers, for one test."""
+    worker = Worker(jobs_settings(settings, **jobs), list(groups))
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.drain(1)
+
+
+def dlq_of(gateway: Gateway, settings: Settings) -> Any:
+    async def make() -> DeadLetterQueue:
+        return DeadLetterQueue(gateway.nc.jetstream(), await job_store(gateway.nc, settings))
+
+    return make()
+
+
+async def test_builtin_operation_runs_as_a_job(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    # The session worker serves the built-in ops: the same data.put handler runs as a job.
+    accepted = await gateway.submit("data", "put", {"key": f"job.{uid}", "value": {"n": 1}})
+    assert accepted.status is JobStatus.PENDING and len(accepted.job_id) == 32
+    job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
+    assert job.status is JobStatus.SUCCEEDED and job.attempts == 1
+    assert job.op == "data" and job.action == "put"
+    assert job.result["key"] == f"job.{uid}" and job.result["revision"] > 0
+    got = await gateway.request("data", "get", {"key": f"job.{uid}"})
+    assert got["value"] == {"n": 1} and got["revision"] == job.result["revision"]
+    assert (await gateway.job(accepted.job_id)) == job
+
+
+async def test_status_changes_can_be_watched(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    ops = Operations(f"j{uid}")
+
+    @ops.action("slow")
+    async def slow(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        await asyncio.sleep(0.3)
+        return {"done": True}
+
+    async with serving(settings, ops):
+        accepted = await gateway.submit(ops.op, "slow", {})
+        seen = [job.status async for job in watch_job(gateway.nc, settings, accepted.job_id)]
+    assert JobStatus.RUNNING in seen
+    assert seen[-1] is JobStatus.SUCCEEDED
+    assert seen.index(JobStatus.RUNNING) < len(seen) - 1
+
+
+async def test_idempotency_key_returns_the_same_job_and_runs_it_once(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    ops = Operations(f"j{uid}")
+    calls: list[int] = []
+
+    @ops.action("once", idempotent=False)
+    async def once(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        calls.append(req["n"])
+        return {"n": req["n"]}
+
+    async with serving(settings, ops):
+        first = await gateway.submit(ops.op, "once", {"n": 1}, idempotency_key=f"k-{uid}")
+        again = await gateway.submit(ops.op, "once", {"n": 1}, idempotency_key=f"k-{uid}")
+        assert again.job_id == first.job_id
+        done = await wait_job(gateway.nc, settings, first.job_id, timeout_s=10)
+        late = await gateway.submit(ops.op, "once", {"n": 1}, idempotency_key=f"k-{uid}")
+        other = await gateway.submit(ops.op, "once", {"n": 2}, idempotency_key=f"k2-{uid}")
+        await wait_job(gateway.nc, settings, other.job_id, timeout_s=10)
+    assert done.status is JobStatus.SUCCEEDED
+    assert late.job_id == first.job_id and late.status is JobStatus.SUCCEEDED
+    assert other.job_id != first.job_id
+    assert calls == [1, 2]
+
+
+async def test_failing_twice_then_succeeding_takes_three_deliveries_on_the_schedule(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    ops = Operations(f"j{uid}")
+    deliveries: list[tuple[int, float]] = []
+
+    @ops.action("flaky")
+    async def flaky(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        deliveries.append((ctx.attempt, time.monotonic()))
+        if ctx.attempt <= 2:
+            raise Unavailable("not yet")
+        return {"attempt": ctx.attempt}
+
+    # Delays after attempts 1 and 2: ceilings 0.4 s and 0.8 s, "equal" jitter keeps >= half.
+    async with serving(settings, ops, backoff_base_s=0.4, backoff_multiplier=2, max_deliver=5):
+        accepted = await gateway.submit(ops.op, "flaky", {})
+        job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=15)
+    assert job.status is JobStatus.SUCCEEDED and job.attempts == 3
+    assert job.result == {"attempt": 3} and job.error is None
+    assert [a for a, _ in deliveries] == [1, 2, 3]
+    gaps = [b - a for (_, a), (_, b) in itertools.pairwise(deliveries)]
+    assert 0.2 <= gaps[0] <= 0.4 + 0.6, gaps
+    assert 0.4 <= gaps[1] <= 0.8 + 0.6, gaps
+    dlq = await dlq_of(gateway, settings)
+    assert await dlq.entries(op=ops.op) == []
+
+
+async def test_always_retryable_is_dead_lettered_after_max_deliver(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    ops = Operations(f"j{uid}")
+    attempts: list[int] = []
+
+    @ops.action("down")
+    async def down(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        attempts.append(ctx.attempt)
+        raise Unavailable("dependency down")
+
+    started = time.time()
+    async with serving(settings, ops, backoff_base_s=0.05, max_deliver=4):
+        accepted = await gateway.submit(ops.op, "down", {"payload": uid}, request_id=f"r{uid}")
+        job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=15)
+        await asyncio.sleep(0.3)  # nothing may arrive after the dead-lettering
+    assert attempts == [1, 2, 3, 4]
+    assert job.status is JobStatus.DEAD and job.attempts == 4
+    assert job.error["code"] == "unavailable" and job.error["request_id"] == f"r{uid}"
+    entries = await (await dlq_of(gateway, settings)).entries(op=ops.op)
+    assert len(entries) == 1
+    entry = entries[0]
+    assert entry.job_id == accepted.job_id and (entry.op, entry.action) == (ops.op, "down")
+    assert entry.attempts == 4 and entry.error_code == "unavailable" and entry.error_status == 503
+    assert entry.error_detail == "dependency down"
+    assert entry.data == f'{{"payload":"{uid}"}}'.encode()
+    assert entry.original_headers()["Nexus-Request-Id"] == f"r{uid}"
+    assert started <= entry.enqueued_at <= entry.failed_at <= time.time()
+
+
+async def test_permanent_error_is_dead_lettered_at_once_and_replay_runs_it_again(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    ops = Operations(f"j{uid}")
+    attempts: list[int] = []
+    broken = True
+
+    @ops.action("strict")
+    async def strict(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        attempts.append(ctx.attempt)
+        if broken:
+            raise InvalidRequest("refused")
+        return {"ok": True}
+
+    async with serving(settings, ops, max_deliver=5):
+        accepted = await gateway.submit(ops.op, "strict", {})
+        job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
+        assert job.status is JobStatus.FAILED and job.attempts == 1
+        assert job.error["code"] == "invalid_request"
+        assert attempts == [1]
+        dlq = await dlq_of(gateway, settings)
+        [entry] = await dlq.entries(op=ops.op)
+        assert entry.attempts == 1 and entry.error_code == "invalid_request"
+
+        broken = False
+        assert await dlq.replay(entry.seq) == accepted.job_id
+        replayed = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
+    assert replayed.status is JobStatus.SUCCEEDED and replayed.result == {"ok": True}
+    assert attempts == [1, 1]
+    assert await dlq.entries(op=ops.op) == []
+    with pytest.raises(NotFound):
+        await dlq.get(entry.seq)
+
+
+async def test_heartbeats_keep_a_long_job_from_being_redelivered(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    ops = Operations(f"j{uid}")
+    attempts: list[int] = []
+
+    @ops.action("long")
+    async def long(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        attempts.append(ctx.attempt)
+        await asyncio.sleep(2.2)  # more than twice ack_wait
+        return {}
+
+    async with serving(settings, ops, ack_wait_s=1.0, heartbeat_s=0.25):
+        accepted = await gateway.submit(ops.op, "long", {})
+        job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
+    assert job.status is JobStatus.SUCCEEDED and job.attempts == 1
+    assert attempts == [1]
+
+
+async def test_a_write_before_a_retryable_failure_is_applied_once(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    ops = Operations(f"j{uid}")
+    seen: list[int] = []
+
+    @ops.action("count")
+    async def count(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        records = ctx.services.records
+        try:
+            record = await records.get(f"c.{uid}")
+            n, revision = int(record.value), record.revision
+        except NotFound:
+            n, revision = 0, 0
+        seen.append(n)
+        written = await records.put(f"c.{uid}", str(n + 1).encode(), expected_revision=revision)
+        if ctx.attempt == 1:
+            raise Unavailable("after the write")
+        return {"revision": written}
+
+    async with serving(settings, ops, backoff_base_s=0.05):
+        accepted = await gateway.submit(ops.op, "count", {})
+        job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
+    assert job.status is JobStatus.SUCCEEDED and job.attempts == 2
+    assert seen == [0, 1]  # the second attempt saw the first attempt's write...
+    got = await gateway.request("data", "get", {"key": f"c.{uid}"})
+    assert got["value"] == 1  # ...which was not applied again
+    assert job.result == {"revision": got["revision"]}  # the rerun got the original outcome
+
+
+async def test_a_rerun_writing_elsewhere_is_refused(
+    gateway: Gateway, worker: Worker, settings: Settings, uid: str
+) -> None:
+    ops = Operations(f"j{uid}")
+
+    @ops.action("drift")
+    async def drift(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        await ctx.services.records.put(f"log.{uid}.{ctx.attempt}", b"1")
+        if ctx.attempt == 1:
+            raise Unavailable("after the write")
+        return {}
+
+    async with serving(settings, ops, backoff_base_s=0.05):
+        accepted = await gateway.submit(ops.op, "drift", {})
+        job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
+    # The rerun's first write names another key than the first attempt's: not guessed.
+    assert job.status is JobStatus.FAILED and job.error["code"] == "internal"
+    assert worker.services is not None
+    assert await worker.services.records.keys(f"log.{uid}.") == [f"log.{uid}.1"]
+
+
+async def test_submit_forwards_only_allowed_headers(
+    gateway: Gateway, settings: Settings, uid: str, admin_token: str | None
+) -> None:
+    ops = Operations(f"j{uid}")
+
+    @ops.action("echo")
+    async def echo(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        return {"headers": dict(ctx.headers)}
+
+    hostile = {
+        "authorization": f"Bearer {admin_token}" if admin_token else "Bearer x",
+        "Nats-Rollup": "all",  # would purge the whole jobs stream if it reached the publish
+        "Nats-Expected-Last-Sequence": "1",
+        "Nexus-Deadline": "1",  # a caller deadline long past: jobs do not inherit it
+        "X-Other": "dropped",
+    }
+    async with serving(settings, ops):
+        accepted = await submit_job(gateway.nc, settings, ops.op, "echo", b"{}", hostile)
+        job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
+    assert job.status is JobStatus.SUCCEEDED
+    headers = job.result["headers"]
+    assert H_AUTHORIZATION in headers and "authorization" not in headers
+    assert not any(h.startswith("Nats-") or h == "X-Other" for h in headers)
+    assert int(headers[H_DEADLINE]) > time.time() * 1000  # the job's own, fresh deadline
+
+
+async def test_submit_and_status_refuse_bad_input(gateway: Gateway, settings: Settings) -> None:
+    with pytest.raises(UnknownOperation):
+        await gateway.submit("jobs", "run", {})
+    with pytest.raises(InvalidRequest):
+        await gateway.submit("data", "bad action", {})
+    with pytest.raises(InvalidRequest):
+        await get_job(gateway.nc, settings, "../etc/passwd")
+    with pytest.raises(NotFound):
+        await gateway.job("0" * 32)
+
+
+async def test_unknown_action_of_a_served_op_fails_permanently(
+    gateway: Gateway, settings: Settings
+) -> None:
+    accepted = await gateway.submit("data", "nosuchaction", {})
+    job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
+    assert job.status is JobStatus.FAILED and job.error["code"] == "unknown_operation"
+
+
+async def test_cli_lists_replays_and_purges_the_dlq(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    ops = Operations(f"j{uid}")
+    failing = {"on": True}
+
+    @ops.action("fail")
+    async def fail(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        if failing["on"]:
+            raise InvalidRequest("no")
+        return {"n": req["n"]}
+
+    async def cli(*args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "nexus_bus",
+            *args,
+            env={"NEXUS_NATS__URL": settings.nats.url, "NEXUS_LOG__LEVEL": "WARNING"},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        return out.decode()
+
+    async with serving(settings, ops):
+        jobs = [await gateway.submit(ops.op, "fail", {"n": n}) for n in range(3)]
+        for accepted in jobs:
+            await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
+        listed = json.loads(await cli("dlq", "list", "--op", ops.op, "--json"))
+        number = {j.job_id: n for n, j in enumerate(jobs)}
+        assert sorted(e["job_id"] for e in listed) == sorted(number)
+        assert all(e["error"]["code"] == "invalid_request" for e in listed)
+
+        failing["on"] = False
+        first = listed[0]["job_id"]
+        out = await cli("dlq", "replay", str(listed[0]["seq"]))
+        assert first in out
+        shown = json.loads(await cli("jobs", "show", first, "--wait", "10"))
+        assert shown["status"] == "succeeded" and shown["result"] == {"n": number[first]}
+
+        out = await cli("dlq", "purge", "--op", ops.op)
+        assert "purged 2" in out
+    assert await (await dlq_of(gateway, settings)).entries(op=ops.op) == []
+    info = await gateway.nc.jetstream().stream_info(DLQ_STREAM)
+    assert info.config.max_age == settings.jobs.dlq_max_age_s
+
+
+async def test_a_job_whose_runs_all_died_is_dead_lettered_unrun(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    ops = Operations(f"j{uid}")
+    calls: list[int] = []
+
+    @ops.action("crashy")
+    async def crashy(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        calls.append(ctx.attempt)
+        return {}
+
+    # As if three workers had each started the job and died: no worker serves the op yet.
+    accepted = await gateway.submit(ops.op, "crashy", {})
+    store = await job_store(gateway.nc, settings)
+    record, _ = await store.get(accepted.job_id)
+    await store.put(advance(record, JobStatus.RUNNING, now=time.time(), attempts=3))
+    async with serving(settings, ops, max_deliver=3):
+        job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
+    assert calls == []
+    assert job.status is JobStatus.DEAD and job.attempts == 3
+    assert "no outcome after 3 attempts" in job.error["detail"]
+    [entry] = await (await dlq_of(gateway, settings)).entries(op=ops.op)
+    assert entry.job_id == accepted.job_id and entry.attempts == 3
+
+
+async def test_the_first_terminal_status_wins_over_a_twin_delivery(
+    gateway: Gateway, settings: Settings
+) -> None:
+    store = await job_store(gateway.nc, settings)
+    pending = JobRecord(id=new_job_id(), op="data", action="put", status=JobStatus.PENDING)
+    await store.create(pending)
+    _, first = await store.get(pending.id)
+    mine = advance(pending, JobStatus.RUNNING, now=1.0, attempts=1)
+    twin = advance(pending, JobStatus.RUNNING, now=2.0, attempts=2)
+    mine_revision = await store.write_unless_finished(mine, first)
+    assert mine_revision is not None
+    # The twin read an older revision: it re-reads and still writes (nothing finished yet).
+    twin_revision = await store.write_unless_finished(twin, first)
+    assert twin_revision is not None and twin_revision > mine_revision
+    done = advance(twin, JobStatus.SUCCEEDED, now=3.0, result={"ok": True})
+    assert await store.write_unless_finished(done, twin_revision) is not None
+    # The slower delivery fails afterwards: its retry or dead-letter status is not written.
+    late = advance(mine, JobStatus.DEAD, now=4.0, error={"code": "unavailable"})
+    assert await store.write_unless_finished(late, mine_revision) is None
+    stored, _ = await store.get(pending.id)
+    assert stored.status is JobStatus.SUCCEEDED and stored.result == {"ok": True}

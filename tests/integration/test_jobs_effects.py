@@ -1,0 +1,143 @@
+"""The effect journal on real JetStream: each write of a job is applied once per job."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.aio.client import Client
+
+from nexus_bus import Conflict, InternalError, NotFound, Settings, Worker
+from nexus_bus.connection import connect_nats
+from nexus_bus.jetstream import ensure_data_bucket
+from nexus_bus.jobs.effects import JournaledRecordStore, effect_subject, job_effects
+from nexus_bus.jobs.envelope import new_job_id
+from nexus_bus.jobs.streams import data_stream_name, ensure_effect_records
+from nexus_bus.store import KeyValueRecordStore
+
+
+class Recorder:
+    """A `WriteThrough` that remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes | None, int]] = []
+
+    async def written(self, key: str, value: bytes | None, revision: int) -> None:
+        self.calls.append((key, value, revision))
+
+
+@pytest.fixture
+async def nc(settings: Settings) -> AsyncIterator[Client]:
+    conn = await connect_nats(settings.nats)
+    yield conn
+    await conn.drain()
+
+
+async def journal(
+    nc: Client, settings: Settings, recorder: Recorder | None = None
+) -> JournaledRecordStore:
+    js = nc.jetstream()
+    kv = await ensure_data_bucket(js, settings.jetstream)
+    stream = await ensure_effect_records(js)
+    return JournaledRecordStore(
+        KeyValueRecordStore(kv), nc, stream=stream, record_ttl_s=3600, write_through=recorder
+    )
+
+
+async def test_writes_replayed_in_the_same_job_are_not_applied_again(
+    nc: Client, settings: Settings, uid: str
+) -> None:
+    recorder = Recorder()
+    store = await journal(nc, settings, recorder)
+    job = new_job_id()
+    with job_effects(job):
+        first = await store.put(f"e.{uid}.a", b"1", expected_revision=0)
+        assert await store.delete(f"e.{uid}.b") is False
+        second = await store.put(f"e.{uid}.a", b"2", expected_revision=first)
+    with job_effects(job):  # the same job, run again: every write finds its record
+        assert await store.put(f"e.{uid}.a", b"1", expected_revision=0) == first
+        assert await store.delete(f"e.{uid}.b") is False
+        assert await store.put(f"e.{uid}.a", b"999", expected_revision=first) == second
+    record = await store.get(f"e.{uid}.a")
+    assert (record.value, record.revision) == (b"2", second)
+    # The rerun wrote the stored heads through to the cache, never its own values.
+    assert recorder.calls[:3] == [
+        (f"e.{uid}.a", b"1", first),
+        (f"e.{uid}.b", None, recorder.calls[1][2]),
+        (f"e.{uid}.a", b"2", second),
+    ]
+    assert recorder.calls[3:] == [
+        (f"e.{uid}.a", b"2", second),
+        (f"e.{uid}.b", None, recorder.calls[1][2]),
+        (f"e.{uid}.a", b"2", second),
+    ]
+    # The records are outside the KV's key space: listing the bucket never shows them.
+    assert await store.keys(f"e.{uid}.") == [f"e.{uid}.a"]
+    msg = await nc.jetstream().get_last_msg(data_stream_name(), effect_subject(job, 1))
+    assert msg.seq == first + 1
+
+
+async def test_compare_and_set_keeps_kv_semantics_inside_a_job(
+    nc: Client, settings: Settings, uid: str
+) -> None:
+    store = await journal(nc, settings)
+    key = f"cas.{uid}"
+    with job_effects(new_job_id()):
+        revision = await store.put(key, b"1", expected_revision=0)
+        with pytest.raises(Conflict):
+            await store.put(key, b"2", expected_revision=0)  # exists
+        with pytest.raises(Conflict):
+            await store.put(key, b"2", expected_revision=revision + 100)
+        assert await store.delete(key) is True
+        again = await store.put(key, b"3", expected_revision=0)  # created over a delete marker
+    assert (await store.get(key)).revision == again
+
+
+async def test_twin_attempts_racing_commit_once(nc: Client, settings: Settings, uid: str) -> None:
+    store = await journal(nc, settings)
+    job, key = new_job_id(), f"twin.{uid}"
+
+    async def attempt(value: bytes) -> int:
+        with job_effects(job):
+            return await store.put(key, value)
+
+    revisions = await asyncio.gather(*(attempt(str(i).encode()) for i in range(8)))
+    assert len(set(revisions)) == 1
+    record = await store.get(key)
+    assert record.revision == revisions[0]
+    # One write in the bucket's history: the key's first revision is the committed one.
+    assert (
+        record.revision
+        == (await nc.jetstream().get_last_msg(data_stream_name(), f"$KV.nexus_data.{key}")).seq
+    )
+
+
+async def test_outside_a_job_writes_pass_straight_through(
+    nc: Client, settings: Settings, uid: str
+) -> None:
+    store = await journal(nc, settings)
+    first = await store.put(f"plain.{uid}", b"1")
+    second = await store.put(f"plain.{uid}", b"1")
+    assert second > first  # no journal: every call writes
+    assert await store.delete(f"plain.{uid}") is True
+    with pytest.raises(NotFound):
+        await store.get(f"plain.{uid}")
+
+
+async def test_a_rerun_that_writes_another_key_is_refused(
+    nc: Client, settings: Settings, uid: str
+) -> None:
+    store = await journal(nc, settings)
+    job = new_job_id()
+    with job_effects(job):
+        await store.put(f"d.{uid}.1", b"x")
+    with job_effects(job), pytest.raises(InternalError):
+        await store.put(f"d.{uid}.2", b"x")
+    assert await store.keys(f"d.{uid}.") == [f"d.{uid}.1"]
+
+
+async def test_worker_start_enables_effect_records_on_the_data_bucket(worker: Worker) -> None:
+    info = await worker.nc.jetstream().stream_info(data_stream_name())
+    assert info.config.allow_atomic and info.config.allow_msg_ttl
+    assert "nexus.sys.effects.>" in (info.config.subjects or [])

@@ -1,0 +1,252 @@
+"""The worker runtime over real NATS: errors, deadlines, reply subjects, concurrency, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+
+from nexus_bus import (
+    Gateway,
+    NoResponders,
+    NotFound,
+    Operations,
+    RequestContext,
+    UpstreamTimeout,
+    Worker,
+)
+from nexus_bus.errors import InternalError
+from nexus_bus.observability import METRICS
+from tests.conftest import make_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Probe(msgspec.Struct, frozen=True, kw_only=True):
+    seconds: float = 0.0
+    fail: str = ""
+
+
+class Seen(msgspec.Struct, frozen=True, kw_only=True):
+    trace_id: str
+    request_id: str
+
+
+class State:
+    def __init__(self) -> None:
+        self.started = 0
+        self.finished = 0
+        self.cancelled = 0
+        self.running = 0
+        self.peak = 0
+
+
+def probe_ops(op: str, state: State) -> Operations:
+    ops = Operations(op)
+
+    @ops.action("run", public=True)
+    async def run(req: Probe, ctx: RequestContext) -> Seen:
+        state.started += 1
+        state.running += 1
+        state.peak = max(state.peak, state.running)
+        try:
+            await asyncio.sleep(req.seconds)
+            if req.fail == "runtime":
+                raise RuntimeError("secret internal detail")
+            if req.fail == "notfound":
+                raise NotFound("no such thing")
+            state.finished += 1
+            return Seen(trace_id=ctx.trace.trace_id, request_id=ctx.request_id)
+        except asyncio.CancelledError:
+            state.cancelled += 1
+            raise
+        finally:
+            state.running -= 1
+
+    return ops
+
+
+
+
+@pytest.fixture
+async def probe(nats_url: str, redis_url: str, uid: str) -> AsyncIterator[Callable[..., object]]:
+    started: list[Worker] = []
+
+    async def start(**worker_settings: object) -> tuple[Worker, State, str]:
+        state = State()
+        op = f"rt{uid}"
+        settings = make_settings(nats_url, redis_url, worker=worker_settings) if worker_settings \
+            else make_settings(nats_url, redis_url)
+        w = Worker(settings, [probe_ops(op, state)])
+        await w.start()
+        started.append(w)
+        return w, state, op
+
+    yield start
+    for w in started:
+        await w.drain(1)
+
+
+async def test_unexpected_exception_is_a_typed_500_and_the_worker_keeps_serving(
+    probe: Callable[..., object], gateway: Gateway
+) -> None:
+    _, state, op = await probe()  # type: ignore[operator]
+    with pytest.raises(InternalError) as info:
+        await gateway.request(op, "run", {"fail": "runtime"})
+    assert info.value.http_status == 500
+    assert "secret internal detail" not in info.value.detail
+    with pytest.raises(NotFound):
+        await gateway.request(op, "run", {"fail": "notfound"})
+    assert (await gateway.request(op, "run", {}))["request_id"]
+    assert state.finished == 1
+
+
+async def test_error_reply_headers_follow_the_micro_convention(
+    probe: Callable[..., object], nats_url: str
+) -> None:
+    _, _, op = await probe()  # type: ignore[operator]
+    nc = await nats.connect(nats_url)
+    try:
+        msg = await nc.request(f"nexus.{op}.run", b'{"fail": "notfound"}', timeout=5)
+        assert msg.headers is not None
+        assert msg.headers["Nexus-Status"] == "404"
+        assert msg.headers["Nats-Service-Error-Code"] == "404"
+        assert msg.headers["Nats-Service-Error"].startswith("not_found")
+        assert msg.headers["Content-Type"] == "application/problem+json"
+        problem = msgspec.json.decode(msg.data)
+        assert problem["code"] == "not_found" and problem["request_id"] == msg.headers["Nexus-Request-Id"]
+    finally:
+        await nc.close()
+
+
+async def test_request_and_trace_ids_are_carried(probe: Callable[..., object], gateway: Gateway) -> None:
+    _, _, op = await probe()  # type: ignore[operator]
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    seen = await gateway.request(op, "run", {}, request_id="req-42", traceparent=parent)
+    assert seen == {"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "request_id": "req-42"}
+    fresh = await gateway.request(op, "run", {}, request_id="bad id\r\n", traceparent="junk")
+    assert fresh["request_id"] != "bad id\r\n" and len(fresh["trace_id"]) == 32
+
+
+async def test_expired_requests_are_dropped_before_they_start(
+    probe: Callable[..., object], nats_url: str
+) -> None:
+    """What nats-py's reconnect buffer delivers late is never executed."""
+    _, state, op = await probe()  # type: ignore[operator]
+    before = METRICS.expired.labels(op)._value.get()
+    nc = await nats.connect(nats_url)
+    try:
+        stale = {"Nexus-Deadline": str(int(time.time() * 1000) - 60_000), "Nexus-Timeout-Ms": "100"}
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.request(f"nexus.{op}.run", b"{}", timeout=0.5, headers=stale)
+        fresh = {"Nexus-Deadline": str(int(time.time() * 1000) + 5_000)}
+        await nc.request(f"nexus.{op}.run", b"{}", timeout=5, headers=fresh)
+    finally:
+        await nc.close()
+    assert state.started == 1
+    assert METRICS.expired.labels(op)._value.get() == before + 1
+
+
+async def test_handlers_past_their_deadline_are_cancelled(
+    probe: Callable[..., object], gateway: Gateway
+) -> None:
+    _, state, op = await probe()  # type: ignore[operator]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(UpstreamTimeout):
+        await gateway.request(op, "run", {"seconds": 30}, timeout=0.3)
+    assert loop.time() - started < 2
+    for _ in range(50):  # the reaper runs every 100 ms, plus the configured clock skew
+        if state.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert state.cancelled == 1 and state.running == 0
+
+
+async def test_replies_only_to_inbox_subjects(probe: Callable[..., object], nats_url: str) -> None:
+    _, state, op = await probe()  # type: ignore[operator]
+    nc = await nats.connect(nats_url)
+    try:
+        hijacked = await nc.subscribe(f"nexus.{op}.victim")
+        await nc.publish(f"nexus.{op}.run", b"{}", reply=f"nexus.{op}.victim")
+        await nc.flush()
+        with pytest.raises(nats.errors.TimeoutError):
+            await hijacked.next_msg(timeout=0.5)
+        assert state.started == 0
+    finally:
+        await nc.close()
+
+
+async def test_concurrency_is_bounded_per_op(probe: Callable[..., object], gateway: Gateway) -> None:
+    _, state, op = await probe(concurrency=3)  # type: ignore[operator]
+    replies = await asyncio.gather(*(gateway.request(op, "run", {"seconds": 0.1}) for _ in range(12)))
+    assert len(replies) == 12 and state.finished == 12
+    assert state.peak == 3
+
+
+async def test_drain_finishes_in_flight_and_takes_no_new_requests(
+    probe: Callable[..., object], gateway: Gateway
+) -> None:
+    w, state, op = await probe()  # type: ignore[operator]
+    inflight = [asyncio.create_task(gateway.request(op, "run", {"seconds": 0.4})) for _ in range(5)]
+    while state.started < 5:
+        await asyncio.sleep(0.01)
+    await w.drain(5)
+    assert len(await asyncio.gather(*inflight)) == 5 and state.finished == 5
+    with pytest.raises(NoResponders):
+        await gateway.request(op, "run", {})
+
+
+def test_sigterm_drains_a_worker_process(nats_url: str, redis_url: str, tmp_path: Path) -> None:
+    """`nexus-bus worker` on SIGTERM: in-flight requests answered, then exit 0."""
+    settings = make_settings(nats_url, redis_url)
+    env = {
+        **os.environ,
+        "NEXUS_NATS__URL": nats_url,
+        "NEXUS_REDIS__URL": redis_url,
+        "NEXUS_AUTH__KEYS_DIR": str(settings.auth.keys_dir),
+        "NEXUS_LOG__LEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexus_bus", "worker", "--app", "tests.integration.runtime_ops:ops"],
+        env=env, cwd=tmp_path,
+    )
+
+    async def scenario() -> list[dict[str, object]]:
+        nc = await nats.connect(nats_url)
+        try:
+            for _ in range(100):  # wait until the worker subscribed
+                try:
+                    await nc.request("nexus.slowpoke.nap", b'{"seconds": 0}', timeout=0.5)
+                    break
+                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                    await asyncio.sleep(0.1)
+            calls = [
+                asyncio.create_task(
+                    nc.request("nexus.slowpoke.nap", f'{{"seconds": 0.8, "tag": "t{i}"}}'.encode(), timeout=10)
+                )
+                for i in range(4)
+            ]
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            return [msgspec.json.decode((await c).data) for c in calls]
+        finally:
+            await nc.close()
+
+    try:
+        replies = asyncio.run(scenario())
+        assert sorted(r["tag"] for r in replies) == ["t0", "t1", "t2", "t3"]
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,110 @@
+"""Per-operation declarations: read-through, write-through and invalidation around handlers."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import msgspec
+import pytest
+
+from nexus_bus import NotFound, Operations, RequestContext
+from nexus_bus.cache import Cache, CachePolicy, invalidates, read_through, write_through
+from nexus_bus.cache.memory import MemoryEntryStore
+from nexus_bus.metadata import new_trace
+
+
+class GetUser(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+
+
+class User(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+    version: int
+
+
+class Rename(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+
+
+class Renamed(msgspec.Struct, frozen=True, kw_only=True):
+    user: User
+
+
+POLICY = CachePolicy(ttl_s=60, negative_ttl_s=5)
+
+
+def context(cache: Cache | None) -> RequestContext:
+    services: Any = SimpleNamespace(cache=cache)
+    return RequestContext(
+        op="users", action="get", request_id="r", trace=new_trace(), deadline_ms=0,
+        services=services,
+    )
+
+
+def build() -> tuple[Operations, dict[str, User], list[str]]:
+    db = {"1": User(id="1", name="ada", version=1)}
+    reads: list[str] = []
+    ops = Operations("users")
+
+    @ops.action("get")
+    @read_through("users", key=lambda req: req.id, policy=POLICY, revision=lambda u: u.version)
+    async def get(req: GetUser, ctx: RequestContext) -> User:
+        reads.append(req.id)
+        if req.id not in db:
+            raise NotFound(f"user {req.id}")
+        return db[req.id]
+
+    @ops.action("rename")
+    @write_through(
+        "users",
+        key=lambda req: req.id,
+        value=lambda req, reply: reply.user,
+        revision=lambda reply: reply.user.version,
+        policy=POLICY,
+    )
+    async def rename(req: Rename, ctx: RequestContext) -> Renamed:
+        old = db[req.id]
+        db[req.id] = User(id=req.id, name=req.name, version=old.version + 1)
+        return Renamed(user=db[req.id])
+
+    @ops.action("forget")
+    @invalidates("users", key=lambda req: req.id, policy=POLICY)
+    async def forget(req: GetUser, ctx: RequestContext) -> None:
+        db.pop(req.id, None)
+
+    return ops, db, reads
+
+
+def test_declared_handlers_keep_their_types() -> None:
+    ops, _, _ = build()
+    get = ops.get("get")
+    assert get is not None and (get.request_type, get.reply_type) == (GetUser, User)
+
+
+async def test_read_through_write_through_and_invalidation() -> None:
+    ops, _, reads = build()
+    cache = Cache(MemoryEntryStore())
+    ctx = context(cache)
+    get, rename, forget = (ops.get(a).handler for a in ("get", "rename", "forget"))  # type: ignore[union-attr]
+    assert await get(GetUser(id="1"), ctx) == User(id="1", name="ada", version=1)
+    assert await get(GetUser(id="1"), ctx) == User(id="1", name="ada", version=1)
+    assert reads == ["1"]
+    await rename(Rename(id="1", name="grace"), ctx)
+    assert (await get(GetUser(id="1"), ctx)).name == "grace"  # written through, no read
+    assert reads == ["1"]
+    await forget(GetUser(id="1"), ctx)
+    for _ in range(2):
+        with pytest.raises(NotFound):
+            await get(GetUser(id="1"), ctx)
+    assert reads == ["1", "1"]  # the absence was cached
+
+
+async def test_without_a_cache_the_handler_runs_every_time() -> None:
+    ops, _, reads = build()
+    handler = ops.get("get").handler  # type: ignore[union-attr]
+    for _ in range(3):
+        await handler(GetUser(id="1"), context(None))
+    assert reads == ["1", "1", "1"]

@@ -1,0 +1,136 @@
+"""Pure parts of the cache: the accept rule, key names, TTL policy, floors and the L1."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from redis.crc import key_slot
+
+from nexus_bus.cache.entries import Entry, Kind, accepts
+from nexus_bus.cache.floors import Floors
+from nexus_bus.cache.keys import CacheKey, build_key, is_under
+from nexus_bus.cache.local import LocalCache
+from nexus_bus.cache.policy import CachePolicy
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+V5, V7 = Entry.of(b"five", 5), Entry.of(b"seven", 7)
+
+
+@pytest.mark.parametrize(
+    ("current", "incoming", "expected"),
+    [
+        (None, V5, True),
+        (V5, V7, True),  # newer revision wins
+        (V7, V5, False),  # a late fill of an older revision loses
+        (V5, Entry.of(b"five", 5), True),  # same revision refreshes
+        (Entry.absent(8), V7, False),  # a tombstone outranks the value it deleted
+        (Entry.fence(7), V7, True),  # the write's own value replaces its fence
+        (V7, Entry.fence(7), False),  # a fence never hides the value it was fencing
+        (Entry.fence(7), Entry.fence(7), True),
+        (Entry.fence(9), Entry.absent(9), True),
+        (Entry.absent(0), Entry.of(b"x", 0), False),  # unversioned: kinds do not replace
+    ],
+)
+def test_accept_rule(current: Entry | None, incoming: Entry, expected: bool) -> None:
+    assert accepts(current, incoming) is expected
+
+
+def test_entry_and_lease_share_a_cluster_slot_even_with_braces_in_the_key() -> None:
+    for key in ["users.42", "a{b}c", "}x", "{", "{}", "x}{y"]:
+        ck = build_key("nexus:cache", "data", key)
+        assert key_slot(ck.entry.encode()) == key_slot(ck.lease.encode()), key
+        assert is_under("nexus:cache", ck.entry)
+    assert build_key("p", "data", "k") == CacheKey("p:data:{k}", "p:data:{k}:lease")
+    assert build_key("p", "data", "a{b}") != build_key("p", "data", "a{c}")
+    assert not is_under("nexus:cache", "other:data:{k}")
+
+
+@pytest.mark.parametrize(
+    ("namespace", "key"), [("Data", "k"), ("a.b", "k"), ("data", ""), ("data", "x" * 1025)]
+)
+def test_bad_namespaces_and_keys_are_refused(namespace: str, key: str) -> None:
+    with pytest.raises(ValueError):
+        build_key("p", namespace, key)
+
+
+def test_ttls_are_jittered_within_bounds_and_stale_window_added() -> None:
+    policy = CachePolicy(ttl_s=100, jitter=0.2, stale_s=10, negative_ttl_s=5, fence_ttl_s=60)
+    rng = random.Random(1)
+    values = [policy.expiry(Kind.VALUE, rng) for _ in range(300)]
+    assert all(80_000 + 10_000 <= e.ttl_ms <= 120_000 + 10_000 for e in values)
+    assert {e.stale_ms for e in values} == {10_000}
+    assert len({e.ttl_ms for e in values}) > 100  # actually spread
+    negatives = [policy.expiry(Kind.ABSENT, rng) for _ in range(100)]
+    assert all(4_000 <= e.ttl_ms <= 6_000 and e.stale_ms == 0 for e in negatives)
+    assert policy.expiry(Kind.FENCE, rng).ttl_ms == 60_000
+    assert policy.lifetime_s == pytest.approx(130)
+
+
+def test_policy_validation_lists_every_problem() -> None:
+    with pytest.raises(ValueError, match="ttl_s, jitter"):
+        CachePolicy(ttl_s=0, jitter=1.5)
+    assert CachePolicy().with_(ttl_s=5).ttl_s == 5
+
+
+def test_floors_raise_meet_expire_and_repair() -> None:
+    clock = FakeClock()
+    floors = Floors(clock=clock)
+    floors.raise_floor("k", 7, lifetime_s=10, fence_ttl_ms=1000)
+    floors.raise_floor("k", 5, lifetime_s=10, fence_ttl_ms=1000)  # never lowered
+    assert floors.minimum("k") == 7
+    floors.met("k", 6)
+    assert floors.minimum("k") == 7
+    floors.met("k", 7)
+    assert floors.minimum("k") == 0
+    floors.raise_floor("u", 0, lifetime_s=10, fence_ttl_ms=1000)  # unversioned: distrust rev 0
+    assert floors.minimum("u") == 1
+    floors.met("u", 0)
+    assert floors.minimum("u") == 1
+    [(key, floor)] = floors.pending()
+    floors.raise_floor("u", 0, lifetime_s=20, fence_ttl_ms=1000)  # replaced meanwhile
+    floors.repaired(key, floor)
+    assert floors.minimum("u") == 1
+    clock.now += 21
+    assert floors.minimum("u") == 0 and floors.pending() == []
+
+
+def test_floor_overflow_distrusts_the_cache_for_one_lifetime() -> None:
+    clock = FakeClock()
+    floors = Floors(max_keys=2, clock=clock)
+    floors.raise_floor("a", 1, lifetime_s=5, fence_ttl_ms=1)
+    floors.raise_floor("b", 1, lifetime_s=5, fence_ttl_ms=1)
+    assert not floors.distrusted
+    floors.raise_floor("c", 1, lifetime_s=30, fence_ttl_ms=1)
+    assert floors.distrusted and len(floors) == 2
+    clock.now += 6  # a and b expired: room again, but c was lost, so distrust remains
+    assert floors.distrusted
+    clock.now += 25
+    assert not floors.distrusted
+
+
+def test_local_cache_lru_ttl_and_revision_order() -> None:
+    clock = FakeClock()
+    local = LocalCache(2, clock=clock)
+    local.put("a", V5, 10)
+    local.put("a", Entry.of(b"old", 3), 10)  # never replaced by an older revision
+    assert local.get("a") == V5
+    local.put("b", V7, 10)
+    local.get("a")
+    local.put("c", V7, 10)  # evicts b, the least recently used
+    assert local.get("b") is None and local.get("a") == V5
+    clock.now += 11
+    assert local.get("a") is None
+    local.put("c", V7, 10)
+    local.drop("c")
+    assert local.get("c") is None
+    with pytest.raises(ValueError):
+        LocalCache(0)

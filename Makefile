@@ -28,8 +28,14 @@ test: $(STAMP) system-deps
 lint: $(STAMP)
 	$(BIN)/ruff check nexus_bus handlers schemas tests benchmarks
 
+# handlers/ and schemas/ install as nexus_bus.handlers / nexus_bus.schemas (package-dir), which
+# mypy cannot follow: check a link tree laid out as the installed package.
 typecheck: $(STAMP)
-	$(BIN)/mypy nexus_bus handlers schemas
+	rm -rf build/typecheck && mkdir -p build/typecheck
+	cp -rs "$(CURDIR)/nexus_bus" build/typecheck/
+	ln -s "$(CURDIR)/handlers" build/typecheck/nexus_bus/handlers
+	ln -s "$(CURDIR)/schemas" build/typecheck/nexus_bus/schemas
+	cd build/typecheck && "$(CURDIR)/$(BIN)/mypy" --config-file "$(CURDIR)/pyproject.toml" -p nexus_bus
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m benchmarks

@@ -17,7 +17,7 @@ def main(argv: list[str]) -> int:
     failed = 0
     for name in names:
         print(f"\n=== {name} ===", flush=True)
-        code = subprocess.call([sys.executable, "-m", f"benchmarks.bench_{name}"])  # noqa: S603
+        code = subprocess.call([sys.executable, "-m", f"benchmarks.bench_{name}"])
         failed += code != 0
     return 1 if failed else 0
 

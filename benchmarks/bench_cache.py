@@ -24,13 +24,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import uvloop
-from nexus_bus.handlers import builtin_groups
 
 from benchmarks.harness import Result, print_table
 from nexus_bus import Gateway, Settings, Worker, load_settings
 from nexus_bus.auth import Keyring, TokenCodec, generate_key
 from nexus_bus.connection import connect_nats
 from nexus_bus.embedded import nats_server, redis_server
+from nexus_bus.handlers import builtin_groups
 from nexus_bus.jetstream import ensure_data_bucket
 from nexus_bus.observability import configure_logging
 from nexus_bus.services import close_services, create_services

@@ -38,13 +38,13 @@ import msgspec
 import nats
 from nats.aio.client import Client
 from nats.js.api import RetentionPolicy, StreamConfig
-from nexus_bus.schemas.jobs import JobStatus
 
 from nexus_bus import Gateway, Operations, RequestContext, Settings, Worker, load_settings
 from nexus_bus.constants import JOBS_BUCKET
 from nexus_bus.embedded import nats_server, redis_server
 from nexus_bus.jobs.status import decode_record
 from nexus_bus.observability import configure_logging
+from nexus_bus.schemas.jobs import JobStatus
 
 RAW_STREAM = "BENCH_RAW"
 RAW_BATCH_STREAM = "BENCH_RAW_BATCH"

@@ -94,7 +94,7 @@ async def serve_raw(url: str, keys_dir: str) -> None:
 
 
 def _spawn(role: str, url: str, keys_dir: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(  # noqa: S603
+    return subprocess.Popen(
         [sys.executable, "-m", "benchmarks.bench_nats_path", f"--serve-{role}", url, keys_dir]
     )
 
@@ -104,9 +104,11 @@ async def measure(url: str, keys_dir: str, seconds: float, levels: list[int]) ->
     configure_logging("bench", "WARNING")
     settings = _settings(url, keys_dir)
     raw_nc = await nats.connect(url)
-    token = TokenCodec(Keyring.from_dir(Path(keys_dir))).issue(
-        "bench", frozenset({"*"}), 3600, now=int(time.time()), jti="bench"
-    ).token
+    token = (
+        TokenCodec(Keyring.from_dir(Path(keys_dir)))
+        .issue("bench", frozenset({"*"}), 3600, now=int(time.time()), jti="bench")
+        .token
+    )
     gw = await Gateway.connect(settings, token=token)
     payload = msgspec.json.encode({"msg": "hello"})
     await gw.request("data", "put", {"key": "bench.hot", "value": {"n": 1, "s": "x" * 64}})
@@ -134,12 +136,24 @@ async def measure(url: str, keys_dir: str, seconds: float, levels: list[int]) ->
     baseline: dict[int, Result] = {}
     rows: list[Result] = []
     for c in levels:
-        baseline[c] = await closed_loop("raw nats-py request/reply", raw, concurrency=c, seconds=seconds)
+        baseline[c] = await closed_loop(
+            "raw nats-py request/reply", raw, concurrency=c, seconds=seconds
+        )
         rows.append(baseline[c])
-        rows.append(await closed_loop("raw, contract headers", raw_headers, concurrency=c, seconds=seconds))
-        rows.append(await closed_loop("nexus echo (full runtime)", echo, concurrency=c, seconds=seconds))
-        rows.append(await closed_loop("nexus echo via FastStream", echo_faststream, concurrency=c, seconds=seconds))
-        rows.append(await closed_loop("nexus data.get (hot key)", data_get, concurrency=c, seconds=seconds))
+        rows.append(
+            await closed_loop("raw, contract headers", raw_headers, concurrency=c, seconds=seconds)
+        )
+        rows.append(
+            await closed_loop("nexus echo (full runtime)", echo, concurrency=c, seconds=seconds)
+        )
+        rows.append(
+            await closed_loop(
+                "nexus echo via FastStream", echo_faststream, concurrency=c, seconds=seconds
+            )
+        )
+        rows.append(
+            await closed_loop("nexus data.get (hot key)", data_get, concurrency=c, seconds=seconds)
+        )
     print_table("NATS path: gateway client -> worker, vs raw nats-py responder", rows, baseline)
     await gw.close()
     await raw_nc.close()
@@ -168,7 +182,10 @@ def main() -> int:
         children = [_spawn("worker", server.url, keys_dir), _spawn("raw", server.url, keys_dir)]
         try:
             time.sleep(1.0)
-            print(f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}  seconds/point: {args.seconds}")
+            print(
+                f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}  "
+                f"seconds/point: {args.seconds}"
+            )
             uvloop.run(measure(server.url, keys_dir, args.seconds, levels))
         finally:
             for child in children:

@@ -49,7 +49,7 @@ async def closed_loop(
                 return
             try:
                 await call()
-            except Exception:  # noqa: BLE001 - counted, the load goes on
+            except Exception:
                 if recording:
                     errors += 1
                 continue
@@ -66,15 +66,23 @@ async def closed_loop(
     ordered = sorted(latencies) or [0.0]
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
     return Result(
-        name, concurrency, len(latencies), errors, elapsed,
-        statistics.median(ordered) * 1000, p99 * 1000,
+        name,
+        concurrency,
+        len(latencies),
+        errors,
+        elapsed,
+        statistics.median(ordered) * 1000,
+        p99 * 1000,
     )
 
 
 def print_table(title: str, rows: list[Result], baseline: dict[int, Result]) -> None:
     """Print results with the ratio to the baseline at the same concurrency."""
     print(f"\n{title}")
-    print(f"{'target':<28}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'ours/raw':>10}")
+    print(
+        f"{'target':<28}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'errors':>8}{'ours/raw':>10}"
+    )
     for r in rows:
         base = baseline.get(r.concurrency)
         ratio = f"{r.rps / base.rps:.2f}x" if base and base.rps else "-"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from nexus_bus.operations import Operations
 from nexus_bus.handlers import ai, auth, data, stream
+from nexus_bus.operations import Operations
 
 BUILTIN: dict[str, Operations] = {g.op: g for g in (data.ops, stream.ops, ai.ops, auth.ops)}
 

@@ -11,6 +11,10 @@
 
 from __future__ import annotations
 
+from nexus_bus import Operations, RequestContext
+from nexus_bus.auth import token_service_of
+from nexus_bus.constants import AUTH_OP
+from nexus_bus.errors import Forbidden, InvalidToken
 from nexus_bus.schemas.auth import (
     IssueReply,
     IssueRequest,
@@ -19,11 +23,6 @@ from nexus_bus.schemas.auth import (
     VerifyReply,
     VerifyRequest,
 )
-
-from nexus_bus import Operations, RequestContext
-from nexus_bus.auth import token_service_of
-from nexus_bus.constants import AUTH_OP
-from nexus_bus.errors import Forbidden, InvalidToken
 
 ops = Operations(AUTH_OP, description="The token service: issue, verify, revoke.", _builtin=True)
 

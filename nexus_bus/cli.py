@@ -124,7 +124,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         f"  NATS (JetStream)  {env['NEXUS_NATS__URL']}\n"
         f"  Redis             {env['NEXUS_REDIS__URL']}\n"
         f"  HTTP shim         {http_url}  (OpenAPI: {http_url}/openapi.json)\n"
-        f"  workers           {args.workers} (ops: data, stream, ai)\n"
+        f"  workers           {args.workers} (ops: data, stream, ai, auth)\n"
         f"  state             {stack.state_dir}\n\n"
         "Try it from another terminal in this folder:\n"
         "  .venv/bin/nexus-bus call data.put '{\"key\": \"hello\", \"value\": {\"n\": 1}}'\n"

@@ -84,7 +84,7 @@ def decode(
         or _LONG_DIGITS.search(body) is not None
     ):
         check_value(value, max_depth)
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 _INT_MIN: Final = -(2**63)

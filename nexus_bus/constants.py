@@ -54,6 +54,9 @@ M_CACHE_REQUESTS: Final = "nexus_cache_requests"  # labels cache, result
 M_CACHE_HIT_RATIO: Final = "nexus_cache_hit_ratio"  # label cache
 M_CIRCUIT_STATE: Final = "nexus_circuit_state"  # label name; 0 closed, 1 half-open, 2 open
 
+# The label value for names a client invented (unknown ops and actions): bounded series.
+UNKNOWN_LABEL: Final = "_other"
+
 # Transports, as the `transport` metric label
 T_NATS: Final = "nats"
 T_CLIENT: Final = "client"

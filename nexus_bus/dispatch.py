@@ -15,7 +15,7 @@ from typing import Final
 from nexus_bus import codec
 from nexus_bus.auth.base import Authenticator, NoAuthentication
 from nexus_bus.config import Settings
-from nexus_bus.constants import H_CONTENT_TYPE, H_IDEMPOTENCY_KEY, T_NATS
+from nexus_bus.constants import H_CONTENT_TYPE, H_IDEMPOTENCY_KEY, T_NATS, UNKNOWN_LABEL
 from nexus_bus.context import RequestContext
 from nexus_bus.errors import InternalError, NexusError, UnknownOperation, UpstreamTimeout
 from nexus_bus.metadata import TraceContext, deadline_ms, request_id_of, trace_from_headers
@@ -113,7 +113,12 @@ class Dispatcher:
                 error = InternalError(f"internal error; request id {request_id}")
                 reply = self._fail(op, error, request_id)
             elapsed = time.perf_counter() - started
-            METRICS.observe(op, action, reply.status, self._transport, elapsed)
+            # Labels only from registered names: a client can send any action token, and
+            # every distinct label value would be a new time series forever.
+            group = self._groups.get(op)
+            known = group is not None and group.get(action) is not None
+            label_op, label_action = (op, action) if known else (UNKNOWN_LABEL, UNKNOWN_LABEL)
+            METRICS.observe(label_op, label_action, reply.status, self._transport, elapsed)
             logger.debug("served", status=reply.status, duration_ms=round(elapsed * 1000, 3))
         return reply
 
@@ -166,7 +171,7 @@ class Dispatcher:
         return success_reply(codec.encode(result, media), codec.content_type_of(media), request_id)
 
     def _fail(self, op: str, error: NexusError, request_id: str) -> Reply:
-        METRICS.count_error(op, error.code)
+        METRICS.count_error(op if op in self._groups else UNKNOWN_LABEL, error.code)
         if error.http_status >= 500:
             logger.warning("{} {}: {}", error.http_status, error.code, error.detail)
         return error_reply(error, request_id)

@@ -114,7 +114,7 @@ class ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         with self.log_file.open("ab") as log:
-            self.proc = subprocess.Popen(  # noqa: S603 - argv is ours
+            self.proc = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir,
                 start_new_session=True,
             )

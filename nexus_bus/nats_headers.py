@@ -22,7 +22,15 @@ _WHITESPACE: Final = re.compile(r"\s")
 
 _original = Client.__dict__["_parse_header_lines"]
 # The global and attribute names nats-py 2.16's parser uses: a fingerprint of its code.
-_KNOWN_NAMES: Final = ("split", "_CRLF_", "partition", "strip", "decode", "UnicodeDecodeError", "any")
+_KNOWN_NAMES: Final = (
+    "split",
+    "_CRLF_",
+    "partition",
+    "strip",
+    "decode",
+    "UnicodeDecodeError",
+    "any",
+)
 
 
 def parse_header_lines(raw: bytes) -> dict[str, str]:

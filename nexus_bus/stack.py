@@ -87,7 +87,7 @@ def start_stack(
         commands = [["worker"]] * workers + (extra or [])
         for args in commands:
             stack.children.append(
-                subprocess.Popen([sys.executable, "-m", "nexus_bus", *args], env=env)  # noqa: S603
+                subprocess.Popen([sys.executable, "-m", "nexus_bus", *args], env=env)
             )
         (state / STACK_FILE).write_text(
             json.dumps({**stack.env, "pids": [c.pid for c in stack.children]}, indent=2)

@@ -138,5 +138,5 @@ class KeyValueRecordStore:
                     if entry.key.startswith(prefix):
                         found.append(entry.key)
             finally:
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]
         return sorted(found)[:limit]

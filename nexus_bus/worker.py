@@ -10,11 +10,13 @@ in-flight tasks finish within the grace period.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Iterable
 from typing import Any
 
+import nats.errors
 from faststream.nats import NatsBroker, NatsMessage
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -26,13 +28,12 @@ from nexus_bus.connection import broker_options
 from nexus_bus.constants import T_NATS
 from nexus_bus.dispatch import Dispatcher, Expired
 from nexus_bus.errors import Unavailable
-from nexus_bus.metadata import deadline_ms
 from nexus_bus.jobs.runner import JobRunner
+from nexus_bus.metadata import deadline_ms
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.operations import Operations
 from nexus_bus.services import Services, close_services, create_services
 from nexus_bus.subjects import is_inbox, operation_wildcard, queue_group
-
 
 _NO_HEADERS: dict[str, str] = {}
 
@@ -112,7 +113,8 @@ class Worker:
             async with asyncio.timeout(self.settings.nats.initial_connect_timeout_s):
                 await broker.connect()  # nats-py would otherwise retry the first connect forever
         except (OSError, TimeoutError) as exc:
-            raise Unavailable(f"cannot connect to NATS at {self.settings.nats.url}: {exc!r}") from exc
+            url = self.settings.nats.url
+            raise Unavailable(f"cannot connect to NATS at {url}: {exc!r}") from exc
         self.broker = broker
         self.services = await create_services(self.nc, self.settings)
         if self._authenticator is None:
@@ -145,6 +147,8 @@ class Worker:
                     )
                 )
         self._reaper = asyncio.create_task(self._reap_expired())
+        # Read at scrape time: no per-request cost on the hot path.
+        METRICS.inflight.labels(T_NATS).set_function(lambda: len(self._tasks))
         if self.settings.jobs.enabled and self.groups:
             # Same ops, same handlers, on JetStream: the durable job consumers (docs/jobs.md).
             self.jobs = JobRunner(
@@ -161,7 +165,6 @@ class Worker:
     def _admitter(self, op: str) -> Any:
         limit = asyncio.Semaphore(self.settings.worker.concurrency)
 
-        inflight = METRICS.inflight.labels(T_NATS)
         default_ms = self.settings.worker.default_timeout_ms
 
         async def admit(msg: Msg) -> None:
@@ -169,12 +172,10 @@ class Worker:
             deadline = deadline_ms(msg.headers or _NO_HEADERS, int(time.time() * 1000), default_ms)
             task = asyncio.create_task(self._serve(op, msg, deadline))
             self._tasks[task] = (op, deadline)
-            inflight.inc()
 
             def done(t: asyncio.Task[None]) -> None:
                 self._tasks.pop(t, None)
                 limit.release()
-                inflight.dec()
 
             task.add_done_callback(done)
 
@@ -189,14 +190,16 @@ class Worker:
             return
         action = msg.subject.rsplit(".", 1)[-1]
         assert self.dispatcher is not None
-        result = await self.dispatcher.dispatch(op, action, msg.headers, msg.data, deadline=deadline)
+        result = await self.dispatcher.dispatch(
+            op, action, msg.headers, msg.data, deadline=deadline
+        )
         if isinstance(result, Expired):
             logger.debug("dropped expired request {}", result.request_id)
             return
         if reply_to:
             try:
                 await self.nc.publish(reply_to, result.body, headers=result.headers)
-            except Exception as exc:  # noqa: BLE001 - the caller is gone or NATS is down
+            except Exception as exc:
                 logger.warning("could not send reply: {}", exc)
 
     async def _reap_expired(self, interval_s: float = 0.1) -> None:
@@ -232,7 +235,16 @@ class Worker:
                 task.cancel()
         if self._reaper is not None:
             self._reaper.cancel()
-        await self.broker.stop()
+        try:
+            await self.broker.stop()  # drains the connection: queued replies are flushed
+        except nats.errors.Error as exc:
+            # NATS is down (reconnecting) or already closed: nothing can be flushed any more.
+            logger.warning("NATS unavailable while stopping ({!r}); closing", exc)
+            if self.broker._connection is not None:
+                # nats-py's close() writes its pending buffer even onto a dead transport;
+                # uvloop refuses with RuntimeError. The connection is gone either way.
+                with contextlib.suppress(nats.errors.Error, RuntimeError, OSError):
+                    await self.broker._connection.close()
         if self.services is not None:
             await close_services(self.services)
         logger.info("worker stopped")

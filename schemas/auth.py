@@ -6,7 +6,8 @@ from typing import Annotated
 
 import msgspec
 
-Scope = Annotated[str, msgspec.Meta(pattern=r"^(\*|[a-z][a-z0-9_-]{0,63}:(\*|[a-z][a-z0-9_-]{0,63}))$")]
+_TOKEN = r"[a-z][a-z0-9_-]{0,63}"
+Scope = Annotated[str, msgspec.Meta(pattern=rf"^(\*|{_TOKEN}:(\*|{_TOKEN}))$")]
 
 
 class IssueRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -154,7 +154,8 @@ class ShimApp:
         if self._redis is not None:
             await self._redis.aclose()
         if self.nc is not None and not self.nc.is_closed:
-            await self.nc.drain()
+            # Draining needs a live connection; while NATS is away just close.
+            await (self.nc.drain() if self.nc.is_connected else self.nc.close())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

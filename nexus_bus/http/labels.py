@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Final
 
-OTHER: Final = "_other"
+from nexus_bus.constants import UNKNOWN_LABEL
+
+OTHER: Final = UNKNOWN_LABEL
 
 
 class OperationLabels:

@@ -34,7 +34,7 @@ RETRYABLE_STATUSES: Final = frozenset({429, 503})
 CT_PROBLEM_BYTES: Final = CT_PROBLEM.encode()
 
 
-class MethodNotAllowed(NexusError):  # noqa: N818 - named like errors.py's NotFound
+class MethodNotAllowed(NexusError):
     """The route exists but not for this method (405)."""
 
     code, http_status, title = "method_not_allowed", 405, "Method not allowed"
@@ -44,13 +44,13 @@ class MethodNotAllowed(NexusError):  # noqa: N818 - named like errors.py's NotFo
         self.allow = allow
 
 
-class RequestTimeout(NexusError, TimeoutError):  # noqa: N818 - like UpstreamTimeout
+class RequestTimeout(NexusError, TimeoutError):
     """The client did not send its request within the read timeout (408)."""
 
     code, http_status, title = "request_timeout", 408, "Request timeout"
 
 
-class ClientGone(Exception):  # noqa: N818 - an event, not a failure to report
+class ClientGone(Exception):
     """The client disconnected before its request was read; there is nobody to answer."""
 
 

@@ -47,6 +47,51 @@ def problem_bytes(error: NexusError) -> bytes:
     )
 
 
+class HeadJoiningTransport:
+    """A transport that writes a response head together with the body that follows it.
+
+    uvicorn writes the status line and headers, then the body, as two writes. A replica
+    killed between them leaves NGINX holding a head without a body: it has started answering,
+    so it can neither retry elsewhere nor finish, and the client gets a truncated response.
+    Joined, a small answer reaches the socket whole or not at all (and costs one syscall
+    instead of two). A head whose body does not follow in the same loop iteration is sent
+    alone.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        """Write `data`, holding a bare response head until the next write or loop turn."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+        elif data.startswith(b"HTTP/1.1 ") and data.endswith(b"\r\n\r\n"):
+            self._held = data
+            self._loop.call_soon(self._flush)
+        else:
+            self._transport.write(data)
+
+    def _flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held)
+
+    def close(self) -> None:
+        """Send anything held, then close."""
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """HttpToolsProtocol bounding each request in head size and read time.
 
@@ -64,6 +109,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.transport = HeadJoiningTransport(transport, self.loop)  # type: ignore[assignment]
         # A connection that never sends a byte must not be held forever either.
         self._arm_read_timer()
 

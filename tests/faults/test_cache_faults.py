@@ -13,13 +13,13 @@ from contextlib import asynccontextmanager
 
 import pytest
 import redis.asyncio as aioredis
-from nexus_bus.handlers import builtin_groups
 
 from nexus_bus import Gateway, NotFound, Settings, Worker
 from nexus_bus.cache import CacheResult
 from nexus_bus.cache.heads import Absent, KeyValueHeads
 from nexus_bus.connection import connect_nats
 from nexus_bus.embedded import ServerProcess
+from nexus_bus.handlers import builtin_groups
 from nexus_bus.resilience import BreakerState
 from nexus_bus.services import Services, close_services, create_services
 from tests.conftest import make_settings

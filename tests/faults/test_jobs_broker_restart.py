@@ -9,10 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from nexus_bus.schemas.jobs import JobStatus
-
 from nexus_bus import Gateway, Worker
 from nexus_bus.embedded import ServerProcess
+from nexus_bus.schemas.jobs import JobStatus
 from tests.conftest import make_settings
 from tests.integration.test_jobs_app import Ledger, final_statuses, ops, submit_all, wait_applied
 

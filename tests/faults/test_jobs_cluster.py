@@ -14,11 +14,11 @@ from pathlib import Path
 
 import nats
 import pytest
-from nexus_bus.schemas.jobs import JobStatus
 
 from nexus_bus import Gateway, NexusError, Settings, Worker
 from nexus_bus.constants import JOBS_STREAM
 from nexus_bus.embedded import ServerProcess, nats_cluster
+from nexus_bus.schemas.jobs import JobStatus
 from tests.conftest import make_settings
 from tests.integration.test_jobs_app import Ledger, final_statuses, ops, submit_all, wait_applied
 

@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from nexus_bus.handlers import builtin_groups
-from nexus_bus.schemas.jobs import JobStatus
 
 from nexus_bus import Gateway, NotFound, Settings, Worker
 from nexus_bus.embedded import ServerProcess
+from nexus_bus.handlers import builtin_groups
 from nexus_bus.jobs.client import wait_job
+from nexus_bus.schemas.jobs import JobStatus
 from tests.conftest import make_settings
 from tests.integration.test_jobs_app import Apply, Ledger, counter_key, ops, record_store
 

@@ -18,12 +18,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from nexus_bus.handlers import builtin_groups
 
 from nexus_bus import Gateway, Settings, Worker, load_settings
 from nexus_bus.connection import connect_nats
 from nexus_bus.embedded import ServerProcess, free_port, nats_server, redis_server
 from nexus_bus.errors import Unavailable
+from nexus_bus.handlers import builtin_groups
 from nexus_bus.redis_client import create_redis
 from tests import servers
 from tests.conftest import issue_test_token, shared_keys_dir

@@ -86,7 +86,9 @@ async def test_worker_enforces_limits_for_direct_nats_clients(
         assert msg.headers is not None and msg.headers["Nexus-Status"] == "400"
         assert msg.headers["Nats-Service-Error-Code"] == "400"
         msg = await nc.request(
-            "nexus.data.get", b'{"key":"k"}', timeout=5,
+            "nexus.data.get",
+            b'{"key":"k"}',
+            timeout=5,
             headers={**auth, "Content-Type": "text/xml"},
         )
         assert msg.headers is not None and msg.headers["Nexus-Status"] == "415"

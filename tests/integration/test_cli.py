@@ -18,18 +18,28 @@ from nexus_bus import Settings, Worker
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_cli(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "nexus_bus", *args],
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=30, check=False,
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
 
 
 @pytest.fixture
 def cli_env(settings: Settings, admin_token: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
-    env.update(NEXUS_NATS__URL=settings.nats.url, NEXUS_REDIS__URL=settings.redis.url,
-               NEXUS_LOG__LEVEL="WARNING")
+    env.update(
+        NEXUS_NATS__URL=settings.nats.url,
+        NEXUS_REDIS__URL=settings.redis.url,
+        NEXUS_LOG__LEVEL="WARNING",
+    )
     if admin_token:
         env["NEXUS_TOKEN"] = admin_token
     return env
@@ -38,8 +48,13 @@ def cli_env(settings: Settings, admin_token: str | None) -> dict[str, str]:
 async def run_cli_async(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Like run_cli, without blocking the event loop the in-process worker serves on."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "nexus_bus", *args, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "nexus_bus",
+        *args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
@@ -50,7 +65,9 @@ async def test_call_prints_the_reply_and_exits_nonzero_with_the_problem(
     worker: Worker, cli_env: dict[str, str], uid: str
 ) -> None:
     run_cli = run_cli_async
-    put = await run_cli("call", "data.put", json.dumps({"key": f"cli.{uid}", "value": [1]}), env=cli_env)
+    put = await run_cli(
+        "call", "data.put", json.dumps({"key": f"cli.{uid}", "value": [1]}), env=cli_env
+    )
     assert put.returncode == 0, put.stderr
     assert json.loads(put.stdout)["key"] == f"cli.{uid}"
     got = await run_cli("call", "data.get", json.dumps({"key": f"cli.{uid}"}), env=cli_env)
@@ -78,9 +95,23 @@ def test_up_starts_the_stack_serves_calls_and_stops_cleanly(tmp_path: Path) -> N
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
     env["NEXUS_LOG__LEVEL"] = "WARNING"
     up = subprocess.Popen(
-        [sys.executable, "-m", "nexus_bus", "up", "--workers", "1", "--nats-port", "0",
-         "--redis-port", "0"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "nexus_bus",
+            "up",
+            "--workers",
+            "1",
+            "--nats-port",
+            "0",
+            "--redis-port",
+            "0",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         assert up.stdout is not None
@@ -98,7 +129,9 @@ def test_up_starts_the_stack_serves_calls_and_stops_cleanly(tmp_path: Path) -> N
         # `call` finds the running stack by itself (state dir), token included.
         put, got = None, None
         for _ in range(50):  # the worker may still be subscribing
-            put = run_cli("call", "data.put", '{"key": "hello", "value": {"n": 1}}', env=env, cwd=tmp_path)
+            put = run_cli(
+                "call", "data.put", '{"key": "hello", "value": {"n": 1}}', env=env, cwd=tmp_path
+            )
             if put.returncode == 0:
                 break
             time.sleep(0.2)

@@ -31,7 +31,10 @@ def test_nats_cluster_configs_are_valid_for_the_real_server(node: int) -> None:
     result = subprocess.run(
         [find_nats_server(), "-t", "-c", str(COMPOSE / "nats" / f"nats-{node}.conf")],
         env={**os.environ, "NEXUS_NATS_PASSWORD": "test-only"},
-        capture_output=True, text=True, timeout=20, check=False,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     text = (COMPOSE / "nats" / f"nats-{node}.conf").read_text()
@@ -47,13 +50,17 @@ def test_services_reference_existing_files_and_services() -> None:
                 assert (COMPOSE / source).exists(), f"{name}: {source} is missing"
         for dependency in service.get("depends_on", []):
             assert dependency in services, f"{name} depends on unknown {dependency}"
-    assert {"nats-1", "nats-2", "nats-3", "redis", "worker", "shim-1", "shim-2", "nginx"} <= set(services)
+    assert {"nats-1", "nats-2", "nats-3", "redis", "worker", "shim-1", "shim-2", "nginx"} <= set(
+        services
+    )
 
 
 def test_the_stack_environment_is_valid_nexus_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     env = dict(compose_doc()["x-nexus-env"])
     for key, value in env.items():
-        monkeypatch.setenv(key, str(value).replace("${NEXUS_NATS_PASSWORD:?set it in compose/.env}", "p"))
+        monkeypatch.setenv(
+            key, str(value).replace("${NEXUS_NATS_PASSWORD:?set it in compose/.env}", "p")
+        )
     settings = load_settings()
     assert len(settings.nats.servers) == 3 and settings.jetstream.replicas == 3
     assert settings.nats.user == "nexus" and settings.nats.password is not None
@@ -63,6 +70,11 @@ def test_the_stack_environment_is_valid_nexus_settings(monkeypatch: pytest.Monke
 def test_prometheus_rules_use_the_documented_metric_names() -> None:
     rules = yaml.safe_load((COMPOSE / "prometheus" / "rules.yml").read_text())
     exprs = " ".join(r["expr"] for g in rules["groups"] for r in g["rules"])
-    for metric in ("nexus_request_duration_seconds", "nexus_error_rate_total",
-                   "nexus_jobs_dead_lettered_total", "nexus_circuit_state", "nexus_cache_hit_ratio"):
+    for metric in (
+        "nexus_request_duration_seconds",
+        "nexus_error_rate_total",
+        "nexus_jobs_dead_lettered_total",
+        "nexus_circuit_state",
+        "nexus_cache_hit_ratio",
+    ):
         assert metric in exprs

@@ -76,8 +76,12 @@ async def test_msgpack_requests(gateway: Gateway, uid: str) -> None:
 
 async def test_stream_publish_dedup_and_read(gateway: Gateway, uid: str) -> None:
     topic = f"t{uid}"
-    first = await gateway.request("stream", "publish", {"topic": topic, "event": {"n": 1}, "id": "e1"})
-    again = await gateway.request("stream", "publish", {"topic": topic, "event": {"n": 1}, "id": "e1"})
+    first = await gateway.request(
+        "stream", "publish", {"topic": topic, "event": {"n": 1}, "id": "e1"}
+    )
+    again = await gateway.request(
+        "stream", "publish", {"topic": topic, "event": {"n": 1}, "id": "e1"}
+    )
     assert not first["duplicate"] and again["duplicate"] and again["seq"] == first["seq"]
     second = await gateway.request("stream", "publish", {"topic": topic, "event": {"n": 2}})
     read = await gateway.request("stream", "read", {"topic": topic})

@@ -8,14 +8,17 @@ from collections.abc import AsyncIterator
 import httpx
 import msgspec
 import pytest
-from nexus_bus.handlers import BUILTIN
 
 from nexus_bus import Settings, Worker
+from nexus_bus.embedded import ServerProcess
+from nexus_bus.handlers import BUILTIN
 from nexus_bus.specs import openapi_document
+from tests.conftest import make_settings
 from tests.integration.http_shim import (
     PROBE_OP,
     RunningShim,
     bearer,
+    poll_until,
     probe_worker,
     running_shim,
 )
@@ -248,3 +251,31 @@ async def test_invented_operations_do_not_become_metric_labels(
     lines = [x for x in (await client.get("/metrics")).text.splitlines() if 'transport="http"' in x]
     assert not [x for x in lines if f"invented{uid}" in x or f"madeup{uid}" in x]
     assert [x for x in lines if 'op="_other"' in x]
+
+
+async def test_readiness_follows_nats_and_redis(
+    local_nats: ServerProcess, local_redis: ServerProcess
+) -> None:
+    own = make_settings(local_nats.url, local_redis.url + "/0")
+    async with running_shim(own) as running, httpx.AsyncClient(base_url=running.url) as c:
+        assert (await c.get("/readyz")).status_code == 200
+        local_redis.kill()
+        down = await c.get("/readyz")
+        problem(down, 503, "unavailable")
+        assert down.json()["checks"] == {"nats": True, "redis": False, "draining": False}
+        assert down.headers["retry-after"]
+        local_nats.kill()
+
+        async def nats_down() -> bool:
+            return bool((await c.get("/readyz")).json()["checks"]["nats"] is False)
+
+        await poll_until(nats_down, 10)
+        # Alive all along: liveness must not restart a process that waits for its servers.
+        assert (await c.get("/healthz")).status_code == 200
+        local_nats.start()
+        local_redis.start()
+
+        async def ready() -> bool:
+            return (await c.get("/readyz")).status_code == 200
+
+        await poll_until(ready, 15)

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from nexus_bus.schemas.jobs import JobStatus
 
 from nexus_bus import (
     Gateway,
@@ -34,6 +33,7 @@ from nexus_bus.jobs.client import get_job, job_store, submit_job, wait_job, watc
 from nexus_bus.jobs.dlq import DeadLetterQueue
 from nexus_bus.jobs.envelope import new_job_id
 from nexus_bus.jobs.status import JobRecord, advance
+from nexus_bus.schemas.jobs import JobStatus
 
 
 def jobs_settings(settings: Settings, **jobs: Any) -> Settings:

@@ -21,13 +21,13 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nexus_bus.schemas.jobs import JobStatus
 
 from nexus_bus import Gateway, NexusError, NotFound, Operations, RequestContext, Settings
 from nexus_bus.constants import DATA_BUCKET
 from nexus_bus.jobs.client import get_job
 from nexus_bus.jobs.envelope import job_id_for
 from nexus_bus.jobs.status import TERMINAL
+from nexus_bus.schemas.jobs import JobStatus
 from nexus_bus.store import KeyValueRecordStore, RecordStore
 
 ops = Operations("ledger", description="Test ledger for job delivery guarantees.")

@@ -68,7 +68,9 @@ def test_depth_counts_structs_and_containers() -> None:
         codec.check_value(Box(inner=[{"a": 1}]), 2)
 
 
-@pytest.mark.parametrize("number", [b"1" + b"9" * 400, b"18446744073709551616", b"-9223372036854775809"])
+@pytest.mark.parametrize(
+    "number", [b"1" + b"9" * 400, b"18446744073709551616", b"-9223372036854775809"]
+)
 def test_huge_integers_are_refused(number: bytes) -> None:
     with pytest.raises(InvalidRequest, match="out of range"):
         codec.decode(b'{"key": "k", "value": ' + number + b"}", PutRequest, **LIMITS)

@@ -254,3 +254,44 @@ def test_last_event_id_sources() -> None:
     for bad in ("x", "-1", "1" * 20):
         with pytest.raises(InvalidRequest):
             last_event_id(bad, b"")
+
+
+# --- response writes ----------------------------------------------------------------------
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+async def test_response_head_and_body_are_one_write() -> None:
+    import asyncio
+
+    from nexus_bus.http.protocol import HeadJoiningTransport
+
+    raw = RecordingTransport()
+    joined = HeadJoiningTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
+    joined.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    assert raw.writes == []
+    joined.write(b"{}")
+    assert raw.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+    # A head whose body does not follow this loop turn still goes out, alone.
+    joined.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    await asyncio.sleep(0)
+    assert raw.writes[-1].endswith(b"chunked\r\n\r\n")
+    # Closing sends what is held first; other attributes pass through.
+    joined.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+    joined.close()
+    assert raw.writes[-1].startswith(b"HTTP/1.1 204") and raw.closed and joined.is_closing()
+    joined.write(b"not a head")
+    assert raw.writes[-1] == b"not a head"

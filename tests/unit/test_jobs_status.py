@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from nexus_bus.schemas.jobs import Job, JobStatus
 
 from nexus_bus.errors import NotFound, Unavailable
 from nexus_bus.jobs.dlq import dead_letter_headers, entry_of
 from nexus_bus.jobs.status import TERMINAL, JobRecord, advance, decode_record, encode_record
+from nexus_bus.schemas.jobs import Job, JobStatus
 
 PENDING = JobRecord(
     id="a" * 32, op="orders", action="create", status=JobStatus.PENDING, created_at=1.0

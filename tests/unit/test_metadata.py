@@ -59,4 +59,6 @@ def test_header_checks() -> None:
     with pytest.raises(HeadersTooLarge):
         check_headers({"A": "b" * 11}, max_value_bytes=10, max_total_bytes=1000)
     with pytest.raises(HeadersTooLarge):
-        check_headers({f"H{i}": "v" * 9 for i in range(20)}, max_value_bytes=10, max_total_bytes=100)
+        check_headers(
+            {f"H{i}": "v" * 9 for i in range(20)}, max_value_bytes=10, max_total_bytes=100
+        )

@@ -5,9 +5,28 @@ import pytest
 from nexus_bus import nats_headers
 
 PIECES = [
-    b"Nexus-Request-Id", b"traceparent", b"A B", b" Lead", b"Trail ", b"X\tY", b"\xff\xfe",
-    b"Caf\xc3\xa9", b"", b":", b": ", b"value", b" spaced value ", b"\xe2\x82\xac", b"\xff",
-    b"k", b"Nats-Msg-Id", b"\x1c", b"\x0b", b"\r", b"\n", b"\r\n",
+    b"Nexus-Request-Id",
+    b"traceparent",
+    b"A B",
+    b" Lead",
+    b"Trail ",
+    b"X\tY",
+    b"\xff\xfe",
+    b"Caf\xc3\xa9",
+    b"",
+    b":",
+    b": ",
+    b"value",
+    b" spaced value ",
+    b"\xe2\x82\xac",
+    b"\xff",
+    b"k",
+    b"Nats-Msg-Id",
+    b"\x1c",
+    b"\x0b",
+    b"\r",
+    b"\n",
+    b"\r\n",
 ]
 
 

@@ -10,7 +10,9 @@ def test_json_log_lines_carry_the_contract_fields() -> None:
     sink = io.StringIO()
     configure_logging("svc-a", "INFO", sink=sink)
     try:
-        with logger.contextualize(trace_id="t" * 32, correlation_id="req-1", op="data", action="get"):
+        with logger.contextualize(
+            trace_id="t" * 32, correlation_id="req-1", op="data", action="get"
+        ):
             logger.bind(status=200, duration_ms=1.5).info("served")
         logger.debug("filtered out")
     finally:
@@ -20,7 +22,12 @@ def test_json_log_lines_carry_the_contract_fields() -> None:
     doc = json.loads(lines[0])
     assert doc["service"] == "svc-a" and doc["level"] == "INFO" and doc["message"] == "served"
     assert doc["trace_id"] == "t" * 32 and doc["correlation_id"] == "req-1"
-    assert (doc["op"], doc["action"], doc["status"], doc["duration_ms"]) == ("data", "get", 200, 1.5)
+    assert (doc["op"], doc["action"], doc["status"], doc["duration_ms"]) == (
+        "data",
+        "get",
+        200,
+        1.5,
+    )
     assert "timestamp" in doc
 
 
@@ -34,4 +41,7 @@ def test_metrics_names_and_labels() -> None:
         {"op": "data", "action": "get", "status": "200", "transport": "nats"},
     )
     assert count == 2
-    assert m.registry.get_sample_value("nexus_error_rate_total", {"op": "data", "code": "not_found"}) == 1
+    assert (
+        m.registry.get_sample_value("nexus_error_rate_total", {"op": "data", "code": "not_found"})
+        == 1
+    )

@@ -7,8 +7,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from nexus_bus.handlers import BUILTIN
-from nexus_bus.schemas.data import PutRequest
 
 from nexus_bus import Operations, RequestContext, load_settings
 from nexus_bus.cli import build_parser
@@ -26,7 +24,9 @@ from nexus_bus.constants import (
     H_TRACESTATE,
 )
 from nexus_bus.errors import NotFound
+from nexus_bus.handlers import BUILTIN
 from nexus_bus.replies import problem_of
+from nexus_bus.schemas.data import PutRequest
 from nexus_bus.specs import (
     asyncapi_document,
     default_directory,

@@ -49,21 +49,31 @@ async def ensure_events_stream(js: JetStreamContext, settings: JetStreamSettings
     )
 
 
-async def ensure_data_bucket(js: JetStreamContext, settings: JetStreamSettings) -> KeyValue:
-    """The `nexus_data` KV bucket, created when absent.
+async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """A KV bucket, created with `config` when absent (an existing one is used as it is).
 
     Raises:
         Unavailable: JetStream cannot be reached.
     """
-    async with translate_nats_errors(f"bucket {DATA_BUCKET}"):
+    async with translate_nats_errors(f"bucket {config.bucket}"):
         try:
-            return await js.key_value(DATA_BUCKET)
+            return await js.key_value(config.bucket)
         except jserr.BucketNotFoundError:
-            return await js.create_key_value(
-                KeyValueConfig(
-                    bucket=DATA_BUCKET,
-                    history=1,
-                    storage=storage_type(settings),
-                    replicas=settings.replicas,
-                )
-            )
+            return await js.create_key_value(config)
+
+
+async def ensure_data_bucket(js: JetStreamContext, settings: JetStreamSettings) -> KeyValue:
+    """The `nexus_data` KV bucket (the system of record), created when absent.
+
+    Raises:
+        Unavailable: JetStream cannot be reached.
+    """
+    return await ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=DATA_BUCKET,
+            history=1,
+            storage=storage_type(settings),
+            replicas=settings.replicas,
+        ),
+    )

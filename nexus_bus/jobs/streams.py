@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import nats.js.errors as jserr
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StreamConfig
 from nats.js.kv import KeyValue
@@ -31,7 +30,7 @@ from nexus_bus.constants import (
     JOBS_STREAM,
     KV_STREAM_PREFIX,
 )
-from nexus_bus.jetstream import ensure_stream, storage_type
+from nexus_bus.jetstream import ensure_bucket, ensure_stream, storage_type
 from nexus_bus.store import translate_nats_errors
 
 
@@ -68,19 +67,16 @@ async def ensure_jobs_bucket(js: JetStreamContext, settings: Settings) -> KeyVal
     Raises:
         Unavailable: JetStream cannot be reached.
     """
-    async with translate_nats_errors(f"bucket {JOBS_BUCKET}"):
-        try:
-            return await js.key_value(JOBS_BUCKET)
-        except jserr.BucketNotFoundError:
-            return await js.create_key_value(
-                KeyValueConfig(
-                    bucket=JOBS_BUCKET,
-                    history=1,
-                    ttl=settings.jobs.status_ttl_s,
-                    storage=storage_type(settings.jetstream),
-                    replicas=settings.jetstream.replicas,
-                )
-            )
+    return await ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=JOBS_BUCKET,
+            history=1,
+            ttl=settings.jobs.status_ttl_s,
+            storage=storage_type(settings.jetstream),
+            replicas=settings.jetstream.replicas,
+        ),
+    )
 
 
 async def ensure_job_streams(js: JetStreamContext, settings: Settings) -> KeyValue:

@@ -135,17 +135,6 @@ class Worker:
             enforce_deadline=False,  # the reaper below does it for the whole worker
         )
         await broker.start()
-        if not self.settings.worker.faststream_subscribers:
-            # The fast path (docs/runtime.md): the same admission on the broker's own
-            # connection, without FastStream's per-message pipeline, which halves throughput.
-            for group in self.groups:
-                self._subscriptions.append(
-                    await self.nc.subscribe(
-                        operation_wildcard(group.op),
-                        queue=queue_group(group.op),
-                        cb=self._admitter(group.op),
-                    )
-                )
         self._reaper = asyncio.create_task(self._reap_expired())
         # Read at scrape time: no per-request cost on the hot path.
         METRICS.inflight.labels(T_NATS).set_function(lambda: len(self._tasks))
@@ -160,6 +149,19 @@ class Worker:
             except BaseException:
                 await self.drain(0)  # release the broker and services this start opened
                 raise
+        if not self.settings.worker.faststream_subscribers:
+            # Last, so answering requests means fully started. The fast path
+            # (docs/runtime.md): the same admission on the broker's own connection, without
+            # FastStream's per-message pipeline, which halves throughput.
+            for group in self.groups:
+                self._subscriptions.append(
+                    await self.nc.subscribe(
+                        operation_wildcard(group.op),
+                        queue=queue_group(group.op),
+                        cb=self._admitter(group.op),
+                    )
+                )
+            await self.nc.flush()  # the server has our interest: requests reach us from now
         logger.info("worker serving ops {}", ",".join(g.op for g in self.groups))
 
     def _admitter(self, op: str) -> Any:

@@ -75,7 +75,10 @@ def cmd_shim(args: argparse.Namespace, settings: Settings) -> int:
         settings = settings.model_copy(
             update={"http": settings.http.model_copy(update=overrides)}
         )
-    return serve(settings)
+    # Your groups next to the built-in ones: the shim lets their public actions through
+    # without a token on the routes it authorizes itself (docs/http.md).
+    groups = [*load_groups(None, []), *load_groups(None, args.app)] if args.app else None
+    return serve(settings, groups)
 
 
 def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
@@ -220,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shim", help="serve the HTTP shim (POST /v1/{op}/{action}, SSE, probes)")
     p.add_argument("--host", help="address to listen on (default: http.host)")
     p.add_argument("--port", type=int, help="port to listen on (default: http.port)")
+    p.add_argument("--app", action="append", default=[], help="module:attr of your Operations")
     p.set_defaults(func=cmd_shim)
 
     p = sub.add_parser("call", help="call one operation, e.g. call data.get '{\"key\":\"k\"}'")

@@ -112,6 +112,7 @@ H_LAST_EVENT_ID: Final = "Last-Event-ID"
 H_FORWARDED_FOR: Final = "X-Forwarded-For"
 PREFER_ASYNC: Final = "respond-async"
 CT_EVENT_STREAM: Final = "text/event-stream"
+SSE_END_EVENT: Final = "end"  # the last SSE event of a stream the shim ends (token gone)
 HTTP_API_PREFIX: Final = "/v1"
 HTTP_HEALTHZ: Final = "/healthz"
 HTTP_READYZ: Final = "/readyz"

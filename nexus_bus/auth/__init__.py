@@ -14,6 +14,7 @@ from nexus_bus.auth.scopes import allows, covers, parse_duration, parse_scopes
 from nexus_bus.auth.service import (
     TokenService,
     create_authenticator,
+    create_shim_authenticator,
     create_token_service,
     token_service_of,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "bearer_token",
     "covers",
     "create_authenticator",
+    "create_shim_authenticator",
     "create_token_service",
     "generate_key",
     "keys_dir_of",

@@ -128,15 +128,25 @@ class TokenService:
             except Exception as exc:  # the store has it: other caches catch up within ttl
                 logger.warning("revocation notice not sent: {}", exc)
 
-    async def listen(self, nc: Client) -> None:
+    async def listen(
+        self, nc: Client, *, on_revoked: Callable[[str], None] | None = None
+    ) -> None:
         """Evict revoked tokens from this process's cache as notices arrive.
+
+        Args:
+            nc: the connection to hear notices on.
+            on_revoked: also told each notice's `jti`, after the eviction (so whatever it
+                re-checks asks the store again rather than trusting the cache).
 
         Raises:
             Unavailable: the subscription cannot be made.
         """
 
         async def on_notice(msg: Msg) -> None:
-            self.verifier.on_revoked(msg.data.decode(errors="replace"))
+            jti = msg.data.decode(errors="replace")
+            self.verifier.on_revoked(jti)
+            if on_revoked is not None:
+                on_revoked(jti)
 
         try:
             await nc.subscribe(AUTH_REVOKED_SUBJECT, cb=on_notice)
@@ -198,7 +208,49 @@ async def create_authenticator(settings: Settings, services: Services) -> Authen
         return NoAuthentication()
     service = create_token_service(settings, services.redis, nc=services.nc)
     services.extras[_SERVICE_KEY] = service
-    await service.listen(services.nc)
+    return await _enforcing(service, settings, services.nc)
+
+
+async def create_shim_authenticator(
+    settings: Settings,
+    redis: RedisClient,
+    nc: Client,
+    *,
+    on_revoked: Callable[[str], None] | None = None,
+) -> TokenAuthenticator | None:
+    """The workers' authenticator, for an HTTP shim's own routes; None with auth off.
+
+    The shim only verifies, so public keys (`<kid>.pub.pem`) are enough in `auth.keys_dir`.
+
+    Args:
+        settings: the shim's settings (`auth`).
+        redis: the revocation store's connection.
+        nc: where revocation notices are heard.
+        on_revoked: told each revoked `jti` after the cache dropped it (see `listen`).
+
+    Raises:
+        ConfigError: auth is enabled but no usable keys are configured (fail at start).
+        Unavailable: notices cannot be subscribed to.
+    """
+    if not settings.auth.enabled:
+        return None
+    service = create_token_service(settings, redis, nc=nc)
+    return await _enforcing(service, settings, nc, on_revoked=on_revoked)
+
+
+async def _enforcing(
+    service: TokenService,
+    settings: Settings,
+    nc: Client,
+    *,
+    on_revoked: Callable[[str], None] | None = None,
+) -> TokenAuthenticator:
+    """Listen for revocation notices and build the authenticator on `service`'s verifier.
+
+    Raises:
+        Unavailable: notices cannot be subscribed to.
+    """
+    await service.listen(nc, on_revoked=on_revoked)
     logger.info("token auth on; keys {} (signing with {})", service.codec.keyring.kids,
                 service.codec.keyring.active_kid)
     return TokenAuthenticator(service.verifier, FailureLimiter.from_settings(settings.auth))

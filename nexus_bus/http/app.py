@@ -28,6 +28,7 @@ from nexus_bus.constants import (
 )
 from nexus_bus.errors import InternalError, InvalidRequest, NexusError, NotFound, Unavailable
 from nexus_bus.gateway import Gateway
+from nexus_bus.http.authz import ShimAuthorizer, create_shim_authorizer, credentials
 from nexus_bus.http.client_ip import TrustedProxies
 from nexus_bus.http.forward import OperationRoute, bus_headers
 from nexus_bus.http.jobs import JobRoutes
@@ -67,8 +68,9 @@ class ShimApp:
 
         Args:
             settings: the whole settings object (the shim reads `http`, `limits`, `nats`,
-                `redis`, `client`, `jobs`).
-            groups: the operations `/openapi.json` describes (default: the built-in ones).
+                `redis`, `client`, `jobs`, `auth`).
+            groups: the operations `/openapi.json` describes and whose public actions the
+                shim lets through without a token (default: the built-in ones).
         """
         if groups is None:
             from nexus_bus.handlers import BUILTIN
@@ -84,6 +86,7 @@ class ShimApp:
         self.nc: Client | None = None
         self._redis: RedisClient | None = None
         self._gateway: Gateway | None = None
+        self._authz: ShimAuthorizer | None = None
         self._operations: OperationRoute | None = None
         self._jobs: JobRoutes | None = None
         self._streams: EventStreams | None = None
@@ -104,17 +107,27 @@ class ShimApp:
 
         Raises:
             Unavailable: NATS cannot be reached.
+            ConfigError: auth is enabled but `auth.keys_dir` holds no usable keys.
         """
         settings = self.settings
         nc = await connect_nats(settings.nats, name=f"{settings.service}-shim")
         self.nc = nc
         self._redis = create_redis(settings.redis)
         self._gateway = Gateway(nc, settings)
-        self._jobs = JobRoutes(nc, settings)
+        streams = EventStreams(nc.jetstream(), settings.http)
+        self._streams = streams
+        try:
+            # Routes that never reach a worker's request path are authorized here (authz.py).
+            self._authz = await create_shim_authorizer(
+                settings, self._redis, nc, self._groups, on_revoked=streams.recheck
+            )
+        except BaseException:
+            await self.shutdown()  # the server runs no shutdown after a failed startup
+            raise
+        self._jobs = JobRoutes(nc, settings, self._authz)
         self._operations = OperationRoute(
             self._gateway, settings, self._jobs, read_timeout_s=self._read_timeout_s
         )
-        self._streams = EventStreams(nc.jetstream(), settings.http)
         probes = Probes(
             lambda: nc.is_connected,
             self._redis,
@@ -265,7 +278,8 @@ class ShimApp:
             if method != "GET":
                 raise MethodNotAllowed("job status is read with GET", allow="GET")
             assert self._jobs is not None
-            return await self._jobs.status(second)
+            caller = credentials(head.authorization, self._client_ip(scope, head))
+            return await self._jobs.status(second, caller)
         if method != "POST":
             raise MethodNotAllowed("operations are called with POST", allow="POST")
         try:
@@ -293,14 +307,17 @@ class ShimApp:
         send: Send,
     ) -> None:
         assert self._streams is not None and self._gateway is not None
+        assert self._authz is not None
         check_token(topic, "topic")
         after = last_event_id(head.last_event_id, scope.get("query_string", b""))
         if self._draining:
             raise Unavailable("this replica is draining; reconnect with Last-Event-ID")
         self._streams.check_capacity()
-        # Workers decide who may read: the same token must be allowed `stream.read` on it.
-        timeout_s = self.settings.client.default_timeout_ms / 1000
         client_ip = self._client_ip(scope, head)
+        # The shim holds the token for the stream's life (re-checked, ended when it is gone);
+        # the workers must allow the same token `stream.read` on the topic too.
+        lease = await self._authz.lease(credentials(head.authorization, client_ip), *_STREAM_OP)
+        timeout_s = self.settings.client.default_timeout_ms / 1000
         headers = bus_headers(self._gateway, head, request_id, client_ip, timeout_s)
         gate = await self._gateway.request_raw(
             *_STREAM_OP, encode_gate_request(topic, after), headers, timeout_s=timeout_s
@@ -308,4 +325,4 @@ class ShimApp:
         if gate.status >= 400:
             raise error_of(gate.status, gate.body)
         scope[_STREAMING] = True
-        await self._streams.stream(topic, after, request_id, receive, send)
+        await self._streams.stream(topic, after, request_id, receive, send, lease)

@@ -16,7 +16,7 @@ import math
 import signal
 import socket
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from types import FrameType
 
 import uvicorn
@@ -25,6 +25,7 @@ from nexus_bus.config import Settings
 from nexus_bus.http.app import ShimApp
 from nexus_bus.http.protocol import limited_protocol
 from nexus_bus.observability import logger
+from nexus_bus.operations import Operations
 
 
 def create_config(app: ShimApp, settings: Settings) -> uvicorn.Config:
@@ -141,8 +142,14 @@ def create_server(
     )
 
 
-def serve(settings: Settings) -> int:
-    """Run the shim until SIGTERM/SIGINT; the process's exit code (0 after a clean drain)."""
-    server = create_server(settings)
+def serve(settings: Settings, groups: Iterable[Operations] | None = None) -> int:
+    """Run the shim until SIGTERM/SIGINT; the process's exit code (0 after a clean drain).
+
+    Args:
+        settings: the whole settings object.
+        groups: the operations the shim knows (default: the built-in ones); it lets their
+            public actions through without a token and describes them in `/openapi.json`.
+    """
+    server = create_server(settings, ShimApp(settings, groups) if groups is not None else None)
     server.run()
     return 0 if server.started else 1

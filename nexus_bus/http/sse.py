@@ -7,8 +7,13 @@ may resume on any replica. A comment line every `sse_heartbeat_s` keeps proxies 
 the stream out and detects dead clients; when the client leaves (or the shim drains) the
 consumer is deleted at once.
 
-Authorization is the workers' job, so before streaming the shim asks `stream.read` for the
-same topic with the client's credentials: a 401 or 403 from it is the answer to the client.
+Before streaming, the shim authorizes the client as `stream.read` on the topic itself and
+asks the workers the same (a `stream.read` call with the client's credentials): a 401 or 403
+from either is the answer. A stream then outlives that moment, so it holds a `StreamLease`
+(`authz.py`) and re-checks its token every `auth.cache_ttl_s`, at each heartbeat, at once on
+a revocation notice for it, and at its `exp`. When the token is gone the stream ends with an
+`end` event carrying the problem document, then closes; EventSource reconnects and is
+refused.
 """
 
 from __future__ import annotations
@@ -28,9 +33,12 @@ from nexus_bus.constants import (
     CT_EVENT_STREAM,
     EVENTS_STREAM,
     H_HTTP_REQUEST_ID,
+    SSE_END_EVENT,
 )
-from nexus_bus.errors import InvalidRequest, Unavailable
+from nexus_bus.errors import InvalidRequest, NexusError, Unavailable
+from nexus_bus.http.authz import StreamLease
 from nexus_bus.observability import logger
+from nexus_bus.replies import problem_of
 from nexus_bus.store import translate_nats_errors
 from nexus_bus.subjects import events_subject
 
@@ -41,6 +49,10 @@ _QUEUE_SIZE: Final = 256
 # Safety net for a consumer whose delete never arrived (shim killed): the server drops it.
 _INACTIVE_S: Final = 30.0
 _STOP: Final = object()
+_RECHECK: Final = object()  # wakes an idle stream whose token must be checked now
+_TICK: Final = object()  # nothing arrived: a heartbeat or a check is due
+_END_EVENT: Final = SSE_END_EVENT.encode()
+_encoder: Final = msgspec.json.Encoder()
 _STREAM_HEADERS: Final = [
     (b"content-type", CT_EVENT_STREAM.encode()),
     (b"cache-control", b"no-cache"),
@@ -56,6 +68,14 @@ def event_frame(seq: int, data: bytes) -> bytes:
         return b"id: %d\ndata: %s\n\n" % (seq, data)
     lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
     return b"id: %d\n" % seq + b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
+
+
+def end_frame(error: NexusError, request_id: str) -> bytes:
+    """The last event of a stream the shim ends: `event: end`, the problem document as data.
+
+    It carries no `id:`, so a reconnecting client resumes after the last real event.
+    """
+    return b"event: %s\ndata: %s\n\n" % (_END_EVENT, _encoder.encode(problem_of(error, request_id)))
 
 
 def retry_frame(retry_ms: int) -> bytes:
@@ -89,7 +109,8 @@ class EventStreams:
         self._heartbeat_s = settings.sse_heartbeat_s
         self._retry = retry_frame(settings.sse_retry_ms)
         self._max = settings.sse_max_streams
-        self._queues: set[asyncio.Queue[Any]] = set()
+        # Each open stream's queue, with the lease of its token (None: nothing to re-check).
+        self._queues: dict[asyncio.Queue[Any], StreamLease | None] = {}
 
     @property
     def open_count(self) -> int:
@@ -106,10 +127,26 @@ class EventStreams:
         for queue in list(self._queues):
             _put_stop(queue)
 
+    def recheck(self, jti: str) -> None:
+        """A revocation notice for `jti`: the streams holding that token check it now."""
+        for queue, lease in list(self._queues.items()):
+            if lease is not None and lease.jti == jti:
+                lease.mark_stale()
+                # Wakes an idle stream; a full queue means a busy one, which checks before
+                # its next event anyway.
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(_RECHECK)
+
     async def stream(
-        self, topic: str, after: int | None, request_id: str, receive: Any, send: Any
+        self,
+        topic: str,
+        after: int | None,
+        request_id: str,
+        receive: Any,
+        send: Any,
+        lease: StreamLease | None = None,
     ) -> None:
-        """Stream `topic` to the client until it disconnects or the shim drains.
+        """Stream `topic` to the client until it leaves, the shim drains or `lease` ends.
 
         Raises:
             InvalidRequest: a malformed topic.
@@ -139,35 +176,59 @@ class EventStreams:
                 config=config,
                 idle_heartbeat=self._heartbeat_s,
             )
-        self._queues.add(queue)
+        self._queues[queue] = lease
         watcher = asyncio.create_task(_watch_disconnect(receive, queue))
         try:
             headers = [*_STREAM_HEADERS, (_REQUEST_ID, request_id.encode())]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": self._retry, "more_body": True})
-            await self._pump(queue, send)
+            ended = await self._pump(queue, send, lease)
+            if ended is not None:
+                logger.info("event stream {} for {} ended: {}", topic, request_id, ended.detail)
+                frame = end_frame(ended, request_id)
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
         except Exception:
             logger.opt(exception=True).warning("event stream {} for {} failed", topic, request_id)
         finally:
-            self._queues.discard(queue)
+            self._queues.pop(queue, None)
             watcher.cancel()
             await _remove_consumer(self._js, sub)
         with contextlib.suppress(OSError):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _pump(self, queue: asyncio.Queue[Any], send: Any) -> None:
+    async def _pump(
+        self, queue: asyncio.Queue[Any], send: Any, lease: StreamLease | None
+    ) -> NexusError | None:
+        """Send events and heartbeats until told to stop (None) or the token is gone (why)."""
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time() + self._heartbeat_s
         while True:
+            wait = next_beat - loop.time()
+            if lease is not None:
+                # Checks are timed by the clock, not by idleness: a busy stream is checked too.
+                wait = min(wait, lease.due_in())
+            item: Any = _TICK
             try:
-                async with asyncio.timeout(self._heartbeat_s):
+                async with asyncio.timeout(max(0.0, wait)):
                     item = await queue.get()
             except TimeoutError:
-                await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
-                continue
+                pass
             if item is _STOP:
-                return
+                return None
+            beat = loop.time() >= next_beat
+            if lease is not None and (beat or lease.due_in() == 0):
+                ended = await lease.check()
+                if ended is not None:
+                    return ended
+            if item is _TICK or item is _RECHECK:
+                if beat:
+                    await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
+                    next_beat = loop.time() + self._heartbeat_s
+                continue
             meta = item.metadata
             frame = event_frame(meta.sequence.stream, item.data or b"")
             await send({"type": "http.response.body", "body": frame, "more_body": True})
+            next_beat = loop.time() + self._heartbeat_s
 
 
 def _put_stop(queue: asyncio.Queue[Any]) -> None:

@@ -233,9 +233,13 @@ def _fixed_paths(known: dict[int, list[str]]) -> dict[str, Any]:
             "A job's status and, once finished, its result or error.",
             {
                 "200": _ok("The job.", CT_JSON, _schema("Job")),
-                **_problems((401, 403, 404, 500, 503), known),
+                **_problems((400, 401, 404, 429, 500, 503), known),
             },
             parameters=[job_id],
+            description=(
+                "Needs a token whose scopes allow the job's `op:action`; without one the "
+                "answer is 404, as for a job that does not exist."
+            ),
         ),
         f"{_EVENTS_ROUTE}/{{topic}}": _get(
             "events.subscribe",
@@ -245,9 +249,13 @@ def _fixed_paths(known: dict[int, list[str]]) -> dict[str, Any]:
                 "200": _ok(
                     "`id:` is the stream sequence, `data:` the event JSON.", CT_EVENT_STREAM
                 ),
-                **_problems((400, 401, 403, 500, 503), known),
+                **_problems((400, 401, 403, 429, 500, 503), known),
             },
             parameters=[topic, last_event],
+            description=(
+                "Needs scope `stream:read`. The stream ends with an `end` event (a problem "
+                "document) when its token expires or is revoked."
+            ),
         ),
         HTTP_HEALTHZ: _get("sys.healthz", "sys", "Alive.", {"200": _ok("Alive.")}, **public),
         HTTP_READYZ: _get(

@@ -80,6 +80,8 @@ def start_shim(settings: Settings, port: int, log: Path) -> subprocess.Popen[byt
         **os.environ,
         "NEXUS_NATS__URL": settings.nats.url,
         "NEXUS_REDIS__URL": settings.redis.url,
+        # The shim verifies tokens itself on async submits, job status and event streams.
+        "NEXUS_AUTH__KEYS_DIR": str(settings.auth.keys_dir),
         "NEXUS_HTTP__TRUSTED_PROXIES": '["127.0.0.1/32"]',
         "NEXUS_HTTP__DRAIN_DELAY_S": "0",
         "NEXUS_LOG__LEVEL": "WARNING",

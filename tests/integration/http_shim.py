@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,10 +88,16 @@ class RunningShim:
 
 
 @contextlib.asynccontextmanager
-async def running_shim(settings: Settings, **http: Any) -> AsyncIterator[RunningShim]:
-    """Serve a real shim (uvicorn, our protocol) on a free port until the block ends."""
+async def running_shim(
+    settings: Settings, *, groups: Iterable[Operations] | None = None, **http: Any
+) -> AsyncIterator[RunningShim]:
+    """Serve a real shim (uvicorn, our protocol) on a free port until the block ends.
+
+    `groups` are the operations the shim knows (default: the built-in ones).
+    """
     configured = with_http(settings, **http)
-    server = create_server(configured, handle_signals=False)
+    app = ShimApp(configured, groups) if groups is not None else None
+    server = create_server(configured, app, handle_signals=False)
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(15):

@@ -30,6 +30,7 @@ def start_shim(settings: Settings, port: int, *, grace_s: float) -> subprocess.P
         **os.environ,
         "NEXUS_NATS__URL": settings.nats.url,
         "NEXUS_REDIS__URL": settings.redis.url,
+        "NEXUS_AUTH__KEYS_DIR": str(settings.auth.keys_dir),  # the shim verifies tokens too
         "NEXUS_HTTP__DRAIN_DELAY_S": str(DRAIN_DELAY_S),
         "NEXUS_HTTP__GRACE_S": str(grace_s),
         "NEXUS_LOG__LEVEL": "WARNING",

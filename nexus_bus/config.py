@@ -65,12 +65,22 @@ class NatsSettings(BaseModel):
 class RedisSettings(BaseModel):
     """The Redis cache connection; short timeouts so a sick Redis never stalls requests."""
 
+    # `redis+cluster://host:port` (or `rediss+cluster://`) names one node of a Redis Cluster;
+    # `cluster = true` with a plain URL means the same.
     url: str = "redis://127.0.0.1:6379/0"
-    cluster: bool = False  # the URL names one node of a Redis Cluster
+    cluster: bool = False
     password: SecretStr | None = None
     tls: TLSSettings = Field(default_factory=TLSSettings)
     socket_timeout_s: float = Field(0.1, gt=0)
     connect_timeout_s: float = Field(0.2, gt=0)
+
+    @model_validator(mode="after")
+    def _cluster_from_url(self) -> RedisSettings:
+        scheme, sep, rest = self.url.partition("://")
+        if sep and scheme in ("redis+cluster", "rediss+cluster"):
+            self.url = f"{scheme.removesuffix('+cluster')}://{rest}"
+            self.cluster = True
+        return self
 
 
 class CacheSettings(BaseModel):

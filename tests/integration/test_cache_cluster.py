@@ -1,4 +1,4 @@
-"""The cache on a real 3-master Redis Cluster on loopback (selected by `redis.cluster`)."""
+"""The cache on a real 3-master Redis Cluster on loopback (selected by a `redis+cluster://` URL)."""
 
 from __future__ import annotations
 
@@ -35,10 +35,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterPr
 def cluster_settings(nats_url: str, cluster: RedisClusterProcesses) -> Settings:
     # Generous Redis timeouts: these tests count loads, and a timed-out call fails open into
     # an extra load by design (see test_cache_data.patient_settings).
-    settings = make_settings(
-        nats_url, cluster.url, cache={"timeout_ms": 3000, "breaker_failures": 1000}
-    )
-    settings.redis = settings.redis.model_copy(update={"cluster": True})
+    url = cluster.url.replace("redis://", "redis+cluster://", 1)
+    settings = make_settings(nats_url, url, cache={"timeout_ms": 3000, "breaker_failures": 1000})
+    assert settings.redis.cluster and settings.redis.url == cluster.url
     return settings
 
 

@@ -75,3 +75,14 @@ def test_retry_after_travels_with_the_error() -> None:
     assert reply.headers["Retry-After"] == "3"
     err = error_of(reply.status, reply.body, reply.headers)
     assert isinstance(err, RateLimited) and err.retry_after == 3
+
+
+def test_redis_cluster_is_selected_by_url() -> None:
+    from nexus_bus.config import RedisSettings
+
+    cluster = RedisSettings(url="redis+cluster://10.0.0.1:7000/0")
+    assert cluster.cluster and cluster.url == "redis://10.0.0.1:7000/0"
+    tls = RedisSettings(url="rediss+cluster://h:7000")
+    assert tls.cluster and tls.url == "rediss://h:7000"
+    single = RedisSettings(url="redis://h:6379/0")
+    assert not single.cluster and single.url == "redis://h:6379/0"

@@ -104,6 +104,9 @@ def check_value(value: Any, max_depth: int) -> None:
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        if isinstance(item, msgspec.msgpack.Ext):
+            # MessagePack extension types have no JSON form: refuse them at the door.
+            raise InvalidRequest("MessagePack extension types are not accepted")
         if isinstance(item, dict):
             children: Any = item.values()
         elif isinstance(item, list | tuple):

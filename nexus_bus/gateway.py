@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 from types import TracebackType
@@ -83,8 +84,15 @@ class Gateway:
 
     async def close(self) -> None:
         """Drain and close the connection, when the gateway opened it."""
-        if self._owns and not self.nc.is_closed:
+        if not self._owns or self.nc.is_closed:
+            return
+        try:
             await self.nc.drain()
+        except (nats.errors.Error, OSError, RuntimeError):
+            # Disconnected: nothing can be flushed. nats-py's close() may still try to write
+            # its buffer onto the dead transport, which asyncio and uvloop refuse.
+            with contextlib.suppress(nats.errors.Error, OSError, RuntimeError):
+                await self.nc.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -159,8 +167,11 @@ class Gateway:
             raise NoResponders(f"no worker serves {op}.{action}") from None
         except nats.errors.TimeoutError:
             raise UpstreamTimeout(f"{op}.{action} did not answer within {timeout_s:g}s") from None
-        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError) as exc:
-            raise Unavailable("NATS connection is closed") from exc
+        except nats.errors.OutboundBufferLimitError as exc:
+            # Disconnected long enough to fill the reconnect buffer: fail fast, retryable.
+            raise Unavailable("NATS is unreachable and the reconnect buffer is full") from exc
+        except nats.errors.Error as exc:  # closed, draining, reconnecting, and the rest
+            raise Unavailable(f"NATS connection unavailable: {type(exc).__name__}") from exc
         return Reply(status_of(msg.headers), msg.headers or {}, msg.data)
 
     async def request(

@@ -43,6 +43,15 @@ _ZERO_SPAN: Final = "0" * 16
 _rng: Final = random.Random(os.urandom(32))
 
 
+def is_ascii_digits(value: str) -> bool:
+    """Whether `value` is made of the digits 0-9 only.
+
+    `str.isdigit()` alone also accepts characters such as "²" that `int()` refuses: a header
+    carrying one must be a 400, never an exception.
+    """
+    return value.isascii() and value.isdigit()
+
+
 def new_request_id() -> str:
     """A fresh random request id (24 hex characters)."""
     return f"{_rng.getrandbits(96):024x}"
@@ -116,7 +125,7 @@ def deadline_ms(headers: Mapping[str, str], now_ms: int, default_budget_ms: int)
     """
     for name, base in ((H_DEADLINE, 0), (H_TIMEOUT_MS, now_ms)):
         raw = headers.get(name)
-        if raw and raw.isdigit() and len(raw) <= 15:
+        if raw and len(raw) <= 15 and is_ascii_digits(raw):
             return base + int(raw)
     return now_ms + default_budget_ms
 

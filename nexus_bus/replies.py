@@ -20,6 +20,7 @@ from nexus_bus.constants import (
     PROBLEM_TYPE_BASE,
 )
 from nexus_bus.errors import InternalError, NexusError, error_from_code
+from nexus_bus.metadata import is_ascii_digits
 from nexus_bus.schemas.problem import Problem
 
 _problem_encoder: Final = msgspec.json.Encoder()
@@ -79,7 +80,7 @@ def success_reply(body: bytes, content_type: str, request_id: str, status: int =
 def status_of(headers: dict[str, str] | None) -> int:
     """The `Nexus-Status` of a received reply; a reply without one is treated as 500."""
     raw = (headers or {}).get(H_STATUS, "")
-    return int(raw) if raw.isdigit() and len(raw) == 3 else 500
+    return int(raw) if len(raw) == 3 and is_ascii_digits(raw) else 500
 
 
 def error_of(status: int, body: bytes, headers: dict[str, str] | None = None) -> NexusError:
@@ -90,6 +91,6 @@ def error_of(status: int, body: bytes, headers: dict[str, str] | None = None) ->
         return InternalError(f"error reply {status} without a problem document")
     error = error_from_code(problem.code, problem.detail, problem.status)
     retry_after = (headers or {}).get(H_RETRY_AFTER, "")
-    if retry_after.isdigit() and len(retry_after) <= 6:
+    if len(retry_after) <= 6 and is_ascii_digits(retry_after):
         error.retry_after = float(retry_after)
     return error

@@ -25,13 +25,14 @@ from nats.aio.subscription import Subscription
 from nexus_bus.auth import Authenticator, create_authenticator
 from nexus_bus.config import Settings
 from nexus_bus.connection import broker_options
-from nexus_bus.constants import T_NATS
+from nexus_bus.constants import H_REQUEST_ID, T_NATS
 from nexus_bus.dispatch import Dispatcher, Expired
-from nexus_bus.errors import Unavailable
+from nexus_bus.errors import PayloadTooLarge, Unavailable
 from nexus_bus.jobs.runner import JobRunner
 from nexus_bus.metadata import deadline_ms
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.operations import Operations
+from nexus_bus.replies import Reply, error_reply
 from nexus_bus.services import Services, close_services, create_services
 from nexus_bus.subjects import is_inbox, operation_wildcard, queue_group
 
@@ -62,6 +63,7 @@ class Worker:
         self._tasks: dict[asyncio.Task[None], tuple[str, int]] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._subscriptions: list[Subscription] = []
+        self.lost = asyncio.Event()  # set when the NATS connection is closed for good
         self._draining = False
         self.broker: NatsBroker | None = None
         self.services: Services | None = None
@@ -170,8 +172,10 @@ class Worker:
         default_ms = self.settings.worker.default_timeout_ms
 
         async def admit(msg: Msg) -> None:
-            await limit.acquire()
+            # Everything that could raise comes before the slot is taken: a slot is released
+            # only by its task's done-callback.
             deadline = deadline_ms(msg.headers or _NO_HEADERS, int(time.time() * 1000), default_ms)
+            await limit.acquire()
             task = asyncio.create_task(self._serve(op, msg, deadline))
             self._tasks[task] = (op, deadline)
 
@@ -199,10 +203,26 @@ class Worker:
             logger.debug("dropped expired request {}", result.request_id)
             return
         if reply_to:
+            result = self._fit(op, result)
             try:
                 await self.nc.publish(reply_to, result.body, headers=result.headers)
             except Exception as exc:
                 logger.warning("could not send reply: {}", exc)
+
+    def _fit(self, op: str, reply: Reply) -> Reply:
+        """The reply, or a small error reply when it would exceed the server's max_payload.
+
+        The server answers an oversized publish (headers count) by closing the connection,
+        which would take this worker off the bus for every other request.
+        """
+        size = len(reply.body) + sum(len(k) + len(v) + 4 for k, v in reply.headers.items()) + 12
+        limit = self.nc.max_payload
+        if size <= limit:
+            return reply
+        METRICS.count_error(op, PayloadTooLarge.code)
+        request_id = reply.headers.get(H_REQUEST_ID, "")
+        detail = f"the reply of {size} bytes exceeds the server's max_payload of {limit}"
+        return error_reply(PayloadTooLarge(detail), request_id)
 
     async def _reap_expired(self, interval_s: float = 0.1) -> None:
         """Cancel handlers still running past their caller's deadline (plus clock skew).
@@ -212,6 +232,13 @@ class Worker:
         skew = self.settings.worker.clock_skew_ms
         while True:
             await asyncio.sleep(interval_s)
+            connection = self.broker._connection if self.broker is not None else None
+            if connection is not None and connection.is_closed and not self._draining:
+                # nats-py closes for good on some server errors: exit, so a supervisor
+                # restarts us, instead of idling as a worker nobody can reach.
+                logger.error("NATS connection closed for good; stopping the worker")
+                self.lost.set()
+                return
             now_ms = time.time() * 1000
             for task, (op, deadline) in list(self._tasks.items()):
                 if now_ms > deadline + skew and not task.done():
@@ -225,7 +252,14 @@ class Worker:
         self._draining = True
         grace = self.settings.worker.drain_grace_s if grace_s is None else grace_s
         for subscription in self._subscriptions:
-            await subscription.unsubscribe()  # no new requests reach this worker
+            # drain(): no new requests reach us, and those already delivered to this process
+            # are still admitted (unsubscribe() would discard them, and their callers would
+            # wait out their timeouts).
+            try:
+                await asyncio.wait_for(subscription.drain(), grace)  # type: ignore[no-untyped-call]
+            except (TimeoutError, nats.errors.Error):
+                with contextlib.suppress(nats.errors.Error):
+                    await subscription.unsubscribe()
         for subscriber in self.broker.subscribers:
             await subscriber.stop()
         if self.jobs is not None:
@@ -259,6 +293,12 @@ class Worker:
             loop.add_signal_handler(sig, stop.set)
         await self.start()
         try:
-            await stop.wait()
+            stopped = asyncio.create_task(stop.wait())
+            lost = asyncio.create_task(self.lost.wait())
+            await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            lost.cancel()
         finally:
             await self.drain()
+        if self.lost.is_set():
+            raise Unavailable("the NATS connection was closed by the server")

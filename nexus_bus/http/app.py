@@ -312,17 +312,21 @@ class ShimApp:
         after = last_event_id(head.last_event_id, scope.get("query_string", b""))
         if self._draining:
             raise Unavailable("this replica is draining; reconnect with Last-Event-ID")
-        self._streams.check_capacity()
-        client_ip = self._client_ip(scope, head)
-        # The shim holds the token for the stream's life (re-checked, ended when it is gone);
-        # the workers must allow the same token `stream.read` on the topic too.
-        lease = await self._authz.lease(credentials(head.authorization, client_ip), *_STREAM_OP)
-        timeout_s = self.settings.client.default_timeout_ms / 1000
-        headers = bus_headers(self._gateway, head, request_id, client_ip, timeout_s)
-        gate = await self._gateway.request_raw(
-            *_STREAM_OP, encode_gate_request(topic, after), headers, timeout_s=timeout_s
-        )
-        if gate.status >= 400:
-            raise error_of(gate.status, gate.body)
-        scope[_STREAMING] = True
-        await self._streams.stream(topic, after, request_id, receive, send, lease)
+        with self._streams.reserve():
+            client_ip = self._client_ip(scope, head)
+            # The shim holds the token for the stream's life (re-checked, ended when it is
+            # gone); the workers must allow the same token `stream.read` on the topic too.
+            lease = await self._authz.lease(
+                credentials(head.authorization, client_ip), *_STREAM_OP
+            )
+            timeout_s = self.settings.client.default_timeout_ms / 1000
+            headers = bus_headers(self._gateway, head, request_id, client_ip, timeout_s)
+            gate = await self._gateway.request_raw(
+                *_STREAM_OP, encode_gate_request(topic, after), headers, timeout_s=timeout_s
+            )
+            if gate.status >= 400:
+                raise error_of(gate.status, gate.body, gate.headers)
+            if self._draining:  # drain began while we awaited: close_all() has passed us by
+                raise Unavailable("this replica is draining; reconnect with Last-Event-ID")
+            scope[_STREAMING] = True
+            await self._streams.stream(topic, after, request_id, receive, send, lease)

@@ -31,6 +31,7 @@ from nexus_bus.http.jobs import JobRoutes
 from nexus_bus.http.labels import OperationLabels
 from nexus_bus.http.problems import Answer, ClientGone, retry_after_of, status_headers
 from nexus_bus.http.request import Receive, RequestHead, declared_length, read_body
+from nexus_bus.metadata import is_ascii_digits
 from nexus_bus.observability import METRICS
 
 _UNKNOWN_OPERATION: Final = "unknown_operation"
@@ -45,7 +46,7 @@ def budget_s(raw: str | None, *, default_ms: int, max_ms: int) -> float:
     """
     if raw is None:
         return min(default_ms, max_ms) / 1000
-    if not raw.isdigit() or len(raw) > 9 or int(raw) == 0:
+    if not is_ascii_digits(raw) or len(raw) > 9 or int(raw) == 0:
         raise InvalidRequest("Nexus-Timeout-Ms must be a positive integer of milliseconds")
     return min(int(raw), max_ms) / 1000
 

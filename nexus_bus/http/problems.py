@@ -19,6 +19,7 @@ from nexus_bus.constants import (
     H_WWW_AUTHENTICATE,
 )
 from nexus_bus.errors import NexusError
+from nexus_bus.metadata import is_ascii_digits
 from nexus_bus.replies import problem_of
 
 Headers = list[tuple[bytes, bytes]]
@@ -84,7 +85,7 @@ def status_headers(
 
 def retry_after_of(value: str | None) -> float | None:
     """A Retry-After value in whole seconds from a reply header; None when absent or a date."""
-    if value and value.isdigit() and len(value) <= 9:
+    if value and is_ascii_digits(value) and len(value) <= 9:
         return float(value)
     return None
 

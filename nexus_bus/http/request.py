@@ -26,6 +26,7 @@ from nexus_bus.constants import (
 )
 from nexus_bus.errors import HeadersTooLarge, InvalidRequest, PayloadTooLarge
 from nexus_bus.http.problems import ClientGone, RequestTimeout
+from nexus_bus.metadata import is_ascii_digits
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
@@ -115,7 +116,7 @@ def declared_length(head: RequestHead, limit: int) -> int | None:
     raw = head.content_length
     if raw is None:
         return None
-    if not raw.isdigit() or len(raw) > 18:
+    if not is_ascii_digits(raw) or len(raw) > 18:
         raise InvalidRequest("Content-Length must be a non-negative integer")
     length = int(raw)
     if length > limit:

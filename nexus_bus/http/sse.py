@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from typing import Any, Final
 from urllib.parse import parse_qs
 
@@ -37,6 +38,7 @@ from nexus_bus.constants import (
 )
 from nexus_bus.errors import InvalidRequest, NexusError, Unavailable
 from nexus_bus.http.authz import StreamLease
+from nexus_bus.metadata import is_ascii_digits
 from nexus_bus.observability import logger
 from nexus_bus.replies import problem_of
 from nexus_bus.store import translate_nats_errors
@@ -96,7 +98,7 @@ def last_event_id(header: str | None, query_string: bytes) -> int | None:
     if raw is None or raw == "":
         return None
     raw = raw.strip()
-    if not raw.isdigit() or len(raw) > _MAX_SEQ_DIGITS:
+    if not is_ascii_digits(raw) or len(raw) > _MAX_SEQ_DIGITS:
         raise InvalidRequest("Last-Event-ID must be a stream sequence number")
     return int(raw)
 
@@ -111,16 +113,28 @@ class EventStreams:
         self._max = settings.sse_max_streams
         # Each open stream's queue, with the lease of its token (None: nothing to re-check).
         self._queues: dict[asyncio.Queue[Any], StreamLease | None] = {}
+        self._reserved = 0  # places held by streams being opened or served
 
     @property
     def open_count(self) -> int:
         """Streams open now."""
         return len(self._queues)
 
-    def check_capacity(self) -> None:
-        """Raises: Unavailable: this process already serves `sse_max_streams` streams."""
-        if len(self._queues) >= self._max:
+    @contextlib.contextmanager
+    def reserve(self) -> Iterator[None]:
+        """Hold one of the `sse_max_streams` places for as long as a stream is being opened
+        or served. Taken synchronously, so concurrent opens cannot all pass a check.
+
+        Raises:
+            Unavailable: every place is taken.
+        """
+        if self._reserved >= self._max:
             raise Unavailable("too many open event streams on this replica; retry later")
+        self._reserved += 1
+        try:
+            yield
+        finally:
+            self._reserved -= 1
 
     def close_all(self) -> None:
         """End every stream (on drain); clients reconnect elsewhere with Last-Event-ID."""

@@ -23,6 +23,7 @@ from nexus_bus.errors import InvalidRequest, NotFound
 from nexus_bus.jobs.client import get_job, job_store, wait_job
 from nexus_bus.jobs.dlq import DeadLetter, DeadLetterQueue, utc
 from nexus_bus.jobs.envelope import JOB_ID_PATTERN
+from nexus_bus.metadata import is_ascii_digits
 
 T = TypeVar("T")
 _JOB_ID = re.compile(JOB_ID_PATTERN)
@@ -87,7 +88,7 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     async def replay(dlq: DeadLetterQueue) -> list[str]:
         if args.all:
             return await dlq.replay_all(op=args.op, token=token)
-        if args.id.isdigit():
+        if is_ascii_digits(args.id):
             return [await dlq.replay(int(args.id), token=token)]
         if not _JOB_ID.match(args.id):
             raise InvalidRequest("expected a DLQ sequence number or a 32-hex job id")

@@ -41,6 +41,7 @@ from nexus_bus.constants import (
 from nexus_bus.errors import NexusError, NotFound
 from nexus_bus.jobs.envelope import parse_job_subject
 from nexus_bus.jobs.status import JobStore, advance
+from nexus_bus.metadata import is_ascii_digits
 from nexus_bus.schemas.jobs import JobStatus
 from nexus_bus.store import translate_nats_errors
 from nexus_bus.subjects import dlq_subject, jobs_subject
@@ -134,7 +135,7 @@ def _float(value: str | None) -> float:
 
 
 def _int(value: str | None) -> int:
-    return int(value) if value and value.isdigit() else 0
+    return int(value) if value and is_ascii_digits(value) else 0
 
 
 def entry_of(seq: int, subject: str, data: bytes, headers: Mapping[str, str]) -> DeadLetter:

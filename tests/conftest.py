@@ -9,15 +9,18 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
 from nexus_bus import Gateway, Settings, Worker, load_settings
 from nexus_bus.auth import Keyring, TokenCodec, generate_key
+from nexus_bus.connection import connect_nats
 from nexus_bus.embedded import ServerProcess, nats_server, redis_server
 from nexus_bus.handlers import builtin_groups
 from nexus_bus.observability import configure_logging
+from nexus_bus.services import Services, close_services, create_services
 from tests import servers
 
 
@@ -121,3 +124,15 @@ async def gateway(
 def uid() -> str:
     """A unique token for isolating keys, topics and subjects per test."""
     return uuid.uuid4().hex[:12]
+
+
+@asynccontextmanager
+async def open_services(settings: Settings) -> AsyncIterator[Services]:
+    """What one worker process builds: its own NATS connection, Redis client and cache."""
+    nc = await connect_nats(settings.nats)
+    services = await create_services(nc, settings)
+    try:
+        yield services
+    finally:
+        await close_services(services)
+        await nc.drain()

@@ -8,35 +8,22 @@ import contextlib
 import random
 import signal
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 import redis.asyncio as aioredis
 
-from nexus_bus import Gateway, NotFound, Settings, Worker
+from nexus_bus import Gateway, NotFound, Worker
 from nexus_bus.cache import CacheResult
 from nexus_bus.cache.heads import Absent, KeyValueHeads
-from nexus_bus.connection import connect_nats
 from nexus_bus.embedded import ServerProcess
 from nexus_bus.handlers import builtin_groups
 from nexus_bus.resilience import BreakerState
-from nexus_bus.services import Services, close_services, create_services
-from tests.conftest import make_settings
+from nexus_bus.services import Services
+from tests.conftest import make_settings, open_services
 
 # Quick breaker probes so that recovery is observed within a second or two.
 FAST_RECOVERY = {"breaker_reset_s": 0.1, "breaker_reset_max_s": 0.3}
 
-
-@asynccontextmanager
-async def open_services(settings: Settings) -> AsyncIterator[Services]:
-    nc = await connect_nats(settings.nats)
-    services = await create_services(nc, settings)
-    try:
-        yield services
-    finally:
-        await close_services(services)
-        await nc.drain()
 
 
 async def wait_until_cached(services: Services, key: str, timeout_s: float = 10.0) -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,12 +13,10 @@ from redis.asyncio.cluster import RedisCluster
 from nexus_bus import NotFound, Settings
 from nexus_bus.cache import CachedRecordStore, data_policy
 from nexus_bus.cache.heads import Absent, Head, KeyValueHeads
-from nexus_bus.connection import connect_nats
 from nexus_bus.embedded import RedisClusterProcesses, redis_cluster
 from nexus_bus.jetstream import ensure_data_bucket
-from nexus_bus.services import Services, close_services, create_services
 from nexus_bus.store import KeyValueRecordStore
-from tests.conftest import make_settings
+from tests.conftest import make_settings, open_services
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +37,6 @@ def cluster_settings(nats_url: str, cluster: RedisClusterProcesses) -> Settings:
     assert settings.redis.cluster and settings.redis.url == cluster.url
     return settings
 
-
-@asynccontextmanager
-async def open_services(settings: Settings) -> AsyncIterator[Services]:
-    nc = await connect_nats(settings.nats)
-    services = await create_services(nc, settings)
-    try:
-        yield services
-    finally:
-        await close_services(services)
-        await nc.drain()
 
 
 class CountingHeads:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
@@ -22,25 +21,11 @@ from nexus_bus.cache import (
     write_through,
 )
 from nexus_bus.cache.heads import Head, KeyValueHeads
-from nexus_bus.connection import connect_nats
 from nexus_bus.embedded import free_port
 from nexus_bus.jetstream import ensure_data_bucket
 from nexus_bus.metadata import new_trace
-from nexus_bus.services import Services, close_services, create_services
 from nexus_bus.store import KeyValueRecordStore
-from tests.conftest import make_settings
-
-
-@asynccontextmanager
-async def open_services(settings: Settings) -> AsyncIterator[Services]:
-    """What one worker process builds: its own NATS connection, Redis client and cache."""
-    nc = await connect_nats(settings.nats)
-    services = await create_services(nc, settings)
-    try:
-        yield services
-    finally:
-        await close_services(services)
-        await nc.drain()
+from tests.conftest import make_settings, open_services
 
 
 @pytest.fixture

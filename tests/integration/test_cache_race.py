@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 
 import pytest
 import redis.asyncio as aioredis
@@ -20,10 +20,9 @@ import redis.asyncio as aioredis
 from nexus_bus import NotFound, Settings
 from nexus_bus.cache import CachedRecordStore, data_policy
 from nexus_bus.cache.heads import Absent, Head, KeyValueHeads
-from nexus_bus.connection import connect_nats
 from nexus_bus.jetstream import ensure_data_bucket
-from nexus_bus.services import Services, close_services, create_services
 from nexus_bus.store import KeyValueRecordStore
+from tests.conftest import open_services
 
 ROUNDS = 1000
 PARALLEL_ROUNDS = 20
@@ -42,16 +41,6 @@ class SlowFillHeads:
         await asyncio.sleep(self.rng.choice([0, 0, 0.0005, 0.002, 0.004]))
         return head
 
-
-@asynccontextmanager
-async def worker_services(settings: Settings) -> AsyncIterator[Services]:
-    nc = await connect_nats(settings.nats)
-    services = await create_services(nc, settings)
-    try:
-        yield services
-    finally:
-        await close_services(services)
-        await nc.drain()
 
 
 async def check_mirror(
@@ -130,7 +119,7 @@ async def test_randomized_interleavings_end_with_cache_equal_to_kv(
 ) -> None:
     rng = random.Random(uid)
     async with AsyncExitStack() as stack:
-        workers = [await stack.enter_async_context(worker_services(settings)) for _ in range(2)]
+        workers = [await stack.enter_async_context(open_services(settings)) for _ in range(2)]
         kv = await ensure_data_bucket(workers[0].js, settings.jetstream)
         stores = []
         for services in workers:

@@ -89,6 +89,7 @@ H_DLQ_SUBJECT: Final = "Nexus-Dlq-Subject"
 H_DLQ_STREAM_SEQ: Final = "Nexus-Dlq-Stream-Seq"
 H_DLQ_ENQUEUED_AT: Final = "Nexus-Dlq-Enqueued-At"
 H_DLQ_FAILED_AT: Final = "Nexus-Dlq-Failed-At"
+H_DLQ_BODY_DROPPED: Final = "Nexus-Dlq-Body-Dropped"  # too large to keep with its headers
 DLQ_HEADER_PREFIX: Final = "Nexus-Dlq-"
 NATS_HEADER_PREFIX: Final = "Nats-"
 H_NATS_BATCH_ID: Final = "Nats-Batch-Id"

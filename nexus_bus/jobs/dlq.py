@@ -26,6 +26,7 @@ from nexus_bus.constants import (
     DLQ_STREAM,
     H_AUTHORIZATION,
     H_DLQ_ATTEMPTS,
+    H_DLQ_BODY_DROPPED,
     H_DLQ_ENQUEUED_AT,
     H_DLQ_ERROR,
     H_DLQ_ERROR_CODE,
@@ -115,13 +116,24 @@ async def dead_letter(
     action: str,
     data: bytes,
     headers: dict[str, str],
+    max_payload: int,
 ) -> int:
     """Store a DLQ entry; its sequence.
+
+    An entry that would not fit `max_payload` (the original body plus the original and the
+    dead-letter headers) is stored without its body, marked `Nexus-Dlq-Body-Dropped: <bytes>`:
+    the server answers an oversized publish by closing the connection, and the job would then
+    come back to kill the next worker too.
 
     Raises:
         Unavailable / UpstreamTimeout: JetStream did not confirm; the job stays undelivered
             and is retried, and the dedup id stops a second entry.
     """
+    dropped_header = len(H_DLQ_BODY_DROPPED) + 4 + 20
+    size = len(data) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
+    if size + dropped_header > max_payload:
+        headers = {**headers, H_DLQ_BODY_DROPPED: str(len(data))}
+        data = b""
     async with translate_nats_errors(f"dead-letter {op}.{action}"):
         ack = await js.publish(dlq_subject(op, action), data, stream=DLQ_STREAM, headers=headers)
     return int(ack.seq)

@@ -378,6 +378,7 @@ class JobRunner:
             op=op,
             action=action,
             data=msg.data,
+            max_payload=self._nc.max_payload,
             headers=dead_letter_headers(
                 headers,
                 error=error,

@@ -28,7 +28,7 @@ from nexus_bus import (
     Worker,
 )
 from nexus_bus.config import JobsSettings
-from nexus_bus.constants import DLQ_STREAM, H_AUTHORIZATION, H_DEADLINE
+from nexus_bus.constants import DLQ_STREAM, H_AUTHORIZATION, H_DEADLINE, JOBS_STREAM
 from nexus_bus.jobs.client import get_job, job_store, submit_job, wait_job, watch_job
 from nexus_bus.jobs.dlq import DeadLetterQueue
 from nexus_bus.jobs.envelope import new_job_id
@@ -419,3 +419,40 @@ async def test_the_first_terminal_status_wins_over_a_twin_delivery(
     assert await store.write_unless_finished(late, mine_revision) is None
     stored, _ = await store.get(pending.id)
     assert stored.status is JobStatus.SUCCEEDED and stored.result == {"ok": True}
+
+
+async def test_a_job_too_large_to_dead_letter_whole_is_buried_without_its_body(
+    gateway: Gateway, settings: Settings, admin_token: str | None, uid: str
+) -> None:
+    """Body + original headers + dead-letter headers over max_payload once made the server
+    close the worker's connection, and the job came back to kill the next worker too."""
+    ops = Operations(f"big{uid}")
+
+    @ops.action("strict")
+    async def strict(req: Any, ctx: RequestContext) -> dict[str, Any]:
+        raise AssertionError("the body is refused before the handler runs")
+
+    async with serving(settings, ops, max_deliver=3, backoff_base_s=0.1, backoff_max_s=0.2) as w:
+        headers = {
+            "Nats-Msg-Id": f"m{uid}",
+            "Content-Type": "application/json",
+            H_AUTHORIZATION: f"Bearer {admin_token}",
+            "Nats-Expected-Stream": JOBS_STREAM,  # what js.publish adds
+        }
+        header_bytes = 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        # Fits with its own headers by 20 bytes; the dead-letter headers add hundreds more.
+        # Over max_body_bytes too, so the worker refuses it (413) and buries it at once.
+        body = b'"' + b"x" * (gateway.nc.max_payload - header_bytes - 22) + b'"'
+        js = gateway.nc.jetstream()
+        await js.publish(f"nexus.jobs.{ops.op}.strict", body, stream=JOBS_STREAM, headers=headers)
+        dlq = await dlq_of(gateway, settings)
+        entries: list[Any] = []
+        for _ in range(100):
+            entries = await dlq.entries(op=ops.op)
+            if entries:
+                break
+            await asyncio.sleep(0.1)
+        assert len(entries) == 1 and entries[0].data == b""
+        assert entries[0].headers["Nexus-Dlq-Body-Dropped"] == str(len(body))
+        assert entries[0].error_code == "payload_too_large"
+        assert w.nc.is_connected

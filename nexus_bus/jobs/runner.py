@@ -56,7 +56,7 @@ from nexus_bus.jobs.effects import JournaledRecordStore, job_effects
 from nexus_bus.jobs.envelope import job_id_of_message, parse_job_subject, run_headers
 from nexus_bus.jobs.metrics import JOBS_COMPLETED, JOBS_DEAD_LETTERED, JOBS_REDELIVERED
 from nexus_bus.jobs.retry import Verdict, backoff_of, decide
-from nexus_bus.jobs.status import JobRecord, JobStore, advance
+from nexus_bus.jobs.status import JobRecord, JobStore, advance, write_outcome
 from nexus_bus.jobs.streams import ensure_effect_records, ensure_job_streams
 from nexus_bus.observability import logger
 from nexus_bus.operations import Operations
@@ -331,7 +331,9 @@ class JobRunner:
                 running, JobStatus.SUCCEEDED, now=self._clock(), result=_result_of(reply)
             )
             # A twin that finished first keeps its status; the job succeeded either way.
-            await self._store.write_unless_finished(done, revision)
+            await write_outcome(
+                self._store, done, revision, keepalive=msg.in_progress, sleep=asyncio.sleep
+            )
             await self._ack(msg)
             return
         assert error is not None

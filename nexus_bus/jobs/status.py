@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final, Protocol
 
 import msgspec
 import nats.errors
@@ -224,3 +224,46 @@ class JobStore:
             # The connection may be gone already; the watcher goes with it.
             with contextlib.suppress(nats.errors.Error, OSError):
                 await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+class OutcomeStore(Protocol):
+    """The one method `write_outcome` needs (JobStore in production)."""
+
+    async def write_unless_finished(self, record: JobRecord, revision: int | None) -> int | None:
+        """See `JobStore.write_unless_finished`."""
+        ...
+
+
+async def write_outcome(
+    store: OutcomeStore,
+    record: JobRecord,
+    revision: int | None,
+    *,
+    keepalive: Callable[[], Awaitable[None]],
+    sleep: Callable[[float], Awaitable[None]],
+    tries: int = 5,
+    first_delay_s: float = 0.2,
+) -> None:
+    """Write a known outcome, retrying while JetStream is briefly unreachable.
+
+    The handler has already run and its effects are committed: handing the message back
+    would count the attempt again, and on the last attempt bury a job that succeeded. The
+    write is idempotent (`write_unless_finished` re-reads on conflict), so retrying is safe.
+    `keepalive` (the message's `in_progress`) stops the delivery timing out meanwhile.
+
+    Raises:
+        Unavailable / UpstreamTimeout: still unreachable after `tries` attempts.
+    """
+    delay = first_delay_s
+    for _ in range(tries - 1):
+        try:
+            await store.write_unless_finished(record, revision)
+            return
+        except NexusError as exc:
+            if not exc.retryable:
+                raise
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await keepalive()
+        await sleep(delay)
+        delay *= 2
+    await store.write_unless_finished(record, revision)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 
 from nexus_bus.errors import NotFound, Unavailable
@@ -69,3 +71,50 @@ def test_dead_letter_headers_keep_the_job_and_annotate_the_failure() -> None:
         "Nexus-Job-Id": "b" * 32,
         "Nats-Msg-Id": "dlq-42",
     }
+
+
+class FlakyStore:
+    """Fails `failures` times with the given error, then writes."""
+
+    def __init__(self, failures: int, error: Exception) -> None:
+        self.failures, self.error, self.calls = failures, error, 0
+
+    async def write_unless_finished(self, record: Any, revision: int | None) -> int | None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return 7
+
+
+async def test_a_known_outcome_is_written_through_a_short_outage() -> None:
+    from nexus_bus.errors import Unavailable
+    from nexus_bus.jobs.status import write_outcome
+
+    store, slept, kept = FlakyStore(3, Unavailable("away")), [], []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+
+    async def keepalive() -> None:
+        kept.append(1)
+
+    record = cast(Any, object())
+    await write_outcome(store, record, 3, keepalive=keepalive, sleep=sleep)
+    assert store.calls == 4 and slept == [0.2, 0.4, 0.8] and len(kept) == 3
+
+
+async def test_a_long_outage_or_a_permanent_error_still_raises() -> None:
+    from nexus_bus.errors import Conflict, Unavailable
+    from nexus_bus.jobs.status import write_outcome
+
+    async def nothing(*_: Any) -> None:
+        return None
+
+    with pytest.raises(Unavailable):
+        await write_outcome(
+            FlakyStore(9, Unavailable("away")), cast(Any, None), 1, keepalive=nothing, sleep=nothing
+        )
+    permanent = FlakyStore(9, Conflict("no"))
+    with pytest.raises(Conflict):
+        await write_outcome(permanent, cast(Any, None), 1, keepalive=nothing, sleep=nothing)
+    assert permanent.calls == 1

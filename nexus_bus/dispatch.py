@@ -70,11 +70,14 @@ class Dispatcher:
         Raises:
             UnknownOperation: no such op or action here.
         """
-        group = self._groups.get(op)
-        found = group.get(action) if group is not None else None
+        found = self._lookup(op, action)
         if found is None:
             raise UnknownOperation(f"unknown operation {op}.{action}")
         return found
+
+    def _lookup(self, op: str, action: str) -> Operation | None:
+        group = self._groups.get(op)
+        return group.get(action) if group is not None else None
 
     async def dispatch(
         self,
@@ -115,8 +118,8 @@ class Dispatcher:
             elapsed = time.perf_counter() - started
             # Labels only from registered names: a client can send any action token, and
             # every distinct label value would be a new time series forever.
-            group = self._groups.get(op)
-            known = group is not None and group.get(action) is not None
+            # A success ran a registered handler; only failures need the lookup.
+            known = reply.status < 400 or self._lookup(op, action) is not None
             label_op, label_action = (op, action) if known else (UNKNOWN_LABEL, UNKNOWN_LABEL)
             METRICS.observe(label_op, label_action, reply.status, self._transport, elapsed)
             logger.debug("served", status=reply.status, duration_ms=round(elapsed * 1000, 3))

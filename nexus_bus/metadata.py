@@ -130,6 +130,22 @@ def deadline_ms(headers: Mapping[str, str], now_ms: int, default_budget_ms: int)
     return now_ms + default_budget_ms
 
 
+_HEADER_BLOCK_OVERHEAD: Final = 12  # "NATS/1.0\r\n" and the final "\r\n"
+_HEADER_LINE_OVERHEAD: Final = 4  # ": " and "\r\n"
+
+
+def headers_size(headers: Mapping[str, str]) -> int:
+    """The bytes a header set takes on the wire; it counts toward the server's max_payload.
+
+    nats-py checks only the payload against max_payload; the server closes the whole
+    connection when payload plus headers exceed it, so every publish that could come near the
+    limit checks this sum first.
+    """
+    return _HEADER_BLOCK_OVERHEAD + sum(
+        len(k) + len(v) + _HEADER_LINE_OVERHEAD for k, v in headers.items()
+    )
+
+
 def check_headers(headers: Mapping[str, str], *, max_value_bytes: int, max_total_bytes: int) -> int:
     """Refuse header sets that could break the NATS protocol or exceed its limits.
 
@@ -140,7 +156,6 @@ def check_headers(headers: Mapping[str, str], *, max_value_bytes: int, max_total
         InvalidRequest: a name or value with characters that are not allowed (CR, LF, NUL...).
         HeadersTooLarge: a value or the whole set is larger than allowed.
     """
-    total = 12  # "NATS/1.0\r\n" + final "\r\n"
     for name, value in headers.items():
         if name not in _KNOWN_NAMES and not _HEADER_NAME.match(name):
             raise InvalidRequest(f"invalid header name {name[:40]!r}")
@@ -148,7 +163,7 @@ def check_headers(headers: Mapping[str, str], *, max_value_bytes: int, max_total
             raise InvalidRequest(f"header {name} has characters that are not allowed")
         if len(value) > max_value_bytes:
             raise HeadersTooLarge(f"header {name} is longer than {max_value_bytes} bytes")
-        total += len(name) + len(value) + 4
+    total = headers_size(headers)
     if total > max_total_bytes:
         raise HeadersTooLarge(f"headers total {total} bytes, more than {max_total_bytes}")
     return total

@@ -29,7 +29,7 @@ from nexus_bus.constants import H_REQUEST_ID, T_NATS
 from nexus_bus.dispatch import Dispatcher, Expired
 from nexus_bus.errors import PayloadTooLarge, Unavailable
 from nexus_bus.jobs.runner import JobRunner
-from nexus_bus.metadata import deadline_ms
+from nexus_bus.metadata import deadline_ms, headers_size
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.operations import Operations
 from nexus_bus.replies import Reply, error_reply
@@ -215,7 +215,7 @@ class Worker:
         The server answers an oversized publish (headers count) by closing the connection,
         which would take this worker off the bus for every other request.
         """
-        size = len(reply.body) + sum(len(k) + len(v) + 4 for k, v in reply.headers.items()) + 12
+        size = len(reply.body) + headers_size(reply.headers)
         limit = self.nc.max_payload
         if size <= limit:
             return reply

@@ -42,7 +42,7 @@ from nexus_bus.constants import (
 from nexus_bus.errors import NexusError, NotFound
 from nexus_bus.jobs.envelope import parse_job_subject
 from nexus_bus.jobs.status import JobStore, advance
-from nexus_bus.metadata import is_ascii_digits
+from nexus_bus.metadata import headers_size, is_ascii_digits
 from nexus_bus.schemas.jobs import JobStatus
 from nexus_bus.store import translate_nats_errors
 from nexus_bus.subjects import dlq_subject, jobs_subject
@@ -130,7 +130,7 @@ async def dead_letter(
             and is retried, and the dedup id stops a second entry.
     """
     dropped_header = len(H_DLQ_BODY_DROPPED) + 4 + 20
-    size = len(data) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
+    size = len(data) + headers_size(headers)
     if size + dropped_header > max_payload:
         headers = {**headers, H_DLQ_BODY_DROPPED: str(len(data))}
         data = b""

@@ -33,6 +33,7 @@ from nexus_bus.jobs.client import get_job, job_store, submit_job, wait_job, watc
 from nexus_bus.jobs.dlq import DeadLetterQueue
 from nexus_bus.jobs.envelope import new_job_id
 from nexus_bus.jobs.status import JobRecord, advance
+from nexus_bus.metadata import headers_size
 from nexus_bus.schemas.jobs import JobStatus
 
 
@@ -439,7 +440,7 @@ async def test_a_job_too_large_to_dead_letter_whole_is_buried_without_its_body(
             H_AUTHORIZATION: f"Bearer {admin_token}",
             "Nats-Expected-Stream": JOBS_STREAM,  # what js.publish adds
         }
-        header_bytes = 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        header_bytes = headers_size(headers)
         # Fits with its own headers by 20 bytes; the dead-letter headers add hundreds more.
         # Over max_body_bytes too, so the worker refuses it (413) and buries it at once.
         body = b'"' + b"x" * (gateway.nc.max_payload - header_bytes - 22) + b'"'

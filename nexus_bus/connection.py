@@ -40,6 +40,20 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
     return ctx
 
 
+async def flush_subscriptions(nc: Client) -> None:
+    """Return once the server has every command written so far, SUBs included.
+
+    nats-py's `flush()` writes its PING straight onto the socket while earlier commands (a
+    fresh SUB) may still wait in the client's pending buffer for the flusher task: the PONG
+    can come back before the server has seen the SUB, and a request sent from another
+    connection in that gap gets `no responders`. The first flush lets the flusher write the
+    buffer out (it runs while we wait for the PONG); the second PING is behind it on the
+    wire, so its PONG proves the server processed the SUB.
+    """
+    await nc.flush()
+    await nc.flush()
+
+
 def nats_options(settings: NatsSettings, *, name: str | None = None) -> dict[str, Any]:
     """Keyword arguments for `nats.connect` (and FastStream's `NatsBroker`)."""
 

@@ -24,7 +24,7 @@ from nats.aio.subscription import Subscription
 
 from nexus_bus.auth import Authenticator, create_authenticator
 from nexus_bus.config import Settings
-from nexus_bus.connection import broker_options
+from nexus_bus.connection import broker_options, flush_subscriptions
 from nexus_bus.constants import H_REQUEST_ID, T_NATS
 from nexus_bus.dispatch import Dispatcher, Expired
 from nexus_bus.errors import PayloadTooLarge, Unavailable
@@ -163,7 +163,7 @@ class Worker:
                         cb=self._admitter(group.op),
                     )
                 )
-            await self.nc.flush()  # the server has our interest: requests reach us from now
+            await flush_subscriptions(self.nc)  # requests reach us from now
         logger.info("worker serving ops {}", ",".join(g.op for g in self.groups))
 
     def _admitter(self, op: str) -> Any:

@@ -26,6 +26,7 @@ from nexus_bus.auth.scopes import check_scope, covers
 from nexus_bus.auth.tokens import SignedToken, TokenCodec, TokenPolicy
 from nexus_bus.auth.verifier import TokenVerifier
 from nexus_bus.config import ConfigError, Settings
+from nexus_bus.connection import flush_subscriptions
 from nexus_bus.constants import AUTH_REVOKED_SUBJECT
 from nexus_bus.context import Principal
 from nexus_bus.errors import Forbidden, InvalidRequest, Unavailable
@@ -150,6 +151,7 @@ class TokenService:
 
         try:
             await nc.subscribe(AUTH_REVOKED_SUBJECT, cb=on_notice)
+            await flush_subscriptions(nc)  # a revocation published after we return reaches us
         except Exception as exc:
             raise Unavailable(f"cannot subscribe to revocation notices: {exc}") from exc
 

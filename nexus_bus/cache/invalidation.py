@@ -24,6 +24,7 @@ from nats.aio.subscription import Subscription
 
 from nexus_bus.cache.core import Cache
 from nexus_bus.cache.notice import FenceReply, Notice, decode_notice, decode_reply, encode
+from nexus_bus.connection import flush_subscriptions
 from nexus_bus.constants import (
     CACHE_FENCE_SUBJECT,
     CACHE_INVALIDATE_SUBJECT,
@@ -79,7 +80,7 @@ class CacheBus:
                 await self._nc.subscribe(CACHE_FENCE_SUBJECT, cb=self._on_fence),
             ]
             # Make sure the server has both interests before the first write relies on them.
-            await self._nc.flush()
+            await flush_subscriptions(self._nc)
         except _NATS_FAILURES as exc:
             raise Unavailable(f"cannot subscribe to cache notices: {exc}") from exc
         self._cache.attach(self)

@@ -56,14 +56,27 @@ class HeadJoiningTransport:
     Joined, a small answer reaches the socket whole or not at all (and costs one syscall
     instead of two). A head whose body does not follow in the same loop iteration is sent
     alone.
+
+
+    Closing in the middle of a request lingers (as NGINX's `lingering_close` does): the client
+    may still be sending a body we refused (a 413 answered early), and closing a socket with
+    unread input makes the kernel send a reset, which can destroy the answer before the
+    client reads it. So while `receiving` is set, `close()` sends the answer and a FIN
+    (`write_eof`), reads and discards until the client closes or `LINGER_S` pass, and only
+    then closes. Idle keep-alive connections close at once.
     """
 
-    __slots__ = ("_held", "_loop", "_transport")
+    __slots__ = ("_held", "_linger_timer", "_loop", "_transport", "lingering", "receiving")
+
+    LINGER_S: ClassVar[float] = 5.0
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._held: bytes | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self.lingering = False
+        self.receiving = False  # a request has begun and not fully arrived
 
     def write(self, data: bytes) -> None:
         """Write `data`, holding a bare response head until the next write or loop turn."""
@@ -84,9 +97,28 @@ class HeadJoiningTransport:
             self._transport.write(held)
 
     def close(self) -> None:
-        """Send anything held, then close."""
+        """Send anything held and a FIN; close once the client has, or after `LINGER_S`."""
         self._flush()
-        self._transport.close()
+        transport = self._transport
+        if self.lingering or transport.is_closing():
+            return
+        if not self.receiving or not transport.can_write_eof():
+            transport.close()
+            return
+        self.lingering = True
+        transport.write_eof()
+        transport.resume_reading()  # uvicorn may have paused it for flow control
+        self._linger_timer = self._loop.call_later(self.LINGER_S, transport.close)
+
+    def is_closing(self) -> bool:
+        """Whether close() was called (lingering counts as closing)."""
+        return self.lingering or self._transport.is_closing()
+
+    def closed(self) -> None:
+        """The connection is gone: stop the linger timer."""
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -115,9 +147,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_read_timer()
+        if isinstance(self.transport, HeadJoiningTransport):
+            self.transport.closed()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.transport.lingering:  # type: ignore[attr-defined]
+            return  # the answer is sent: what the client still sends is discarded
         super().data_received(data)
         # Counted per chunk while a head is incomplete, not per header: one addition instead
         # of a Python call for every header. A head that completes inside one chunk is
@@ -129,6 +165,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.transport.receiving = True  # type: ignore[attr-defined]
         self._in_head = True
         self._head_bytes = 0
         if self._read_timer is None:
@@ -140,6 +177,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._cancel_read_timer()
+        self.transport.receiving = False  # type: ignore[attr-defined]
         super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:

@@ -118,6 +118,40 @@ async def test_declared_oversized_body_is_413_before_reading(
     assert time.monotonic() - started < READ_TIMEOUT_S
 
 
+@pytest.mark.parametrize("declared", [True, False])
+async def test_early_413_reaches_a_client_still_sending(
+    shim: RunningShim, settings: Settings, declared: bool
+) -> None:
+    """The answer survives a body the client keeps sending after it (lingering close).
+
+    A server that closes with unread input makes the kernel reset the connection, and the
+    reset can destroy the 413 before the client reads it.
+    """
+    limit = settings.limits.max_body_bytes
+    size = limit + 2 * 1024 * 1024
+    framing = b"Content-Length: %d" % size if declared else b"Transfer-Encoding: chunked"
+    head = (
+        b"POST /v1/data/put HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + framing
+        + b"\r\n\r\n"
+    )
+    host, port = shim.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head)
+        chunk = b"x" * 65536
+        for _ in range(size // len(chunk)):
+            writer.write(chunk if declared else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            await writer.drain()
+        await asyncio.sleep(0.2)  # the server has answered and closed its side by now
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    status, headers, body = parse_raw(answer)
+    assert status == 413 and headers["connection"] == "close"
+    assert b"payload_too_large" in body
+
+
 async def test_streamed_oversized_body_is_413(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:

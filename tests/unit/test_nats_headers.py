@@ -61,3 +61,50 @@ def test_install_targets_the_known_parser() -> None:
 
     assert nats_headers.install() is True
     assert Client._parse_header_lines(b"A: b\r\n") == {"A": "b"}
+
+
+NAME_PIECES = ["Nexus-Request-Id", "traceparent", "A", " ", "\t", "B C", "x:y", "é", "", "~!#"]
+VALUE_PIECES = ["v", " ", "\r", "\n", "\r\n", "é", "Bearer abc.def", "\t", "", "\x0b", "€"]
+
+
+class Recorder:
+    """The parts of a nats-py Client that `_send_publish` touches."""
+
+    def __init__(self) -> None:
+        self.stats = {"out_msgs": 0, "out_bytes": 0}
+        self._flush_queue = None
+        self.sent: list[bytes] = []
+
+    async def _send_command(self, cmd: bytes) -> None:
+        self.sent.append(bytes(cmd))
+
+
+async def published(send: object, headers: dict[str, str] | None) -> tuple[object, object]:
+    client = Recorder()
+    try:
+        await send(client, "s.x", "_INBOX.r", b"body", 4, headers)  # type: ignore[operator]
+    except Exception as exc:
+        return type(exc), str(exc)
+    return client.sent, client.stats
+
+
+async def test_sending_is_identical_to_nats_py_on_generated_headers() -> None:
+    original = nats_headers.original_send_publish()
+    rng = random.Random(4321)
+    for _ in range(5_000):
+        headers = {
+            "".join(rng.choice(NAME_PIECES) for _ in range(rng.randint(0, 2))): "".join(
+                rng.choice(VALUE_PIECES) for _ in range(rng.randint(0, 3))
+            )
+            for _ in range(rng.randint(0, 5))
+        }
+        ours = await published(nats_headers.send_publish, headers)
+        assert ours == await published(original, headers), headers
+    assert await published(nats_headers.send_publish, None) == await published(original, None)
+
+
+def test_install_replaces_both() -> None:
+    from nats.aio.client import Client
+
+    assert nats_headers.install() is True
+    assert Client._send_publish is nats_headers.send_publish

@@ -19,7 +19,7 @@ from nexus_bus.constants import H_CONTENT_TYPE, H_IDEMPOTENCY_KEY, T_NATS, UNKNO
 from nexus_bus.context import RequestContext
 from nexus_bus.errors import InternalError, NexusError, UnknownOperation, UpstreamTimeout
 from nexus_bus.metadata import TraceContext, deadline_ms, request_id_of, trace_from_headers
-from nexus_bus.observability import METRICS, logger
+from nexus_bus.observability import METRICS, bind_request, logger, release
 from nexus_bus.operations import Operation, Operations
 from nexus_bus.replies import Reply, error_reply, success_reply
 from nexus_bus.services import Services
@@ -58,6 +58,7 @@ class Dispatcher:
         # The core request path enforces deadlines with one reaper task per worker instead:
         # an asyncio.timeout per request costs more than the rest of the dispatch.
         self._enforce_deadline = enforce_deadline
+        self._debug = settings.log.level.upper() in ("TRACE", "DEBUG")
 
     @property
     def ops(self) -> list[str]:
@@ -102,27 +103,36 @@ class Dispatcher:
             METRICS.expired.labels(op).inc()
             return Expired(request_id)
         trace = trace_from_headers(hdrs)
-        with logger.contextualize(
+        log_token = bind_request(
             trace_id=trace.trace_id, correlation_id=request_id, op=op, action=action
-        ):
-            try:
-                reply = await self._run(
-                    op, action, hdrs, data, request_id, trace, deadline, attempt
-                )
-            except NexusError as exc:
-                reply = self._fail(op, exc, request_id)
-            except Exception:
-                logger.exception("unexpected error in {}.{}", op, action)
-                error = InternalError(f"internal error; request id {request_id}")
-                reply = self._fail(op, error, request_id)
-            elapsed = time.perf_counter() - started
-            # Labels only from registered names: a client can send any action token, and
-            # every distinct label value would be a new time series forever.
-            # A success ran a registered handler; only failures need the lookup.
-            known = reply.status < 400 or self._lookup(op, action) is not None
-            label_op, label_action = (op, action) if known else (UNKNOWN_LABEL, UNKNOWN_LABEL)
-            METRICS.observe(label_op, label_action, reply.status, self._transport, elapsed)
-            logger.debug("served", status=reply.status, duration_ms=round(elapsed * 1000, 3))
+        )
+        try:
+            reply = await self._run(op, action, hdrs, data, request_id, trace, deadline, attempt)
+        except NexusError as exc:
+            reply = self._fail(op, exc, request_id)
+        except Exception:
+            logger.exception("unexpected error in {}.{}", op, action)
+            error = InternalError(f"internal error; request id {request_id}")
+            reply = self._fail(op, error, request_id)
+        finally:
+            release(log_token)
+        elapsed = time.perf_counter() - started
+        # Labels only from registered names: a client can send any action token, and
+        # every distinct label value would be a new time series forever.
+        # A success ran a registered handler; only failures need the lookup.
+        known = reply.status < 400 or self._lookup(op, action) is not None
+        label_op, label_action = (op, action) if known else (UNKNOWN_LABEL, UNKNOWN_LABEL)
+        METRICS.observe(label_op, label_action, reply.status, self._transport, elapsed)
+        if self._debug:
+            logger.debug(
+                "served",
+                trace_id=trace.trace_id,
+                correlation_id=request_id,
+                op=op,
+                action=action,
+                status=reply.status,
+                duration_ms=round(elapsed * 1000, 3),
+            )
         return reply
 
     async def _run(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import signal
 import subprocess
@@ -25,7 +27,7 @@ from nexus_bus import (
     Worker,
 )
 from nexus_bus.errors import InternalError
-from nexus_bus.observability import METRICS
+from nexus_bus.observability import METRICS, configure_logging, logger
 from tests.conftest import make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,6 +73,11 @@ def probe_ops(op: str, state: State) -> Operations:
             raise
         finally:
             state.running -= 1
+
+    @ops.action("log", public=True)
+    async def log(req: Probe, ctx: RequestContext) -> Seen:
+        logger.info("inside the handler")
+        return Seen(trace_id=ctx.trace.trace_id, request_id=ctx.request_id)
 
     return ops
 
@@ -141,6 +148,22 @@ async def test_request_and_trace_ids_are_carried(
     assert seen == {"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "request_id": "req-42"}
     fresh = await gateway.request(op, "run", {}, request_id="bad id\r\n", traceparent="junk")
     assert fresh["request_id"] != "bad id\r\n" and len(fresh["trace_id"]) == 32
+
+
+async def test_handler_log_lines_carry_the_request_context(
+    probe: Callable[..., object], gateway: Gateway
+) -> None:
+    _, _, op = await probe()  # type: ignore[operator]
+    sink = io.StringIO()
+    configure_logging("worker", "INFO", sink=sink)
+    try:
+        seen = await gateway.request(op, "log", {}, request_id="req-log")
+    finally:
+        configure_logging("nexus-test", "WARNING", json_lines=False)
+    lines = [json.loads(line) for line in sink.getvalue().splitlines()]
+    inside = next(doc for doc in lines if doc["message"] == "inside the handler")
+    assert (inside["trace_id"], inside["correlation_id"]) == (seen["trace_id"], "req-log")
+    assert (inside["op"], inside["action"]) == (op, "log")
 
 
 async def test_expired_requests_are_dropped_before_they_start(

@@ -33,6 +33,7 @@ from nexus_bus.errors import (
     Unavailable,
     UpstreamTimeout,
 )
+from nexus_bus.inbox import Inbox
 from nexus_bus.jobs.client import get_job, submit_job
 from nexus_bus.metadata import (
     budget_headers,
@@ -68,6 +69,7 @@ class Gateway:
         # The bearer token sent when a call passes none. Never taken from settings: a shim's
         # gateway must not lend its own identity to anonymous requests.
         self.token = token
+        self._inbox = Inbox(nc)
 
     @classmethod
     async def connect(cls, settings: Settings, *, token: str | None = None) -> Self:
@@ -162,7 +164,7 @@ class Gateway:
                 f"request exceeds the server's max_payload of {self.nc.max_payload}"
             )
         try:
-            msg = await self.nc.request(subject, body, timeout=timeout_s, headers=headers)
+            msg = await self._inbox.request(subject, body, timeout_s=timeout_s, headers=headers)
         except nats.errors.NoRespondersError:
             raise NoResponders(f"no worker serves {op}.{action}") from None
         except nats.errors.TimeoutError:

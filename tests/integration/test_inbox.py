@@ -1,0 +1,81 @@
+"""The gateway's Inbox over real NATS: routing, timeouts, no responders, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+
+from nexus_bus.connection import flush_subscriptions
+from nexus_bus.inbox import Inbox
+
+
+async def test_concurrent_requests_each_get_their_own_reply(nats_url: str, uid: str) -> None:
+    responder, client = await nats.connect(nats_url), await nats.connect(nats_url)
+
+    async def respond(msg: Msg) -> None:
+        await asyncio.sleep(0.001 * (int(msg.data) % 7))  # replies come back out of order
+        await msg.respond(msg.data)
+
+    async def spawn(msg: Msg) -> None:
+        tasks.add(task := asyncio.create_task(respond(msg)))
+        task.add_done_callback(tasks.discard)
+
+    tasks: set[asyncio.Task[None]] = set()
+
+    try:
+        await responder.subscribe(f"inbox.{uid}", cb=spawn)
+        await flush_subscriptions(responder)
+        inbox = Inbox(client)
+        replies = await asyncio.gather(
+            *(inbox.request(f"inbox.{uid}", b"%d" % i, timeout_s=5, headers=None)
+              for i in range(200))
+        )
+        assert [int(r.data) for r in replies] == list(range(200))
+        assert not inbox._waiting
+    finally:
+        await responder.close()
+        await client.close()
+
+
+async def test_no_responders_timeout_and_cancel_leave_nothing_behind(
+    nats_url: str, uid: str
+) -> None:
+    responder, client = await nats.connect(nats_url), await nats.connect(nats_url)
+    late: list[Msg] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def answer_late(msg: Msg) -> None:
+        late.append(msg)
+        await asyncio.sleep(0.3)
+        await msg.respond(b"too late")
+
+    async def spawn(msg: Msg) -> None:
+        tasks.add(task := asyncio.create_task(answer_late(msg)))
+        task.add_done_callback(tasks.discard)
+
+    try:
+        inbox = Inbox(client)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(nats.errors.NoRespondersError):
+            await inbox.request(f"nobody.{uid}", b"", timeout_s=5, headers={"A": "b"})
+        assert loop.time() - started < 1  # at once, not after the timeout
+
+        await responder.subscribe(f"slow.{uid}", cb=spawn)
+        await flush_subscriptions(responder)
+        with pytest.raises(nats.errors.TimeoutError):
+            await inbox.request(f"slow.{uid}", b"", timeout_s=0.1, headers=None)
+
+        pending = asyncio.create_task(inbox.request(f"slow.{uid}", b"", timeout_s=5, headers=None))
+        await asyncio.sleep(0.05)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        await asyncio.sleep(0.5)  # both late replies arrive and are dropped
+        assert len(late) == 2 and not inbox._waiting
+    finally:
+        await responder.close()
+        await client.close()

@@ -241,8 +241,10 @@ async def raw_batches(nc: Client, count: int, concurrency: int) -> Row:
 async def nexus_rows(settings: Settings, jobs: int, concurrency: int, seconds: float) -> list[Row]:
     gw = await Gateway.connect(settings)
     completions = Completions()
-    await gw.submit("bench", "noop", {})  # creates streams and bucket
+    warm = await gw.submit("bench", "noop", {})  # creates streams and bucket
     follower = asyncio.create_task(completions.follow(gw.nc))
+    # The worker process is up and running jobs (its imports alone can take seconds).
+    await completions.wait_for({warm.job_id}, 60)
     run = os.urandom(4).hex()
     rows: list[Row] = []
     try:
@@ -336,7 +338,6 @@ def main() -> int:
             raw = asyncio.run(raw_rows(nats_proc.url, args.jobs, args.concurrency))
             worker = spawn("--serve-worker", nats_proc.url, redis_url)
             try:
-                time.sleep(2.0)
                 settings = bench_settings(nats_proc.url, redis_url)
                 ours = asyncio.run(nexus_rows(settings, args.jobs, args.concurrency, args.seconds))
             finally:

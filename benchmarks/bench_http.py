@@ -1,6 +1,6 @@
 """The HTTP path: our shim → NATS → worker, beside a minimal bridge and a no-NATS HTTP app.
 
-    python -m benchmarks.bench_http [--seconds 3] [--concurrency 1,16,128] [--servers]
+    python -m benchmarks.bench_http [--seconds 2] [--rounds 3] [--concurrency 1,16,128] [--servers]
 
 Targets, each measured at each concurrency in the same run:
 
@@ -24,6 +24,7 @@ import asyncio
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -323,50 +324,108 @@ class Bench:
         )
         self.use_wrk = shutil.which("wrk") is not None
         self.cpu_us: dict[tuple[str, int], dict[str, float]] = {}
+        self.keys: dict[str, set[str]] = {}  # target -> its processes and the servers
 
     def close(self) -> None:
         """Stop the servers."""
         for server in reversed(self.servers):
             server.stop()
 
-    def run_target(self, target: Target, levels: list[int]) -> list[Result]:
-        """Start a target's processes, load it at each concurrency, stop them."""
-        name, roles = target
-        port = free_port()
-        procs = {
-            role: _spawn([a.replace("{port}", str(port)) for a in argv], self.env)
-            for role, argv in roles
-        }
-        results = []
+    def run_all(self, targets: list[Target], levels: list[int], rounds: int) -> list[Result]:
+        """Start every target, then measure them in alternating slices at each concurrency.
+
+        All processes stay up for the whole run; only the target being loaded uses the CPU.
+        Each point is `rounds` slices of `seconds`, taken in turn with the other targets, so
+        a machine that drifts (other tenants, thermal limits) weighs on every target alike
+        instead of on whichever ran during a slow minute. The raw responder is one process
+        shared by the bridges; CPU is read per slice, so it counts for the target in load.
+        """
+        started: dict[str, subprocess.Popen[bytes]] = {}
         try:
-            _wait_http(port, self.headers, list(procs.values()))
-            pids = {role: p.pid for role, p in procs.items()}
+            ports, live = self._start(targets, started)
+            pids = {key: p.pid for key, p in started.items()}
             pids.update({s.name: s.proc.pid for s in self.servers if s.proc})
+            results = []
             for conc in levels:
-                results.append(self._load(name, port, conc, pids))
+                slices: dict[str, list[tuple[Result, dict[str, float]]]] = {n: [] for n in live}
+                for name in live:  # warm-up at this concurrency
+                    self._slice(name, ports[name], conc, 1.0, pids)
+                for _ in range(rounds):
+                    for name in live:
+                        slices[name].append(
+                            self._slice(name, ports[name], conc, self.seconds, pids)
+                        )
+                for name in live:
+                    results.append(self._merge(name, conc, slices[name]))
+            return results
         finally:
-            for p in reversed(procs.values()):
+            for p in reversed(started.values()):
                 p.terminate()
-            for p in procs.values():
+            for p in started.values():
                 try:
                     p.wait(15)
                 except subprocess.TimeoutExpired:
                     p.kill()
-        return results
 
-    def _load(self, name: str, port: int, conc: int, pids: dict[str, int]) -> Result:
+    def _start(
+        self, targets: list[Target], started: dict[str, subprocess.Popen[bytes]]
+    ) -> tuple[dict[str, int], list[str]]:
+        """Start every target's processes (into `started`); their ports, and which answer."""
+        ports: dict[str, int] = {}
+        live: list[str] = []
+        for name, roles in targets:
+            port = ports[name] = free_port()
+            procs = []
+            self.keys[name] = {s.name for s in self.servers}
+            for role, argv in roles:
+                key = role if role == "responder" else f"{name}/{role}"
+                self.keys[name].add(key)
+                if key not in started:
+                    started[key] = _spawn([a.replace("{port}", str(port)) for a in argv], self.env)
+                procs.append(started[key])
+            try:
+                _wait_http(port, self.headers, procs)
+                live.append(name)
+            except RuntimeError as exc:  # one broken baseline must not hide the others
+                print(f"{name}: not measured: {exc}", file=sys.stderr)
+        return ports, live
+
+    def _slice(
+        self, name: str, port: int, conc: int, seconds: float, pids: dict[str, int]
+    ) -> tuple[Result, dict[str, float]]:
+        before = {key: cpu_seconds(pid) for key, pid in pids.items()}
         if self.use_wrk:
-            run_wrk(name, port, conc, 1, self.script)  # warm-up at this concurrency
-        before = {role: cpu_seconds(pid) for role, pid in pids.items()}
-        if self.use_wrk:
-            result = run_wrk(name, port, conc, self.seconds, self.script)
+            result = run_wrk(name, port, conc, seconds, self.script)
         else:
-            result = uvloop.run(run_python(name, port, conc, self.seconds, self.headers))
-        served = max(1, result.requests)
-        split = {role: (cpu_seconds(p) - before[role]) / served * 1e6 for role, p in pids.items()}
+            result = uvloop.run(run_python(name, port, conc, seconds, self.headers))
+        used = {key: cpu_seconds(pid) - before[key] for key, pid in pids.items()}
+        return result, used
+
+    def _merge(
+        self, name: str, conc: int, parts: list[tuple[Result, dict[str, float]]]
+    ) -> Result:
+        """One point from its slices: totals for throughput and CPU, medians for latency."""
+        requests = sum(r.requests for r, _ in parts)
+        result = Result(
+            name,
+            conc,
+            requests,
+            sum(r.errors for r, _ in parts),
+            sum(r.seconds for r, _ in parts),
+            statistics.median(r.p50_ms for r, _ in parts),
+            statistics.median(r.p99_ms for r, _ in parts),
+        )
+        served = max(1, requests)
+        split: dict[str, float] = {}
+        for _, used in parts:
+            for key, seconds in used.items():
+                if key in self.keys[name]:  # other targets' processes sit idle meanwhile
+                    role = key.split("/", 1)[-1]
+                    split[role] = split.get(role, 0.0) + seconds / served * 1e6
         self.cpu_us[(name, conc)] = split
-        parts = "  ".join(f"{role} {us:.0f}" for role, us in split.items())
-        print(f"{_row(result)}   cpu us/req: {parts}", flush=True)
+        parts_text = "  ".join(f"{role} {us:.0f}" for role, us in split.items())
+        slices = ", ".join(f"{r.rps:.0f}" for r, _ in parts)
+        print(f"{_row(result)}   cpu us/req: {parts_text}   (slices req/s: {slices})", flush=True)
         return result
 
 
@@ -405,7 +464,8 @@ def report(results: Sequence[Result], cpu_us: dict[tuple[str, int], dict[str, fl
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=2.0, help="per slice")
+    parser.add_argument("--rounds", type=int, default=3, help="slices per point")
     parser.add_argument("--concurrency", default="1,16,128")
     parser.add_argument("--servers", action="store_true", help="also granian (server choice)")
     parser.add_argument("--serve-responder", metavar="NATS_URL")
@@ -424,17 +484,13 @@ def main() -> int:
             return 0
     loadgen = "wrk (CPU 0)" if shutil.which("wrk") else "python closed loop (CPU 0)"
     print(f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}  load: {loadgen}  "
-          f"system under test: CPU 1  seconds/point: {args.seconds:g}")
+          f"system under test: CPU 1  per point: {args.rounds} slices of {args.seconds:g} s, "
+          "alternating between targets")
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp), args.seconds)
         try:
-            results = []
-            for target in _targets(bench.nats_url, args.servers):
-                try:
-                    results.extend(bench.run_target(target, levels))
-                except RuntimeError as exc:  # one broken baseline must not hide the others
-                    print(f"{target[0]}: not measured: {exc}", file=sys.stderr)
+            results = bench.run_all(_targets(bench.nats_url, args.servers), levels, args.rounds)
         finally:
             bench.close()
     report(results, bench.cpu_us)

@@ -79,7 +79,13 @@ class HeadJoiningTransport:
         self.receiving = False  # a request has begun and not fully arrived
 
     def write(self, data: bytes) -> None:
-        """Write `data`, holding a bare response head until the next write or loop turn."""
+        """Write `data`, holding a bare response head until the next write or loop turn.
+
+        Nothing is written after `close()` (as asyncio drops writes to a closing transport;
+        while lingering, the FIN is already sent).
+        """
+        if self.lingering:
+            return
         held = self._held
         if held is not None:
             self._held = None
@@ -91,16 +97,24 @@ class HeadJoiningTransport:
             self._transport.write(data)
 
     def _flush(self) -> None:
+        if self.lingering:
+            return
         held = self._held
         if held is not None:
             self._held = None
             self._transport.write(held)
 
     def close(self) -> None:
-        """Send anything held and a FIN; close once the client has, or after `LINGER_S`."""
-        self._flush()
+        """Send anything held and a FIN; close once the client has, or after `LINGER_S`.
+
+        A second call while lingering (the server shutting down) closes at once.
+        """
         transport = self._transport
-        if self.lingering or transport.is_closing():
+        if self.lingering:
+            transport.close()
+            return
+        self._flush()
+        if transport.is_closing():
             return
         if not self.receiving or not transport.can_write_eof():
             transport.close()
@@ -196,7 +210,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._read_timer = None
         cycle = self.cycle
         if cycle is not None and cycle.response_started:
-            # The app answered before reading everything (a 413, say): nothing to tell.
+            # The app answered, or is streaming, before the request fully arrived (a 413, an
+            # event stream): nothing to tell. Its further sends become no-ops, as after a
+            # client disconnect.
+            cycle.disconnected = True
+            cycle.message_event.set()
             self.transport.close()
             return
         if cycle is not None and not cycle.response_complete:

@@ -13,6 +13,7 @@ nobody serves, `TimeoutError` when no reply came in time, publish errors unchang
 from __future__ import annotations
 
 import asyncio
+from os import urandom
 from typing import Final
 
 import nats.errors
@@ -78,7 +79,9 @@ class Inbox:
         loop = self._loop
         assert loop is not None
         self._next += 1
-        token = str(self._next)
+        # The counter makes it unique; the random part makes it unguessable, so a responder
+        # that saw one reply subject cannot answer other callers' requests in their place.
+        token = f"{self._next:x}{urandom(4).hex()}"
         future: asyncio.Future[Msg] = loop.create_future()
         self._waiting[token] = future
         timer = loop.call_later(timeout_s, _expire, future)

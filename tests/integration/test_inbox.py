@@ -79,3 +79,30 @@ async def test_no_responders_timeout_and_cancel_leave_nothing_behind(
     finally:
         await responder.close()
         await client.close()
+
+
+async def test_reply_subjects_cannot_be_guessed_from_another(nats_url: str, uid: str) -> None:
+    """A responder that saw one reply subject cannot answer other callers' requests."""
+    responder, client = await nats.connect(nats_url), await nats.connect(nats_url)
+    seen: list[Msg] = []
+    try:
+        sub = await responder.subscribe(f"guess.{uid}")
+        await flush_subscriptions(responder)
+        inbox = Inbox(client)
+        first = asyncio.create_task(inbox.request(f"guess.{uid}", b"1", timeout_s=5, headers=None))
+        seen.append(await sub.next_msg(timeout=5))
+        victim = asyncio.create_task(inbox.request(f"guess.{uid}", b"2", timeout_s=5, headers=None))
+        genuine = await sub.next_msg(timeout=5)
+        prefix, _, token = seen[0].reply.rpartition(".")
+        assert token != "1" and len(token) > 8
+        for n in range(1, 64):  # counters, with the first token's random part or without
+            for guess in (f"{n:x}", f"{n}", f"{n:x}{token[-8:]}"):
+                await responder.publish(f"{prefix}.{guess}", b"forged")
+        await responder.flush()
+        await genuine.respond(b"genuine")
+        assert (await victim).data == b"genuine"
+        await seen[0].respond(b"first")
+        assert (await first).data in (b"first", b"forged")  # its own subject was known
+    finally:
+        await responder.close()
+        await client.close()

@@ -24,22 +24,27 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
+import nats.aio.client
 from nats import errors
-from nats.aio.client import _HEADER_KEY_RE, _HEADER_VALUE_NEWLINES, Client
+from nats.aio.client import Client
 from nats.protocol import command as prot_command
 
 _CRLF: Final = b"\r\n"
 # For str patterns `\s` matches exactly the characters for which str.isspace() is true.
 _WHITESPACE: Final = re.compile(r"\s")
 
-_original = Client.__dict__["_parse_header_lines"]
-_original_send_publish = Client.__dict__["_send_publish"]
+_original = Client.__dict__.get("_parse_header_lines")
+_original_send_publish = Client.__dict__.get("_send_publish")
 _KNOWN_SEND_NAMES: Final = (
     "errors", "BadSubjectError", "prot_command", "pub_cmd", "bytearray", "extend",
     "NATS_HDR_LINE", "_CRLF_", "items", "strip", "_HEADER_KEY_RE", "fullmatch",
     "BadHeaderError", "encode", "translate", "_HEADER_VALUE_NEWLINES", "hpub_cmd", "stats",
     "_send_command", "_flush_queue", "empty", "_flush_pending",
 )
+# nats-py's own name check and value translation, when this nats-py has them (install()
+# refuses otherwise); looked up softly so a release that renames them cannot break imports.
+_HEADER_KEY_RE: Final[Any] = getattr(nats.aio.client, "_HEADER_KEY_RE", None)
+_HEADER_VALUE_NEWLINES: Final[Any] = getattr(nats.aio.client, "_HEADER_VALUE_NEWLINES", None)
 _HEAD: Final = b"NATS/1.0\r\n"
 _SKIP: Final = b""
 # Header name as given -> b"Name: " (checked), or _SKIP for a blank name. Bounded: a process
@@ -151,9 +156,9 @@ async def send_publish(
         await self._flush_pending()
 
 
-def original_parser() -> staticmethod:  # type: ignore[type-arg]
-    """nats-py's own parser, for the equivalence test."""
-    return _original  # type: ignore[no-any-return]
+def original_parser() -> Any:
+    """nats-py's own parser (a staticmethod), for the equivalence test."""
+    return _original
 
 
 def original_send_publish() -> Any:
@@ -174,7 +179,12 @@ def install() -> bool:
     if parser:
         Client._parse_header_lines = staticmethod(parse_header_lines)  # type: ignore[method-assign]
     send_code = getattr(_original_send_publish, "__code__", None)
-    sender = send_code is not None and send_code.co_names == _KNOWN_SEND_NAMES
+    sender = (
+        send_code is not None
+        and send_code.co_names == _KNOWN_SEND_NAMES
+        and _HEADER_KEY_RE is not None
+        and _HEADER_VALUE_NEWLINES is not None
+    )
     if sender:
         Client._send_publish = send_publish  # type: ignore[method-assign]
     return parser and sender

@@ -58,7 +58,6 @@ class Dispatcher:
         # The core request path enforces deadlines with one reaper task per worker instead:
         # an asyncio.timeout per request costs more than the rest of the dispatch.
         self._enforce_deadline = enforce_deadline
-        self._debug = settings.log.level.upper() in ("TRACE", "DEBUG")
 
     @property
     def ops(self) -> list[str]:
@@ -123,16 +122,15 @@ class Dispatcher:
         known = reply.status < 400 or self._lookup(op, action) is not None
         label_op, label_action = (op, action) if known else (UNKNOWN_LABEL, UNKNOWN_LABEL)
         METRICS.observe(label_op, label_action, reply.status, self._transport, elapsed)
-        if self._debug:
-            logger.debug(
-                "served",
-                trace_id=trace.trace_id,
-                correlation_id=request_id,
-                op=op,
-                action=action,
-                status=reply.status,
-                duration_ms=round(elapsed * 1000, 3),
-            )
+        logger.debug(
+            "served",
+            trace_id=trace.trace_id,
+            correlation_id=request_id,
+            op=op,
+            action=action,
+            status=reply.status,
+            duration_ms=round(elapsed * 1000, 3),
+        )
         return reply
 
     async def _run(

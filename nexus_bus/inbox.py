@@ -5,9 +5,10 @@ connection, a future per request keyed by the last subject token. Per request it
 draws a 22-character NUID plus two random bytes for the token, wraps the wait in
 `asyncio.wait_for` (a task and more) and registers a done-callback; on the gateway's
 request path that was about a sixth of the client's CPU (docs/benchmarks.md). Here the
-token is a counter (it only has to be unique within this inbox) and the timeout a timer
-handle. Semantics are nats-py's: `NoRespondersError` when the server answers for a subject
-nobody serves, `TimeoutError` when no reply came in time, publish errors unchanged.
+token is a counter plus four random bytes (unique within this inbox, and not guessable from
+another reply subject) and the timeout a timer handle. Semantics are nats-py's:
+`NoRespondersError` when the server answers for a subject nobody serves, `TimeoutError` when
+no reply came in time, publish errors unchanged.
 """
 
 from __future__ import annotations

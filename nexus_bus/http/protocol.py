@@ -57,7 +57,6 @@ class HeadJoiningTransport:
     instead of two). A head whose body does not follow in the same loop iteration is sent
     alone.
 
-
     Closing in the middle of a request lingers (as NGINX's `lingering_close` does): the client
     may still be sending a body we refused (a 413 answered early), and closing a socket with
     unread input makes the kernel send a reset, which can destroy the answer before the

@@ -31,10 +31,9 @@ import msgspec
 import nats
 import nats.errors
 
-from benchmarks.harness import Result, closed_loop, print_table
+from benchmarks.harness import Result, closed_loop, print_table, warm_up
 from nexus_bus import (
     Gateway,
-    NoResponders,
     Operations,
     RequestContext,
     Settings,
@@ -146,22 +145,6 @@ async def micro(settings: Settings, token: str, rounds: int = 20_000) -> dict[st
     return results
 
 
-async def warm_up(raw_nc: Any, gw: Gateway, payload: bytes) -> None:
-    """Wait until every responder answers (their processes may still be starting), then warm."""
-    deadline = time.monotonic() + 30
-    rounds = 0
-    while rounds < 50:
-        try:
-            await raw_nc.request(RAW_SUBJECT, payload, timeout=5)
-            for mode in MODES:
-                await gw.request(f"bench-{mode}", "echo", payload)
-            rounds += 1
-        except (nats.errors.NoRespondersError, NoResponders):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
-
-
 async def measure(
     nats_url: str, redis_url: str, keys: str, seconds: float, levels: list[int], repeat: int
 ) -> None:
@@ -173,7 +156,12 @@ async def measure(
     raw_nc = await nats.connect(nats_url)
     gw = await Gateway.connect(settings, token=token)
     payload = msgspec.json.encode({"msg": "hello"})
-    await warm_up(raw_nc, gw, payload)
+    await warm_up(
+        [
+            lambda: raw_nc.request(RAW_SUBJECT, payload, timeout=5),
+            *(lambda m=mode: gw.request(f"bench-{m}", "echo", payload) for mode in MODES),
+        ]
+    )
 
     async def raw() -> None:
         await raw_nc.request(RAW_SUBJECT, payload, timeout=5)

@@ -22,10 +22,9 @@ import msgspec
 import nats
 import uvloop
 
-from benchmarks.harness import Result, closed_loop, print_table
+from benchmarks.harness import Result, closed_loop, print_table, warm_up
 from nexus_bus import (
     Gateway,
-    NoResponders,
     Operations,
     RequestContext,
     Settings,
@@ -119,18 +118,13 @@ async def measure(url: str, keys_dir: str, seconds: float, levels: list[int]) ->
     )
     gw = await Gateway.connect(settings, token=token)
     payload = msgspec.json.encode({"msg": "hello"})
-    deadline = time.monotonic() + 30
-    rounds = 0
-    while rounds < 50:  # both responder processes started (imports take a while), then warm
-        try:
-            await raw_nc.request(RAW_SUBJECT, payload, timeout=5)
-            await gw.request("echo", "say", {"msg": "hello"})
-            await gw.request("echofs", "say", {"msg": "hello"})
-            rounds += 1
-        except (nats.errors.NoRespondersError, NoResponders):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
+    await warm_up(
+        [
+            lambda: raw_nc.request(RAW_SUBJECT, payload, timeout=5),
+            lambda: gw.request("echo", "say", payload),
+            lambda: gw.request("echofs", "say", payload),
+        ]
+    )
     await gw.request("data", "put", {"key": "bench.hot", "value": {"n": 1, "s": "x" * 64}})
 
     async def raw() -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+
+import nats.errors
+
+from nexus_bus import NoResponders
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,24 @@ class Result:
     def rps(self) -> float:
         """Completed requests per second."""
         return self.requests / self.seconds if self.seconds else 0.0
+
+
+async def warm_up(
+    calls: Sequence[Callable[[], Awaitable[object]]], *, rounds: int = 50, wait_s: float = 30
+) -> None:
+    """Wait until every call is answered (responder processes may still be starting: their
+    imports alone can take seconds), then make `rounds` rounds of all of them."""
+    deadline = time.monotonic() + wait_s
+    done = 0
+    while done < rounds:
+        try:
+            for call in calls:
+                await call()
+            done += 1
+        except (nats.errors.NoRespondersError, NoResponders):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def closed_loop(

@@ -156,14 +156,16 @@ def check_headers(headers: Mapping[str, str], *, max_value_bytes: int, max_total
         InvalidRequest: a name or value with characters that are not allowed (CR, LF, NUL...).
         HeadersTooLarge: a value or the whole set is larger than allowed.
     """
+    total = _HEADER_BLOCK_OVERHEAD  # headers_size(), added up in the same pass
     for name, value in headers.items():
         if name not in _KNOWN_NAMES and not _HEADER_NAME.match(name):
             raise InvalidRequest(f"invalid header name {name[:40]!r}")
         if not value.isprintable() or not value.isascii():
             raise InvalidRequest(f"header {name} has characters that are not allowed")
-        if len(value) > max_value_bytes:
+        size = len(value)
+        if size > max_value_bytes:
             raise HeadersTooLarge(f"header {name} is longer than {max_value_bytes} bytes")
-    total = headers_size(headers)
+        total += len(name) + size + _HEADER_LINE_OVERHEAD
     if total > max_total_bytes:
         raise HeadersTooLarge(f"headers total {total} bytes, more than {max_total_bytes}")
     return total

@@ -37,6 +37,8 @@ from nexus_bus.services import Services, close_services, create_services
 from nexus_bus.subjects import is_inbox, operation_wildcard, queue_group
 
 _NO_HEADERS: dict[str, str] = {}
+# More than a reply's headers can take (status, ids, content type, a truncated error detail).
+_HEADROOM = 8 * 1024
 
 
 async def _raw_message(msg: NatsMessage) -> Msg:
@@ -178,12 +180,11 @@ class Worker:
             await limit.acquire()
             task = asyncio.create_task(self._serve(op, msg, deadline))
             self._tasks[task] = (op, deadline)
+            task.add_done_callback(release)
 
-            def done(t: asyncio.Task[None]) -> None:
-                self._tasks.pop(t, None)
-                limit.release()
-
-            task.add_done_callback(done)
+        def release(task: asyncio.Task[None]) -> None:
+            self._tasks.pop(task, None)
+            limit.release()
 
         return admit
 
@@ -215,8 +216,10 @@ class Worker:
         The server answers an oversized publish (headers count) by closing the connection,
         which would take this worker off the bus for every other request.
         """
-        size = len(reply.body) + headers_size(reply.headers)
         limit = self.nc.max_payload
+        if len(reply.body) + _HEADROOM <= limit:
+            return reply  # the common case, without adding up the headers
+        size = len(reply.body) + headers_size(reply.headers)
         if size <= limit:
             return reply
         METRICS.count_error(op, PayloadTooLarge.code)

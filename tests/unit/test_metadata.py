@@ -1,5 +1,6 @@
 import pytest
 
+from nexus_bus import nats_headers
 from nexus_bus.constants import H_DEADLINE, H_TIMEOUT_MS, H_TRACEPARENT
 from nexus_bus.errors import HeadersTooLarge, InvalidRequest
 from nexus_bus.metadata import (
@@ -7,6 +8,7 @@ from nexus_bus.metadata import (
     check_headers,
     clean_request_id,
     deadline_ms,
+    headers_size,
     parse_traceparent,
     trace_from_headers,
 )
@@ -51,7 +53,9 @@ def test_deadline_prefers_absolute_then_relative_then_default() -> None:
 
 
 def test_header_checks() -> None:
-    assert check_headers({"A": "b"}, max_value_bytes=10, max_total_bytes=100) > 0
+    headers = {"Nexus-Request-Id": "r" * 24, "traceparent": f"00-{'1' * 32}-{'2' * 16}-01"}
+    size = check_headers(headers, max_value_bytes=100, max_total_bytes=1000)
+    assert size == headers_size(headers) == len(nats_headers.encode_headers(headers))
     with pytest.raises(InvalidRequest):
         check_headers({"A": "b\r\nX: y"}, max_value_bytes=100, max_total_bytes=1000)
     with pytest.raises(InvalidRequest):

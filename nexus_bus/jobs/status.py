@@ -25,16 +25,12 @@ from nexus_bus.store import translate_nats_errors
 TERMINAL: Final = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.DEAD})
 
 
-class JobRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """A job's stored status: the public `Job` fields plus bookkeeping times (epoch seconds)."""
+class JobRecord(Job, frozen=True, kw_only=True, omit_defaults=True):
+    """A job's stored status: the public `Job` fields plus bookkeeping times (epoch seconds).
 
-    id: str
-    op: str
-    action: str
-    status: JobStatus
-    attempts: int = 0
-    result: Any = None
-    error: Any = None  # the last error's problem document (code, title, status, detail)
+    `error` holds the last error's problem document (code, title, status, detail).
+    """
+
     created_at: float = 0.0
     updated_at: float = 0.0
     request_id: str | None = None

@@ -31,7 +31,7 @@ import msgspec
 import nats
 import nats.errors
 
-from benchmarks.harness import Result, closed_loop, print_table, warm_up
+from benchmarks.harness import Result, closed_loop, print_table, stop_all, warm_up
 from nexus_bus import (
     Gateway,
     Operations,
@@ -246,9 +246,7 @@ def main() -> int:
                 measure(nats_proc.url, redis_url, str(keys), args.seconds, levels, args.repeat)
             )
         finally:
-            for child in children:
-                child.terminate()
-                child.wait(10)
+            stop_all(children)
             redis_proc.stop()
             nats_proc.stop()
     return 0

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import uvloop
 
-from benchmarks.harness import Result, print_table
+from benchmarks.harness import Result, print_table, stop_all
 from nexus_bus import Gateway, Settings, Worker, load_settings
 from nexus_bus.auth import Keyring, TokenCodec, generate_key
 from nexus_bus.connection import connect_nats
@@ -155,9 +155,7 @@ async def end_to_end(
     finally:
         for gw in gateways:
             await gw.close()
-        for worker in workers:
-            worker.terminate()
-            worker.wait(15)
+        stop_all(workers)
 
 
 async def in_process(

@@ -38,7 +38,7 @@ from typing import Any
 import msgspec
 import uvloop
 
-from benchmarks.harness import Result, closed_loop
+from benchmarks.harness import Result, closed_loop, stop_all
 from nexus_bus import Operations, RequestContext
 from nexus_bus.embedded import free_port, nats_server, redis_server
 
@@ -359,13 +359,7 @@ class Bench:
                     results.append(self._merge(name, conc, slices[name]))
             return results
         finally:
-            for p in reversed(started.values()):
-                p.terminate()
-            for p in started.values():
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_all(reversed(started.values()))
 
     def _start(
         self, targets: list[Target], started: dict[str, subprocess.Popen[bytes]]

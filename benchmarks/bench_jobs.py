@@ -39,6 +39,7 @@ import nats
 from nats.aio.client import Client
 from nats.js.api import RetentionPolicy, StreamConfig
 
+from benchmarks.harness import stop_all
 from nexus_bus import Gateway, Operations, RequestContext, Settings, Worker, load_settings
 from nexus_bus.constants import JOBS_BUCKET
 from nexus_bus.embedded import nats_server, redis_server
@@ -194,8 +195,7 @@ async def raw_rows(nats_url: str, jobs: int, concurrency: int) -> list[Row]:
         await asyncio.wait_for(all_done.wait(), 120)
         pipeline = Row("raw publish -> pull -> ack", jobs, time.perf_counter() - started)
     finally:
-        child.terminate()
-        child.wait(10)
+        stop_all([child])
         await js.delete_stream(RAW_STREAM)
     batches = await raw_batches(nc, jobs, concurrency)
     await nc.close()
@@ -341,8 +341,7 @@ def main() -> int:
                 settings = bench_settings(nats_proc.url, redis_url)
                 ours = asyncio.run(nexus_rows(settings, args.jobs, args.concurrency, args.seconds))
             finally:
-                worker.terminate()
-                worker.wait(15)
+                stop_all([worker])
             batch = raw[2]
             for row in ours:
                 if "saturated (write)" in row.name and batch.rate:

@@ -22,7 +22,7 @@ import msgspec
 import nats
 import uvloop
 
-from benchmarks.harness import Result, closed_loop, print_table, warm_up
+from benchmarks.harness import Result, closed_loop, print_table, stop_all, warm_up
 from nexus_bus import (
     Gateway,
     Operations,
@@ -198,9 +198,7 @@ def main() -> int:
             )
             uvloop.run(measure(server.url, keys_dir, args.seconds, levels))
         finally:
-            for child in children:
-                child.terminate()
-                child.wait(10)
+            stop_all(children)
             server.stop()
             redis.stop()
     return 0

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import subprocess
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import nats.errors
@@ -29,6 +30,19 @@ class Result:
     def rps(self) -> float:
         """Completed requests per second."""
         return self.requests / self.seconds if self.seconds else 0.0
+
+
+def stop_all(procs: Iterable[subprocess.Popen[bytes]], timeout_s: float = 15) -> None:
+    """SIGTERM every process (so they drain in parallel), then reap each; kill a straggler."""
+    procs = list(procs)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 async def warm_up(

@@ -58,6 +58,8 @@ class Dispatcher:
         # The core request path enforces deadlines with one reaper task per worker instead:
         # an asyncio.timeout per request costs more than the rest of the dispatch.
         self._enforce_deadline = enforce_deadline
+        # A line per request at DEBUG only: building it costs even when the level drops it.
+        self._log_served = settings.log.level.upper() in ("DEBUG", "TRACE")
 
     @property
     def ops(self) -> list[str]:
@@ -122,15 +124,16 @@ class Dispatcher:
         known = reply.status < 400 or self._lookup(op, action) is not None
         label_op, label_action = (op, action) if known else (UNKNOWN_LABEL, UNKNOWN_LABEL)
         METRICS.observe(label_op, label_action, reply.status, self._transport, elapsed)
-        logger.debug(
-            "served",
-            trace_id=trace.trace_id,
-            correlation_id=request_id,
-            op=op,
-            action=action,
-            status=reply.status,
-            duration_ms=round(elapsed * 1000, 3),
-        )
+        if self._log_served:
+            logger.debug(
+                "served",
+                trace_id=trace.trace_id,
+                correlation_id=request_id,
+                op=op,
+                action=action,
+                status=reply.status,
+                duration_ms=round(elapsed * 1000, 3),
+            )
         return reply
 
     async def _run(

@@ -21,8 +21,10 @@ from nexus_bus.connection import connect_nats
 from nexus_bus.constants import (
     H_AUTHORIZATION,
     H_CONTENT_TYPE,
+    H_DEADLINE,
     H_IDEMPOTENCY_KEY,
     H_REQUEST_ID,
+    H_TIMEOUT_MS,
     H_TRACEPARENT,
     T_CLIENT,
 )
@@ -36,10 +38,9 @@ from nexus_bus.errors import (
 from nexus_bus.inbox import Inbox
 from nexus_bus.jobs.client import get_job, submit_job
 from nexus_bus.metadata import (
-    budget_headers,
     check_headers,
     clean_request_id,
-    new_trace,
+    new_traceparent,
     parse_traceparent,
 )
 from nexus_bus.observability import METRICS
@@ -119,11 +120,13 @@ class Gateway:
         extra: Mapping[str, str] | None = None,
     ) -> dict[str, str]:
         """The request headers of DESIGN.md, with a fresh deadline."""
-        trace = parse_traceparent(traceparent) or new_trace()
+        trace = parse_traceparent(traceparent) if traceparent else None
+        budget_ms = max(1, int(timeout_s * 1000))
         headers = {
             H_REQUEST_ID: clean_request_id(request_id),
-            H_TRACEPARENT: trace.traceparent,
-            **budget_headers(timeout_s, int(time.time() * 1000)),
+            H_TRACEPARENT: trace.traceparent if trace is not None else new_traceparent(),
+            H_TIMEOUT_MS: str(budget_ms),
+            H_DEADLINE: str(int(time.time() * 1000) + budget_ms),
         }
         if extra:
             headers.update(extra)

@@ -11,8 +11,7 @@ import os
 import random
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from nexus_bus.constants import (
     H_AUTHORIZATION,
@@ -28,7 +27,9 @@ from nexus_bus.constants import (
 from nexus_bus.errors import HeadersTooLarge, InvalidRequest
 
 _REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_TRACEPARENT: Final = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+# version-trace_id-span_id-flags; fixed width, so the fields are slices once this matches.
+_TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACEPARENT_LEN: Final = 55
 _HEADER_NAME: Final = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
 _KNOWN_NAMES: Final = frozenset(
     {H_AUTHORIZATION, H_REQUEST_ID, H_TRACEPARENT, H_TRACESTATE, H_TIMEOUT_MS, H_DEADLINE,
@@ -64,9 +65,12 @@ def clean_request_id(value: str | None) -> str:
     return new_request_id()
 
 
-@dataclass(frozen=True, slots=True)
-class TraceContext:
-    """A W3C trace context: the trace, this hop's span, and the sampled flag."""
+class TraceContext(NamedTuple):
+    """A W3C trace context: the trace, this hop's span, and the sampled flag.
+
+    A named tuple: immutable, and built several times faster than a frozen dataclass, which
+    matters at two per request.
+    """
 
     trace_id: str
     span_id: str
@@ -91,23 +95,37 @@ def new_trace() -> TraceContext:
     return TraceContext(f"{_rng.getrandbits(128) or 1:032x}", _span_id())
 
 
+def new_traceparent() -> str:
+    """The `traceparent` of a new root trace (`new_trace().traceparent`, in one draw)."""
+    bits = f"{_rng.getrandbits(192):048x}"
+    trace_id, span_id = bits[:32], bits[32:]
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:  # 2**-64: never, but never invalid
+        return new_trace().traceparent
+    return f"00-{trace_id}-{span_id}-01"
+
+
 def parse_traceparent(value: str | None) -> TraceContext | None:
     """Parse a `traceparent` value; None when absent or invalid (all-zero ids are invalid)."""
     if not value:
         return None
-    m = _TRACEPARENT.match(value.strip())
-    if m is None or m.group(1) == "ff":
+    if len(value) != _TRACEPARENT_LEN:
+        value = value.strip()
+    if _TRACEPARENT.fullmatch(value) is None or value.startswith("ff"):
         return None
-    _, trace_id, span_id, flags = m.groups()
+    trace_id = value[3:35]
+    span_id = value[36:52]
     if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return None
-    return TraceContext(trace_id, span_id, flags)
+    return TraceContext(trace_id, span_id, value[53:])
 
 
 def trace_from_headers(headers: Mapping[str, str]) -> TraceContext:
     """The caller's trace continued with a new span, or a new trace when it sent none."""
-    parent = parse_traceparent(headers.get(H_TRACEPARENT))
-    return parent.child() if parent else new_trace()
+    value = headers.get(H_TRACEPARENT)
+    parent = parse_traceparent(value) if value else None
+    if parent is None:
+        return new_trace()
+    return TraceContext(parent.trace_id, _span_id(), parent.flags)
 
 
 def budget_headers(timeout_s: float, now_ms: int) -> dict[str, str]:

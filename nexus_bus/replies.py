@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 import msgspec
 
@@ -28,9 +27,9 @@ _problem_decoder: Final = msgspec.json.Decoder(Problem)
 _MAX_ERROR_HEADER: Final = 256
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A reply as it travels: status, headers and encoded body."""
+class Reply(NamedTuple):
+    """A reply as it travels: status, headers and encoded body (one per request: a named
+    tuple is built several times faster than a frozen dataclass)."""
 
     status: int
     headers: dict[str, str]

@@ -66,3 +66,34 @@ def test_header_checks() -> None:
         check_headers(
             {f"H{i}": "v" * 9 for i in range(20)}, max_value_bytes=10, max_total_bytes=100
         )
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("Bearer ok", None),
+        ("", None),
+        ("Bearer a\r\nX: y", InvalidRequest),
+        ("Bearer \x00", InvalidRequest),
+        ("Bearer é", InvalidRequest),
+        ("Bearer " + "t" * 94, HeadersTooLarge),  # one byte over max_value_bytes
+    ],
+)
+def test_header_checks_of_the_usual_names(value: str, error: type[Exception] | None) -> None:
+    """The one-pass check of the usual header names refuses what the per-header one does."""
+    headers = {
+        "Nexus-Request-Id": "r" * 24,
+        "traceparent": VALID_TP,
+        H_TIMEOUT_MS: "5000",
+        H_DEADLINE: "1700000000000",
+        "Authorization": value,
+    }
+    if error is None:
+        assert check_headers(headers, max_value_bytes=100, max_total_bytes=1000) == (
+            len(nats_headers.encode_headers(headers))
+        )
+        with pytest.raises(HeadersTooLarge):  # the total counts too
+            check_headers(headers, max_value_bytes=100, max_total_bytes=100)
+    else:
+        with pytest.raises(error):
+            check_headers(headers, max_value_bytes=100, max_total_bytes=1000)

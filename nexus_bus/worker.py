@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 import nats.errors
@@ -22,6 +22,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from nexus_bus import lanes
 from nexus_bus.auth import Authenticator, create_authenticator
 from nexus_bus.config import Settings
 from nexus_bus.connection import broker_options, flush_subscriptions
@@ -65,6 +66,7 @@ class Worker:
         self._tasks: dict[asyncio.Task[None], tuple[str, int]] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._subscriptions: list[Subscription] = []
+        self._lanes: list[lanes.Lane[tuple[str, int]]] = []
         self.lost = asyncio.Event()  # set when the NATS connection is closed for good
         self._draining = False
         self.broker: NatsBroker | None = None
@@ -86,8 +88,8 @@ class Worker:
 
     @property
     def inflight(self) -> int:
-        """Requests being handled now."""
-        return len(self._tasks)
+        """Requests being handled now (that are waiting on something)."""
+        return len(self._tasks) + sum(len(lane.waiting) for lane in self._lanes)
 
     async def start(self) -> None:
         """Connect, create streams and buckets, and start serving every op.
@@ -141,7 +143,7 @@ class Worker:
         await broker.start()
         self._reaper = asyncio.create_task(self._reap_expired())
         # Read at scrape time: no per-request cost on the hot path.
-        METRICS.inflight.labels(T_NATS).set_function(lambda: len(self._tasks))
+        METRICS.inflight.labels(T_NATS).set_function(lambda: self.inflight)
         if self.settings.jobs.enabled and self.groups:
             # Same ops, same handlers, on JetStream: the durable job consumers (docs/jobs.md).
             self.jobs = JobRunner(
@@ -158,15 +160,36 @@ class Worker:
             # (docs/runtime.md): the same admission on the broker's own connection, without
             # FastStream's per-message pipeline, which halves throughput.
             for group in self.groups:
-                self._subscriptions.append(
-                    await self.nc.subscribe(
-                        operation_wildcard(group.op),
-                        queue=queue_group(group.op),
-                        cb=self._admitter(group.op),
-                    )
-                )
+                await self._serve_lane(group.op)
             await flush_subscriptions(self.nc)  # requests reach us from now
         logger.info("worker serving ops {}", ",".join(g.op for g in self.groups))
+
+    async def _serve_lane(self, op: str) -> None:
+        """Subscribe to `op` and serve it in a lane (no task per request that never waits)."""
+        subject, queue = operation_wildcard(op), queue_group(op)
+        sub = await self.nc.subscribe(subject, queue=queue)
+        if not lanes.supported(sub):  # a nats-py without the queue a lane reads
+            await sub.unsubscribe()
+            sub = await self.nc.subscribe(subject, queue=queue, cb=self._admitter(op))
+            self._subscriptions.append(sub)
+            return
+        default_ms = self.settings.worker.default_timeout_ms
+
+        def start(msg: Msg) -> tuple[Coroutine[Any, Any, None], tuple[str, int]]:
+            deadline = deadline_ms(msg.headers or _NO_HEADERS, int(time.time() * 1000), default_ms)
+            return self._serve(op, msg, deadline), (op, deadline)
+
+        lane = lanes.Lane(sub, start, concurrency=self.settings.worker.concurrency)
+        lane.start()
+        self._subscriptions.append(sub)
+        self._lanes.append(lane)
+
+    def _in_flight(self) -> list[tuple[asyncio.Task[None], tuple[str, int]]]:
+        """Requests being served that are waiting (the others finish without yielding)."""
+        found = list(self._tasks.items())
+        for lane in self._lanes:
+            found.extend(lane.waiting.items())
+        return found
 
     def _admitter(self, op: str) -> Any:
         limit = asyncio.Semaphore(self.settings.worker.concurrency)
@@ -243,17 +266,13 @@ class Worker:
                 self.lost.set()
                 return
             now_ms = time.time() * 1000
-            for task, (op, deadline) in list(self._tasks.items()):
+            for task, (op, deadline) in self._in_flight():
                 if now_ms > deadline + skew and not task.done():
                     task.cancel()
                     METRICS.expired.labels(op).inc()
 
-    async def drain(self, grace_s: float | None = None) -> None:
-        """Stop taking requests, let in-flight ones finish within `grace_s`, then disconnect."""
-        if self._draining or self.broker is None:
-            return
-        self._draining = True
-        grace = self.settings.worker.drain_grace_s if grace_s is None else grace_s
+    async def _stop_taking_requests(self, grace: float) -> None:
+        """Unsubscribe every op; what was already delivered to this process is still served."""
         for subscription in self._subscriptions:
             # drain(): no new requests reach us, and those already delivered to this process
             # are still admitted (unsubscribe() would discard them, and their callers would
@@ -263,13 +282,25 @@ class Worker:
             except (TimeoutError, nats.errors.Error):
                 with contextlib.suppress(nats.errors.Error):
                     await subscription.unsubscribe()
+        for lane in self._lanes:
+            lane.stop()
+        assert self.broker is not None
         for subscriber in self.broker.subscribers:
             await subscriber.stop()
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop taking requests, let in-flight ones finish within `grace_s`, then disconnect."""
+        if self._draining or self.broker is None:
+            return
+        self._draining = True
+        grace = self.settings.worker.drain_grace_s if grace_s is None else grace_s
+        await self._stop_taking_requests(grace)
         if self.jobs is not None:
             await self.jobs.drain(grace)  # stop fetching jobs; unfinished ones are handed back
-        if self._tasks:
-            logger.info("draining {} in-flight requests", len(self._tasks))
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        in_flight = {task for task, _ in self._in_flight()}
+        if in_flight:
+            logger.info("draining {} in-flight requests", len(in_flight))
+            _, pending = await asyncio.wait(in_flight, timeout=grace)
             for task in pending:
                 task.cancel()
         if self._reaper is not None:

@@ -1,0 +1,152 @@
+"""Serving a subscription with bounded concurrency, without a task per message.
+
+nats-py calls a subscription's callback serially, so a server must start a task per request
+to overlap them. Most requests of a gateway never wait on I/O (a cache hit, an echo, a
+refused token): for those the task is most of the runtime's cost per request (creating it,
+scheduling its step, its done-callback), about a sixth of a worker's CPU time
+(docs/benchmarks.md).
+
+A `Lane` reads a subscription's queue in one consumer task and runs each request inline,
+in a context of its own (as a task would). If the request completes without waiting, the
+consumer takes the next message. If it waits, the consumer task *stays with that request*
+and drives it to the end, and a new consumer task takes over the queue. The task that
+starts a request is therefore the one that finishes it: `asyncio.current_task()`,
+`asyncio.timeout()` and task groups behave exactly as in a task of its own, and cancelling
+that task (the worker's deadline reaper does) cancels the request. This is what Python
+3.12's eager tasks do, without creating a task for requests that never wait.
+
+At most `concurrency` requests are in flight per lane; when all slots are taken the
+consumer stops reading, and backpressure reaches nats-py's pending limits (slow consumer),
+as with a semaphore.
+
+nats-py has no public way to consume a subscription without either a callback task or an
+iterator that starts a task per message, so the lane reads the subscription's pending
+queue and keeps its byte count and `task_done()` accounting (which `drain()` waits on)
+exactly as nats-py's own consumer (`Subscription._wait_for_msgs`) does. `supported()` checks
+for those names; without them the worker falls back to a task per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import types
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, Generic, TypeVar
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from nexus_bus.observability import logger
+
+Tag = TypeVar("Tag")
+# Builds the coroutine serving one message, and what the lane records while it waits.
+Starter = Callable[[Msg], tuple[Coroutine[Any, Any, None], Tag]]
+
+
+def supported(sub: Subscription) -> bool:
+    """Whether this nats-py subscription has the queue and counters a lane keeps."""
+    queue = getattr(sub, "_pending_queue", None)
+    return isinstance(queue, asyncio.Queue) and isinstance(getattr(sub, "_pending_size", None), int)
+
+
+@types.coroutine
+def _drive(
+    coro: Coroutine[Any, Any, None], ctx: contextvars.Context, pending: Any
+) -> Generator[Any, None, None]:
+    """Finish `coro`, which has yielded `pending`, from the awaiting task, each step in `ctx`.
+
+    The delegation `yield from` does, starting after a first step taken elsewhere: what the
+    coroutine yields goes to the task, what the task sends or throws goes to the coroutine.
+    """
+    send, throw = coro.send, coro.throw
+    while True:
+        try:
+            value = yield pending
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # cancellation and the rest: the coroutine decides
+            try:
+                pending = ctx.run(throw, exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            pending = ctx.run(send, value)
+        except StopIteration:
+            return
+
+
+class Lane(Generic[Tag]):
+    """Serves one subscription (subscribed without a callback): see the module docstring."""
+
+    def __init__(self, sub: Subscription, start: Starter[Tag], *, concurrency: int) -> None:
+        self.sub = sub
+        self._start = start
+        self._queue: asyncio.Queue[Msg] = sub._pending_queue
+        self._free = concurrency
+        self._slot_freed: asyncio.Future[None] | None = None
+        self._consumer: asyncio.Task[None] | None = None
+        self._stopped = False
+        # Requests that waited, by the task driving each: what the worker's reaper scans.
+        self.waiting: dict[asyncio.Task[None], Tag] = {}
+
+    def start(self) -> None:
+        """Start consuming."""
+        self._consumer = asyncio.create_task(self._consume(), name=f"lane {self.sub.subject}")
+
+    def stop(self) -> None:
+        """Stop taking messages (after the subscription drained); waiting requests go on."""
+        self._stopped = True
+        if self._consumer is not None:
+            self._consumer.cancel()
+
+    def _release(self) -> None:
+        self._free += 1
+        waiter = self._slot_freed
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _acquire(self) -> None:
+        while self._free <= 0:
+            self._slot_freed = asyncio.get_running_loop().create_future()
+            await self._slot_freed
+        self._free -= 1
+
+    async def _consume(self) -> None:
+        queue = self._queue
+        while True:
+            msg = await queue.get()
+            self.sub._pending_size -= len(msg.data)
+            try:
+                if self._free <= 0:
+                    await self._acquire()
+                else:
+                    self._free -= 1
+                ctx = contextvars.copy_context()
+                try:
+                    coro, tag = self._start(msg)
+                    pending = ctx.run(coro.send, None)
+                except StopIteration:
+                    self._release()  # done without waiting: the common case
+                    continue
+                except Exception:
+                    self._release()
+                    logger.exception("request failed outside its error handling")
+                    continue
+            finally:
+                queue.task_done()  # admitted (or failed): what the subscription's drain waits on
+            # The request waits on I/O: this task stays with it, a new one takes the queue.
+            if not self._stopped:
+                self.start()
+            task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
+            self.waiting[task] = tag
+            try:
+                await _drive(coro, ctx, pending)
+            except Exception:
+                logger.exception("request failed outside its error handling")
+            finally:
+                del self.waiting[task]
+                self._release()
+            return

@@ -40,6 +40,14 @@ from nats.aio.subscription import Subscription
 from nexus_bus.observability import logger
 
 Tag = TypeVar("Tag")
+# A subject's requests get a task each once this many in a row waited when run inline (one
+# that waits now and then, say on a cache refresh, stays inline), and are tried inline again
+# after this many (handlers change: a cache warms up). At most this many subjects are
+# remembered: clients choose the action token, so the set must be bounded; the rest simply
+# run inline.
+_STREAK = 3
+_PROBE_EVERY = 64
+_MAX_SUBJECTS = 256
 # Builds the coroutine serving one message, and what the lane records while it waits.
 Starter = Callable[[Msg], tuple[Coroutine[Any, Any, None], Tag]]
 
@@ -91,6 +99,9 @@ class Lane(Generic[Tag]):
         self._stopped = False
         # Requests that waited, by the task driving each: what the worker's reaper scans.
         self.waiting: dict[asyncio.Task[None], Tag] = {}
+        # Per subject: inline runs in a row that waited (below _STREAK), then _STREAK plus the
+        # requests since given a task directly.
+        self._waits: dict[str, int] = {}
 
     def start(self) -> None:
         """Start consuming."""
@@ -114,8 +125,20 @@ class Lane(Generic[Tag]):
             await self._slot_freed
         self._free -= 1
 
+    def _spawn(self, coro: Coroutine[Any, Any, None], tag: Tag) -> None:
+        task = asyncio.create_task(coro)
+        self.waiting[task] = tag
+        task.add_done_callback(self._finished)  # also when cancelled before it started
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        del self.waiting[task]
+        self._release()
+        if not task.cancelled() and task.exception() is not None:
+            logger.opt(exception=task.exception()).error("request failed outside its handling")
+
     async def _consume(self) -> None:
         queue = self._queue
+        waits = self._waits
         while True:
             msg = await queue.get()
             self.sub._pending_size -= len(msg.data)
@@ -124,17 +147,34 @@ class Lane(Generic[Tag]):
                     await self._acquire()
                 else:
                     self._free -= 1
-                ctx = contextvars.copy_context()
                 try:
                     coro, tag = self._start(msg)
+                except Exception:
+                    self._release()
+                    logger.exception("request failed outside its handling")
+                    continue
+                subject = msg.subject
+                seen = waits.get(subject, 0)
+                if _STREAK <= seen < _STREAK + _PROBE_EVERY:
+                    # This subject's requests wait on I/O: a task each, at once, so that a
+                    # burst starts together instead of one per turn of the event loop.
+                    waits[subject] = seen + 1
+                    self._spawn(coro, tag)
+                    continue
+                ctx = contextvars.copy_context()
+                try:
                     pending = ctx.run(coro.send, None)
                 except StopIteration:
-                    self._release()  # done without waiting: the common case
+                    if seen:
+                        del waits[subject]  # it completes without waiting (again)
+                    self._release()
                     continue
                 except Exception:
                     self._release()
-                    logger.exception("request failed outside its error handling")
+                    logger.exception("request failed outside its handling")
                     continue
+                if seen or len(waits) < _MAX_SUBJECTS:
+                    waits[subject] = min(seen + 1, _STREAK)  # a probe that waited: tasks again
             finally:
                 queue.task_done()  # admitted (or failed): what the subscription's drain waits on
             # The request waits on I/O: this task stays with it, a new one takes the queue.
@@ -145,7 +185,7 @@ class Lane(Generic[Tag]):
             try:
                 await _drive(coro, ctx, pending)
             except Exception:
-                logger.exception("request failed outside its error handling")
+                logger.exception("request failed outside its handling")
             finally:
                 del self.waiting[task]
                 self._release()

@@ -208,3 +208,35 @@ async def test_drain_waits_for_admitted_messages(pair: tuple[Client, Client], ui
     await asyncio.wait_for(lane.sub.drain(), 5)  # type: ignore[no-untyped-call]
     lane.stop()
     assert all(r.data == b"ok" for r in await asyncio.gather(*calls))
+
+
+async def test_subjects_whose_requests_wait_get_a_task_each_until_they_stop_waiting(
+    pair: tuple[Client, Client], uid: str
+) -> None:
+    """A burst of I/O-bound requests starts together; a subject that stops waiting goes
+    back inline within `_PROBE_EVERY` requests."""
+    server_side, client = pair
+    gate = asyncio.Event()
+    mode = {"wait": True}
+
+    async def handler(msg: Msg) -> bytes:
+        if mode["wait"]:
+            await gate.wait()
+        return b"ok"
+
+    lane = await serve(server_side, f"lane.{uid}", handler, concurrency=16)
+    burst = [
+        asyncio.create_task(client.request(f"lane.{uid}", b"b", timeout=5)) for _ in range(8)
+    ]
+    for _ in range(200):
+        if len(lane.waiting) == 8:
+            break
+        await asyncio.sleep(0.01)
+    assert len(lane.waiting) == 8  # all started before any finished
+    gate.set()
+    assert all(r.data == b"ok" for r in await asyncio.gather(*burst))
+    mode["wait"] = False
+    for _ in range(lanes._PROBE_EVERY + 1):
+        assert (await client.request(f"lane.{uid}", b"s", timeout=5)).data == b"ok"
+    assert lane._waits == {}  # inline again
+    lane.stop()

@@ -1,0 +1,124 @@
+"""Instructions the worker executes per request, counted by callgrind: repeatable figures.
+
+    python -m benchmarks.instructions [--requests 4000] [--target echo|data]
+
+CPU time per request on a shared machine varies by ±10% from run to run, which hides the
+effect of most single changes to the request path. Instruction counts do not vary: this
+runs the benchmark worker of `bench_nats_path` under `valgrind --tool=callgrind`, zeroes
+its counters after a warm-up, sends `--requests` requests at concurrency 16 from this
+process (not under valgrind), dumps, and prints instructions per request. Compare two
+commits by running it on each. Needs valgrind; about a minute per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import uvloop
+
+from benchmarks.bench_nats_path import _settings
+from benchmarks.harness import warm_up
+from nexus_bus import Gateway
+from nexus_bus.auth import Keyring, TokenCodec, generate_key
+from nexus_bus.embedded import nats_server, redis_server
+from nexus_bus.observability import configure_logging
+
+CONCURRENCY = 16
+
+
+async def callgrind_control(command: str, pid: int) -> None:
+    """Zero or dump the counters of the valgrind process `pid`."""
+    proc = await asyncio.create_subprocess_exec(
+        "callgrind_control", command, str(pid),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    if await proc.wait() != 0:
+        raise RuntimeError(f"callgrind_control {command} {pid} failed")
+
+
+async def load(url: str, keys_dir: str, pid: int, requests: int, target: str) -> None:
+    """Warm the worker up, zero its counters, send the requests, dump the counters."""
+    configure_logging("bench", "WARNING")
+    token = (
+        TokenCodec(Keyring.from_dir(Path(keys_dir)))
+        .issue("bench", frozenset({"*"}), 3600, now=int(time.time()), jti="bench")
+        .token
+    )
+    gw = await Gateway.connect(_settings(url, keys_dir), token=token)
+    echo = msgspec.json.encode({"msg": "hello"})
+
+    async def call() -> object:
+        if target == "echo":
+            return await gw.request("echo", "say", echo, timeout=60)
+        return await gw.request("data", "get", b'{"key":"bench.hot"}', timeout=60)
+
+    # Under valgrind the worker's imports alone take a minute or more.
+    await warm_up([lambda: gw.request("echo", "say", echo, timeout=60)], rounds=10, wait_s=600)
+    await gw.request("data", "put", {"key": "bench.hot", "value": {"n": 1}}, timeout=60)
+    for _ in range(200):
+        await call()
+    await callgrind_control("--zero", pid)
+    slots = asyncio.Semaphore(CONCURRENCY)
+
+    async def one() -> None:
+        async with slots:
+            await call()
+
+    await asyncio.gather(*(one() for _ in range(requests)))
+    await callgrind_control("--dump", pid)
+    await gw.close()
+
+
+def totals(path: Path) -> int:
+    """The instruction total of a callgrind dump."""
+    for line in path.read_text().splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise ValueError(f"no totals in {path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--target", choices=("echo", "data"), default="echo")
+    args = parser.parse_args()
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        print("valgrind is not installed", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        server = nats_server(Path(tmp)).start()
+        redis = redis_server(Path(tmp) / "redis").start()
+        os.environ["NEXUS_REDIS__URL"] = redis.url + "/0"
+        keys_dir = str(Path(tmp) / "keys")
+        generate_key(Path(keys_dir), kid="bench")
+        out = Path(tmp) / "callgrind.out"
+        worker = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", sys.executable,
+             "-m", "benchmarks.bench_nats_path", "--serve-worker", server.url, keys_dir],
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            uvloop.run(load(server.url, keys_dir, worker.pid, args.requests, args.target))
+        finally:
+            worker.terminate()
+            worker.wait(120)
+            server.stop()
+            redis.stop()
+        dump = Path(f"{out}.{worker.pid}.1")  # the --dump above; the file without .1 is exit
+        per_request = totals(dump) / args.requests
+        print(f"worker instructions per {args.target} request (c={CONCURRENCY}, "
+              f"{args.requests} requests): {per_request:,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -481,6 +481,10 @@ def main() -> int:
           f"system under test: CPU 1  per point: {args.rounds} slices of {args.seconds:g} s, "
           "alternating between targets")
     levels = [int(c) for c in args.concurrency.split(",")]
+    if not shutil.which("wrk") and _pin(0):
+        # The Python load generator runs in this process: keep it off the system's core too
+        # (children are started under `taskset -c 1`, which overrides this for them).
+        os.sched_setaffinity(0, {0})
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp), args.seconds)
         try:

@@ -106,3 +106,30 @@ async def test_reply_subjects_cannot_be_guessed_from_another(nats_url: str, uid:
     finally:
         await responder.close()
         await client.close()
+
+
+async def test_reply_subjects_stay_unique_across_entropy_refills(nats_url: str, uid: str) -> None:
+    """The random part of reply tokens comes from a pool refilled every 1,024 requests."""
+    responder, client = await nats.connect(nats_url), await nats.connect(nats_url)
+    seen: list[str] = []
+
+    async def respond(msg: Msg) -> None:
+        seen.append(msg.reply)
+        await msg.respond(msg.data)
+
+    try:
+        await responder.subscribe(f"inbox.{uid}", cb=respond)
+        await flush_subscriptions(responder)
+        inbox = Inbox(client)
+        for i in range(2100):  # two refills
+            reply = await inbox.request(f"inbox.{uid}", b"%d" % i, timeout_s=5, headers=None)
+            assert reply.data == b"%d" % i
+        assert len(set(seen)) == 2100
+        tokens = [subject.rsplit(".", 1)[1] for subject in seen]
+        counters = [int(t[:-8], 16) for t in tokens]
+        assert counters == list(range(1, 2101))
+        # Each block of 1,024 took its random parts from a fresh draw, in order.
+        assert len({t[-8:] for t in tokens}) > 2000
+    finally:
+        await responder.close()
+        await client.close()

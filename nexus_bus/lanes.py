@@ -48,6 +48,7 @@ Tag = TypeVar("Tag")
 _STREAK = 3
 _PROBE_EVERY = 64
 _MAX_SUBJECTS = 256
+_DONE: Any = object()
 # Builds the coroutine serving one message, and what the lane records while it waits.
 Starter = Callable[[Msg], tuple[Coroutine[Any, Any, None], Tag]]
 
@@ -69,19 +70,20 @@ def _drive(
     """
     send, throw = coro.send, coro.throw
     while True:
+        thrown: BaseException | None = None
+        value = None
         try:
             value = yield pending
         except GeneratorExit:
             coro.close()
             raise
         except BaseException as exc:  # cancellation and the rest: the coroutine decides
-            try:
-                pending = ctx.run(throw, exc)
-            except StopIteration:
-                return
-            continue
+            thrown = exc
         try:
-            pending = ctx.run(send, value)
+            if thrown is None:
+                pending = ctx.run(send, value)
+            else:
+                pending, thrown = ctx.run(throw, thrown), None
         except StopIteration:
             return
 
@@ -96,6 +98,7 @@ class Lane(Generic[Tag]):
         self._free = concurrency
         self._slot_freed: asyncio.Future[None] | None = None
         self._consumer: asyncio.Task[None] | None = None
+        self._held: Msg | None = None  # taken off the queue, waiting for a slot
         self._stopped = False
         # Requests that waited, by the task driving each: what the worker's reaper scans.
         self.waiting: dict[asyncio.Task[None], Tag] = {}
@@ -107,11 +110,28 @@ class Lane(Generic[Tag]):
         """Start consuming."""
         self._consumer = asyncio.create_task(self._consume(), name=f"lane {self.sub.subject}")
 
-    def stop(self) -> None:
-        """Stop taking messages (after the subscription drained); waiting requests go on."""
+    def stop(self) -> list[Msg]:
+        """Stop taking messages; requests already started go on.
+
+        Returns:
+            The messages delivered but never started (the subscription's drain timed out
+            with every slot busy), for the caller to refuse: they are taken off the queue,
+            or the connection's own drain would wait on them.
+        """
         self._stopped = True
-        if self._consumer is not None:
+        if self._consumer is not None and self._consumer is not asyncio.current_task():
             self._consumer.cancel()
+        left: list[Msg] = [] if self._held is None else [self._held]
+        self._held = None
+        while True:
+            try:
+                msg = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            self.sub._pending_size -= len(msg.data)
+            self._queue.task_done()
+            left.append(msg)
+        return left
 
     def _release(self) -> None:
         self._free += 1
@@ -136,23 +156,47 @@ class Lane(Generic[Tag]):
         if not task.cancelled() and task.exception() is not None:
             logger.opt(exception=task.exception()).error("request failed outside its handling")
 
+    async def _wait_for_slot(self, msg: Msg, coro: Coroutine[Any, Any, None]) -> None:
+        self._held = msg  # stop() hands it back to be refused, not lost
+        try:
+            await self._acquire()
+        except BaseException:
+            coro.close()
+            raise
+        finally:
+            self._held = None
+
+    def _first_step(self, coro: Coroutine[Any, Any, None], ctx: contextvars.Context) -> Any:
+        """Run `coro` until it first waits: what it waits on, or `_DONE` (slot released)."""
+        try:
+            return ctx.run(coro.send, None)
+        except StopIteration:
+            pass  # done without waiting: the common case
+        except asyncio.CancelledError:
+            pass  # as a task of its own would end: cancelled
+        except Exception:
+            logger.exception("request failed outside its handling")
+        self._release()
+        return _DONE
+
     async def _consume(self) -> None:
         queue = self._queue
         waits = self._waits
         while True:
+            if self._stopped:
+                return
             msg = await queue.get()
             self.sub._pending_size -= len(msg.data)
             try:
-                if self._free <= 0:
-                    await self._acquire()
-                else:
-                    self._free -= 1
                 try:
                     coro, tag = self._start(msg)
                 except Exception:
-                    self._release()
                     logger.exception("request failed outside its handling")
                     continue
+                if self._free > 0:
+                    self._free -= 1
+                else:
+                    await self._wait_for_slot(msg, coro)
                 subject = msg.subject
                 seen = waits.get(subject, 0)
                 if _STREAK <= seen < _STREAK + _PROBE_EVERY:
@@ -162,16 +206,10 @@ class Lane(Generic[Tag]):
                     self._spawn(coro, tag)
                     continue
                 ctx = contextvars.copy_context()
-                try:
-                    pending = ctx.run(coro.send, None)
-                except StopIteration:
+                pending = self._first_step(coro, ctx)
+                if pending is _DONE:
                     if seen:
                         del waits[subject]  # it completes without waiting (again)
-                    self._release()
-                    continue
-                except Exception:
-                    self._release()
-                    logger.exception("request failed outside its handling")
                     continue
                 if seen or len(waits) < _MAX_SUBJECTS:
                     waits[subject] = min(seen + 1, _STREAK)  # a probe that waited: tasks again

@@ -30,7 +30,7 @@ from nexus_bus.constants import H_REQUEST_ID, T_NATS
 from nexus_bus.dispatch import Dispatcher, Expired
 from nexus_bus.errors import PayloadTooLarge, Unavailable
 from nexus_bus.jobs.runner import JobRunner
-from nexus_bus.metadata import deadline_ms, headers_size
+from nexus_bus.metadata import deadline_ms, headers_size, request_id_of
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.operations import Operations
 from nexus_bus.replies import Reply, error_reply
@@ -283,10 +283,20 @@ class Worker:
                 with contextlib.suppress(nats.errors.Error):
                     await subscription.unsubscribe()
         for lane in self._lanes:
-            lane.stop()
+            for msg in lane.stop():
+                await self._refuse(msg)
         assert self.broker is not None
         for subscriber in self.broker.subscribers:
             await subscriber.stop()
+
+    async def _refuse(self, msg: Msg) -> None:
+        """Answer a delivered request this draining worker will not start: 503, retryable."""
+        if not msg.reply or not is_inbox(msg.reply, self._inbox_prefix):
+            return
+        error = Unavailable("the worker is shutting down; retry", retry_after=1)
+        reply = error_reply(error, request_id_of(msg.headers or _NO_HEADERS))
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(msg.reply, reply.body, headers=reply.headers)
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop taking requests, let in-flight ones finish within `grace_s`, then disconnect."""

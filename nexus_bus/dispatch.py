@@ -18,7 +18,7 @@ from nexus_bus.config import Settings
 from nexus_bus.constants import H_CONTENT_TYPE, H_IDEMPOTENCY_KEY, T_NATS, UNKNOWN_LABEL
 from nexus_bus.context import RequestContext
 from nexus_bus.errors import InternalError, NexusError, UnknownOperation, UpstreamTimeout
-from nexus_bus.metadata import TraceContext, deadline_ms, request_id_of, trace_from_headers
+from nexus_bus.metadata import LazyTrace, deadline_ms, request_id_of
 from nexus_bus.observability import METRICS, bind_request, logger, release
 from nexus_bus.operations import Operation, Operations
 from nexus_bus.replies import Reply, error_reply, success_reply
@@ -103,10 +103,8 @@ class Dispatcher:
             # nats-py's reconnect buffer can deliver a request long after its caller gave up.
             METRICS.expired.labels(op).inc()
             return Expired(request_id)
-        trace = trace_from_headers(hdrs)
-        log_token = bind_request(
-            trace_id=trace.trace_id, correlation_id=request_id, op=op, action=action
-        )
+        trace = LazyTrace(hdrs)  # parsed only if a line is logged or the handler asks
+        log_token = bind_request(trace_id=trace, correlation_id=request_id, op=op, action=action)
         try:
             reply = await self._run(op, action, hdrs, data, request_id, trace, deadline, attempt)
         except NexusError as exc:
@@ -127,7 +125,7 @@ class Dispatcher:
         if self._log_served:
             logger.debug(
                 "served",
-                trace_id=trace.trace_id,
+                trace_id=trace.resolve(),
                 correlation_id=request_id,
                 op=op,
                 action=action,
@@ -143,7 +141,7 @@ class Dispatcher:
         hdrs: Mapping[str, str],
         data: bytes,
         request_id: str,
-        trace: TraceContext,
+        trace: LazyTrace,
         deadline: int,
         attempt: int,
     ) -> Reply:

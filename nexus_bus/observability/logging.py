@@ -3,7 +3,8 @@
 Fields: `timestamp`, `level`, `service`, `message`, `trace_id`, `correlation_id` (the request
 id) and, where bound, `op`, `action`, `status`, `duration_ms`. Bind per request with
 `bind_request(...)` / `release(token)` (or `log_context(...)`): one ContextVar set per
-request, read only when a line is actually written. loguru's own `contextualize` costs
+request, read only when a line is actually written; a bound value with a `resolve()` method
+(`metadata.LazyTrace`) is resolved only then. loguru's own `contextualize` costs
 several microseconds per request on the hot path whether anything is logged or not.
 Secrets are never passed to the logger.
 """
@@ -32,7 +33,10 @@ def _add_context(record: Record) -> None:
     if fields:
         extra = record["extra"]
         for name, value in fields.items():
-            extra.setdefault(name, value)  # values bound on the logger itself win
+            if name not in extra:  # values bound on the logger itself win
+                # A value with resolve() is worked out only now, when a line is written.
+                resolve = getattr(value, "resolve", None)
+                extra[name] = resolve() if resolve is not None else value
 
 
 logger = _logger.patch(_add_context)

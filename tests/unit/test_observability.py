@@ -67,3 +67,45 @@ def test_metrics_names_and_labels() -> None:
         m.registry.get_sample_value("nexus_error_rate_total", {"op": "data", "code": "not_found"})
         == 1
     )
+
+
+def test_the_trace_is_worked_out_once_and_only_when_used() -> None:
+    """The dispatcher binds a LazyTrace: nothing is parsed or drawn unless a line is logged or
+    the handler reads `ctx.trace`, and then the log and the handler agree."""
+    from nexus_bus.context import RequestContext
+    from nexus_bus.metadata import LazyTrace
+
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    for headers, trace_id in (({"traceparent": parent}, parent[3:35]), ({}, None)):
+        lazy = LazyTrace(headers)
+        assert lazy._trace is None
+        sink = io.StringIO()
+        configure_logging("svc", "INFO", sink=sink)
+        try:
+            with log_context(trace_id=lazy, correlation_id="r"):
+                assert lazy._trace is None  # binding alone parses nothing
+                logger.info("inside")
+        finally:
+            configure_logging("nexus-test", "WARNING", json_lines=False)
+        logged = json.loads(sink.getvalue())["trace_id"]
+        ctx = RequestContext(
+            op="o", action="a", request_id="r", deadline_ms=0, services=None,  # type: ignore[arg-type]
+            trace=lazy, headers=headers,
+        )
+        assert ctx.trace is lazy.get() and ctx.trace.trace_id == logged
+        assert ctx.trace.span_id != "00f067aa0ba902b7"  # this hop's own span
+        if trace_id:
+            assert logged == trace_id
+        else:
+            assert len(logged) == 32  # a new trace, the same for both
+
+
+def test_a_context_without_a_trace_takes_it_from_its_headers() -> None:
+    from nexus_bus.context import RequestContext
+
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    ctx = RequestContext(
+        op="o", action="a", request_id="r", deadline_ms=0, services=None,  # type: ignore[arg-type]
+        headers={"traceparent": parent},
+    )
+    assert ctx.trace.trace_id == parent[3:35] and ctx.trace is ctx.trace

@@ -1,6 +1,6 @@
 """The NATS-native path: gateway client → worker → `echo` / `data.get`, beside raw nats-py.
 
-    python -m benchmarks.bench_nats_path [--seconds 3] [--concurrency 1,16,128]
+    python -m benchmarks.bench_nats_path [--seconds 1] [--rounds 5] [--concurrency 1,16,128]
 
 Three processes share the machine: nats-server, the responder (our worker, or a raw nats-py
 responder doing nothing but `msg.respond(msg.data)`), and this load generator. Each target
@@ -22,7 +22,7 @@ import msgspec
 import nats
 import uvloop
 
-from benchmarks.harness import Result, closed_loop, print_table, stop_all, warm_up
+from benchmarks.harness import Result, interleaved, print_table, stop_all, warm_up
 from nexus_bus import (
     Gateway,
     Operations,
@@ -106,7 +106,9 @@ def _spawn(role: str, url: str, keys_dir: str) -> subprocess.Popen[bytes]:
     )
 
 
-async def measure(url: str, keys_dir: str, seconds: float, levels: list[int]) -> None:
+async def measure(
+    url: str, keys_dir: str, seconds: float, levels: list[int], rounds: int
+) -> None:
     """Run every target at every concurrency and print the table."""
     configure_logging("bench", "WARNING")
     settings = _settings(url, keys_dir)
@@ -146,25 +148,17 @@ async def measure(url: str, keys_dir: str, seconds: float, levels: list[int]) ->
 
     baseline: dict[int, Result] = {}
     rows: list[Result] = []
+    targets = [
+        ("raw nats-py request/reply", raw),
+        ("raw, contract headers", raw_headers),
+        ("nexus echo (full runtime)", echo),
+        ("nexus echo via FastStream", echo_faststream),
+        ("nexus data.get (hot key)", data_get),
+    ]
     for c in levels:
-        baseline[c] = await closed_loop(
-            "raw nats-py request/reply", raw, concurrency=c, seconds=seconds
-        )
-        rows.append(baseline[c])
-        rows.append(
-            await closed_loop("raw, contract headers", raw_headers, concurrency=c, seconds=seconds)
-        )
-        rows.append(
-            await closed_loop("nexus echo (full runtime)", echo, concurrency=c, seconds=seconds)
-        )
-        rows.append(
-            await closed_loop(
-                "nexus echo via FastStream", echo_faststream, concurrency=c, seconds=seconds
-            )
-        )
-        rows.append(
-            await closed_loop("nexus data.get (hot key)", data_get, concurrency=c, seconds=seconds)
-        )
+        results = await interleaved(targets, concurrency=c, seconds=seconds, rounds=rounds)
+        baseline[c] = results[0]
+        rows.extend(results)
     print_table("NATS path: gateway client -> worker, vs raw nats-py responder", rows, baseline)
     await gw.close()
     await raw_nc.close()
@@ -172,7 +166,8 @@ async def measure(url: str, keys_dir: str, seconds: float, levels: list[int]) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=1.0, help="per slice")
+    parser.add_argument("--rounds", type=int, default=5, help="slices per point, interleaved")
     parser.add_argument("--concurrency", default="1,16,128")
     parser.add_argument("--serve-worker", nargs=2)
     parser.add_argument("--serve-raw", nargs=2)
@@ -194,9 +189,9 @@ def main() -> int:
         try:
             print(
                 f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}  "
-                f"seconds/point: {args.seconds}"
+                f"per point: {args.rounds} slices of {args.seconds:g} s, alternating targets"
             )
-            uvloop.run(measure(server.url, keys_dir, args.seconds, levels))
+            uvloop.run(measure(server.url, keys_dir, args.seconds, levels, args.rounds))
         finally:
             stop_all(children)
             server.stop()

@@ -112,6 +112,40 @@ async def closed_loop(
     )
 
 
+def merge(name: str, parts: Sequence[Result]) -> Result:
+    """One point from its slices: totals for throughput, medians for latency."""
+    return Result(
+        name,
+        parts[0].concurrency,
+        sum(r.requests for r in parts),
+        sum(r.errors for r in parts),
+        sum(r.seconds for r in parts),
+        statistics.median(r.p50_ms for r in parts),
+        statistics.median(r.p99_ms for r in parts),
+    )
+
+
+async def interleaved(
+    targets: Sequence[tuple[str, Callable[[], Awaitable[object]]]],
+    *,
+    concurrency: int,
+    seconds: float,
+    rounds: int,
+) -> list[Result]:
+    """Measure every target in `rounds` slices of `seconds`, taken in turn.
+
+    A machine that drifts (other tenants, frequency changes) then weighs on every target
+    alike, instead of on whichever ran during a slow stretch; the ratios are what we compare.
+    """
+    slices: dict[str, list[Result]] = {name: [] for name, _ in targets}
+    for _ in range(rounds):
+        for name, call in targets:
+            slices[name].append(
+                await closed_loop(name, call, concurrency=concurrency, seconds=seconds)
+            )
+    return [merge(name, slices[name]) for name, _ in targets]
+
+
 def print_table(title: str, rows: list[Result], baseline: dict[int, Result]) -> None:
     """Print results with the ratio to the baseline at the same concurrency."""
     print(f"\n{title}")

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgspec
@@ -100,6 +102,23 @@ async def serve_raw(url: str, keys_dir: str) -> None:
     await asyncio.Event().wait()
 
 
+@contextmanager
+def bench_servers() -> Iterator[tuple[str, str]]:
+    """A nats-server and a redis-server of this run's own (NEXUS_REDIS__URL points at it),
+    and a keys directory with a signing key: the NATS URL and the keys directory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = nats_server(Path(tmp)).start()
+        redis = redis_server(Path(tmp) / "redis").start()
+        try:
+            os.environ["NEXUS_REDIS__URL"] = redis.url + "/0"
+            keys_dir = Path(tmp) / "keys"
+            generate_key(keys_dir, kid="bench")
+            yield server.url, str(keys_dir)
+        finally:
+            server.stop()
+            redis.stop()
+
+
 def _spawn(role: str, url: str, keys_dir: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "benchmarks.bench_nats_path", f"--serve-{role}", url, keys_dir]
@@ -179,23 +198,16 @@ def main() -> int:
         uvloop.run(serve_raw(*args.serve_raw))
         return 0
     levels = [int(c) for c in args.concurrency.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        server = nats_server(Path(tmp)).start()
-        redis = redis_server(Path(tmp) / "redis").start()
-        os.environ["NEXUS_REDIS__URL"] = redis.url + "/0"
-        keys_dir = str(Path(tmp) / "keys")
-        generate_key(Path(keys_dir), kid="bench")
-        children = [_spawn("worker", server.url, keys_dir), _spawn("raw", server.url, keys_dir)]
+    with bench_servers() as (url, keys_dir):
+        children = [_spawn("worker", url, keys_dir), _spawn("raw", url, keys_dir)]
         try:
             print(
                 f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}  "
                 f"per point: {args.rounds} slices of {args.seconds:g} s, alternating targets"
             )
-            uvloop.run(measure(server.url, keys_dir, args.seconds, levels, args.rounds))
+            uvloop.run(measure(url, keys_dir, args.seconds, levels, args.rounds))
         finally:
             stop_all(children)
-            server.stop()
-            redis.stop()
     return 0
 
 

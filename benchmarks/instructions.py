@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import subprocess
 import sys
@@ -25,11 +24,10 @@ from pathlib import Path
 import msgspec
 import uvloop
 
-from benchmarks.bench_nats_path import _settings
+from benchmarks.bench_nats_path import _settings, bench_servers
 from benchmarks.harness import warm_up
 from nexus_bus import Gateway
-from nexus_bus.auth import Keyring, TokenCodec, generate_key
-from nexus_bus.embedded import nats_server, redis_server
+from nexus_bus.auth import Keyring, TokenCodec
 from nexus_bus.observability import configure_logging
 
 CONCURRENCY = 16
@@ -94,25 +92,18 @@ def main() -> int:
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         print("valgrind is not installed", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        server = nats_server(Path(tmp)).start()
-        redis = redis_server(Path(tmp) / "redis").start()
-        os.environ["NEXUS_REDIS__URL"] = redis.url + "/0"
-        keys_dir = str(Path(tmp) / "keys")
-        generate_key(Path(keys_dir), kid="bench")
+    with bench_servers() as (url, keys_dir), tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
         worker = subprocess.Popen(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", sys.executable,
-             "-m", "benchmarks.bench_nats_path", "--serve-worker", server.url, keys_dir],
+             "-m", "benchmarks.bench_nats_path", "--serve-worker", url, keys_dir],
             stderr=subprocess.DEVNULL,
         )
         try:
-            uvloop.run(load(server.url, keys_dir, worker.pid, args.requests, args.target))
+            uvloop.run(load(url, keys_dir, worker.pid, args.requests, args.target))
         finally:
             worker.terminate()
             worker.wait(120)
-            server.stop()
-            redis.stop()
         dump = Path(f"{out}.{worker.pid}.1")  # the --dump above; the file without .1 is exit
         per_request = totals(dump) / args.requests
         print(f"worker instructions per {args.target} request (c={CONCURRENCY}, "

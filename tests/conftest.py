@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import nats
+import nats.aio.client
 import pytest
 
 from nexus_bus import Gateway, Settings, Worker, load_settings
@@ -118,6 +120,15 @@ async def gateway(
     gw = await Gateway.connect(settings, token=admin_token)
     yield gw
     await gw.close()
+
+
+@pytest.fixture
+async def nats_pair(nats_url: str) -> AsyncIterator[tuple[nats.aio.client.Client, ...]]:
+    """Two plain nats-py connections: one to serve on, one to call from."""
+    server_side, client = await nats.connect(nats_url), await nats.connect(nats_url)
+    yield server_side, client
+    await server_side.close()
+    await client.close()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import nats
@@ -16,14 +16,6 @@ from nexus_bus import lanes
 from nexus_bus.connection import flush_subscriptions
 
 SEEN: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="")
-
-
-@pytest.fixture
-async def pair(nats_url: str) -> AsyncIterator[tuple[Client, Client]]:
-    server_side, client = await nats.connect(nats_url), await nats.connect(nats_url)
-    yield server_side, client
-    await server_side.close()
-    await client.close()
 
 
 async def serve(
@@ -52,9 +44,9 @@ async def serve(
 
 
 async def test_requests_that_never_wait_run_inline_in_contexts_of_their_own(
-    pair: tuple[Client, Client], uid: str
+    nats_pair: tuple[Client, Client], uid: str
 ) -> None:
-    server_side, client = pair
+    server_side, client = nats_pair
     tasks: set[asyncio.Task[Any] | None] = set()
 
     async def handler(msg: Msg) -> bytes:
@@ -72,9 +64,9 @@ async def test_requests_that_never_wait_run_inline_in_contexts_of_their_own(
 
 
 async def test_a_request_that_waits_keeps_its_task_and_frees_the_lane(
-    pair: tuple[Client, Client], uid: str
+    nats_pair: tuple[Client, Client], uid: str
 ) -> None:
-    server_side, client = pair
+    server_side, client = nats_pair
     release = asyncio.Event()
 
     async def handler(msg: Msg) -> bytes:
@@ -101,10 +93,10 @@ async def test_a_request_that_waits_keeps_its_task_and_frees_the_lane(
 
 
 async def test_timeouts_entered_before_the_first_wait_cancel_the_right_task(
-    pair: tuple[Client, Client], uid: str
+    nats_pair: tuple[Client, Client], uid: str
 ) -> None:
     """asyncio.timeout binds to the current task when entered, before the request waits."""
-    server_side, client = pair
+    server_side, client = nats_pair
 
     async def handler(msg: Msg) -> bytes:
         try:
@@ -124,9 +116,9 @@ async def test_timeouts_entered_before_the_first_wait_cancel_the_right_task(
 
 
 async def test_cancelling_a_waiting_request_frees_its_slot(
-    pair: tuple[Client, Client], uid: str
+    nats_pair: tuple[Client, Client], uid: str
 ) -> None:
-    server_side, client = pair
+    server_side, client = nats_pair
     cancelled = []
 
     async def handler(msg: Msg) -> bytes:
@@ -155,9 +147,9 @@ async def test_cancelling_a_waiting_request_frees_its_slot(
 
 
 async def test_concurrency_is_bounded_and_the_rest_queue(
-    pair: tuple[Client, Client], uid: str
+    nats_pair: tuple[Client, Client], uid: str
 ) -> None:
-    server_side, client = pair
+    server_side, client = nats_pair
     running = peak = 0
 
     async def handler(msg: Msg) -> bytes:
@@ -177,9 +169,9 @@ async def test_concurrency_is_bounded_and_the_rest_queue(
 
 
 async def test_a_request_that_cannot_start_does_not_stop_the_lane(
-    pair: tuple[Client, Client], uid: str
+    nats_pair: tuple[Client, Client], uid: str
 ) -> None:
-    server_side, client = pair
+    server_side, client = nats_pair
 
     async def handler(msg: Msg) -> bytes:
         return b"ok"
@@ -192,9 +184,11 @@ async def test_a_request_that_cannot_start_does_not_stop_the_lane(
     lane.stop()
 
 
-async def test_drain_waits_for_admitted_messages(pair: tuple[Client, Client], uid: str) -> None:
+async def test_drain_waits_for_admitted_messages(
+    nats_pair: tuple[Client, Client], uid: str
+) -> None:
     """nats-py's drain() waits on the queue's task_done(), which the lane keeps."""
-    server_side, client = pair
+    server_side, client = nats_pair
 
     async def handler(msg: Msg) -> bytes:
         await asyncio.sleep(0.01)
@@ -211,11 +205,11 @@ async def test_drain_waits_for_admitted_messages(pair: tuple[Client, Client], ui
 
 
 async def test_subjects_whose_requests_wait_get_a_task_each_until_they_stop_waiting(
-    pair: tuple[Client, Client], uid: str
+    nats_pair: tuple[Client, Client], uid: str
 ) -> None:
     """A burst of I/O-bound requests starts together; a subject that stops waiting goes
     back inline within `_PROBE_EVERY` requests."""
-    server_side, client = pair
+    server_side, client = nats_pair
     gate = asyncio.Event()
     mode = {"wait": True}
 

@@ -24,14 +24,6 @@ from tests.conftest import make_settings
 from tests.integration.test_lanes import serve
 
 
-@pytest.fixture
-async def pair(nats_url: str) -> AsyncIterator[tuple[Client, Client]]:
-    server_side, client = await nats.connect(nats_url), await nats.connect(nats_url)
-    yield server_side, client
-    await server_side.close()
-    await client.close()
-
-
 async def wait_until(condition: Any, what: str, timeout_s: float = 2.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -52,7 +44,7 @@ def cancelled_future() -> asyncio.Future[None]:
 
 
 async def test_a_request_whose_first_step_raises_cancelled_error_does_not_kill_the_lane(
-    pair: tuple[Client, Client], uid: str
+    nats_pair: tuple[Client, Client], uid: str
 ) -> None:
     """Awaiting an already-cancelled future raises CancelledError without ever suspending.
 
@@ -60,7 +52,7 @@ async def test_a_request_whose_first_step_raises_cancelled_error_does_not_kill_t
     not an `Exception`: it escapes `_consume`, the consumer task ends (silently, as
     cancelled), its slot is never given back and nobody reads the queue any more.
     """
-    server_side, client = pair
+    server_side, client = nats_pair
 
     async def handler(msg: Msg) -> bytes:
         if msg.data == b"poison":
@@ -234,7 +226,7 @@ async def test_a_request_that_waits_for_a_slot_keeps_the_deadline_it_arrived_wit
 
 
 async def test_stopping_the_lane_from_a_request_does_not_cancel_that_request(
-    pair: tuple[Client, Client], uid: str
+    nats_pair: tuple[Client, Client], uid: str
 ) -> None:
     """`stop()` promises "waiting requests go on", and checks `_stopped` before handing off.
 
@@ -242,7 +234,7 @@ async def test_stopping_the_lane_from_a_request_does_not_cancel_that_request(
     `_stopped` check then keeps it as the request's driver, and the pending cancellation
     lands on the request at its first wait.
     """
-    server_side, client = pair
+    server_side, client = nats_pair
     holder: dict[str, lanes.Lane[str]] = {}
 
     async def handler(msg: Msg) -> bytes:
@@ -265,13 +257,13 @@ async def test_stopping_the_lane_from_a_request_does_not_cancel_that_request(
 
 
 async def test_a_handled_cancellation_does_not_linger_in_the_requests_exception_state(
-    pair: tuple[Client, Client], uid: str
+    nats_pair: tuple[Client, Client], uid: str
 ) -> None:
     """In a task, once `except TimeoutError: pass` is done, `sys.exc_info()` is empty and a
     new exception has no `__context__`. Driven by `_drive`, both show the CancelledError
     the timeout delivered (spurious "During handling of the above exception" chains in logs).
     """
-    server_side, client = pair
+    server_side, client = nats_pair
 
     async def handler(msg: Msg) -> bytes:
         try:
@@ -298,9 +290,9 @@ async def test_a_handled_cancellation_does_not_linger_in_the_requests_exception_
 
 
 async def test_a_spawned_request_cancelled_before_it_starts_gives_its_slot_back(
-    pair: tuple[Client, Client], uid: str
+    nats_pair: tuple[Client, Client], uid: str
 ) -> None:
-    server_side, _ = pair
+    server_side, _ = nats_pair
     ran = []
 
     async def handler(msg: Msg) -> bytes:
@@ -326,13 +318,13 @@ async def test_a_spawned_request_cancelled_before_it_starts_gives_its_slot_back(
 
 
 async def test_task_groups_in_a_request_that_waited(
-    pair: tuple[Client, Client], uid: str
+    nats_pair: tuple[Client, Client], uid: str
 ) -> None:
     """A child failing cancels the task driving the request (not the lane's consumer); the
     group turns that into its ExceptionGroup, the request goes on waiting and answers, and
     the lane serves on. (Python 3.11's TaskGroup leaves `cancelling()` at 1 afterwards in a
     plain task too; each driving task ends with its request, so nothing carries over.)"""
-    server_side, client = pair
+    server_side, client = nats_pair
 
     async def handler(msg: Msg) -> bytes:
         async def fail() -> None:
@@ -360,12 +352,12 @@ async def test_task_groups_in_a_request_that_waited(
 
 
 async def test_spawned_requests_run_in_contexts_of_their_own(
-    pair: tuple[Client, Client], uid: str
+    nats_pair: tuple[Client, Client], uid: str
 ) -> None:
     """Once a subject gets a task per request, context changes still do not leak."""
     from tests.integration.test_lanes import SEEN
 
-    server_side, client = pair
+    server_side, client = nats_pair
 
     async def handler(msg: Msg) -> bytes:
         leaked = SEEN.get()

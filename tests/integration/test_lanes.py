@@ -79,7 +79,7 @@ async def test_a_request_that_waits_keeps_its_task_and_frees_the_lane(
 
     lane = await serve(server_side, f"lane.{uid}", handler)
     slow = asyncio.create_task(client.request(f"lane.{uid}", b"slow", timeout=5))
-    for _ in range(100):
+    for _ in range(500):
         if lane.waiting:
             break
         await asyncio.sleep(0.01)
@@ -132,7 +132,7 @@ async def test_cancelling_a_waiting_request_frees_its_slot(
 
     lane = await serve(server_side, f"lane.{uid}", handler, concurrency=1)
     hung = asyncio.create_task(client.request(f"lane.{uid}", b"hang", timeout=1))
-    for _ in range(100):
+    for _ in range(500):
         if lane.waiting:
             break
         await asyncio.sleep(0.01)
@@ -222,7 +222,7 @@ async def test_subjects_whose_requests_wait_get_a_task_each_until_they_stop_wait
     burst = [
         asyncio.create_task(client.request(f"lane.{uid}", b"b", timeout=5)) for _ in range(8)
     ]
-    for _ in range(200):
+    for _ in range(500):
         if len(lane.waiting) == 8:
             break
         await asyncio.sleep(0.01)

@@ -2,9 +2,8 @@
 
 nats-py calls a subscription's callback serially, so a server must start a task per request
 to overlap them. Most requests of a gateway never wait on I/O (a cache hit, an echo, a
-refused token): for those the task is most of the runtime's cost per request (creating it,
-scheduling its step, its done-callback), about a sixth of a worker's CPU time
-(docs/benchmarks.md).
+refused token): for those the task (creating it, scheduling its step, its done-callback)
+was 11% of a worker's instructions per request (docs/runtime.md).
 
 A `Lane` reads a subscription's queue in one consumer task and runs each request inline,
 in a context of its own (as a task would). If the request completes without waiting, the

@@ -48,9 +48,9 @@ async def test_a_request_whose_first_step_raises_cancelled_error_does_not_kill_t
 ) -> None:
     """Awaiting an already-cancelled future raises CancelledError without ever suspending.
 
-    In a task per request that task just ends cancelled. Run inline, the CancelledError is
-    not an `Exception`: it escapes `_consume`, the consumer task ends (silently, as
-    cancelled), its slot is never given back and nobody reads the queue any more.
+    In a task per request that task just ends cancelled; run inline, that request alone must
+    end so. (The CancelledError, not an `Exception`, used to escape `_consume`: the consumer
+    ended silently, its slot was never given back and nobody read the queue any more.)
     """
     server_side, client = nats_pair
 
@@ -150,13 +150,12 @@ async def test_drain_with_a_short_grace_returns_promptly_when_requests_wait_for_
     """Concurrency 1: a slow request holds the slot, two fast ones wait in the process.
 
     `worker.drain(0.3)`: the subscription's drain times out (its `join()` waits for the
-    consumer, which waits for the slot), `unsubscribe()` then fails (nats-py marked the
-    subscription closed) so it stays in the connection's `_subs`; `lane.stop()` cancels the
-    consumer, which calls `task_done()` for the message it held but leaves the other one in
-    the queue. `broker.stop()` -> `nc.drain()` -> that subscription's `_drain()` waits on
-    `join()` until nats-py's drain_timeout of 30 s. With a task per request (the callback
-    design) the callback went on admitting the queued messages once the slow request was
-    cancelled, the join completed and drain took about twice the grace.
+    consumer, which waits for the slot), and `unsubscribe()` then fails (nats-py marked the
+    subscription closed), so it stays in the connection's `_subs`. `lane.stop()` now hands
+    back both waiting messages (the one the consumer held, the one still queued), taking
+    them off the queue, and the worker answers them 503. (It used to leave the queued one
+    there, and `broker.stop()` -> `nc.drain()` -> that subscription's `_drain()` waited on
+    `join()` for nats-py's drain_timeout of 30 s.)
     """
     w, op = await start_worker(concurrency=1)
     nc = await nats.connect(nats_url)
@@ -196,11 +195,11 @@ async def test_a_request_that_waits_for_a_slot_keeps_the_deadline_it_arrived_wit
 ) -> None:
     """A lone `Nexus-Timeout-Ms` counts from receipt (docs/runtime.md, "Deadlines").
 
-    The task-per-request admitter (still `Worker._admitter`) computes the deadline when it
-    takes the message, *before* waiting for a slot, so a request whose budget ran out while
-    it waited in this process is dropped as expired. The lane calls `start(msg)`, which
-    computes it, only *after* `_acquire()`: the wait is forgiven and the handler runs for a
-    caller that has given up, at the moment the worker is saturated.
+    The deadline is computed when the message is taken, *before* waiting for a slot, so a
+    request whose budget ran out while it waited in this process is dropped as expired.
+    (The lane used to call `start(msg)`, which computes it, only after `_acquire()`: the
+    wait was forgiven and the handler ran for a caller that had given up, just when the
+    worker was saturated.)
     """
     w, op = await start_worker(concurrency=1, clock_skew_ms=0)
     nc = await nats.connect(nats_url)
@@ -232,9 +231,9 @@ async def test_stopping_the_lane_from_a_request_does_not_cancel_that_request(
 ) -> None:
     """`stop()` promises "waiting requests go on", and checks `_stopped` before handing off.
 
-    Called during an inline run, the consumer is the current task: `stop()` cancels it, the
-    `_stopped` check then keeps it as the request's driver, and the pending cancellation
-    lands on the request at its first wait.
+    Called during an inline run, the consumer is the current task, which is about to become
+    the request's driver: `stop()` must not cancel it. (It used to, and the pending
+    cancellation landed on the request at its first wait.)
     """
     server_side, client = nats_pair
     holder: dict[str, lanes.Lane[str]] = {}
@@ -262,8 +261,9 @@ async def test_a_handled_cancellation_does_not_linger_in_the_requests_exception_
     nats_pair: tuple[Client, Client], uid: str
 ) -> None:
     """In a task, once `except TimeoutError: pass` is done, `sys.exc_info()` is empty and a
-    new exception has no `__context__`. Driven by `_drive`, both show the CancelledError
-    the timeout delivered (spurious "During handling of the above exception" chains in logs).
+    new exception has no `__context__`; driven by `_drive` too. (Both used to show the
+    CancelledError the timeout delivered: spurious "During handling of the above exception"
+    chains in logs.)
     """
     server_side, client = nats_pair
 

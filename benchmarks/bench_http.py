@@ -24,7 +24,6 @@ import asyncio
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from typing import Any
 import msgspec
 import uvloop
 
-from benchmarks.harness import Result, closed_loop, stop_all
+from benchmarks.harness import Result, closed_loop, merge, stop_all
 from nexus_bus import Operations, RequestContext
 from nexus_bus.embedded import free_port, nats_server, redis_server
 
@@ -399,17 +398,8 @@ class Bench:
         self, name: str, conc: int, parts: list[tuple[Result, dict[str, float]]]
     ) -> Result:
         """One point from its slices: totals for throughput and CPU, medians for latency."""
-        requests = sum(r.requests for r, _ in parts)
-        result = Result(
-            name,
-            conc,
-            requests,
-            sum(r.errors for r, _ in parts),
-            sum(r.seconds for r, _ in parts),
-            statistics.median(r.p50_ms for r, _ in parts),
-            statistics.median(r.p99_ms for r, _ in parts),
-        )
-        served = max(1, requests)
+        result = merge(name, [r for r, _ in parts])
+        served = max(1, result.requests)
         split: dict[str, float] = {}
         for _, used in parts:
             for key, seconds in used.items():

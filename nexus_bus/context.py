@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from nexus_bus.metadata import LazyTrace, TraceContext, trace_from_headers
+from nexus_bus.metadata import LazyTrace, TraceContext
 
 if TYPE_CHECKING:
     from nexus_bus.services import Services
@@ -56,7 +56,7 @@ class RequestContext:
         self.deadline_ms = deadline_ms
         self.services = services
         self.headers: Mapping[str, str] = headers if headers is not None else {}
-        self._trace = trace
+        self._trace = trace if trace is not None else LazyTrace(self.headers)
         self.principal = principal
         self.idempotency_key = idempotency_key
         self.attempt = attempt
@@ -66,11 +66,9 @@ class RequestContext:
     def trace(self) -> TraceContext:
         """This hop's W3C trace context (the caller's trace, a new span)."""
         trace = self._trace
-        if isinstance(trace, TraceContext):
-            return trace
-        resolved = trace.get() if trace is not None else trace_from_headers(self.headers)
-        self._trace = resolved
-        return resolved
+        if isinstance(trace, LazyTrace):
+            trace = self._trace = trace.get()
+        return trace
 
     @trace.setter
     def trace(self, value: TraceContext) -> None:

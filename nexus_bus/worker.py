@@ -173,10 +173,9 @@ class Worker:
             sub = await self.nc.subscribe(subject, queue=queue, cb=self._admitter(op))
             self._subscriptions.append(sub)
             return
-        default_ms = self.settings.worker.default_timeout_ms
 
         def start(msg: Msg) -> tuple[Coroutine[Any, Any, None], tuple[str, int]]:
-            deadline = deadline_ms(msg.headers or _NO_HEADERS, int(time.time() * 1000), default_ms)
+            deadline = self._deadline_of(msg)
             return self._serve(op, msg, deadline), (op, deadline)
 
         lane = lanes.Lane(sub, start, concurrency=self.settings.worker.concurrency)
@@ -191,15 +190,18 @@ class Worker:
             found.extend(lane.waiting.items())
         return found
 
+    def _deadline_of(self, msg: Msg) -> int:
+        """When a request received now must be answered by (epoch ms), counted from receipt."""
+        default_ms = self.settings.worker.default_timeout_ms
+        return deadline_ms(msg.headers or _NO_HEADERS, int(time.time() * 1000), default_ms)
+
     def _admitter(self, op: str) -> Any:
         limit = asyncio.Semaphore(self.settings.worker.concurrency)
-
-        default_ms = self.settings.worker.default_timeout_ms
 
         async def admit(msg: Msg) -> None:
             # Everything that could raise comes before the slot is taken: a slot is released
             # only by its task's done-callback.
-            deadline = deadline_ms(msg.headers or _NO_HEADERS, int(time.time() * 1000), default_ms)
+            deadline = self._deadline_of(msg)
             await limit.acquire()
             task = asyncio.create_task(self._serve(op, msg, deadline))
             self._tasks[task] = (op, deadline)

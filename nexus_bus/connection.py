@@ -19,7 +19,7 @@ from faststream.nats.security import (
 )
 from nats.aio.client import Client
 
-from nexus_bus import nats_headers
+from nexus_bus import nats_headers, nats_parser
 from nexus_bus.config import NatsSettings, TLSSettings
 from nexus_bus.errors import Unavailable
 from nexus_bus.observability import METRICS, logger
@@ -135,6 +135,8 @@ async def connect_nats(settings: NatsSettings, *, name: str | None = None) -> Cl
         # With unlimited reconnects nats-py also retries the *first* connect forever: a
         # wrong URL or credential would hang the process instead of failing it.
         async with asyncio.timeout(settings.initial_connect_timeout_s):
-            return await nats.connect(**nats_options(settings, name=name))
+            nc = await nats.connect(**nats_options(settings, name=name))
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         raise Unavailable(f"cannot connect to NATS at {settings.url}: {exc!r}") from exc
+    nats_parser.install(nc)
+    return nc

@@ -21,6 +21,8 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from nexus_bus import nats_parser
+
 _STATUS: Final = "Status"  # nats-py puts the inline status of a reply under this key
 _NO_RESPONDERS: Final = "503"
 _ENTROPY_BYTES: Final = 4096
@@ -56,7 +58,11 @@ class Inbox:
             self._loop = asyncio.get_running_loop()
             self._started = self._loop.create_future()
             try:
-                await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+                sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+                # Replies straight from the connection's reader, not through the
+                # subscription's queue and task (nats_parser.py); `_on_reply` still takes
+                # what nats-py delivers itself (a no-responders status).
+                nats_parser.deliver_directly(sub, self._deliver)
             except BaseException as exc:
                 started, self._started = self._started, None
                 started.set_exception(exc)
@@ -66,10 +72,13 @@ class Inbox:
         else:
             await asyncio.shield(self._started)
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _deliver(self, msg: Msg) -> None:
         future = self._waiting.pop(msg.subject[self._prefix_len :], None)
         if future is not None and not future.done():
             future.set_result(msg)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        self._deliver(msg)
 
     async def request(
         self, subject: str, payload: bytes, *, timeout_s: float, headers: dict[str, str] | None

@@ -8,12 +8,27 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
+from nexus_bus import nats_parser
 from nexus_bus.connection import flush_subscriptions
 from nexus_bus.inbox import Inbox
 
+# Each routing test runs on a stock nats-py connection and on one reading with
+# nats_parser.FastParser, where replies skip the subscription's queue.
+READERS = pytest.mark.parametrize("fast", [False, True], ids=["nats-py", "fast-parser"])
 
-async def test_concurrent_requests_each_get_their_own_reply(nats_url: str, uid: str) -> None:
-    responder, client = await nats.connect(nats_url), await nats.connect(nats_url)
+
+async def client_connection(nats_url: str, fast: bool) -> nats.NATS:
+    client = await nats.connect(nats_url)
+    if fast:
+        assert nats_parser.install(client)
+    return client
+
+
+@READERS
+async def test_concurrent_requests_each_get_their_own_reply(
+    nats_url: str, uid: str, fast: bool
+) -> None:
+    responder, client = await nats.connect(nats_url), await client_connection(nats_url, fast)
 
     async def respond(msg: Msg) -> None:
         await asyncio.sleep(0.001 * (int(msg.data) % 7))  # replies come back out of order
@@ -40,10 +55,11 @@ async def test_concurrent_requests_each_get_their_own_reply(nats_url: str, uid: 
         await client.close()
 
 
+@READERS
 async def test_no_responders_timeout_and_cancel_leave_nothing_behind(
-    nats_url: str, uid: str
+    nats_url: str, uid: str, fast: bool
 ) -> None:
-    responder, client = await nats.connect(nats_url), await nats.connect(nats_url)
+    responder, client = await nats.connect(nats_url), await client_connection(nats_url, fast)
     late: list[Msg] = []
     tasks: set[asyncio.Task[None]] = set()
 
@@ -130,6 +146,38 @@ async def test_reply_subjects_stay_unique_across_entropy_refills(nats_url: str, 
         assert counters == list(range(1, 2101))
         # Each block of 1,024 took its random parts from a fresh draw, in order.
         assert len({t[-8:] for t in tokens}) > 2000
+    finally:
+        await responder.close()
+        await client.close()
+
+
+async def test_each_request_times_out_at_its_own_deadline(nats_url: str, uid: str) -> None:
+    """One timer serves every waiting request: a shorter timeout sent after a longer one
+    still fires on time, and the longer one still fires after it."""
+    responder, client = await nats.connect(nats_url), await nats.connect(nats_url)
+    try:
+        sub = await responder.subscribe(f"silent.{uid}")  # never answers
+        await flush_subscriptions(responder)
+        inbox = Inbox(client)
+        loop = asyncio.get_running_loop()
+
+        async def timed(timeout_s: float) -> float:
+            started = loop.time()
+            with pytest.raises(nats.errors.TimeoutError):
+                await inbox.request(f"silent.{uid}", b"", timeout_s=timeout_s, headers=None)
+            return loop.time() - started
+
+        long = asyncio.create_task(timed(1.0))
+        await asyncio.sleep(0.01)
+        short = asyncio.create_task(timed(0.2))
+        answered = asyncio.create_task(
+            inbox.request(f"silent.{uid}", b"", timeout_s=0.5, headers=None)
+        )
+        received = [await sub.next_msg(timeout=5) for _ in range(3)]
+        await received[2].respond(b"ok")  # the first two stay unanswered
+        assert 0.19 <= await short < 0.9
+        assert 0.99 <= await long < 2.5
+        assert not inbox._waiting and answered.done()
     finally:
         await responder.close()
         await client.close()

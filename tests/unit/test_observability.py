@@ -109,3 +109,33 @@ def test_a_context_without_a_trace_takes_it_from_its_headers() -> None:
         headers={"traceparent": parent},
     )
     assert ctx.trace.trace_id == parent[3:35] and ctx.trace is ctx.trace
+
+
+def test_request_durations_expose_what_prometheus_histogram_does() -> None:
+    """The hot-path histogram, scraped, reads exactly as prometheus-client's `Histogram`
+    given the same observations (without the optional `_created` sample)."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from nexus_bus.constants import M_REQUEST_DURATION
+    from nexus_bus.observability.metrics import _BUCKETS
+
+    ours = Metrics()
+    reference = Histogram(
+        M_REQUEST_DURATION,
+        "Time to answer a request, by operation, status and transport.",
+        ("op", "action", "status", "transport"),
+        buckets=_BUCKETS,
+        registry=(registry := CollectorRegistry()),
+    )
+    for seconds, status in [(0.0001, 200), (0.0005, 200), (0.0049, 404), (3, 200), (11, 200)]:
+        ours.observe("data", "get", status, "nats", seconds)
+        reference.labels("data", "get", str(status), "nats").observe(seconds)
+    exposed = [
+        line for line in generate_latest(ours.registry).decode().splitlines()
+        if M_REQUEST_DURATION in line
+    ]
+    expected = [
+        line for line in generate_latest(registry).decode().splitlines()
+        if "_created" not in line
+    ]
+    assert exposed == expected and len(expected) > 30

@@ -31,6 +31,7 @@ from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 _HMSG: Final = b"HMSG "
 _MSG: Final = b"MSG "
 _CRLF: Final = b"\r\n"
+_DIRECT: Final = "_nexus_deliver"  # a subscription's `deliver_directly` function
 _PLAIN_HEAD: Final = b"NATS/1.0\r\n"  # a header block with no inline status
 _PLAIN_HEAD_SIZE: Final = len(_PLAIN_HEAD)
 _CR: Final = 13
@@ -103,11 +104,11 @@ def _control_line(line: bytes, with_headers: bool) -> tuple[bytes, int, bytes, i
 class FastParser(Parser):
     """nats-py's `Parser`, reading `MSG` and `HMSG` without regexes or copies."""
 
+    # Bytes the operation at the start of `buf` needs in all, once its control line is in.
+    _wanted: int
+
     def __init__(self, nc: Client) -> None:
         super().__init__(nc)
-        # Subscription id -> a function that takes its messages at once, in place of the
-        # subscription's queue and task (`deliver_directly`).
-        self.direct: dict[int, Callable[[Msg], None]] = {}
         self._parse_lines: Callable[[bytes], dict[str, str]] = nc._parse_header_lines
         self._msg_class: type[Msg] = nc.msg_class
 
@@ -117,9 +118,10 @@ class FastParser(Parser):
             await super().parse(data)
             return
         if self.buf:  # the start of an operation that an earlier read cut
-            data = bytes(self.buf) + data
-            self.buf = bytearray()
-        process = self.nc._process_msg
+            joined = self._join(data)
+            if joined is None:
+                return
+            data = joined
         pos = 0
         end = len(data)
         while pos < end:
@@ -139,25 +141,56 @@ class FastParser(Parser):
             body = eol + 2
             after = body + needed
             if after + 2 > end:
-                break  # the payload is still coming
+                self._wanted = after + 2 - pos  # the payload is still coming
+                break
             pos = after + 2
-            if header_needed > 0:
-                headers = data[body : body + header_needed]
-                payload = data[body + header_needed : after]
-            else:
-                headers = None
-                payload = data[body:after]
-            if not self._deliver(sid, subject, reply, payload, headers):
-                await process(sid, subject, reply, payload, headers)
+            headers = data[body : body + header_needed] or None
+            payload = data[body + header_needed : after]
+            delivered = self._deliver(sid, subject, reply, payload, headers)
+            if delivered is not True:
+                await self._otherwise(delivered, sid, subject, reply, payload, headers)
         if pos < end:
             self.buf = bytearray(data[pos:])  # an operation cut by the read: wait for the rest
 
+    async def _otherwise(
+        self,
+        delivered: bool | Exception,
+        sid: int,
+        subject: bytes,
+        reply: bytes,
+        payload: bytes,
+        headers: bytes | None,
+    ) -> None:
+        """A message `_deliver` left to nats-py, or whose direct callback raised (reported as
+        nats-py's own consumer reports a callback's exception; reading goes on)."""
+        if delivered is False:
+            await self.nc._process_msg(sid, subject, reply, payload, headers)
+        elif isinstance(delivered, Exception):
+            await self.nc._error_cb(delivered)
+
+    def _join(self, data: bytes) -> bytes | None:
+        """What an earlier read left followed by `data`; None while the message it holds is
+        still arriving (appended without a copy of the whole per read)."""
+        if len(self.buf) + len(data) < self._wanted:
+            self.buf += data
+            return None
+        joined = bytes(self.buf) + data
+        self.buf = bytearray()
+        self._wanted = 0
+        return joined
+
+    def reset(self) -> None:
+        """Forget any partial input (nats-py calls this on reconnect)."""
+        super().reset()
+        self._wanted = 0
+
     def _deliver(
         self, sid: int, subject: bytes, reply: bytes, payload: bytes, headers: bytes | None
-    ) -> bool:
+    ) -> bool | Exception:
         """`Client._process_msg` for the common case, without its coroutines: a core
         subscription (no JetStream, no auto-unsubscribe, no old-style request) with room in
-        its queue, and headers with no inline status. False leaves the message to nats-py."""
+        its queue, and headers with no inline status. False leaves the message to nats-py;
+        an exception is what a direct callback raised."""
         nc = self.nc
         sub = nc._subs.get(sid)
         if (
@@ -169,7 +202,7 @@ class FastParser(Parser):
         ):
             return False
         size = len(payload)
-        direct = self.direct.get(sid)
+        direct = sub.__dict__.get(_DIRECT)
         if direct is None:
             limit = sub._pending_bytes_limit
             if (limit > 0 and sub._pending_size + size >= limit) or sub._pending_queue.full():
@@ -189,7 +222,10 @@ class FastParser(Parser):
             _client=nc, _sid=sid,
         )
         if direct is not None:
-            direct(msg)
+            try:
+                direct(msg)
+            except Exception as exc:
+                return exc
         else:
             sub._pending_size += size
             sub._pending_queue.put_nowait(msg)
@@ -244,16 +280,21 @@ def install(nc: Client) -> bool:
 def deliver_directly(sub: Subscription, deliver: Callable[[Msg], None]) -> bool:
     """Hand `sub`'s messages to `deliver` from the connection's reader, as they are parsed.
 
-    This skips the subscription's queue and task: `deliver` must not block or raise (it
-    runs between two messages of the read loop). Messages the fast path leaves to nats-py
-    (inline statuses, a full queue) still reach the subscription's callback, so subscribe
-    with one that does the same.
+    This skips the subscription's queue and task: `deliver` must not block (it runs
+    between two messages of the read loop); what it raises goes to the connection's error
+    callback, as from a subscription callback, and reading goes on. Messages the fast path
+    leaves to nats-py (inline statuses, a full queue) still reach the subscription's
+    callback, so subscribe with one that does the same.
 
     Returns:
         Whether it is in place (False when the connection does not read with `FastParser`).
     """
-    parser = getattr(sub._conn, "_ps", None)
-    if not isinstance(parser, FastParser):
+    if not isinstance(getattr(sub._conn, "_ps", None), FastParser):
         return False
-    parser.direct[sub._id] = deliver
+    sub.__dict__[_DIRECT] = deliver  # goes with the subscription (ids are never reused)
     return True
+
+
+def delivers_directly(sub: Subscription) -> bool:
+    """Whether `sub`'s messages go to a `deliver_directly` function."""
+    return _DIRECT in sub.__dict__

@@ -23,7 +23,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from nexus_bus import nats_parser
+from nexus_bus import nats_headers, nats_parser
 
 _STATUS: Final = "Status"  # nats-py puts the inline status of a reply under this key
 _NO_RESPONDERS: Final = "503"
@@ -118,7 +118,9 @@ class Inbox:
         if self._timer is None or deadline < self._timer_at:
             self._arm(deadline)
         try:
-            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            await nats_headers.publish(
+                self._nc, subject, payload, reply=self._prefix + token, headers=headers
+            )
             msg = await future
         finally:
             self._waiting.pop(token, None)

@@ -22,7 +22,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from nexus_bus import lanes, nats_parser
+from nexus_bus import lanes, nats_headers, nats_parser
 from nexus_bus.auth import Authenticator, create_authenticator
 from nexus_bus.config import Settings
 from nexus_bus.connection import broker_options, flush_subscriptions
@@ -232,7 +232,9 @@ class Worker:
         if reply_to:
             result = self._fit(op, result)
             try:
-                await self.nc.publish(reply_to, result.body, headers=result.headers)
+                await nats_headers.publish(
+                    self.nc, reply_to, result.body, headers=result.headers
+                )
             except Exception as exc:
                 logger.warning("could not send reply: {}", exc)
 

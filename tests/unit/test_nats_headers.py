@@ -1,4 +1,5 @@
 import random
+from typing import Any
 
 import pytest
 
@@ -108,3 +109,59 @@ def test_install_replaces_both() -> None:
 
     assert nats_headers.install() is True
     assert Client._send_publish is nats_headers.send_publish
+
+
+async def publish_outcome(
+    fast: bool, subject: str, reply: str, payload: bytes, headers: Any
+) -> Any:
+    """What one publish on a fresh, unconnected client leaves (nats-py buffers it while
+    disconnected) or raises."""
+    from nats.aio.client import Client
+
+    nc = Client()
+    nc._max_payload = 64
+    try:
+        if fast:
+            await nats_headers.publish(nc, subject, payload, reply=reply, headers=headers)
+        else:
+            await nc.publish(subject, payload, reply=reply, headers=headers)
+    except Exception as exc:
+        return type(exc)
+    return [bytes(c) for c in nc._pending], nc._pending_data_size, dict(nc.stats)
+
+
+@pytest.mark.parametrize(
+    ("subject", "reply", "payload", "headers"),
+    [
+        ("nexus.echo.say", "_INBOX.a.1", b'{"msg":"hi"}', {"Nexus-Request-Id": "r", "A": " b "}),
+        ("nexus.echo.say", "", b"", None),
+        ("s", "", b"x", {}),
+        ("s.é", "r.é", b"\r\n", {"K": "v\r\nX: y"}),
+        ("", "", b"", None),
+        ("bad subject", "", b"", None),
+        ("s", "bad\r\nreply", b"", None),
+        ("s", "", b"y" * 65, None),
+        ("s", "", b"", {"Bad Name": "v"}),
+    ],
+)
+async def test_publish_is_nats_py_publish(
+    subject: str, reply: str, payload: bytes, headers: Any
+) -> None:
+    """The same bytes queued, the same counters, the same errors as `Client.publish`."""
+    assert nats_headers.install()
+    expected = await publish_outcome(False, subject, reply, payload, headers)
+    assert await publish_outcome(True, subject, reply, payload, headers) == expected
+
+
+async def test_publish_refuses_like_nats_py_when_closed_or_buffer_full() -> None:
+    from nats import errors
+    from nats.aio.client import Client
+
+    closed = Client()
+    closed._status = Client.CLOSED
+    with pytest.raises(errors.ConnectionClosedError):
+        await nats_headers.publish(closed, "s", b"")
+    full = Client()
+    full._max_pending_size = 4
+    with pytest.raises(errors.OutboundBufferLimitError):
+        await nats_headers.publish(full, "s", b"12345")

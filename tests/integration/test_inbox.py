@@ -8,27 +8,16 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
-from nexus_bus import nats_parser
 from nexus_bus.connection import flush_subscriptions
 from nexus_bus.inbox import Inbox
-
-# Each routing test runs on a stock nats-py connection and on one reading with
-# nats_parser.FastParser, where replies skip the subscription's queue.
-READERS = pytest.mark.parametrize("fast", [False, True], ids=["nats-py", "fast-parser"])
-
-
-async def client_connection(nats_url: str, fast: bool) -> nats.NATS:
-    client = await nats.connect(nats_url)
-    if fast:
-        assert nats_parser.install(client)
-    return client
+from tests.readers import READERS, connection
 
 
 @READERS
 async def test_concurrent_requests_each_get_their_own_reply(
     nats_url: str, uid: str, fast: bool
 ) -> None:
-    responder, client = await nats.connect(nats_url), await client_connection(nats_url, fast)
+    responder, client = await nats.connect(nats_url), await connection(nats_url, fast)
 
     async def respond(msg: Msg) -> None:
         await asyncio.sleep(0.001 * (int(msg.data) % 7))  # replies come back out of order
@@ -59,7 +48,7 @@ async def test_concurrent_requests_each_get_their_own_reply(
 async def test_no_responders_timeout_and_cancel_leave_nothing_behind(
     nats_url: str, uid: str, fast: bool
 ) -> None:
-    responder, client = await nats.connect(nats_url), await client_connection(nats_url, fast)
+    responder, client = await nats.connect(nats_url), await connection(nats_url, fast)
     late: list[Msg] = []
     tasks: set[asyncio.Task[None]] = set()
 

@@ -29,15 +29,7 @@ from nexus_bus.connection import flush_subscriptions
 from nexus_bus.embedded import ServerProcess, free_port, nats_server
 from nexus_bus.inbox import Inbox
 from tests import servers
-
-READERS = pytest.mark.parametrize("fast", [False, True], ids=["nats-py", "fast-parser"])
-
-
-async def connection(url: str, fast: bool, **options: Any) -> Client:
-    nc = await nats.connect(url, **options)
-    if fast:
-        assert nats_parser.install(nc)
-    return nc
+from tests.readers import READERS, connection
 
 
 async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 2.0) -> None:

@@ -6,16 +6,17 @@ draws a 22-character NUID plus two random bytes for the token, wraps the wait in
 `asyncio.wait_for` (a task and more) and registers a done-callback; on the gateway's
 request path that was about a sixth of the client's CPU (docs/benchmarks.md). Here the
 token is a counter plus four random bytes (unique within this inbox, and not guessable from
-another reply subject), and one timer armed for the earliest deadline serves every waiting
-request. Replies come straight from the connection's reader where `nats_parser` is in
-place. Semantics are nats-py's:
-`NoRespondersError` when the server answers for a subject nobody serves, `TimeoutError` when
-no reply came in time, publish errors unchanged.
+another reply subject), and timeouts share a timer per 10 ms of deadlines. Replies come
+straight from the connection's reader where `nats_parser` is in place. Semantics are
+nats-py's: `NoRespondersError` when the server answers for a subject nobody serves,
+`TimeoutError` when no reply came in time (here up to 10 ms after the timeout), publish
+errors unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
+from math import ceil
 from os import urandom
 from typing import Final
 
@@ -30,9 +31,11 @@ _NO_RESPONDERS: Final = "503"
 _ENTROPY_BYTES: Final = 4096
 
 
-# A timer that fires up to this early (libuv counts whole milliseconds) still expires what
-# is due, rather than re-arming for the same instant.
-_EARLY_S: Final = 0.001
+# Deadlines are grouped in slots of 1/_SLOTS_PER_S s, one timer per slot: a request times
+# out at the end of its deadline's slot (up to 10 ms late), and a burst of timeouts (a
+# stalled worker with thousands of requests waiting) costs one timer per slot, not per
+# request nor a scan of every waiting request per timer.
+_SLOTS_PER_S: Final = 100
 
 
 class Inbox:
@@ -40,19 +43,17 @@ class Inbox:
 
     __slots__ = (
         "_entropy", "_entropy_at", "_loop", "_nc", "_next", "_prefix", "_prefix_len",
-        "_started", "_timer", "_timer_at", "_waiting",
+        "_slots", "_started", "_waiting",
     )
 
     def __init__(self, nc: Client) -> None:
         self._nc = nc
         self._prefix = nc.new_inbox() + "."
         self._prefix_len = len(self._prefix)
-        # Reply token -> the caller's future and its deadline (loop time).
-        self._waiting: dict[str, tuple[asyncio.Future[Msg], float]] = {}
-        # One timer for every waiting request, armed for the earliest deadline: a timer per
-        # request (call_later + cancel) cost 1.5 µs, a tenth of the request's own path here.
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}  # reply token -> its caller
+        # Deadline slot -> the tokens waiting in it. A timer per request (call_later and
+        # cancel) cost 1.5 µs, a tenth of the request's own path here.
+        self._slots: dict[int, set[str]] = {}
         self._next = 0
         self._entropy = ""  # hex digits from os.urandom, 8 (4 bytes) per request, never reused
         self._entropy_at = 0
@@ -80,9 +81,9 @@ class Inbox:
             await asyncio.shield(self._started)
 
     def _deliver(self, msg: Msg) -> None:
-        waiting = self._waiting.pop(msg.subject[self._prefix_len :], None)
-        if waiting is not None and not waiting[0].done():
-            waiting[0].set_result(msg)
+        future = self._waiting.pop(msg.subject[self._prefix_len :], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
 
     async def _on_reply(self, msg: Msg) -> None:
         self._deliver(msg)
@@ -113,10 +114,13 @@ class Inbox:
         self._entropy_at = at + 8
         token = f"{self._next:x}{self._entropy[at : at + 8]}"
         future: asyncio.Future[Msg] = loop.create_future()
-        deadline = loop.time() + timeout_s
-        self._waiting[token] = (future, deadline)
-        if self._timer is None or deadline < self._timer_at:
-            self._arm(deadline)
+        self._waiting[token] = future
+        slot = ceil((loop.time() + timeout_s) * _SLOTS_PER_S)
+        tokens = self._slots.get(slot)
+        if tokens is None:
+            tokens = self._slots[slot] = set()
+            loop.call_at(slot / _SLOTS_PER_S, self._expire, slot)
+        tokens.add(token)
         try:
             await nats_headers.publish(
                 self._nc, subject, payload, reply=self._prefix + token, headers=headers
@@ -124,29 +128,14 @@ class Inbox:
             msg = await future
         finally:
             self._waiting.pop(token, None)
+            tokens.discard(token)
         if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
             raise nats.errors.NoRespondersError
         return msg
 
-    def _arm(self, at: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        assert self._loop is not None
-        self._timer = self._loop.call_at(at, self._expire)
-        self._timer_at = at
-
-    def _expire(self) -> None:
-        """Fail every request past its deadline; re-arm for the earliest one left."""
-        assert self._loop is not None
-        self._timer = None
-        due = self._loop.time() + _EARLY_S
-        earliest = None
-        for token, (future, deadline) in list(self._waiting.items()):
-            if deadline <= due:
-                del self._waiting[token]
-                if not future.done():
-                    future.set_exception(nats.errors.TimeoutError())
-            elif earliest is None or deadline < earliest:
-                earliest = deadline
-        if earliest is not None:
-            self._arm(earliest)
+    def _expire(self, slot: int) -> None:
+        """Fail the requests of a deadline slot that are still waiting."""
+        for token in self._slots.pop(slot, ()):
+            future = self._waiting.pop(token, None)
+            if future is not None and not future.done():
+                future.set_exception(nats.errors.TimeoutError())

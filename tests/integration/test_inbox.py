@@ -141,8 +141,8 @@ async def test_reply_subjects_stay_unique_across_entropy_refills(nats_url: str, 
 
 
 async def test_each_request_times_out_at_its_own_deadline(nats_url: str, uid: str) -> None:
-    """One timer serves every waiting request: a shorter timeout sent after a longer one
-    still fires on time, and the longer one still fires after it."""
+    """Timeouts share a timer per 10 ms of deadlines: a shorter timeout sent after a longer
+    one still fires on time, and the longer one still fires after it."""
     responder, client = await nats.connect(nats_url), await nats.connect(nats_url)
     try:
         sub = await responder.subscribe(f"silent.{uid}")  # never answers
@@ -167,6 +167,31 @@ async def test_each_request_times_out_at_its_own_deadline(nats_url: str, uid: st
         assert 0.19 <= await short < 0.9
         assert 0.99 <= await long < 2.5
         assert not inbox._waiting and answered.done()
+    finally:
+        await responder.close()
+        await client.close()
+
+
+async def test_a_burst_of_timeouts_ends_each_request_on_time(nats_url: str, uid: str) -> None:
+    """Hundreds of requests with spread deadlines, none answered (a stalled worker): each
+    times out no earlier than its own deadline and within a slot (10 ms) or so after it."""
+    responder, client = await nats.connect(nats_url), await nats.connect(nats_url)
+    try:
+        await responder.subscribe(f"stalled.{uid}")  # receives, never answers
+        await flush_subscriptions(responder)
+        inbox = Inbox(client)
+        loop = asyncio.get_running_loop()
+
+        async def lateness(timeout_s: float) -> float:
+            started = loop.time()
+            with pytest.raises(nats.errors.TimeoutError):
+                await inbox.request(f"stalled.{uid}", b"", timeout_s=timeout_s, headers=None)
+            return loop.time() - started - timeout_s
+
+        late = await asyncio.gather(*(lateness(0.05 + i * 0.0005) for i in range(500)))
+        assert min(late) > -0.002  # a timer may fire a fraction of a millisecond early
+        assert sorted(late)[len(late) // 2] < 0.05  # typically within the slot
+        assert not inbox._waiting and not inbox._slots
     finally:
         await responder.close()
         await client.close()

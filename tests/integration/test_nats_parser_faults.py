@@ -514,8 +514,8 @@ async def test_inbox_requests_waiting_when_the_connection_closes_time_out_on_tim
     nats_url: str, uid: str, fast: bool
 ) -> None:
     """Closing the connection does not fail waiting requests (nats-py's own request does
-    not either): each still ends with TimeoutError at its own deadline, the timer re-arms
-    for the later one, a cancelled one leaves nothing, and no timer is left armed."""
+    not either): each still ends with TimeoutError at its own deadline, a cancelled one
+    leaves nothing, and no deadline slot is left behind."""
     responder, nc = await nats.connect(nats_url), await connection(nats_url, fast)
     try:
         sub = await responder.subscribe(f"silent.{uid}")
@@ -544,7 +544,7 @@ async def test_inbox_requests_waiting_when_the_connection_closes_time_out_on_tim
             await cancelled
         assert not inbox._waiting
         await asyncio.sleep(0.05)
-        assert inbox._timer is None  # nothing waiting: nothing armed
+        assert not inbox._slots  # nothing waiting: no deadline slot left
         with pytest.raises(nats.errors.ConnectionClosedError):
             await inbox.request(f"silent.{uid}", b"", timeout_s=5, headers=None)
         assert not inbox._waiting

@@ -2,21 +2,26 @@
 
 nats-py 2.16's `Parser.parse` copies every read into a `bytearray`, then for each message
 tries the `MSG` regex, then the `HMSG` regex, slices the matched groups, deletes the
-consumed bytes, and copies header and payload out of the array: a tenth of a worker's or
-a gateway's CPU time at concurrency 16 (docs/benchmarks.md). `FastParser` reads the
-messages (`MSG` and `HMSG`, all but a few operations in a busy stream) straight from the
-bytes received, with one `find` and one `split` per control line, and hands each to the
-same `Client._process_msg` with the same arguments. Anything else - `PING`, `INFO`, `-ERR`,
-`+OK`, a control line it does not recognise exactly (extra spaces, tabs, signs) - goes with
-the rest of that read to nats-py's own parser, so unusual input takes the original path
-rather than a new one; a message split across reads waits for the next read, as before.
+consumed bytes, and copies header and payload out of the array; `Client._process_msg` then
+takes two coroutines per message to build it and queue it for its subscription.
+`FastParser` reads the messages (`MSG` and `HMSG`, all but a few operations in a busy
+stream) straight from the bytes received, with one `find` and one `split` per control line,
+and builds and queues a plain core subscription's message itself, exactly as
+`_process_msg` would. With `deliver_directly` a subscription's messages skip its queue and
+task altogether: the gateway's inbox takes its replies this way.
+
+Anything else goes to nats-py's own code: `PING`, `INFO`, `-ERR`, `+OK` and a control line
+it does not recognise exactly (extra spaces, tabs, signs) with the rest of that read to
+nats-py's parser; inline statuses, JetStream subscriptions, auto-unsubscribe, old-style
+requests and a subscription over its pending limits to `_process_msg`. A message split
+across reads waits for the rest, appended without copying the whole per read.
 
 It is installed per connection (`install(nc)`), only on the connections nexus-bus opens,
-and only over the nats-py code it was written against (a fingerprint of the names
-`Parser.parse` uses). `tests/unit/test_nats_parser.py` feeds both parsers the same
-generated streams, cut at every possible point, and compares what they deliver.
+and only over the nats-py code it was written against (a fingerprint of the names each
+replaced function uses). `tests/unit/test_nats_parser.py` feeds both parsers the same
+generated streams, cut at every possible point, and compares what they deliver;
+`tests/integration/test_nats_parser_faults.py` compares them over real NATS under faults.
 """
-
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -140,6 +140,15 @@ async def test_reply_subjects_stay_unique_across_entropy_refills(nats_url: str, 
         await client.close()
 
 
+async def time_to_timeout(inbox: Inbox, subject: str, timeout_s: float) -> float:
+    """Seconds from sending a request nobody answers until its TimeoutError."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(nats.errors.TimeoutError):
+        await inbox.request(subject, b"", timeout_s=timeout_s, headers=None)
+    return loop.time() - started
+
+
 async def test_each_request_times_out_at_its_own_deadline(nats_url: str, uid: str) -> None:
     """Timeouts share a timer per 10 ms of deadlines: a shorter timeout sent after a longer
     one still fires on time, and the longer one still fires after it."""
@@ -148,17 +157,9 @@ async def test_each_request_times_out_at_its_own_deadline(nats_url: str, uid: st
         sub = await responder.subscribe(f"silent.{uid}")  # never answers
         await flush_subscriptions(responder)
         inbox = Inbox(client)
-        loop = asyncio.get_running_loop()
-
-        async def timed(timeout_s: float) -> float:
-            started = loop.time()
-            with pytest.raises(nats.errors.TimeoutError):
-                await inbox.request(f"silent.{uid}", b"", timeout_s=timeout_s, headers=None)
-            return loop.time() - started
-
-        long = asyncio.create_task(timed(1.0))
+        long = asyncio.create_task(time_to_timeout(inbox, f"silent.{uid}", 1.0))
         await asyncio.sleep(0.01)
-        short = asyncio.create_task(timed(0.2))
+        short = asyncio.create_task(time_to_timeout(inbox, f"silent.{uid}", 0.2))
         answered = asyncio.create_task(
             inbox.request(f"silent.{uid}", b"", timeout_s=0.5, headers=None)
         )
@@ -180,15 +181,11 @@ async def test_a_burst_of_timeouts_ends_each_request_on_time(nats_url: str, uid:
         await responder.subscribe(f"stalled.{uid}")  # receives, never answers
         await flush_subscriptions(responder)
         inbox = Inbox(client)
-        loop = asyncio.get_running_loop()
-
-        async def lateness(timeout_s: float) -> float:
-            started = loop.time()
-            with pytest.raises(nats.errors.TimeoutError):
-                await inbox.request(f"stalled.{uid}", b"", timeout_s=timeout_s, headers=None)
-            return loop.time() - started - timeout_s
-
-        late = await asyncio.gather(*(lateness(0.05 + i * 0.0005) for i in range(500)))
+        timeouts = [0.05 + i * 0.0005 for i in range(500)]
+        took = await asyncio.gather(
+            *(time_to_timeout(inbox, f"stalled.{uid}", t) for t in timeouts)
+        )
+        late = [elapsed - t for elapsed, t in zip(took, timeouts, strict=True)]
         assert min(late) > -0.002  # a timer may fire a fraction of a millisecond early
         assert sorted(late)[len(late) // 2] < 0.05  # typically within the slot
         assert not inbox._waiting and not inbox._slots

@@ -187,9 +187,12 @@ async def publish(
     formats the command with an f-string it then encodes: 3.6 µs for a request with the
     contract's headers, 3.2 µs here (2.9 and 2.5 µs for a reply), on both sides of every
     request. Falls back to `nc.publish` on a nats-py this was not written against (see
-    `install`), or on a client class that overrides it.
+    `install`), or on a client class that overrides `publish` or `_send_publish`.
     """
-    if not _fast_publish or type(nc).publish is not _original_publish:
+    cls = type(nc)
+    if not _fast_publish or cls.publish is not _original_publish or (
+        cls._send_publish is not send_publish
+    ):
         await nc.publish(subject, payload, reply=reply, headers=headers)
         return
     if not nc._skip_subject_validation:

@@ -36,6 +36,7 @@ _ENTROPY_BYTES: Final = 4096
 # stalled worker with thousands of requests waiting) costs one timer per slot, not per
 # request nor a scan of every waiting request per timer.
 _SLOTS_PER_S: Final = 100
+_FOREVER: Final = float("inf")
 
 
 class Inbox:
@@ -73,12 +74,20 @@ class Inbox:
                 nats_parser.deliver_directly(sub, self._deliver)
             except BaseException as exc:
                 started, self._started = self._started, None
-                started.set_exception(exc)
-                started.exception()  # retrieved: later callers retry instead
+                if isinstance(exc, asyncio.CancelledError):
+                    started.cancel()  # the first caller was cancelled, not the start
+                else:
+                    started.set_exception(exc)
+                    started.exception()  # retrieved: later callers retry instead
                 raise
             self._started.set_result(None)
         else:
-            await asyncio.shield(self._started)
+            started = self._started
+            await asyncio.wait([started])  # never raises what the start raised
+            if started.cancelled():
+                await self._start()  # its caller gave up: this one starts it
+            else:
+                started.result()  # the start's error, if it failed
 
     def _deliver(self, msg: Msg) -> None:
         future = self._waiting.pop(msg.subject[self._prefix_len :], None)
@@ -113,14 +122,18 @@ class Inbox:
             at = 0
         self._entropy_at = at + 8
         token = f"{self._next:x}{self._entropy[at : at + 8]}"
+        # Worked out before anything is registered: NaN raises here; inf waits for ever,
+        # as nats-py's request() does.
+        slot = None if timeout_s == _FOREVER else ceil((loop.time() + timeout_s) * _SLOTS_PER_S)
         future: asyncio.Future[Msg] = loop.create_future()
+        tokens: set[str] | None = None
+        if slot is not None:
+            tokens = self._slots.get(slot)
+            if tokens is None:
+                loop.call_at(slot / _SLOTS_PER_S, self._expire, slot)
+                tokens = self._slots[slot] = set()
+            tokens.add(token)
         self._waiting[token] = future
-        slot = ceil((loop.time() + timeout_s) * _SLOTS_PER_S)
-        tokens = self._slots.get(slot)
-        if tokens is None:
-            tokens = self._slots[slot] = set()
-            loop.call_at(slot / _SLOTS_PER_S, self._expire, slot)
-        tokens.add(token)
         try:
             await nats_headers.publish(
                 self._nc, subject, payload, reply=self._prefix + token, headers=headers
@@ -128,7 +141,8 @@ class Inbox:
             msg = await future
         finally:
             self._waiting.pop(token, None)
-            tokens.discard(token)
+            if tokens is not None:
+                tokens.discard(token)
         if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
             raise nats.errors.NoRespondersError
         return msg

@@ -49,6 +49,7 @@ _HEADER_KEY_RE: Final[Any] = getattr(nats.aio.client, "_HEADER_KEY_RE", None)
 _HEADER_VALUE_NEWLINES: Final[Any] = getattr(nats.aio.client, "_HEADER_VALUE_NEWLINES", None)
 _validate_subject: Final[Any] = getattr(nats.aio.client, "_validate_subject", None)
 _original_publish = Client.__dict__.get("publish")
+_original_send_command = Client.__dict__.get("_send_command")
 # What `publish`, `_send_command` and the command formatters of nats-py 2.16 use.
 _KNOWN_PUBLISH_NAMES: Final = (
     "_skip_subject_validation", "_validate_subject", "is_closed", "errors",
@@ -187,11 +188,17 @@ async def publish(
     formats the command with an f-string it then encodes: 3.6 µs for a request with the
     contract's headers, 3.2 µs here (2.9 and 2.5 µs for a reply), on both sides of every
     request. Falls back to `nc.publish` on a nats-py this was not written against (see
-    `install`), or on a client class that overrides `publish` or `_send_publish`.
+    `install`), on a client class that overrides one of the three, and for a subject or
+    reply that is not a plain `str` (nats-py formats those with an f-string).
     """
     cls = type(nc)
-    if not _fast_publish or cls.publish is not _original_publish or (
-        cls._send_publish is not send_publish
+    if (
+        not _fast_publish
+        or cls.publish is not _original_publish
+        or cls._send_publish is not send_publish
+        or cls._send_command is not _original_send_command
+        or type(subject) is not str  # nats-py formats what it is given with an f-string
+        or type(reply) is not str
     ):
         await nc.publish(subject, payload, reply=reply, headers=headers)
         return

@@ -10,7 +10,7 @@ from nats.aio.msg import Msg
 
 from nexus_bus.connection import flush_subscriptions
 from nexus_bus.inbox import Inbox
-from tests.readers import READERS, connection
+from tests.helpers import READERS, connection
 
 
 @READERS

@@ -21,15 +21,8 @@ from nats.aio.msg import Msg
 
 from nexus_bus import Operations, RequestContext, Worker, lanes
 from tests.conftest import make_settings
+from tests.helpers import eventually
 from tests.integration.test_lanes import serve
-
-
-async def wait_until(condition: Any, what: str, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def cancelled_future() -> asyncio.Future[None]:
@@ -163,13 +156,13 @@ async def test_drain_with_a_short_grace_returns_promptly_when_requests_wait_for_
         slow = asyncio.create_task(
             nc.request(f"nexus.{op}.run", b'{"seconds": 3}', timeout=5)
         )
-        await wait_until(lambda: w.inflight == 1, "the slow request to wait")
+        await eventually(lambda: w.inflight == 1, "the slow request to wait")
         fast = [
             asyncio.create_task(nc.request(f"nexus.{op}.run", b"{}", timeout=3))
             for _ in range(2)
         ]
         (lane,) = w._lanes
-        await wait_until(lambda: lane.sub.pending_msgs == 1, "one held, one queued")
+        await eventually(lambda: lane.sub.pending_msgs == 1, "one held, one queued")
         started = time.monotonic()
         await asyncio.wait_for(w.drain(0.3), 3.5)
         elapsed = time.monotonic() - started
@@ -207,12 +200,12 @@ async def test_a_request_that_waits_for_a_slot_keeps_the_deadline_it_arrived_wit
         slow = asyncio.create_task(
             nc.request(f"nexus.{op}.run", b'{"seconds": 0.6}', timeout=5)
         )
-        await wait_until(lambda: w.inflight == 1, "the slow request to wait")
+        await eventually(lambda: w.inflight == 1, "the slow request to wait")
         late = asyncio.create_task(
             nc.request(f"nexus.{op}.count", b"{}", timeout=2, headers={"Nexus-Timeout-Ms": "100"})
         )
         (lane,) = w._lanes  # the late request must be here, waiting, before the slot frees
-        await wait_until(lambda: lane._held is not None or lane.sub.pending_msgs, "it to wait")
+        await eventually(lambda: lane._held is not None or lane.sub.pending_msgs, "it to wait")
         await slow
         await asyncio.sleep(0.1)
         late.cancel()
@@ -395,8 +388,8 @@ async def test_the_reaper_cancels_lane_requests_and_the_gauge_returns_to_zero(
             )
             for _ in range(2)
         ]
-        await wait_until(lambda: w.inflight == 2, "both requests to wait")
-        await wait_until(lambda: w.inflight == 0, "the reaper", timeout_s=3)
+        await eventually(lambda: w.inflight == 2, "both requests to wait")
+        await eventually(lambda: w.inflight == 0, "the reaper", timeout_s=3)
         (lane,) = w._lanes
         assert lane._free == 2
         msg = await nc.request(f"nexus.{op}.run", b"{}", timeout=1)

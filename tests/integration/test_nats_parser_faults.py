@@ -29,16 +29,7 @@ from nexus_bus.connection import flush_subscriptions
 from nexus_bus.embedded import ServerProcess, free_port, nats_server
 from nexus_bus.inbox import Inbox
 from tests import servers
-from tests.readers import READERS, connection
-
-
-async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 2.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+from tests.helpers import READERS, connection, eventually
 
 
 def inbox_sub(nc: Client, inbox: Inbox) -> Any:

@@ -12,6 +12,7 @@ Secrets are never passed to the logger.
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -63,7 +64,7 @@ def log_context(**fields: Any) -> Iterator[None]:
         release(token)
 
 _encoder: Final = msgspec.json.Encoder()
-_EXTRA_FIELDS: Final = ("op", "action", "status", "duration_ms", "code", "transport")
+_EXTRA_FIELDS: Final = ("op", "action", "status", "duration_ms", "code", "transport", "job_id")
 
 
 def _json_line(record: Record, service: str) -> bytes:
@@ -82,6 +83,10 @@ def _json_line(record: Record, service: str) -> bytes:
     if record["exception"] is not None:
         exc = record["exception"]
         doc["exception"] = f"{exc.type.__name__ if exc.type else 'Exception'}: {exc.value}"
+        # The whole traceback, inside the one JSON line (a multi-line dump would split it).
+        doc["traceback"] = "".join(
+            traceback.format_exception(exc.type, exc.value, exc.traceback)
+        )
     return _encoder.encode(doc)
 
 

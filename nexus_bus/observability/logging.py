@@ -41,6 +41,9 @@ def _add_context(record: Record) -> None:
 
 
 logger = _logger.patch(_add_context)
+# As loguru advises for libraries: silent inside someone else's program (a script using the
+# gateway client) until the process edge calls `configure_logging`.
+_logger.disable("nexus_bus")
 
 
 def bind_request(**fields: Any) -> Token[dict[str, Any] | None]:
@@ -95,9 +98,11 @@ def configure_logging(
 ) -> None:
     """Replace loguru's handlers with one writing to `sink` (stderr by default).
 
-    Call once at the process edge; libraries only log.
+    Call once at the process edge; until then nexus-bus logs nothing (as a library inside
+    your program it stays quiet unless you call this).
     """
     out = sink or sys.stderr
+    _logger.enable("nexus_bus")
     if json_lines:
 
         def write(message: Any) -> None:

@@ -22,7 +22,7 @@ def test_a_record_decodes_into_a_type_or_plain_json() -> None:
 
 
 def test_a_value_that_does_not_fit_is_an_internal_error_naming_the_key() -> None:
-    with pytest.raises(InternalError, match="price.pear does not decode as Price"):
+    with pytest.raises(InternalError, match=r"price\.pear does not decode as Price"):
         Record("price.pear", b'{"sku": "pear"}', 1).decode(Price)
     with pytest.raises(InternalError, match="not-json"):
         Record("not-json", b"\xff", 1).json()

@@ -91,10 +91,14 @@ def start_stack(
             stack.env["NEXUS_HTTP__PORT"] = str(_port(http_port))
         env = {**os.environ, **stack.env}
         host = settings.worker.metrics_host
+        chosen: set[int] = set()
         for i in range(1, workers + 1):
             child_env = env
             if metrics_port is not None:
                 port = _port(metrics_port + i - 1 if metrics_port else 0)
+                while port in chosen:  # free until its worker binds it: never hand it out twice
+                    port = free_port()
+                chosen.add(port)
                 child_env = {**env, "NEXUS_WORKER__METRICS_PORT": str(port)}
                 stack.metrics[f"worker-{i}"] = f"http://{host}:{port}/metrics"
             stack.children.append(_spawn(["worker", *(worker_args or [])], child_env))

@@ -71,7 +71,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if settings.worker.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.worker.metrics_port, settings.worker.metrics_host)
+        try:
+            start_http_server(settings.worker.metrics_port, settings.worker.metrics_host)
+        except OSError as exc:  # one port per worker: `up` gives each its own
+            port = settings.worker.metrics_port
+            print(f"error: worker.metrics_port {port}: {exc.strerror}", file=sys.stderr)
+            return 2
     worker = Worker(settings, load_groups(ops, args.app))
     _run_async(worker.run())
     return 0

@@ -235,3 +235,15 @@ def test_up_serves_your_operations_and_describes_them(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             up.kill()
             up.wait(10)
+
+
+def test_a_worker_whose_metrics_port_is_taken_says_so(cli_env: dict[str, str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**cli_env, "NEXUS_WORKER__METRICS_PORT": str(taken.getsockname()[1])}
+        done = run_cli("worker", "--ops", "data", env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("Address already in use"), done.stderr

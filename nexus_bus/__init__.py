@@ -1,4 +1,10 @@
-"""nexus-bus: an event-driven message-bus gateway on NATS, Redis and JetStream."""
+"""nexus-bus: an event-driven message-bus gateway on NATS, Redis and JetStream.
+
+`Gateway` and `Worker` are imported on first use: they pull in nats-py and FastStream, which
+a one-shot `nexus-bus call` (or anything importing only settings and errors) need not load.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from nexus_bus.config import Settings, load_settings
 from nexus_bus.context import Principal, RequestContext
@@ -17,9 +23,26 @@ from nexus_bus.errors import (
     UnknownOperation,
     UpstreamTimeout,
 )
-from nexus_bus.gateway import Gateway
 from nexus_bus.operations import Operation, Operations
-from nexus_bus.worker import Worker
+
+if TYPE_CHECKING:
+    from nexus_bus.gateway import Gateway
+    from nexus_bus.worker import Worker
+
+_LAZY = {"Gateway": "nexus_bus.gateway", "Worker": "nexus_bus.worker"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import `Gateway` and `Worker` when first asked for (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nexus_bus' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Conflict",

@@ -6,9 +6,10 @@ import argparse
 import asyncio
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -18,7 +19,13 @@ from nexus_bus.observability import configure_logging
 from nexus_bus.operations import Operations
 from nexus_bus.replies import problem_of
 
+if TYPE_CHECKING:
+    from nexus_bus.stack import Stack
+
 Command = Callable[[argparse.Namespace, Settings], int]
+
+_SERVERS = frozenset({"worker", "shim", "up"})  # long-running: they log at the configured level
+_VERBOSE_HELP = "log at INFO (-v) or DEBUG (-vv); one-shot commands log warnings only"
 
 
 def _run_async(coro: Any) -> Any:
@@ -42,6 +49,10 @@ def load_groups(ops: str | None, apps: Sequence[str]) -> list[Operations]:
 
     names = [n.strip() for n in ops.split(",") if n.strip()] if ops else []
     groups = builtin_groups(names) if (names or not apps) else []
+    if apps and os.getcwd() not in sys.path:
+        # As uvicorn and FastStream do: `--app mypkg.pricing:ops` from the folder holding
+        # `mypkg` (a console script's sys.path has only its own folder, not the current one).
+        sys.path.insert(0, os.getcwd())
     for ref in apps:
         module_name, _, attr = ref.partition(":")
         found = getattr(importlib.import_module(module_name), attr or "ops")
@@ -60,7 +71,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if settings.worker.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.worker.metrics_port, settings.worker.metrics_host)
+        try:
+            start_http_server(settings.worker.metrics_port, settings.worker.metrics_host)
+        except OSError as exc:  # one port per worker: `up` gives each its own
+            port = settings.worker.metrics_port
+            print(f"error: worker.metrics_port {port}: {exc.strerror}", file=sys.stderr)
+            return 2
     worker = Worker(settings, load_groups(ops, args.app))
     _run_async(worker.run())
     return 0
@@ -83,8 +99,8 @@ def cmd_shim(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
     """Call one operation and print its reply (or its problem document, exiting 1)."""
-    from nexus_bus.auth.operator import dev_token
     from nexus_bus.gateway import Gateway
+    from nexus_bus.stackfile import read_dev_token
 
     op, _, action = args.operation.partition(".")
     try:
@@ -97,7 +113,8 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
         async with await Gateway.connect(settings) as gw:
             return await gw.request(
                 op, action, payload,
-                token=args.token or os.environ.get("NEXUS_TOKEN") or dev_token(settings),
+                token=args.token or os.environ.get("NEXUS_TOKEN")
+                or read_dev_token(settings.state_dir),
                 timeout=args.timeout, idempotency_key=args.idempotency_key,
             )
 
@@ -111,45 +128,77 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    """Start the embedded stack in the foreground until Ctrl-C."""
+    """Start the embedded stack in the foreground until Ctrl-C; say so once it all answers."""
     from nexus_bus.auth.operator import dev_admin_token
+    from nexus_bus.handlers import BUILTIN
+    from nexus_bus.readiness import Probe, op_probes, wait_ready
     from nexus_bus.stack import start_stack, wait_forever
+    from nexus_bus.stackfile import read_stack
 
+    if read_stack(settings.state_dir):
+        print(f"a stack is already running from {settings.state_dir.resolve()}", file=sys.stderr)
+        return 1
+    groups = load_groups(",".join(BUILTIN), args.app)  # your ops import here or fail at once
+    app_args = [arg for ref in args.app for arg in ("--app", ref)]
     created_kid, admin = dev_admin_token(settings)  # before workers start: they load the keys
+    # Until wait_forever takes over, SIGTERM stops the stack as Ctrl-C does (below).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     stack = start_stack(
         settings, workers=args.workers, nats_port=args.nats_port, redis_port=args.redis_port,
-        http_port=settings.http.port, extra=[["shim"]],
+        http_port=settings.http.port if args.http_port is None else args.http_port,
+        worker_args=["--ops", ",".join(BUILTIN), *app_args] if args.app else [],
+        extra=[["shim", *app_args]], metrics_port=settings.worker.metrics_port,
     )
     env = stack.env
     http_url = f"http://{settings.http.host}:{env['NEXUS_HTTP__PORT']}"
+    probes = [Probe("shim", url=f"{http_url}/readyz"), *op_probes(groups)]
+    try:
+        _run_async(
+            wait_ready(
+                settings.nats.model_copy(update={"url": env["NEXUS_NATS__URL"]}), probes,
+                timeout_s=args.ready_timeout,
+                report=lambda names: print(f"waiting for {', '.join(names)}", file=sys.stderr),
+                alive=lambda: all(c.poll() is None for c in stack.children),
+            )
+        )
+    except (NexusError, KeyboardInterrupt) as exc:
+        stack.stop()
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        print(f"error: {exc.detail}; stopped the stack", file=sys.stderr)
+        return 1
+    print(_banner(args, stack, groups, http_url), flush=True)
     print(
-        "nexus-bus is up\n"
-        f"  NATS (JetStream)  {env['NEXUS_NATS__URL']}\n"
-        f"  Redis             {env['NEXUS_REDIS__URL']}\n"
-        f"  HTTP shim         {http_url}  (OpenAPI: {http_url}/openapi.json)\n"
-        f"  workers           {args.workers} (ops: data, stream, ai, auth)\n"
-        f"  state             {stack.state_dir}\n\n"
-        "Try it from another terminal in this folder:\n"
-        "  .venv/bin/nexus-bus call data.put '{\"key\": \"hello\", \"value\": {\"n\": 1}}'\n"
-        "  .venv/bin/nexus-bus call data.get '{\"key\": \"hello\"}'\n\n"
-        "Ctrl-C stops everything.",
-        flush=True,
-    )
-    print(
-        (f"\nCreated dev signing key {created_kid}. " if created_kid else "\n")
-        + "Admin token (all scopes, 24 h; `nexus-bus call` uses it from the state dir):\n"
-        + f"  export NEXUS_TOKEN={admin.token}",
-        flush=True,
-    )
-    print(
-        "\nOver HTTP (paste after the export above):\n"
-        f"  curl -s -X POST {http_url}/v1/data/get \\\n"
-        '    -H "Authorization: Bearer $NEXUS_TOKEN" -H "Content-Type: application/json" \\\n'
-        "    -d '{\"key\": \"hello\"}'",
+        (f"\nCreated dev signing key {created_kid}.\n" if created_kid else "\n")
+        + "Paste into another terminal (the admin token has all scopes for 24 h; in this"
+        + " folder\nthe CLI finds the stack and the token without them):\n"
+        + f"  export NEXUS_URL={http_url}\n"
+        + f"  export NEXUS_NATS__URL={env['NEXUS_NATS__URL']}\n"
+        + f"  export NEXUS_STATE_DIR={stack.state_dir}\n"
+        + f"  export NEXUS_TOKEN={admin.token}\n\n"
+        + "Then try:\n"
+        + "  .venv/bin/nexus-bus call data.put '{\"key\": \"hello\", \"value\": {\"n\": 1}}'\n"
+        + '  curl -s "$NEXUS_URL/v1/data/get" -H "Authorization: Bearer $NEXUS_TOKEN" \\\n'
+        + "       -H 'Content-Type: application/json' -d '{\"key\": \"hello\"}'\n\n"
+        + "Ctrl-C stops everything.",
         flush=True,
     )
     wait_forever(stack)
     return 0
+
+
+def _banner(args: argparse.Namespace, stack: Stack, groups: list[Operations], url: str) -> str:
+    """What `up` started, once every process answers."""
+    metrics = ("\n" + " " * 20).join(f"{n:<9} {e}" for n, e in stack.metrics.items())
+    return (
+        "nexus-bus is up\n"
+        f"  NATS (JetStream)  {stack.env['NEXUS_NATS__URL']}\n"
+        f"  Redis             {stack.env['NEXUS_REDIS__URL']}\n"
+        f"  HTTP shim         {url}  (OpenAPI: {url}/openapi.json)\n"
+        f"  workers           {args.workers} (ops: {', '.join(g.op for g in groups)})\n"
+        f"  metrics           {metrics}\n"
+        f"  state             {stack.state_dir}"
+    )
 
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
@@ -213,6 +262,7 @@ def cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="nexus-bus", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=_VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("worker", help="serve operations (queue group per op)")
@@ -232,12 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="bearer token (default: $NEXUS_TOKEN)")
     p.add_argument("--timeout", type=float, default=None, help="seconds")
     p.add_argument("--idempotency-key")
+    # SUPPRESS: absent here, the top-level `nexus-bus -v call ...` count is kept.
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                   help=_VERBOSE_HELP)
     p.set_defaults(func=cmd_call)
 
     p = sub.add_parser("up", help="start the embedded stack: NATS, Redis, workers, HTTP shim")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--nats-port", type=int, default=4222, help="0: any free port")
     p.add_argument("--redis-port", type=int, default=6379, help="0: any free port")
+    p.add_argument("--http-port", type=int, help="the shim's port (default: http.port; 0: any)")
+    p.add_argument("--app", action="append", default=[], help="module:attr of your Operations")
+    p.add_argument("--ready-timeout", type=float, default=60.0,
+                   help="seconds to wait for every process to answer")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("keys", help="signing keys for the token service")
@@ -276,16 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings_for(command: str) -> Settings:
-    """Settings; clients find a running `up` stack when no NATS URL is configured."""
-    settings = load_settings()
-    if command != "up" and "NEXUS_NATS__URL" not in os.environ:
-        from nexus_bus.stack import stack_env
+    """Settings; every command but `up` finds a running `up` stack (`stackfile.py`)."""
+    return load_settings(discover=command != "up")
 
-        found = stack_env(settings.state_dir)
-        if found:
-            os.environ.update(found)
-            settings = load_settings()
-    return settings
+
+def _log_level(args: argparse.Namespace, settings: Settings) -> str:
+    """Servers log at the configured level; one-shot commands at WARNING unless `-v`."""
+    if args.command in _SERVERS:
+        return settings.log.level
+    return ("WARNING", "INFO", "DEBUG")[min(args.verbose, 2)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -296,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    configure_logging(settings.service, settings.log.level, json_lines=settings.log.json_lines)
+    level = _log_level(args, settings)
+    configure_logging(settings.service, level, json_lines=settings.log.json_lines)
     try:
         code: int = args.func(args, settings)
     except NexusError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -19,6 +19,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from nexus_bus import stackfile
 from nexus_bus.constants import CACHE_KEY_PREFIX
 from nexus_bus.errors import InvalidRequest
 
@@ -299,16 +300,34 @@ class ConfigError(InvalidRequest):
     code, title = "invalid_config", "Invalid configuration"
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(*, discover: bool = True, **overrides: object) -> Settings:
     """Read settings from the environment (and `NEXUS_CONFIG` TOML file), once, at the edge.
+
+    With `discover`, a stack started by `nexus-bus up` fills in what is not configured
+    explicitly: its NATS and Redis URLs, HTTP port and state directory (`stackfile.py`).
 
     Raises:
         ConfigError: listing every invalid or unknown setting.
     """
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+        if discover:
+            found = _stack_values(settings)
+            if found:
+                settings = Settings(**stackfile.merge(found, overrides))
+        return settings
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from exc
+
+
+def _stack_values(settings: Settings) -> dict[str, Any]:
+    """What a running `up` stack contributes to `settings` (explicit values win)."""
+    explicit_dir = settings.state_dir if "state_dir" in settings.model_fields_set else None
+    found = stackfile.find_stack(explicit_dir, Path.cwd())
+    if not found:
+        return {}
+    url_set = "nats" in settings.model_fields_set and "url" in settings.nats.model_fields_set
+    return stackfile.stack_overrides(found, os.environ, settings.nats.url if url_set else None)

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from nexus_bus.config import Settings
 from nexus_bus.embedded import ServerProcess, free_port, nats_server, port_is_free, redis_server
-
-STACK_FILE = "stack.json"
+from nexus_bus.stackfile import STACK_FILE
 
 
 @dataclass
@@ -30,6 +29,8 @@ class Stack:
     servers: list[ServerProcess] = field(default_factory=list)
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    # Each process's own /metrics endpoint, by process name ("worker-1", ..., "shim").
+    metrics: dict[str, str] = field(default_factory=dict)
 
     def stop(self) -> None:
         """Stop children (SIGTERM, they drain), then servers; leave no process behind."""
@@ -60,11 +61,16 @@ def start_stack(
     nats_port: int = 4222,
     redis_port: int = 6379,
     http_port: int | None = None,
+    worker_args: list[str] | None = None,
+    metrics_port: int | None = None,
 ) -> Stack:
     """Start NATS, Redis and `workers` worker processes (plus any `extra` nexus-bus commands).
 
     With `http_port` (or any free port when it is taken) the HTTP shim's port is passed to every
-    child (and recorded in stack.json) as `NEXUS_HTTP__PORT`.
+    child (and recorded in stack.json) as `NEXUS_HTTP__PORT`. `worker_args` are added to each
+    `nexus-bus worker` command. With `metrics_port` every worker serves its own `/metrics`:
+    worker i on `metrics_port + i - 1` when that is free (0 or taken: any free port), so
+    several workers never fight over one port; the shim's are on its HTTP port.
 
     Raises:
         Unavailable: a server binary is missing or did not start.
@@ -84,34 +90,33 @@ def start_stack(
         if http_port is not None:  # the shim's port, for an `extra` shim and for clients
             stack.env["NEXUS_HTTP__PORT"] = str(_port(http_port))
         env = {**os.environ, **stack.env}
-        commands = [["worker"]] * workers + (extra or [])
-        for args in commands:
-            stack.children.append(
-                subprocess.Popen([sys.executable, "-m", "nexus_bus", *args], env=env)
-            )
-        (state / STACK_FILE).write_text(
-            json.dumps({**stack.env, "pids": [c.pid for c in stack.children]}, indent=2)
-        )
+        host = settings.worker.metrics_host
+        chosen: set[int] = set()
+        for i in range(1, workers + 1):
+            child_env = env
+            if metrics_port is not None:
+                port = _port(metrics_port + i - 1 if metrics_port else 0)
+                while port in chosen:  # free until its worker binds it: never hand it out twice
+                    port = free_port()
+                chosen.add(port)
+                child_env = {**env, "NEXUS_WORKER__METRICS_PORT": str(port)}
+                stack.metrics[f"worker-{i}"] = f"http://{host}:{port}/metrics"
+            stack.children.append(_spawn(["worker", *(worker_args or [])], child_env))
+        for args in extra or []:
+            stack.children.append(_spawn(args, env))
+        if "NEXUS_HTTP__PORT" in stack.env and any(a[:1] == ["shim"] for a in extra or []):
+            shim_url = f"http://{settings.http.host}:{stack.env['NEXUS_HTTP__PORT']}"
+            stack.metrics["shim"] = f"{shim_url}/metrics"
+        doc = {**stack.env, "metrics": stack.metrics, "pids": [c.pid for c in stack.children]}
+        (state / STACK_FILE).write_text(json.dumps(doc, indent=2))
     except BaseException:
         stack.stop()
         raise
     return stack
 
 
-def stack_env(state_dir: Path) -> dict[str, str]:
-    """The addresses a running `up` stack recorded, or {} when none is running."""
-    path = state_dir / STACK_FILE
-    try:
-        doc = json.loads(path.read_text())
-        pids = doc.pop("pids", [])
-    except (OSError, ValueError):
-        return {}
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return {}
-    return {k: v for k, v in doc.items() if isinstance(v, str)}
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "nexus_bus", *args], env=env)
 
 
 def wait_forever(stack: Stack) -> None:

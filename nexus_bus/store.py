@@ -8,22 +8,58 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
+import msgspec
 import nats.errors
 import nats.js.errors as jserr
 from nats.js.kv import KeyValue
 
-from nexus_bus.errors import Conflict, NexusError, NotFound, Unavailable, UpstreamTimeout
+from nexus_bus.errors import (
+    Conflict,
+    InternalError,
+    NexusError,
+    NotFound,
+    Unavailable,
+    UpstreamTimeout,
+)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """A stored value (encoded JSON bytes) at a revision."""
+    """A stored value (encoded JSON bytes) at a revision.
+
+    Read it typed with `decode(Type)` (a msgspec Struct, `int`, `list[str]`...) or as plain
+    JSON types with `json()`; `value` stays the raw bytes.
+    """
 
     key: str
     value: bytes
     revision: int
+
+    def decode(self, type_: type[T]) -> T:
+        """The value decoded and validated as `type_`.
+
+        Raises:
+            InternalError: the stored value is not JSON or does not match `type_`: the
+                data was written by something else, not by this caller's request.
+        """
+        try:
+            value: T = msgspec.json.decode(self.value, type=type_)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            name = getattr(type_, "__name__", str(type_))
+            raise InternalError(f"record {self.key} does not decode as {name}: {exc}") from None
+        return value
+
+    def json(self) -> Any:
+        """The value as plain JSON types (dict, list, str, int, float, bool or None).
+
+        Raises:
+            InternalError: the stored value is not JSON.
+        """
+        return self.decode(Any)
 
 
 class RecordStore(Protocol):

@@ -112,7 +112,11 @@ class Keyring:
             if public[kid].public_bytes(*_RAW) != private[kid].public_key().public_bytes(*_RAW):
                 problems.append(f"{kid}: public key does not match the private key")
         if not problems and not public and not private:
-            problems.append(f"no keys in {path}: run `nexus-bus keys generate`")
+            problems.append(
+                f"no keys in {path}: run `nexus-bus keys generate`, or to use the keys of a"
+                " stack `nexus-bus up` started in another folder, set NEXUS_STATE_DIR to its"
+                " state directory (`up` prints the export line)"
+            )
         if problems:
             raise ConfigError("auth keys: " + "; ".join(problems))
         return cls(public, private, active_kid=active_kid)

@@ -28,10 +28,10 @@ from nexus_bus.constants import (
 )
 from nexus_bus.errors import InvalidRequest
 from nexus_bus.redis_client import create_redis
+from nexus_bus.stackfile import DEV_TOKEN_FILE, read_dev_token
 
 DEV_ADMIN_SUBJECT: Final = "dev-admin"
 DEV_ADMIN_TTL_S: Final = 24 * 3600
-DEV_TOKEN_FILE: Final = "admin.token"  # under the state dir; `nexus-bus call` falls back to it
 
 
 def issue_token(
@@ -108,7 +108,4 @@ def dev_admin_token(settings: Settings) -> tuple[str, SignedToken]:
 
 def dev_token(settings: Settings) -> str | None:
     """The token `nexus-bus up` left in the state directory, if any."""
-    try:
-        return (settings.state_dir / DEV_TOKEN_FILE).read_text().strip() or None
-    except OSError:
-        return None
+    return read_dev_token(settings.state_dir)

@@ -140,6 +140,9 @@ class OperationRoute:
             return answer
         except NexusError as exc:
             status = exc.http_status
+            # What the shim refuses itself (415, 413, 503 no responders...) is counted here;
+            # a worker's error replies are counted by that worker, the process producing them.
+            METRICS.count_error(self._labels.of(op, action, served=served)[0], exc.code)
             raise
         except ClientGone:
             status = _CLIENT_CLOSED

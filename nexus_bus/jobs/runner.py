@@ -58,6 +58,7 @@ from nexus_bus.jobs.metrics import JOBS_COMPLETED, JOBS_DEAD_LETTERED, JOBS_REDE
 from nexus_bus.jobs.retry import Verdict, backoff_of, decide
 from nexus_bus.jobs.status import JobRecord, JobStore, advance, write_outcome
 from nexus_bus.jobs.streams import ensure_effect_records, ensure_job_streams
+from nexus_bus.metadata import LazyTrace, request_id_of
 from nexus_bus.observability import log_context, logger
 from nexus_bus.operations import Operations
 from nexus_bus.replies import Reply, error_of, problem_of
@@ -232,7 +233,12 @@ class JobRunner:
         headers[H_JOB_ID] = job_id
         if meta.num_delivered > 1:
             JOBS_REDELIVERED.labels(op).inc()
-        with log_context(op=op, action=action, job_id=job_id):
+        # The job's own ids on every line about it, the dead-letter line included: a failed
+        # job is followed back to the request that submitted it by trace or request id.
+        trace, request_id = LazyTrace(headers), request_id_of(headers)
+        with log_context(
+            op=op, action=action, job_id=job_id, trace_id=trace, correlation_id=request_id
+        ):
             record, loaded = await self._load(job_id, op, action, meta.timestamp.timestamp())
             if record.finished:
                 await self._ack(msg)  # a duplicate delivery of a finished job

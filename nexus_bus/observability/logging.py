@@ -12,6 +12,7 @@ Secrets are never passed to the logger.
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -40,6 +41,9 @@ def _add_context(record: Record) -> None:
 
 
 logger = _logger.patch(_add_context)
+# As loguru advises for libraries: silent inside someone else's program (a script using the
+# gateway client) until the process edge calls `configure_logging`.
+_logger.disable("nexus_bus")
 
 
 def bind_request(**fields: Any) -> Token[dict[str, Any] | None]:
@@ -63,7 +67,7 @@ def log_context(**fields: Any) -> Iterator[None]:
         release(token)
 
 _encoder: Final = msgspec.json.Encoder()
-_EXTRA_FIELDS: Final = ("op", "action", "status", "duration_ms", "code", "transport")
+_EXTRA_FIELDS: Final = ("op", "action", "status", "duration_ms", "code", "transport", "job_id")
 
 
 def _json_line(record: Record, service: str) -> bytes:
@@ -82,6 +86,10 @@ def _json_line(record: Record, service: str) -> bytes:
     if record["exception"] is not None:
         exc = record["exception"]
         doc["exception"] = f"{exc.type.__name__ if exc.type else 'Exception'}: {exc.value}"
+        # The whole traceback, inside the one JSON line (a multi-line dump would split it).
+        doc["traceback"] = "".join(
+            traceback.format_exception(exc.type, exc.value, exc.traceback)
+        )
     return _encoder.encode(doc)
 
 
@@ -90,9 +98,11 @@ def configure_logging(
 ) -> None:
     """Replace loguru's handlers with one writing to `sink` (stderr by default).
 
-    Call once at the process edge; libraries only log.
+    Call once at the process edge; until then nexus-bus logs nothing (as a library inside
+    your program it stays quiet unless you call this).
     """
     out = sink or sys.stderr
+    _logger.enable("nexus_bus")
     if json_lines:
 
         def write(message: Any) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,8 @@ def test_up_starts_the_stack_serves_calls_and_stops_cleanly(tmp_path: Path) -> N
             "0",
             "--redis-port",
             "0",
+            "--http-port",
+            "0",
         ],
         cwd=tmp_path,
         env=env,
@@ -126,16 +130,13 @@ def test_up_starts_the_stack_serves_calls_and_stops_cleanly(tmp_path: Path) -> N
         assert "nexus-bus is up" in text, text
         stack = json.loads((tmp_path / ".nexus" / "stack.json").read_text())
         pids = stack["pids"]
-        # `call` finds the running stack by itself (state dir), token included.
-        put, got = None, None
-        for _ in range(50):  # the worker may still be subscribing
-            put = run_cli(
-                "call", "data.put", '{"key": "hello", "value": {"n": 1}}', env=env, cwd=tmp_path
-            )
-            if put.returncode == 0:
-                break
-            time.sleep(0.2)
-        assert put is not None and put.returncode == 0, put.stdout + put.stderr
+        assert "waiting for shim, data, stream, ai, auth" in text, text
+        # `call` finds the running stack by itself (state dir), token included; the banner
+        # came once the worker answered, so the first call is served.
+        put = run_cli(
+            "call", "data.put", '{"key": "hello", "value": {"n": 1}}', env=env, cwd=tmp_path
+        )
+        assert put.returncode == 0, put.stdout + put.stderr
         got = run_cli("call", "data.get", '{"key": "hello"}', env=env, cwd=tmp_path)
         assert json.loads(got.stdout)["value"] == {"n": 1}
         up.send_signal(signal.SIGINT)
@@ -153,3 +154,96 @@ def test_up_starts_the_stack_serves_calls_and_stops_cleanly(tmp_path: Path) -> N
             up.wait(10)
         if up.stdout is not None:
             up.stdout.close()
+
+
+async def test_a_one_shot_call_prints_only_its_result_and_loads_no_server_code(
+    worker: Worker, cli_env: dict[str, str], uid: str
+) -> None:
+    """No log lines on stderr, and no FastStream or HTTP server imported: the CLI's own CPU
+    time (mostly imports) stays well under half a second."""
+    env = {**cli_env, "NEXUS_LOG__LEVEL": "INFO"}  # the servers' level: not a one-shot's
+    probe = (
+        "import resource, sys\n"
+        "from nexus_bus.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "heavy = [m for m in ('faststream', 'uvicorn', 'nexus_bus.worker')\n"
+        "         if m in sys.modules]\n"
+        "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
+        "print(heavy, usage.ru_utime + usage.ru_stime, file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", probe, "call", "data.put",
+        json.dumps({"key": f"quick.{uid}", "value": 1}),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["key"] == f"quick.{uid}"
+    [line] = err.decode().splitlines()  # nothing but the probe's own line
+    heavy, cpu_s = line.rsplit(" ", 1)
+    assert heavy == "[]"
+    assert float(cpu_s) < 0.5
+    verbose = await run_cli_async("-v", "call", "data.get", json.dumps({"key": "x"}), env=env)
+    assert "nats disconnected" in verbose.stderr  # -v: the INFO lines are back
+
+
+def test_up_serves_your_operations_and_describes_them(tmp_path: Path) -> None:
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "pricing.py").write_text(
+        "from typing import Any\n"
+        "from nexus_bus import Operations, RequestContext\n"
+        "ops = Operations('pricing')\n"
+        "@ops.action('quote')\n"
+        "async def quote(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:\n"
+        "    return {'cents': (await ctx.services.records.get('price.' + req['sku'])).json()}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env["NEXUS_LOG__LEVEL"] = "WARNING"
+    argv = ["up", "--workers", "1", "--nats-port", "0", "--redis-port", "0", "--http-port", "0",
+            "--app", "mypkg.pricing:ops"]
+    with (tmp_path / "up.out").open("wb") as out:
+        up = subprocess.Popen(
+            [str(Path(sys.executable).parent / "nexus-bus"), *argv], cwd=tmp_path, env=env,
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "Ctrl-C stops" not in (text := (tmp_path / "up.out").read_text()):
+            assert time.monotonic() < deadline and up.poll() is None, text
+            time.sleep(0.05)
+        assert "ops: data, stream, ai, auth, pricing" in text
+        assert "waiting for shim, data, stream, ai, auth, pricing" in text
+        url = dict(re.findall(r"export (NEXUS_\w+)=(\S+)", text))["NEXUS_URL"]
+        with urllib.request.urlopen(f"{url}/openapi.json", timeout=5) as response:
+            assert "/v1/pricing/quote" in json.loads(response.read())["paths"]
+        put = run_cli("call", "data.put", '{"key": "price.apple", "value": 120}',
+                      env=env, cwd=tmp_path)
+        assert put.returncode == 0, put.stdout + put.stderr
+        token = (tmp_path / ".nexus" / "admin.token").read_text()
+        request = urllib.request.Request(
+            f"{url}/v1/pricing/quote", data=b'{"sku": "apple"}',
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert json.loads(response.read()) == {"cents": 120}
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait(10)
+
+
+def test_a_worker_whose_metrics_port_is_taken_says_so(cli_env: dict[str, str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**cli_env, "NEXUS_WORKER__METRICS_PORT": str(taken.getsockname()[1])}
+        done = run_cli("worker", "--ops", "data", env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("Address already in use"), done.stderr

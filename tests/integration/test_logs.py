@@ -1,0 +1,91 @@
+"""What a failure leaves in the JSON log: the handler's traceback, and a dead job's ids.
+
+Each test serves its own op (`l<uid>`) and reads the lines of that op only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from nexus_bus import Gateway, InternalError, Operations, RequestContext, Settings, Unavailable
+from nexus_bus.config import JobsSettings
+from nexus_bus.jobs.client import wait_job
+from nexus_bus.observability import configure_logging
+from nexus_bus.schemas.jobs import JobStatus
+from nexus_bus.worker import Worker
+
+
+@contextmanager
+def json_log() -> Iterator[io.StringIO]:
+    """Log JSON lines at INFO into a buffer for the block, then back to the test setup."""
+    sink = io.StringIO()
+    configure_logging("nexus-test", "INFO", sink=sink)
+    try:
+        yield sink
+    finally:
+        configure_logging("nexus-test", "WARNING", json_lines=False)
+
+
+def lines_of(sink: io.StringIO, op: str) -> list[dict[str, Any]]:
+    return [d for d in map(json.loads, sink.getvalue().splitlines()) if d.get("op") == op]
+
+
+async def test_a_handler_exception_is_logged_with_its_traceback_and_ids(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    ops = Operations(f"l{uid}")
+
+    @ops.action("boom")
+    async def boom(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        raise RuntimeError(f"broken {uid}")
+
+    trace_id = uid.ljust(32, "a")
+    worker = Worker(settings, [ops])
+    await worker.start()
+    try:
+        with json_log() as sink, pytest.raises(InternalError):
+            await gateway.request(
+                ops.op, "boom", {}, request_id=f"r{uid}",
+                traceparent=f"00-{trace_id}-{'b' * 16}-01",
+            )
+    finally:
+        await worker.drain(1)
+    [line] = [d for d in lines_of(sink, ops.op) if d["level"] == "ERROR"]
+    assert line["trace_id"] == trace_id and line["correlation_id"] == f"r{uid}"
+    assert line["exception"] == f"RuntimeError: broken {uid}"
+    assert "Traceback (most recent call last)" in line["traceback"]
+    assert "in boom" in line["traceback"]  # the handler's own frame
+
+
+async def test_a_dead_letter_line_carries_the_jobs_trace_and_request_ids(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    ops = Operations(f"l{uid}")
+
+    @ops.action("down")
+    async def down(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        raise Unavailable("dependency down")
+
+    jobs = JobsSettings(**{**settings.jobs.model_dump(), "max_deliver": 1})
+    trace_id = uid.ljust(32, "c")
+    worker = Worker(settings.model_copy(update={"jobs": jobs}), [ops])
+    await worker.start()
+    try:
+        with json_log() as sink:
+            accepted = await gateway.submit(
+                ops.op, "down", {}, request_id=f"r{uid}",
+                traceparent=f"00-{trace_id}-{'d' * 16}-01",
+            )
+            job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=15)
+    finally:
+        await worker.drain(1)
+    assert job.status is JobStatus.DEAD
+    [line] = [d for d in lines_of(sink, ops.op) if "dead-lettered" in d["message"]]
+    assert line["trace_id"] == trace_id and line["correlation_id"] == f"r{uid}"
+    assert line["job_id"] == accepted.job_id

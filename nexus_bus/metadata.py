@@ -26,11 +26,12 @@ from nexus_bus.constants import (
 )
 from nexus_bus.errors import HeadersTooLarge, InvalidRequest
 
-_REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Guards are matched with fullmatch(): a `$` anchor would let a final newline through.
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # version-trace_id-span_id-flags; fixed width, so the fields are slices once this matches.
 _TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _TRACEPARENT_LEN: Final = 55
-_HEADER_NAME: Final = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+_HEADER_NAME: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}")
 _KNOWN_NAMES: Final = frozenset(
     {H_AUTHORIZATION, H_REQUEST_ID, H_TRACEPARENT, H_TRACESTATE, H_TIMEOUT_MS, H_DEADLINE,
      H_IDEMPOTENCY_KEY, H_CONTENT_TYPE, H_CLIENT_IP}
@@ -60,7 +61,7 @@ def new_request_id() -> str:
 
 def clean_request_id(value: str | None) -> str:
     """The client's request id when well-formed, otherwise a fresh one."""
-    if value and _REQUEST_ID.match(value):
+    if value and _REQUEST_ID.fullmatch(value):
         return value
     return new_request_id()
 
@@ -200,7 +201,7 @@ def check_headers(headers: Mapping[str, str], *, max_value_bytes: int, max_total
     """
     total = _HEADER_BLOCK_OVERHEAD  # headers_size(), added up in the same pass
     for name, value in headers.items():
-        if name not in _KNOWN_NAMES and not _HEADER_NAME.match(name):
+        if name not in _KNOWN_NAMES and not _HEADER_NAME.fullmatch(name):
             raise InvalidRequest(f"invalid header name {name[:40]!r}")
         if not value.isprintable() or not value.isascii():
             raise InvalidRequest(f"header {name} has characters that are not allowed")

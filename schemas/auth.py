@@ -6,8 +6,10 @@ from typing import Annotated
 
 import msgspec
 
+from nexus_bus.schemas.common import END
+
 _TOKEN = r"[a-z][a-z0-9_-]{0,63}"
-Scope = Annotated[str, msgspec.Meta(pattern=rf"^(\*|{_TOKEN}:(\*|{_TOKEN}))$")]
+Scope = Annotated[str, msgspec.Meta(pattern=rf"^(\*|{_TOKEN}:(\*|{_TOKEN}))" + END)]
 
 
 class IssueRequest(msgspec.Struct, frozen=True, kw_only=True):

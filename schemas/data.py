@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from nexus_bus.schemas.common import Key, Limit
+from nexus_bus.schemas.common import LIST_PREFIX_PATTERN, Key, Limit
 
 
 class GetRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,7 +57,7 @@ class DeleteReply(msgspec.Struct, frozen=True, kw_only=True):
 class ListRequest(msgspec.Struct, frozen=True, kw_only=True):
     """List keys, optionally only those starting with `prefix`."""
 
-    prefix: Annotated[str, msgspec.Meta(pattern=r"^[-/_=.a-zA-Z0-9]*$", max_length=256)] = ""
+    prefix: Annotated[str, msgspec.Meta(pattern=LIST_PREFIX_PATTERN, max_length=256)] = ""
     limit: Limit = 100
 
 

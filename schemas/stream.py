@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from nexus_bus.schemas.common import Limit, Topic
+from nexus_bus.schemas.common import MESSAGE_ID_PATTERN, Limit, Topic
 
 
 class PublishRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -14,7 +14,7 @@ class PublishRequest(msgspec.Struct, frozen=True, kw_only=True):
 
     topic: Topic
     event: Any
-    id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}$")] | None = None
+    id: Annotated[str, msgspec.Meta(pattern=MESSAGE_ID_PATTERN)] | None = None
 
 
 class PublishReply(msgspec.Struct, frozen=True, kw_only=True):

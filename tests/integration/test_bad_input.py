@@ -52,6 +52,9 @@ async def test_no_responders_is_immediate(gateway: Gateway) -> None:
         (b'{"key": "a b"}', "invalid_request"),
         (b'{"key": "k", "value": ' + b"[" * 5000 + b"]" * 5000 + b"}", "invalid_request"),
         (b'{"key": "k", "value": 1' + b"9" * 400 + b"}", "invalid_request"),
+        # A "$"-anchored key pattern let a final newline through, to the NATS client's
+        # subject check (503).
+        (b'{"key": "k\\n", "value": 1}', "invalid_request"),
     ],
 )
 async def test_malformed_bodies_are_400(gateway: Gateway, body: bytes, code: str) -> None:

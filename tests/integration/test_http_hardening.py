@@ -64,6 +64,7 @@ def parse_raw(answer: bytes) -> tuple[int, dict[str, str], bytes]:
         b'{"key": "k", "value": ' + b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}",
         b'{"key": "k", "value": 1' + b"9" * 5000 + b"}",
         b'{"key": "k", "value": 1e999999}',
+        b'{"key": "k\\n", "value": 1}',  # "$" in a key pattern once let the newline through
         b"",
         b"null",
         b'"just a string"',

@@ -78,7 +78,14 @@ async def test_malformed_bodies_are_400_problems(client: httpx.AsyncClient, body
 
 
 @pytest.mark.parametrize(
-    "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml"]
+    "content_type",
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/xml",
+        "application/json; charset=latin-1",  # JSON is UTF-8 (RFC 8259)
+        "application/json;charset=utf-16",
+    ],
 )
 async def test_unsupported_content_types_are_415(
     client: httpx.AsyncClient, content_type: str
@@ -99,6 +106,12 @@ async def test_json_with_parameters_and_no_content_type_are_accepted(
         headers={"Content-Type": "application/json; charset=utf-8"},
     )
     assert put.status_code == 200
+    upper = await client.post(
+        "/v1/data/get",
+        content=b'{"key":"%s"}' % key.encode(),
+        headers={"Content-Type": 'application/json; charset="UTF-8"'},
+    )
+    assert upper.status_code == 200
     bare = await client.post("/v1/data/get", content=b'{"key":"%s"}' % key.encode())
     assert bare.status_code == 200 and bare.json()["value"] == 1
 

@@ -194,11 +194,11 @@ class ShimApp:
                 return
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        head: RequestHead | None = None
-        request_id = ""
+        # The request id first: every answer, problem documents included, carries it.
+        head = parse_head(scope["headers"])
+        request_id = clean_request_id(head.request_id)
         try:
-            head = parse_head(scope["headers"], self._max_header)
-            request_id = clean_request_id(head.request_id)
+            head.check_size(self._max_header)
             answer = await self._route(scope, head, request_id, receive, send)
             if answer is None:
                 return  # streamed
@@ -213,17 +213,16 @@ class ShimApp:
         except NexusError as exc:
             answer = self._problem(exc, request_id, head)
         except Exception:
-            request_id = request_id or clean_request_id(None)
             logger.opt(exception=True).error("unexpected error; request id {}", request_id)
             error = InternalError(f"internal error; request id {request_id}")
             answer = self._problem(error, request_id, head)
         await self._send(send, answer, request_id)
 
-    def _problem(self, error: NexusError, request_id: str, head: RequestHead | None) -> Answer:
+    def _problem(self, error: NexusError, request_id: str, head: RequestHead) -> Answer:
         return problem_answer(
             error,
             request_id,
-            token_sent=head is not None and head.authorization is not None,
+            token_sent=head.authorization is not None,
             default_retry_after=self._retry_after,
         )
 
@@ -232,7 +231,7 @@ class ShimApp:
         headers = [
             (b"content-type", answer.content_type),
             (b"content-length", b"%d" % len(body)),
-            (_REQUEST_ID, (request_id or clean_request_id(None)).encode()),
+            (_REQUEST_ID, request_id.encode()),
             *answer.headers,
         ]
         if self._draining or answer.status in _CLOSING_STATUSES:

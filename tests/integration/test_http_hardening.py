@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -128,7 +129,8 @@ async def test_declared_oversized_body_is_413_before_reading(
     # No body is sent at all: the answer must not wait for it.
     status, headers, body = parse_raw(await raw_exchange(shim.url, request, read_timeout_s=5))
     assert status == 413 and headers["connection"] == "close"
-    assert b"payload_too_large" in body
+    assert json.loads(body)["code"] == "payload_too_large"
+    assert json.loads(body)["request_id"] == headers["x-request-id"] != ""
     assert time.monotonic() - started < READ_TIMEOUT_S
 
 
@@ -202,16 +204,22 @@ async def test_oversized_headers_are_431(shim: RunningShim, settings: Settings, 
         writer.close()
     status, headers, body = parse_raw(answer)
     assert status == 431 and headers["content-type"] == "application/problem+json"
-    assert b"headers_too_large" in body and headers["x-request-id"]
+    assert json.loads(body)["code"] == "headers_too_large"
+    assert json.loads(body)["request_id"] == headers["x-request-id"] != ""
 
 
 async def test_many_headers_adding_up_are_431(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
+    """Measured by the app: the problem carries the request id of its answer, the client's."""
     headers = {f"x-h{i}": "v" * 200 for i in range(settings.http.max_header_bytes // 200 + 5)}
     resp = await client.post("/v1/data/get", json={"key": "k"}, headers=headers)
-    assert resp.status_code == 431
-    assert resp.json()["code"] == "headers_too_large"
+    assert_problem(resp, 431, "headers_too_large")
+    resp = await client.post(
+        "/v1/data/get", json={"key": "k"}, headers={**headers, "X-Request-Id": "mine-431"}
+    )
+    assert_problem(resp, 431, "headers_too_large")
+    assert resp.json()["request_id"] == "mine-431"
 
 
 async def test_malformed_http_is_a_400_problem(shim: RunningShim) -> None:
@@ -219,7 +227,8 @@ async def test_malformed_http_is_a_400_problem(shim: RunningShim) -> None:
         await raw_exchange(shim.url, b"POST /v1/data/get HTTP/1.1\r\nBad Header\r\n\r\n")
     )
     assert status == 400 and headers["content-type"] == "application/problem+json"
-    assert b"invalid_request" in body
+    assert json.loads(body)["code"] == "invalid_request"
+    assert json.loads(body)["request_id"] == headers["x-request-id"] != ""
 
 
 async def test_slow_headers_time_out_with_408(shim: RunningShim) -> None:

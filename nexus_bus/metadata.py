@@ -159,13 +159,21 @@ def budget_headers(timeout_s: float, now_ms: int) -> dict[str, str]:
     return {H_TIMEOUT_MS: str(budget_ms), H_DEADLINE: str(now_ms + budget_ms)}
 
 
+SPENT_DEADLINE_MS: Final = 0  # an epoch-ms deadline that has passed, whatever the clock skew
+
+
 def deadline_ms(headers: Mapping[str, str], now_ms: int, default_budget_ms: int) -> int:
     """The absolute deadline (epoch ms) of a received request.
 
     `Nexus-Deadline` wins: a relative budget alone cannot tell that a request sat in a
     reconnect buffer. A lone `Nexus-Timeout-Ms` counts from receipt; neither gives the default.
-    Malformed values are ignored, never trusted.
+    A `Nexus-Timeout-Ms` of 0 says the caller's budget was spent when it sent the request:
+    `SPENT_DEADLINE_MS`, whatever `Nexus-Deadline` says (counted from receipt, a 0 budget
+    would still run within the allowed clock skew). Malformed values are ignored, never trusted.
     """
+    budget = headers.get(H_TIMEOUT_MS)
+    if budget and budget.isascii() and budget.strip("0") == "":
+        return SPENT_DEADLINE_MS
     for name, base in ((H_DEADLINE, 0), (H_TIMEOUT_MS, now_ms)):
         raw = headers.get(name)
         if raw and len(raw) <= 15 and is_ascii_digits(raw):

@@ -25,7 +25,7 @@ from nexus_bus.constants import (
     PREFER_ASYNC,
     T_HTTP,
 )
-from nexus_bus.errors import InternalError, InvalidRequest, NexusError
+from nexus_bus.errors import InternalError, InvalidRequest, NexusError, UpstreamTimeout
 from nexus_bus.gateway import Gateway
 from nexus_bus.http.jobs import JobRoutes
 from nexus_bus.http.labels import OperationLabels
@@ -42,13 +42,19 @@ def budget_s(raw: str | None, *, default_ms: int, max_ms: int) -> float:
     """The request's time budget in seconds, from the client's `Nexus-Timeout-Ms`.
 
     Raises:
-        InvalidRequest: a value that is not a positive integer.
+        InvalidRequest: a value that is not a non-negative integer.
+        UpstreamTimeout: 0, a budget spent before the request was sent: it is not forwarded
+            (a worker would drop it unrun), and the answer is the one a caller whose
+            deadline passes gets.
     """
     if raw is None:
         return min(default_ms, max_ms) / 1000
-    if not is_ascii_digits(raw) or len(raw) > 9 or int(raw) == 0:
-        raise InvalidRequest("Nexus-Timeout-Ms must be a positive integer of milliseconds")
-    return min(int(raw), max_ms) / 1000
+    if not is_ascii_digits(raw) or len(raw) > 9:
+        raise InvalidRequest("Nexus-Timeout-Ms must be an integer of milliseconds")
+    budget_ms = int(raw)
+    if budget_ms == 0:
+        raise UpstreamTimeout("Nexus-Timeout-Ms is 0: the budget was spent; nothing was sent")
+    return min(budget_ms, max_ms) / 1000
 
 
 def prefers_async(prefer: str | None) -> bool:

@@ -122,11 +122,25 @@ async def test_timeout_budget_is_capped_and_validated(
         f"/v1/{PROBE_OP}/echo", json={}, headers={"Nexus-Timeout-Ms": "999999999"}
     )
     assert huge.json()["timeout_ms"] == str(settings.http.max_timeout_ms)
-    for bad in ("0", "-5", "abc", "1.5"):
+    for bad in ("-5", "abc", "1.5"):
         resp = await client.post(
             f"/v1/{PROBE_OP}/echo", json={}, headers={"Nexus-Timeout-Ms": bad}
         )
         problem(resp, 400, "invalid_request")
+
+
+async def test_a_spent_budget_is_not_forwarded(
+    settings: Settings, client: httpx.AsyncClient, uid: str
+) -> None:
+    """`Nexus-Timeout-Ms: 0`: the answer a caller gets once its deadline passed, unsent."""
+    for spent in ("0", "00"):
+        resp = await client.post(
+            "/v1/data/put",
+            json={"key": f"spent.{uid}", "value": 1},
+            headers={"Nexus-Timeout-Ms": spent},
+        )
+        problem(resp, 504, "upstream_timeout")
+    assert (await client.post("/v1/data/get", json={"key": f"spent.{uid}"})).status_code == 404
 
 
 async def test_slow_operation_is_a_504(client: httpx.AsyncClient) -> None:

@@ -52,6 +52,22 @@ async def test_respond_async_runs_the_operation_as_a_job(
     assert got.json()["value"] == {"async": True}
 
 
+async def test_a_pending_job_document_has_its_attempts(
+    client: httpx.AsyncClient, uid: str
+) -> None:
+    """No worker serves this op: the job stays pending, and says it ran 0 times."""
+    accepted = await client.post(f"/v1/idle{uid}/run", json={}, headers=ASYNC)
+    assert accepted.status_code == 202, accepted.text
+    job = (await client.get(accepted.headers["location"])).json()
+    assert job == {
+        "id": accepted.json()["job_id"],
+        "op": f"idle{uid}",
+        "action": "run",
+        "status": "pending",
+        "attempts": 0,
+    }
+
+
 async def test_prefer_with_other_preferences_still_submits(
     client: httpx.AsyncClient, uid: str
 ) -> None:

@@ -92,8 +92,9 @@ async def test_same_idempotency_key_is_the_same_job(client: httpx.AsyncClient, u
 async def test_unknown_and_malformed_job_ids(client: httpx.AsyncClient) -> None:
     missing = await client.get(f"/v1/jobs/{uuid.uuid4().hex}")
     assert missing.status_code == 404 and missing.json()["code"] == "not_found"
-    malformed = await client.get("/v1/jobs/not-a-job-id")
-    assert malformed.status_code == 400 and malformed.json()["code"] == "invalid_request"
+    for bad in ("not-a-job-id", uuid.uuid4().hex + "%0A"):  # a final newline passed `$`
+        malformed = await client.get(f"/v1/jobs/{bad}")
+        assert malformed.status_code == 400 and malformed.json()["code"] == "invalid_request"
     wrong_method = await client.post(f"/v1/jobs/{uuid.uuid4().hex}", json={})
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "GET"
 

@@ -194,7 +194,10 @@ async def test_a_spent_budget_is_dropped_not_executed(
     nc = await nats.connect(nats_url)
     try:
         future = str(int(time.time() * 1000) + 5_000)
-        for spent in ({"Nexus-Timeout-Ms": "0"}, {"Nexus-Timeout-Ms": "0", "Nexus-Deadline": future}):
+        for spent in (
+            {"Nexus-Timeout-Ms": "0"},
+            {"Nexus-Timeout-Ms": "0", "Nexus-Deadline": future},
+        ):
             with pytest.raises(nats.errors.TimeoutError):
                 await nc.request(f"nexus.{op}.run", b"{}", timeout=0.5, headers=spent)
         await nc.request(f"nexus.{op}.run", b"{}", timeout=5, headers={"Nexus-Timeout-Ms": "5000"})

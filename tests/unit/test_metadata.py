@@ -4,10 +4,10 @@ from nexus_bus import nats_headers
 from nexus_bus.constants import H_DEADLINE, H_TIMEOUT_MS, H_TRACEPARENT
 from nexus_bus.errors import HeadersTooLarge, InvalidRequest
 from nexus_bus.metadata import (
+    SPENT_DEADLINE_MS,
     budget_headers,
     check_headers,
     clean_request_id,
-    SPENT_DEADLINE_MS,
     deadline_ms,
     headers_size,
     parse_traceparent,

@@ -35,7 +35,7 @@ from nexus_bus.metadata import is_ascii_digits
 from nexus_bus.observability import METRICS
 
 _UNKNOWN_OPERATION: Final = "unknown_operation"
-_CLIENT_CLOSED: Final = 499  # nginx's convention, for the metric only: nobody gets it
+CLIENT_CLOSED: Final = 499  # nginx's convention, for metrics and logs only: nobody gets it
 
 
 def budget_s(raw: str | None, *, default_ms: int, max_ms: int) -> float:
@@ -75,7 +75,11 @@ def bus_headers(
     timeout_s: float,
     media: str = "json",
 ) -> dict[str, str]:
-    """The NATS request headers for an HTTP request: identity, trace, budget and metadata."""
+    """The NATS request headers for an HTTP request: identity, trace, budget and metadata.
+
+    The traceparent they carry is also kept in `head.sent_traceparent`, so the shim's access
+    line names the trace the worker continues.
+    """
     extra: dict[str, str] = {}
     if head.authorization:
         extra[H_AUTHORIZATION] = head.authorization
@@ -89,8 +93,9 @@ def bus_headers(
         content_type=CT_MSGPACK if media == "msgpack" else None,
         extra=extra,
     )
+    sent = head.sent_traceparent = headers[H_TRACEPARENT]
     # tracestate belongs to the caller's trace; it travels only when that trace was kept.
-    if head.tracestate and headers[H_TRACEPARENT] == head.traceparent:
+    if head.tracestate and sent == head.traceparent:
         headers[H_TRACESTATE] = head.tracestate
     return headers
 
@@ -148,7 +153,7 @@ class OperationRoute:
             status = exc.http_status
             raise
         except ClientGone:
-            status = _CLIENT_CLOSED
+            status = CLIENT_CLOSED
             raise
         finally:
             self.inflight -= 1

@@ -62,6 +62,7 @@ class RequestHead:
         "last_event_id",
         "prefer",
         "request_id",
+        "sent_traceparent",
         "size",
         "timeout_ms",
         "traceparent",
@@ -81,6 +82,8 @@ class RequestHead:
         self.forwarded_for: str | None = None
         self.last_event_id: str | None = None
         self.size = 0  # bytes of all headers, as `check_size` counts them
+        # The traceparent the shim forwarded (the client's, or a new trace): the access line's.
+        self.sent_traceparent: str | None = None
 
     def check_size(self, max_bytes: int) -> None:
         """Refuse a head whose headers add up to more than `max_bytes`.

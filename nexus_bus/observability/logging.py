@@ -63,7 +63,10 @@ def log_context(**fields: Any) -> Iterator[None]:
         release(token)
 
 _encoder: Final = msgspec.json.Encoder()
-_EXTRA_FIELDS: Final = ("op", "action", "status", "duration_ms", "code", "transport")
+_EXTRA_FIELDS: Final = (
+    "op", "action", "status", "duration_ms", "code", "transport",
+    "method", "route", "request_id", "client",  # access lines (access.py)
+)
 
 
 def _json_line(record: Record, service: str) -> bytes:

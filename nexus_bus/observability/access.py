@@ -16,7 +16,7 @@ from typing import Final
 
 from nexus_bus.config import LogSettings
 from nexus_bus.constants import T_HTTP
-from nexus_bus.observability.logging import logger
+from nexus_bus.observability.logging import info_line
 
 ACCESS_MESSAGE: Final = "access"
 _ENABLED_LEVELS: Final = frozenset({"TRACE", "DEBUG", "INFO"})
@@ -44,7 +44,7 @@ def log_http_access(
 
     Method, route and duration are None for a request refused before it was parsed whole.
     """
-    logger.info(
+    info_line(
         ACCESS_MESSAGE,
         transport=T_HTTP,
         method=method,
@@ -71,7 +71,7 @@ def log_served(
     trace_id: str,
 ) -> None:
     """A worker's line for one request it served (core request/reply or a job attempt)."""
-    logger.info(
+    info_line(
         ACCESS_MESSAGE,
         transport=transport,
         op=op,

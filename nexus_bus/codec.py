@@ -20,20 +20,42 @@ _msgpack_encoder: Final = msgspec.msgpack.Encoder()
 _LONG_DIGITS: Final = re.compile(rb"\d{19}")
 _JSON_TYPES: Final = frozenset({CT_JSON, CT_PROBLEM, "text/json", ""})
 _MSGPACK_TYPES: Final = frozenset({CT_MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
+_CHARSET: Final = "charset"
+_UTF8: Final = "utf-8"
 
 
 def media_type(content_type: str | None) -> str:
     """Normalise a Content-Type to the codec's media type (`json` or `msgpack`).
 
     Raises:
-        UnsupportedMediaType: for anything else.
+        UnsupportedMediaType: for anything else, and for JSON declared in a charset other
+            than UTF-8.
     """
-    base = (content_type or "").split(";", 1)[0].strip().lower()
+    base, _, params = (content_type or "").partition(";")
+    base = base.strip().lower()
     if base in _JSON_TYPES:
+        if params:
+            _check_json_charset(params)
         return "json"
     if base in _MSGPACK_TYPES:
         return "msgpack"
     raise UnsupportedMediaType(f"unsupported content type {base!r}; use {CT_JSON} or {CT_MSGPACK}")
+
+
+def _check_json_charset(params: str) -> None:
+    """Refuse a `charset` parameter other than UTF-8 (any case, quoted or not).
+
+    JSON exchanged between systems is UTF-8 (RFC 8259 §8.1); a body declared as latin-1 would
+    be decoded as UTF-8 all the same and mean something else than its sender meant.
+    """
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == _CHARSET:
+            charset = value.strip().strip('"').lower()
+            if charset != _UTF8:
+                raise UnsupportedMediaType(
+                    f"JSON must be UTF-8 (RFC 8259), not charset={charset[:40]!r}"
+                )
 
 
 def content_type_of(media: str) -> str:

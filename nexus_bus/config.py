@@ -252,6 +252,7 @@ class LogSettings(BaseModel):
 
     level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_lines: bool = True
+    access: bool = True  # one INFO line per request (observability/access.py)
 
 
 class Settings(BaseSettings):

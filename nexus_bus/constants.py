@@ -6,7 +6,9 @@ from typing import Final
 SUBJECT_ROOT: Final = "nexus"
 RESERVED_OPS: Final = frozenset({"auth", "jobs", "dlq", "events", "sys"})
 BUILTIN_RESERVED_OPS: Final = frozenset({"auth"})  # reserved, but served by nexus-bus itself
-TOKEN_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,63}$"
+# `$(?!\n)`, not `$`: this pattern is also exported into JSON Schema and OpenAPI, whose regex
+# dialect (ECMA-262) has no `\Z`, and a Python `$` alone matches before a final newline.
+TOKEN_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,63}$(?!\n)"
 JOBS_PREFIX: Final = "nexus.jobs"
 DLQ_PREFIX: Final = "nexus.dlq"
 EVENTS_PREFIX: Final = "nexus.events"

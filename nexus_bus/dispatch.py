@@ -20,6 +20,7 @@ from nexus_bus.context import RequestContext
 from nexus_bus.errors import InternalError, NexusError, UnknownOperation, UpstreamTimeout
 from nexus_bus.metadata import LazyTrace, deadline_ms, request_id_of
 from nexus_bus.observability import METRICS, bind_request, logger, release
+from nexus_bus.observability.access import access_log_enabled, log_served
 from nexus_bus.operations import Operation, Operations
 from nexus_bus.replies import Reply, error_reply, success_reply
 from nexus_bus.services import Services
@@ -58,8 +59,8 @@ class Dispatcher:
         # The core request path enforces deadlines with one reaper task per worker instead:
         # an asyncio.timeout per request costs more than the rest of the dispatch.
         self._enforce_deadline = enforce_deadline
-        # A line per request at DEBUG only: building it costs even when the level drops it.
-        self._log_served = settings.log.level.upper() in ("DEBUG", "TRACE")
+        # Decided once: building an access line costs even when the level drops it.
+        self._access_log = access_log_enabled(settings.log)
 
     @property
     def ops(self) -> list[str]:
@@ -122,15 +123,15 @@ class Dispatcher:
         known = reply.status < 400 or self._lookup(op, action) is not None
         label_op, label_action = (op, action) if known else (UNKNOWN_LABEL, UNKNOWN_LABEL)
         METRICS.observe(label_op, label_action, reply.status, self._transport, elapsed)
-        if self._log_served:
-            logger.debug(
-                "served",
-                trace_id=trace.resolve(),
-                correlation_id=request_id,
+        if self._access_log:
+            log_served(
+                transport=self._transport,
                 op=op,
                 action=action,
                 status=reply.status,
-                duration_ms=round(elapsed * 1000, 3),
+                duration_s=elapsed,
+                request_id=request_id,
+                trace_id=trace.resolve(),
             )
         return reply
 

@@ -26,11 +26,12 @@ from nexus_bus.constants import (
 )
 from nexus_bus.errors import HeadersTooLarge, InvalidRequest
 
-_REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Guards are matched with fullmatch(): a `$` anchor would let a final newline through.
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # version-trace_id-span_id-flags; fixed width, so the fields are slices once this matches.
 _TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _TRACEPARENT_LEN: Final = 55
-_HEADER_NAME: Final = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+_HEADER_NAME: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}")
 _KNOWN_NAMES: Final = frozenset(
     {H_AUTHORIZATION, H_REQUEST_ID, H_TRACEPARENT, H_TRACESTATE, H_TIMEOUT_MS, H_DEADLINE,
      H_IDEMPOTENCY_KEY, H_CONTENT_TYPE, H_CLIENT_IP}
@@ -60,7 +61,7 @@ def new_request_id() -> str:
 
 def clean_request_id(value: str | None) -> str:
     """The client's request id when well-formed, otherwise a fresh one."""
-    if value and _REQUEST_ID.match(value):
+    if value and _REQUEST_ID.fullmatch(value):
         return value
     return new_request_id()
 
@@ -158,13 +159,21 @@ def budget_headers(timeout_s: float, now_ms: int) -> dict[str, str]:
     return {H_TIMEOUT_MS: str(budget_ms), H_DEADLINE: str(now_ms + budget_ms)}
 
 
+SPENT_DEADLINE_MS: Final = 0  # an epoch-ms deadline that has passed, whatever the clock skew
+
+
 def deadline_ms(headers: Mapping[str, str], now_ms: int, default_budget_ms: int) -> int:
     """The absolute deadline (epoch ms) of a received request.
 
     `Nexus-Deadline` wins: a relative budget alone cannot tell that a request sat in a
     reconnect buffer. A lone `Nexus-Timeout-Ms` counts from receipt; neither gives the default.
-    Malformed values are ignored, never trusted.
+    A `Nexus-Timeout-Ms` of 0 says the caller's budget was spent when it sent the request:
+    `SPENT_DEADLINE_MS`, whatever `Nexus-Deadline` says (counted from receipt, a 0 budget
+    would still run within the allowed clock skew). Malformed values are ignored, never trusted.
     """
+    budget = headers.get(H_TIMEOUT_MS)
+    if budget and budget.isascii() and budget.strip("0") == "":
+        return SPENT_DEADLINE_MS
     for name, base in ((H_DEADLINE, 0), (H_TIMEOUT_MS, now_ms)):
         raw = headers.get(name)
         if raw and len(raw) <= 15 and is_ascii_digits(raw):
@@ -200,7 +209,7 @@ def check_headers(headers: Mapping[str, str], *, max_value_bytes: int, max_total
     """
     total = _HEADER_BLOCK_OVERHEAD  # headers_size(), added up in the same pass
     for name, value in headers.items():
-        if name not in _KNOWN_NAMES and not _HEADER_NAME.match(name):
+        if name not in _KNOWN_NAMES and not _HEADER_NAME.fullmatch(name):
             raise InvalidRequest(f"invalid header name {name[:40]!r}")
         if not value.isprintable() or not value.isascii():
             raise InvalidRequest(f"header {name} has characters that are not allowed")

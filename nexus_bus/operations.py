@@ -8,20 +8,51 @@
 
 The request and reply types are read from the function's annotations (msgspec Structs or
 any type msgspec can decode).
+
+A request body with a field its Struct does not declare is refused (400 `invalid_request`
+naming the field): a misspelt optional field would otherwise be dropped without a word, and
+a client could not tell `{"role": "admin"}` was ignored. An action that wants extras passes
+`allow_unknown_fields=True`. The rule applies to the request Struct itself; Structs nested
+in it follow their own `forbid_unknown_fields` setting.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from nexus_bus.constants import BUILTIN_RESERVED_OPS, RESERVED_OPS
 from nexus_bus.subjects import check_token
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
+
+
+@functools.cache
+def with_unknown_fields(request_type: Any, *, forbid: bool) -> Any:
+    """`request_type`, refusing (or accepting) fields it does not declare.
+
+    A msgspec Struct whose `forbid_unknown_fields` differs is replaced by a subclass that only
+    changes that setting: same name, module and docstring (so the generated schemas read the
+    same, with `additionalProperties: false` when forbidding), and every decoded request is
+    still an instance of the declared class. Cached, so one class gives one type everywhere.
+    Any other type is returned as it is.
+    """
+    if not (isinstance(request_type, type) and issubclass(request_type, msgspec.Struct)):
+        return request_type
+    if request_type.__struct_config__.forbid_unknown_fields == forbid:
+        return request_type
+    names = {
+        "__module__": request_type.__module__,
+        "__qualname__": request_type.__qualname__,
+        "__doc__": request_type.__doc__,
+    }
+    return type(request_type.__name__, (request_type,), names, forbid_unknown_fields=forbid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +93,7 @@ class Operations:
         public: bool = False,
         idempotent: bool = True,
         timeout_ms: int | None = None,
+        allow_unknown_fields: bool = False,
     ) -> Callable[[Handler], Handler]:
         """Register an async function `(request, ctx) -> reply` as action `name`.
 
@@ -70,6 +102,8 @@ class Operations:
             public: serve it without a token. Nothing is public unless marked so.
             idempotent: whether a retry of the same request is safe without an idempotency key.
             timeout_ms: a cap on the handler's time, below the caller's own budget.
+            allow_unknown_fields: accept request fields the request Struct does not declare
+                (they are dropped); by default they are a 400 naming the field.
 
         Raises:
             ValueError: a bad name, a duplicate, or a function that is not `async`.
@@ -88,7 +122,7 @@ class Operations:
                 op=self.op,
                 action=name,
                 handler=fn,
-                request_type=request_type,
+                request_type=with_unknown_fields(request_type, forbid=not allow_unknown_fields),
                 reply_type=hints.get("return", Any),
                 public=public,
                 idempotent=idempotent,

@@ -23,7 +23,8 @@ from nexus_bus.errors import InvalidRequest, UnknownOperation
 
 _TOKEN: Final = re.compile(TOKEN_PATTERN)
 # An inbox reply subject: prefix, then tokens of safe characters only (no wildcards, no spaces).
-_INBOX_TAIL: Final = re.compile(r"^(\.[A-Za-z0-9_-]{1,128}){1,4}$")
+# Matched with fullmatch() like every guard here: `$` would let a final newline through.
+_INBOX_TAIL: Final = re.compile(r"(\.[A-Za-z0-9_-]{1,128}){1,4}")
 MAX_SUBJECT_BYTES: Final = 256
 
 
@@ -33,7 +34,7 @@ def check_token(value: str, what: str = "token") -> str:
     Raises:
         InvalidRequest: when it is empty, too long, or has a character outside the allowlist.
     """
-    if not isinstance(value, str) or _TOKEN.match(value) is None or value.endswith("\n"):
+    if not isinstance(value, str) or _TOKEN.fullmatch(value) is None:
         raise InvalidRequest(f"invalid {what} {value!r}: must match {TOKEN_PATTERN}")
     return value
 
@@ -119,4 +120,4 @@ def is_inbox(reply: str, prefix: str) -> bool:
     """
     if len(reply) > MAX_SUBJECT_BYTES or not reply.startswith(prefix):
         return False
-    return _INBOX_TAIL.match(reply[len(prefix) :]) is not None
+    return _INBOX_TAIL.fullmatch(reply[len(prefix) :]) is not None

@@ -9,7 +9,7 @@ import msgspec
 Text = Annotated[str, msgspec.Meta(max_length=32_768)]
 
 
-class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True):
+class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Embed one text or a batch."""
 
     input: Text | Annotated[list[Text], msgspec.Meta(min_length=1, max_length=256)]
@@ -23,14 +23,14 @@ class EmbedReply(msgspec.Struct, frozen=True, kw_only=True):
     vectors: list[list[float]]
 
 
-class Message(msgspec.Struct, frozen=True, kw_only=True):
+class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A chat message."""
 
     role: Literal["system", "user", "assistant"]
     content: Text
 
 
-class CompleteRequest(msgspec.Struct, frozen=True, kw_only=True):
+class CompleteRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Complete a prompt or a conversation (exactly one of `messages`, `prompt`)."""
 
     messages: Annotated[list[Message], msgspec.Meta(max_length=256)] | None = None

@@ -6,11 +6,13 @@ from typing import Annotated
 
 import msgspec
 
+from nexus_bus.schemas.common import END
+
 _TOKEN = r"[a-z][a-z0-9_-]{0,63}"
-Scope = Annotated[str, msgspec.Meta(pattern=rf"^(\*|{_TOKEN}:(\*|{_TOKEN}))$")]
+Scope = Annotated[str, msgspec.Meta(pattern=rf"^(\*|{_TOKEN}:(\*|{_TOKEN}))" + END)]
 
 
-class IssueRequest(msgspec.Struct, frozen=True, kw_only=True):
+class IssueRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Issue a token (needs scope `auth:issue`)."""
 
     subject: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -26,7 +28,7 @@ class IssueReply(msgspec.Struct, frozen=True, kw_only=True):
     jti: str
 
 
-class VerifyRequest(msgspec.Struct, frozen=True, kw_only=True):
+class VerifyRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Verify a token."""
 
     token: Annotated[str, msgspec.Meta(max_length=8192)]
@@ -41,7 +43,7 @@ class VerifyReply(msgspec.Struct, frozen=True, kw_only=True):
     jti: str
 
 
-class RevokeRequest(msgspec.Struct, frozen=True, kw_only=True):
+class RevokeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Revoke a token by id (needs scope `auth:revoke`)."""
 
     jti: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]

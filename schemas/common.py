@@ -6,8 +6,15 @@ from typing import Annotated, Final
 
 import msgspec
 
-KEY_PATTERN: Final = r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$"
-TOPIC_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,63}$"
+# Every pattern ends in `$(?!\n)`: msgspec matches `pattern` with Python's `re.search`, where
+# `$` also matches just before a final newline, so `^[a-z]+$` lets "k\n" through (and a key
+# with a newline reaches a NATS subject). `\Z` would fix Python but is not ECMA-262, the regex
+# dialect of JSON Schema; in ECMA-262 `$` is already the end and the lookahead is a no-op.
+END: Final = r"$(?!\n)"
+KEY_PATTERN: Final = r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*" + END
+TOPIC_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,63}" + END
+LIST_PREFIX_PATTERN: Final = r"^[-/_=.a-zA-Z0-9]*" + END
+MESSAGE_ID_PATTERN: Final = r"^[A-Za-z0-9._:-]{1,128}" + END
 
 Key = Annotated[
     str,

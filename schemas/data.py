@@ -6,10 +6,10 @@ from typing import Annotated, Any
 
 import msgspec
 
-from nexus_bus.schemas.common import Key, Limit
+from nexus_bus.schemas.common import LIST_PREFIX_PATTERN, Key, Limit
 
 
-class GetRequest(msgspec.Struct, frozen=True, kw_only=True):
+class GetRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Read one key."""
 
     key: Key
@@ -23,7 +23,7 @@ class GetReply(msgspec.Struct, frozen=True, kw_only=True):
     revision: int
 
 
-class PutRequest(msgspec.Struct, frozen=True, kw_only=True):
+class PutRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Write a key; with `expected_revision`, only if the key is still at that revision.
 
     `expected_revision: 0` means "only if the key does not exist".
@@ -41,7 +41,7 @@ class PutReply(msgspec.Struct, frozen=True, kw_only=True):
     revision: int
 
 
-class DeleteRequest(msgspec.Struct, frozen=True, kw_only=True):
+class DeleteRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Delete a key."""
 
     key: Key
@@ -54,10 +54,10 @@ class DeleteReply(msgspec.Struct, frozen=True, kw_only=True):
     deleted: bool
 
 
-class ListRequest(msgspec.Struct, frozen=True, kw_only=True):
+class ListRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """List keys, optionally only those starting with `prefix`."""
 
-    prefix: Annotated[str, msgspec.Meta(pattern=r"^[-/_=.a-zA-Z0-9]*$", max_length=256)] = ""
+    prefix: Annotated[str, msgspec.Meta(pattern=LIST_PREFIX_PATTERN, max_length=256)] = ""
     limit: Limit = 100
 
 

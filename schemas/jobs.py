@@ -26,12 +26,16 @@ class JobAccepted(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """A job's status document, `GET /v1/jobs/{id}`."""
+    """A job's status document, `GET /v1/jobs/{id}`.
+
+    `result` and `error` appear only when set; `attempts`, the handler runs so far, always
+    (0 before the first).
+    """
 
     id: str
     op: str
     action: str
     status: JobStatus
-    attempts: int = 0
+    attempts: int  # no default, so omit_defaults never leaves it out
     result: Any = None
     error: Any = None

@@ -6,15 +6,15 @@ from typing import Annotated, Any
 
 import msgspec
 
-from nexus_bus.schemas.common import Limit, Topic
+from nexus_bus.schemas.common import MESSAGE_ID_PATTERN, Limit, Topic
 
 
-class PublishRequest(msgspec.Struct, frozen=True, kw_only=True):
+class PublishRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Append an event to a topic; an `id` makes the publish idempotent (dedup window)."""
 
     topic: Topic
     event: Any
-    id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}$")] | None = None
+    id: Annotated[str, msgspec.Meta(pattern=MESSAGE_ID_PATTERN)] | None = None
 
 
 class PublishReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -25,7 +25,7 @@ class PublishReply(msgspec.Struct, frozen=True, kw_only=True):
     duplicate: bool
 
 
-class ReadRequest(msgspec.Struct, frozen=True, kw_only=True):
+class ReadRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Read a topic's events after a sequence."""
 
     topic: Topic

@@ -30,7 +30,8 @@ from nexus_bus.constants import AUTH_KEYS_DIR, AUTH_PRIVATE_KEY_SUFFIX, AUTH_PUB
 from nexus_bus.errors import Unavailable
 from nexus_bus.observability import logger
 
-KID_PATTERN: Final = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+# Matched with fullmatch(): a `$` anchor would let a final newline into a file name.
+KID_PATTERN: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _RAW: Final = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -154,7 +155,7 @@ def generate_key(
         FileExistsError: a key with that kid exists already.
     """
     kid = kid or new_kid(now or datetime.now(UTC), os.urandom(2).hex())
-    if not KID_PATTERN.match(kid):
+    if not KID_PATTERN.fullmatch(kid):
         raise ValueError(f"invalid kid {kid[:80]!r}: letters, digits, '.', '_' and '-' only")
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = Ed25519PrivateKey.generate()
@@ -181,7 +182,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 
 def _kid_of(name: str, suffix: str) -> str:
     kid = name[: -len(suffix)]
-    if not KID_PATTERN.match(kid):
+    if not KID_PATTERN.fullmatch(kid):
         raise ValueError("file name is not a valid kid")
     return kid
 

@@ -16,8 +16,9 @@ from nexus_bus.errors import InvalidRequest
 
 WILDCARD: Final = "*"
 _TOKEN: Final = r"[a-z][a-z0-9_-]{0,63}"
-_SCOPE: Final = re.compile(rf"^(\*|{_TOKEN}:(\*|{_TOKEN}))$")
-_DURATION: Final = re.compile(r"^(\d{1,9})([smhd]?)$")
+# Both matched with fullmatch(): a `$` anchor would let a final newline through.
+_SCOPE: Final = re.compile(rf"\*|{_TOKEN}:(\*|{_TOKEN})")
+_DURATION: Final = re.compile(r"(\d{1,9})([smhd]?)")
 _UNIT_S: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -45,7 +46,7 @@ def check_scope(scope: str) -> str:
     Raises:
         InvalidRequest: not `op:action`, `op:*` or `*`.
     """
-    if not _SCOPE.match(scope):
+    if not _SCOPE.fullmatch(scope):
         raise InvalidRequest(f"invalid scope {scope[:80]!r}: use op:action, op:* or *")
     return scope
 
@@ -68,7 +69,7 @@ def parse_duration(text: str) -> int:
     Raises:
         InvalidRequest: anything else, or zero.
     """
-    m = _DURATION.match(text.strip().lower())
+    m = _DURATION.fullmatch(text.strip().lower())
     if m is None or int(m.group(1)) == 0:
         raise InvalidRequest(f"invalid duration {text[:40]!r}: use e.g. 90s, 15m, 1h or 7d")
     return int(m.group(1)) * _UNIT_S[m.group(2)]

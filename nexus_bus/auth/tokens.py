@@ -29,7 +29,8 @@ from nexus_bus.errors import InvalidToken
 
 # A JWS instance that knows only our algorithm: nothing the token says can select another.
 _JWS: Final = jwt.PyJWS(algorithms=[AUTH_ALGORITHM])
-_SHAPE: Final = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
+# Matched with fullmatch(): a `$` anchor would let a final newline through.
+_SHAPE: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
 class Claims(msgspec.Struct, frozen=True, kw_only=True):
@@ -141,7 +142,7 @@ class TokenCodec:
         policy = self.policy
         if len(token) > policy.max_token_bytes:
             raise InvalidToken(f"token larger than {policy.max_token_bytes} bytes")
-        if not _SHAPE.match(token):
+        if not _SHAPE.fullmatch(token):
             raise InvalidToken("malformed token")
         try:
             header = _JWS.get_unverified_header(token)
@@ -199,7 +200,7 @@ def unverified_subject(token: str, max_bytes: int) -> str | None:
 
     Never use the result for a decision other than rate limiting.
     """
-    if len(token) > max_bytes or not _SHAPE.match(token):
+    if len(token) > max_bytes or not _SHAPE.fullmatch(token):
         return None
     try:
         payload = jwt.utils.base64url_decode(token.split(".", 2)[1])

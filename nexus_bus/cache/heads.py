@@ -50,7 +50,7 @@ def check_key(key: str) -> None:
     Raises:
         InvalidRequest: the key does not match the KV key rules.
     """
-    if len(key) > 256 or not _KEY.match(key):
+    if len(key) > 256 or not _KEY.fullmatch(key):
         raise InvalidRequest(f"invalid key {key[:64]!r}")
 
 

@@ -38,7 +38,7 @@ def build_key(prefix: str, namespace: str, key: str) -> CacheKey:
     Raises:
         ValueError: a namespace that is not a subject-style token, or an empty or oversized key.
     """
-    if not _NAMESPACE.match(namespace):
+    if not _NAMESPACE.fullmatch(namespace):
         raise ValueError(f"cache namespace {namespace!r} must match {TOKEN_PATTERN}")
     if not key or len(key.encode()) > MAX_KEY_BYTES:
         raise ValueError(f"cache key must be 1 to {MAX_KEY_BYTES} bytes")

@@ -10,7 +10,8 @@ runs it on uvicorn with httptools and uvloop, plus the limits uvicorn lacks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+import time
+from collections.abc import Awaitable, Callable, Container, Iterable, MutableMapping
 from typing import Any, Final
 
 from nats.aio.client import Client
@@ -30,14 +31,15 @@ from nexus_bus.errors import InternalError, InvalidRequest, NexusError, NotFound
 from nexus_bus.gateway import Gateway
 from nexus_bus.http.authz import ShimAuthorizer, create_shim_authorizer, credentials
 from nexus_bus.http.client_ip import TrustedProxies
-from nexus_bus.http.forward import OperationRoute, bus_headers
+from nexus_bus.http.forward import CLIENT_CLOSED, OperationRoute, bus_headers
 from nexus_bus.http.jobs import JobRoutes
 from nexus_bus.http.probes import Probes
 from nexus_bus.http.problems import Answer, ClientGone, MethodNotAllowed, problem_answer
 from nexus_bus.http.request import RequestHead, parse_head
 from nexus_bus.http.sse import EventStreams, encode_gate_request, last_event_id
-from nexus_bus.metadata import clean_request_id
+from nexus_bus.metadata import clean_request_id, parse_traceparent
 from nexus_bus.observability import logger
+from nexus_bus.observability.access import access_log_enabled, log_http_access
 from nexus_bus.operations import Operations
 from nexus_bus.redis_client import RedisClient, create_redis
 from nexus_bus.replies import error_of
@@ -58,6 +60,30 @@ _CLOSE: Final = (b"connection", b"close")
 _CLOSING_STATUSES: Final = frozenset({408, 413, 431})
 _MAX_PATH_IN_DETAIL: Final = 120
 _STREAMING: Final = "nexus.streaming"  # scope key: the response has started streaming
+_STREAMED: Final = 200  # the status an event stream started with
+# Access lines name the matched route, never the path: ids and topics stay out of the route.
+_OPERATION_ROUTE: Final = f"{HTTP_API_PREFIX}/{{op}}/{{action}}"
+_JOB_ROUTE: Final = f"{HTTP_API_PREFIX}/{_JOBS}/{{id}}"
+_EVENTS_ROUTE: Final = f"{HTTP_API_PREFIX}/{_EVENTS}/{{topic}}"
+
+
+def route_of(path: str, fixed: Container[str]) -> tuple[str | None, str | None, str | None]:
+    """The route template a path matches, with op and action for an operation route.
+
+    Returns:
+        `(route, op, action)`; route is None for a path no route matches.
+    """
+    if path.startswith(_API):
+        parts = path.split("/")
+        if len(parts) == 4 and parts[2] and parts[3]:
+            if parts[2] == _JOBS:
+                return _JOB_ROUTE, None, None
+            if parts[2] == _EVENTS:
+                return _EVENTS_ROUTE, None, None
+            return _OPERATION_ROUTE, parts[2], parts[3]
+    elif path in fixed:
+        return path, None, None
+    return None, None, None
 
 
 class ShimApp:
@@ -83,6 +109,7 @@ class ShimApp:
         self._proxies = TrustedProxies(settings.http.trusted_proxies)
         self._draining = False
         self._read_timeout_s: float | None = settings.http.read_timeout_s
+        self._access_log = access_log_enabled(settings.log)
         self.nc: Client | None = None
         self._redis: RedisClient | None = None
         self._gateway: Gateway | None = None
@@ -194,16 +221,48 @@ class ShimApp:
                 return
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        head: RequestHead | None = None
-        request_id = ""
+        # The request id first: every answer, problem documents included, carries it.
+        head = parse_head(scope["headers"])
+        request_id = clean_request_id(head.request_id)
+        if not self._access_log:
+            await self._respond(scope, head, request_id, receive, send)
+            return
+        started = time.perf_counter()
+        status = CLIENT_CLOSED  # unless an answer was sent
         try:
-            head = parse_head(scope["headers"], self._max_header)
-            request_id = clean_request_id(head.request_id)
+            status = await self._respond(scope, head, request_id, receive, send)
+        finally:
+            self._log_access(scope, head, request_id, status, time.perf_counter() - started)
+
+    def _log_access(
+        self, scope: Scope, head: RequestHead, request_id: str, status: int, elapsed: float
+    ) -> None:
+        route, op, action = route_of(scope["path"], self._simple)
+        # The trace the worker continues: the one forwarded, else the client's own (if valid).
+        trace = parse_traceparent(head.sent_traceparent or head.traceparent)
+        log_http_access(
+            method=scope["method"],
+            route=route,
+            op=op,
+            action=action,
+            status=status,
+            duration_s=elapsed,
+            request_id=request_id,
+            trace_id=trace.trace_id if trace is not None else None,
+            client=self._client_ip(scope, head),
+        )
+
+    async def _respond(
+        self, scope: Scope, head: RequestHead, request_id: str, receive: Receive, send: Send
+    ) -> int:
+        """Answer one request; the status sent (`CLIENT_CLOSED` when the client left)."""
+        try:
+            head.check_size(self._max_header)
             answer = await self._route(scope, head, request_id, receive, send)
             if answer is None:
-                return  # streamed
+                return _STREAMED
         except ClientGone:
-            return
+            return CLIENT_CLOSED
         except asyncio.CancelledError:
             # The grace period after SIGTERM ran out: say so, rather than a bare reset.
             if self._draining and not scope.get(_STREAMING):
@@ -213,17 +272,17 @@ class ShimApp:
         except NexusError as exc:
             answer = self._problem(exc, request_id, head)
         except Exception:
-            request_id = request_id or clean_request_id(None)
             logger.opt(exception=True).error("unexpected error; request id {}", request_id)
             error = InternalError(f"internal error; request id {request_id}")
             answer = self._problem(error, request_id, head)
         await self._send(send, answer, request_id)
+        return answer.status
 
-    def _problem(self, error: NexusError, request_id: str, head: RequestHead | None) -> Answer:
+    def _problem(self, error: NexusError, request_id: str, head: RequestHead) -> Answer:
         return problem_answer(
             error,
             request_id,
-            token_sent=head is not None and head.authorization is not None,
+            token_sent=head.authorization is not None,
             default_retry_after=self._retry_after,
         )
 
@@ -232,7 +291,7 @@ class ShimApp:
         headers = [
             (b"content-type", answer.content_type),
             (b"content-length", b"%d" % len(body)),
-            (_REQUEST_ID, (request_id or clean_request_id(None)).encode()),
+            (_REQUEST_ID, request_id.encode()),
             *answer.headers,
         ]
         if self._draining or answer.status in _CLOSING_STATUSES:

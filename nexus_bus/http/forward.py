@@ -25,7 +25,7 @@ from nexus_bus.constants import (
     PREFER_ASYNC,
     T_HTTP,
 )
-from nexus_bus.errors import InternalError, InvalidRequest, NexusError
+from nexus_bus.errors import InternalError, InvalidRequest, NexusError, UpstreamTimeout
 from nexus_bus.gateway import Gateway
 from nexus_bus.http.jobs import JobRoutes
 from nexus_bus.http.labels import OperationLabels
@@ -35,20 +35,26 @@ from nexus_bus.metadata import is_ascii_digits
 from nexus_bus.observability import METRICS
 
 _UNKNOWN_OPERATION: Final = "unknown_operation"
-_CLIENT_CLOSED: Final = 499  # nginx's convention, for the metric only: nobody gets it
+CLIENT_CLOSED: Final = 499  # nginx's convention, for metrics and logs only: nobody gets it
 
 
 def budget_s(raw: str | None, *, default_ms: int, max_ms: int) -> float:
     """The request's time budget in seconds, from the client's `Nexus-Timeout-Ms`.
 
     Raises:
-        InvalidRequest: a value that is not a positive integer.
+        InvalidRequest: a value that is not a non-negative integer.
+        UpstreamTimeout: 0, a budget spent before the request was sent: it is not forwarded
+            (a worker would drop it unrun), and the answer is the one a caller whose
+            deadline passes gets.
     """
     if raw is None:
         return min(default_ms, max_ms) / 1000
-    if not is_ascii_digits(raw) or len(raw) > 9 or int(raw) == 0:
-        raise InvalidRequest("Nexus-Timeout-Ms must be a positive integer of milliseconds")
-    return min(int(raw), max_ms) / 1000
+    if not is_ascii_digits(raw) or len(raw) > 9:
+        raise InvalidRequest("Nexus-Timeout-Ms must be an integer of milliseconds")
+    budget_ms = int(raw)
+    if budget_ms == 0:
+        raise UpstreamTimeout("Nexus-Timeout-Ms is 0: the budget was spent; nothing was sent")
+    return min(budget_ms, max_ms) / 1000
 
 
 def prefers_async(prefer: str | None) -> bool:
@@ -69,7 +75,11 @@ def bus_headers(
     timeout_s: float,
     media: str = "json",
 ) -> dict[str, str]:
-    """The NATS request headers for an HTTP request: identity, trace, budget and metadata."""
+    """The NATS request headers for an HTTP request: identity, trace, budget and metadata.
+
+    The traceparent they carry is also kept in `head.sent_traceparent`, so the shim's access
+    line names the trace the worker continues.
+    """
     extra: dict[str, str] = {}
     if head.authorization:
         extra[H_AUTHORIZATION] = head.authorization
@@ -83,8 +93,9 @@ def bus_headers(
         content_type=CT_MSGPACK if media == "msgpack" else None,
         extra=extra,
     )
+    sent = head.sent_traceparent = headers[H_TRACEPARENT]
     # tracestate belongs to the caller's trace; it travels only when that trace was kept.
-    if head.tracestate and headers[H_TRACEPARENT] == head.traceparent:
+    if head.tracestate and sent == head.traceparent:
         headers[H_TRACESTATE] = head.tracestate
     return headers
 
@@ -145,7 +156,7 @@ class OperationRoute:
             METRICS.count_error(self._labels.of(op, action, served=served)[0], exc.code)
             raise
         except ClientGone:
-            status = _CLIENT_CLOSED
+            status = CLIENT_CLOSED
             raise
         finally:
             self.inflight -= 1

@@ -25,15 +25,15 @@ from nexus_bus.constants import H_HTTP_REQUEST_ID
 from nexus_bus.errors import HeadersTooLarge, InvalidRequest, NexusError
 from nexus_bus.http.problems import CT_PROBLEM_BYTES, RequestTimeout
 from nexus_bus.metadata import new_request_id
+from nexus_bus.observability.access import log_http_access
 from nexus_bus.replies import problem_of
 
 _encoder: Final = msgspec.json.Encoder()
 _REQUEST_ID: Final = H_HTTP_REQUEST_ID.lower().encode()
 
 
-def problem_bytes(error: NexusError) -> bytes:
+def problem_bytes(error: NexusError, request_id: str) -> bytes:
     """A complete HTTP/1.1 answer for `error` that closes the connection."""
-    request_id = new_request_id()
     body = _encoder.encode(problem_of(error, request_id))
     return b"".join(
         [
@@ -145,6 +145,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     max_head_bytes: ClassVar[int] = 16 * 1024
     read_timeout_s: ClassVar[float] = 10.0
+    log_refusals: ClassVar[bool] = False  # an access line for each answer written here
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -226,14 +227,34 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, error: NexusError) -> None:
         self._cancel_read_timer()
         if not self.transport.is_closing():
-            self.transport.write(problem_bytes(error))
+            request_id = new_request_id()
+            self.transport.write(problem_bytes(error, request_id))
             self.transport.close()
+            if self.log_refusals:
+                # The request never reached the app: no route, no duration, the peer address.
+                log_http_access(
+                    method=None,
+                    route=None,
+                    op=None,
+                    action=None,
+                    status=error.http_status,
+                    duration_s=None,
+                    request_id=request_id,
+                    trace_id=None,
+                    client=self.client[0] if self.client else "",
+                )
 
 
-def limited_protocol(max_head_bytes: int, read_timeout_s: float) -> type[LimitedHttpToolsProtocol]:
+def limited_protocol(
+    max_head_bytes: int, read_timeout_s: float, *, access_log: bool = False
+) -> type[LimitedHttpToolsProtocol]:
     """A protocol class with these limits, for `uvicorn.Config(http=...)`."""
     return type(
         "ShimHttpProtocol",
         (LimitedHttpToolsProtocol,),
-        {"max_head_bytes": max_head_bytes, "read_timeout_s": read_timeout_s},
+        {
+            "max_head_bytes": max_head_bytes,
+            "read_timeout_s": read_timeout_s,
+            "log_refusals": access_log,
+        },
     )

@@ -62,6 +62,8 @@ class RequestHead:
         "last_event_id",
         "prefer",
         "request_id",
+        "sent_traceparent",
+        "size",
         "timeout_ms",
         "traceparent",
         "tracestate",
@@ -79,14 +81,25 @@ class RequestHead:
         self.prefer: str | None = None
         self.forwarded_for: str | None = None
         self.last_event_id: str | None = None
+        self.size = 0  # bytes of all headers, as `check_size` counts them
+        # The traceparent the shim forwarded (the client's, or a new trace): the access line's.
+        self.sent_traceparent: str | None = None
+
+    def check_size(self, max_bytes: int) -> None:
+        """Refuse a head whose headers add up to more than `max_bytes`.
+
+        A separate step from `parse_head`, so that the 431 problem still carries the
+        client's own request id.
+
+        Raises:
+            HeadersTooLarge: the headers add up to more than `max_bytes`.
+        """
+        if self.size > max_bytes:
+            raise HeadersTooLarge(f"request headers total {self.size} bytes, more than {max_bytes}")
 
 
-def parse_head(headers: Iterable[tuple[bytes, bytes]], max_bytes: int) -> RequestHead:
-    """Pick the headers the shim uses out of an ASGI header list.
-
-    Raises:
-        HeadersTooLarge: the headers add up to more than `max_bytes`.
-    """
+def parse_head(headers: Iterable[tuple[bytes, bytes]]) -> RequestHead:
+    """Pick the headers the shim uses out of an ASGI header list, and add up their size."""
     head = RequestHead()
     total = 0
     for name, value in headers:
@@ -101,8 +114,7 @@ def parse_head(headers: Iterable[tuple[bytes, bytes]], max_bytes: int) -> Reques
             setattr(head, slot, text)
         elif slot == "forwarded_for":
             head.forwarded_for = f"{current}, {text}"
-    if total > max_bytes:
-        raise HeadersTooLarge(f"request headers total {total} bytes, more than {max_bytes}")
+    head.size = total
     return head
 
 

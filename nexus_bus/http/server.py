@@ -25,6 +25,7 @@ from nexus_bus.config import Settings
 from nexus_bus.http.app import ShimApp
 from nexus_bus.http.protocol import limited_protocol
 from nexus_bus.observability import logger
+from nexus_bus.observability.access import access_log_enabled
 from nexus_bus.operations import Operations
 
 
@@ -37,7 +38,11 @@ def create_config(app: ShimApp, settings: Settings) -> uvicorn.Config:
         port=http.port,
         backlog=http.backlog,
         loop="uvloop",
-        http=limited_protocol(http.max_header_bytes, http.read_timeout_s),
+        http=limited_protocol(
+            http.max_header_bytes,
+            http.read_timeout_s,
+            access_log=access_log_enabled(settings.log),
+        ),
         ws="none",
         lifespan="on",
         log_config=None,

@@ -90,7 +90,7 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
             return await dlq.replay_all(op=args.op, token=token)
         if is_ascii_digits(args.id):
             return [await dlq.replay(int(args.id), token=token)]
-        if not _JOB_ID.match(args.id):
+        if not _JOB_ID.fullmatch(args.id):
             raise InvalidRequest("expected a DLQ sequence number or a 32-hex job id")
         seqs = [e.seq for e in await _all_entries(dlq, args.op) if e.job_id == args.id]
         if not seqs:

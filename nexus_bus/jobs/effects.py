@@ -236,7 +236,7 @@ class JournaledRecordStore:
         await self._write_through.written(key, value, msg.seq or revision)
 
     def _key_subject(self, key: str) -> str:
-        if len(key) > 256 or _KEY.match(key) is None:
+        if len(key) > 256 or _KEY.fullmatch(key) is None:
             raise InvalidRequest(f"invalid key {key[:80]!r}")
         return f"{KV_SUBJECT_PREFIX}.{self._bucket}.{key}"
 

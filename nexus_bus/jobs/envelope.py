@@ -33,7 +33,7 @@ from nexus_bus.errors import InvalidRequest
 from nexus_bus.metadata import budget_headers
 from nexus_bus.subjects import check_token
 
-JOB_ID_PATTERN: Final = r"^[0-9a-f]{32}$"
+JOB_ID_PATTERN: Final = r"^[0-9a-f]{32}$(?!\n)"  # exported too: see TOKEN_PATTERN
 _JOB_ID: Final = re.compile(JOB_ID_PATTERN)
 # The request headers a job keeps; deadlines are dropped on purpose: a job has no caller
 # waiting, the runner gives each attempt the job timeout instead.
@@ -75,7 +75,7 @@ def job_id_of_message(op: str, action: str, headers: Mapping[str, str], stream_s
     `Nats-Msg-Id` when it set one, else from its stream sequence.
     """
     given = headers.get(H_JOB_ID, "")
-    if _JOB_ID.match(given):
+    if _JOB_ID.fullmatch(given):
         return given
     msg_id = headers.get(H_NATS_MSG_ID)
     return job_id_for(op, action, msg_id or f"{JOBS_STREAM}:{stream_seq}")
@@ -87,7 +87,7 @@ def check_job_id(job_id: str) -> str:
     Raises:
         InvalidRequest: anything else (it would otherwise reach a KV key or subject).
     """
-    if not isinstance(job_id, str) or _JOB_ID.match(job_id) is None:
+    if not isinstance(job_id, str) or _JOB_ID.fullmatch(job_id) is None:
         raise InvalidRequest("invalid job id: expected 32 lowercase hex characters")
     return job_id
 

@@ -17,13 +17,14 @@ JOBS_REDELIVERED: Final = Counter(
 )
 JOBS_DEAD_LETTERED: Final = Counter(
     M_JOBS_DEAD_LETTERED,
-    "Jobs dead-lettered, by reason (failed: a permanent error; dead: out of attempts).",
+    "Jobs dead-lettered, by reason (failed: a permanent error not the client's; dead: out of"
+    " attempts).",
     ("op", "reason"),
     registry=METRICS.registry,
 )
 JOBS_COMPLETED: Final = Counter(
     M_JOBS_COMPLETED,
-    "Job attempts by outcome: succeeded, retry, failed, dead.",
+    "Job attempts by outcome: succeeded, retry, rejected (a client error), failed, dead.",
     ("op", "outcome"),
     registry=METRICS.registry,
 )

@@ -7,7 +7,9 @@ timeout) and the handler's record store journals its writes (`effects.py`). Then
 - success → status `succeeded` with the result, then a confirmed ack (`ack_sync`);
 - a retryable error with attempts left → status `pending` with the error, `nak(delay)` on the
   backoff schedule (a bare nak would redeliver at once);
-- a permanent error → dead-letter at once, status `failed`, `term`;
+- a permanent client error (4xx but 401) → status `failed` with its problem, then an ack: the
+  operation answered, and the dead-letter queue is for work that could not be done;
+- any other permanent error → dead-letter at once, status `failed`, `term`;
 - a retryable error on the last attempt → dead-letter, status `dead`, `term`.
 
 The consumer itself has no `max_deliver`: the runner counts attempts, so a job that kills its
@@ -343,6 +345,9 @@ class JobRunner:
             await self._ack(msg)
             return
         assert error is not None
+        if decision.verdict is Verdict.REJECTED:
+            await self._reject(msg, running, revision, error)
+            return
         if decision.verdict is Verdict.RETRY:
             problem = _problem(error, running.request_id)
             retry = advance(running, JobStatus.PENDING, now=self._clock(), error=problem)
@@ -360,6 +365,22 @@ class JobRunner:
         await self._bury(
             msg, op, action, running, revision, headers, error, decision.verdict, attempt
         )
+
+    async def _reject(
+        self, msg: Msg, running: JobRecord, revision: int, error: NexusError
+    ) -> None:
+        """End the job as `failed` with the client error its operation answered; no DLQ."""
+        assert self._store is not None
+        failed = advance(
+            running, JobStatus.FAILED, now=self._clock(), error=_problem(error, running.request_id)
+        )
+        # The handler ran (its writes are committed): write the outcome through a brief
+        # JetStream outage rather than hand the message back, as for a success.
+        await write_outcome(
+            self._store, failed, revision, keepalive=msg.in_progress, sleep=asyncio.sleep
+        )
+        logger.info("job failed: {} {}: {}", error.http_status, error.code, error.detail)
+        await self._ack(msg)
 
     async def _bury(
         self,

@@ -31,6 +31,7 @@ class JobRecord(Job, frozen=True, kw_only=True, omit_defaults=True):
     `error` holds the last error's problem document (code, title, status, detail).
     """
 
+    attempts: int = 0  # a default here only: the stored form may leave it out, `Job` may not
     created_at: float = 0.0
     updated_at: float = 0.0
     request_id: str | None = None

@@ -59,6 +59,12 @@ async def echo(req: EchoRequest, ctx: RequestContext) -> dict[str, Any]:
     }
 
 
+@probe_ops.action("loose", allow_unknown_fields=True)
+async def loose(req: EchoRequest, ctx: RequestContext) -> dict[str, str]:
+    """Declared to accept fields its request does not name."""
+    return {"note": req.note}
+
+
 @probe_ops.action("sleep")
 async def sleep(req: SleepRequest, ctx: RequestContext) -> dict[str, int]:
     """Answer after `ms` milliseconds."""

@@ -52,6 +52,9 @@ async def test_no_responders_is_immediate(gateway: Gateway) -> None:
         (b'{"key": "a b"}', "invalid_request"),
         (b'{"key": "k", "value": ' + b"[" * 5000 + b"]" * 5000 + b"}", "invalid_request"),
         (b'{"key": "k", "value": 1' + b"9" * 400 + b"}", "invalid_request"),
+        # A "$"-anchored key pattern let a final newline through, to the NATS client's
+        # subject check (503).
+        (b'{"key": "k\\n", "value": 1}', "invalid_request"),
     ],
 )
 async def test_malformed_bodies_are_400(gateway: Gateway, body: bytes, code: str) -> None:
@@ -92,6 +95,18 @@ async def test_worker_enforces_limits_for_direct_nats_clients(
             headers={**auth, "Content-Type": "text/xml"},
         )
         assert msg.headers is not None and msg.headers["Nexus-Status"] == "415"
+        # JSON is UTF-8 (RFC 8259): a body declared in another charset is refused too.
+        for content_type, status in (
+            ("application/json; charset=latin-1", "415"),
+            ("application/json; charset=UTF-8", "404"),  # accepted: the key does not exist
+        ):
+            msg = await nc.request(
+                "nexus.data.get",
+                b'{"key":"no.such.key.charset"}',
+                timeout=5,
+                headers={**auth, "Content-Type": content_type},
+            )
+            assert msg.headers is not None and msg.headers["Nexus-Status"] == status
     finally:
         await nc.close()
 

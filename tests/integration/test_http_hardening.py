@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -64,6 +65,7 @@ def parse_raw(answer: bytes) -> tuple[int, dict[str, str], bytes]:
         b'{"key": "k", "value": ' + b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}",
         b'{"key": "k", "value": 1' + b"9" * 5000 + b"}",
         b'{"key": "k", "value": 1e999999}',
+        b'{"key": "k\\n", "value": 1}',  # "$" in a key pattern once let the newline through
         b"",
         b"null",
         b'"just a string"',
@@ -77,7 +79,14 @@ async def test_malformed_bodies_are_400_problems(client: httpx.AsyncClient, body
 
 
 @pytest.mark.parametrize(
-    "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml"]
+    "content_type",
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/xml",
+        "application/json; charset=latin-1",  # JSON is UTF-8 (RFC 8259)
+        "application/json;charset=utf-16",
+    ],
 )
 async def test_unsupported_content_types_are_415(
     client: httpx.AsyncClient, content_type: str
@@ -98,6 +107,12 @@ async def test_json_with_parameters_and_no_content_type_are_accepted(
         headers={"Content-Type": "application/json; charset=utf-8"},
     )
     assert put.status_code == 200
+    upper = await client.post(
+        "/v1/data/get",
+        content=b'{"key":"%s"}' % key.encode(),
+        headers={"Content-Type": 'application/json; charset="UTF-8"'},
+    )
+    assert upper.status_code == 200
     bare = await client.post("/v1/data/get", content=b'{"key":"%s"}' % key.encode())
     assert bare.status_code == 200 and bare.json()["value"] == 1
 
@@ -114,7 +129,8 @@ async def test_declared_oversized_body_is_413_before_reading(
     # No body is sent at all: the answer must not wait for it.
     status, headers, body = parse_raw(await raw_exchange(shim.url, request, read_timeout_s=5))
     assert status == 413 and headers["connection"] == "close"
-    assert b"payload_too_large" in body
+    assert json.loads(body)["code"] == "payload_too_large"
+    assert json.loads(body)["request_id"] == headers["x-request-id"] != ""
     assert time.monotonic() - started < READ_TIMEOUT_S
 
 
@@ -188,16 +204,22 @@ async def test_oversized_headers_are_431(shim: RunningShim, settings: Settings, 
         writer.close()
     status, headers, body = parse_raw(answer)
     assert status == 431 and headers["content-type"] == "application/problem+json"
-    assert b"headers_too_large" in body and headers["x-request-id"]
+    assert json.loads(body)["code"] == "headers_too_large"
+    assert json.loads(body)["request_id"] == headers["x-request-id"] != ""
 
 
 async def test_many_headers_adding_up_are_431(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
+    """Measured by the app: the problem carries the request id of its answer, the client's."""
     headers = {f"x-h{i}": "v" * 200 for i in range(settings.http.max_header_bytes // 200 + 5)}
     resp = await client.post("/v1/data/get", json={"key": "k"}, headers=headers)
-    assert resp.status_code == 431
-    assert resp.json()["code"] == "headers_too_large"
+    assert_problem(resp, 431, "headers_too_large")
+    resp = await client.post(
+        "/v1/data/get", json={"key": "k"}, headers={**headers, "X-Request-Id": "mine-431"}
+    )
+    assert_problem(resp, 431, "headers_too_large")
+    assert resp.json()["request_id"] == "mine-431"
 
 
 async def test_malformed_http_is_a_400_problem(shim: RunningShim) -> None:
@@ -205,7 +227,8 @@ async def test_malformed_http_is_a_400_problem(shim: RunningShim) -> None:
         await raw_exchange(shim.url, b"POST /v1/data/get HTTP/1.1\r\nBad Header\r\n\r\n")
     )
     assert status == 400 and headers["content-type"] == "application/problem+json"
-    assert b"invalid_request" in body
+    assert json.loads(body)["code"] == "invalid_request"
+    assert json.loads(body)["request_id"] == headers["x-request-id"] != ""
 
 
 async def test_slow_headers_time_out_with_408(shim: RunningShim) -> None:

@@ -52,6 +52,22 @@ async def test_respond_async_runs_the_operation_as_a_job(
     assert got.json()["value"] == {"async": True}
 
 
+async def test_a_pending_job_document_has_its_attempts(
+    client: httpx.AsyncClient, uid: str
+) -> None:
+    """No worker serves this op: the job stays pending, and says it ran 0 times."""
+    accepted = await client.post(f"/v1/idle{uid}/run", json={}, headers=ASYNC)
+    assert accepted.status_code == 202, accepted.text
+    job = (await client.get(accepted.headers["location"])).json()
+    assert job == {
+        "id": accepted.json()["job_id"],
+        "op": f"idle{uid}",
+        "action": "run",
+        "status": "pending",
+        "attempts": 0,
+    }
+
+
 async def test_prefer_with_other_preferences_still_submits(
     client: httpx.AsyncClient, uid: str
 ) -> None:
@@ -76,8 +92,9 @@ async def test_same_idempotency_key_is_the_same_job(client: httpx.AsyncClient, u
 async def test_unknown_and_malformed_job_ids(client: httpx.AsyncClient) -> None:
     missing = await client.get(f"/v1/jobs/{uuid.uuid4().hex}")
     assert missing.status_code == 404 and missing.json()["code"] == "not_found"
-    malformed = await client.get("/v1/jobs/not-a-job-id")
-    assert malformed.status_code == 400 and malformed.json()["code"] == "invalid_request"
+    for bad in ("not-a-job-id", uuid.uuid4().hex + "%0A"):  # a final newline passed `$`
+        malformed = await client.get(f"/v1/jobs/{bad}")
+        assert malformed.status_code == 400 and malformed.json()["code"] == "invalid_request"
     wrong_method = await client.post(f"/v1/jobs/{uuid.uuid4().hex}", json={})
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "GET"
 

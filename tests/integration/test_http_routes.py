@@ -9,7 +9,7 @@ import httpx
 import msgspec
 import pytest
 
-from nexus_bus import Settings, Worker
+from nexus_bus import Gateway, InvalidRequest, NotFound, Settings, Worker
 from nexus_bus.embedded import ServerProcess
 from nexus_bus.handlers import BUILTIN
 from nexus_bus.specs import openapi_document
@@ -122,11 +122,50 @@ async def test_timeout_budget_is_capped_and_validated(
         f"/v1/{PROBE_OP}/echo", json={}, headers={"Nexus-Timeout-Ms": "999999999"}
     )
     assert huge.json()["timeout_ms"] == str(settings.http.max_timeout_ms)
-    for bad in ("0", "-5", "abc", "1.5"):
+    for bad in ("-5", "abc", "1.5"):
         resp = await client.post(
             f"/v1/{PROBE_OP}/echo", json={}, headers={"Nexus-Timeout-Ms": bad}
         )
         problem(resp, 400, "invalid_request")
+
+
+async def test_unknown_fields_are_refused_naming_the_field(
+    client: httpx.AsyncClient, gateway: Gateway, uid: str
+) -> None:
+    """`role` is not a field of data.put: 400 on both paths, and nothing is written."""
+    body = {"key": f"role.{uid}", "value": 1, "role": "admin"}
+    found = problem(await client.post("/v1/data/put", json=body), 400, "invalid_request")
+    assert "unknown field `role`" in str(found["detail"])
+    with pytest.raises(InvalidRequest, match="unknown field `role`"):
+        await gateway.request("data", "put", body)
+    with pytest.raises(NotFound):
+        await gateway.request("data", "get", {"key": f"role.{uid}"})
+    nested = {"messages": [{"role": "user", "content": "hi", "name": "x"}]}
+    found = problem(await client.post("/v1/ai/complete", json=nested), 400, "invalid_request")
+    assert "unknown field `name`" in str(found["detail"])
+
+
+async def test_an_operation_may_declare_it_accepts_unknown_fields(
+    client: httpx.AsyncClient, gateway: Gateway
+) -> None:
+    loose = await client.post(f"/v1/{PROBE_OP}/loose", json={"note": "n", "extra": 1})
+    assert loose.status_code == 200 and loose.json() == {"note": "n"}
+    assert await gateway.request(PROBE_OP, "loose", {"note": "m", "extra": 1}) == {"note": "m"}
+    problem(await client.post(f"/v1/{PROBE_OP}/echo", json={"extra": 1}), 400, "invalid_request")
+
+
+async def test_a_spent_budget_is_not_forwarded(
+    settings: Settings, client: httpx.AsyncClient, uid: str
+) -> None:
+    """`Nexus-Timeout-Ms: 0`: the answer a caller gets once its deadline passed, unsent."""
+    for spent in ("0", "00"):
+        resp = await client.post(
+            "/v1/data/put",
+            json={"key": f"spent.{uid}", "value": 1},
+            headers={"Nexus-Timeout-Ms": spent},
+        )
+        problem(resp, 504, "upstream_timeout")
+    assert (await client.post("/v1/data/get", json={"key": f"spent.{uid}"})).status_code == 404
 
 
 async def test_slow_operation_is_a_504(client: httpx.AsyncClient) -> None:

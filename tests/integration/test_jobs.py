@@ -17,10 +17,15 @@ from typing import Any
 import pytest
 
 from nexus_bus import (
+    Conflict,
+    Forbidden,
     Gateway,
+    InternalError,
     InvalidRequest,
+    NexusError,
     NotFound,
     Operations,
+    PayloadTooLarge,
     RequestContext,
     Settings,
     Unavailable,
@@ -32,6 +37,8 @@ from nexus_bus.constants import DLQ_STREAM, H_AUTHORIZATION, H_DEADLINE, JOBS_ST
 from nexus_bus.jobs.client import get_job, job_store, submit_job, wait_job, watch_job
 from nexus_bus.jobs.dlq import DeadLetterQueue
 from nexus_bus.jobs.envelope import new_job_id
+from nexus_bus.jobs.metrics import JOBS_COMPLETED, JOBS_DEAD_LETTERED
+from nexus_bus.jobs.runner import consumer_name
 from nexus_bus.jobs.status import JobRecord, advance
 from nexus_bus.metadata import headers_size
 from nexus_bus.schemas.jobs import JobStatus
@@ -176,7 +183,62 @@ async def test_always_retryable_is_dead_lettered_after_max_deliver(
     assert started <= entry.enqueued_at <= entry.failed_at <= time.time()
 
 
-async def test_permanent_error_is_dead_lettered_at_once_and_replay_runs_it_again(
+class Unprocessable(NexusError):
+    """A client error this version has no class for: it travels as an unknown code (whose
+    title, rebuilt on the runner's side, is the code)."""
+
+    code, http_status, title = "unprocessable", 422, "unprocessable"
+
+
+@pytest.mark.parametrize(
+    "error", [InvalidRequest, Forbidden, NotFound, Conflict, PayloadTooLarge, Unprocessable]
+)
+async def test_a_client_error_fails_the_job_without_dead_lettering_it(
+    gateway: Gateway, settings: Settings, uid: str, error: type[NexusError]
+) -> None:
+    """The operation answered the request, as it would a synchronous call: the job is
+    `failed` with that problem, at once, and nothing reaches the DLQ or its alert."""
+    ops = Operations(f"j{uid}")
+    attempts: list[int] = []
+
+    @ops.action("strict")
+    async def strict(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        attempts.append(ctx.attempt)
+        raise error("refused")
+
+    dead_before = JOBS_DEAD_LETTERED.labels(ops.op, "failed")._value.get()
+    async with serving(settings, ops, max_deliver=5):
+        accepted = await gateway.submit(ops.op, "strict", {}, request_id=f"r{uid}")
+        job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
+        await asyncio.sleep(0.3)  # nothing may run or be dead-lettered after the outcome
+    assert job.status is JobStatus.FAILED and job.attempts == 1 and attempts == [1]
+    assert job.error == {
+        "type": f"https://nexus-bus.dev/problems/{error.code}",
+        "title": error.title,
+        "status": error.http_status,
+        "code": error.code,
+        "detail": "refused",
+        "request_id": f"r{uid}",
+    }
+    assert await (await dlq_of(gateway, settings)).entries(op=ops.op) == []
+    assert JOBS_DEAD_LETTERED.labels(ops.op, "failed")._value.get() == dead_before
+    assert JOBS_COMPLETED.labels(ops.op, "rejected")._value.get() == 1
+    info = await gateway.nc.jetstream().consumer_info(JOBS_STREAM, consumer_name(ops.op))
+    assert info.num_pending == 0 and info.num_ack_pending == 0  # acked: nothing left to run
+
+
+async def test_a_body_the_operation_refuses_fails_the_job_without_dead_lettering_it(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    """Refused before the handler runs (a body that does not validate): the same."""
+    accepted = await gateway.submit("data", "get", {"key": f"bad key {uid}"})
+    job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
+    assert job.status is JobStatus.FAILED and job.error["code"] == "invalid_request"
+    entries = await (await dlq_of(gateway, settings)).entries(op="data")
+    assert accepted.job_id not in {e.job_id for e in entries}
+
+
+async def test_a_permanent_server_error_is_dead_lettered_at_once_and_replay_runs_it_again(
     gateway: Gateway, settings: Settings, uid: str
 ) -> None:
     ops = Operations(f"j{uid}")
@@ -187,18 +249,18 @@ async def test_permanent_error_is_dead_lettered_at_once_and_replay_runs_it_again
     async def strict(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
         attempts.append(ctx.attempt)
         if broken:
-            raise InvalidRequest("refused")
+            raise InternalError("broken")
         return {"ok": True}
 
     async with serving(settings, ops, max_deliver=5):
         accepted = await gateway.submit(ops.op, "strict", {})
         job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
         assert job.status is JobStatus.FAILED and job.attempts == 1
-        assert job.error["code"] == "invalid_request"
+        assert job.error["code"] == "internal"
         assert attempts == [1]
         dlq = await dlq_of(gateway, settings)
         [entry] = await dlq.entries(op=ops.op)
-        assert entry.attempts == 1 and entry.error_code == "invalid_request"
+        assert entry.attempts == 1 and entry.error_code == "internal"
 
         broken = False
         assert await dlq.replay(entry.seq) == accepted.job_id
@@ -323,6 +385,8 @@ async def test_unknown_action_of_a_served_op_fails_permanently(
     accepted = await gateway.submit("data", "nosuchaction", {})
     job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
     assert job.status is JobStatus.FAILED and job.error["code"] == "unknown_operation"
+    entries = await (await dlq_of(gateway, settings)).entries(op="data")
+    assert accepted.job_id not in {e.job_id for e in entries}
 
 
 async def test_cli_lists_replays_and_purges_the_dlq(
@@ -334,7 +398,7 @@ async def test_cli_lists_replays_and_purges_the_dlq(
     @ops.action("fail")
     async def fail(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
         if failing["on"]:
-            raise InvalidRequest("no")
+            raise InternalError("no")
         return {"n": req["n"]}
 
     async def cli(*args: str) -> str:
@@ -358,7 +422,7 @@ async def test_cli_lists_replays_and_purges_the_dlq(
         listed = json.loads(await cli("dlq", "list", "--op", ops.op, "--json"))
         number = {j.job_id: n for n, j in enumerate(jobs)}
         assert sorted(e["job_id"] for e in listed) == sorted(number)
-        assert all(e["error"]["code"] == "invalid_request" for e in listed)
+        assert all(e["error"]["code"] == "internal" for e in listed)
 
         failing["on"] = False
         first = listed[0]["job_id"]
@@ -431,8 +495,11 @@ async def test_a_job_too_large_to_dead_letter_whole_is_buried_without_its_body(
 
     @ops.action("strict")
     async def strict(req: Any, ctx: RequestContext) -> dict[str, Any]:
-        raise AssertionError("the body is refused before the handler runs")
+        raise InternalError("broken")  # a permanent server error: dead-lettered at once
 
+    # Bodies up to the server's max_payload reach the handler.
+    limits = settings.limits.model_copy(update={"max_body_bytes": 2 * gateway.nc.max_payload})
+    settings = settings.model_copy(update={"limits": limits})
     async with serving(settings, ops, max_deliver=3, backoff_base_s=0.1, backoff_max_s=0.2) as w:
         headers = {
             "Nats-Msg-Id": f"m{uid}",
@@ -442,7 +509,6 @@ async def test_a_job_too_large_to_dead_letter_whole_is_buried_without_its_body(
         }
         header_bytes = headers_size(headers)
         # Fits with its own headers by 20 bytes; the dead-letter headers add hundreds more.
-        # Over max_body_bytes too, so the worker refuses it (413) and buries it at once.
         body = b'"' + b"x" * (gateway.nc.max_payload - header_bytes - 22) + b'"'
         js = gateway.nc.jetstream()
         await js.publish(f"nexus.jobs.{ops.op}.strict", body, stream=JOBS_STREAM, headers=headers)
@@ -455,5 +521,5 @@ async def test_a_job_too_large_to_dead_letter_whole_is_buried_without_its_body(
             await asyncio.sleep(0.1)
         assert len(entries) == 1 and entries[0].data == b""
         assert entries[0].headers["Nexus-Dlq-Body-Dropped"] == str(len(body))
-        assert entries[0].error_code == "payload_too_large"
+        assert entries[0].error_code == "internal"
         assert w.nc.is_connected

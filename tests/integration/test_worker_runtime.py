@@ -185,6 +185,28 @@ async def test_expired_requests_are_dropped_before_they_start(
     assert METRICS.expired.labels(op)._value.get() == before + 1
 
 
+async def test_a_spent_budget_is_dropped_not_executed(
+    probe: Callable[..., object], nats_url: str
+) -> None:
+    """`Nexus-Timeout-Ms: 0`: the caller had no time left when it sent the request."""
+    _, state, op = await probe()  # type: ignore[operator]
+    before = METRICS.expired.labels(op)._value.get()
+    nc = await nats.connect(nats_url)
+    try:
+        future = str(int(time.time() * 1000) + 5_000)
+        for spent in (
+            {"Nexus-Timeout-Ms": "0"},
+            {"Nexus-Timeout-Ms": "0", "Nexus-Deadline": future},
+        ):
+            with pytest.raises(nats.errors.TimeoutError):
+                await nc.request(f"nexus.{op}.run", b"{}", timeout=0.5, headers=spent)
+        await nc.request(f"nexus.{op}.run", b"{}", timeout=5, headers={"Nexus-Timeout-Ms": "5000"})
+    finally:
+        await nc.close()
+    assert state.started == 1
+    assert METRICS.expired.labels(op)._value.get() == before + 2
+
+
 async def test_handlers_past_their_deadline_are_cancelled(
     probe: Callable[..., object], gateway: Gateway
 ) -> None:

@@ -59,6 +59,20 @@ def test_media_types() -> None:
         codec.media_type("text/xml")
 
 
+@pytest.mark.parametrize(
+    "declared", ["charset=UTF-8", 'charset="utf-8"', " CharSet = utf-8 ", "foo=bar; charset=utf-8"]
+)
+def test_json_in_utf8_is_accepted_however_spelled(declared: str) -> None:
+    assert codec.media_type(f"application/json; {declared}") == "json"
+
+
+@pytest.mark.parametrize("charset", ["latin-1", "iso-8859-1", "utf-16", '"us-ascii"', ""])
+def test_json_in_any_other_charset_is_415(charset: str) -> None:
+    """JSON is UTF-8 (RFC 8259): a body declared otherwise would be read as something else."""
+    with pytest.raises(UnsupportedMediaType):
+        codec.media_type(f"application/json; charset={charset}")
+
+
 def test_depth_counts_structs_and_containers() -> None:
     class Box(msgspec.Struct):
         inner: list[dict[str, int]]

@@ -15,6 +15,7 @@ from nexus_bus.errors import (
     PayloadTooLarge,
     RateLimited,
     Unavailable,
+    UpstreamTimeout,
 )
 from nexus_bus.http.client_ip import TrustedProxies
 from nexus_bus.http.forward import budget_s, prefers_async
@@ -140,8 +141,7 @@ def test_parse_head_picks_first_and_joins_forwarded_for() -> None:
             (b"content-type", b"application/json"),
             (b"x-other", b"ignored"),
             (b"idempotency-key", b"caf\xe9"),
-        ],
-        16384,
+        ]
     )
     assert head.authorization == "Bearer a"
     assert head.forwarded_for == "1.1.1.1, 2.2.2.2"
@@ -151,18 +151,21 @@ def test_parse_head_picks_first_and_joins_forwarded_for() -> None:
 
 
 def test_parse_head_limit() -> None:
+    head = parse_head([(b"x-big", b"v" * 2000), (b"x-request-id", b"mine")])
+    assert head.request_id == "mine"  # read before the size is refused: the 431 carries it
     with pytest.raises(HeadersTooLarge):
-        parse_head([(b"x-big", b"v" * 2000)], 1000)
+        head.check_size(1000)
+    head.check_size(4096)
 
 
 def test_declared_length() -> None:
-    head = parse_head([(b"content-length", b"100")], 1000)
+    head = parse_head([(b"content-length", b"100")])
     assert declared_length(head, 100) == 100
     with pytest.raises(PayloadTooLarge):
         declared_length(head, 99)
     with pytest.raises(InvalidRequest):
-        declared_length(parse_head([(b"content-length", b"1e3")], 1000), 100)
-    assert declared_length(parse_head([], 1000), 100) is None
+        declared_length(parse_head([(b"content-length", b"1e3")]), 100)
+    assert declared_length(parse_head([]), 100) is None
 
 
 def receiver(*messages: dict[str, Any]) -> Any:
@@ -208,9 +211,12 @@ def test_budget() -> None:
     assert budget_s(None, default_ms=5000, max_ms=60000) == 5.0
     assert budget_s("250", default_ms=5000, max_ms=60000) == 0.25
     assert budget_s("999999", default_ms=5000, max_ms=60000) == 60.0
-    for bad in ("0", "-1", "1.5", "x", "9" * 12):
+    for bad in ("-1", "1.5", "x", "9" * 12):
         with pytest.raises(InvalidRequest):
             budget_s(bad, default_ms=5000, max_ms=60000)
+    for spent in ("0", "000"):  # a spent budget: the answer to a passed deadline
+        with pytest.raises(UpstreamTimeout):
+            budget_s(spent, default_ms=5000, max_ms=60000)
 
 
 @pytest.mark.parametrize(

@@ -30,9 +30,22 @@ def test_success_acks_whatever_the_attempt() -> None:
     assert verdict(201, True, 9) == Decision(Verdict.SUCCEEDED)
 
 
-def test_permanent_errors_fail_at_once() -> None:
-    assert verdict(400, False, 1) == Decision(Verdict.FAILED)
-    assert verdict(500, False, 1) == Decision(Verdict.FAILED)
+@pytest.mark.parametrize("status", [400, 403, 404, 409, 413, 415, 422])
+def test_permanent_client_errors_are_rejected_not_dead_lettered(status: int) -> None:
+    """The operation's answer to the request: replaying it would get the same answer."""
+    assert verdict(status, False, 1) == Decision(Verdict.REJECTED)
+    assert verdict(status, False, 3) == Decision(Verdict.REJECTED)
+
+
+@pytest.mark.parametrize("status", [401, 500, 501])
+def test_other_permanent_errors_are_dead_lettered_at_once(status: int) -> None:
+    """A server fault, or a token that expired while the job waited: replayable work."""
+    assert verdict(status, False, 1) == Decision(Verdict.FAILED)
+
+
+def test_retryable_client_errors_are_retried_then_dead_lettered() -> None:
+    assert verdict(429, True, 1) == Decision(Verdict.RETRY, 1.0)
+    assert verdict(429, True, 3) == Decision(Verdict.DEAD)
 
 
 def test_retryable_errors_follow_the_schedule_until_the_last_attempt() -> None:

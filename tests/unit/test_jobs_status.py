@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import msgspec
 import pytest
 
 from nexus_bus.errors import NotFound, Unavailable
@@ -41,6 +42,14 @@ def test_records_round_trip_and_show_only_the_public_fields() -> None:
     )
     with pytest.raises(NotFound):
         decode_record(b"not json")
+
+
+def test_the_public_document_always_has_attempts() -> None:
+    """0 before the first run: the contract's job document always carries `attempts`."""
+    assert PENDING.attempts == 0 and b'"attempts"' not in encode_record(PENDING)  # stored lean
+    public = msgspec.json.decode(msgspec.json.encode(PENDING.to_job()))
+    assert public == {"id": "a" * 32, "op": "orders", "action": "create", "status": "pending",
+                      "attempts": 0}
 
 
 def test_dead_letter_headers_keep_the_job_and_annotate_the_failure() -> None:

@@ -4,6 +4,7 @@ from nexus_bus import nats_headers
 from nexus_bus.constants import H_DEADLINE, H_TIMEOUT_MS, H_TRACEPARENT
 from nexus_bus.errors import HeadersTooLarge, InvalidRequest
 from nexus_bus.metadata import (
+    SPENT_DEADLINE_MS,
     budget_headers,
     check_headers,
     clean_request_id,
@@ -50,6 +51,15 @@ def test_deadline_prefers_absolute_then_relative_then_default() -> None:
     assert deadline_ms({H_TIMEOUT_MS: "250"}, now, 5000) == 1_000_250
     assert deadline_ms({H_DEADLINE: "-5", H_TIMEOUT_MS: "x"}, now, 5000) == 1_005_000
     assert budget_headers(0.25, now) == {H_TIMEOUT_MS: "250", H_DEADLINE: "1000250"}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{H_TIMEOUT_MS: "0"}, {H_TIMEOUT_MS: "000"}, {H_TIMEOUT_MS: "0", H_DEADLINE: "9999999999999"}],
+)
+def test_a_spent_budget_is_a_deadline_past_any_clock_skew(headers: dict[str, str]) -> None:
+    """`Nexus-Timeout-Ms: 0` counted from receipt would still run within the allowed skew."""
+    assert deadline_ms(headers, 1_000_000, 5000) == SPENT_DEADLINE_MS
 
 
 def test_header_checks() -> None:

@@ -1,5 +1,6 @@
 import io
 import json
+from datetime import datetime
 
 from nexus_bus.observability import (
     Metrics,
@@ -9,6 +10,7 @@ from nexus_bus.observability import (
     logger,
     release,
 )
+from nexus_bus.observability.logging import info_line
 
 
 def test_json_log_lines_carry_the_contract_fields() -> None:
@@ -34,6 +36,24 @@ def test_json_log_lines_carry_the_contract_fields() -> None:
         1.5,
     )
     assert "timestamp" in doc
+
+
+def test_info_lines_match_the_handler_and_its_level() -> None:
+    """`info_line` writes past loguru (a line per request), in the handler's shape."""
+    sink = io.StringIO()
+    fields = {"trace_id": "t" * 32, "correlation_id": "r-1", "op": "data", "status": 200}
+    configure_logging("svc-a", "INFO", sink=sink)
+    try:
+        info_line("access", **fields)
+        logger.bind(**fields).info("access")
+        configure_logging("svc-a", "WARNING", sink=sink)
+        info_line("dropped", **fields)
+    finally:
+        configure_logging("nexus-test", "WARNING", json_lines=False)
+    fast, slow = (json.loads(line) for line in sink.getvalue().splitlines())
+    assert fast.pop("timestamp")[:10] == slow.pop("timestamp")[:10]
+    assert fast == slow
+    assert datetime.fromisoformat(json.loads(sink.getvalue().splitlines()[0])["timestamp"]).tzinfo
 
 
 def test_request_context_nests_and_bound_values_win() -> None:

@@ -314,6 +314,8 @@ PUT_SAMPLES = [
     {"key": "a..b", "value": 1},
     {"key": "", "value": 1},
     {"key": "k" * 257, "value": 1},
+    {"key": "a\n", "value": 1},  # Python's `$` matches before a final newline
+    {"key": "a.b\n", "value": 1},
     {"key": "a"},
     {"value": 1},
     {"key": 5, "value": 1},

@@ -246,6 +246,25 @@ class HttpSettings(BaseModel):
         return self
 
 
+class RegistrySettings(BaseModel):
+    """The operation registry workers publish into NATS KV (docs/registry.md)."""
+
+    enabled: bool = True
+    # Workers re-put their declarations this often; 3 missed beats: not served any more.
+    heartbeat_s: float = Field(10.0, gt=0, le=3600)
+    # A declaration no worker refreshed for this long is forgotten: its op becomes unknown
+    # (404) instead of unserved (503). The bucket's max age.
+    forget_after_s: float = Field(24 * 3600.0, gt=0)
+    # How long a shim or client waits for its view to catch up; past it, 503 stays 503.
+    sync_timeout_s: float = Field(0.5, gt=0, le=10)
+
+    @model_validator(mode="after")
+    def _check_timings(self) -> RegistrySettings:
+        if self.forget_after_s <= 3 * self.heartbeat_s:
+            raise ValueError("forget_after_s must be longer than three heartbeats")
+        return self
+
+
 class LogSettings(BaseModel):
     """Logging: JSON lines by default."""
 
@@ -274,6 +293,7 @@ class Settings(BaseSettings):
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod

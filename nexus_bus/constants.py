@@ -19,6 +19,8 @@ JOBS_STREAM: Final = "NEXUS_JOBS"
 DLQ_STREAM: Final = "NEXUS_DLQ"
 DATA_BUCKET: Final = "nexus_data"
 JOBS_BUCKET: Final = "nexus_jobs"
+# Operation registry (docs/registry.md): one key per op and worker, `<op>.<instance>`.
+OPS_BUCKET: Final = "nexus_ops"
 
 # Request headers (NATS header names; the HTTP shim maps X-Request-Id <-> Nexus-Request-Id)
 H_AUTHORIZATION: Final = "Authorization"

@@ -22,42 +22,37 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Final
 
 import msgspec
 
 from nexus_bus.operations import Operations
+from nexus_bus.schemas.registry import (
+    ActionDeclaration,
+    Declaration,
+    OperationListing,
+    OperationsListing,
+    WorkerState,
+)
 from nexus_bus.specs import json_schemas
 
 LIVE_BEATS: Final = 3  # heartbeats an instance may miss before it counts as gone
 _INSTANCE: Final = re.compile(r"[A-Za-z0-9_-]{1,96}")
 
-State = Literal["serving", "stopped"]
-
-
-class ActionDeclaration(msgspec.Struct, frozen=True, kw_only=True):
-    """One action as a worker declares it."""
-
-    action: str
-    scope: str
-    public: bool = False
-    idempotent: bool = True
-    description: str = ""
-    # The action's JSON Schema document: request at `#/$defs/request`, reply at
-    # `#/$defs/reply` (the same document `schemas/jsonschema/<op>.<action>.json` holds).
-    schema: dict[str, Any] | None = None
-
-
-class Declaration(msgspec.Struct, frozen=True, kw_only=True):
-    """A registry entry: the actions of one op served by one worker instance."""
-
-    op: str
-    instance: str
-    state: State = "serving"
-    heartbeat_s: float
-    description: str = ""
-    version: str = ""
-    actions: list[ActionDeclaration] = msgspec.field(default_factory=list)
+State = WorkerState
+__all__ = [
+    "ActionDeclaration",
+    "Declaration",
+    "OperationListing",
+    "OperationsListing",
+    "RegistryView",
+    "State",
+    "declare",
+    "decode",
+    "encode",
+    "entry_key",
+    "instance_id",
+]
 
 
 _encoder: Final = msgspec.json.Encoder()
@@ -81,9 +76,9 @@ def instance_id(host: str, pid: int, suffix: str) -> str:
     return f"{clean}-{pid}-{suffix}"
 
 
-def declare(group: Operations, instance: str, *, heartbeat_s: float, version: str = "") -> (
-    Declaration
-):
+def declare(
+    group: Operations, instance: str, *, heartbeat_s: float, version: str = ""
+) -> Declaration:
     """The entry a worker serving `group` puts into the registry."""
     documents = json_schemas([group])
     actions = [
@@ -124,23 +119,6 @@ def decode(value: bytes) -> Declaration | None:
 class _Seen:
     declaration: Declaration
     at: float  # epoch seconds the server stored the entry
-
-
-class OperationListing(msgspec.Struct, frozen=True, kw_only=True):
-    """One op in `GET /v1/ops`: its actions, and whether a worker serves it now."""
-
-    op: str
-    description: str = ""
-    served: bool
-    instances: int  # workers serving it now
-    declared_by: Literal["registry", "code"]  # "code": known to this process, never registered
-    actions: list[ActionDeclaration]
-
-
-class OperationsListing(msgspec.Struct, frozen=True, kw_only=True):
-    """The body of `GET /v1/ops` (and `nexus-bus ops --json`)."""
-
-    operations: list[OperationListing]
 
 
 class RegistryView:

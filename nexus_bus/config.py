@@ -235,6 +235,8 @@ class HttpSettings(BaseModel):
     sse_heartbeat_s: float = Field(15.0, gt=0)
     sse_retry_ms: int = Field(2_000, ge=0)  # EventSource reconnect delay sent to clients
     sse_max_streams: int = Field(1_000, ge=1)  # open event streams per shim process
+    # Lifetime of a browser stream ticket (POST /v1/events/{topic}/ticket); single use.
+    sse_ticket_ttl_s: float = Field(60.0, gt=0, le=600)
 
     @model_validator(mode="after")
     def _check_proxies(self) -> HttpSettings:

@@ -121,6 +121,12 @@ HTTP_HEALTHZ: Final = "/healthz"
 HTTP_READYZ: Final = "/readyz"
 HTTP_METRICS: Final = "/metrics"
 HTTP_OPENAPI: Final = "/openapi.json"
+HTTP_ASYNCAPI: Final = "/asyncapi.json"
+HTTP_DOCS: Final = "/docs"
+HTTP_OPS: Final = "/v1/ops"
+SSE_TICKET_PATH: Final = "ticket"  # POST /v1/events/{topic}/ticket
+SSE_TICKET_QUERY: Final = "ticket"  # GET /v1/events/{topic}?ticket=...
+SSE_TICKET_KEY_PREFIX: Final = "nexus:sse:ticket:"  # Redis: one key per unused ticket (hash)
 AUTH_REALM: Final = "nexus-bus"
 
 # Cache (docs/cache.md)

@@ -153,8 +153,17 @@ class RegistryView:
         self._ops.clear()
 
     def _current(self, op: str) -> list[_Seen]:
+        """The op's entries younger than `forget_after_s`; older ones are dropped for good
+        (every worker restart adds an instance, so a long-lived view must shed them)."""
+        instances = self._ops.get(op)
+        if not instances:
+            return []
         oldest = self._clock() - self._forget_after_s
-        return [s for s in self._ops.get(op, {}).values() if s.at >= oldest]
+        for instance in [i for i, seen in instances.items() if seen.at < oldest]:
+            del instances[instance]
+        if not instances:
+            del self._ops[op]
+        return list(instances.values())
 
     def declares(self, op: str, action: str) -> bool:
         """Whether some worker declared `op.action` (serving now or not)."""
@@ -175,7 +184,7 @@ class RegistryView:
     def listing(self, known: Iterable[Operations] = ()) -> OperationsListing:
         """Every declared op, sorted, plus `known` groups no worker has registered."""
         listed: dict[str, OperationListing] = {}
-        for op in sorted(self._ops):
+        for op in sorted(self._ops):  # a copy: `_current` drops forgotten ops
             current = sorted(self._current(op), key=lambda s: s.at)
             if not current:
                 continue

@@ -170,7 +170,9 @@ class OpsRegistry:
         """
         if self.enabled:
             await self.start()
-            await self._catch_up()  # what was registered before the question is listed
+            # What was registered before the question is listed; a broken watch is read anew.
+            if not await self._catch_up():
+                await self.start()
         return self.view.listing(self._groups)
 
     async def _stop_watch(self) -> None:

@@ -109,3 +109,15 @@ def test_keys_and_instance_ids_are_safe() -> None:
     assert entry_key("orders", instance) == "orders.my_host_example_x-42-ab12"
     with pytest.raises(ValueError):
         entry_key("orders", "a.b")
+
+
+def test_forgotten_entries_leave_memory() -> None:
+    clock = Clock()
+    view = RegistryView(forget_after_s=60, clock=clock)
+    for n in range(50):  # fifty worker restarts
+        put(view, f"w-{n}", clock.now)
+    clock.now += 61
+    put(view, "w-new", clock.now)
+    view.listing()
+    assert view.serving("orders") == 1
+    assert list(view._ops["orders"]) == ["w-new"]

@@ -366,13 +366,13 @@ class ShimApp:
         check_token(topic, "topic")
         query = scope.get("query_string", b"")
         after = last_event_id(head.last_event_id, query)
-        ticket = ticket_of(query)
-        if ticket is not None:  # a browser's EventSource: the ticket stands for its token
-            assert self._tickets is not None
-            head.authorization = await self._tickets.redeem(ticket, topic)
         if self._draining:
             raise Unavailable("this replica is draining; reconnect with Last-Event-ID")
         with self._streams.reserve():
+            ticket = ticket_of(query)
+            if ticket is not None:  # a browser's EventSource: the ticket stands for its token
+                assert self._tickets is not None
+                head.authorization = await self._tickets.redeem(ticket, topic)
             client_ip = self._client_ip(scope, head)
             # The shim holds the token for the stream's life (re-checked, ended when it is
             # gone); the workers must allow the same token `stream.read` on the topic too.

@@ -145,7 +145,7 @@ class OpsRegistry:
             except (NexusError, TimeoutError) as exc:
                 # The watch is behind or broken (a consumer lost with a server): start over
                 # on the next question, and answer "unknown" to this one.
-                logger.warning("operation registry out of date; re-reading it: {}", exc)
+                logger.warning("operation registry out of date; re-reading it: {!r}", exc)
                 await self._stop_watch()
                 return False
             self._synced_at = began

@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nexus_bus.jobs.commands import add_commands as add_job_commands
 
     add_job_commands(sub)  # dlq list|replay|purge, jobs show (docs/jobs.md)
+    from nexus_bus.registry.commands import add_commands as add_ops_commands
+
+    add_ops_commands(sub)  # ops [--json] (docs/registry.md)
     return parser
 
 

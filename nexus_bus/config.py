@@ -236,6 +236,8 @@ class HttpSettings(BaseModel):
     sse_heartbeat_s: float = Field(15.0, gt=0)
     sse_retry_ms: int = Field(2_000, ge=0)  # EventSource reconnect delay sent to clients
     sse_max_streams: int = Field(1_000, ge=1)  # open event streams per shim process
+    # Lifetime of a browser stream ticket (POST /v1/events/{topic}/ticket); single use.
+    sse_ticket_ttl_s: float = Field(60.0, gt=0, le=600)
 
     @model_validator(mode="after")
     def _check_proxies(self) -> HttpSettings:
@@ -244,6 +246,25 @@ class HttpSettings(BaseModel):
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError as exc:
                 raise ValueError(f"trusted_proxies: {cidr!r} is not an address or CIDR") from exc
+        return self
+
+
+class RegistrySettings(BaseModel):
+    """The operation registry workers publish into NATS KV (docs/registry.md)."""
+
+    enabled: bool = True
+    # Workers re-put their declarations this often; 3 missed beats: not served any more.
+    heartbeat_s: float = Field(10.0, gt=0, le=3600)
+    # A declaration no worker refreshed for this long is forgotten: its op becomes unknown
+    # (404) instead of unserved (503). The bucket's max age.
+    forget_after_s: float = Field(24 * 3600.0, gt=0)
+    # How long a shim or client waits for its view to catch up; past it, 503 stays 503.
+    sync_timeout_s: float = Field(0.5, gt=0, le=10)
+
+    @model_validator(mode="after")
+    def _check_timings(self) -> RegistrySettings:
+        if self.forget_after_s <= 3 * self.heartbeat_s:
+            raise ValueError("forget_after_s must be longer than three heartbeats")
         return self
 
 
@@ -276,6 +297,7 @@ class Settings(BaseSettings):
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod

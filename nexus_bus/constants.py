@@ -21,6 +21,8 @@ JOBS_STREAM: Final = "NEXUS_JOBS"
 DLQ_STREAM: Final = "NEXUS_DLQ"
 DATA_BUCKET: Final = "nexus_data"
 JOBS_BUCKET: Final = "nexus_jobs"
+# Operation registry (docs/registry.md): one key per op and worker, `<op>.<instance>`.
+OPS_BUCKET: Final = "nexus_ops"
 
 # Request headers (NATS header names; the HTTP shim maps X-Request-Id <-> Nexus-Request-Id)
 H_AUTHORIZATION: Final = "Authorization"
@@ -121,6 +123,12 @@ HTTP_HEALTHZ: Final = "/healthz"
 HTTP_READYZ: Final = "/readyz"
 HTTP_METRICS: Final = "/metrics"
 HTTP_OPENAPI: Final = "/openapi.json"
+HTTP_ASYNCAPI: Final = "/asyncapi.json"
+HTTP_DOCS: Final = "/docs"
+HTTP_OPS: Final = "/v1/ops"
+SSE_TICKET_PATH: Final = "ticket"  # POST /v1/events/{topic}/ticket
+SSE_TICKET_QUERY: Final = "ticket"  # GET /v1/events/{topic}?ticket=...
+SSE_TICKET_KEY_PREFIX: Final = "nexus:sse:ticket:"  # Redis: one key per unused ticket (hash)
 AUTH_REALM: Final = "nexus-bus"
 
 # Cache (docs/cache.md)

@@ -33,6 +33,7 @@ from nexus_bus.errors import (
     NoResponders,
     PayloadTooLarge,
     Unavailable,
+    UnknownOperation,
     UpstreamTimeout,
 )
 from nexus_bus.inbox import Inbox
@@ -44,6 +45,7 @@ from nexus_bus.metadata import (
     parse_traceparent,
 )
 from nexus_bus.observability import METRICS
+from nexus_bus.registry import OpsRegistry
 from nexus_bus.replies import Reply, error_of, status_of
 from nexus_bus.schemas.jobs import Job, JobAccepted
 from nexus_bus.subjects import client_subject
@@ -61,7 +63,10 @@ class Gateway:
         *,
         owns_connection: bool = False,
         token: str | None = None,
+        registry: OpsRegistry | None = None,
     ) -> None:
+        """Args: registry: the declared operations (default: this gateway's own view of
+        the `nexus_ops` bucket, read only once a request finds no responders)."""
         self.nc = nc
         self.settings = settings
         self._limits = settings.limits
@@ -71,6 +76,8 @@ class Gateway:
         # gateway must not lend its own identity to anonymous requests.
         self.token = token
         self._inbox = Inbox(nc)
+        self._owns_registry = registry is None
+        self.registry = registry if registry is not None else OpsRegistry(nc, settings)
 
     @classmethod
     async def connect(cls, settings: Settings, *, token: str | None = None) -> Self:
@@ -87,6 +94,8 @@ class Gateway:
 
     async def close(self) -> None:
         """Drain and close the connection, when the gateway opened it."""
+        if self._owns_registry:
+            await self.registry.close()
         if not self._owns or self.nc.is_closed:
             return
         try:
@@ -147,6 +156,7 @@ class Gateway:
         Raises:
             InvalidRequest: a malformed op/action, or header characters that are not allowed.
             PayloadTooLarge / HeadersTooLarge: over the configured or server limits.
+            UnknownOperation: no worker serves `op.action` and none declared it (404).
             NoResponders: no worker serves the op (at once, not after the timeout).
             UpstreamTimeout: no reply within `timeout_s`.
             Unavailable: the NATS connection is closed.
@@ -169,7 +179,7 @@ class Gateway:
         try:
             msg = await self._inbox.request(subject, body, timeout_s=timeout_s, headers=headers)
         except nats.errors.NoRespondersError:
-            raise NoResponders(f"no worker serves {op}.{action}") from None
+            raise await self._no_responders(op, action) from None
         except nats.errors.TimeoutError:
             raise UpstreamTimeout(f"{op}.{action} did not answer within {timeout_s:g}s") from None
         except nats.errors.OutboundBufferLimitError as exc:
@@ -178,6 +188,13 @@ class Gateway:
         except nats.errors.Error as exc:  # closed, draining, reconnecting, and the rest
             raise Unavailable(f"NATS connection unavailable: {type(exc).__name__}") from exc
         return Reply(status_of(msg.headers), msg.headers or {}, msg.data)
+
+    async def _no_responders(self, op: str, action: str) -> NexusError:
+        """404 for a name nobody declared (a client error), 503 for a declared op with no
+        worker now, or when the registry cannot tell (docs/registry.md)."""
+        if await self.registry.declares(op, action) is False:
+            return UnknownOperation(f"{op}.{action} is not a declared operation")
+        return NoResponders(f"no worker serves {op}.{action}")
 
     async def request(
         self,

@@ -8,7 +8,7 @@ from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
 from nexus_bus.config import JetStreamSettings
-from nexus_bus.constants import DATA_BUCKET, EVENTS_PREFIX, EVENTS_STREAM
+from nexus_bus.constants import DATA_BUCKET, EVENTS_PREFIX, EVENTS_STREAM, OPS_BUCKET
 from nexus_bus.store import translate_nats_errors
 
 _STREAM_NAME_IN_USE = 10058  # exists with a different configuration
@@ -73,6 +73,29 @@ async def ensure_data_bucket(js: JetStreamContext, settings: JetStreamSettings) 
         KeyValueConfig(
             bucket=DATA_BUCKET,
             history=1,
+            storage=storage_type(settings),
+            replicas=settings.replicas,
+        ),
+    )
+
+
+async def ensure_ops_bucket(
+    js: JetStreamContext, settings: JetStreamSettings, *, forget_after_s: float
+) -> KeyValue:
+    """The `nexus_ops` KV bucket of the operation registry (docs/registry.md).
+
+    Its max age is `registry.forget_after_s`: an entry no worker refreshed for that long is
+    gone, and with it (once every instance's entry is) the op's declaration.
+
+    Raises:
+        Unavailable: JetStream cannot be reached.
+    """
+    return await ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=OPS_BUCKET,
+            history=1,
+            ttl=forget_after_s,
             storage=storage_type(settings),
             replicas=settings.replicas,
         ),

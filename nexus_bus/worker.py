@@ -33,6 +33,7 @@ from nexus_bus.jobs.runner import JobRunner
 from nexus_bus.metadata import deadline_ms, headers_size, request_id_of
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.operations import Operations
+from nexus_bus.registry import Registration, register
 from nexus_bus.replies import Reply, error_reply
 from nexus_bus.services import Services, close_services, create_services
 from nexus_bus.subjects import is_inbox, operation_wildcard, queue_group
@@ -73,6 +74,7 @@ class Worker:
         self.services: Services | None = None
         self.dispatcher: Dispatcher | None = None
         self.jobs: JobRunner | None = None
+        self.registration: Registration | None = None
 
     @property
     def nc(self) -> Client:
@@ -141,6 +143,8 @@ class Worker:
             transport=T_NATS,
             enforce_deadline=False,  # the reaper below does it for the whole worker
         )
+        # Declared before subscribing: a request in between is a 503 (declared), never a 404.
+        self.registration = await register(self.nc, self.settings, self.groups)
         await broker.start()
         self._reaper = asyncio.create_task(self._reap_expired())
         # Read at scrape time: no per-request cost on the hot path.
@@ -309,6 +313,8 @@ class Worker:
             return
         self._draining = True
         grace = self.settings.worker.drain_grace_s if grace_s is None else grace_s
+        if self.registration is not None:
+            await self.registration.stop()  # still declared, no longer served
         await self._stop_taking_requests(grace)
         if self.jobs is not None:
             await self.jobs.drain(grace)  # stop fetching jobs; unfinished ones are handed back

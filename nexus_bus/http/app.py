@@ -21,15 +21,20 @@ from nexus_bus.connection import connect_nats
 from nexus_bus.constants import (
     H_HTTP_REQUEST_ID,
     HTTP_API_PREFIX,
+    HTTP_ASYNCAPI,
+    HTTP_DOCS,
     HTTP_HEALTHZ,
     HTTP_METRICS,
     HTTP_OPENAPI,
+    HTTP_OPS,
     HTTP_READYZ,
     JOBS_PREFIX,
+    SSE_TICKET_PATH,
 )
 from nexus_bus.errors import InternalError, InvalidRequest, NexusError, NotFound, Unavailable
 from nexus_bus.gateway import Gateway
 from nexus_bus.http.authz import ShimAuthorizer, create_shim_authorizer, credentials
+from nexus_bus.http.catalog import Catalog, ops_answer
 from nexus_bus.http.client_ip import TrustedProxies
 from nexus_bus.http.forward import CLIENT_CLOSED, OperationRoute, bus_headers
 from nexus_bus.http.jobs import JobRoutes
@@ -37,11 +42,13 @@ from nexus_bus.http.probes import Probes
 from nexus_bus.http.problems import Answer, ClientGone, MethodNotAllowed, problem_answer
 from nexus_bus.http.request import RequestHead, parse_head
 from nexus_bus.http.sse import EventStreams, encode_gate_request, last_event_id
+from nexus_bus.http.tickets import TicketStore, ticket_of
 from nexus_bus.metadata import clean_request_id, parse_traceparent
 from nexus_bus.observability import logger
 from nexus_bus.observability.access import access_log_enabled, log_http_access
 from nexus_bus.operations import Operations
 from nexus_bus.redis_client import RedisClient, create_redis
+from nexus_bus.registry import OpsRegistry
 from nexus_bus.replies import error_of
 from nexus_bus.subjects import check_token, client_subject
 
@@ -60,6 +67,7 @@ _CLOSE: Final = (b"connection", b"close")
 _CLOSING_STATUSES: Final = frozenset({408, 413, 431})
 _MAX_PATH_IN_DETAIL: Final = 120
 _STREAMING: Final = "nexus.streaming"  # scope key: the response has started streaming
+_DOCS_ASSETS: Final = HTTP_DOCS + "/"
 _STREAMED: Final = 200  # the status an event stream started with
 # Access lines name the matched route, never the path: ids and topics stay out of the route.
 _OPERATION_ROUTE: Final = f"{HTTP_API_PREFIX}/{{op}}/{{action}}"
@@ -118,6 +126,9 @@ class ShimApp:
         self._jobs: JobRoutes | None = None
         self._streams: EventStreams | None = None
         self._probes: Probes | None = None
+        self._registry: OpsRegistry | None = None
+        self._tickets: TicketStore | None = None
+        self._catalog = Catalog(self._groups)
         self._simple: dict[str, Callable[[str], Awaitable[Answer]]] = {}
 
     def server_enforces_read_timeout(self) -> None:
@@ -140,7 +151,14 @@ class ShimApp:
         nc = await connect_nats(settings.nats, name=f"{settings.service}-shim")
         self.nc = nc
         self._redis = create_redis(settings.redis)
-        self._gateway = Gateway(nc, settings)
+        # Which names are operations at all: 404 instead of 503 when nobody declared one.
+        self._registry = OpsRegistry(nc, settings, self._groups)
+        try:
+            await self._registry.start()
+        except NexusError as exc:  # read later, on the first question (docs/registry.md)
+            logger.warning("operation registry not readable yet: {}", exc)
+        self._gateway = Gateway(nc, settings, registry=self._registry)
+        self._tickets = TicketStore(self._redis, settings.http.sse_ticket_ttl_s)
         streams = EventStreams(nc.jetstream(), settings.http)
         self._streams = streams
         try:
@@ -173,11 +191,19 @@ class ShimApp:
         async def openapi(_: str) -> Answer:
             return probes.openapi()
 
+        async def asyncapi(_: str) -> Answer:
+            return self._catalog.asyncapi()
+
+        async def docs(_: str) -> Answer:
+            return self._catalog.page()
+
         self._simple = {
             HTTP_HEALTHZ: healthz,
             HTTP_READYZ: probes.readyz,
             HTTP_METRICS: metrics,
             HTTP_OPENAPI: openapi,
+            HTTP_ASYNCAPI: asyncapi,
+            HTTP_DOCS: docs,
         }
 
     def begin_drain(self) -> None:
@@ -191,6 +217,8 @@ class ShimApp:
     async def shutdown(self) -> None:
         """Close what `startup` opened (after the server has finished in-flight requests)."""
         self.begin_drain()
+        if self._registry is not None:
+            await self._registry.close()
         if self._redis is not None:
             await self._redis.aclose()
         if self.nc is not None and not self.nc.is_closed:
@@ -309,6 +337,18 @@ class ShimApp:
             if len(parts) == 4 and parts[2] and parts[3]:
                 first, second = parts[2], parts[3]
                 return await self._api(scope, first, second, head, request_id, receive, send)
+            if path == HTTP_OPS:
+                if method not in ("GET", "HEAD"):
+                    raise MethodNotAllowed(f"{path} answers GET", allow="GET")
+                return await self._ops(scope, head)
+            if len(parts) == 5 and parts[2] == _EVENTS and parts[4] == SSE_TICKET_PATH:
+                if method != "POST":
+                    raise MethodNotAllowed("stream tickets are issued with POST", allow="POST")
+                return await self._ticket(scope, parts[3], head)
+        elif path.startswith(_DOCS_ASSETS):
+            if method not in ("GET", "HEAD"):
+                raise MethodNotAllowed(f"{path[:_MAX_PATH_IN_DETAIL]} answers GET", allow="GET")
+            return self._catalog.asset(path[len(_DOCS_ASSETS) :])
         else:
             simple = self._simple.get(path)
             if simple is not None:
@@ -349,6 +389,21 @@ class ShimApp:
         client_ip = self._client_ip(scope, head)
         return await self._operations.handle(first, second, head, request_id, client_ip, receive)
 
+    async def _ops(self, scope: Scope, head: RequestHead) -> Answer:
+        """`GET /v1/ops`: any valid token may list the declared operations."""
+        assert self._authz is not None and self._registry is not None
+        caller = credentials(head.authorization, self._client_ip(scope, head))
+        await self._authz.authenticate(caller)
+        return ops_answer(await self._registry.listing())
+
+    async def _ticket(self, scope: Scope, topic: str, head: RequestHead) -> Answer:
+        """`POST /v1/events/{topic}/ticket`: a one-use, short-lived ticket for one stream."""
+        assert self._authz is not None and self._tickets is not None
+        check_token(topic, "topic")
+        caller = credentials(head.authorization, self._client_ip(scope, head))
+        await self._authz.authorize(caller, *_STREAM_OP)  # as the stream itself would
+        return await self._tickets.issue(topic, head.authorization)
+
     def _client_ip(self, scope: Scope, head: RequestHead) -> str:
         client = scope.get("client")
         peer = client[0] if client else None
@@ -368,10 +423,15 @@ class ShimApp:
         assert self._streams is not None and self._gateway is not None
         assert self._authz is not None
         check_token(topic, "topic")
-        after = last_event_id(head.last_event_id, scope.get("query_string", b""))
+        query = scope.get("query_string", b"")
+        after = last_event_id(head.last_event_id, query)
         if self._draining:
             raise Unavailable("this replica is draining; reconnect with Last-Event-ID")
         with self._streams.reserve():
+            ticket = ticket_of(query)
+            if ticket is not None:  # a browser's EventSource: the ticket stands for its token
+                assert self._tickets is not None
+                head.authorization = await self._tickets.redeem(ticket, topic)
             client_ip = self._client_ip(scope, head)
             # The shim holds the token for the stream's life (re-checked, ended when it is
             # gone); the workers must allow the same token `stream.read` on the topic too.

@@ -30,20 +30,27 @@ from nexus_bus.constants import (
     H_TRACESTATE,
     H_WWW_AUTHENTICATE,
     HTTP_API_PREFIX,
+    HTTP_ASYNCAPI,
+    HTTP_DOCS,
     HTTP_HEALTHZ,
     HTTP_METRICS,
     HTTP_OPENAPI,
+    HTTP_OPS,
     HTTP_READYZ,
     JOBS_PREFIX,
     PREFER_ASYNC,
     PROBLEM_TYPE_BASE,
+    SSE_TICKET_PATH,
+    SSE_TICKET_QUERY,
     TOKEN_PATTERN,
 )
 from nexus_bus.errors import ERRORS_BY_CODE
 from nexus_bus.jobs.envelope import JOB_ID_PATTERN
 from nexus_bus.operations import Operation, Operations
+from nexus_bus.schemas.events import TicketIssued
 from nexus_bus.schemas.jobs import Job, JobAccepted
 from nexus_bus.schemas.problem import Problem
+from nexus_bus.schemas.registry import OperationsListing
 from nexus_bus.specs.base import (
     DIGITS,
     REQUEST_HEADERS,
@@ -226,6 +233,16 @@ def _fixed_paths(known: dict[int, list[str]]) -> dict[str, Any]:
         "schema": {"type": "string", "pattern": DIGITS},
         "description": "Resume after this stream sequence.",
     }
+    ticket = {
+        "name": SSE_TICKET_QUERY,
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{43}$"},
+        "description": (
+            "A stream ticket from `POST .../ticket`, for clients that cannot send "
+            "`Authorization` (EventSource): single use, this topic only, short-lived."
+        ),
+    }
     return {
         f"{_JOBS_ROUTE}/{{id}}": _get(
             "jobs.get",
@@ -251,11 +268,40 @@ def _fixed_paths(known: dict[int, list[str]]) -> dict[str, Any]:
                 ),
                 **_problems((400, 401, 403, 429, 500, 503), known),
             },
-            parameters=[topic, last_event],
+            parameters=[topic, last_event, ticket],
             description=(
-                "Needs scope `stream:read`. The stream ends with an `end` event (a problem "
-                "document) when its token expires or is revoked."
+                "Needs scope `stream:read`: a bearer token, or a `ticket` standing for one. "
+                "The stream ends with an `end` event (a problem document) when its token "
+                "expires or is revoked."
             ),
+            security=[{"bearer": []}, {}],
+        ),
+        f"{_EVENTS_ROUTE}/{{topic}}/{SSE_TICKET_PATH}": {
+            "post": {
+                "operationId": "events.ticket",
+                "tags": ["events"],
+                "summary": "A one-use, short-lived ticket to open this topic's stream.",
+                "description": (
+                    "For browsers: `EventSource` cannot send `Authorization`, and a token in "
+                    "a URL lands in access logs. Needs scope `stream:read`; the stream opened "
+                    "with the ticket holds (and re-checks) the token it was issued for."
+                ),
+                "parameters": [topic],
+                "responses": {
+                    "200": _ok("The ticket.", CT_JSON, _schema("TicketIssued")),
+                    **_problems((400, 401, 403, 429, 500, 503), known),
+                },
+            }
+        },
+        HTTP_OPS: _get(
+            "sys.ops",
+            "sys",
+            "Declared operations: scopes, schemas and whether a worker serves them now.",
+            {
+                "200": _ok("The listing.", CT_JSON, _schema("OperationsListing")),
+                **_problems((401, 429, 500, 503), known),
+            },
+            description="Any valid token (docs/registry.md).",
         ),
         HTTP_HEALTHZ: _get("sys.healthz", "sys", "Alive.", {"200": _ok("Alive.")}, **public),
         HTTP_READYZ: _get(
@@ -279,6 +325,20 @@ def _fixed_paths(known: dict[int, list[str]]) -> dict[str, Any]:
             {"200": _ok("OpenAPI 3.1.", CT_JSON, {"type": "object"})},
             **public,
         ),
+        HTTP_ASYNCAPI: _get(
+            "sys.asyncapi",
+            "sys",
+            "The AsyncAPI 3.0 document of the NATS side.",
+            {"200": _ok("AsyncAPI 3.0.", CT_JSON, {"type": "object"})},
+            **public,
+        ),
+        HTTP_DOCS: _get(
+            "sys.docs",
+            "sys",
+            "Interactive API page (Swagger UI, served by the shim itself).",
+            {"200": _ok("HTML.", "text/html")},
+            **public,
+        ),
     }
 
 
@@ -292,7 +352,7 @@ def openapi_document(groups: Iterable[Operations]) -> dict[str, Any]:
     operations = operations_of(groups)
     refs, defs = components(
         [t for o in operations for t in (o.request_type, o.reply_type)]
-        + [Problem, Job, JobAccepted],
+        + [Problem, Job, JobAccepted, TicketIssued, OperationsListing],
         _REFS,
     )
     known = codes_by_status()
@@ -305,7 +365,7 @@ def openapi_document(groups: Iterable[Operations]) -> dict[str, Any]:
     tags = [{"name": g.op, "description": g.description} for g in groups] + [
         {"name": "jobs", "description": "Asynchronous operations."},
         {"name": "events", "description": "Event topics as Server-Sent Events."},
-        {"name": "sys", "description": "Health, readiness, metrics and this document."},
+        {"name": "sys", "description": "Health, readiness, metrics, docs and listings."},
     ]
     return {
         "openapi": OPENAPI_VERSION,

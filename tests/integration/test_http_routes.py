@@ -22,6 +22,7 @@ from tests.integration.http_shim import (
     probe_worker,
     running_shim,
 )
+from tests.integration.registry_ops import register_and_stop
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +186,13 @@ async def test_retryable_errors_carry_retry_after(
     assert resp.headers["retry-after"] == str(settings.http.retry_after_s)
 
 
-async def test_no_responders_is_503_with_retry_after(client: httpx.AsyncClient) -> None:
-    resp = await client.post("/v1/nobodyserves/this", json={})
+async def test_unknown_ops_are_404_and_unserved_ones_503_with_retry_after(
+    settings: Settings, client: httpx.AsyncClient, uid: str
+) -> None:
+    problem(await client.post(f"/v1/nosuch{uid}/this", json={}), 404, "unknown_operation")
+    op = f"unserved{uid}"
+    await register_and_stop(settings, op)  # declared by a worker that has stopped since
+    resp = await client.post(f"/v1/{op}/hello", json={})
     problem(resp, 503, "no_responders")
     assert resp.headers["retry-after"].isdigit()
 

@@ -1,0 +1,103 @@
+"""The shim describing itself: the `/docs` page (offline), `/asyncapi.json` and `/v1/ops`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+import pytest
+
+from nexus_bus import Settings, Worker
+from tests.integration.http_shim import (
+    PROBE_OP,
+    RunningShim,
+    bearer,
+    probe_ops,
+    probe_worker,
+    running_shim,
+)
+from tests.integration.registry_ops import register_and_stop
+
+CONTENT_TYPES = {".css": "text/css", ".js": "text/javascript", ".png": "image/png"}
+
+
+@pytest.fixture(scope="module")
+async def shim(settings: Settings, worker: Worker) -> AsyncIterator[RunningShim]:
+    async with probe_worker(settings), running_shim(settings) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(shim: RunningShim) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=shim.url, timeout=10) as c:
+        yield c
+
+
+async def test_docs_page_loads_only_local_assets(client: httpx.AsyncClient) -> None:
+    page = await client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "default-src 'none'" in csp
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert len(refs) >= 5
+    page_url = str(page.url)
+    loaded = set()
+    for ref in refs:
+        url = urljoin(page_url, ref)
+        assert urlsplit(url).netloc == urlsplit(page_url).netloc, f"{ref} is not local"
+        resp = await client.get(url)
+        assert resp.status_code == 200, ref
+        suffix = "." + ref.rsplit(".", 1)[-1]
+        if suffix in CONTENT_TYPES:
+            assert resp.headers["content-type"].startswith(CONTENT_TYPES[suffix]), ref
+            loaded.add(ref.rsplit("/", 1)[-1])
+    bundle = await client.get("/docs/swagger-ui-bundle.js")
+    assert b"SwaggerUIBundle" in bundle.content and len(bundle.content) > 500_000
+    init = (await client.get("/docs/nexus-init.js")).text
+    assert 'url: "openapi.json"' in init  # what the page renders: this shim's document
+    assert {"swagger-ui.css", "swagger-ui-bundle.js", "nexus-init.js"} <= loaded
+
+
+async def test_only_listed_assets_are_served(client: httpx.AsyncClient) -> None:
+    for path in ("/docs/../pyproject.toml", "/docs/swagger-editor.js", "/docs/LICENSE",
+                 "/docs/%2e%2e/etc/passwd", "/docs/"):
+        resp = await client.get(path)
+        assert resp.status_code == 404, path
+    resp = await client.post("/docs/swagger-ui.css")
+    assert resp.status_code == 405
+
+
+async def test_asyncapi_document_is_served(client: httpx.AsyncClient) -> None:
+    resp = await client.get("/asyncapi.json")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    doc = resp.json()
+    assert doc["asyncapi"].startswith("3.") and "data.get" in doc["channels"]
+
+
+async def test_ops_lists_declared_operations_and_who_serves_them(
+    settings: Settings, client: httpx.AsyncClient, admin_token: str | None, uid: str
+) -> None:
+    stopped = f"stopped{uid}"
+    registration = await register_and_stop(settings, stopped)
+    resp = await client.get("/v1/ops", headers=bearer(admin_token))
+    assert resp.status_code == 200, resp.text
+    listed = {o["op"]: o for o in resp.json()["operations"]}
+    probe = listed[PROBE_OP]
+    assert probe["served"] and probe["instances"] >= 1 and probe["declared_by"] == "registry"
+    echo = next(a for a in probe["actions"] if a["action"] == "echo")
+    assert echo["scope"] == f"{PROBE_OP}:echo"
+    assert echo["schema"]["$defs"]["request"] and echo["schema"]["$defs"]["reply"] is not None
+    assert listed["data"]["served"]  # the session's worker
+    assert listed[stopped]["served"] is False and listed[stopped]["instances"] == 0
+    assert registration.declarations[0].op == stopped
+    assert sorted(a.action for a in probe_ops) == [a["action"] for a in probe["actions"]]
+
+
+async def test_ops_needs_a_token(client: httpx.AsyncClient, admin_token: str | None) -> None:
+    if admin_token is None:
+        pytest.skip("authentication is off in this test run")
+    resp = await client.get("/v1/ops")
+    assert resp.status_code == 401 and resp.json()["code"] == "invalid_token"
+

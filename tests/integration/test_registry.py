@@ -1,0 +1,99 @@
+"""The operation registry over real NATS: unknown names are 404 at once, unserved ops 503."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import nats
+import nats.errors
+import pytest
+
+from nexus_bus import Gateway, NoResponders, Settings, UnknownOperation
+from nexus_bus.registry import OpsRegistry, register
+from nexus_bus.worker import Worker
+from tests.integration.registry_ops import group
+
+
+@pytest.fixture
+async def fresh_gateway(settings: Settings) -> AsyncIterator[Gateway]:
+    """A gateway whose registry view starts empty and lazily, as a new client's does."""
+    gw = await Gateway.connect(settings)
+    yield gw
+    await gw.close()
+
+
+async def test_an_undeclared_op_is_404_at_once(fresh_gateway: Gateway, uid: str) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(UnknownOperation) as info:
+        await fresh_gateway.request(f"nosuch{uid}", "get", {}, timeout=10)
+    assert info.value.http_status == 404
+    assert loop.time() - started < 1  # no NATS request timed out
+
+
+async def test_a_declared_op_without_workers_stays_503(
+    settings: Settings, fresh_gateway: Gateway, uid: str
+) -> None:
+    op = f"gone{uid}"
+    worker = Worker(settings, [group(op)])
+    await worker.start()
+    assert await fresh_gateway.request(op, "hello", {}) == {"hello": op}
+    await worker.drain(1)
+    with pytest.raises(NoResponders):
+        await fresh_gateway.request(op, "hello", {}, timeout=10)
+    with pytest.raises(UnknownOperation):  # not an action the op declares
+        await fresh_gateway.request(op, "nosuchaction", {}, timeout=10)
+
+
+async def test_an_op_registered_after_the_view_started_is_never_404(
+    settings: Settings, fresh_gateway: Gateway, uid: str
+) -> None:
+    with pytest.raises(UnknownOperation):
+        await fresh_gateway.request(f"warmup{uid}", "x", {})  # the view is running now
+    for n in range(5):
+        op = f"late{n}{uid}"
+        # What a starting worker does between declaring and subscribing: a request now
+        # finds no responders and must be told to retry, not that the op does not exist.
+        registration = await register(fresh_gateway.nc, settings, [group(op)])
+        assert registration is not None
+        try:
+            with pytest.raises(NoResponders):
+                await fresh_gateway.request(op, "hello", {})
+        finally:
+            await registration.stop()
+
+
+async def test_a_plain_nats_client_keeps_nats_no_responders(nats_url: str, uid: str) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        with pytest.raises(nats.errors.NoRespondersError):
+            await nc.request(f"nexus.nosuch{uid}.get", b"{}", timeout=2)
+    finally:
+        await nc.close()
+
+
+async def test_the_listing_says_who_serves_what(settings: Settings, uid: str) -> None:
+    op = f"listed{uid}"
+    worker = Worker(settings, [group(op)])
+    await worker.start()
+    nc = await nats.connect(settings.nats.url)
+    registry = OpsRegistry(nc, settings)
+    try:
+        listed = {o.op: o for o in (await registry.listing()).operations}
+        entry = listed[op]
+        assert entry.served and entry.instances == 1 and entry.declared_by == "registry"
+        (hello,) = entry.actions
+        assert hello.scope == f"{op}:hello" and hello.public and hello.schema is not None
+        await worker.drain(1)
+        await asyncio.sleep(0)
+
+        async def stopped() -> bool:
+            return not {o.op: o for o in (await registry.listing()).operations}[op].served
+
+        async with asyncio.timeout(5):
+            while not await stopped():  # noqa: ASYNC110 - the watch delivers the update
+                await asyncio.sleep(0.02)
+    finally:
+        await registry.close()
+        await nc.close()

@@ -61,9 +61,7 @@ def need(*tools: str | None) -> None:
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        args, cwd=cwd, capture_output=True, text=True, timeout=60, check=False
-    )
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -205,8 +203,16 @@ def test_dashboard_is_provisioned_and_its_panels_have_queries() -> None:
     mounted = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"]}
     assert mounted[provider["providers"][0]["options"]["path"]] == "./grafana/dashboards"
     titles = " ".join(title for title, _ in dashboard_queries()).lower()
-    for subject in ("request rate", "errors by code", "p99", "cache hit ratio", "circuit",
-                    "dead-letter", "nats", "redis"):
+    for subject in (
+        "request rate",
+        "errors by code",
+        "p99",
+        "cache hit ratio",
+        "circuit",
+        "dead-letter",
+        "nats",
+        "redis",
+    ):
         assert subject in titles, subject
 
 
@@ -255,8 +261,11 @@ def scraped_stack(settings: Settings, tmp_path: Path) -> Iterator[dict[str, str]
             env,
         ),
         started(
-            [REDIS_EXPORTER, f"--redis.addr={redis_address}",
-             f"--web.listen-address=127.0.0.1:{ports['redis']}"],
+            [
+                REDIS_EXPORTER,
+                f"--redis.addr={redis_address}",
+                f"--web.listen-address=127.0.0.1:{ports['redis']}",
+            ],
             tmp_path / "redis_exporter.log",
         ),
         started(
@@ -289,8 +298,10 @@ def prometheus(scraped_stack: dict[str, str], tmp_path: Path) -> Iterator[str]:
     port = free_port()
     with started(
         [
-            PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
+            PROMETHEUS,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
         ],
         tmp_path / "prometheus.log",
     ):

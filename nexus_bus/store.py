@@ -8,13 +8,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 import nats.errors
 import nats.js.errors as jserr
 from nats.js.kv import KeyValue
 
 from nexus_bus.errors import Conflict, NexusError, NotFound, Unavailable, UpstreamTimeout
+from nexus_bus.observability.tracing import TRACING, SpanKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +49,19 @@ class RecordStore(Protocol):
 
 @asynccontextmanager
 async def translate_nats_errors(what: str) -> AsyncIterator[None]:
-    """Map nats-py / JetStream exceptions to NexusErrors (the adapter's one boundary)."""
+    """Map nats-py / JetStream exceptions to NexusErrors (the adapter's one boundary),
+    in a client span named by the call's verb when tracing is on (never by its key)."""
+    verb = what.split(" ", 1)[0]
+    with TRACING.span(f"jetstream {verb}", kind=SpanKind.CLIENT, attributes=_JETSTREAM_SPAN):
+        async with _translated(what):
+            yield
+
+
+_JETSTREAM_SPAN: Final = {"db.system.name": "nats_jetstream"}
+
+
+@asynccontextmanager
+async def _translated(what: str) -> AsyncIterator[None]:
     try:
         yield
     except NexusError:

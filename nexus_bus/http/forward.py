@@ -84,7 +84,7 @@ def bus_headers(
         extra=extra,
     )
     # tracestate belongs to the caller's trace; it travels only when that trace was kept.
-    if head.tracestate and headers[H_TRACEPARENT] == head.traceparent:
+    if head.tracestate and headers.get(H_TRACEPARENT) == head.traceparent:
         headers[H_TRACESTATE] = head.tracestate
     return headers
 

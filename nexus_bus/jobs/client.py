@@ -33,6 +33,7 @@ from nexus_bus.jobs.status import JobRecord, JobStore
 from nexus_bus.jobs.streams import ensure_job_streams
 from nexus_bus.metadata import check_headers, request_id_of
 from nexus_bus.observability import logger
+from nexus_bus.observability.tracing import TRACING
 from nexus_bus.schemas.jobs import Job, JobAccepted, JobStatus
 from nexus_bus.store import translate_nats_errors
 from nexus_bus.subjects import check_operation, jobs_subject
@@ -103,6 +104,7 @@ async def submit_job(
         return JobAccepted(job_id=job_id, status=existing.status)
     try:
         async with translate_nats_errors(f"submit {op}.{action}"):
+            TRACING.inject(hdrs)  # each delivery attempt's span is a child of this submission
             await nc.jetstream().publish(
                 jobs_subject(op, action), body, stream=JOBS_STREAM, headers=hdrs
             )

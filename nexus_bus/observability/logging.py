@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 import msgspec
 from loguru import logger as _logger
 
+from nexus_bus.observability.tracing import TRACING
+
 if TYPE_CHECKING:
     from loguru import Record
 
@@ -66,7 +68,7 @@ _encoder: Final = msgspec.json.Encoder()
 _EXTRA_FIELDS: Final = ("op", "action", "status", "duration_ms", "code", "transport")
 
 
-def _json_line(record: Record, service: str) -> bytes:
+def _json_line(record: Record, service: str, instance: str | None) -> bytes:
     extra = record["extra"]
     doc: dict[str, Any] = {
         "timestamp": record["time"].isoformat(),
@@ -76,6 +78,11 @@ def _json_line(record: Record, service: str) -> bytes:
         "trace_id": extra.get("trace_id"),
         "correlation_id": extra.get("correlation_id"),
     }
+    if instance:
+        doc["instance"] = instance
+    span_id = TRACING.current_span_id()
+    if span_id:
+        doc["span_id"] = span_id
     for name in _EXTRA_FIELDS:
         if name in extra:
             doc[name] = extra[name]
@@ -86,17 +93,23 @@ def _json_line(record: Record, service: str) -> bytes:
 
 
 def configure_logging(
-    service: str, level: str = "INFO", *, json_lines: bool = True, sink: TextIO | None = None
+    service: str,
+    level: str = "INFO",
+    *,
+    json_lines: bool = True,
+    sink: TextIO | None = None,
+    instance: str | None = None,
 ) -> None:
     """Replace loguru's handlers with one writing to `sink` (stderr by default).
 
-    Call once at the process edge; libraries only log.
+    `service` names the process (`nexus-shim`, `nexus-worker-data`) and `instance` tells
+    replicas apart. Call once at the process edge; libraries only log.
     """
     out = sink or sys.stderr
     if json_lines:
 
         def write(message: Any) -> None:
-            out.write(_json_line(message.record, service).decode() + "\n")
+            out.write(_json_line(message.record, service, instance).decode() + "\n")
             out.flush()
 
         logger.configure(handlers=[{"sink": write, "level": level, "format": "{message}"}])

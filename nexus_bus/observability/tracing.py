@@ -1,0 +1,151 @@
+"""Distributed tracing with OpenTelemetry: off unless an OTLP endpoint is configured.
+
+`configure_tracing` sets up one SDK tracer provider for the process (parent-based ratio
+sampling, a batch processor, OTLP over HTTP/protobuf) and keeps it in `TRACING`. The request
+path asks `TRACING.enabled` once per hop and otherwise does nothing: with tracing off no
+span object, context or header is made, so the cost is an attribute read.
+
+The provider is this process's own, not OpenTelemetry's global one: a library must not take
+the global slot from the application that imports it, and tests switch tracing on and off
+in one process. The W3C `traceparent` the request path already carries is the propagation
+format, so a span's trace id is the caller's trace id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import Any, Final
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from nexus_bus.config import TracingSettings
+
+__all__ = ["TRACING", "SpanKind", "Tracing", "configure_tracing"]
+
+_PROPAGATOR: Final = TraceContextTextMapPropagator()
+_NOTHING: Final = contextlib.nullcontext()
+
+
+class Tracing:
+    """The process's tracer, or nothing; `TRACING` is the shared instance."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.provider: TracerProvider | None = None
+        self._tracer: trace.Tracer = trace.NoOpTracer()
+
+    def install(self, provider: TracerProvider) -> None:
+        """Trace with `provider` from now on."""
+        self.provider = provider
+        self._tracer = provider.get_tracer("nexus_bus")
+        self.enabled = True
+
+    def shutdown(self) -> None:
+        """Export what is buffered and stop tracing."""
+        provider, self.provider = self.provider, None
+        self.enabled = False
+        self._tracer = trace.NoOpTracer()
+        if provider is not None:
+            provider.shutdown()
+
+    def span(
+        self,
+        name: str,
+        *,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Mapping[str, Any] | None = None,
+        parent_headers: Mapping[str, str] | None = None,
+    ) -> contextlib.AbstractContextManager[Span | None]:
+        """A span around a block, a child of the current one (or of `parent_headers`'
+        `traceparent`); a shared do-nothing context manager when tracing is off."""
+        if not self.enabled:
+            return _NOTHING
+        parent = _PROPAGATOR.extract(parent_headers) if parent_headers is not None else None
+        return self._tracer.start_as_current_span(
+            name, context=parent, kind=kind, attributes=attributes
+        )
+
+    def inject(self, headers: MutableMapping[str, str]) -> None:
+        """Write the current span's `traceparent` (and `tracestate`) into `headers`."""
+        if self.enabled and trace.get_current_span().get_span_context().is_valid:
+            _PROPAGATOR.inject(headers)
+
+    @contextlib.contextmanager
+    def continued(self, headers: Mapping[str, str]) -> Iterator[None]:
+        """Make the trace in `headers` current when no span is (a caller outside any span)."""
+        if not self.enabled or trace.get_current_span().get_span_context().is_valid:
+            yield
+            return
+        token = otel_context.attach(_PROPAGATOR.extract(headers))
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+
+    def current_span_id(self) -> str | None:
+        """The current span's id in hex, for log lines; None when off or outside a span."""
+        if not self.enabled:
+            return None
+        context = trace.get_current_span().get_span_context()
+        return f"{context.span_id:016x}" if context.is_valid else None
+
+
+def mark_error(span: Span | None, status: int, code: str) -> None:
+    """Record an error answer on `span` (semantic conventions: `error.type`, status ERROR
+    for server errors only, since a 4xx is the client's, not the span's, failure)."""
+    if span is None:
+        return
+    span.set_attribute("error.type", code)
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR, code))
+
+
+TRACING: Final = Tracing()
+
+
+def configure_tracing(
+    settings: TracingSettings,
+    service: str,
+    *,
+    instance: str,
+    version: str,
+    exporter: SpanExporter | None = None,
+) -> bool:
+    """Start tracing for this process when `settings` name an endpoint (or `exporter` is
+    given, as tests do); return whether it is on.
+
+    Spans are sampled by the caller's decision when there is one, else by
+    `settings.sample_ratio`, and exported in batches in the background.
+    """
+    if exporter is None:
+        if not settings.otlp_endpoint:
+            return False
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(
+            endpoint=settings.otlp_endpoint, timeout=settings.export_timeout_s
+        )
+        processor: BatchSpanProcessor | SimpleSpanProcessor = BatchSpanProcessor(exporter)
+    else:
+        processor = SimpleSpanProcessor(exporter)
+    resource = Resource.create(
+        {"service.name": service, "service.instance.id": instance, "service.version": version}
+    )
+    provider = TracerProvider(
+        resource=resource, sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio))
+    )
+    provider.add_span_processor(processor)
+    TRACING.install(provider)
+    return True

@@ -123,7 +123,9 @@ class Dispatcher:
         # A success ran a registered handler; only failures need the lookup.
         known = reply.status < 400 or self._lookup(op, action) is not None
         label_op, label_action = (op, action) if known else (UNKNOWN_LABEL, UNKNOWN_LABEL)
-        METRICS.observe(label_op, label_action, reply.status, self._transport, elapsed)
+        # With tracing on, the caller's sampled trace is this request's exemplar.
+        exemplar = trace.sampled_trace_id() if TRACING.enabled else None
+        METRICS.observe(label_op, label_action, reply.status, self._transport, elapsed, exemplar)
         if self._log_served:
             logger.debug(
                 "served",

@@ -91,7 +91,7 @@ class ShimApp:
         self._jobs: JobRoutes | None = None
         self._streams: EventStreams | None = None
         self._probes: Probes | None = None
-        self._simple: dict[str, Callable[[str], Awaitable[Answer]]] = {}
+        self._simple: dict[str, Callable[[str, RequestHead], Awaitable[Answer]]] = {}
 
     def server_enforces_read_timeout(self) -> None:
         """Tell the app its server times out slow requests itself (ours does): no app timer."""
@@ -137,18 +137,21 @@ class ShimApp:
         )
         self._probes = probes
 
-        async def healthz(_: str) -> Answer:
+        async def healthz(_: str, __: RequestHead) -> Answer:
             return probes.healthz()
 
-        async def metrics(_: str) -> Answer:
-            return probes.metrics()
+        async def readyz(request_id: str, _: RequestHead) -> Answer:
+            return await probes.readyz(request_id)
 
-        async def openapi(_: str) -> Answer:
+        async def metrics(_: str, head: RequestHead) -> Answer:
+            return probes.metrics(head.accept)
+
+        async def openapi(_: str, __: RequestHead) -> Answer:
             return probes.openapi()
 
         self._simple = {
             HTTP_HEALTHZ: healthz,
-            HTTP_READYZ: probes.readyz,
+            HTTP_READYZ: readyz,
             HTTP_METRICS: metrics,
             HTTP_OPENAPI: openapi,
         }
@@ -255,7 +258,7 @@ class ShimApp:
             if simple is not None:
                 if method not in ("GET", "HEAD"):
                     raise MethodNotAllowed(f"{path} answers GET", allow="GET")
-                return await simple(request_id)
+                return await simple(request_id, head)
         raise NotFound(f"no route {method} {path[:_MAX_PATH_IN_DETAIL]}")
 
     async def _api(

@@ -33,6 +33,7 @@ from nexus_bus.http.problems import Answer, ClientGone, retry_after_of, status_h
 from nexus_bus.http.request import Receive, RequestHead, declared_length, read_body
 from nexus_bus.metadata import is_ascii_digits
 from nexus_bus.observability import METRICS
+from nexus_bus.observability.tracing import TRACING
 
 _UNKNOWN_OPERATION: Final = "unknown_operation"
 _CLIENT_CLOSED: Final = 499  # nginx's convention, for the metric only: nobody gets it
@@ -147,7 +148,10 @@ class OperationRoute:
         finally:
             self.inflight -= 1
             op_label, action_label = self._labels.of(op, action, served=served)
-            METRICS.observe(op_label, action_label, status, T_HTTP, time.perf_counter() - started)
+            METRICS.observe(
+                op_label, action_label, status, T_HTTP, time.perf_counter() - started,
+                TRACING.current_trace_id(),
+            )
 
     async def _forward(
         self,

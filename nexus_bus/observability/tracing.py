@@ -94,6 +94,15 @@ class Tracing:
         finally:
             otel_context.detach(token)
 
+    def current_trace_id(self) -> str | None:
+        """The current span's trace id in hex when it is recorded (for metric exemplars)."""
+        if not self.enabled:
+            return None
+        context = trace.get_current_span().get_span_context()
+        if not (context.is_valid and context.trace_flags.sampled):
+            return None
+        return f"{context.trace_id:032x}"
+
     def current_span_id(self) -> str | None:
         """The current span's id in hex, for log lines; None when off or outside a span."""
         if not self.enabled:

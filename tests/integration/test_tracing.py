@@ -220,3 +220,38 @@ async def test_query_strings_never_reach_a_span(
         await http.get("/v1/events/orders?ticket=s3cret-ticket")
     (span,) = [s for s in spans.get_finished_spans() if s.name == "GET /v1/events/{topic}"]
     assert "s3cret" not in str(attrs(span)) and attrs(span)["http.target"] == "/v1/events/orders"
+
+
+async def test_latency_buckets_carry_the_trace_as_an_openmetrics_exemplar(
+    spans: InMemorySpanExporter, local_nats: ServerProcess, local_redis: ServerProcess, uid: str
+) -> None:
+    settings = make_settings(local_nats.url, local_redis.url + "/0")
+    worker = Worker(settings, builtin_groups(["data"]))
+    await worker.start()
+    try:
+        async with running_shim(settings) as shim, httpx.AsyncClient(base_url=shim.url) as http:
+            await http.post(
+                "/v1/data/list",
+                json={"prefix": uid},
+                headers={
+                    "Authorization": f"Bearer {issue_test_token()}",
+                    "traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01",
+                },
+            )
+            openmetrics = await http.get(
+                "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+            )
+            plain = await http.get("/metrics")
+    finally:
+        await worker.drain(1)
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    exemplars = [
+        line
+        for line in openmetrics.text.splitlines()
+        if line.startswith("nexus_request_duration_seconds_bucket")
+        and f'trace_id="{TRACE_ID}"' in line
+    ]
+    assert any('transport="http"' in line for line in exemplars), exemplars
+    assert any('transport="nats"' in line for line in exemplars), exemplars  # the worker's
+    # Scrapers that ask for Prometheus's text format get it, without exemplars.
+    assert plain.headers["content-type"].startswith("text/plain") and "trace_id" not in plain.text

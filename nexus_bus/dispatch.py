@@ -184,10 +184,10 @@ class Dispatcher:
         attempt: int,
     ) -> Reply:
         operation = self.operation(op, action)
-        with TRACING.span("authenticate"):
+        with TRACING.step("authenticate"):
             principal = await self._auth.authenticate(hdrs, operation)
         media = codec.media_type(hdrs.get(H_CONTENT_TYPE))
-        with TRACING.span("validate"):
+        with TRACING.step("validate"):
             request = codec.decode(
                 data,
                 operation.request_type,
@@ -207,7 +207,7 @@ class Dispatcher:
             idempotency_key=hdrs.get(H_IDEMPOTENCY_KEY),
             attempt=attempt,
         )
-        with TRACING.span("handle"):
+        with TRACING.step("handle"):
             result = await self._call(operation, request, ctx)
         return success_reply(codec.encode(result, media), codec.content_type_of(media), request_id)
 

@@ -52,7 +52,7 @@ async def translate_nats_errors(what: str) -> AsyncIterator[None]:
     """Map nats-py / JetStream exceptions to NexusErrors (the adapter's one boundary),
     in a client span named by the call's verb when tracing is on (never by its key)."""
     verb = what.split(" ", 1)[0]
-    with TRACING.span(f"jetstream {verb}", kind=SpanKind.CLIENT, attributes=_JETSTREAM_SPAN):
+    with TRACING.step(f"jetstream {verb}", kind=SpanKind.CLIENT, attributes=_JETSTREAM_SPAN):
         async with _translated(what):
             yield
 

@@ -35,9 +35,11 @@ from nexus_bus.http.jobs import JobRoutes
 from nexus_bus.http.probes import Probes
 from nexus_bus.http.problems import Answer, ClientGone, MethodNotAllowed, problem_answer
 from nexus_bus.http.request import RequestHead, parse_head
+from nexus_bus.http.spans import serve_traced
 from nexus_bus.http.sse import EventStreams, encode_gate_request, last_event_id
 from nexus_bus.metadata import clean_request_id
 from nexus_bus.observability import logger
+from nexus_bus.observability.tracing import TRACING
 from nexus_bus.operations import Operations
 from nexus_bus.redis_client import RedisClient, create_redis
 from nexus_bus.replies import error_of
@@ -176,7 +178,10 @@ class ShimApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._serve(scope, receive, send)
+            if TRACING.enabled:
+                await serve_traced(scope, send, lambda sender: self._serve(scope, receive, sender))
+            else:
+                await self._serve(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         # Anything else (websocket) is not served; the server closes it.

@@ -18,7 +18,6 @@ import socket
 import time
 from collections.abc import Generator, Iterable
 from types import FrameType
-from typing import Any, Final
 
 import uvicorn
 
@@ -26,56 +25,14 @@ from nexus_bus.config import Settings
 from nexus_bus.http.app import ShimApp
 from nexus_bus.http.protocol import limited_protocol
 from nexus_bus.observability import logger
-from nexus_bus.observability.tracing import TRACING
 from nexus_bus.operations import Operations
-
-# Routes with a variable part, named by their template (semantic conventions: `http.route`,
-# and a span name of "METHOD route"): a span name never carries client-chosen text.
-_ROUTE_TEMPLATES: Final = {"jobs": "/v1/jobs/{id}", "events": "/v1/events/{topic}"}
-
-
-def http_span_details(scope: dict[str, Any]) -> tuple[str, dict[str, str]]:
-    """The server span's name and `http.route` for a request (ASGI middleware hook)."""
-    method = scope.get("method", "HTTP")
-    parts = scope.get("path", "").split("/")
-    if len(parts) >= 4 and parts[1] == "v1":
-        route = _ROUTE_TEMPLATES.get(parts[2], "/v1/{op}/{action}")
-    elif len(parts) == 2 and parts[1]:
-        route = "/" + parts[1]  # the fixed routes: /readyz, /openapi.json, ...
-    else:
-        return method, {}
-    return f"{method} {route}", {"http.route": route}
-
-
-def _without_query(span: Any, scope: dict[str, Any]) -> None:
-    """Keep query strings out of spans: an SSE stream ticket travels in one."""
-    if span is None or not span.is_recording() or not scope.get("query_string"):
-        return
-    path = scope.get("path", "")
-    span.set_attribute("http.target", path)
-    span.set_attribute("http.url", path)
-
-
-def traced(app: ShimApp) -> Any:
-    """`app` behind OpenTelemetry's ASGI middleware: a server span per request, a child of
-    the client's `traceparent`. Probes and metrics scrapes are not traced."""
-    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-
-    return OpenTelemetryMiddleware(
-        app,
-        excluded_urls="/healthz,/readyz,/metrics",
-        default_span_details=http_span_details,
-        server_request_hook=_without_query,
-        tracer_provider=TRACING.provider,
-        exclude_spans=["receive", "send"],
-    )
 
 
 def create_config(app: ShimApp, settings: Settings) -> uvicorn.Config:
     """The uvicorn configuration of the shim (see docs/http.md for why each choice)."""
     http = settings.http
     return uvicorn.Config(
-        traced(app) if TRACING.enabled else app,
+        app,
         host=http.host,
         port=http.port,
         backlog=http.backlog,

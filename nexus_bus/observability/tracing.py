@@ -14,7 +14,7 @@ format, so a span's trace id is the caller's trace id.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, Final
 
 from opentelemetry import context as otel_context
@@ -26,16 +26,25 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import Attributes
 
 from nexus_bus.config import TracingSettings
 
-__all__ = ["TRACING", "SpanKind", "Tracing", "configure_tracing"]
+__all__ = ["TRACING", "EntrySampler", "SpanKind", "Tracing", "configure_tracing", "mark_error"]
 
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 _NOTHING: Final = contextlib.nullcontext()
+_NEXUS_OP: Final = "nexus.op"  # on the spans of a request's own hops
 
 
 class Tracing:
@@ -68,14 +77,38 @@ class Tracing:
         attributes: Mapping[str, Any] | None = None,
         parent_headers: Mapping[str, str] | None = None,
     ) -> contextlib.AbstractContextManager[Span | None]:
-        """A span around a block, a child of the current one (or of `parent_headers`'
-        `traceparent`); a shared do-nothing context manager when tracing is off."""
+        """An entry span (a request arriving or leaving): a child of `parent_headers`'
+        `traceparent` (or of the current span), or the root of a new trace.
+
+        A shared do-nothing context manager when tracing is off. When the caller did not
+        sample its trace, no span is made at all (it would record nothing), but its context
+        becomes current so that every span below knows the trace is not sampled.
+        """
         if not self.enabled:
             return _NOTHING
         parent = _PROPAGATOR.extract(parent_headers) if parent_headers is not None else None
+        context = trace.get_current_span(parent).get_span_context()
+        if context.is_valid and not context.trace_flags.sampled:
+            return _NOTHING if parent is None else _Attached(parent)
         return self._tracer.start_as_current_span(
             name, context=parent, kind=kind, attributes=attributes
         )
+
+    def step(
+        self,
+        name: str,
+        *,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> contextlib.AbstractContextManager[Span | None]:
+        """A span for a step of a sampled request (authenticate, a KV call); nothing
+        outside one, so a step never starts a trace of its own."""
+        if not self.enabled:
+            return _NOTHING
+        context = trace.get_current_span().get_span_context()
+        if not (context.is_valid and context.trace_flags.sampled):
+            return _NOTHING
+        return self._tracer.start_as_current_span(name, kind=kind, attributes=attributes)
 
     def inject(self, headers: MutableMapping[str, str]) -> None:
         """Write the current span's `traceparent` (and `tracestate`) into `headers`."""
@@ -109,6 +142,57 @@ class Tracing:
             return None
         context = trace.get_current_span().get_span_context()
         return f"{context.span_id:016x}" if context.is_valid else None
+
+
+class _Attached:
+    """Makes an OpenTelemetry context current for a block (a caller's unsampled trace)."""
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, context: otel_context.Context) -> None:
+        self._context = context
+        self._token: object = None
+
+    def __enter__(self) -> None:
+        self._token = otel_context.attach(self._context)
+
+    def __exit__(self, *exc: object) -> None:
+        otel_context.detach(self._token)  # type: ignore[arg-type]
+
+
+class EntrySampler(Sampler):
+    """Samples new traces at `ratio`, but only where a request starts one.
+
+    A root span of a Redis command or a KV call (a client span not made by the gateway,
+    which marks its spans with `nexus.op`) is background work outside any request, and is
+    dropped rather than exported as a trace of one span.
+    """
+
+    def __init__(self, ratio: float) -> None:
+        self._ratio = TraceIdRatioBased(ratio)
+
+    def should_sample(
+        self,
+        parent_context: otel_context.Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        """Drop infrastructure roots; otherwise the ratio decides."""
+        if kind in (SpanKind.CLIENT, SpanKind.INTERNAL, None) and not (
+            attributes and _NEXUS_OP in attributes
+        ):
+            return SamplingResult(Decision.DROP)
+        return self._ratio.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        """What the sampler does, for debugging output."""
+        return f"EntrySampler({self._ratio.get_description()})"
 
 
 def mark_error(span: Span | None, status: int, code: str) -> None:
@@ -153,7 +237,7 @@ def configure_tracing(
         {"service.name": service, "service.instance.id": instance, "service.version": version}
     )
     provider = TracerProvider(
-        resource=resource, sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio))
+        resource=resource, sampler=ParentBased(EntrySampler(settings.sample_ratio))
     )
     provider.add_span_processor(processor)
     TRACING.install(provider)

@@ -201,7 +201,10 @@ async def test_a_job_submission_is_the_parent_of_each_delivery_attempt(
 
     finished = [s for s in spans.get_finished_spans() if f"{s.context.trace_id:032x}" == TRACE_ID]
     children = tree(tuple(finished))
-    (submit,) = [s for s in children[int(CALLER_SPAN, 16)] if s.name == "jetstream submit"]
+    (submit,) = [
+        s for s in children[int(CALLER_SPAN, 16)] if s.name == f"publish nexus.jobs.{ops.op}.flaky"
+    ]
+    assert submit.kind is SpanKind.PRODUCER and attrs(submit)["nexus.job_id"] == accepted.job_id
     attempts = sorted(
         (s for s in children[submit.context.span_id] if s.name == f"process nexus.{ops.op}.flaky"),
         key=lambda s: attrs(s)["nexus.attempt"],
@@ -219,7 +222,7 @@ async def test_query_strings_never_reach_a_span(
     async with running_shim(settings) as shim, httpx.AsyncClient(base_url=shim.url) as http:
         await http.get("/v1/events/orders?ticket=s3cret-ticket")
     (span,) = [s for s in spans.get_finished_spans() if s.name == "GET /v1/events/{topic}"]
-    assert "s3cret" not in str(attrs(span)) and attrs(span)["http.target"] == "/v1/events/orders"
+    assert "s3cret" not in str(attrs(span)) and attrs(span)["url.path"] == "/v1/events/orders"
 
 
 async def test_latency_buckets_carry_the_trace_as_an_openmetrics_exemplar(
@@ -255,3 +258,28 @@ async def test_latency_buckets_carry_the_trace_as_an_openmetrics_exemplar(
     assert any('transport="nats"' in line for line in exemplars), exemplars  # the worker's
     # Scrapers that ask for Prometheus's text format get it, without exemplars.
     assert plain.headers["content-type"].startswith("text/plain") and "trace_id" not in plain.text
+
+
+async def test_an_unsampled_caller_leaves_no_span_and_no_orphan_trace_anywhere(
+    spans: InMemorySpanExporter, local_nats: ServerProcess, local_redis: ServerProcess, uid: str
+) -> None:
+    settings = make_settings(local_nats.url, local_redis.url + "/0")
+    worker = Worker(settings, builtin_groups(["data"]))
+    await worker.start()
+    try:
+        async with running_shim(settings) as shim, httpx.AsyncClient(base_url=shim.url) as http:
+            auth = {"Authorization": f"Bearer {issue_test_token()}"}
+            await http.post("/v1/data/put", json={"key": f"u.{uid}", "value": 1}, headers=auth)
+            spans.clear()
+            got = await http.post(
+                "/v1/data/get",
+                json={"key": f"u.{uid}"},
+                headers={**auth, "traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-00"},
+            )
+            assert got.status_code == 200
+        # A Redis command outside any request starts no trace of its own either.
+        assert worker.services is not None
+        await worker.services.redis.ping()
+    finally:
+        await worker.drain(1)
+    assert spans.get_finished_spans() == ()

@@ -10,14 +10,25 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[embedded,test]'
+	$(MAKE) --no-print-directory $(COMPOSE_SPEC)
 	touch $(STAMP)
+
+# The Compose specification's JSON schema, which the compose checks validate against: it ships
+# inside the docker-compose 1.29.2 wheel (only the schema is taken; nothing is installed).
+COMPOSE_SPEC := $(VENV)/share/compose-spec/compose_spec.json
+$(COMPOSE_SPEC):
+	rm -rf build/compose-spec && mkdir -p build/compose-spec $(dir $(COMPOSE_SPEC))
+	$(BIN)/python -m pip download --quiet --no-deps --dest build/compose-spec docker-compose==1.29.2
+	$(BIN)/python -c "import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read('compose/config/compose_spec.json'))" build/compose-spec/docker_compose-1.29.2-py2.py3-none-any.whl > $@
 
 install: $(STAMP)
 
-# NGINX (tests/e2e) and wrk (bench_http's load generator) from Debian's packages, when absent.
+# From Debian's packages, when absent: NGINX (tests/e2e), wrk (bench_http's load generator), and
+# Prometheus, Alertmanager, redis_exporter and node_exporter (tests/integration/test_monitoring).
+DEBIAN_DEPS := nginx wrk prometheus prometheus-alertmanager prometheus-redis-exporter prometheus-node-exporter
 system-deps:
-	command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx wrk)
-	command -v wrk >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk)
+	@missing=""; for p in $(DEBIAN_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; fi
 
 up: $(STAMP)
 	$(BIN)/nexus-bus up

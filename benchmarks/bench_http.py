@@ -32,14 +32,14 @@ import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, NamedTuple
 
 import msgspec
 import uvloop
 
 from benchmarks.harness import Result, closed_loop, merge, stop_all
 from nexus_bus import Operations, RequestContext
-from nexus_bus.embedded import free_port, nats_server, redis_server
+from nexus_bus.embedded import ServerProcess, free_port, nats_server, redis_server
 
 RAW_PREFIX = "bench.raw"
 BODY = b'{"key":"bench-key","n":42}'
@@ -102,6 +102,26 @@ def serve_aiohttp(url: str | None, port: int) -> None:
     if url:
         app.on_startup.append(connect)
     web.run_app(app, host="127.0.0.1", port=port, print=None, loop=uvloop.new_event_loop())
+
+
+def serve_otlp_sink(port: int) -> None:
+    """An OTLP/HTTP trace endpoint that accepts every export and keeps nothing (the
+    collector's cost is not ours; the exporter's, in the traced processes, is)."""
+    from aiohttp import web
+
+    async def traces(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/traces", traces)
+    web.run_app(app, host="127.0.0.1", port=port, print=None)
+
+
+def _place(text: str, places: dict[str, str]) -> str:
+    for mark, value in places.items():
+        text = text.replace(mark, value)
+    return text
 
 
 def asgi_app(url: str | None) -> Any:
@@ -239,25 +259,48 @@ async def run_python(
         return await closed_loop(name, call, concurrency=conc, seconds=seconds)
 
 
-Target = tuple[str, list[tuple[str, list[str]]]]  # name, [(role, python argv)]
+class Target(NamedTuple):
+    """What one row measures: its processes, and settings of its own.
+
+    A target with `own_nats` gets a nats-server of its own, so its workers do not share a
+    queue group with another target's (a variant of the nexus target must not serve the
+    plain one's requests); `{otlp}` in `env` becomes the OTLP sink's address.
+    """
+
+    name: str
+    roles: list[tuple[str, list[str]]]  # (role, python argv)
+    env: dict[str, str] = {}  # noqa: RUF012 - read only
+    own_nats: bool = False
 
 
-def _targets(url: str, servers: bool) -> list[Target]:
+NEXUS_ROLES: Final = [
+    ("worker", ["-m", "nexus_bus", "worker", "--app", "benchmarks.bench_http:bench_ops"]),
+    ("shim", ["-m", "nexus_bus", "shim", "--port", "{port}"]),
+]
+TRACED_ENV: Final = {"NEXUS_TRACING__OTLP_ENDPOINT": "http://127.0.0.1:{otlp}/v1/traces"}
+
+
+def _targets(url: str, servers: bool, tracing: bool) -> list[Target]:
     me = ["-m", "benchmarks.bench_http"]
     responder = ("responder", [*me, "--serve-responder", url])
-    targets: list[Target] = [
-        ("nexus shim -> worker", [
-            ("worker", ["-m", "nexus_bus", "worker", "--app", "benchmarks.bench_http:bench_ops"]),
-            ("shim", ["-m", "nexus_bus", "shim", "--port", "{port}"]),
-        ]),
-        ("aiohttp bridge -> raw", [responder, ("bridge", [*me, "--serve-aiohttp", "{port}", url])]),
-        ("uvicorn bridge -> raw", [responder, ("bridge", [*me, "--serve-uvicorn", "{port}", url])]),
-        ("aiohttp raw (no NATS)", [("app", [*me, "--serve-aiohttp", "{port}"])]),
-        ("uvicorn raw (no NATS)", [("app", [*me, "--serve-uvicorn", "{port}"])]),
+    aiohttp_bridge = ("bridge", [*me, "--serve-aiohttp", "{port}", url])
+    uvicorn_bridge = ("bridge", [*me, "--serve-uvicorn", "{port}", url])
+    targets = [
+        Target("nexus shim -> worker", NEXUS_ROLES),
+        Target("aiohttp bridge -> raw", [responder, aiohttp_bridge]),
+        Target("uvicorn bridge -> raw", [responder, uvicorn_bridge]),
+        Target("aiohttp raw (no NATS)", [("app", [*me, "--serve-aiohttp", "{port}"])]),
+        Target("uvicorn raw (no NATS)", [("app", [*me, "--serve-uvicorn", "{port}"])]),
     ]
+    if tracing:
+        # Requests traced at a sampling ratio, exported to an OTLP sink on the same CPU.
+        sink = ("otlp sink", [*me, "--serve-otlp", "{otlp}"])
+        for ratio in ("1.0", "0.1"):
+            env = {**TRACED_ENV, "NEXUS_TRACING__SAMPLE_RATIO": ratio}
+            targets.append(Target(f"nexus traced ({ratio})", [sink, *NEXUS_ROLES], env, True))
     if servers:
         granian = ("bridge", [*me, "--serve-granian", "{port}", url])
-        targets.append(("granian bridge -> raw", [responder, granian]))
+        targets.append(Target("granian bridge -> raw", [responder, granian]))
     return targets
 
 
@@ -297,6 +340,8 @@ class Bench:
         from nexus_bus.auth import Keyring, TokenCodec, generate_key
 
         self.seconds = seconds
+        self.tmp = tmp
+        self.extra_servers: dict[str, ServerProcess] = {}  # a target's own, by key
         self.servers = [nats_server(tmp / "nats"), redis_server(tmp / "redis")]
         for server in self.servers:
             server.argv = [*_pin(1), *server.argv]
@@ -327,7 +372,7 @@ class Bench:
 
     def close(self) -> None:
         """Stop the servers."""
-        for server in reversed(self.servers):
+        for server in [*self.extra_servers.values(), *reversed(self.servers)]:
             server.stop()
 
     def run_all(self, targets: list[Target], levels: list[int], rounds: int) -> list[Result]:
@@ -344,6 +389,7 @@ class Bench:
             ports, live = self._start(targets, started)
             pids = {key: p.pid for key, p in started.items()}
             pids.update({s.name: s.proc.pid for s in self.servers if s.proc})
+            pids.update({k: s.proc.pid for k, s in self.extra_servers.items() if s.proc})
             results = []
             for conc in levels:
                 slices: dict[str, list[tuple[Result, dict[str, float]]]] = {n: [] for n in live}
@@ -366,15 +412,27 @@ class Bench:
         """Start every target's processes (into `started`); their ports, and which answer."""
         ports: dict[str, int] = {}
         live: list[str] = []
-        for name, roles in targets:
+        for name, roles, extra_env, own_nats in targets:
             port = ports[name] = free_port()
+            places = {"{port}": str(port), "{otlp}": str(free_port())}
+            env = {**self.env, **{k: _place(v, places) for k, v in extra_env.items()}}
+            servers = self.servers
+            if own_nats:
+                nats = nats_server(self.tmp / f"nats-{port}")
+                nats.argv = [*_pin(1), *nats.argv]
+                nats.start()
+                self.extra_servers[f"{name}/nats-server"] = nats
+                env["NEXUS_NATS__URL"] = nats.url
+                servers = [s for s in servers if s.name != "nats-server"]
             procs = []
-            self.keys[name] = {s.name for s in self.servers}
+            self.keys[name] = {s.name for s in servers}
+            if own_nats:
+                self.keys[name].add(f"{name}/nats-server")
             for role, argv in roles:
                 key = role if role == "responder" else f"{name}/{role}"
                 self.keys[name].add(key)
                 if key not in started:
-                    started[key] = _spawn([a.replace("{port}", str(port)) for a in argv], self.env)
+                    started[key] = _spawn([_place(a, places) for a in argv], env)
                 procs.append(started[key])
             try:
                 _wait_http(port, self.headers, procs)
@@ -452,6 +510,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="slices per point")
     parser.add_argument("--concurrency", default="1,16,128")
     parser.add_argument("--servers", action="store_true", help="also granian (server choice)")
+    parser.add_argument("--no-tracing", action="store_true", help="skip the traced nexus row")
+    parser.add_argument("--serve-otlp", metavar="PORT", type=int)
     parser.add_argument("--serve-responder", metavar="NATS_URL")
     parser.add_argument("--serve-aiohttp", nargs="+", metavar=("PORT", "NATS_URL"))
     parser.add_argument("--serve-uvicorn", nargs="+", metavar=("PORT", "NATS_URL"))
@@ -459,6 +519,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.serve_responder:
         uvloop.run(serve_responder(args.serve_responder))
+        return 0
+    if args.serve_otlp:
+        serve_otlp_sink(args.serve_otlp)
         return 0
     roles = (("aiohttp", serve_aiohttp), ("uvicorn", serve_uvicorn), ("granian", serve_granian))
     for role, serve in roles:
@@ -478,7 +541,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp), args.seconds)
         try:
-            results = bench.run_all(_targets(bench.nats_url, args.servers), levels, args.rounds)
+            targets = _targets(bench.nats_url, args.servers, not args.no_tracing)
+            results = bench.run_all(targets, levels, args.rounds)
         finally:
             bench.close()
     report(results, bench.cpu_us)

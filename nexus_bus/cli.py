@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -63,11 +64,31 @@ def load_groups(ops: str | None, apps: Sequence[str]) -> list[Operations]:
     return groups
 
 
+def process_name(settings: Settings, role: str, ops: str | None = None) -> str:
+    """What a process calls itself in logs and traces: `nexus-shim`, `nexus-worker-data`."""
+    suffix = "-" + ops.replace(",", "-") if ops else ""
+    return f"{settings.service}-{role}{suffix}"
+
+
+def start_observability(settings: Settings, name: str) -> None:
+    """Name this process in its log lines, and trace it when an OTLP endpoint is set."""
+    from importlib.metadata import version
+
+    from nexus_bus.observability.tracing import configure_tracing
+
+    instance = f"{socket.gethostname()}-{os.getpid()}"
+    configure_logging(
+        name, settings.log.level, json_lines=settings.log.json_lines, instance=instance
+    )
+    configure_tracing(settings.tracing, name, instance=instance, version=version("nexus-bus"))
+
+
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Serve operations until SIGTERM."""
     from nexus_bus.worker import Worker
 
     ops = args.ops or ",".join(settings.worker.ops) or None
+    start_observability(settings, process_name(settings, "worker", ops))
     if settings.worker.metrics_port:
         from prometheus_client import start_http_server
 
@@ -86,6 +107,7 @@ def cmd_shim(args: argparse.Namespace, settings: Settings) -> int:
     """Serve the HTTP shim until SIGTERM; exit 0 after draining in-flight requests."""
     from nexus_bus.http import serve
 
+    start_observability(settings, process_name(settings, "shim"))
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
         settings = settings.model_copy(
@@ -356,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     level = _log_level(args, settings)
-    configure_logging(settings.service, level, json_lines=settings.log.json_lines)
+    configure_logging(process_name(settings, "cli"), level, json_lines=settings.log.json_lines)
     try:
         code: int = args.func(args, settings)
     except NexusError as exc:

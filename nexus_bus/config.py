@@ -276,6 +276,14 @@ class LogSettings(BaseModel):
     access: bool = True  # one INFO line per request (observability/access.py)
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry tracing (docs/observability.md): off unless an endpoint is set."""
+
+    otlp_endpoint: str | None = None  # e.g. http://otel-collector:4318/v1/traces
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)  # for traces that start here
+    export_timeout_s: float = Field(default=5.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything configurable, one object; load it with `load_settings()`."""
 
@@ -285,7 +293,9 @@ class Settings(BaseSettings):
         extra="forbid",
     )
 
-    service: str = "nexus-bus"
+    # Prefix of every process's name: logs, traces and NATS connections say `<service>-shim`,
+    # `<service>-worker-<ops>`, `<service>-cli`.
+    service: str = "nexus"
     state_dir: Path = Path(".nexus")
     nats: NatsSettings = Field(default_factory=NatsSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
@@ -299,6 +309,7 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @classmethod
     def settings_customise_sources(

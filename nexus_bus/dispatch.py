@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from nexus_bus import codec
 from nexus_bus.auth.base import Authenticator, NoAuthentication
@@ -21,6 +21,7 @@ from nexus_bus.errors import InternalError, NexusError, UnknownOperation, Upstre
 from nexus_bus.metadata import LazyTrace, deadline_ms, request_id_of
 from nexus_bus.observability import METRICS, bind_request, logger, release
 from nexus_bus.observability.access import access_log_enabled, log_served
+from nexus_bus.observability.tracing import TRACING, SpanKind, mark_error
 from nexus_bus.operations import Operation, Operations
 from nexus_bus.replies import Reply, error_reply, success_reply
 from nexus_bus.services import Services
@@ -106,8 +107,9 @@ class Dispatcher:
             return Expired(request_id)
         trace = LazyTrace(hdrs)  # parsed only if a line is logged or the handler asks
         log_token = bind_request(trace_id=trace, correlation_id=request_id, op=op, action=action)
+        run = self._run_traced if TRACING.enabled else self._run
         try:
-            reply = await self._run(op, action, hdrs, data, request_id, trace, deadline, attempt)
+            reply = await run(op, action, hdrs, data, request_id, trace, deadline, attempt)
         except NexusError as exc:
             reply = self._fail(op, exc, request_id)
         except Exception:
@@ -122,7 +124,9 @@ class Dispatcher:
         # A success ran a registered handler; only failures need the lookup.
         known = reply.status < 400 or self._lookup(op, action) is not None
         label_op, label_action = (op, action) if known else (UNKNOWN_LABEL, UNKNOWN_LABEL)
-        METRICS.observe(label_op, label_action, reply.status, self._transport, elapsed)
+        # With tracing on, the caller's sampled trace is this request's exemplar.
+        exemplar = trace.sampled_trace_id() if TRACING.enabled else None
+        METRICS.observe(label_op, label_action, reply.status, self._transport, elapsed, exemplar)
         if self._access_log:
             log_served(
                 transport=self._transport,
@@ -134,6 +138,40 @@ class Dispatcher:
                 trace_id=trace.resolve(),
             )
         return reply
+
+    async def _run_traced(
+        self,
+        op: str,
+        action: str,
+        hdrs: Mapping[str, str],
+        data: bytes,
+        request_id: str,
+        trace: LazyTrace,
+        deadline: int,
+        attempt: int,
+    ) -> Reply:
+        """`_run` in a server span, a child of the caller's `traceparent`."""
+        attributes = {
+            "messaging.system": "nats",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": f"nexus.{op}.{action}",
+            "messaging.message.id": request_id,
+            "nexus.op": op,
+            "nexus.action": action,
+            "nexus.transport": self._transport,
+            "nexus.attempt": attempt,
+        }
+        with TRACING.span(
+            f"process nexus.{op}.{action}",
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+            parent_headers=hdrs,
+        ) as span:
+            try:
+                return await self._run(op, action, hdrs, data, request_id, trace, deadline, attempt)
+            except NexusError as exc:
+                mark_error(span, exc.http_status, exc.code)
+                raise
 
     async def _run(
         self,
@@ -147,15 +185,17 @@ class Dispatcher:
         attempt: int,
     ) -> Reply:
         operation = self.operation(op, action)
-        principal = await self._auth.authenticate(hdrs, operation)
+        with TRACING.step("authenticate"):
+            principal = await self._auth.authenticate(hdrs, operation)
         media = codec.media_type(hdrs.get(H_CONTENT_TYPE))
-        request = codec.decode(
-            data,
-            operation.request_type,
-            media=media,
-            max_bytes=self._limits.max_body_bytes,
-            max_depth=self._limits.max_depth,
-        )
+        with TRACING.step("validate"):
+            request = codec.decode(
+                data,
+                operation.request_type,
+                media=media,
+                max_bytes=self._limits.max_body_bytes,
+                max_depth=self._limits.max_depth,
+            )
         ctx = RequestContext(
             op=op,
             action=action,
@@ -168,20 +208,25 @@ class Dispatcher:
             idempotency_key=hdrs.get(H_IDEMPOTENCY_KEY),
             attempt=attempt,
         )
-        if operation.timeout_ms is None and not self._enforce_deadline:
-            result = await operation.handler(request, ctx)
-        else:
-            budget_s = ctx.remaining_s()
-            if operation.timeout_ms is not None:
-                budget_s = min(budget_s, operation.timeout_ms / 1000)
-            try:
-                async with asyncio.timeout(budget_s):
-                    result = await operation.handler(request, ctx)
-            except TimeoutError as exc:
-                if isinstance(exc, NexusError):
-                    raise
-                raise UpstreamTimeout(f"{op}.{action} did not finish within its budget") from None
+        with TRACING.step("handle"):
+            result = await self._call(operation, request, ctx)
         return success_reply(codec.encode(result, media), codec.content_type_of(media), request_id)
+
+    async def _call(self, operation: Operation, request: Any, ctx: RequestContext) -> Any:
+        """The handler, within the operation's own timeout and the request's deadline."""
+        op, action = ctx.op, ctx.action
+        if operation.timeout_ms is None and not self._enforce_deadline:
+            return await operation.handler(request, ctx)
+        budget_s = ctx.remaining_s()
+        if operation.timeout_ms is not None:
+            budget_s = min(budget_s, operation.timeout_ms / 1000)
+        try:
+            async with asyncio.timeout(budget_s):
+                return await operation.handler(request, ctx)
+        except TimeoutError as exc:
+            if isinstance(exc, NexusError):
+                raise
+            raise UpstreamTimeout(f"{op}.{action} did not finish within its budget") from None
 
     def _fail(self, op: str, error: NexusError, request_id: str) -> Reply:
         METRICS.count_error(op if op in self._groups else UNKNOWN_LABEL, error.code)

@@ -24,6 +24,7 @@ from nexus_bus.constants import (
     H_DEADLINE,
     H_IDEMPOTENCY_KEY,
     H_REQUEST_ID,
+    H_SERVICE_ERROR,
     H_TIMEOUT_MS,
     H_TRACEPARENT,
     T_CLIENT,
@@ -45,6 +46,7 @@ from nexus_bus.metadata import (
     parse_traceparent,
 )
 from nexus_bus.observability import METRICS
+from nexus_bus.observability.tracing import TRACING, SpanKind, mark_error
 from nexus_bus.registry import OpsRegistry
 from nexus_bus.replies import Reply, error_of, status_of
 from nexus_bus.schemas.jobs import Job, JobAccepted
@@ -133,10 +135,13 @@ class Gateway:
         budget_ms = max(1, int(timeout_s * 1000))
         headers = {
             H_REQUEST_ID: clean_request_id(request_id),
-            H_TRACEPARENT: trace.traceparent if trace is not None else new_traceparent(),
             H_TIMEOUT_MS: str(budget_ms),
             H_DEADLINE: str(int(time.time() * 1000) + budget_ms),
         }
+        if trace is not None:
+            headers[H_TRACEPARENT] = trace.traceparent
+        elif not TRACING.enabled:  # with tracing on, the request's span writes it (sampled or not)
+            headers[H_TRACEPARENT] = new_traceparent()
         if extra:
             headers.update(extra)
         token = token or self.token
@@ -161,6 +166,38 @@ class Gateway:
             UpstreamTimeout: no reply within `timeout_s`.
             Unavailable: the NATS connection is closed.
         """
+        if TRACING.enabled:
+            return await self._traced_request(op, action, body, headers, timeout_s)
+        return await self._request(op, action, body, headers, timeout_s)
+
+    async def _traced_request(
+        self, op: str, action: str, body: bytes, headers: dict[str, str], timeout_s: float
+    ) -> Reply:
+        """`_request` in a client span whose context travels in the request's `traceparent`."""
+        subject = client_subject(op, action)  # validated before it names a span
+        attributes = {
+            "messaging.system": "nats",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "request",
+            "messaging.destination.name": subject,
+            "nexus.op": op,
+            "nexus.action": action,
+        }
+        with (
+            TRACING.continued(headers),
+            TRACING.span(f"request {subject}", kind=SpanKind.CLIENT, attributes=attributes)
+            as span,
+        ):
+            TRACING.inject(headers)  # before the size checks: they count this header too
+            reply = await self._request(op, action, body, headers, timeout_s)
+            if reply.status >= 400:
+                code = reply.headers.get(H_SERVICE_ERROR, "").split(":", 1)[0]
+                mark_error(span, reply.status, code)
+            return reply
+
+    async def _request(
+        self, op: str, action: str, body: bytes, headers: dict[str, str], timeout_s: float
+    ) -> Reply:
         subject = client_subject(op, action)
         header_bytes = check_headers(
             headers,
@@ -290,7 +327,8 @@ class Gateway:
             idempotency_key=idempotency_key,
             content_type=codec.content_type_of(media) if media != "json" else None,
         )
-        return await submit_job(self.nc, self.settings, op, action, body, headers)
+        with TRACING.continued(headers):  # the job's spans join the caller's trace
+            return await submit_job(self.nc, self.settings, op, action, body, headers)
 
     async def job(self, job_id: str) -> Job:
         """The status document of a job.

@@ -152,6 +152,11 @@ class LazyTrace:
         """The trace id, for a log line."""
         return self.get().trace_id
 
+    def sampled_trace_id(self) -> str | None:
+        """The trace id when the caller sampled the trace (W3C flags), else None."""
+        trace = self.get()
+        return trace.trace_id if int(trace.flags, 16) & 1 else None
+
 
 def budget_headers(timeout_s: float, now_ms: int) -> dict[str, str]:
     """`Nexus-Timeout-Ms` and `Nexus-Deadline` for a request sent now with this budget."""

@@ -15,6 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from nexus_bus.config import RedisSettings
+from nexus_bus.observability.tracing import TRACING
 
 RedisClient = aioredis.Redis | RedisCluster
 
@@ -56,7 +57,15 @@ def create_redis(settings: RedisSettings) -> RedisClient:
     errors that the caller's adapter translates.
     """
     url = redis_url(settings)
+    client: RedisClient
     if settings.cluster:
-        return RedisCluster.from_url(url, **redis_options(settings))
-    client: aioredis.Redis = aioredis.Redis.from_url(url, **redis_options(settings))
+        client = RedisCluster.from_url(url, **redis_options(settings))
+    else:
+        client = aioredis.Redis.from_url(url, **redis_options(settings))
+    if TRACING.enabled:
+        # A span per command (arguments sanitized to `?`), on this client only: nothing
+        # process-wide, so a user's own Redis clients stay untouched.
+        from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+        RedisInstrumentor.instrument_client(client, tracer_provider=TRACING.provider)
     return client

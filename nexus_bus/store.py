@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 import nats.errors
@@ -23,6 +23,7 @@ from nexus_bus.errors import (
     Unavailable,
     UpstreamTimeout,
 )
+from nexus_bus.observability.tracing import TRACING, SpanKind
 
 T = TypeVar("T")
 
@@ -84,7 +85,19 @@ class RecordStore(Protocol):
 
 @asynccontextmanager
 async def translate_nats_errors(what: str) -> AsyncIterator[None]:
-    """Map nats-py / JetStream exceptions to NexusErrors (the adapter's one boundary)."""
+    """Map nats-py / JetStream exceptions to NexusErrors (the adapter's one boundary),
+    in a client span named by the call's verb when tracing is on (never by its key)."""
+    verb = what.split(" ", 1)[0]
+    with TRACING.step(f"jetstream {verb}", kind=SpanKind.CLIENT, attributes=_JETSTREAM_SPAN):
+        async with _translated(what):
+            yield
+
+
+_JETSTREAM_SPAN: Final = {"db.system.name": "nats_jetstream"}
+
+
+@asynccontextmanager
+async def _translated(what: str) -> AsyncIterator[None]:
     try:
         yield
     except NexusError:

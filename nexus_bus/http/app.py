@@ -41,11 +41,13 @@ from nexus_bus.http.jobs import JobRoutes
 from nexus_bus.http.probes import Probes
 from nexus_bus.http.problems import Answer, ClientGone, MethodNotAllowed, problem_answer
 from nexus_bus.http.request import RequestHead, parse_head
+from nexus_bus.http.spans import serve_traced
 from nexus_bus.http.sse import EventStreams, encode_gate_request, last_event_id
 from nexus_bus.http.tickets import TicketStore, ticket_of
 from nexus_bus.metadata import clean_request_id, parse_traceparent
 from nexus_bus.observability import logger
 from nexus_bus.observability.access import access_log_enabled, log_http_access
+from nexus_bus.observability.tracing import TRACING
 from nexus_bus.operations import Operations
 from nexus_bus.redis_client import RedisClient, create_redis
 from nexus_bus.registry import OpsRegistry
@@ -129,7 +131,7 @@ class ShimApp:
         self._registry: OpsRegistry | None = None
         self._tickets: TicketStore | None = None
         self._catalog = Catalog(self._groups)
-        self._simple: dict[str, Callable[[str], Awaitable[Answer]]] = {}
+        self._simple: dict[str, Callable[[str, RequestHead], Awaitable[Answer]]] = {}
 
     def server_enforces_read_timeout(self) -> None:
         """Tell the app its server times out slow requests itself (ours does): no app timer."""
@@ -182,24 +184,27 @@ class ShimApp:
         )
         self._probes = probes
 
-        async def healthz(_: str) -> Answer:
+        async def healthz(_: str, __: RequestHead) -> Answer:
             return probes.healthz()
 
-        async def metrics(_: str) -> Answer:
-            return probes.metrics()
+        async def readyz(request_id: str, _: RequestHead) -> Answer:
+            return await probes.readyz(request_id)
 
-        async def openapi(_: str) -> Answer:
+        async def metrics(_: str, head: RequestHead) -> Answer:
+            return probes.metrics(head.accept)
+
+        async def openapi(_: str, __: RequestHead) -> Answer:
             return probes.openapi()
 
-        async def asyncapi(_: str) -> Answer:
+        async def asyncapi(_: str, __: RequestHead) -> Answer:
             return self._catalog.asyncapi()
 
-        async def docs(_: str) -> Answer:
+        async def docs(_: str, __: RequestHead) -> Answer:
             return self._catalog.page()
 
         self._simple = {
             HTTP_HEALTHZ: healthz,
-            HTTP_READYZ: probes.readyz,
+            HTTP_READYZ: readyz,
             HTTP_METRICS: metrics,
             HTTP_OPENAPI: openapi,
             HTTP_ASYNCAPI: asyncapi,
@@ -228,7 +233,13 @@ class ShimApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._serve(scope, receive, send)
+            if TRACING.enabled:
+                route = route_of(scope["path"], self._simple)[0]
+                await serve_traced(
+                    scope, route, send, lambda sender: self._serve(scope, receive, sender)
+                )
+            else:
+                await self._serve(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         # Anything else (websocket) is not served; the server closes it.
@@ -268,6 +279,7 @@ class ShimApp:
         route, op, action = route_of(scope["path"], self._simple)
         # The trace the worker continues: the one forwarded, else the client's own (if valid).
         trace = parse_traceparent(head.sent_traceparent or head.traceparent)
+        trace_id = trace.trace_id if trace is not None else TRACING.current_trace_id(sampled=False)
         log_http_access(
             method=scope["method"],
             route=route,
@@ -276,7 +288,7 @@ class ShimApp:
             status=status,
             duration_s=elapsed,
             request_id=request_id,
-            trace_id=trace.trace_id if trace is not None else None,
+            trace_id=trace_id,
             client=self._client_ip(scope, head),
         )
 
@@ -354,7 +366,7 @@ class ShimApp:
             if simple is not None:
                 if method not in ("GET", "HEAD"):
                     raise MethodNotAllowed(f"{path} answers GET", allow="GET")
-                return await simple(request_id)
+                return await simple(request_id, head)
         raise NotFound(f"no route {method} {path[:_MAX_PATH_IN_DETAIL]}")
 
     async def _api(

@@ -33,6 +33,7 @@ from nexus_bus.http.problems import Answer, ClientGone, retry_after_of, status_h
 from nexus_bus.http.request import Receive, RequestHead, declared_length, read_body
 from nexus_bus.metadata import is_ascii_digits
 from nexus_bus.observability import METRICS
+from nexus_bus.observability.tracing import TRACING
 
 _UNKNOWN_OPERATION: Final = "unknown_operation"
 CLIENT_CLOSED: Final = 499  # nginx's convention, for metrics and logs only: nobody gets it
@@ -93,7 +94,7 @@ def bus_headers(
         content_type=CT_MSGPACK if media == "msgpack" else None,
         extra=extra,
     )
-    sent = head.sent_traceparent = headers[H_TRACEPARENT]
+    sent = head.sent_traceparent = headers.get(H_TRACEPARENT)  # None: the span writes it
     # tracestate belongs to the caller's trace; it travels only when that trace was kept.
     if head.tracestate and sent == head.traceparent:
         headers[H_TRACESTATE] = head.tracestate
@@ -161,7 +162,10 @@ class OperationRoute:
         finally:
             self.inflight -= 1
             op_label, action_label = self._labels.of(op, action, served=served)
-            METRICS.observe(op_label, action_label, status, T_HTTP, time.perf_counter() - started)
+            METRICS.observe(
+                op_label, action_label, status, T_HTTP, time.perf_counter() - started,
+                TRACING.current_trace_id(),
+            )
 
     async def _forward(
         self,

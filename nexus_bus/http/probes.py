@@ -13,7 +13,8 @@ from typing import Final
 
 import msgspec
 import redis.exceptions
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import choose_encoder
 
 from nexus_bus.constants import CT_JSON, CT_PROBLEM, H_RETRY_AFTER, PROBLEM_TYPE_BASE
 from nexus_bus.errors import Unavailable
@@ -87,9 +88,11 @@ class Probes:
         except (redis.exceptions.RedisError, OSError, TimeoutError):
             return False
 
-    def metrics(self) -> Answer:
-        """This process's Prometheus metrics in the text format."""
-        return Answer(200, CONTENT_TYPE_LATEST.encode(), [], generate_latest(REGISTRY))
+    def metrics(self, accept: str | None = None) -> Answer:
+        """This process's metrics: OpenMetrics (with exemplars) when the scraper accepts it,
+        else Prometheus's text format."""
+        encode, content_type = choose_encoder(accept or "")
+        return Answer(200, content_type.encode(), [], encode(REGISTRY))
 
     def openapi(self) -> Answer:
         """The OpenAPI document of the served operations, built once from their schemas."""

@@ -43,6 +43,7 @@ _SLOTS: Final[dict[bytes, str]] = {
     H_PREFER.lower().encode(): "prefer",
     H_FORWARDED_FOR.lower().encode(): "forwarded_for",
     H_LAST_EVENT_ID.lower().encode(): "last_event_id",
+    b"accept": "accept",
 }
 
 
@@ -54,6 +55,7 @@ class RequestHead:
     """
 
     __slots__ = (
+        "accept",
         "authorization",
         "content_length",
         "content_type",
@@ -70,6 +72,7 @@ class RequestHead:
     )
 
     def __init__(self) -> None:
+        self.accept: str | None = None
         self.authorization: str | None = None
         self.request_id: str | None = None
         self.traceparent: str | None = None

@@ -33,6 +33,7 @@ from nexus_bus.jobs.status import JobRecord, JobStore
 from nexus_bus.jobs.streams import ensure_job_streams
 from nexus_bus.metadata import check_headers, request_id_of
 from nexus_bus.observability import logger
+from nexus_bus.observability.tracing import TRACING, SpanKind
 from nexus_bus.schemas.jobs import Job, JobAccepted, JobStatus
 from nexus_bus.store import translate_nats_errors
 from nexus_bus.subjects import check_operation, jobs_subject
@@ -101,11 +102,20 @@ async def submit_job(
     # drops the copy when the first one did get stored within the dedup window).
     if existing is not None and (existing.status is not JobStatus.PENDING or existing.attempts):
         return JobAccepted(job_id=job_id, status=existing.status)
+    subject = jobs_subject(op, action)
+    attributes = {
+        "messaging.system": "nats",
+        "messaging.operation.type": "send",
+        "messaging.destination.name": subject,
+        "nexus.op": op,
+        "nexus.action": action,
+        "nexus.job_id": job_id,
+    }
     try:
-        async with translate_nats_errors(f"submit {op}.{action}"):
-            await nc.jetstream().publish(
-                jobs_subject(op, action), body, stream=JOBS_STREAM, headers=hdrs
-            )
+        with TRACING.span(f"publish {subject}", kind=SpanKind.PRODUCER, attributes=attributes):
+            TRACING.inject(hdrs)  # each delivery attempt's span is a child of this one
+            async with translate_nats_errors(f"submit {op}.{action}"):
+                await nc.jetstream().publish(subject, body, stream=JOBS_STREAM, headers=hdrs)
     except NexusError as exc:
         # Without a key the caller cannot address this job again: forget its document, unless
         # the outcome is unknown (a timeout may hide a stored message that will still run).

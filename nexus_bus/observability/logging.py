@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 import msgspec
 from loguru import logger as _logger
 
+from nexus_bus.observability.tracing import TRACING
+
 if TYPE_CHECKING:
     from loguru import Record
 
@@ -75,9 +77,10 @@ _EXTRA_FIELDS: Final = (
 _INFO_NO: Final = logger.level("INFO").no
 _info_sink: TextIO | None = None  # configure_logging's JSON sink, when it lets INFO through
 _info_service = ""
+_info_instance: str | None = None
 
 
-def _json_line(record: Record, service: str) -> bytes:
+def _json_line(record: Record, service: str, instance: str | None) -> bytes:
     extra = record["extra"]
     doc: dict[str, Any] = {
         "timestamp": record["time"].isoformat(),
@@ -87,6 +90,11 @@ def _json_line(record: Record, service: str) -> bytes:
         "trace_id": extra.get("trace_id"),
         "correlation_id": extra.get("correlation_id"),
     }
+    if instance:
+        doc["instance"] = instance
+    span_id = TRACING.current_span_id()
+    if span_id:
+        doc["span_id"] = span_id
     for name in _EXTRA_FIELDS:
         if name in extra:
             doc[name] = extra[name]
@@ -101,23 +109,29 @@ def _json_line(record: Record, service: str) -> bytes:
 
 
 def configure_logging(
-    service: str, level: str = "INFO", *, json_lines: bool = True, sink: TextIO | None = None
+    service: str,
+    level: str = "INFO",
+    *,
+    json_lines: bool = True,
+    sink: TextIO | None = None,
+    instance: str | None = None,
 ) -> None:
     """Replace loguru's handlers with one writing to `sink` (stderr by default).
 
-    Call once at the process edge; until then nexus-bus logs nothing (as a library inside
-    your program it stays quiet unless you call this).
+    `service` names the process (`nexus-shim`, `nexus-worker-data`) and `instance` tells
+    replicas apart. Call once at the process edge; until then nexus-bus logs nothing (as a
+    library inside your program it stays quiet unless you call this).
     """
-    global _info_sink, _info_service
+    global _info_sink, _info_service, _info_instance
     out = sink or sys.stderr
     _logger.enable("nexus_bus")
     # info_line() writes to the same sink, at the same level threshold.
     _info_sink = out if json_lines and logger.level(level).no <= _INFO_NO else None
-    _info_service = service
+    _info_service, _info_instance = service, instance
     if json_lines:
 
         def write(message: Any) -> None:
-            out.write(_json_line(message.record, service).decode() + "\n")
+            out.write(_json_line(message.record, service, instance).decode() + "\n")
             out.flush()
 
         logger.configure(handlers=[{"sink": write, "level": level, "format": "{message}"}])
@@ -152,7 +166,12 @@ def info_line(message: str, **fields: Any) -> None:
         "message": message,
         "trace_id": fields.pop("trace_id", None),
         "correlation_id": fields.pop("correlation_id", None),
-        **fields,
     }
+    if _info_instance:
+        doc["instance"] = _info_instance
+    span_id = TRACING.current_span_id()
+    if span_id:
+        doc["span_id"] = span_id
+    doc.update(fields)
     sink.write(_encoder.encode(doc).decode() + "\n")
     sink.flush()

@@ -7,13 +7,16 @@ request ids or subjects with user data.
 from __future__ import annotations
 
 import threading
+import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from nexus_bus.constants import (
@@ -56,11 +59,16 @@ class RequestDurations(Collector):
         self._les: list[str] = [floatToGoString(b) for b in les]  # type: ignore[no-untyped-call]
         # Label values -> counts per bucket (the last one past every bound) and their sum.
         self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+        # Label values -> the latest traced observation per bucket (OpenMetrics exemplars).
+        self._exemplars: dict[tuple[str, ...], list[Exemplar | None]] = {}
         self._lock = threading.Lock()
         registry.register(self)
 
-    def observe(self, labelvalues: tuple[str, ...], amount: float) -> None:
-        """Record one observation for the series with these label values."""
+    def observe(
+        self, labelvalues: tuple[str, ...], amount: float, trace_id: str | None = None
+    ) -> None:
+        """Record one observation for the series with these label values; with `trace_id`
+        (tracing on) it becomes its bucket's exemplar, linking the histogram to a trace."""
         series = self._series.get(labelvalues)
         if series is None:
             series = self._series.setdefault(labelvalues, ([0] * len(self._les), [0.0]))
@@ -69,6 +77,11 @@ class RequestDurations(Collector):
         with self._lock:
             counts[index] += 1
             total[0] += amount
+        if trace_id is not None:
+            exemplars = self._exemplars.get(labelvalues)
+            if exemplars is None:
+                exemplars = self._exemplars.setdefault(labelvalues, [None] * len(self._les))
+            exemplars[index] = Exemplar({"trace_id": trace_id}, amount, time.time())
 
     def describe(self) -> Iterator[HistogramMetricFamily]:
         yield HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
@@ -78,11 +91,14 @@ class RequestDurations(Collector):
         with self._lock:
             snapshot = [(k, list(c), t[0]) for k, (c, t) in self._series.items()]
         for labelvalues, counts, total in snapshot:
-            cumulative, buckets = 0, []
-            for le, count in zip(self._les, counts, strict=True):
+            exemplars = self._exemplars.get(labelvalues) or [None] * len(self._les)
+            cumulative = 0
+            buckets: list[Sequence[Any]] = []
+            for le, count, exemplar in zip(self._les, counts, exemplars, strict=True):
                 cumulative += count
-                buckets.append((le, float(cumulative)))
-            family.add_metric(list(labelvalues), buckets, total)
+                bucket = (le, float(cumulative))
+                buckets.append(bucket if exemplar is None else (*bucket, exemplar))
+            family.add_metric(list(labelvalues), buckets, total)  # type: ignore[arg-type]
         yield family
 
 
@@ -133,14 +149,22 @@ class Metrics:
             registry=r,
         )
 
-    def observe(self, op: str, action: str, status: int, transport: str, seconds: float) -> None:
-        """Record one answered request."""
+    def observe(
+        self,
+        op: str,
+        action: str,
+        status: int,
+        transport: str,
+        seconds: float,
+        trace_id: str | None = None,
+    ) -> None:
+        """Record one answered request (with its trace id as exemplar when tracing)."""
         key = (op, action, status, transport)
         labels = self._durations.get(key)
         if labels is None:
             # The label set is small and bounded (registered ops x statuses x transports).
             labels = self._durations[key] = (op, action, str(status), transport)
-        self.request_duration.observe(labels, seconds)
+        self.request_duration.observe(labels, seconds, trace_id)
 
     def count_error(self, op: str, code: str) -> None:
         """Record one error reply."""

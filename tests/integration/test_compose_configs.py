@@ -50,9 +50,12 @@ def test_services_reference_existing_files_and_services() -> None:
                 assert (COMPOSE / source).exists(), f"{name}: {source} is missing"
         for dependency in service.get("depends_on", []):
             assert dependency in services, f"{name} depends on unknown {dependency}"
-    assert {"nats-1", "nats-2", "nats-3", "redis", "worker", "shim-1", "shim-2", "nginx"} <= set(
+    workers = {f"worker-{op}" for op in ("data", "stream", "ai", "auth")}
+    assert {"nats-1", "nats-2", "nats-3", "redis", "shim-1", "shim-2", "nginx"} | workers <= set(
         services
     )
+    for name in workers:  # each serves its own op group
+        assert services[name]["command"] == ["worker", "--ops", name.removeprefix("worker-")]
 
 
 def test_the_stack_environment_is_valid_nexus_settings(monkeypatch: pytest.MonkeyPatch) -> None:

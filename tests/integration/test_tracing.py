@@ -6,7 +6,8 @@ the request), a real shim and worker in this process, and the SDK's in-memory ex
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -15,7 +16,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from nexus_bus import Gateway, Operations, RequestContext, Worker
+from nexus_bus import Gateway, Operations, RequestContext, Settings, Worker
 from nexus_bus.config import TracingSettings
 from nexus_bus.embedded import ServerProcess
 from nexus_bus.errors import Unavailable
@@ -42,6 +43,32 @@ def spans() -> Iterator[InMemorySpanExporter]:
         TRACING.shutdown()
 
 
+@pytest.fixture
+def own_settings(local_nats: ServerProcess, local_redis: ServerProcess) -> Settings:
+    """Settings for this test's own servers: no other worker of the session serves there."""
+    return make_settings(local_nats.url, local_redis.url + "/0")
+
+
+@contextlib.asynccontextmanager
+async def data_worker(settings: Settings) -> AsyncIterator[Worker]:
+    """A worker serving `data`, started after tracing is configured (its Redis client is
+    instrumented when it is created)."""
+    worker = Worker(settings, builtin_groups(["data"]))
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.drain(1)
+
+
+@pytest.fixture
+async def traced_worker(
+    spans: InMemorySpanExporter, own_settings: Settings
+) -> AsyncIterator[Worker]:
+    async with data_worker(own_settings) as worker:
+        yield worker
+
+
 def tree(spans: tuple[ReadableSpan, ...]) -> dict[int | None, list[ReadableSpan]]:
     """Children by parent span id (None: the roots in this process)."""
     children: dict[int | None, list[ReadableSpan]] = {}
@@ -62,28 +89,21 @@ def attrs(span: ReadableSpan) -> dict[str, Any]:
 
 
 async def test_one_http_request_is_one_trace_from_the_shim_to_redis(
-    spans: InMemorySpanExporter, local_nats: ServerProcess, local_redis: ServerProcess, uid: str
+    spans: InMemorySpanExporter, own_settings: Settings, traced_worker: Worker, uid: str
 ) -> None:
-    settings = make_settings(local_nats.url, local_redis.url + "/0")
-    worker = Worker(settings, builtin_groups(["data"]))
-    await worker.start()
+    settings = own_settings
     token = issue_test_token()
-    try:
-        async with running_shim(settings) as shim, httpx.AsyncClient(base_url=shim.url) as http:
-            auth = {"Authorization": f"Bearer {token}"}
-            put = await http.post(
-                "/v1/data/put", json={"key": f"t.{uid}", "value": 1}, headers=auth
-            )
-            assert put.status_code == 200, put.text
-            spans.clear()
-            got = await http.post(
-                "/v1/data/get",
-                json={"key": f"t.{uid}"},
-                headers={**auth, "traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01"},
-            )
-            assert got.status_code == 200, got.text
-    finally:
-        await worker.drain(1)
+    async with running_shim(settings) as shim, httpx.AsyncClient(base_url=shim.url) as http:
+        auth = {"Authorization": f"Bearer {token}"}
+        put = await http.post("/v1/data/put", json={"key": f"t.{uid}", "value": 1}, headers=auth)
+        assert put.status_code == 200, put.text
+        spans.clear()
+        got = await http.post(
+            "/v1/data/get",
+            json={"key": f"t.{uid}"},
+            headers={**auth, "traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01"},
+        )
+        assert got.status_code == 200, got.text
 
     finished = spans.get_finished_spans()
     assert {f"{s.context.trace_id:032x}" for s in finished} == {TRACE_ID}
@@ -116,22 +136,17 @@ async def test_one_http_request_is_one_trace_from_the_shim_to_redis(
 
 
 async def test_an_error_answer_marks_the_spans_and_a_gateway_call_continues_its_caller(
-    spans: InMemorySpanExporter, local_nats: ServerProcess, local_redis: ServerProcess, uid: str
+    spans: InMemorySpanExporter, own_settings: Settings, traced_worker: Worker, uid: str
 ) -> None:
-    settings = make_settings(local_nats.url, local_redis.url + "/0")
-    worker = Worker(settings, builtin_groups(["data"]))
-    await worker.start()
-    try:
-        async with await Gateway.connect(settings, token=issue_test_token()) as gw:
-            with pytest.raises(Exception, match="not found"):
-                await gw.request(
-                    "data",
-                    "get",
-                    {"key": f"none.{uid}"},
-                    traceparent=f"00-{TRACE_ID}-{CALLER_SPAN}-01",
-                )
-    finally:
-        await worker.drain(1)
+    settings = own_settings
+    async with await Gateway.connect(settings, token=issue_test_token()) as gw:
+        with pytest.raises(Exception, match="not found"):
+            await gw.request(
+                "data",
+                "get",
+                {"key": f"none.{uid}"},
+                traceparent=f"00-{TRACE_ID}-{CALLER_SPAN}-01",
+            )
     finished = spans.get_finished_spans()
     children = tree(finished)
     (request,) = children[int(CALLER_SPAN, 16)]
@@ -143,7 +158,7 @@ async def test_an_error_answer_marks_the_spans_and_a_gateway_call_continues_its_
 
 
 async def test_sampling_ratio_zero_records_new_traces_but_not_sampled_callers(
-    local_nats: ServerProcess, local_redis: ServerProcess
+    own_settings: Settings,
 ) -> None:
     exporter = InMemorySpanExporter()
     configure_tracing(
@@ -153,11 +168,11 @@ async def test_sampling_ratio_zero_records_new_traces_but_not_sampled_callers(
         version="0",
         exporter=exporter,
     )
-    settings = make_settings(local_nats.url, local_redis.url + "/0")
-    worker = Worker(settings, builtin_groups(["data"]))
-    await worker.start()
     try:
-        async with await Gateway.connect(settings, token=issue_test_token()) as gw:
+        async with (
+            data_worker(own_settings),
+            await Gateway.connect(own_settings, token=issue_test_token()) as gw,
+        ):
             await gw.request("data", "list", {})  # a new trace: ratio 0 drops it
             assert exporter.get_finished_spans() == ()
             # A caller that sampled its trace decides for us (parent-based sampling).
@@ -167,7 +182,6 @@ async def test_sampling_ratio_zero_records_new_traces_but_not_sampled_callers(
                 "process nexus.data.list",
             }
     finally:
-        await worker.drain(1)
         TRACING.shutdown()
 
 
@@ -179,9 +193,9 @@ def test_tracing_is_off_without_an_endpoint() -> None:
 
 
 async def test_a_job_submission_is_the_parent_of_each_delivery_attempt(
-    spans: InMemorySpanExporter, local_nats: ServerProcess, local_redis: ServerProcess, uid: str
+    spans: InMemorySpanExporter, own_settings: Settings, uid: str
 ) -> None:
-    settings = make_settings(local_nats.url, local_redis.url + "/0")
+    settings = own_settings
     ops = Operations(f"j{uid}")
 
     @ops.action("flaky")
@@ -216,37 +230,31 @@ async def test_a_job_submission_is_the_parent_of_each_delivery_attempt(
 
 
 async def test_query_strings_never_reach_a_span(
-    spans: InMemorySpanExporter, local_nats: ServerProcess, local_redis: ServerProcess
+    spans: InMemorySpanExporter, own_settings: Settings
 ) -> None:
-    settings = make_settings(local_nats.url, local_redis.url + "/0")
-    async with running_shim(settings) as shim, httpx.AsyncClient(base_url=shim.url) as http:
+    async with running_shim(own_settings) as shim, httpx.AsyncClient(base_url=shim.url) as http:
         await http.get("/v1/events/orders?ticket=s3cret-ticket")
     (span,) = [s for s in spans.get_finished_spans() if s.name == "GET /v1/events/{topic}"]
     assert "s3cret" not in str(attrs(span)) and attrs(span)["url.path"] == "/v1/events/orders"
 
 
 async def test_latency_buckets_carry_the_trace_as_an_openmetrics_exemplar(
-    spans: InMemorySpanExporter, local_nats: ServerProcess, local_redis: ServerProcess, uid: str
+    spans: InMemorySpanExporter, own_settings: Settings, traced_worker: Worker, uid: str
 ) -> None:
-    settings = make_settings(local_nats.url, local_redis.url + "/0")
-    worker = Worker(settings, builtin_groups(["data"]))
-    await worker.start()
-    try:
-        async with running_shim(settings) as shim, httpx.AsyncClient(base_url=shim.url) as http:
-            await http.post(
-                "/v1/data/list",
-                json={"prefix": uid},
-                headers={
-                    "Authorization": f"Bearer {issue_test_token()}",
-                    "traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01",
-                },
-            )
-            openmetrics = await http.get(
-                "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
-            )
-            plain = await http.get("/metrics")
-    finally:
-        await worker.drain(1)
+    settings = own_settings
+    async with running_shim(settings) as shim, httpx.AsyncClient(base_url=shim.url) as http:
+        await http.post(
+            "/v1/data/list",
+            json={"prefix": uid},
+            headers={
+                "Authorization": f"Bearer {issue_test_token()}",
+                "traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01",
+            },
+        )
+        openmetrics = await http.get(
+            "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        plain = await http.get("/metrics")
     assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
     exemplars = [
         line
@@ -261,25 +269,20 @@ async def test_latency_buckets_carry_the_trace_as_an_openmetrics_exemplar(
 
 
 async def test_an_unsampled_caller_leaves_no_span_and_no_orphan_trace_anywhere(
-    spans: InMemorySpanExporter, local_nats: ServerProcess, local_redis: ServerProcess, uid: str
+    spans: InMemorySpanExporter, own_settings: Settings, traced_worker: Worker, uid: str
 ) -> None:
-    settings = make_settings(local_nats.url, local_redis.url + "/0")
-    worker = Worker(settings, builtin_groups(["data"]))
-    await worker.start()
-    try:
-        async with running_shim(settings) as shim, httpx.AsyncClient(base_url=shim.url) as http:
-            auth = {"Authorization": f"Bearer {issue_test_token()}"}
-            await http.post("/v1/data/put", json={"key": f"u.{uid}", "value": 1}, headers=auth)
-            spans.clear()
-            got = await http.post(
-                "/v1/data/get",
-                json={"key": f"u.{uid}"},
-                headers={**auth, "traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-00"},
-            )
-            assert got.status_code == 200
-        # A Redis command outside any request starts no trace of its own either.
-        assert worker.services is not None
-        await worker.services.redis.ping()
-    finally:
-        await worker.drain(1)
+    settings = own_settings
+    async with running_shim(settings) as shim, httpx.AsyncClient(base_url=shim.url) as http:
+        auth = {"Authorization": f"Bearer {issue_test_token()}"}
+        await http.post("/v1/data/put", json={"key": f"u.{uid}", "value": 1}, headers=auth)
+        spans.clear()
+        got = await http.post(
+            "/v1/data/get",
+            json={"key": f"u.{uid}"},
+            headers={**auth, "traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-00"},
+        )
+        assert got.status_code == 200
+    # A Redis command outside any request starts no trace of its own either.
+    assert traced_worker.services is not None
+    await traced_worker.services.redis.ping()
     assert spans.get_finished_spans() == ()

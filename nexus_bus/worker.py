@@ -27,6 +27,7 @@ from nexus_bus.auth import Authenticator, create_authenticator
 from nexus_bus.config import Settings
 from nexus_bus.connection import broker_options, flush_subscriptions
 from nexus_bus.constants import H_REQUEST_ID, T_NATS
+from nexus_bus.discovery import WorkerDiscovery
 from nexus_bus.dispatch import Dispatcher, Expired
 from nexus_bus.errors import PayloadTooLarge, Unavailable
 from nexus_bus.jobs.runner import JobRunner
@@ -73,6 +74,7 @@ class Worker:
         self.services: Services | None = None
         self.dispatcher: Dispatcher | None = None
         self.jobs: JobRunner | None = None
+        self.discovery: WorkerDiscovery | None = None  # $SRV and Consul (docs/discovery.md)
 
     @property
     def nc(self) -> Client:
@@ -163,7 +165,20 @@ class Worker:
             for group in self.groups:
                 await self._serve_lane(group.op)
             await flush_subscriptions(self.nc)  # requests reach us from now
+        if self.settings.worker.micro or self.settings.consul.enabled:
+            self.discovery = WorkerDiscovery(self.settings, self.groups, unhealthy=self._unhealthy)
+            await self.discovery.start(self.nc)  # registers in the background
         logger.info("worker serving ops {}", ",".join(g.op for g in self.groups))
+
+    def _unhealthy(self) -> str | None:
+        """Why this worker cannot serve now (None: it can); its Consul TTL check follows it."""
+        if self._draining:
+            return "draining"
+        if self.lost.is_set() or not self.nc.is_connected:
+            return "NATS disconnected"
+        if self._reaper is None or self._reaper.done():
+            return "the deadline reaper stopped"
+        return None
 
     async def _serve_lane(self, op: str) -> None:
         """Subscribe to `op` and serve it in a lane (no task per request that never waits)."""
@@ -223,9 +238,12 @@ class Worker:
             return
         action = msg.subject.rsplit(".", 1)[-1]
         assert self.dispatcher is not None
+        started = time.perf_counter_ns()
         result = await self.dispatcher.dispatch(
             op, action, msg.headers, msg.data, deadline=deadline
         )
+        if self.discovery is not None:
+            self.discovery.count(op, action, started, result)  # what $SRV.STATS reports
         if isinstance(result, Expired):
             logger.debug("dropped expired request {}", result.request_id)
             return
@@ -308,6 +326,8 @@ class Worker:
         if self._draining or self.broker is None:
             return
         self._draining = True
+        if self.discovery is not None:
+            await self.discovery.stop()  # out of Consul and $SRV before anything else stops
         grace = self.settings.worker.drain_grace_s if grace_s is None else grace_s
         await self._stop_taking_requests(grace)
         if self.jobs is not None:

@@ -131,8 +131,8 @@ async def test_documents_have_the_shape_nats_micro_services_send(
             ours = await ask(nc, f"$SRV.{verb}.nexus-srv{uid}")
             theirs = await ask(nc, f"$SRV.{verb}.ref{uid}")
             assert set(ours) == set(theirs), verb
-            for mine, other in zip(ours.get("endpoints", []), theirs.get("endpoints", [])):
-                assert set(mine) == set(other), verb
+            if verb != "PING":  # one endpoint of each, field by field
+                assert set(ours["endpoints"][0]) == set(theirs["endpoints"][0]), verb
     finally:
         await reference.stop()
 
@@ -152,9 +152,7 @@ async def test_with_micro_off_nothing_answers(
         await worker.drain(1)
 
 
-async def test_draining_stops_answering_srv(
-    micro_worker: Worker, nc: Client, uid: str
-) -> None:
+async def test_draining_stops_answering_srv(micro_worker: Worker, nc: Client, uid: str) -> None:
     await ask(nc, f"$SRV.PING.nexus-srv{uid}")
     await micro_worker.drain(1)
     await asyncio.sleep(0.05)

@@ -116,6 +116,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from nexus_bus.stack import start_stack, wait_forever
 
     created_kid, admin = dev_admin_token(settings)  # before workers start: they load the keys
+    if args.consul:  # the children inherit it (docs/discovery.md)
+        os.environ.update(NEXUS_CONSUL__ENABLED="true", NEXUS_CONSUL__ADDRESS=args.consul)
     stack = start_stack(
         settings, workers=args.workers, nats_port=args.nats_port, redis_port=args.redis_port,
         http_port=settings.http.port, extra=[["shim"]],
@@ -238,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--nats-port", type=int, default=4222, help="0: any free port")
     p.add_argument("--redis-port", type=int, default=6379, help="0: any free port")
+    p.add_argument("--consul", metavar="ADDR", help="register everything with this Consul agent")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("keys", help="signing keys for the token service")
@@ -272,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nexus_bus.jobs.commands import add_commands as add_job_commands
 
     add_job_commands(sub)  # dlq list|replay|purge, jobs show (docs/jobs.md)
+    from nexus_bus.discovery.commands import add_commands as add_discovery_commands
+
+    add_discovery_commands(sub)  # services (docs/discovery.md)
     return parser
 
 

@@ -142,3 +142,4 @@ CONSUL_META_INSTANCE: Final = "instance"
 MICRO_META_SCHEMA_REQUEST: Final = "schema_request"  # $SRV endpoint metadata
 MICRO_META_SCHEMA_REPLY: Final = "schema_reply"
 MICRO_META_OP: Final = "op"
+MICRO_META_ADDRESS: Final = "address"

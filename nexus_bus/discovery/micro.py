@@ -36,6 +36,7 @@ from nats.micro.service import EndpointStats as MicroEndpointStats
 
 from nexus_bus.constants import (
     CONSUL_META_QUEUE_GROUP,
+    MICRO_META_ADDRESS,
     MICRO_META_OP,
     MICRO_META_SCHEMA_REPLY,
     MICRO_META_SCHEMA_REQUEST,
@@ -66,8 +67,16 @@ class MicroService:
         instance: str,
         version: str,
         started: datetime,
+        address: str = "",
     ) -> None:
-        """Args: instance: the service id (the worker's instance id, shared by its groups)."""
+        """Args:
+        group: the op group.
+        stats: the worker's counters.
+        instance: the service id (the worker's instance id, shared by its groups).
+        version: the nexus-bus version.
+        started: when the worker started serving.
+        address: the worker host's address (metadata `address`, for `nexus-bus services`).
+        """
         self.op = group.op
         self.name = service_name(group.op)
         self.instance = instance
@@ -75,6 +84,8 @@ class MicroService:
         self.description = group.description
         self.actions = sorted(operation.action for operation in group)
         self.metadata = {MICRO_META_OP: group.op, CONSUL_META_QUEUE_GROUP: queue_group(group.op)}
+        if address:
+            self.metadata[MICRO_META_ADDRESS] = address
         self._stats = stats
         self._started = started
 
@@ -183,4 +194,3 @@ class MicroResponder:
             with contextlib.suppress(nats.errors.Error):
                 await subscription.unsubscribe()
         self._subscriptions.clear()
-

@@ -117,11 +117,17 @@ class WorkerDiscovery:
     async def start(self, nc: Client) -> None:
         """Answer `$SRV` on `nc` and start registering with Consul (returns at once)."""
         self._nc = nc
+        address = advertised_address(self.settings.consul.service_address)
         if self.settings.worker.micro:
             started = datetime.now(UTC)
             services = [
                 MicroService(
-                    g, self.stats, instance=self.instance, version=self.version, started=started
+                    g,
+                    self.stats,
+                    instance=self.instance,
+                    version=self.version,
+                    started=started,
+                    address=address,
                 )
                 for g in self.groups
             ]
@@ -134,7 +140,7 @@ class WorkerDiscovery:
                 consul,
                 _groups_of(self.groups),
                 instance=self.instance,
-                address=advertised_address(consul.service_address),
+                address=address,
                 version=self.version,
             )
             self.registration = _registration(

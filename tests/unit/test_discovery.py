@@ -300,3 +300,64 @@ async def test_stop_gives_up_on_an_unreachable_registry_within_its_timeout() -> 
     async with asyncio.timeout(2):
         await registration.stop(0.5)
     assert registration.state is RegistrationState.UNREACHABLE
+
+
+def test_the_inventory_joins_srv_and_consul_by_instance() -> None:
+    from nexus_bus.discovery.inventory import merge, missing_ops, render_table, rows_from_srv
+
+    srv = rows_from_srv(
+        [
+            {
+                "name": "nexus-data",
+                "id": "W1",
+                "version": "0.1.0",
+                "metadata": {"address": "10.0.0.8"},
+                "endpoints": [
+                    {"num_requests": 3, "num_errors": 1},
+                    {"num_requests": 2, "num_errors": 0},
+                ],
+            },
+            {"name": "nexus-ai", "id": "W1", "version": "0.1.0", "endpoints": []},
+            {"name": "somebody-else", "id": "X", "version": "1.0.0", "endpoints": []},
+        ]
+    )
+    consul = [
+        Instance(
+            name="nexus-data",
+            service_id="nexus-data-W1",
+            address="10.0.0.8",
+            port=0,
+            status=CheckStatus.CRITICAL,
+            meta={"instance": "W1"},
+        ),
+        Instance(
+            name="nexus-shim",
+            service_id="nexus-shim-h-80",
+            address="10.0.0.9",
+            port=80,
+            status=CheckStatus.PASSING,
+            meta={"instance": "h-80", "version": "0.1.0"},
+        ),
+    ]
+    rows = merge(srv, consul)
+    assert [(r.service, r.instance, r.health) for r in rows] == [
+        ("nexus-shim", "h-80", "passing"),
+        ("nexus-ai", "W1", "answering"),
+        ("nexus-data", "W1", "critical"),
+    ]
+    data = rows[2]
+    assert (data.requests, data.errors, data.sources) == (5, 1, ("$SRV", "consul"))
+    assert rows[0].address == "10.0.0.9:80" and rows[0].requests is None
+    assert missing_ops(rows, ["ai", "data", "stream"]) == ["data", "stream"]
+    table = render_table(rows).splitlines()
+    assert table[0].split() == [
+        "service",
+        "op",
+        "instance",
+        "address",
+        "version",
+        "health",
+        "requests",
+        "errors",
+    ]
+    assert table[3].split() == ["nexus-data", "data", "W1", "10.0.0.8", "0.1.0", "critical", "5", "1"]

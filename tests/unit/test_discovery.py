@@ -360,4 +360,5 @@ def test_the_inventory_joins_srv_and_consul_by_instance() -> None:
         "requests",
         "errors",
     ]
-    assert table[3].split() == ["nexus-data", "data", "W1", "10.0.0.8", "0.1.0", "critical", "5", "1"]
+    expected = ["nexus-data", "data", "W1", "10.0.0.8", "0.1.0", "critical", "5", "1"]
+    assert table[3].split() == expected

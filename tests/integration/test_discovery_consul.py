@@ -48,9 +48,9 @@ def consul() -> Iterator[ConsulAgentDouble]:
 
 
 def child_env(
-    settings: Settings, redis_url: str, consul: ConsulAgentDouble, **extra: str
+    settings: Settings, redis_url: str, consul_address: str, **extra: str
 ) -> dict[str, str]:
-    """The environment of a shim or worker process registering with the double."""
+    """The environment of a shim or worker process registering with the agent at an address."""
     return {
         **os.environ,
         "NEXUS_NATS__URL": settings.nats.url,
@@ -59,7 +59,7 @@ def child_env(
         "NEXUS_LOG__LEVEL": "WARNING",
         "NEXUS_HTTP__DRAIN_DELAY_S": "0",
         "NEXUS_CONSUL__ENABLED": "true",
-        "NEXUS_CONSUL__ADDRESS": consul.address,
+        "NEXUS_CONSUL__ADDRESS": consul_address,
         **extra,
     }
 
@@ -100,7 +100,7 @@ async def test_shim_http_check_runs_at_its_interval_and_timeout_and_sigterm_dere
     env = child_env(
         settings,
         local_redis.url + "/0",
-        consul,
+        consul.address,
         NEXUS_CONSUL__CHECK_INTERVAL_S="0.4",
         NEXUS_CONSUL__CHECK_TIMEOUT_S="0.3",
     )
@@ -185,7 +185,7 @@ async def test_default_registration_is_5s_3s_and_its_first_run_hits_readyz(
 async def test_worker_ttl_passes_lapses_when_stopped_and_sigterm_deregisters(
     settings: Settings, consul: ConsulAgentDouble
 ) -> None:
-    env = child_env(settings, settings.redis.url, consul, NEXUS_CONSUL__TTL_S="0.9")
+    env = child_env(settings, settings.redis.url, consul.address, NEXUS_CONSUL__TTL_S="0.9")
     with process(["worker", "--ops", "data,stream"], env) as proc:
         await eventually(lambda: len(consul.service_ids()) == 2, "two registrations", 30, 0.05)
         by_name = {s["Service"]: s for s in consul.services.values()}

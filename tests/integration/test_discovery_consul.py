@@ -326,3 +326,34 @@ async def test_registers_once_the_agent_comes_back_logging_each_change_once(
     registered = [line for line in lines if "registered" in line and "deregistered" not in line]
     assert len(unreachable) == 1, lines
     assert len(registered) == 1, lines
+
+
+async def test_the_acl_token_from_a_file_is_sent_and_never_logged(
+    settings: Settings, uid: str, tmp_path: Path
+) -> None:
+    secret = f"acl-{uid}-secret"
+    token_file = tmp_path / "consul-token"
+    token_file.write_text(secret + "\n")
+    lines: list[str] = []
+    sink_id = logger.add(lambda m: lines.append(str(m)), level="DEBUG")
+    try:
+        with ConsulAgentDouble(acl_token=secret) as double:
+            async with consul_worker(
+                settings, double.address, f"acl{uid}", token_file=token_file
+            ) as w:
+                assert w.discovery is not None
+                await eventually(lambda: len(double.service_ids()) == 1, "registered", 10)
+                assert {token for _, _, token in double.requests} == {secret}
+        with ConsulAgentDouble(acl_token="another-token") as refusing:
+            async with consul_worker(
+                settings, refusing.address, f"acl{uid}", token_file=token_file
+            ) as w:
+                assert w.discovery is not None and w.discovery.registration is not None
+                registration = w.discovery.registration
+                await eventually(
+                    lambda: registration.state is RegistrationState.UNREACHABLE, "refused", 10
+                )
+    finally:
+        logger.remove(sink_id)
+    assert any("Permission denied" in line for line in lines), lines
+    assert not any(secret in line for line in lines)

@@ -98,8 +98,11 @@ class Worker:
 
         Raises:
             Unavailable: NATS or JetStream cannot be reached.
-            ConfigError: auth is enabled but no signing or verification keys are configured.
+            ConfigError: auth is enabled but no signing or verification keys are configured,
+                or the Consul address or token file is unusable.
         """
+        if self.settings.worker.micro or self.settings.consul.enabled:  # docs/discovery.md
+            self.discovery = WorkerDiscovery(self.settings, self.groups, unhealthy=self._unhealthy)
         opts = broker_options(self.settings.nats, name=f"{self.settings.service}-worker")
         broker = NatsBroker(
             **opts,
@@ -165,8 +168,7 @@ class Worker:
             for group in self.groups:
                 await self._serve_lane(group.op)
             await flush_subscriptions(self.nc)  # requests reach us from now
-        if self.settings.worker.micro or self.settings.consul.enabled:
-            self.discovery = WorkerDiscovery(self.settings, self.groups, unhealthy=self._unhealthy)
+        if self.discovery is not None:
             await self.discovery.start(self.nc)  # registers in the background
         logger.info("worker serving ops {}", ",".join(g.op for g in self.groups))
 

@@ -102,6 +102,9 @@ class WorkerDiscovery:
         groups: the op groups the worker serves.
         unhealthy: why the worker cannot serve now (None: it can); read for TTL checks.
         registry: where to register (default: Consul, when `consul.enabled`).
+
+        Raises:
+            ConfigError: the Consul address is malformed or the token file unreadable.
         """
         self.settings = settings
         self.groups = list(groups)
@@ -109,6 +112,8 @@ class WorkerDiscovery:
         self.version = package_version()
         self.stats = EndpointStats(_groups_of(self.groups))
         self._unhealthy = unhealthy
+        if registry is None and settings.consul.enabled:
+            registry = ConsulRegistry(settings.consul)  # before anything opens: bad config fails
         self._registry = registry
         self._nc: Client | None = None
         self._responder: MicroResponder | None = None
@@ -134,8 +139,7 @@ class WorkerDiscovery:
             self._responder = MicroResponder(nc, services)
             await self._responder.start()
         consul = self.settings.consul
-        if consul.enabled or self._registry is not None:
-            self._registry = self._registry or ConsulRegistry(consul)
+        if self._registry is not None:
             registrations = worker_registrations(
                 consul,
                 _groups_of(self.groups),
@@ -181,15 +185,18 @@ class ShimDiscovery:
     """The shim's Consul registration (HTTP check on `/readyz`)."""
 
     def __init__(self, settings: Settings, registry: ServiceRegistry | None = None) -> None:
-        """Args: registry: where to register (default: Consul)."""
+        """Args: registry: where to register (default: Consul).
+
+        Raises:
+            ConfigError: the Consul address is malformed or the token file unreadable.
+        """
         self.settings = settings
-        self._registry = registry
+        self._registry = registry or ConsulRegistry(settings.consul)
         self.registration: Registration | None = None
 
     def start(self, port: int, ops: Iterable[str]) -> None:
         """Start registering the shim listening on `port` (returns at once)."""
         consul = self.settings.consul
-        self._registry = self._registry or ConsulRegistry(consul)
         address = advertised_address(consul.service_address, self.settings.http.host)
         instance = _UNSAFE_ID.sub("-", f"{socket.gethostname()}-{port}")
         registration = shim_registration(
@@ -207,8 +214,7 @@ class ShimDiscovery:
         """Deregister (before the shim exits)."""
         if self.registration is not None:
             await self.registration.stop(_DEREGISTER_TIMEOUT_S)
-        if self._registry is not None:
-            await self._registry.close()
+        await self._registry.close()
 
 
 async def wait_registered(registration: Registration, timeout_s: float) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 import consul  # type: ignore[import-untyped]  # py-consul ships no type information
 import requests
 
-from nexus_bus.config import ConsulSettings
+from nexus_bus.config import ConfigError, ConsulSettings
 from nexus_bus.discovery.documents import ServiceRegistration
 from nexus_bus.errors import Unavailable
 
@@ -140,7 +140,7 @@ def read_token(settings: ConsulSettings) -> str | None:
     """The ACL token from `token` or `token_file` (stripped), or None.
 
     Raises:
-        RegistryUnavailable: the token file cannot be read (its path is named, never content).
+        ConfigError: the token file cannot be read (its path is named, never its content).
     """
     if settings.token is not None:
         return settings.token.get_secret_value()
@@ -149,7 +149,7 @@ def read_token(settings: ConsulSettings) -> str | None:
     try:
         return settings.token_file.read_text().strip() or None
     except OSError as exc:
-        raise RegistryUnavailable(f"cannot read consul.token_file {settings.token_file}") from exc
+        raise ConfigError(f"cannot read consul.token_file {settings.token_file}") from exc
 
 
 def _mapped(call: Callable[[], T], what: str) -> T:
@@ -170,10 +170,12 @@ class ConsulRegistry:
         """Create the client; nothing is sent until the first call.
 
         Raises:
-            RegistryUnavailable: the token file cannot be read.
-            ValueError: the address is malformed.
+            ConfigError: the address is malformed, or the token file cannot be read.
         """
-        scheme, host, port = split_address(settings.address)
+        try:
+            scheme, host, port = split_address(settings.address)
+        except ValueError as exc:
+            raise ConfigError(f"consul.address: {exc}") from exc
         tls = settings.tls
         verify: bool | str = str(tls.ca_file) if tls.ca_file else tls.verify
         cert = (str(tls.cert_file), str(tls.key_file)) if tls.cert_file and tls.key_file else None

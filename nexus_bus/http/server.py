@@ -69,7 +69,9 @@ class ShimServer(uvicorn.Server):
         self._drain_delay_s = drain_delay_s
         self._drain_started: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.discovery: ShimDiscovery | None = None  # Consul registration (docs/discovery.md)
+        # Consul registration (docs/discovery.md), made here so a bad config fails at once.
+        enabled = app.settings.consul.enabled
+        self.discovery = ShimDiscovery(app.settings) if enabled else None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """Start listening (after the app's lifespan startup)."""
@@ -82,8 +84,7 @@ class ShimServer(uvicorn.Server):
             gc.freeze()
         if self.started:
             logger.info("shim listening on http://{}:{}", self.config.host, self.bound_port)
-            if self.app.settings.consul.enabled:  # registers in the background
-                self.discovery = ShimDiscovery(self.app.settings)
+            if self.discovery is not None:  # registers in the background
                 self.discovery.start(self.bound_port, self.app.ops)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

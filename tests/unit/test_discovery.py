@@ -12,6 +12,7 @@ import pytest
 from nexus_bus.config import ConfigError, ConsulSettings, load_settings
 from nexus_bus.discovery import (
     CheckStatus,
+    ConsulRegistry,
     EndpointStats,
     Instance,
     NotRegistered,
@@ -159,8 +160,13 @@ def test_the_token_comes_from_a_file_and_is_never_shown(tmp_path: Path) -> None:
     inline = ConsulSettings(token="s3cret-token")
     assert read_token(inline) == "s3cret-token"
     assert "s3cret" not in repr(inline) and "s3cret" not in str(inline.model_dump())
-    with pytest.raises(RegistryUnavailable, match="token_file"):
+    with pytest.raises(ConfigError, match="token_file"):
         read_token(ConsulSettings(token_file=tmp_path / "missing"))
+
+
+def test_a_bad_consul_address_fails_when_the_client_is_made() -> None:
+    with pytest.raises(ConfigError, match=r"consul\.address"):
+        ConsulRegistry(ConsulSettings(address="http://consul:notaport"))
 
 
 def test_consul_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,8 +2,8 @@
 
 nexus-bus services [--json] [--expect OPS] [--consul ADDR] [--wait SECONDS]
 
-Exits 1 when an expected op (`--expect`, else `worker.ops` from settings) has no healthy
-instance, so a deployment can wait on it.
+Exits 1 when an expected op (`--expect`, else `worker.ops` from settings, else every op
+seen) has no healthy instance, or when nothing runs at all, so a deployment can wait on it.
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ async def _rows(settings: Settings, wait_s: float) -> list[ServiceRow]:
 
 
 def cmd_services(args: argparse.Namespace, settings: Settings) -> int:
-    """Print every running instance; exit 1 when an expected op has no healthy one."""
+    """Print every running instance; exit 1 when an expected op has no healthy one (or
+    nothing runs)."""
     settings = _consul_settings(args, settings)
     rows = asyncio.run(_rows(settings, args.wait))
-    expected = (
-        [o.strip() for o in args.expect.split(",") if o.strip()]
-        if args.expect
-        else list(settings.worker.ops)
-    )
+    if args.expect:
+        expected = [o.strip() for o in args.expect.split(",") if o.strip()]
+    else:  # the ops settings declare, else every op seen: each needs a healthy instance
+        expected = list(settings.worker.ops) or sorted({r.op for r in rows if r.op != "-"})
     missing = missing_ops(rows, expected)
     if args.json:
         doc = {"services": [r.to_json() for r in rows], "missing": missing}
@@ -57,7 +57,7 @@ def cmd_services(args: argparse.Namespace, settings: Settings) -> int:
         print(render_table(rows) if rows else "no nexus-bus services found")
         if missing:
             print(f"no healthy instance of: {', '.join(missing)}", file=sys.stderr)
-    return 1 if missing else 0
+    return 1 if missing or not rows else 0
 
 
 def add_commands(sub: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from nexus_bus.config import ConsulSettings
+from nexus_bus.discovery import ConsulRegistry, worker_registrations
+from nexus_bus.embedded import ServerProcess
 from tests.consul_double import ConsulAgentDouble
 from tests.integration.test_cli import run_cli
 
@@ -101,3 +105,40 @@ def test_services_lists_every_op_of_an_up_stack_and_fails_on_a_missing_one(
             if up.poll() is None:
                 up.kill()
                 up.wait(10)
+
+
+async def test_services_fails_on_nothing_running_and_on_an_op_seen_only_critical(
+    local_nats: ServerProcess, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEXUS_", "CONSUL_"))}
+    env.update(NEXUS_NATS__URL=local_nats.url, NEXUS_LOG__LEVEL="WARNING")
+    nothing = run_cli("services", "--json", "--wait", "0.3", env=env, cwd=tmp_path)
+    assert nothing.returncode == 1 and json.loads(nothing.stdout)["services"] == []
+
+    with ConsulAgentDouble() as consul:
+        registry = ConsulRegistry(ConsulSettings(address=consul.address))
+        [registration] = worker_registrations(
+            ConsulSettings(),
+            [("data", ["get"])],
+            instance="W1",
+            address="10.0.0.8",
+            version="0.1.0",
+        )
+        await registry.register(registration)  # its TTL check starts critical, as in Consul
+        await registry.close()
+        seen = await asyncio.to_thread(
+            run_cli,
+            "services",
+            "--json",
+            "--wait",
+            "0.3",
+            "--consul",
+            consul.address,
+            env=env,
+            cwd=tmp_path,
+        )
+    doc = json.loads(seen.stdout)
+    assert seen.returncode == 1 and doc["missing"] == ["data"]
+    assert [(r["service"], r["instance"], r["health"]) for r in doc["services"]] == [
+        ("nexus-data", "W1", "critical")
+    ]

@@ -12,7 +12,6 @@ hung, killed) the TTL simply lapses and Consul turns it critical by itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
@@ -27,6 +26,7 @@ from nexus_bus.discovery.registry import (
 from nexus_bus.observability import logger
 from nexus_bus.resilience.backoff import ExponentialBackoff, Jitter
 
+_STOP_POLL_S = 0.1
 # Why a process is not healthy right now (None: healthy).
 HealthProbe = Callable[[], Awaitable[str | None]]
 
@@ -68,6 +68,7 @@ class Registration:
         self._backoff = backoff
         self._rng = rng or random.Random()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.state = RegistrationState.PENDING
         self.changed = asyncio.Event()  # set on every state change (tests wait on it)
 
@@ -95,10 +96,12 @@ class Registration:
     async def _keep(self) -> None:
         attempt = 0
         registered = False
-        while True:
+        while not self._stopping:
             try:
                 if not registered:
                     for registration in self._registrations:
+                        if self._stopping:  # never register again once stop() began
+                            return
                         await self._registry.register(registration)
                     registered = True
                     self._enter(RegistrationState.REGISTERED)
@@ -127,11 +130,16 @@ class Registration:
 
     async def stop(self, timeout_s: float) -> None:
         """Stop the task and deregister every service, within `timeout_s` (best effort)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self._stopping = True
+        task, self._task = self._task, None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while task is not None and not task.done() and loop.time() < deadline:
+            # Cancelled again until it ends: on Python 3.11 a cancel that lands just as an
+            # awaited future completes can be lost (asyncio.wait_for, which nats-py's flush
+            # uses). asyncio.wait neither raises the task's CancelledError nor swallows ours.
+            task.cancel()
+            await asyncio.wait({task}, timeout=_STOP_POLL_S)
         try:
             async with asyncio.timeout(timeout_s):
                 for service_id in self.ids:

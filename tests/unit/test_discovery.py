@@ -368,3 +368,37 @@ def test_the_inventory_joins_srv_and_consul_by_instance() -> None:
     ]
     expected = ["nexus-data", "data", "W1", "10.0.0.8", "0.1.0", "critical", "5", "1"]
     assert table[3].split() == expected
+
+
+class SwallowingRegistry(MemoryRegistry):
+    """Loses the first cancel while updating a check, as asyncio.wait_for can on 3.11."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.swallowed = 0
+
+    async def update_check(self, check_id: str, status: CheckStatus, note: str = "") -> None:
+        if self.swallowed == 0:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                self.swallowed += 1
+        await super().update_check(check_id, status, note)
+
+
+async def test_stop_ends_a_task_that_lost_a_cancel_and_never_registers_again() -> None:
+    registry = SwallowingRegistry()
+    registration = Registration(
+        registry, registrations(), heartbeat_s=0.01, backoff=create_backoff(0.001, 0.002)
+    )
+    registration.start()
+    await wait_for_state(registration, RegistrationState.REGISTERED)
+    await asyncio.sleep(0.05)  # inside the update that swallows the cancel
+    stopping = asyncio.create_task(registration.stop(1))
+    done, _ = await asyncio.wait({stopping}, timeout=1.0)
+    stopping.cancel()
+    assert stopping in done, "stop() hung on the task that lost its cancel"
+    assert registry.swallowed == 1
+    assert registry.services == {} and registration.state is RegistrationState.DEREGISTERED
+    await asyncio.sleep(0.1)
+    assert registry.services == {} and registry.calls.count("register") == 1

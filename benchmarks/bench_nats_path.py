@@ -2,9 +2,11 @@
 
     python -m benchmarks.bench_nats_path [--seconds 1] [--rounds 5] [--concurrency 1,16,128]
 
-Three processes share the machine: nats-server, the responder (our worker, or a raw nats-py
-responder doing nothing but `msg.respond(msg.data)`), and this load generator. Each target
-is measured at each concurrency in the same run.
+Processes share the machine: nats-server, the responder (our worker, or a raw nats-py
+responder doing nothing but `msg.respond(msg.data)`), this load generator, and the Consul
+agent double of the tests that the `echo` worker registers with (`echooff` runs the same
+no-op with discovery off: no `$SRV`, no Consul, no endpoint counters; docs/discovery.md).
+Each target is measured at each concurrency in the same run.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +37,7 @@ from nexus_bus import (
     load_settings,
 )
 from nexus_bus.auth import Keyring, TokenCodec, generate_key
-from nexus_bus.embedded import nats_server, redis_server
+from nexus_bus.embedded import free_port, nats_server, redis_server
 from nexus_bus.handlers import builtin_groups
 from nexus_bus.observability import configure_logging
 
@@ -61,6 +64,10 @@ async def say(req: Echo, ctx: RequestContext) -> Echo:
 echo_fs_ops = Operations("echofs", description="The same no-op, via FastStream subscribers.")
 echo_fs_ops.action("say", public=True)(say)
 
+# The same no-op on a worker with discovery off: no $SRV, no Consul, no endpoint counters.
+echo_off_ops = Operations("echooff", description="The same no-op, discovery off.")
+echo_off_ops.action("say", public=True)(say)
+
 
 def _settings(url: str, keys_dir: str, **extra: object) -> Settings:
     """Production defaults (auth on, with a key made for this run), quiet logs.
@@ -72,15 +79,33 @@ def _settings(url: str, keys_dir: str, **extra: object) -> Settings:
     )
 
 
-async def serve_worker(url: str, keys_dir: str) -> None:
-    """Run our worker (echo + data on the fast path, echofs on FastStream) until killed."""
+async def serve_worker(url: str, keys_dir: str, consul_address: str) -> None:
+    """Run our workers until killed: echo + data on the fast path with discovery on ($SRV and
+    Consul registration with the agent double), echooff with discovery off, echofs on
+    FastStream."""
     configure_logging("bench-worker", "WARNING")
-    fast = Worker(_settings(url, keys_dir), [echo_ops, *builtin_groups(["data"])])
+    discovery_on = {"enabled": True, "address": consul_address}
+    fast = Worker(
+        _settings(url, keys_dir, consul=discovery_on), [echo_ops, *builtin_groups(["data"])]
+    )
+    discovery_off = Worker(
+        _settings(url, keys_dir, worker={"micro": False}, consul={"enabled": False}),
+        [echo_off_ops],
+    )
     via_faststream = Worker(
         _settings(url, keys_dir, worker={"faststream_subscribers": True}), [echo_fs_ops]
     )
     await via_faststream.start()
+    await discovery_off.start()
     await fast.run()
+
+
+def serve_consul(port: str) -> None:
+    """The Consul agent double of the tests (no Consul binary here), in its own process."""
+    from tests.consul_double import ConsulAgentDouble
+
+    with ConsulAgentDouble(int(port)):
+        threading.Event().wait()
 
 
 async def serve_raw(url: str, keys_dir: str) -> None:
@@ -119,9 +144,9 @@ def bench_servers() -> Iterator[tuple[str, str]]:
             redis.stop()
 
 
-def _spawn(role: str, url: str, keys_dir: str) -> subprocess.Popen[bytes]:
+def _spawn(role: str, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.bench_nats_path", f"--serve-{role}", url, keys_dir]
+        [sys.executable, "-m", "benchmarks.bench_nats_path", f"--serve-{role}", *args]
     )
 
 
@@ -144,6 +169,7 @@ async def measure(
             lambda: raw_nc.request(RAW_SUBJECT, payload, timeout=5),
             lambda: gw.request("echo", "say", payload),
             lambda: gw.request("echofs", "say", payload),
+            lambda: gw.request("echooff", "say", payload),
         ]
     )
     await gw.request("data", "put", {"key": "bench.hot", "value": {"n": 1, "s": "x" * 64}})
@@ -162,6 +188,9 @@ async def measure(
     async def echo() -> None:
         await gw.request("echo", "say", payload)
 
+    async def echo_discovery_off() -> None:
+        await gw.request("echooff", "say", payload)
+
     async def data_get() -> None:
         await gw.request("data", "get", b'{"key":"bench.hot"}')
 
@@ -171,6 +200,7 @@ async def measure(
         ("raw nats-py request/reply", raw),
         ("raw, contract headers", raw_headers),
         ("nexus echo (full runtime)", echo),
+        ("nexus echo, discovery off", echo_discovery_off),
         ("nexus echo via FastStream", echo_faststream),
         ("nexus data.get (hot key)", data_get),
     ]
@@ -188,18 +218,27 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=1.0, help="per slice")
     parser.add_argument("--rounds", type=int, default=5, help="slices per point, interleaved")
     parser.add_argument("--concurrency", default="1,16,128")
-    parser.add_argument("--serve-worker", nargs=2)
+    parser.add_argument("--serve-worker", nargs=3)
+    parser.add_argument("--serve-consul")
     parser.add_argument("--serve-raw", nargs=2)
     args = parser.parse_args()
     if args.serve_worker:
         uvloop.run(serve_worker(*args.serve_worker))
+        return 0
+    if args.serve_consul:
+        serve_consul(args.serve_consul)
         return 0
     if args.serve_raw:
         uvloop.run(serve_raw(*args.serve_raw))
         return 0
     levels = [int(c) for c in args.concurrency.split(",")]
     with bench_servers() as (url, keys_dir):
-        children = [_spawn("worker", url, keys_dir), _spawn("raw", url, keys_dir)]
+        consul_port = free_port()
+        children = [
+            _spawn("consul", str(consul_port)),
+            _spawn("worker", url, keys_dir, f"http://127.0.0.1:{consul_port}"),
+            _spawn("raw", url, keys_dir),
+        ]
         try:
             print(
                 f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}  "
@@ -207,7 +246,8 @@ def main() -> int:
             )
             uvloop.run(measure(url, keys_dir, args.seconds, levels, args.rounds))
         finally:
-            stop_all(children)
+            stop_all(children[1:])
+            stop_all(children[:1])  # the agent last: the workers deregister on their way out
     return 0
 
 

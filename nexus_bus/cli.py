@@ -165,6 +165,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     created_kid, admin = dev_admin_token(settings)  # before workers start: they load the keys
     # Until wait_forever takes over, SIGTERM stops the stack as Ctrl-C does (below).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if args.consul:  # the children inherit it (docs/discovery.md)
+        os.environ.update(NEXUS_CONSUL__ENABLED="true", NEXUS_CONSUL__ADDRESS=args.consul)
     stack = start_stack(
         settings, workers=args.workers, nats_port=args.nats_port, redis_port=args.redis_port,
         http_port=settings.http.port if args.http_port is None else args.http_port,
@@ -317,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", action="append", default=[], help="module:attr of your Operations")
     p.add_argument("--ready-timeout", type=float, default=60.0,
                    help="seconds to wait for every process to answer")
+    p.add_argument("--consul", metavar="ADDR", help="register everything with this Consul agent")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("keys", help="signing keys for the token service")
@@ -354,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nexus_bus.registry.commands import add_commands as add_ops_commands
 
     add_ops_commands(sub)  # ops [--json] (docs/registry.md)
+    from nexus_bus.discovery.commands import add_commands as add_discovery_commands
+
+    add_discovery_commands(sub)  # services (docs/discovery.md)
     return parser
 
 

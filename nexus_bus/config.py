@@ -153,6 +153,7 @@ class WorkerSettings(BaseModel):
     # of the fast path on the same connection; measured at about half the throughput.
     faststream_subscribers: bool = False
     metrics_host: str = "127.0.0.1"
+    micro: bool = True  # answer the NATS micro protocol ($SRV.PING|INFO|STATS; docs/discovery.md)
 
 
 class JobsSettings(BaseModel):
@@ -268,6 +269,39 @@ class RegistrySettings(BaseModel):
         return self
 
 
+class ConsulSettings(BaseModel):
+    """Registration with Consul (docs/discovery.md); off unless enabled."""
+
+    enabled: bool = False
+    address: str = "http://127.0.0.1:8500"  # scheme://host:port of the local agent
+    token: SecretStr | None = None  # ACL token; or `token_file` (never logged either way)
+    token_file: Path | None = None
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    datacenter: str | None = None
+    # The address others reach this process at ("": the shim's listen host, or this host's
+    # address when it listens on every interface).
+    service_address: str = ""
+    tags: list[str] = Field(default_factory=list)
+    check_interval_s: float = Field(5.0, gt=0)  # the shim's HTTP check on /readyz
+    check_timeout_s: float = Field(3.0, gt=0)
+    deregister_after_s: float = Field(60.0, ge=1)  # DeregisterCriticalServiceAfter
+    ttl_s: float = Field(10.0, gt=0)  # workers' TTL check; passed every ttl_s / 3
+    request_timeout_s: float = Field(2.0, gt=0)  # per call to the agent
+    retry_base_s: float = Field(0.5, gt=0)  # registration retries back off from here ...
+    retry_max_s: float = Field(30.0, gt=0)  # ... up to this
+
+    @model_validator(mode="after")
+    def _check_consul(self) -> ConsulSettings:
+        if self.check_timeout_s > self.check_interval_s:
+            raise ValueError("check_timeout_s must not exceed check_interval_s")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set token or token_file, not both")
+        scheme, sep, _ = self.address.partition("://")
+        if sep and scheme not in ("http", "https"):
+            raise ValueError("address must be http://host:port or https://host:port")
+        return self
+
+
 class LogSettings(BaseModel):
     """Logging: JSON lines by default."""
 
@@ -308,6 +342,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    consul: ConsulSettings = Field(default_factory=ConsulSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
 

@@ -139,3 +139,17 @@ CACHE_DEFAULT_NAMESPACE: Final = "default"  # `get_or_set` without a namespace
 CACHE_INVALIDATE_SUBJECT: Final = "nexus.sys.cache.invalidate"  # broadcast to every worker
 CACHE_FENCE_SUBJECT: Final = "nexus.sys.cache.fence"  # request: fence an entry in Redis
 CACHE_BREAKER: Final = "redis_cache"  # the breaker's `name` label
+
+# Discovery (docs/discovery.md): Consul service names and the NATS micro ($SRV) protocol
+SERVICE_PREFIX: Final = "nexus-"  # Consul and $SRV service names: nexus-shim, nexus-<op>
+SHIM_SERVICE: Final = "nexus-shim"
+CONSUL_TAG: Final = "nexus-bus"  # every registration carries it
+CONSUL_META_VERSION: Final = "version"
+CONSUL_META_OPS: Final = "ops"
+CONSUL_META_QUEUE_GROUP: Final = "queue_group"
+CONSUL_META_ACTIONS: Final = "actions"
+CONSUL_META_INSTANCE: Final = "instance"
+MICRO_META_SCHEMA_REQUEST: Final = "schema_request"  # $SRV endpoint metadata
+MICRO_META_SCHEMA_REPLY: Final = "schema_reply"
+MICRO_META_OP: Final = "op"
+MICRO_META_ADDRESS: Final = "address"

@@ -27,6 +27,7 @@ from nexus_bus.auth import Authenticator, create_authenticator
 from nexus_bus.config import Settings
 from nexus_bus.connection import broker_options, flush_subscriptions
 from nexus_bus.constants import H_REQUEST_ID, T_NATS
+from nexus_bus.discovery import WorkerDiscovery
 from nexus_bus.dispatch import Dispatcher, Expired
 from nexus_bus.errors import PayloadTooLarge, Unavailable
 from nexus_bus.jobs.runner import JobRunner
@@ -75,6 +76,7 @@ class Worker:
         self.dispatcher: Dispatcher | None = None
         self.jobs: JobRunner | None = None
         self.registration: Registration | None = None
+        self.discovery: WorkerDiscovery | None = None  # $SRV and Consul (docs/discovery.md)
 
     @property
     def nc(self) -> Client:
@@ -98,8 +100,11 @@ class Worker:
 
         Raises:
             Unavailable: NATS or JetStream cannot be reached.
-            ConfigError: auth is enabled but no signing or verification keys are configured.
+            ConfigError: auth is enabled but no signing or verification keys are configured,
+                or the Consul address or token file is unusable.
         """
+        if self.settings.worker.micro or self.settings.consul.enabled:  # docs/discovery.md
+            self.discovery = WorkerDiscovery(self.settings, self.groups, unhealthy=self._unhealthy)
         opts = broker_options(self.settings.nats, name=f"{self.settings.service}-worker")
         broker = NatsBroker(
             **opts,
@@ -167,7 +172,19 @@ class Worker:
             for group in self.groups:
                 await self._serve_lane(group.op)
             await flush_subscriptions(self.nc)  # requests reach us from now
+        if self.discovery is not None:
+            await self.discovery.start(self.nc)  # registers in the background
         logger.info("worker serving ops {}", ",".join(g.op for g in self.groups))
+
+    def _unhealthy(self) -> str | None:
+        """Why this worker cannot serve now (None: it can); its Consul TTL check follows it."""
+        if self._draining:
+            return "draining"
+        if self.lost.is_set() or not self.nc.is_connected:
+            return "NATS disconnected"
+        if self._reaper is None or self._reaper.done():
+            return "the deadline reaper stopped"
+        return None
 
     async def _serve_lane(self, op: str) -> None:
         """Subscribe to `op` and serve it in a lane (no task per request that never waits)."""
@@ -227,9 +244,12 @@ class Worker:
             return
         action = msg.subject.rsplit(".", 1)[-1]
         assert self.dispatcher is not None
+        started = time.perf_counter_ns()
         result = await self.dispatcher.dispatch(
             op, action, msg.headers, msg.data, deadline=deadline
         )
+        if self.discovery is not None:
+            self.discovery.count(op, action, started, result)  # what $SRV.STATS reports
         if isinstance(result, Expired):
             logger.debug("dropped expired request {}", result.request_id)
             return
@@ -312,6 +332,8 @@ class Worker:
         if self._draining or self.broker is None:
             return
         self._draining = True
+        if self.discovery is not None:
+            await self.discovery.stop()  # out of Consul and $SRV before anything else stops
         grace = self.settings.worker.drain_grace_s if grace_s is None else grace_s
         if self.registration is not None:
             await self.registration.stop()  # still declared, no longer served

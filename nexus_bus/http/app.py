@@ -138,6 +138,11 @@ class ShimApp:
         self._read_timeout_s = None
 
     @property
+    def ops(self) -> list[str]:
+        """The operations this shim knows (registered in Consul's service metadata)."""
+        return [group.op for group in self._groups]
+
+    @property
     def draining(self) -> bool:
         """Whether the shim was told to stop (readiness is false from then on)."""
         return self._draining

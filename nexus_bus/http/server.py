@@ -22,6 +22,7 @@ from types import FrameType
 import uvicorn
 
 from nexus_bus.config import Settings
+from nexus_bus.discovery import ShimDiscovery
 from nexus_bus.http.app import ShimApp
 from nexus_bus.http.protocol import limited_protocol
 from nexus_bus.observability import logger
@@ -73,6 +74,9 @@ class ShimServer(uvicorn.Server):
         self._drain_delay_s = drain_delay_s
         self._drain_started: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Consul registration (docs/discovery.md), made here so a bad config fails at once.
+        enabled = app.settings.consul.enabled
+        self.discovery = ShimDiscovery(app.settings) if enabled else None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """Start listening (after the app's lifespan startup)."""
@@ -85,6 +89,14 @@ class ShimServer(uvicorn.Server):
             gc.freeze()
         if self.started:
             logger.info("shim listening on http://{}:{}", self.config.host, self.bound_port)
+            if self.discovery is not None:  # registers in the background
+                self.discovery.start(self.bound_port, self.app.ops)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Deregister from Consul first, then uvicorn's shutdown (in-flight requests finish)."""
+        if self.discovery is not None:
+            await self.discovery.stop()
+        await super().shutdown(sockets=sockets)
 
     @property
     def bound_port(self) -> int:

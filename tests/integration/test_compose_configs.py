@@ -81,3 +81,20 @@ def test_prometheus_rules_use_the_documented_metric_names() -> None:
         "nexus_cache_hit_ratio",
     ):
         assert metric in exprs
+
+
+def test_every_shim_and_worker_registers_with_the_compose_consul(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    doc = compose_doc()
+    services = doc["services"]
+    assert services["consul"]["image"].startswith("hashicorp/consul:")
+    assert "-server" in services["consul"]["command"]
+    for name in ("worker-data", "worker-stream", "worker-ai", "worker-auth", "shim-1", "shim-2"):
+        env = services[name]["environment"]
+        assert env["NEXUS_CONSUL__ENABLED"] == "true", name
+        assert env["NEXUS_CONSUL__ADDRESS"] == "http://consul:8500", name
+    for key, value in doc["x-nexus-env"].items():
+        monkeypatch.setenv(key, str(value))
+    consul = load_settings().consul
+    assert consul.enabled and (consul.check_interval_s, consul.check_timeout_s) == (5.0, 3.0)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from nexus_bus.config import ConsulSettings
 from nexus_bus.discovery import ConsulRegistry, worker_registrations
@@ -18,6 +19,11 @@ from tests.consul_double import ConsulAgentDouble
 from tests.integration.test_cli import run_cli
 
 OPS = ("ai", "auth", "data", "stream")
+
+
+def _both_sources(doc: dict[str, Any]) -> bool:
+    workers = [r for r in doc["services"] if r["op"] in OPS]
+    return bool(workers) and all(set(r["sources"]) == {"$SRV", "consul"} for r in workers)
 
 
 def test_services_lists_every_op_of_an_up_stack_and_fails_on_a_missing_one(
@@ -62,7 +68,8 @@ def test_services_lists_every_op_of_an_up_stack_and_fails_on_a_missing_one(
                         env=env,
                         cwd=tmp_path,
                     )
-                    if listed.returncode == 0:
+                    # Consul registration may trail $SRV under load: wait for both.
+                    if listed.returncode == 0 and _both_sources(json.loads(listed.stdout)):
                         break
                 time.sleep(0.5)
             assert listed is not None and listed.returncode == 0, listed
@@ -72,7 +79,7 @@ def test_services_lists_every_op_of_an_up_stack_and_fails_on_a_missing_one(
             workers = [r for r in rows if r["op"] in OPS]
             assert {r["op"] for r in workers} == set(OPS)
             assert all(r["healthy"] and r["health"] == "passing" for r in workers), workers
-            assert all(set(r["sources"]) == {"$SRV", "consul"} for r in workers), workers
+            assert _both_sources(doc), json.dumps(workers)
             assert all(r["requests"] is not None and r["instance"] for r in workers)
             assert len({r["instance"] for r in workers}) == 1  # one worker process
             shims = [r for r in rows if r["service"] == "nexus-shim"]

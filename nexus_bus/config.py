@@ -21,6 +21,7 @@ from pydantic_settings import (
 
 from nexus_bus.constants import CACHE_KEY_PREFIX
 from nexus_bus.errors import InvalidRequest
+from nexus_bus.resilience.policy import ResilienceSettings
 
 
 class TLSSettings(BaseModel):
@@ -275,6 +276,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -129,3 +129,19 @@ CACHE_DEFAULT_NAMESPACE: Final = "default"  # `get_or_set` without a namespace
 CACHE_INVALIDATE_SUBJECT: Final = "nexus.sys.cache.invalidate"  # broadcast to every worker
 CACHE_FENCE_SUBJECT: Final = "nexus.sys.cache.fence"  # request: fence an entry in Redis
 CACHE_BREAKER: Final = "redis_cache"  # the breaker's `name` label
+
+# Resilience on the request path (docs/resilience.md)
+H_STALE_AGE: Final = "Nexus-Stale-Age"  # seconds; the answer came from the cache on failure
+H_IDEMPOTENT_REPLAYED: Final = "Idempotent-Replayed"  # "true": the first reply, replayed
+H_RATELIMIT: Final = "RateLimit"
+H_RATELIMIT_POLICY: Final = "RateLimit-Policy"
+BREAKERS_KEY: Final = "nexus:breakers"  # Redis hash: op -> open until (epoch ms)
+IDEMPOTENCY_KEY_PREFIX: Final = "nexus:idem:"  # Redis: one record per (subject, op, key)
+RATELIMIT_KEY_PREFIX: Final = "nexus:rl:"  # Redis: one GCRA state per (subject, op)
+M_RETRIES: Final = "nexus_retries"  # labels op, action, reason
+M_RETRY_BUDGET_EXHAUSTED: Final = "nexus_retry_budget_exhausted"  # labels op, action
+M_CIRCUIT_REJECTED: Final = "nexus_circuit_rejected"  # label op: answered 503 circuit_open
+M_STALE_ANSWERS: Final = "nexus_stale_answers"  # labels op, action
+M_SHARED_STATE_FAILURES: Final = "nexus_shared_state_failures"  # label store
+M_IDEMPOTENT_REPLAYS: Final = "nexus_idempotent_replays"  # label op
+M_RATE_LIMITED: Final = "nexus_rate_limited"  # label op

@@ -10,7 +10,7 @@ runs it on uvicorn with httptools and uvloop, plus the limits uvicorn lacks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Final
 
 from nats.aio.client import Client
@@ -113,7 +113,9 @@ class ShimApp:
         nc = await connect_nats(settings.nats, name=f"{settings.service}-shim")
         self.nc = nc
         self._redis = create_redis(settings.redis)
-        self._gateway = Gateway(nc, settings)
+        # The gateway's policy layer shares breakers through Redis and checks a caller's
+        # token with the shim's authorizer before answering stale (docs/resilience.md).
+        self._gateway = Gateway(nc, settings, redis=self._redis, authorize=self._authorize)
         streams = EventStreams(nc.jetstream(), settings.http)
         self._streams = streams
         try:
@@ -153,6 +155,11 @@ class ShimApp:
             HTTP_OPENAPI: openapi,
         }
 
+    async def _authorize(self, headers: Mapping[str, str], op: str, action: str) -> None:
+        if self._authz is None:
+            raise Unavailable("the shim is starting")
+        await self._authz.authorize(headers, op, action)
+
     def begin_drain(self) -> None:
         """Drop readiness and end event streams; in-flight requests carry on."""
         if not self._draining:
@@ -164,6 +171,8 @@ class ShimApp:
     async def shutdown(self) -> None:
         """Close what `startup` opened (after the server has finished in-flight requests)."""
         self.begin_drain()
+        if self._gateway is not None:
+            await self._gateway.close()  # its policy layer; the connections are ours
         if self._redis is not None:
             await self._redis.aclose()
         if self.nc is not None and not self.nc.is_closed:

@@ -116,6 +116,8 @@ class ShimApp:
         # The gateway's policy layer shares breakers through Redis and checks a caller's
         # token with the shim's authorizer before answering stale (docs/resilience.md).
         self._gateway = Gateway(nc, settings, redis=self._redis, authorize=self._authorize)
+        if self._gateway.policies is not None:
+            self._gateway.policies.start()  # follow the other replicas' breakers from now
         streams = EventStreams(nc.jetstream(), settings.http)
         self._streams = streams
         try:

@@ -37,10 +37,15 @@ class PolicyLayer:
     ) -> Reply:
         """See `Guard.call`."""
         if not self._started:
-            self._started = True
-            assert self.sync is not None
-            self.sync.start()  # needs the running loop, which the constructor may not have
+            self.start()  # needs the running loop, which the constructor may not have
         return await self.guard.call(op, action, body, headers, timeout_s, send)
+
+    def start(self) -> None:
+        """Start following the shared state now (a shim does, at start-up; a Python
+        gateway at its first call). Inside the running event loop."""
+        if not self._started and self.sync is not None:
+            self.sync.start()
+        self._started = True
 
     async def close(self) -> None:
         """Stop the background sync."""

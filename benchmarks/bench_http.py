@@ -1,6 +1,7 @@
 """The HTTP path: our shim → NATS → worker, beside a minimal bridge and a no-NATS HTTP app.
 
     python -m benchmarks.bench_http [--seconds 2] [--rounds 3] [--concurrency 1,16,128] [--servers]
+    python -m benchmarks.bench_http --policies [--seconds 2] ...   # policy layer on vs off
 
 Targets, each measured at each concurrency in the same run:
 
@@ -12,6 +13,9 @@ Targets, each measured at each concurrency in the same run:
   (uvicorn + httptools + uvloop), isolating what the shim adds over the server.
 - `aiohttp raw (no NATS)` / `uvicorn raw (no NATS)`: answering without NATS at all.
 - with `--servers`: the minimal bridge on granian too (how the server was chosen).
+- with `--policies`, instead: the shim and worker with the policy layer on (breaker closed,
+  retry budget, a rate limit that allows everything: one GCRA round trip to Redis per
+  request) beside the same pair with `NEXUS_RESILIENCE__ENABLED=false` (docs/resilience.md).
 
 The load generator (`wrk`, else a Python closed loop) runs on CPU 0; everything under test
 (nats-server, Redis, bridges, shim, workers) on CPU 1, via `taskset`.
@@ -54,11 +58,24 @@ class EchoRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 bench_ops = Operations("bench", description="HTTP benchmark operation.")
+# The same operation under another name, for the policy-layer variant: its own queue group,
+# so the two workers of `--policies` never answer each other's requests.
+policy_ops = Operations("benchp", description="HTTP benchmark operation (policies on).")
+POLICY_OP_PATH = "/v1/benchp/echo"
+# A rate limit nobody reaches: the check (a Redis round trip) runs on every request.
+POLICY_ENV = 'NEXUS_RESILIENCE__OPS={"benchp.echo": {"rate_limit_per_s": 1000000}}'
+POLICIES_OFF = "NEXUS_RESILIENCE__ENABLED=false"
 
 
 @bench_ops.action("echo")
 async def echo(req: EchoRequest, ctx: RequestContext) -> EchoRequest:
     """Return the (validated) request; needs scope `bench:echo`."""
+    return req
+
+
+@policy_ops.action("echo")
+async def echo_with_policies(req: EchoRequest, ctx: RequestContext) -> EchoRequest:
+    """Return the (validated) request; needs scope `benchp:echo`."""
     return req
 
 
@@ -181,7 +198,13 @@ def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
-def _wait_http(port: int, headers: dict[str, str], procs: list[subprocess.Popen[bytes]]) -> None:
+def _path(name: str) -> str:
+    return POLICY_OP_PATH if "policies on" in name else "/v1/bench/echo"
+
+
+def _wait_http(
+    port: int, headers: dict[str, str], procs: list[subprocess.Popen[bytes]], path: str
+) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         for p in procs:
@@ -189,7 +212,7 @@ def _wait_http(port: int, headers: dict[str, str], procs: list[subprocess.Popen[
                 err = p.stderr.read().decode()[-2000:] if p.stderr else ""
                 raise RuntimeError(f"a benchmark process exited: {p.args}\n{err}")
         req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/bench/echo", data=BODY, headers=headers, method="POST"
+            f"http://127.0.0.1:{port}{path}", data=BODY, headers=headers, method="POST"
         )
         try:
             with urllib.request.urlopen(req, timeout=2) as resp:
@@ -209,7 +232,7 @@ def run_wrk(name: str, port: int, conc: int, seconds: float, script: Path) -> Re
     """One wrk run on CPU 0 (one thread: the other CPU belongs to the system under test)."""
     out = subprocess.run(
         [*_pin(0), "wrk", "-t1", f"-c{conc}", f"-d{seconds:g}s", "--latency", "-s", str(script),
-         f"http://127.0.0.1:{port}/v1/bench/echo"],
+         f"http://127.0.0.1:{port}{_path(name)}"],
         capture_output=True, text=True, check=True,
     ).stdout
     lat = {m.group(1): float(m.group(2)) * _UNIT_MS[m.group(3)] for m in _LAT.finditer(out)}
@@ -226,7 +249,7 @@ async def run_python(
     """The fallback load generator when wrk is absent (slower: it shares CPU 0 only)."""
     import aiohttp
 
-    url = f"http://127.0.0.1:{port}/v1/bench/echo"
+    url = f"http://127.0.0.1:{port}{_path(name)}"
     limits = aiohttp.TCPConnector(limit=conc)
     async with aiohttp.ClientSession(connector=limits) as session:
 
@@ -240,6 +263,22 @@ async def run_python(
 
 
 Target = tuple[str, list[tuple[str, list[str]]]]  # name, [(role, python argv)]
+
+
+def _policy_targets() -> list[Target]:
+    """The shim and worker with the policy layer on, and with it off (`--policies`)."""
+    worker = ["-m", "nexus_bus", "worker", "--app"]
+    shim = ["-m", "nexus_bus", "shim", "--port", "{port}"]
+    return [
+        ("nexus shim, policies on", [
+            ("worker", [POLICY_ENV, *worker, "benchmarks.bench_http:policy_ops"]),
+            ("shim", [POLICY_ENV, *shim]),
+        ]),
+        ("nexus shim, policies off", [
+            ("worker", [POLICIES_OFF, *worker, "benchmarks.bench_http:bench_ops"]),
+            ("shim", [POLICIES_OFF, *shim]),
+        ]),
+    ]
 
 
 def _targets(url: str, servers: bool) -> list[Target]:
@@ -312,7 +351,8 @@ class Bench:
         }
         # Auth on: a token scoped to exactly this operation, verified by the worker.
         token = TokenCodec(Keyring.from_dir(keys)).issue(
-            "bench", frozenset({"bench:echo"}), 3600, now=int(time.time()), jti=uuid.uuid4().hex
+            "bench", frozenset({"bench:echo", "benchp:echo"}), 3600, now=int(time.time()),
+            jti=uuid.uuid4().hex,
         ).token
         self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
         self.script = tmp / "post.lua"
@@ -374,10 +414,16 @@ class Bench:
                 key = role if role == "responder" else f"{name}/{role}"
                 self.keys[name].add(key)
                 if key not in started:
-                    started[key] = _spawn([a.replace("{port}", str(port)) for a in argv], self.env)
+                    # Leading `NAME=value` items are environment for this process only.
+                    env = dict(self.env)
+                    while argv and "=" in argv[0] and not argv[0].startswith("-"):
+                        name_, _, value = argv[0].partition("=")
+                        env[name_] = value
+                        argv = argv[1:]
+                    started[key] = _spawn([a.replace("{port}", str(port)) for a in argv], env)
                 procs.append(started[key])
             try:
-                _wait_http(port, self.headers, procs)
+                _wait_http(port, self.headers, procs, _path(name))
                 live.append(name)
             except RuntimeError as exc:  # one broken baseline must not hide the others
                 print(f"{name}: not measured: {exc}", file=sys.stderr)
@@ -452,6 +498,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="slices per point")
     parser.add_argument("--concurrency", default="1,16,128")
     parser.add_argument("--servers", action="store_true", help="also granian (server choice)")
+    parser.add_argument(
+        "--policies", action="store_true", help="only: the policy layer on vs off, side by side"
+    )
     parser.add_argument("--serve-responder", metavar="NATS_URL")
     parser.add_argument("--serve-aiohttp", nargs="+", metavar=("PORT", "NATS_URL"))
     parser.add_argument("--serve-uvicorn", nargs="+", metavar=("PORT", "NATS_URL"))
@@ -478,7 +527,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp), args.seconds)
         try:
-            results = bench.run_all(_targets(bench.nats_url, args.servers), levels, args.rounds)
+            targets = (
+                _policy_targets() if args.policies else _targets(bench.nats_url, args.servers)
+            )
+            results = bench.run_all(targets, levels, args.rounds)
         finally:
             bench.close()
     report(results, bench.cpu_us)

@@ -13,10 +13,12 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from prometheus_client import REGISTRY
 
-from nexus_bus import Operations, RequestContext, Settings, Worker
+from nexus_bus import Gateway, Operations, RequestContext, Settings, Worker
 from nexus_bus.connection import connect_nats
 from nexus_bus.constants import H_IDEMPOTENT_REPLAYED
+from nexus_bus.resilience.policy import PolicySettings
 from tests.conftest import issue_test_token
 from tests.integration.http_shim import RunningShim, bearer, running_shim
 
@@ -128,3 +130,40 @@ async def test_keys_are_scoped_by_subject_and_nats_callers_get_replays(
         assert (bad.headers or {}).get("Nexus-Status") == "400"
     finally:
         await nc.close()
+
+
+async def test_a_lost_reply_is_retried_with_its_key_and_gets_the_original_result(
+    settings: Settings, shim: RunningShim, admin_token: str | None, uid: str
+) -> None:
+    """The first attempt's reply comes too late (the worker applied it, the caller had given
+    up on that attempt); the gateway retries with the same key and receives the first
+    execution's result instead of running it again."""
+    policy = PolicySettings(attempt_timeout_ms=300, attempts=3, backoff_base_ms=10)
+    own = settings.model_copy(
+        update={"resilience": settings.resilience.model_copy(
+            update={"ops": {f"{COUNT_OP}.run": policy}}
+        )}
+    )
+    before = _retries(COUNT_OP)
+    gw = await Gateway.connect(own, token=admin_token)
+    try:
+        reply = await gw.request_raw(
+            COUNT_OP,
+            "run",
+            msgspec.json.encode({"name": f"lost{uid}", "sleep_ms": 450}),
+            gw.build_headers(timeout_s=3.0, idempotency_key=f"lost-{uid}"),
+            timeout_s=3.0,
+        )
+    finally:
+        await gw.close()
+    assert reply.status == 200 and msgspec.json.decode(reply.body)["run"] == 1
+    assert reply.headers.get(H_IDEMPOTENT_REPLAYED) == "true"  # the retry's answer
+    assert RUNS[f"lost{uid}"] == 1  # applied once
+    assert _retries(COUNT_OP) > before
+
+
+def _retries(op: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "nexus_retries_total", {"op": op, "action": "run", "reason": "upstream_timeout"}
+    )
+    return value or 0.0

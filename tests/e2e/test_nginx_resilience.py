@@ -38,13 +38,9 @@ def group(op: str) -> Operations:
 @pytest.fixture
 async def op_worker(settings: Settings, uid: str) -> AsyncIterator[tuple[str, Worker]]:
     op = f"res{uid}"
-    limited = settings.model_copy(
-        update={
-            "resilience": settings.resilience.model_copy(
-                update={"ops": {f"{op}.hit": PolicySettings(rate_limit_per_s=4, rate_limit_burst=4)}}
-            )
-        }
-    )
+    limit = PolicySettings(rate_limit_per_s=4, rate_limit_burst=4)
+    resilience = settings.resilience.model_copy(update={"ops": {f"{op}.hit": limit}})
+    limited = settings.model_copy(update={"resilience": resilience})
     worker = Worker(limited, [group(op)])
     await worker.start()
     try:

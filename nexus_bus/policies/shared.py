@@ -75,6 +75,7 @@ class BreakerSync:
         self._wall = wall_clock
         self._present: set[str] = set()  # ops with an entry at the last read
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._writes: set[asyncio.Task[None]] = set()
         self.health = StoreHealth(_STORE)
 
@@ -84,10 +85,13 @@ class BreakerSync:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
-        """Stop the reader and wait for pending writes (briefly)."""
+        """Stop the reader and wait for pending writes (briefly; never unbounded)."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # Bounded: a cancellation that lands as an asyncio.timeout expires can be turned
+            # into TimeoutError (Python 3.11) and swallowed; `_stopping` ends the loop then.
+            await asyncio.wait({self._task}, timeout=_WRITE_TIMEOUT_S + self._interval_s)
             self._task = None
         if self._writes:
             await asyncio.wait(self._writes, timeout=_WRITE_TIMEOUT_S)
@@ -144,12 +148,14 @@ class BreakerSync:
         self._present = present
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.sync_once()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every redis-py failure: counted, logged once
+                if self._stopping:
+                    return
                 self.health.failed(exc)
             else:
                 self.health.succeeded()

@@ -278,11 +278,23 @@ class RedisClusterProcesses:
             raise Unavailable(f"redis-cli --cluster create failed: {created.stdout[-2000:]!r}")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(self._state_ok(cli, node) for node in self.nodes):
+            if all(self._state_ok(cli, node) for node in self.nodes) and self._replicas_ok(cli):
                 return self
             time.sleep(0.1)
         self.kill()
         raise Unavailable("redis cluster did not reach cluster_state:ok in time")
+
+    def _replicas_ok(self, cli: str) -> bool:
+        """Whether every replica has joined its master (the cluster is `ok` before that)."""
+        if not self.replicas:
+            return True
+        first = self.nodes[0]
+        table = subprocess.run(  # argv is ours: nothing from outside
+            [cli, "-h", first.host, "-p", str(first.port), "cluster", "nodes"],
+            capture_output=True, timeout=5, check=False,
+        ).stdout
+        joined = sum(1 for line in table.splitlines() if b"slave" in line.split()[2:3][0])
+        return joined == len(self.nodes) - len(self.nodes) // (1 + self.replicas)
 
     @staticmethod
     def _state_ok(cli: str, node: ServerProcess) -> bool:

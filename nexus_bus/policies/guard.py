@@ -106,12 +106,13 @@ class Guard:
 
     # -- state ---------------------------------------------------------------------------
 
-    def op_guard(self, op: str, action: str = "") -> OpGuard | None:
+    def op_guard(self, op: str) -> OpGuard | None:
         """The breaker of `op`, created on first use (None past `MAX_GUARDED_OPS`)."""
         found = self._ops.get(op)
         if found is not None or len(self._ops) >= MAX_GUARDED_OPS:
             return found
-        policy = self.policies.get(op, action) if action else self.policies.default
+        # The breaker is the op's: its settings come from the op's entry (or the defaults).
+        policy = self.policies.get(op, "")
         reset = ExponentialBackoff(
             base_s=policy.breaker_reset_s, cap_s=policy.breaker_reset_max_s, jitter=Jitter.EQUAL
         )
@@ -124,7 +125,8 @@ class Guard:
             failure_threshold=policy.breaker_failures,
             reset=reset,
             half_open_probes=1,
-            probe_timeout_s=max(policy.timeout_s, 1.0),
+            # A probe whose caller went away never reports: its slot frees after this.
+            probe_timeout_s=min(max(policy.timeout_s, 1.0), 10.0),
             clock=self._clock,
             rng=self._rng,
             on_change=report,
@@ -195,7 +197,7 @@ class Guard:
             NexusError: the last attempt's transport failure (see `Gateway.request_raw`).
         """
         policy = self.policies.get(op, action)
-        guard = self._ops.get(op) or self.op_guard(op, action)
+        guard = self._ops.get(op) or self.op_guard(op)
         breaker = guard.breaker if guard is not None else None
         budget = self._budget(op, action, policy)
         if budget is not None:
@@ -210,9 +212,10 @@ class Guard:
             if breaker is not None and not breaker.allow():
                 return await self._refuse(op, action, body, headers, policy, breaker)
             reply, failure, code = await self._attempt(headers, deadline, attempt, policy, send)
-            counted = self._breaker_code(failure, code)
-            if guard is not None and counted is not None:
-                self._report(guard, counted)
+            if guard is not None:
+                counted = self._breaker_code(failure, code, guard.breaker)
+                if counted is not None:
+                    self._report(guard, counted)
             if code not in BREAKER_FAILURES:
                 if failure is not None:
                     raise failure
@@ -274,16 +277,20 @@ class Guard:
             return None
         return delay
 
-    def _breaker_code(self, failure: NexusError | None, code: str) -> str | None:
+    def _breaker_code(
+        self, failure: NexusError | None, code: str, breaker: CircuitBreaker
+    ) -> str | None:
         """The outcome as the breaker should count it ("" a success, None not at all).
 
         A lost NATS connection says nothing about the op's workers: only their silence (no
         responders, timeouts while connected) or their own 503 replies count against them.
+        A probe must always report, though, or the breaker stays half-open until the probe
+        times out: a failed probe is a failure whatever the cause.
         """
         if failure is None or not code:
             return code
         if code == _UNAVAILABLE or not self.transport_up():
-            return None
+            return None if breaker.state is BreakerState.CLOSED else code
         return code
 
     def _report(self, guard: OpGuard, code: str) -> None:

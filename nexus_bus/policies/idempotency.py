@@ -39,7 +39,7 @@ from nexus_bus.constants import (
     IDEMPOTENCY_KEY_PREFIX,
 )
 from nexus_bus.errors import IdempotencyMismatch, Unavailable, UpstreamTimeout
-from nexus_bus.observability import METRICS
+from nexus_bus.observability import METRICS, logger
 from nexus_bus.policies.shared import StoreHealth
 from nexus_bus.redis_client import RedisClient
 from nexus_bus.replies import Reply
@@ -166,7 +166,11 @@ class IdempotencyStore:
         args: list[str | int | bytes] = [
             owner, reply.status, content_type, reply.body, self._retention_ms
         ]
-        await self._call(self._complete(keys=[name], args=args))
+        try:
+            await self._call(self._complete(keys=[name], args=args))
+        except Unavailable:
+            # The effect happened: answer it. Unrecorded, a repeat after the lease runs again.
+            logger.warning("idempotency record not written; a repeat may run again")
         return reply
 
     async def _forget(self, name: str, owner: str) -> None:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from nexus_bus.errors import CircuitOpen, Conflict, NoResponders, UpstreamTimeout
+from nexus_bus.errors import CircuitOpen, Conflict, NoResponders, Unavailable, UpstreamTimeout
 from nexus_bus.policies.guard import Guard
 from nexus_bus.replies import Reply, error_reply, success_reply
 from nexus_bus.resilience import BreakerState
@@ -128,3 +128,24 @@ async def test_remote_decisions_open_and_close_the_local_breaker() -> None:
     assert guard.state("orders") is BreakerState.CLOSED
     guard.apply_remote("unknown", None)  # never creates state for a close
     assert "unknown" not in guard.known_ops()
+
+
+async def test_a_lost_connection_does_not_count_against_the_op_but_a_probe_always_reports(
+) -> None:
+    guard, clock = make(attempts=1, breaker_failures=2, breaker_reset_ms=1000)
+    connected = [False]
+    guard.transport_up = lambda: connected[0]
+    for _ in range(5):
+        with pytest.raises(UpstreamTimeout):
+            await guard.call("orders", "create", b"{}", {}, 5.0, Script(UpstreamTimeout()))
+    assert guard.state("orders") is BreakerState.CLOSED  # NATS was down, not the workers
+    connected[0] = True
+    for _ in range(2):
+        with pytest.raises(NoResponders):
+            await guard.call("orders", "create", b"{}", {}, 5.0, Script(NoResponders()))
+    assert guard.state("orders") is BreakerState.OPEN
+    clock.now += 1.0
+    connected[0] = False
+    with pytest.raises(Unavailable):  # the probe fails on the connection: still reported
+        await guard.call("orders", "create", b"{}", {}, 5.0, Script(Unavailable()))
+    assert guard.state("orders") is BreakerState.OPEN

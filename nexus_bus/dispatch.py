@@ -155,9 +155,7 @@ class Dispatcher:
         operation = self.operation(op, action)
         principal = await self._auth.authenticate(hdrs, operation)
         admission = self._admission
-        if admission is not None and (
-            H_IDEMPOTENCY_KEY in hdrs or admission.limit_of(op, action) is not None
-        ):
+        if admission is not None and admission.applies(op, action, principal, hdrs):
 
             async def produce() -> Reply:
                 try:

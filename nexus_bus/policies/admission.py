@@ -39,6 +39,31 @@ class Admission:
         self._limiter = limiter
         self._idempotency = idempotency
         self._limits: dict[tuple[str, str], RateLimit | None] = {}
+        self._scope_limits: dict[str, RateLimit] = {}
+
+    def limit_scopes(self, limits: dict[str, RateLimit]) -> None:
+        """Set the limits of tokens holding these scopes (on every op)."""
+        self._scope_limits = dict(limits)
+
+    def applies(
+        self, op: str, action: str, principal: Principal | None, headers: Mapping[str, str]
+    ) -> bool:
+        """Whether this request needs `admit` (a key or a limit); a few dict lookups."""
+        return (
+            H_IDEMPOTENCY_KEY in headers
+            or self.limit_for(op, action, principal) is not None
+        )
+
+    def limit_for(self, op: str, action: str, principal: Principal | None) -> RateLimit | None:
+        """The limit on this caller for `op.action`: its scopes' (the highest), else the op's."""
+        if self._scope_limits and principal is not None:
+            best: RateLimit | None = None
+            for scope, limit in self._scope_limits.items():
+                if scope in principal.scopes and (best is None or limit.rate > best.rate):
+                    best = limit
+            if best is not None:
+                return best
+        return self.limit_of(op, action)
 
     def limit_of(self, op: str, action: str) -> RateLimit | None:
         """The rate limit of `op.action` (None: unlimited); resolved once per pair."""
@@ -71,7 +96,7 @@ class Admission:
                 `IdempotencyStore.run`.
         """
         subject = principal.subject if principal is not None else None
-        limit = self.limit_of(op, action)
+        limit = self.limit_for(op, action, principal)
         if limit is not None:
             await self._limiter.check(limit, subject, op, action)
         key = headers.get(H_IDEMPOTENCY_KEY)
@@ -95,7 +120,7 @@ def create_admission(settings: Settings, redis: RedisClient) -> Admission | None
     config = settings.resilience
     if not config.enabled:
         return None
-    return Admission(
+    admission = Admission(
         PolicyTable.from_settings(config),
         SharedRateLimiter(redis, timeout_s=config.rate_limit_timeout_ms / 1000),
         IdempotencyStore(
@@ -104,3 +129,8 @@ def create_admission(settings: Settings, redis: RedisClient) -> Admission | None
             lease_ms=config.idempotency_lease_ms,
         ),
     )
+    admission.limit_scopes({
+        scope: RateLimit.of(limit.rate_limit_per_s, limit.rate_limit_burst)
+        for scope, limit in config.scope_limits.items()
+    })
+    return admission

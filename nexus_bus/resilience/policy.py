@@ -79,6 +79,13 @@ def _seed_ops() -> dict[str, PolicySettings]:
     }
 
 
+class ScopeLimit(BaseModel):
+    """A rate limit for tokens holding a scope, on every operation (per subject and op)."""
+
+    rate_limit_per_s: float
+    rate_limit_burst: int = 0
+
+
 class ResilienceSettings(BaseModel):
     """The policy layer of the gateway client and shim (docs/resilience.md).
 
@@ -97,6 +104,9 @@ class ResilienceSettings(BaseModel):
     idempotency_lease_ms: int = 30_000  # a running first execution holds the key this long
     # Rate limits shared through Redis; the per-call timeout before failing open.
     rate_limit_timeout_ms: int = 50
+    # Per token scope (e.g. {"tier:free": {"rate_limit_per_s": 5}}): a token holding one of
+    # these scopes gets its limit on every op instead of the op's (the highest rate wins).
+    scope_limits: dict[str, ScopeLimit] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> ResilienceSettings:
@@ -232,6 +242,12 @@ def problems_of(settings: ResilienceSettings) -> list[str]:
         problems.append("resilience.idempotency_lease_ms: must be positive")
     if not 1 <= settings.rate_limit_timeout_ms <= 10_000:
         problems.append("resilience.rate_limit_timeout_ms: must be 1 to 10000")
+    for scope, limit in settings.scope_limits.items():
+        if not 0 < limit.rate_limit_per_s <= 1e6 or not 0 <= limit.rate_limit_burst <= 1e6:
+            problems.append(
+                f"resilience.scope_limits[{scope!r}]: rate must be above 0 and at most 1e6, "
+                "burst 0 to 1e6"
+            )
     base = _layered(_SEED, settings.defaults)
     own_defaults = set(settings.defaults.model_dump(exclude_none=True))
     problems += _policy_problems("resilience.defaults", base, own_defaults)

@@ -55,6 +55,7 @@ def test_a_bad_policy_fails_start_up_with_one_error_listing_every_problem() -> N
             "defaults": {"attempts": 0, "backoff_base_ms": 5000, "backoff_max_ms": 10},
             "ops": {"Bad Name": {}, "data.put": {"retry_budget_ratio": 3.0}},
             "sync_interval_ms": 1,
+            "scope_limits": {"tier:free": {"rate_limit_per_s": 0}},
         })
     message = str(info.value)
     for problem in (
@@ -63,6 +64,7 @@ def test_a_bad_policy_fails_start_up_with_one_error_listing_every_problem() -> N
         "ops['Bad Name']: name must be",
         "ops['data.put'].retry_budget_ratio: 3.0 is outside 0 to 1",
         "sync_interval_ms",
+        "scope_limits['tier:free']: rate must be above 0",
     ):
         assert problem in message
     assert "data.get" not in message  # an inherited problem is reported once, not per op

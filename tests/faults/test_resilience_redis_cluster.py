@@ -68,8 +68,11 @@ def replica_of(cluster: RedisClusterProcesses, master: ServerProcess) -> ServerP
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_reads_are_served_and_never_older_than_a_completed_write_across_a_failover(
-    nats_url: str, cluster: RedisClusterProcesses, admin_token: str | None, uid: str
+    local_nats: ServerProcess, cluster: RedisClusterProcesses, admin_token: str | None, uid: str
 ) -> None:
+    # A NATS of its own: the session's worker also serves `data`, with the session's Redis as
+    # its cache, and would answer half of these requests from another cache.
+    nats_url = local_nats.url
     url = cluster.url.replace("redis://", "redis+cluster://", 1)
     # Verified tokens stay trusted through the failover (the revocation store may live on the
     # master that dies, and auth fails closed: 503, which would open the op's breaker). This

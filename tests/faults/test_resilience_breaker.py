@@ -21,7 +21,7 @@ from nexus_bus.embedded import ServerProcess
 from nexus_bus.errors import CircuitOpen, NexusError
 from nexus_bus.handlers import builtin_groups
 from nexus_bus.resilience import BreakerState
-from tests.conftest import make_settings
+from tests.conftest import issue_test_token, make_settings
 from tests.integration.http_shim import bearer, poll_until, running_shim
 
 # Open for 1.5 to 3 s (equal jitter): longer than the checks made while it is open, so no
@@ -70,6 +70,15 @@ async def test_breaker_opens_fails_fast_serves_stale_and_closes_after_one_probe(
             stale = await c.post("/v1/data/get", json={"key": cached})
             assert stale.status_code == 200, stale.text
             assert stale.json()["value"] == 7 and int(stale.headers["nexus-stale-age"]) >= 0
+            # No worker checks tokens now: the shim does, before answering from the cache.
+            async with httpx.AsyncClient(base_url=shim.url, timeout=10) as anonymous:
+                denied = await anonymous.post("/v1/data/get", json={"key": cached})
+                assert denied.status_code == 401, denied.text
+                other = bearer(issue_test_token(("stream:read",)))
+                denied = await anonymous.post(
+                    "/v1/data/get", json={"key": cached}, headers=other
+                )
+                assert denied.status_code == 403, denied.text
             missing = await c.post("/v1/data/get", json={"key": uncached})
             assert missing.status_code == 503 and missing.json()["code"] == "circuit_open"
 

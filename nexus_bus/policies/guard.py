@@ -266,13 +266,15 @@ class Guard:
         deadline: float,
     ) -> float | None:
         """How long to wait before retrying a failed attempt; None: do not retry."""
+        if budget is None:
+            return None  # past MAX_GUARDED_OPS names: no retries (and no new metric series)
         has_key = H_IDEMPOTENCY_KEY in headers
         if not is_retryable(code, idempotent=policy.idempotent, has_key=has_key):
             return None
         delay = schedule.delay(attempt, self._clock(), deadline, self._rng)
         if delay is None:
             return None
-        if budget is not None and not budget.withdraw():
+        if not budget.withdraw():
             METRICS.retry_budget_exhausted.labels(op, action).inc()
             return None
         return delay

@@ -1,6 +1,7 @@
 """The HTTP path: our shim → NATS → worker, beside a minimal bridge and a no-NATS HTTP app.
 
     python -m benchmarks.bench_http [--seconds 2] [--rounds 3] [--concurrency 1,16,128] [--servers]
+    python -m benchmarks.bench_http --policies [--seconds 2] ...   # policy layer on vs off
 
 Targets, each measured at each concurrency in the same run:
 
@@ -12,6 +13,9 @@ Targets, each measured at each concurrency in the same run:
   (uvicorn + httptools + uvloop), isolating what the shim adds over the server.
 - `aiohttp raw (no NATS)` / `uvicorn raw (no NATS)`: answering without NATS at all.
 - with `--servers`: the minimal bridge on granian too (how the server was chosen).
+- with `--policies`, instead: the shim and worker with the policy layer on (breaker closed,
+  retry budget, a rate limit that allows everything: one GCRA round trip to Redis per
+  request) beside the same pair with `NEXUS_RESILIENCE__ENABLED=false` (docs/resilience.md).
 
 The load generator (`wrk`, else a Python closed loop) runs on CPU 0; everything under test
 (nats-server, Redis, bridges, shim, workers) on CPU 1, via `taskset`.
@@ -42,6 +46,7 @@ from nexus_bus import Operations, RequestContext
 from nexus_bus.embedded import ServerProcess, free_port, nats_server, redis_server
 
 RAW_PREFIX = "bench.raw"
+OP_PATH = "/v1/bench/echo"
 BODY = b'{"key":"bench-key","n":42}'
 HERE = Path(__file__).resolve().parent.parent
 
@@ -54,6 +59,8 @@ class EchoRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 bench_ops = Operations("bench", description="HTTP benchmark operation.")
+# The same operation under another name, for the policy-layer variant: its own queue group,
+# so the two workers of `--policies` never answer each other's requests.
 
 
 @bench_ops.action("echo")
@@ -209,7 +216,7 @@ def _wait_http(port: int, headers: dict[str, str], procs: list[subprocess.Popen[
                 err = p.stderr.read().decode()[-2000:] if p.stderr else ""
                 raise RuntimeError(f"a benchmark process exited: {p.args}\n{err}")
         req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/bench/echo", data=BODY, headers=headers, method="POST"
+            f"http://127.0.0.1:{port}{OP_PATH}", data=BODY, headers=headers, method="POST"
         )
         try:
             with urllib.request.urlopen(req, timeout=2) as resp:
@@ -229,7 +236,7 @@ def run_wrk(name: str, port: int, conc: int, seconds: float, script: Path) -> Re
     """One wrk run on CPU 0 (one thread: the other CPU belongs to the system under test)."""
     out = subprocess.run(
         [*_pin(0), "wrk", "-t1", f"-c{conc}", f"-d{seconds:g}s", "--latency", "-s", str(script),
-         f"http://127.0.0.1:{port}/v1/bench/echo"],
+         f"http://127.0.0.1:{port}{OP_PATH}"],
         capture_output=True, text=True, check=True,
     ).stdout
     lat = {m.group(1): float(m.group(2)) * _UNIT_MS[m.group(3)] for m in _LAT.finditer(out)}
@@ -246,7 +253,7 @@ async def run_python(
     """The fallback load generator when wrk is absent (slower: it shares CPU 0 only)."""
     import aiohttp
 
-    url = f"http://127.0.0.1:{port}/v1/bench/echo"
+    url = f"http://127.0.0.1:{port}{OP_PATH}"
     limits = aiohttp.TCPConnector(limit=conc)
     async with aiohttp.ClientSession(connector=limits) as session:
 
@@ -278,6 +285,18 @@ NEXUS_ROLES: Final = [
     ("shim", ["-m", "nexus_bus", "shim", "--port", "{port}"]),
 ]
 TRACED_ENV: Final = {"NEXUS_TRACING__OTLP_ENDPOINT": "http://127.0.0.1:{otlp}/v1/traces"}
+
+
+def _policy_targets() -> list[Target]:
+    """The shim and worker with the policy layer on, and with it off (`--policies`), each
+    on a NATS of its own. With a rate limit nobody reaches: its check (a Redis round trip in
+    the worker) runs on every request."""
+    limit = {"NEXUS_RESILIENCE__OPS": '{"bench.echo": {"rate_limit_per_s": 1000000}}'}
+    off = {"NEXUS_RESILIENCE__ENABLED": "false"}
+    return [
+        Target("nexus shim, policies on", NEXUS_ROLES, limit, own_nats=True),
+        Target("nexus shim, policies off", NEXUS_ROLES, off, own_nats=True),
+    ]
 
 
 def _targets(url: str, servers: bool, tracing: bool) -> list[Target]:
@@ -357,7 +376,8 @@ class Bench:
         }
         # Auth on: a token scoped to exactly this operation, verified by the worker.
         token = TokenCodec(Keyring.from_dir(keys)).issue(
-            "bench", frozenset({"bench:echo"}), 3600, now=int(time.time()), jti=uuid.uuid4().hex
+            "bench", frozenset({"bench:echo"}), 3600, now=int(time.time()),
+            jti=uuid.uuid4().hex,
         ).token
         self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
         self.script = tmp / "post.lua"
@@ -512,6 +532,9 @@ def main() -> int:
     parser.add_argument("--servers", action="store_true", help="also granian (server choice)")
     parser.add_argument("--no-tracing", action="store_true", help="skip the traced nexus row")
     parser.add_argument("--serve-otlp", metavar="PORT", type=int)
+    parser.add_argument(
+        "--policies", action="store_true", help="only: the policy layer on vs off, side by side"
+    )
     parser.add_argument("--serve-responder", metavar="NATS_URL")
     parser.add_argument("--serve-aiohttp", nargs="+", metavar=("PORT", "NATS_URL"))
     parser.add_argument("--serve-uvicorn", nargs="+", metavar=("PORT", "NATS_URL"))
@@ -541,7 +564,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp), args.seconds)
         try:
-            targets = _targets(bench.nats_url, args.servers, not args.no_tracing)
+            targets = (
+                _policy_targets()
+                if args.policies
+                else _targets(bench.nats_url, args.servers, not args.no_tracing)
+            )
             results = bench.run_all(targets, levels, args.rounds)
         finally:
             bench.close()

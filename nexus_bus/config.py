@@ -22,6 +22,7 @@ from pydantic_settings import (
 from nexus_bus import stackfile
 from nexus_bus.constants import CACHE_KEY_PREFIX
 from nexus_bus.errors import InvalidRequest
+from nexus_bus.resilience.policy import ResilienceSettings
 
 
 class TLSSettings(BaseModel):
@@ -345,6 +346,7 @@ class Settings(BaseSettings):
     consul: ConsulSettings = Field(default_factory=ConsulSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -16,13 +16,15 @@ from nexus_bus import codec
 from nexus_bus.auth.base import Authenticator, NoAuthentication
 from nexus_bus.config import Settings
 from nexus_bus.constants import H_CONTENT_TYPE, H_IDEMPOTENCY_KEY, T_NATS, UNKNOWN_LABEL
-from nexus_bus.context import RequestContext
+from nexus_bus.context import Principal, RequestContext
 from nexus_bus.errors import InternalError, NexusError, UnknownOperation, UpstreamTimeout
 from nexus_bus.metadata import LazyTrace, deadline_ms, request_id_of
 from nexus_bus.observability import METRICS, bind_request, logger, release
 from nexus_bus.observability.access import access_log_enabled, log_served
 from nexus_bus.observability.tracing import TRACING, SpanKind, mark_error
 from nexus_bus.operations import Operation, Operations
+from nexus_bus.policies.admission import Admission, create_admission
+from nexus_bus.policies.ratelimit import RateLimitExceeded
 from nexus_bus.replies import Reply, error_reply, success_reply
 from nexus_bus.services import Services
 
@@ -62,6 +64,11 @@ class Dispatcher:
         self._enforce_deadline = enforce_deadline
         # Decided once: building an access line costs even when the level drops it.
         self._access_log = access_log_enabled(settings.log)
+        # Rate limits and idempotent replay (docs/resilience.md) on the core request path;
+        # jobs have their own (JetStream dedup and effect records, docs/jobs.md).
+        self._admission: Admission | None = (
+            create_admission(settings, services.redis) if transport == T_NATS else None
+        )
 
     @property
     def ops(self) -> list[str]:
@@ -187,6 +194,36 @@ class Dispatcher:
         operation = self.operation(op, action)
         with TRACING.step("authenticate"):
             principal = await self._auth.authenticate(hdrs, operation)
+        admission = self._admission
+        if admission is not None and admission.applies(op, action, principal, hdrs):
+
+            async def produce() -> Reply:
+                try:
+                    return await self._serve(
+                        operation, hdrs, data, request_id, trace, deadline, attempt, principal
+                    )
+                except NexusError as exc:  # recorded and replayed like a success
+                    return self._fail(op, exc, request_id)
+
+            return await admission.admit(
+                op, action, principal, hdrs, data, request_id, deadline, produce
+            )
+        return await self._serve(
+            operation, hdrs, data, request_id, trace, deadline, attempt, principal
+        )
+
+    async def _serve(
+        self,
+        operation: Operation,
+        hdrs: Mapping[str, str],
+        data: bytes,
+        request_id: str,
+        trace: LazyTrace,
+        deadline: int,
+        attempt: int,
+        principal: Principal | None,
+    ) -> Reply:
+        op, action = operation.op, operation.action
         media = codec.media_type(hdrs.get(H_CONTENT_TYPE))
         with TRACING.step("validate"):
             request = codec.decode(
@@ -232,4 +269,7 @@ class Dispatcher:
         METRICS.count_error(op if op in self._groups else UNKNOWN_LABEL, error.code)
         if error.http_status >= 500:
             logger.warning("{} {}: {}", error.http_status, error.code, error.detail)
-        return error_reply(error, request_id)
+        reply = error_reply(error, request_id)
+        if isinstance(error, RateLimitExceeded):
+            reply.headers.update(error.headers)
+        return reply

@@ -244,9 +244,14 @@ def find_redis_cli() -> str:
 
 @dataclass
 class RedisClusterProcesses:
-    """A Redis Cluster of masters on loopback: the nodes, and `create()` to join them."""
+    """A Redis Cluster on loopback: the nodes, and `start()` to join them.
+
+    With `replicas` > 0, `redis-cli --cluster create` makes the first nodes masters and gives
+    each that many replicas.
+    """
 
     nodes: list[ServerProcess]
+    replicas: int = 0
 
     @property
     def url(self) -> str:
@@ -264,7 +269,8 @@ class RedisClusterProcesses:
         cli = find_redis_cli()
         addresses = [f"{node.host}:{node.port}" for node in self.nodes]
         created = subprocess.run(  # argv is ours: nothing from outside
-            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas),
+             "--cluster-yes"],
             capture_output=True, timeout=timeout_s, check=False,
         )
         if created.returncode != 0:
@@ -272,11 +278,23 @@ class RedisClusterProcesses:
             raise Unavailable(f"redis-cli --cluster create failed: {created.stdout[-2000:]!r}")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(self._state_ok(cli, node) for node in self.nodes):
+            if all(self._state_ok(cli, node) for node in self.nodes) and self._replicas_ok(cli):
                 return self
             time.sleep(0.1)
         self.kill()
         raise Unavailable("redis cluster did not reach cluster_state:ok in time")
+
+    def _replicas_ok(self, cli: str) -> bool:
+        """Whether every replica has joined its master (the cluster is `ok` before that)."""
+        if not self.replicas:
+            return True
+        first = self.nodes[0]
+        table = subprocess.run(  # argv is ours: nothing from outside
+            [cli, "-h", first.host, "-p", str(first.port), "cluster", "nodes"],
+            capture_output=True, timeout=5, check=False,
+        ).stdout
+        joined = sum(1 for line in table.splitlines() if b"slave" in line.split()[2:3][0])
+        return joined == len(self.nodes) - len(self.nodes) // (1 + self.replicas)
 
     @staticmethod
     def _state_ok(cli: str, node: ServerProcess) -> bool:
@@ -305,8 +323,9 @@ def _cluster_port() -> int:
     raise Unavailable("no free port pair for a redis cluster node")
 
 
-def redis_cluster(data_dir: Path, masters: int = 3) -> RedisClusterProcesses:
-    """`masters` cluster-enabled redis-servers under `data_dir` (call `.start()`)."""
+def redis_cluster(data_dir: Path, masters: int = 3, replicas: int = 0) -> RedisClusterProcesses:
+    """`masters` cluster-enabled redis-servers, each with `replicas` replicas, under
+    `data_dir` (call `.start()`)."""
     return RedisClusterProcesses(
         [
             redis_server(
@@ -318,6 +337,7 @@ def redis_cluster(data_dir: Path, masters: int = 3) -> RedisClusterProcesses:
                     "--cluster-node-timeout", "2000",
                 ],
             )
-            for i in range(masters)
-        ]
+            for i in range(masters * (1 + replicas))
+        ],
+        replicas,
     )

@@ -81,6 +81,12 @@ class Conflict(NexusError):
     code, http_status, title = "conflict", 409, "Conflict"
 
 
+class IdempotencyMismatch(NexusError):
+    """An Idempotency-Key reused with a different request (422)."""
+
+    code, http_status, title = "idempotency_mismatch", 422, "Idempotency key mismatch"
+
+
 class RateLimited(NexusError):
     """Too many requests from this client (429)."""
 
@@ -129,6 +135,7 @@ ERRORS_BY_CODE: dict[str, type[NexusError]] = {
         UnknownOperation,
         NotFound,
         Conflict,
+        IdempotencyMismatch,
         RateLimited,
         CircuitOpen,
         NoResponders,

@@ -47,6 +47,9 @@ from nexus_bus.metadata import (
 )
 from nexus_bus.observability import METRICS
 from nexus_bus.observability.tracing import TRACING, SpanKind, mark_error
+from nexus_bus.policies import PolicyLayer, create_policy_layer
+from nexus_bus.policies.fallback import Authorize
+from nexus_bus.redis_client import RedisClient, create_redis
 from nexus_bus.registry import OpsRegistry
 from nexus_bus.replies import Reply, error_of, status_of
 from nexus_bus.schemas.jobs import Job, JobAccepted
@@ -66,9 +69,14 @@ class Gateway:
         owns_connection: bool = False,
         token: str | None = None,
         registry: OpsRegistry | None = None,
+        redis: RedisClient | None = None,
+        authorize: Authorize | None = None,
     ) -> None:
         """Args: registry: the declared operations (default: this gateway's own view of
-        the `nexus_ops` bucket, read only once a request finds no responders)."""
+        the `nexus_ops` bucket, read only once a request finds no responders);
+        redis: shares breaker state and serves stale answers (docs/resilience.md);
+        authorize: checks a token before a stale answer (the shim passes its authorizer).
+        """
         self.nc = nc
         self.settings = settings
         self._limits = settings.limits
@@ -80,6 +88,13 @@ class Gateway:
         self._inbox = Inbox(nc)
         self._owns_registry = registry is None
         self.registry = registry if registry is not None else OpsRegistry(nc, settings)
+        self._owned_redis: RedisClient | None = None
+        # Breakers, retries, stale fallback (docs/resilience.md); None when disabled.
+        self.policies: PolicyLayer | None = create_policy_layer(
+            settings, redis, authorize=authorize
+        )
+        if self.policies is not None:
+            self.policies.guard.transport_up = lambda: self.nc.is_connected
 
     @classmethod
     async def connect(cls, settings: Settings, *, token: str | None = None) -> Self:
@@ -92,12 +107,20 @@ class Gateway:
             Unavailable: NATS cannot be reached.
         """
         nc = await connect_nats(settings.nats, name=f"{settings.service}-gateway")
-        return cls(nc, settings, owns_connection=True, token=token)
+        redis = create_redis(settings.redis) if settings.resilience.enabled else None
+        gateway = cls(nc, settings, owns_connection=True, token=token, redis=redis)
+        gateway._owned_redis = redis
+        return gateway
 
     async def close(self) -> None:
-        """Drain and close the connection, when the gateway opened it."""
+        """Stop the policy layer; drain and close the connections the gateway opened."""
         if self._owns_registry:
             await self.registry.close()
+        if self.policies is not None:
+            await self.policies.close()
+        if self._owned_redis is not None:
+            await self._owned_redis.aclose()
+            self._owned_redis = None
         if not self._owns or self.nc.is_closed:
             return
         try:
@@ -165,7 +188,24 @@ class Gateway:
             NoResponders: no worker serves the op (at once, not after the timeout).
             UpstreamTimeout: no reply within `timeout_s`.
             Unavailable: the NATS connection is closed.
+            CircuitOpen: the op's breaker is open (nothing was published).
         """
+        if self.policies is None:
+            return await self._request_once(op, action, body, headers, timeout_s)
+        client_subject(op, action)  # validated before `op` keys the breakers
+        return await self.policies.call(
+            op,
+            action,
+            body,
+            headers,
+            timeout_s,
+            lambda attempt_s: self._request_once(op, action, body, headers, attempt_s),
+        )
+
+    async def _request_once(
+        self, op: str, action: str, body: bytes, headers: dict[str, str], timeout_s: float
+    ) -> Reply:
+        """One attempt of `request_raw`, without the policy layer (traced when tracing)."""
         if TRACING.enabled:
             return await self._traced_request(op, action, body, headers, timeout_s)
         return await self._request(op, action, body, headers, timeout_s)

@@ -1,11 +1,11 @@
 """`EntryStore` on Redis (single node or Cluster): one Lua script per operation.
 
-An entry is a hash `{r: revision, k: kind, v: value, w: stale window ms}` with a TTL; the
-lease is a string key holding the loader's token. Reads and fills are scripts so that the
-revision compare-and-set, the lease check and the TTL are one atomic step on the server:
-without that, a slow read-through fill could land after a newer write and bring an old
-value back. Entry and lease share a hash tag (see `keys.py`), so the scripts are legal on
-Redis Cluster.
+An entry is a hash `{r: revision, k: kind, v: value, w: stale window ms, t: stored at,
+server ms}` with a TTL; the lease is a string key holding the loader's token. Reads and
+fills are scripts so that the revision compare-and-set, the lease check and the TTL are one
+atomic step on the server: without that, a slow read-through fill could land after a newer
+write and bring an old value back. Entry and lease share a hash tag (see `keys.py`), so the
+scripts are legal on Redis Cluster.
 
 Every redis-py exception, and a call exceeding `timeout_s`, becomes `CacheUnavailable`
 here and nowhere else.
@@ -62,7 +62,11 @@ if cur[1] then
   end
 end
 if stored == 1 then
-  redis.call('HSET', KEYS[1], 'r', ARGV[1], 'k', ARGV[2], 'v', ARGV[3], 'w', ARGV[5])
+  -- 't': when the entry was stored (server ms), so stale-if-error can tell its age.
+  if redis.replicate_commands then redis.replicate_commands() end
+  local now = redis.call('TIME')
+  local t = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('HSET', KEYS[1], 'r', ARGV[1], 'k', ARGV[2], 'v', ARGV[3], 'w', ARGV[5], 't', t)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end
 if ARGV[8] == '1' or (ARGV[6] ~= '' and holder == ARGV[6]) then

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Container, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, MutableMapping
 from typing import Any, Final
 
 from nats.aio.client import Client
@@ -164,7 +164,13 @@ class ShimApp:
             await self._registry.start()
         except NexusError as exc:  # read later, on the first question (docs/registry.md)
             logger.warning("operation registry not readable yet: {}", exc)
-        self._gateway = Gateway(nc, settings, registry=self._registry)
+        # The gateway's policy layer shares breakers through Redis and checks a caller's
+        # token with the shim's authorizer before answering stale (docs/resilience.md).
+        self._gateway = Gateway(
+            nc, settings, registry=self._registry, redis=self._redis, authorize=self._authorize
+        )
+        if self._gateway.policies is not None:
+            self._gateway.policies.start()  # follow the other replicas' breakers from now
         self._tickets = TicketStore(self._redis, settings.http.sse_ticket_ttl_s)
         streams = EventStreams(nc.jetstream(), settings.http)
         self._streams = streams
@@ -216,6 +222,11 @@ class ShimApp:
             HTTP_DOCS: docs,
         }
 
+    async def _authorize(self, headers: Mapping[str, str], op: str, action: str) -> None:
+        if self._authz is None:
+            raise Unavailable("the shim is starting")
+        await self._authz.authorize(headers, op, action)
+
     def begin_drain(self) -> None:
         """Drop readiness and end event streams; in-flight requests carry on."""
         if not self._draining:
@@ -227,6 +238,8 @@ class ShimApp:
     async def shutdown(self) -> None:
         """Close what `startup` opened (after the server has finished in-flight requests)."""
         self.begin_drain()
+        if self._gateway is not None:
+            await self._gateway.close()  # its policy layer; the connections are ours
         if self._registry is not None:
             await self._registry.close()
         if self._redis is not None:

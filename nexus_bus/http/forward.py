@@ -34,6 +34,7 @@ from nexus_bus.http.request import Receive, RequestHead, declared_length, read_b
 from nexus_bus.metadata import is_ascii_digits
 from nexus_bus.observability import METRICS
 from nexus_bus.observability.tracing import TRACING
+from nexus_bus.policies.headers import passed_headers
 
 _UNKNOWN_OPERATION: Final = "unknown_operation"
 CLIENT_CLOSED: Final = 499  # nginx's convention, for metrics and logs only: nobody gets it
@@ -201,6 +202,8 @@ class OperationRoute:
             if status >= 400
             else []
         )
+        if len(reply_headers) > 2:  # a bare success has only status and request id
+            extra_headers += passed_headers(reply_headers)
         served = not (
             status == 404 and reply_headers.get(H_SERVICE_ERROR, "").startswith(_UNKNOWN_OPERATION)
         )

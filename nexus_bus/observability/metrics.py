@@ -22,12 +22,19 @@ from prometheus_client.utils import floatToGoString
 from nexus_bus.constants import (
     M_CACHE_HIT_RATIO,
     M_CACHE_REQUESTS,
+    M_CIRCUIT_REJECTED,
     M_CIRCUIT_STATE,
     M_ERRORS,
     M_EXPIRED,
+    M_IDEMPOTENT_REPLAYS,
     M_INFLIGHT,
     M_NATS_RECONNECTS,
+    M_RATE_LIMITED,
     M_REQUEST_DURATION,
+    M_RETRIES,
+    M_RETRY_BUDGET_EXHAUSTED,
+    M_SHARED_STATE_FAILURES,
+    M_STALE_ANSWERS,
 )
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -147,6 +154,37 @@ class Metrics:
         self.circuit_state = Gauge(
             M_CIRCUIT_STATE, "Circuit breaker state: 0 closed, 1 half-open, 2 open.", ("name",),
             registry=r,
+        )
+
+        # Resilience on the request path (docs/resilience.md).
+        self.retries = Counter(
+            M_RETRIES, "Attempts sent again, by operation and the failure retried.",
+            ("op", "action", "reason"), registry=r,
+        )
+        self.retry_budget_exhausted = Counter(
+            M_RETRY_BUDGET_EXHAUSTED, "Retries not sent because the retry budget was spent.",
+            ("op", "action"), registry=r,
+        )
+        self.circuit_rejected = Counter(
+            M_CIRCUIT_REJECTED, "Calls refused at once by an open circuit breaker.", ("op",),
+            registry=r,
+        )
+        self.stale_answers = Counter(
+            M_STALE_ANSWERS, "Answers served stale from the cache because the operation failed.",
+            ("op", "action"), registry=r,
+        )
+        self.shared_state_failures = Counter(
+            M_SHARED_STATE_FAILURES,
+            "Calls to the shared resilience store (Redis) that failed; each replica then acts "
+            "on its own state.",
+            ("store",), registry=r,
+        )
+        self.idempotent_replays = Counter(
+            M_IDEMPOTENT_REPLAYS, "Requests answered with the replayed first reply of their key.",
+            ("op",), registry=r,
+        )
+        self.rate_limited = Counter(
+            M_RATE_LIMITED, "Requests refused by a rate limit.", ("op",), registry=r,
         )
 
     def observe(

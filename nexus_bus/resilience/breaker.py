@@ -133,6 +133,16 @@ class CircuitBreaker:
                 self._open()
         # Already open: late reports of calls started before it opened change nothing.
 
+    def open_for(self, seconds: float) -> None:
+        """Open now for `seconds`, as another replica decided (shared breaker state).
+
+        Counts no opening of its own: the next failed probe here backs off as usual.
+        """
+        self._failures = 0
+        self._probes.clear()
+        self._open_until = self._clock() + max(0.0, seconds)
+        self._move(BreakerState.OPEN)
+
     def _open(self) -> None:
         self._openings += 1
         self._failures = 0

@@ -12,6 +12,7 @@ import pytest
 from nexus_bus import Gateway, InvalidRequest, NotFound, Settings, Worker
 from nexus_bus.embedded import ServerProcess
 from nexus_bus.handlers import BUILTIN
+from nexus_bus.resilience.policy import PolicyTable
 from nexus_bus.specs import openapi_document
 from tests.conftest import make_settings
 from tests.integration.http_shim import (
@@ -122,7 +123,9 @@ async def test_timeout_budget_is_capped_and_validated(
     huge = await client.post(
         f"/v1/{PROBE_OP}/echo", json={}, headers={"Nexus-Timeout-Ms": "999999999"}
     )
-    assert huge.json()["timeout_ms"] == str(settings.http.max_timeout_ms)
+    # Capped by the shim's maximum, then by the operation's policy (30 s unless configured).
+    policy_ms = int(PolicyTable(settings.resilience).get(PROBE_OP, "echo").timeout_s * 1000)
+    assert huge.json()["timeout_ms"] == str(min(settings.http.max_timeout_ms, policy_ms))
     for bad in ("-5", "abc", "1.5"):
         resp = await client.post(
             f"/v1/{PROBE_OP}/echo", json={}, headers={"Nexus-Timeout-Ms": bad}

@@ -1,0 +1,368 @@
+"""The policy layer of the gateway client: breaker, retries with a budget, stale fallback.
+
+`Gateway.request_raw` hands every call to `Guard.call` with a function that sends one
+attempt. With the breaker closed and no failure, the added work is a few dict lookups and
+two method calls: nothing here touches Redis on the success path. Shared breaker state is
+read and written in the background (`shared.BreakerSync`), stale answers are looked up
+only after a failure (`fallback.StaleAnswers`).
+
+    closed  ──(breaker_failures consecutive failures)──> open ──(reset delay)──> half-open
+      ^                                                   ^                         │
+      └──────────────(the single probe succeeds)──────────┴─────(the probe fails)───┘
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from nexus_bus.constants import H_DEADLINE, H_IDEMPOTENCY_KEY, H_SERVICE_ERROR, H_TIMEOUT_MS
+from nexus_bus.errors import CircuitOpen, NexusError, Unavailable
+from nexus_bus.observability import METRICS
+from nexus_bus.replies import Reply
+from nexus_bus.resilience.backoff import ExponentialBackoff, Jitter
+from nexus_bus.resilience.breaker import BreakerState, CircuitBreaker
+from nexus_bus.resilience.budget import RetryBudget
+from nexus_bus.resilience.policy import OperationPolicy, PolicyTable
+from nexus_bus.resilience.retry import BREAKER_FAILURES, RetrySchedule, is_retryable
+
+Send = Callable[[float], Awaitable[Reply]]
+Clock = Callable[[], float]
+
+# Op names come from clients (any valid token): past this many, new ones go unguarded
+# rather than growing memory and metric series without bound.
+MAX_GUARDED_OPS: Final = 1024
+_UNAVAILABLE: Final = Unavailable.code
+
+
+class Fallback(Protocol):
+    """Answers a failed cacheable call from the cache (see `fallback.StaleAnswers`)."""
+
+    async def answer(
+        self, op: str, action: str, body: bytes, headers: Mapping[str, str], max_age_s: float
+    ) -> Reply | None:
+        """A stale reply no older than `max_age_s`, or None."""
+        ...
+
+
+class BreakerPublisher(Protocol):
+    """Tells the other replicas that a breaker opened or closed (see `shared.BreakerSync`)."""
+
+    def opened(self, op: str, seconds: float) -> None:
+        """The breaker of `op` opened here for `seconds`."""
+        ...
+
+    def closed(self, op: str) -> None:
+        """The breaker of `op` closed here after a successful probe."""
+        ...
+
+
+@dataclass(slots=True)
+class OpGuard:
+    """The breaker of one op (shared by its actions: one queue group serves them all)."""
+
+    op: str
+    breaker: CircuitBreaker
+    remote_open: bool = False  # opened because another replica said so
+
+
+def error_code_of(reply: Reply) -> str:
+    """The stable code of an error reply (`Nats-Service-Error: <code>: <detail>`)."""
+    return reply.headers.get(H_SERVICE_ERROR, "").split(":", 1)[0]
+
+
+class Guard:
+    """Breakers per op, retry budgets per op.action, and the retry loop.
+
+    Args:
+        policies: the resolved policy table.
+        clock: monotonic seconds (breakers, budgets, deadlines).
+        rng: the randomness of backoff jitter.
+        sleep: how to wait between attempts.
+    """
+
+    def __init__(
+        self,
+        policies: PolicyTable,
+        *,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.policies = policies
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._sleep = sleep
+        self._ops: dict[str, OpGuard] = {}
+        self._budgets: dict[tuple[str, str], RetryBudget] = {}
+        self.fallback: Fallback | None = None
+        self.publisher: BreakerPublisher | None = None
+        self.transport_up: Callable[[], bool] = lambda: True  # the gateway's NATS connection
+
+    # -- state ---------------------------------------------------------------------------
+
+    def op_guard(self, op: str) -> OpGuard | None:
+        """The breaker of `op`, created on first use (None past `MAX_GUARDED_OPS`)."""
+        found = self._ops.get(op)
+        if found is not None or len(self._ops) >= MAX_GUARDED_OPS:
+            return found
+        # The breaker is the op's: its settings come from the op's entry (or the defaults).
+        policy = self.policies.get(op, "")
+        reset = ExponentialBackoff(
+            base_s=policy.breaker_reset_s, cap_s=policy.breaker_reset_max_s, jitter=Jitter.EQUAL
+        )
+        label = f"op:{op}"
+
+        def report(state: BreakerState) -> None:
+            METRICS.circuit_state.labels(label).set(state.level)
+
+        breaker = CircuitBreaker(
+            failure_threshold=policy.breaker_failures,
+            reset=reset,
+            half_open_probes=1,
+            # A probe whose caller went away never reports: its slot frees after this.
+            probe_timeout_s=min(max(policy.timeout_s, 1.0), 10.0),
+            clock=self._clock,
+            rng=self._rng,
+            on_change=report,
+        )
+        report(BreakerState.CLOSED)
+        found = self._ops[op] = OpGuard(op, breaker)
+        return found
+
+    def state(self, op: str) -> BreakerState:
+        """The state of `op`'s breaker (closed when it has none)."""
+        found = self._ops.get(op)
+        return found.breaker.state if found is not None else BreakerState.CLOSED
+
+    def known_ops(self) -> list[str]:
+        """Ops that have a breaker in this process."""
+        return list(self._ops)
+
+    def apply_remote(self, op: str, open_for_s: float | None) -> None:
+        """Adopt another replica's decision: open for `open_for_s`, or closed (None)."""
+        guard = self._ops.get(op) if open_for_s is None else self.op_guard(op)
+        if guard is None:
+            return
+        breaker = guard.breaker
+        if open_for_s is None:
+            # Called when the shared entry went away: another replica's probe succeeded.
+            if breaker.state is not BreakerState.CLOSED:
+                guard.remote_open = False
+                breaker.record_success()
+            return
+        state = breaker.state
+        if state is BreakerState.CLOSED or (
+            state is BreakerState.OPEN and open_for_s > breaker.retry_after_s + 0.05
+        ):
+            guard.remote_open = True
+            breaker.open_for(open_for_s)
+
+    def _budget(self, op: str, action: str, policy: OperationPolicy) -> RetryBudget | None:
+        key = (op, action)
+        found = self._budgets.get(key)
+        if found is None and len(self._budgets) < MAX_GUARDED_OPS:
+            found = self._budgets[key] = RetryBudget(
+                ratio=policy.retry_budget_ratio,
+                min_per_s=policy.retry_budget_min_per_s,
+                clock=self._clock,
+            )
+        return found
+
+    # -- the call ------------------------------------------------------------------------
+
+    async def call(
+        self,
+        op: str,
+        action: str,
+        body: bytes,
+        headers: dict[str, str],
+        timeout_s: float,
+        send: Send,
+    ) -> Reply:
+        """Send one request under its policy; return the reply (any status).
+
+        Args:
+            headers: the request headers; `Nexus-Timeout-Ms` is rewritten per attempt.
+            timeout_s: the caller's budget (capped at the policy's `timeout_s`).
+            send: sends one attempt with the given timeout.
+
+        Raises:
+            CircuitOpen: the op's breaker is open and no stale answer can stand in.
+            NexusError: the last attempt's transport failure (see `Gateway.request_raw`).
+        """
+        policy = self.policies.get(op, action)
+        guard = self._ops.get(op) or self.op_guard(op)
+        breaker = guard.breaker if guard is not None else None
+        budget = self._budget(op, action, policy)
+        if budget is not None:
+            budget.deposit()
+        if timeout_s > policy.timeout_s:
+            timeout_s = policy.timeout_s
+            _set_deadline(headers, timeout_s)
+        deadline = self._clock() + timeout_s
+        schedule: RetrySchedule | None = None
+        attempt = 1
+        while True:
+            if breaker is not None and not breaker.allow():
+                return await self._refuse(op, action, body, headers, policy, breaker)
+            reply, failure, code = await self._attempt(headers, deadline, attempt, policy, send)
+            if guard is not None:
+                counted = self._breaker_code(failure, code, guard.breaker)
+                if counted is not None:
+                    self._report(guard, counted)
+            if code not in BREAKER_FAILURES:
+                if failure is not None:
+                    raise failure
+                assert reply is not None
+                return reply
+            schedule = schedule or RetrySchedule.create(
+                policy.attempts, policy.backoff_base_s, policy.backoff_max_s, policy.backoff_factor
+            )
+            delay = self._retry_delay(op, action, code, headers, policy, budget, schedule,
+                                      attempt, deadline)
+            if delay is None:
+                return await self._give_up(op, action, body, headers, policy, failure, reply)
+            METRICS.retries.labels(op, action, code).inc()
+            await self._sleep(delay)
+            attempt += 1
+
+    async def _attempt(
+        self,
+        headers: dict[str, str],
+        deadline: float,
+        attempt: int,
+        policy: OperationPolicy,
+        send: Send,
+    ) -> tuple[Reply | None, NexusError | None, str]:
+        """Send one attempt: its reply or failure, and the failure's code ("" on success)."""
+        remaining = deadline - self._clock()
+        per_try = remaining
+        if policy.attempt_timeout_s and policy.attempt_timeout_s < remaining:
+            per_try = policy.attempt_timeout_s
+        if attempt > 1:
+            headers[H_TIMEOUT_MS] = str(max(1, int(remaining * 1000)))
+        try:
+            reply = await send(per_try)
+        except NexusError as exc:
+            return None, exc, exc.code
+        return reply, None, error_code_of(reply) if reply.status >= 500 else ""
+
+    def _retry_delay(
+        self,
+        op: str,
+        action: str,
+        code: str,
+        headers: Mapping[str, str],
+        policy: OperationPolicy,
+        budget: RetryBudget | None,
+        schedule: RetrySchedule,
+        attempt: int,
+        deadline: float,
+    ) -> float | None:
+        """How long to wait before retrying a failed attempt; None: do not retry."""
+        if budget is None:
+            return None  # past MAX_GUARDED_OPS names: no retries (and no new metric series)
+        has_key = H_IDEMPOTENCY_KEY in headers
+        if not is_retryable(code, idempotent=policy.idempotent, has_key=has_key):
+            return None
+        delay = schedule.delay(attempt, self._clock(), deadline, self._rng)
+        if delay is None:
+            return None
+        if not budget.withdraw():
+            METRICS.retry_budget_exhausted.labels(op, action).inc()
+            return None
+        return delay
+
+    def _breaker_code(
+        self, failure: NexusError | None, code: str, breaker: CircuitBreaker
+    ) -> str | None:
+        """The outcome as the breaker should count it ("" a success, None not at all).
+
+        A lost NATS connection says nothing about the op's workers: only their silence (no
+        responders, timeouts while connected) or their own 503 replies count against them.
+        A probe must always report, though, or the breaker stays half-open until the probe
+        times out: a failed probe is a failure whatever the cause.
+        """
+        if failure is None or not code:
+            return code
+        if code == _UNAVAILABLE or not self.transport_up():
+            return None if breaker.state is BreakerState.CLOSED else code
+        return code
+
+    def _report(self, guard: OpGuard, code: str) -> None:
+        breaker = guard.breaker
+        before = breaker.state
+        if code in BREAKER_FAILURES:
+            breaker.record_failure()
+            if breaker.state is BreakerState.OPEN and before is not BreakerState.OPEN:
+                guard.remote_open = False
+                if self.publisher is not None:
+                    self.publisher.opened(guard.op, breaker.retry_after_s)
+        else:
+            breaker.record_success()
+            if before is not BreakerState.CLOSED and self.publisher is not None:
+                self.publisher.closed(guard.op)
+
+    async def _refuse(
+        self,
+        op: str,
+        action: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        policy: OperationPolicy,
+        breaker: CircuitBreaker,
+    ) -> Reply:
+        stale = await self._stale(op, action, body, headers, policy)
+        if stale is not None:
+            return stale
+        METRICS.circuit_rejected.labels(op).inc()
+        wait = breaker.retry_after_s
+        raise CircuitOpen(
+            f"the circuit of {op} is open; retry in {wait:.1f}s",
+            retry_after=max(1, math.ceil(wait)),
+        )
+
+    async def _give_up(
+        self,
+        op: str,
+        action: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        policy: OperationPolicy,
+        failure: NexusError | None,
+        reply: Reply | None,
+    ) -> Reply:
+        stale = await self._stale(op, action, body, headers, policy)
+        if stale is not None:
+            return stale
+        if failure is not None:
+            raise failure
+        assert reply is not None
+        return reply
+
+    async def _stale(
+        self,
+        op: str,
+        action: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        policy: OperationPolicy,
+    ) -> Reply | None:
+        if not policy.cacheable or self.fallback is None or policy.stale_if_error_s <= 0:
+            return None
+        found = await self.fallback.answer(op, action, body, headers, policy.stale_if_error_s)
+        if found is not None:
+            METRICS.stale_answers.labels(op, action).inc()
+        return found
+
+
+def _set_deadline(headers: dict[str, str], timeout_s: float) -> None:
+    budget_ms = max(1, int(timeout_s * 1000))
+    headers[H_TIMEOUT_MS] = str(budget_ms)
+    headers[H_DEADLINE] = str(int(time.time() * 1000) + budget_ms)

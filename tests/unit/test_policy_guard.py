@@ -1,0 +1,151 @@
+"""The gateway's policy layer with an in-memory `send`, a fake clock and a seeded rng."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from nexus_bus.errors import CircuitOpen, Conflict, NoResponders, Unavailable, UpstreamTimeout
+from nexus_bus.policies.guard import Guard
+from nexus_bus.replies import Reply, error_reply, success_reply
+from nexus_bus.resilience import BreakerState
+from nexus_bus.resilience.policy import PolicyTable, ResilienceSettings
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 50.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+class Script:
+    """Answers attempts from a list: an exception to raise or a reply to return."""
+
+    def __init__(self, *outcomes: Exception | Reply) -> None:
+        self.outcomes = list(outcomes)
+        self.calls: list[float] = []
+
+    async def __call__(self, timeout_s: float) -> Reply:
+        self.calls.append(timeout_s)
+        outcome = self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+
+OK = success_reply(b"{}", "application/json", "rid")
+
+
+def make(**defaults: object) -> tuple[Guard, FakeTime]:
+    clock = FakeTime()
+    base: dict[str, object] = {"retry_budget_min_per_s": 100.0, **defaults}
+    table = PolicyTable(ResilienceSettings(defaults=base))  # type: ignore[arg-type]
+    return Guard(table, clock=clock, rng=random.Random(1), sleep=clock.sleep), clock
+
+
+async def test_retries_no_responders_with_backoff_then_succeeds() -> None:
+    guard, clock = make()
+    send = Script(NoResponders(), NoResponders(), OK)
+    headers: dict[str, str] = {}
+    reply = await guard.call("orders", "create", b"{}", headers, 5.0, send)
+    assert reply is OK and len(send.calls) == 3 and len(clock.slept) == 2
+    assert all(0 <= s <= 1.0 for s in clock.slept)
+    assert "Nexus-Timeout-Ms" in headers  # retries carry the remaining budget
+
+
+async def test_timeouts_are_retried_only_when_safe() -> None:
+    guard, _ = make()
+    send = Script(UpstreamTimeout(), OK)
+    with pytest.raises(UpstreamTimeout):
+        await guard.call("orders", "create", b"{}", {}, 5.0, send)
+    assert len(send.calls) == 1  # not idempotent, no key: never twice
+    send = Script(UpstreamTimeout(), OK)
+    keyed = {"Idempotency-Key": "k1"}
+    assert await guard.call("orders", "create", b"{}", keyed, 5.0, send) is OK
+    send = Script(UpstreamTimeout(), OK)
+    assert await guard.call("data", "get", b"{}", {}, 5.0, send) is OK  # idempotent op
+
+
+async def test_other_errors_and_replies_are_not_retried() -> None:
+    guard, _ = make()
+    send = Script(error_reply(Conflict("x"), "rid"), OK)
+    reply = await guard.call("orders", "create", b"{}", {}, 5.0, send)
+    assert reply.status == 409 and len(send.calls) == 1
+
+
+async def test_retries_never_pass_the_deadline() -> None:
+    guard, clock = make(backoff_base_ms=400, backoff_max_ms=400, attempts=10, breaker_failures=99)
+    send = Script(NoResponders())
+    with pytest.raises(NoResponders):
+        await guard.call("orders", "create", b"{}", {}, 1.0, send)
+    assert clock.now - 50.0 <= 1.0
+    assert 2 <= len(send.calls) < 10
+
+
+async def test_the_budget_caps_retries_at_a_share_of_requests() -> None:
+    guard, _ = make(retry_budget_min_per_s=0.0, retry_budget_ratio=0.2, breaker_failures=1000)
+    sends = []
+    for _ in range(50):
+        send = Script(NoResponders())
+        sends.append(send)
+        with pytest.raises(NoResponders):
+            await guard.call("orders", "create", b"{}", {}, 5.0, send)
+    retries = sum(len(s.calls) - 1 for s in sends)
+    assert 5 <= retries <= 10  # 20% of 50 requests, not 2 x 50
+
+
+async def test_breaker_opens_refuses_without_sending_then_one_probe_closes_it() -> None:
+    guard, clock = make(attempts=1, breaker_failures=3, breaker_reset_ms=1000)
+    dead = Script(NoResponders())
+    for _ in range(3):
+        with pytest.raises(NoResponders):
+            await guard.call("orders", "create", b"{}", {}, 5.0, dead)
+    assert guard.state("orders") is BreakerState.OPEN
+    with pytest.raises(CircuitOpen) as info:
+        await guard.call("orders", "list", b"{}", {}, 5.0, dead)  # the op's breaker
+    assert len(dead.calls) == 3 and info.value.retry_after is not None
+    clock.now += 1.0  # the reset delay (equal jitter: 0.5 to 1 s) has passed
+    back = Script(OK)
+    assert await guard.call("orders", "create", b"{}", {}, 5.0, back) is OK
+    assert len(back.calls) == 1 and guard.state("orders") is BreakerState.CLOSED
+
+
+async def test_remote_decisions_open_and_close_the_local_breaker() -> None:
+    guard, _clock = make()
+    guard.apply_remote("orders", 2.0)
+    assert guard.state("orders") is BreakerState.OPEN
+    with pytest.raises(CircuitOpen):
+        await guard.call("orders", "create", b"{}", {}, 5.0, Script(OK))
+    guard.apply_remote("orders", None)  # another replica's probe succeeded
+    assert guard.state("orders") is BreakerState.CLOSED
+    guard.apply_remote("unknown", None)  # never creates state for a close
+    assert "unknown" not in guard.known_ops()
+
+
+async def test_a_lost_connection_does_not_count_against_the_op_but_a_probe_always_reports(
+) -> None:
+    guard, clock = make(attempts=1, breaker_failures=2, breaker_reset_ms=1000)
+    connected = [False]
+    guard.transport_up = lambda: connected[0]
+    for _ in range(5):
+        with pytest.raises(UpstreamTimeout):
+            await guard.call("orders", "create", b"{}", {}, 5.0, Script(UpstreamTimeout()))
+    assert guard.state("orders") is BreakerState.CLOSED  # NATS was down, not the workers
+    connected[0] = True
+    for _ in range(2):
+        with pytest.raises(NoResponders):
+            await guard.call("orders", "create", b"{}", {}, 5.0, Script(NoResponders()))
+    assert guard.state("orders") is BreakerState.OPEN
+    clock.now += 1.0
+    connected[0] = False
+    with pytest.raises(Unavailable):  # the probe fails on the connection: still reported
+        await guard.call("orders", "create", b"{}", {}, 5.0, Script(Unavailable()))
+    assert guard.state("orders") is BreakerState.OPEN

@@ -8,7 +8,8 @@ RESERVED_OPS: Final = frozenset({"auth", "jobs", "dlq", "events", "sys"})
 BUILTIN_RESERVED_OPS: Final = frozenset({"auth"})  # reserved, but served by nexus-bus itself
 # `$(?!\n)`, not `$`: this pattern is also exported into JSON Schema and OpenAPI, whose regex
 # dialect (ECMA-262) has no `\Z`, and a Python `$` alone matches before a final newline.
-TOKEN_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,63}$(?!\n)"
+TOKEN: Final = r"[a-z][a-z0-9_-]{0,63}"  # one subject token, to build patterns from
+TOKEN_PATTERN: Final = rf"^{TOKEN}$(?!\n)"
 JOBS_PREFIX: Final = "nexus.jobs"
 DLQ_PREFIX: Final = "nexus.dlq"
 EVENTS_PREFIX: Final = "nexus.events"

@@ -17,10 +17,9 @@ from typing import Final
 
 from pydantic import BaseModel, Field, model_validator
 
-from nexus_bus.constants import TOKEN_PATTERN
+from nexus_bus.constants import TOKEN
 
-_TOKEN: Final = TOKEN_PATTERN.strip("^$")
-_NAME: Final = re.compile(rf"^{_TOKEN}(\.{_TOKEN})?$")
+_NAME: Final = re.compile(rf"{TOKEN}(\.{TOKEN})?")
 
 
 class PolicySettings(BaseModel):
@@ -254,7 +253,7 @@ def problems_of(settings: ResilienceSettings) -> list[str]:
     merged = settings.merged_ops()
     for name, configured in merged.items():
         where = f"resilience.ops[{name!r}]"
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             problems.append(f"{where}: name must be `op` or `op.action` (lowercase tokens)")
             continue
         op = name.split(".", 1)[0]

@@ -11,15 +11,17 @@ import contextlib
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 import nats
 from nats.aio.msg import Msg
 
-from nexus_bus import Gateway, Worker
+from nexus_bus import Gateway, Operations, RequestContext, Worker
 from nexus_bus.embedded import ServerProcess
 from nexus_bus.errors import CircuitOpen, NexusError
 from nexus_bus.handlers import builtin_groups
+from nexus_bus.registry import register
 from nexus_bus.resilience import BreakerState
 from tests.conftest import issue_test_token, make_settings
 from tests.integration.http_shim import bearer, poll_until, running_shim
@@ -130,6 +132,16 @@ async def test_each_replica_keeps_its_own_breaker_when_redis_is_down(
     settings = make_settings(local_nats.url, local_redis.url, resilience=POLICY)
     local_redis.kill()
     gw = await Gateway.connect(settings, token=admin_token)
+    # `nobody` is declared (docs/registry.md) by a worker that has stopped: 503, not 404.
+    nobody = Operations("nobody")
+
+    @nobody.action("act")
+    async def act(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        return req
+
+    declared = await register(gw.nc, settings, [nobody])
+    assert declared is not None
+    await declared.stop()
     try:
         for _ in range(3):  # no worker serves `nobody`: no responders, the breaker opens
             with contextlib.suppress(NexusError):

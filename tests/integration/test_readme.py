@@ -210,3 +210,24 @@ def test_every_process_exposes_its_own_metrics(up: UpStack) -> None:
     shim_errors = metric_values(endpoints["shim"], "nexus_error_rate_total")
     assert any("unsupported_media_type" in k for k in shim_errors), shim_errors
 
+
+
+def test_the_compose_preparation_runs_as_written(tmp_path: Path) -> None:
+    """The compose block's own steps, in a copy of compose/; `docker compose` needs a Docker
+    engine (none here): its file is checked by test_monitoring and test_compose_configs."""
+    import shutil
+
+    shutil.copytree(ROOT / "compose", tmp_path / "compose")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "nexus-bus").symlink_to(BIN / "nexus-bus")
+    steps = [line for line in commands_of(readme_blocks()["compose"]) if "docker" not in line]
+    assert len(steps) == 2, steps
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    done = subprocess.run(
+        ["bash", "-ec", "\n".join(steps)], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "compose" / ".env").read_text().startswith("# Copy to compose/.env")
+    keys = tmp_path / "compose" / "secrets" / "keys"
+    assert any(keys.iterdir()), "no signing key was generated"

@@ -2,8 +2,9 @@
 
 `Dispatcher` calls `Admission.admit` after authenticating a core request/reply request, when
 `applies` says it must. A request without `Idempotency-Key` costs no Redis round trip unless
-its limit's lease (`ratelimit.SharedRateLimiter.take`) is spent; when no limit is configured
-at all, `applies` is one header lookup, otherwise one header and one dict lookup.
+its limit's lease (`ratelimit.SharedRateLimiter.take`) is spent, and is admitted by
+`applies` itself when a leased token is there; when no limit is configured at all,
+`applies` is one header lookup, otherwise one header and one dict lookup.
 """
 
 from __future__ import annotations
@@ -57,10 +58,21 @@ class Admission:
     def applies(
         self, op: str, action: str, principal: Principal | None, headers: Mapping[str, str]
     ) -> bool:
-        """Whether this request needs `admit` (a key or a limit); a dict lookup or two."""
+        """Whether `admit` must run for this request (it has a key, or a limit to check).
+
+        A request without a key whose limit has a token leased in this worker is admitted
+        here, spending that token: `admit` has nothing left to do, and the request is served
+        without its coroutine. An op without a limit costs a dict lookup or two.
+        """
         if H_IDEMPOTENCY_KEY in headers:
             return True
-        return self._limited and self.limit_for(op, action, principal) is not None
+        if not self._limited:
+            return False
+        limit = self.limit_for(op, action, principal)
+        if limit is None:
+            return False
+        subject = principal.subject if principal is not None else None
+        return not self._limiter.take(limit, subject, op, action)
 
     def limit_for(self, op: str, action: str, principal: Principal | None) -> RateLimit | None:
         """The limit on this caller for `op.action`: its scopes' (the highest), else the op's."""

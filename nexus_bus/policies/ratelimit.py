@@ -9,7 +9,8 @@ logged once per outage): a limit protects capacity and is not worth an outage.
 Far from the limit, a worker does not ask Redis per request: it reserves a batch of tokens
 in one script call and hands them out itself (`resilience.lease`: at most a tenth of a burst
 extra in any window, never more in the long run; small limits are not leased, so every
-request asks Redis). `take` is that local path; `check` asks Redis, one call at a time per
+request asks Redis). `take` is that local path, and reserves the next batch in the
+background when the current one runs low; `check` asks Redis, one call at a time per
 (subject, op, action) and worker when leasing, the others waiting for its answer.
 
 The per-process `auth.limiter.FailureLimiter` stays what it is: it counts failed
@@ -74,12 +75,21 @@ class SharedRateLimiter:
         self._leases: dict[LeaseKey, QuotaLease] = {}
         self._pending: dict[LeaseKey, asyncio.Future[Decision | None]] = {}
         self._pruned_at = -math.inf
+        self._refills: set[asyncio.Task[None]] = set()  # reservations ahead, referenced
         self.health = StoreHealth("rate_limits")
 
     def take(self, limit: RateLimit, subject: str | None, op: str, action: str) -> bool:
-        """Admit one request from this worker's lease, without Redis; False: call `check`."""
-        lease = self._leases.get((subject, op, action))
-        return lease is not None and lease.limit is limit and lease.take(self._clock())
+        """Admit one request from this worker's lease, without Redis; False: call `check`.
+
+        A lease running low starts reserving its next batch in the background here.
+        """
+        key = (subject, op, action)
+        lease = self._leases.get(key)
+        if lease is None or lease.limit is not limit or not lease.take(self._clock()):
+            return False
+        if lease.low and key not in self._pending:
+            self._reserve_ahead(key, lease)
+        return True
 
     async def check(self, limit: RateLimit, subject: str | None, op: str, action: str) -> None:
         """Admit one request, or refuse it.
@@ -138,7 +148,29 @@ class SharedRateLimiter:
         if outcome is not None and not outcome.allowed:
             raise _exceeded(lease.limit, op, action, outcome)
 
-    async def _call(self, lease: QuotaLease) -> Decision | None:
+    def _reserve_ahead(self, key: LeaseKey, lease: QuotaLease) -> None:
+        """Reserve `lease`'s next batch in a task of its own; requests finding the lease
+        empty meanwhile wait for it, as for any reservation in flight."""
+        lease.refilling()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Decision | None] = loop.create_future()
+        self._pending[key] = done
+        task = loop.create_task(self._refill(key, lease, done))
+        self._refills.add(task)
+        task.add_done_callback(self._refills.discard)
+
+    async def _refill(
+        self, key: LeaseKey, lease: QuotaLease, done: asyncio.Future[Decision | None]
+    ) -> None:
+        outcome: Decision | None = _AGAIN
+        try:
+            # Refused: nothing to do; the request that finds the lease empty gets its 429.
+            outcome = await self._call(lease, spend=False)
+        finally:
+            del self._pending[key]
+            done.set_result(outcome)
+
+    async def _call(self, lease: QuotaLease, *, spend: bool = True) -> Decision | None:
         """One script call: the decision (tokens granted go into `lease`), None: failed open."""
         started = self._clock()
         limit = lease.limit
@@ -153,7 +185,7 @@ class SharedRateLimiter:
         granted = int(raw[0])
         decision = Decision(granted > 0, int(raw[1]), float(raw[2]), float(raw[3]), 0.0, granted)
         if granted:
-            lease.granted(granted, started)
+            lease.granted(granted, started, spend=spend)
         return decision
 
 

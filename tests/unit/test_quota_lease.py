@@ -67,6 +67,23 @@ def test_the_batch_follows_demand_within_its_bounds() -> None:
     assert lease.idle(2.2) and not lease.idle(2.19)
 
 
+def test_a_batch_running_low_is_followed_by_one_reserved_ahead_with_its_own_expiry() -> None:
+    lease = QuotaLease(RateLimit.of(1000, 0), "k")
+    lease.granted(8, 0.0)  # 7 left; low at a quarter of the batch
+    for _ in range(4):
+        assert lease.take(0.01) and not lease.low
+    assert lease.take(0.01) and lease.low and lease.tokens == 2
+    lease.refilling()  # the next batch is on its way: not low again for this batch
+    assert not lease.low
+    lease.granted(20, 0.05, spend=False)
+    assert lease.take(0.06) and lease.take(0.06) and not lease.low and lease.tokens == 0
+    assert lease.take(0.07) and lease.tokens == 19  # the spare batch, taken up
+    assert lease.take(0.149)
+    assert not lease.take(0.151)  # 0.1 s after *its* reservation began: dropped
+    lease.granted(4, 1.0, spend=False)  # ahead, while nothing is left: taken up when needed
+    assert lease.take(1.01) and lease.tokens == 3
+
+
 def test_unleased_limits_always_ask_for_one() -> None:
     lease = QuotaLease(RateLimit.of(4, 4), "k")
     lease.granted(1, 0.0)
@@ -83,6 +100,13 @@ class Shared:
 
     def admit(self, lease: QuotaLease, now_s: float) -> bool:
         if lease.take(now_s):
+            if lease.low:  # the next batch, reserved ahead (at once, here)
+                lease.refilling()
+                self.reservations += 1
+                ahead = decide(self.limit, self.tat, now_s * 1000, lease.want(now_s))
+                if ahead.allowed:
+                    self.tat = ahead.tat_ms
+                    lease.granted(ahead.granted, now_s, spend=False)
             return True
         self.reservations += 1
         decision = decide(self.limit, self.tat, now_s * 1000, lease.want(now_s))

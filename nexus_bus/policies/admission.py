@@ -68,7 +68,12 @@ class Admission:
             return True
         if not self._limited:
             return False
-        limit = self.limit_for(op, action, principal)
+        if self._scope_limits:
+            limit = self.limit_for(op, action, principal)
+        else:  # `limit_of` inline: this runs for every request of every op
+            limit = self._limits.get((op, action), _UNRESOLVED)
+            if limit is _UNRESOLVED:
+                limit = self.limit_of(op, action)
         if limit is None:
             return False
         subject = principal.subject if principal is not None else None

@@ -10,15 +10,16 @@ most `hold_s` before. Grants conform to GCRA(rate, burst), so in any window of l
 most `burst + rate * T` are granted, and the requests admitted in it were granted within
 `T + hold_s`: at most `burst + rate * (T + hold_s)`. `LeasePlan.of` keeps
 `rate * hold_s <= burst / 10`, so the limit is exceeded by at most a tenth of its burst in
-any window, never in the long run, whatever the number of replicas. A limit whose tenth of
-a burst is under two requests is not leased at all (`batch_max == 1`): every request asks
-Redis, exactly as without leasing.
+any window, never in the long run, whatever the number of replicas. A limit with a rate or
+a burst under 20 is not leased at all (`batch_max == 1`): every request asks Redis, exactly
+as without leasing.
 
 The batch follows demand: it starts at one, and each reservation asks for what the current
 batch's spending rate would use in half of `hold_s` (at most four times what it spent and
 `batch_max`), so a batch usually runs out before it expires and little is dropped. When a
-batch is down to a quarter, the next one is reserved ahead (`low`), so requests at a steady
-rate do not wait for the shared store at all.
+batch is half spent, the next one is reserved ahead (`low`): half a batch (a quarter of
+`hold_s` at a steady rate) leaves the call time to come back, so requests at a steady rate
+do not wait for the shared store at all.
 
     lease = QuotaLease(limit, name)
     if lease.take(now):
@@ -80,7 +81,7 @@ class QuotaLease:
         name: the shared limit's key (opaque here).
 
     Attributes:
-        low: the tokens being spent are down to a quarter of their batch and nothing is on
+        low: the tokens being spent are down to half their batch and nothing is on
             its way: time to reserve the next batch ahead (`refilling`, then `granted` with
             `spend=False`).
     """
@@ -167,5 +168,5 @@ class QuotaLease:
         self._expires = expires
         self._started = now
         self._used = 0
-        self._low_water = (tokens + 1) // 4 if self.plan.batch_max > 1 else -1
+        self._low_water = (tokens + 1) // 2 if self.plan.batch_max > 1 else -1
         self.low = False

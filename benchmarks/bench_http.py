@@ -14,8 +14,10 @@ Targets, each measured at each concurrency in the same run:
 - `aiohttp raw (no NATS)` / `uvicorn raw (no NATS)`: answering without NATS at all.
 - with `--servers`: the minimal bridge on granian too (how the server was chosen).
 - with `--policies`, instead: the shim and worker with the policy layer on (breaker closed,
-  retry budget, a rate limit that allows everything: one GCRA round trip to Redis per
-  request) beside the same pair with `NEXUS_RESILIENCE__ENABLED=false` (docs/resilience.md).
+  retry budget, a rate limit of 1,000,000/s that allows everything: checked on every request,
+  from batches of tokens the worker leases from the shared GCRA) beside the same pair with
+  `NEXUS_RESILIENCE__ENABLED=false`, and a pair with the layer on but no limit
+  (docs/resilience.md).
 
 The load generator (`wrk`, else a Python closed loop) runs on CPU 0; everything under test
 (nats-server, Redis, bridges, shim, workers) on CPU 1, via `taskset`.
@@ -289,13 +291,15 @@ TRACED_ENV: Final = {"NEXUS_TRACING__OTLP_ENDPOINT": "http://127.0.0.1:{otlp}/v1
 
 def _policy_targets() -> list[Target]:
     """The shim and worker with the policy layer on, and with it off (`--policies`), each
-    on a NATS of its own. With a rate limit nobody reaches: its check (a Redis round trip in
-    the worker) runs on every request."""
+    on a NATS of its own. With a rate limit nobody reaches: its check runs on every request
+    (in the worker, from leased tokens; a script call in Redis per batch). A third pair has
+    the layer on without the limit, which tells the gateway's share from the limit's."""
     limit = {"NEXUS_RESILIENCE__OPS": '{"bench.echo": {"rate_limit_per_s": 1000000}}'}
     off = {"NEXUS_RESILIENCE__ENABLED": "false"}
     return [
         Target("nexus shim, policies on", NEXUS_ROLES, limit, own_nats=True),
         Target("nexus shim, policies off", NEXUS_ROLES, off, own_nats=True),
+        Target("policies on, no limit", NEXUS_ROLES, {}, own_nats=True),
     ]
 
 

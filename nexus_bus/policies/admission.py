@@ -1,13 +1,16 @@
 """The worker's side of the policy layer: rate limits and idempotent replay, per request.
 
-`Dispatcher` calls `Admission.admit` after authenticating a core request/reply request. An
-op without a rate limit and a request without `Idempotency-Key` cost two dict lookups here
-and no Redis round trip.
+`Dispatcher` calls `Admission.admit` after authenticating a core request/reply request, when
+`applies` says it must. A request without `Idempotency-Key` costs no Redis round trip unless
+its limit's lease (`ratelimit.SharedRateLimiter.take`) is spent, and is admitted by
+`applies` itself when a leased token is there; when no limit is configured at all,
+`applies` is one header lookup, otherwise one header and one dict lookup.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Final
 
 from nexus_bus.config import Settings
 from nexus_bus.constants import H_CONTENT_TYPE, H_IDEMPOTENCY_KEY
@@ -18,6 +21,8 @@ from nexus_bus.redis_client import RedisClient
 from nexus_bus.replies import Reply
 from nexus_bus.resilience.gcra import RateLimit
 from nexus_bus.resilience.policy import PolicyTable
+
+_UNRESOLVED: Final = RateLimit(0.0, 0)  # `limit_of` has not looked this pair up yet
 
 
 class Admission:
@@ -40,19 +45,39 @@ class Admission:
         self._idempotency = idempotency
         self._limits: dict[tuple[str, str], RateLimit | None] = {}
         self._scope_limits: dict[str, RateLimit] = {}
+        # Whether any op may have a limit: the default policy's, or an entry's.
+        self._limited = any(
+            policy.rate_limit_per_s > 0 for policy in policies.named().values()
+        )
 
     def limit_scopes(self, limits: dict[str, RateLimit]) -> None:
         """Set the limits of tokens holding these scopes (on every op)."""
         self._scope_limits = dict(limits)
+        self._limited = self._limited or bool(limits)
 
     def applies(
         self, op: str, action: str, principal: Principal | None, headers: Mapping[str, str]
     ) -> bool:
-        """Whether this request needs `admit` (a key or a limit); a few dict lookups."""
-        return (
-            H_IDEMPOTENCY_KEY in headers
-            or self.limit_for(op, action, principal) is not None
-        )
+        """Whether `admit` must run for this request (it has a key, or a limit to check).
+
+        A request without a key whose limit has a token leased in this worker is admitted
+        here, spending that token: `admit` has nothing left to do, and the request is served
+        without its coroutine. An op without a limit costs a dict lookup or two.
+        """
+        if H_IDEMPOTENCY_KEY in headers:
+            return True
+        if not self._limited:
+            return False
+        if self._scope_limits:
+            limit = self.limit_for(op, action, principal)
+        else:  # `limit_of` inline: this runs for every request of every op
+            limit = self._limits.get((op, action), _UNRESOLVED)
+            if limit is _UNRESOLVED:
+                limit = self.limit_of(op, action)
+        if limit is None:
+            return False
+        subject = principal.subject if principal is not None else None
+        return not self._limiter.take(limit, subject, op, action)
 
     def limit_for(self, op: str, action: str, principal: Principal | None) -> RateLimit | None:
         """The limit on this caller for `op.action`: its scopes' (the highest), else the op's."""
@@ -68,8 +93,9 @@ class Admission:
     def limit_of(self, op: str, action: str) -> RateLimit | None:
         """The rate limit of `op.action` (None: unlimited); resolved once per pair."""
         key = (op, action)
-        if key in self._limits:
-            return self._limits[key]
+        found = self._limits.get(key, _UNRESOLVED)
+        if found is not _UNRESOLVED:
+            return found
         policy = self._policies.get(op, action)
         found = None
         if policy.rate_limit_per_s > 0:
@@ -97,8 +123,8 @@ class Admission:
         """
         subject = principal.subject if principal is not None else None
         limit = self.limit_for(op, action, principal)
-        if limit is not None:
-            await self._limiter.check(limit, subject, op, action)
+        if limit is not None and not self._limiter.take(limit, subject, op, action):
+            await self._limiter.check(limit, subject, op, action)  # the lease is spent
         key = headers.get(H_IDEMPOTENCY_KEY)
         if key is None:
             return await produce()

@@ -1,8 +1,9 @@
 """The policy layer of the gateway client: breaker, retries with a budget, stale fallback.
 
 `Gateway.request_raw` hands every call to `Guard.call` with a function that sends one
-attempt. With the breaker closed and no failure, the added work is a few dict lookups and
-two method calls: nothing here touches Redis on the success path. Shared breaker state is
+attempt. With the breaker closed and no failure, the added work is one dict lookup (the
+`Route` of the op.action), a budget deposit, a clock read and the breaker's failure count
+cleared (about 1 µs): nothing here touches Redis on the success path. Shared breaker state is
 read and written in the background (`shared.BreakerSync`), stale answers are looked up
 only after a failure (`fallback.StaleAnswers`).
 
@@ -71,6 +72,18 @@ class OpGuard:
     remote_open: bool = False  # opened because another replica said so
 
 
+@dataclass(slots=True)
+class Route:
+    """What a call of one op.action needs, looked up once: policy, breaker, retry budget."""
+
+    policy: OperationPolicy
+    guard: OpGuard | None  # None past `MAX_GUARDED_OPS` ops
+    budget: RetryBudget | None  # None past `MAX_GUARDED_OPS` pairs: no retries
+
+
+Outcome = tuple[Reply | None, NexusError | None, str]  # reply, failure, failure code
+
+
 def error_code_of(reply: Reply) -> str:
     """The stable code of an error reply (`Nats-Service-Error: <code>: <detail>`)."""
     return reply.headers.get(H_SERVICE_ERROR, "").split(":", 1)[0]
@@ -100,6 +113,7 @@ class Guard:
         self._sleep = sleep
         self._ops: dict[str, OpGuard] = {}
         self._budgets: dict[tuple[str, str], RetryBudget] = {}
+        self._routes: dict[tuple[str, str], Route] = {}  # bounded like `_budgets`
         self.fallback: Fallback | None = None
         self.publisher: BreakerPublisher | None = None
         self.transport_up: Callable[[], bool] = lambda: True  # the gateway's NATS connection
@@ -163,6 +177,14 @@ class Guard:
             guard.remote_open = True
             breaker.open_for(open_for_s)
 
+    def _route(self, op: str, action: str) -> Route:
+        """The route of `op.action`, kept when its budget could be (a bounded set)."""
+        policy = self.policies.get(op, action)
+        route = Route(policy, self.op_guard(op), self._budget(op, action, policy))
+        if route.budget is not None:
+            self._routes[(op, action)] = route
+        return route
+
     def _budget(self, op: str, action: str, policy: OperationPolicy) -> RetryBudget | None:
         key = (op, action)
         found = self._budgets.get(key)
@@ -196,22 +218,59 @@ class Guard:
             CircuitOpen: the op's breaker is open and no stale answer can stand in.
             NexusError: the last attempt's transport failure (see `Gateway.request_raw`).
         """
-        policy = self.policies.get(op, action)
-        guard = self._ops.get(op) or self.op_guard(op)
-        breaker = guard.breaker if guard is not None else None
-        budget = self._budget(op, action, policy)
-        if budget is not None:
-            budget.deposit()
+        route = self._routes.get((op, action)) or self._route(op, action)
+        policy = route.policy
+        if route.budget is not None:
+            route.budget.deposit()
         if timeout_s > policy.timeout_s:
             timeout_s = policy.timeout_s
             _set_deadline(headers, timeout_s)
         deadline = self._clock() + timeout_s
+        guard = route.guard
+        if guard is not None and not guard.breaker.closed:
+            return await self._attempts(route, op, action, body, headers, deadline, send, None)
+        # The common case, inline: a closed breaker lets the first attempt through (what
+        # `allow()` would say), and a success only clears its failure count.
+        per_try = policy.attempt_timeout_s
+        try:
+            reply = await send(per_try if 0 < per_try < timeout_s else timeout_s)
+        except NexusError as exc:
+            first: Outcome = (None, exc, exc.code)
+        else:
+            if reply.status < 500:
+                if guard is not None:
+                    if guard.breaker.closed:
+                        guard.breaker.record_success()
+                    else:  # opened while this attempt was out: it closes, as `_report` says
+                        self._report(guard, "")
+                return reply
+            first = (reply, None, error_code_of(reply))
+        return await self._attempts(route, op, action, body, headers, deadline, send, first)
+
+    async def _attempts(
+        self,
+        route: Route,
+        op: str,
+        action: str,
+        body: bytes,
+        headers: dict[str, str],
+        deadline: float,
+        send: Send,
+        first: Outcome | None,
+    ) -> Reply:
+        """The retry loop; `first`: the outcome of a first attempt already sent."""
+        policy, guard, budget = route.policy, route.guard, route.budget
+        breaker = guard.breaker if guard is not None else None
         schedule: RetrySchedule | None = None
         attempt = 1
+        outcome = first
         while True:
-            if breaker is not None and not breaker.allow():
-                return await self._refuse(op, action, body, headers, policy, breaker)
-            reply, failure, code = await self._attempt(headers, deadline, attempt, policy, send)
+            if outcome is None:
+                if breaker is not None and not breaker.allow():
+                    return await self._refuse(op, action, body, headers, policy, breaker)
+                outcome = await self._attempt(headers, deadline, attempt, policy, send)
+            reply, failure, code = outcome
+            outcome = None
             if guard is not None:
                 counted = self._breaker_code(failure, code, guard.breaker)
                 if counted is not None:

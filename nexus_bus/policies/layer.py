@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from nexus_bus.config import Settings
 from nexus_bus.policies.fallback import Authorize, StaleAnswers
 from nexus_bus.policies.guard import Guard, Send
@@ -26,7 +28,7 @@ class PolicyLayer:
         if sync is not None:
             guard.publisher = sync
 
-    async def call(
+    def call(
         self,
         op: str,
         action: str,
@@ -34,11 +36,14 @@ class PolicyLayer:
         headers: dict[str, str],
         timeout_s: float,
         send: Send,
-    ) -> Reply:
-        """See `Guard.call`."""
+    ) -> Awaitable[Reply]:
+        """See `Guard.call` (whose coroutine this returns: no frame of its own per call).
+
+        Call it from a coroutine: the first call starts the sync in the running loop.
+        """
         if not self._started:
             self.start()  # needs the running loop, which the constructor may not have
-        return await self.guard.call(op, action, body, headers, timeout_s, send)
+        return self.guard.call(op, action, body, headers, timeout_s, send)
 
     def start(self) -> None:
         """Start following the shared state now (a shim does, at start-up; a Python

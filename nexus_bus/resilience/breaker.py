@@ -58,6 +58,10 @@ class CircuitBreaker:
         clock: monotonic seconds.
         rng: randomness for the reset jitter.
         on_change: called with the new state on every transition (e.g. to set a gauge).
+
+    Attributes:
+        closed: whether the state is closed, as a plain attribute (a caller's fast path
+            reads it instead of `state` or `allow()`; closed always allows).
     """
 
     def __init__(
@@ -81,6 +85,9 @@ class CircuitBreaker:
         self._rng = rng or random.Random()
         self._on_change = on_change
         self._state = BreakerState.CLOSED
+        # `state is CLOSED` as a plain attribute, for callers' fast paths: only `_move`
+        # enters or leaves closed (open → half-open happens lazily, on reading `state`).
+        self.closed = True
         self._failures = 0
         self._openings = 0  # consecutive openings without a success in between
         self._open_until = 0.0
@@ -154,5 +161,6 @@ class CircuitBreaker:
         if state is self._state:
             return
         self._state = state
+        self.closed = state is BreakerState.CLOSED
         if self._on_change is not None:
             self._on_change(state)

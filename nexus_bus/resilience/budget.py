@@ -55,7 +55,8 @@ class RetryBudget:
 
     def deposit(self) -> None:
         """Count one request (a first attempt): it earns `ratio` of a retry."""
-        self._balance = min(self._cap, self._balance + self._ratio)
+        balance = self._balance + self._ratio  # per request: no `min` call
+        self._balance = balance if balance < self._cap else self._cap
 
     def withdraw(self) -> bool:
         """Spend one retry; False (and nothing spent) when the budget cannot pay for it."""

@@ -52,3 +52,20 @@ def test_records_are_scoped_and_fingerprints_tell_bodies_apart() -> None:
     assert fingerprint(None, b"{}") == fingerprint("", b"{}")
     assert fingerprint(None, b"{}") != fingerprint("application/msgpack", b"{}")
     assert fingerprint(None, b'{"a":1}') != fingerprint(None, b'{"a":2}')
+
+
+def test_gcra_grants_as_many_as_fit_like_requests_at_the_same_instant() -> None:
+    limit = RateLimit.of(4.0, 0)
+    batch = decide(limit, None, 10_000.0, want=3)
+    assert batch.allowed and batch.granted == 3 and batch.remaining == 1
+    assert batch.tat_ms == 10_000.0 + 3 * 250
+    one_by_one: float | None = None
+    for _ in range(3):
+        one_by_one = decide(limit, one_by_one, 10_000.0).tat_ms
+    assert one_by_one == batch.tat_ms  # the same state as three single requests
+    partial = decide(limit, batch.tat_ms, 10_000.0, want=5)
+    assert partial.allowed and partial.granted == 1 and partial.remaining == 0
+    refused = decide(limit, partial.tat_ms, 10_000.0, want=5)
+    assert not refused.allowed and refused.granted == 0
+    assert refused.retry_after_ms == pytest.approx(250)
+    assert decide(RateLimit.of(3.0, 0), None, 0.0, want=9).granted == 3  # inexact interval

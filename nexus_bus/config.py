@@ -57,6 +57,8 @@ class NatsSettings(BaseModel):
     # Bounded so that a long outage cannot replay minutes of stale requests (TRAPS.md).
     pending_size_bytes: int = Field(2 * 1024 * 1024, gt=0)
     inbox_prefix: str = "_INBOX"
+    # Opt-in speedups over nats-py internals, per connection (nexus_bus/bus/_speedups).
+    speedups: bool = False
 
     @property
     def servers(self) -> list[str]:
@@ -225,7 +227,9 @@ class HttpSettings(BaseModel):
     port: int = Field(8080, ge=0, le=65535)
     backlog: int = Field(2048, ge=1)
     max_header_bytes: int = Field(16 * 1024, ge=1024)  # request line + headers; over: 431
-    read_timeout_s: float = Field(10.0, gt=0)  # headers and body must arrive within this
+    read_timeout_s: float = Field(10.0, gt=0)  # a body must arrive within this (else 408)
+    # Connections and requests at once; beyond, uvicorn answers 503 (`limit_concurrency`).
+    max_connections: int = Field(2048, ge=1)
     # Idle keep-alive; above NGINX's upstream `keepalive_timeout` (60 s) so NGINX always
     # closes first and never writes a request onto a connection the shim is closing.
     keep_alive_s: float = Field(75.0, gt=0)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import nats.errors
@@ -22,10 +22,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from nexus_bus import lanes, nats_headers, nats_parser
 from nexus_bus.auth import Authenticator, create_authenticator
 from nexus_bus.config import Settings
-from nexus_bus.connection import broker_options, flush_subscriptions
+from nexus_bus.connection import broker_options, flush_subscriptions, install_speedups
 from nexus_bus.constants import H_REQUEST_ID, T_NATS
 from nexus_bus.discovery import WorkerDiscovery
 from nexus_bus.dispatch import Dispatcher, Expired
@@ -68,7 +67,6 @@ class Worker:
         self._tasks: dict[asyncio.Task[None], tuple[str, int]] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._subscriptions: list[Subscription] = []
-        self._lanes: list[lanes.Lane[tuple[str, int]]] = []
         self.lost = asyncio.Event()  # set when the NATS connection is closed for good
         self._draining = False
         self.broker: NatsBroker | None = None
@@ -93,7 +91,7 @@ class Worker:
     @property
     def inflight(self) -> int:
         """Requests being handled now (that are waiting on something)."""
-        return len(self._tasks) + sum(len(lane.waiting) for lane in self._lanes)
+        return len(self._tasks)
 
     async def start(self) -> None:
         """Connect, create streams and buckets, and start serving every op.
@@ -129,7 +127,7 @@ class Worker:
             url = self.settings.nats.url
             raise Unavailable(f"cannot connect to NATS at {url}: {exc!r}") from exc
         self.broker = broker
-        nats_parser.install(self.nc)  # the same messages, read with less CPU (nats_parser.py)
+        install_speedups(self.nc, self.settings.nats)  # opt-in, off by default
         self.services = await create_services(self.nc, self.settings)
         if self._authenticator is None:
             # Workers are the auth boundary (NATS clients reach them directly): unless given
@@ -170,7 +168,12 @@ class Worker:
             # (docs/runtime.md): the same admission on the broker's own connection, without
             # FastStream's per-message pipeline, which halves throughput.
             for group in self.groups:
-                await self._serve_lane(group.op)
+                sub = await self.nc.subscribe(
+                    operation_wildcard(group.op),
+                    queue=queue_group(group.op),
+                    cb=self._admitter(group.op),
+                )
+                self._subscriptions.append(sub)
             await flush_subscriptions(self.nc)  # requests reach us from now
         if self.discovery is not None:
             await self.discovery.start(self.nc)  # registers in the background
@@ -186,31 +189,9 @@ class Worker:
             return "the deadline reaper stopped"
         return None
 
-    async def _serve_lane(self, op: str) -> None:
-        """Subscribe to `op` and serve it in a lane (no task per request that never waits)."""
-        subject, queue = operation_wildcard(op), queue_group(op)
-        sub = await self.nc.subscribe(subject, queue=queue)
-        if not lanes.supported(sub):  # a nats-py without the queue a lane reads
-            await sub.unsubscribe()
-            sub = await self.nc.subscribe(subject, queue=queue, cb=self._admitter(op))
-            self._subscriptions.append(sub)
-            return
-
-        def start(msg: Msg) -> tuple[Coroutine[Any, Any, None], tuple[str, int]]:
-            deadline = self._deadline_of(msg)
-            return self._serve(op, msg, deadline), (op, deadline)
-
-        lane = lanes.Lane(sub, start, concurrency=self.settings.worker.concurrency)
-        lane.start()
-        self._subscriptions.append(sub)
-        self._lanes.append(lane)
-
     def _in_flight(self) -> list[tuple[asyncio.Task[None], tuple[str, int]]]:
         """Requests being served that are waiting (the others finish without yielding)."""
-        found = list(self._tasks.items())
-        for lane in self._lanes:
-            found.extend(lane.waiting.items())
-        return found
+        return list(self._tasks.items())
 
     def _deadline_of(self, msg: Msg) -> int:
         """When a request received now must be answered by (epoch ms), counted from receipt."""
@@ -256,9 +237,7 @@ class Worker:
         if reply_to:
             result = self._fit(op, result)
             try:
-                await nats_headers.publish(
-                    self.nc, reply_to, result.body, headers=result.headers
-                )
+                await self.nc.publish(reply_to, result.body, headers=result.headers)
             except Exception as exc:
                 logger.warning("could not send reply: {}", exc)
 
@@ -311,9 +290,6 @@ class Worker:
             except (TimeoutError, nats.errors.Error):
                 with contextlib.suppress(nats.errors.Error):
                     await subscription.unsubscribe()
-        for lane in self._lanes:
-            for msg in lane.stop():
-                await self._refuse(msg)
         assert self.broker is not None
         for subscriber in self.broker.subscribers:
             await subscriber.stop()

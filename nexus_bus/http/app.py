@@ -118,7 +118,7 @@ class ShimApp:
         self._retry_after = settings.http.retry_after_s
         self._proxies = TrustedProxies(settings.http.trusted_proxies)
         self._draining = False
-        self._read_timeout_s: float | None = settings.http.read_timeout_s
+        self._read_timeout_s = settings.http.read_timeout_s  # for a whole body (408)
         self._access_log = access_log_enabled(settings.log)
         self.nc: Client | None = None
         self._redis: RedisClient | None = None
@@ -132,10 +132,6 @@ class ShimApp:
         self._tickets: TicketStore | None = None
         self._catalog = Catalog(self._groups)
         self._simple: dict[str, Callable[[str, RequestHead], Awaitable[Answer]]] = {}
-
-    def server_enforces_read_timeout(self) -> None:
-        """Tell the app its server times out slow requests itself (ours does): no app timer."""
-        self._read_timeout_s = None
 
     @property
     def ops(self) -> list[str]:

@@ -22,6 +22,7 @@ from nexus_bus.replies import problem_of
 
 if TYPE_CHECKING:
     from nexus_bus.stack import Stack
+    from nexus_bus.worker import Worker
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -83,12 +84,26 @@ def start_observability(settings: Settings, name: str) -> None:
     configure_tracing(settings.tracing, name, instance=instance, version=version("nexus-bus"))
 
 
-def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    """Serve operations until SIGTERM."""
+def create_worker(
+    settings: Settings | None = None, ops: str | None = None, apps: Sequence[str] = ()
+) -> Worker:
+    """A worker for `ops` (default: `worker.ops`, else every built-in) and the user groups
+    in `apps`, its process named in logs and traces; `create_worker().app` is its FastStream
+    application (`nexus_bus.worker_app`).
+
+    Raises:
+        ConfigError: the settings are invalid.
+    """
     from nexus_bus.worker import Worker
 
-    ops = args.ops or ",".join(settings.worker.ops) or None
+    settings = settings or load_settings()
+    ops = ops or ",".join(settings.worker.ops) or None
     start_observability(settings, process_name(settings, "worker", ops))
+    return Worker(settings, load_groups(ops, apps))
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """Serve operations until SIGTERM (the worker's FastStream app; `Worker.run`)."""
     if settings.worker.metrics_port:
         from prometheus_client import start_http_server
 
@@ -98,7 +113,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             port = settings.worker.metrics_port
             print(f"error: worker.metrics_port {port}: {exc.strerror}", file=sys.stderr)
             return 2
-    worker = Worker(settings, load_groups(ops, args.app))
+    worker = create_worker(settings, args.ops, args.app)
     _run_async(worker.run())
     return 0
 

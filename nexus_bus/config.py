@@ -152,9 +152,6 @@ class WorkerSettings(BaseModel):
     clock_skew_ms: int = Field(250, ge=0)
     default_timeout_ms: int = Field(5_000, gt=0)
     metrics_port: int = Field(0, ge=0, le=65535)  # 0: no /metrics endpoint of its own
-    # Route core requests through FastStream subscribers (its middlewares and context) instead
-    # of the fast path on the same connection; measured at about half the throughput.
-    faststream_subscribers: bool = False
     metrics_host: str = "127.0.0.1"
     micro: bool = True  # answer the NATS micro protocol ($SRV.PING|INFO|STATS; docs/discovery.md)
 

@@ -21,7 +21,7 @@ from pydantic_settings import (
 
 from nexus_bus import stackfile
 from nexus_bus.constants import CACHE_KEY_PREFIX
-from nexus_bus.errors import InvalidRequest
+from nexus_bus.errors import ConfigError as ConfigError  # re-exported: its home was here
 from nexus_bus.resilience.policy import ResilienceSettings
 
 
@@ -364,12 +364,6 @@ class Settings(BaseSettings):
         if toml_path:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
         return tuple(sources)
-
-
-class ConfigError(InvalidRequest):
-    """The configuration is invalid; the message lists every problem at once."""
-
-    code, title = "invalid_config", "Invalid configuration"
 
 
 def load_settings(*, discover: bool = True, **overrides: object) -> Settings:

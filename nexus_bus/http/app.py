@@ -36,6 +36,7 @@ from nexus_bus.gateway import Gateway
 from nexus_bus.http.authz import ShimAuthorizer, create_shim_authorizer, credentials
 from nexus_bus.http.catalog import Catalog, ops_answer
 from nexus_bus.http.client_ip import TrustedProxies
+from nexus_bus.http.errors import map_http_error
 from nexus_bus.http.forward import CLIENT_CLOSED, OperationRoute, bus_headers
 from nexus_bus.http.jobs import JobRoutes
 from nexus_bus.http.probes import Probes
@@ -323,11 +324,13 @@ class ShimApp:
                 closing = Unavailable("the server is shutting down; retry elsewhere")
                 await self._send(send, self._problem(closing, request_id, head), request_id)
             raise
-        except NexusError as exc:
-            answer = self._problem(exc, request_id, head)
-        except Exception:
-            logger.opt(exception=True).error("unexpected error; request id {}", request_id)
-            error = InternalError(f"internal error; request id {request_id}")
+        except Exception as exc:  # the one handler: everything through the HTTP mapping
+            error = map_http_error(exc)
+            if isinstance(error, ClientGone):
+                return CLIENT_CLOSED
+            if isinstance(error, InternalError) and error is not exc:
+                logger.opt(exception=True).error("unexpected error; request id {}", request_id)
+                error = InternalError(f"internal error; request id {request_id}")
             answer = self._problem(error, request_id, head)
         await self._send(send, answer, request_id)
         return answer.status

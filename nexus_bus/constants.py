@@ -67,6 +67,7 @@ UNKNOWN_LABEL: Final = "_other"
 T_NATS: Final = "nats"
 T_CLIENT: Final = "client"
 T_HTTP: Final = "http"
+T_TEST: Final = "test"  # nexus_bus.testing's in-memory harness
 
 PROBLEM_TYPE_BASE: Final = "https://nexus-bus.dev/problems/"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import os
 import signal
 import socket
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from nexus_bus.apps import load_groups
 from nexus_bus.config import ConfigError, Settings, load_settings
 from nexus_bus.errors import NexusError
 from nexus_bus.observability import configure_logging
@@ -37,32 +37,6 @@ def _run_async(coro: Any) -> Any:
         return uvloop.run(coro)
     except ImportError:
         return asyncio.run(coro)
-
-
-def load_groups(ops: str | None, apps: Sequence[str]) -> list[Operations]:
-    """Built-in groups named in `ops` plus user groups from `module:attribute` references.
-
-    An attribute may be an `Operations` or a list of them.
-
-    Raises:
-        ValueError: an unknown built-in op, or a reference that is not operations.
-    """
-    from nexus_bus.handlers import builtin_groups
-
-    names = [n.strip() for n in ops.split(",") if n.strip()] if ops else []
-    groups = builtin_groups(names) if (names or not apps) else []
-    if apps and os.getcwd() not in sys.path:
-        # As uvicorn and FastStream do: `--app mypkg.pricing:ops` from the folder holding
-        # `mypkg` (a console script's sys.path has only its own folder, not the current one).
-        sys.path.insert(0, os.getcwd())
-    for ref in apps:
-        module_name, _, attr = ref.partition(":")
-        found = getattr(importlib.import_module(module_name), attr or "ops")
-        items = found if isinstance(found, list | tuple) else [found]
-        if not all(isinstance(g, Operations) for g in items):
-            raise ValueError(f"{ref} is not an Operations group (or a list of them)")
-        groups.extend(items)
-    return groups
 
 
 def process_name(settings: Settings, role: str, ops: str | None = None) -> str:

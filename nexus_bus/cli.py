@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -17,12 +16,12 @@ from nexus_bus.apps import load_groups
 from nexus_bus.config import ConfigError, Settings, load_settings
 from nexus_bus.errors import NexusError
 from nexus_bus.observability import configure_logging
+from nexus_bus.observability.process import process_name, start_observability
 from nexus_bus.operations import Operations
 from nexus_bus.replies import problem_of
 
 if TYPE_CHECKING:
     from nexus_bus.stack import Stack
-    from nexus_bus.worker import Worker
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -39,45 +38,12 @@ def _run_async(coro: Any) -> Any:
         return asyncio.run(coro)
 
 
-def process_name(settings: Settings, role: str, ops: str | None = None) -> str:
-    """What a process calls itself in logs and traces: `nexus-shim`, `nexus-worker-data`."""
-    suffix = "-" + ops.replace(",", "-") if ops else ""
-    return f"{settings.service}-{role}{suffix}"
-
-
-def start_observability(settings: Settings, name: str) -> None:
-    """Name this process in its log lines, and trace it when an OTLP endpoint is set."""
-    from importlib.metadata import version
-
-    from nexus_bus.observability.tracing import configure_tracing
-
-    instance = f"{socket.gethostname()}-{os.getpid()}"
-    configure_logging(
-        name, settings.log.level, json_lines=settings.log.json_lines, instance=instance
-    )
-    configure_tracing(settings.tracing, name, instance=instance, version=version("nexus-bus"))
-
-
-def create_worker(
-    settings: Settings | None = None, ops: str | None = None, apps: Sequence[str] = ()
-) -> Worker:
-    """A worker for `ops` (default: `worker.ops`, else every built-in) and the user groups
-    in `apps`, its process named in logs and traces; `create_worker().app` is its FastStream
-    application (`nexus_bus.worker_app`).
-
-    Raises:
-        ConfigError: the settings are invalid.
-    """
-    from nexus_bus.worker import Worker
-
-    settings = settings or load_settings()
-    ops = ops or ",".join(settings.worker.ops) or None
-    start_observability(settings, process_name(settings, "worker", ops))
-    return Worker(settings, load_groups(ops, apps))
-
-
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Serve operations until SIGTERM (the worker's FastStream app; `Worker.run`)."""
+    # Imported here: FastStream takes a third of a second to import; one-shot commands
+    # (`call`, `token`...) must not pay for it.
+    from nexus_bus.runtime.factory import create_worker
+
     if settings.worker.metrics_port:
         from prometheus_client import start_http_server
 
@@ -110,7 +76,7 @@ def cmd_shim(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
     """Call one operation and print its reply (or its problem document, exiting 1)."""
-    from nexus_bus.gateway import Gateway
+    from nexus_bus.client.gateway import Gateway
     from nexus_bus.stackfile import read_dev_token
 
     op, _, action = args.operation.partition(".")

@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from nats.aio.client import Client
 
+from nexus_bus.client.gateway import Gateway
 from nexus_bus.config import Settings
 from nexus_bus.connection import connect_nats
 from nexus_bus.constants import (
@@ -32,7 +33,6 @@ from nexus_bus.constants import (
     SSE_TICKET_PATH,
 )
 from nexus_bus.errors import InternalError, InvalidRequest, NexusError, NotFound, Unavailable
-from nexus_bus.gateway import Gateway
 from nexus_bus.http.authz import ShimAuthorizer, create_shim_authorizer, credentials
 from nexus_bus.http.catalog import Catalog, ops_answer
 from nexus_bus.http.client_ip import TrustedProxies

@@ -1,5 +1,5 @@
 """The worker is a FastStream application: one subscriber per op in its queue group, and
-`faststream run nexus_bus.worker_app:app` serves what `nexus-bus worker` serves."""
+`faststream run nexus_bus.runtime.app:app` serves what `nexus-bus worker` serves."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ async def test_faststream_run_serves_the_worker_app(
     log = tmp_path / "faststream.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(  # noqa: ASYNC220 - started once, waited on in a thread
-            [str(FASTSTREAM), "run", "nexus_bus.worker_app:app"],
+            [str(FASTSTREAM), "run", "nexus_bus.runtime.app:app"],
             env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
         )
     gw = await Gateway.connect(settings, token=admin_token)
@@ -86,7 +86,7 @@ def test_the_worker_app_module_builds_from_settings(ops: str, settings: Settings
         "PYTHONPATH": str(ROOT),
     }
     script = (
-        "from nexus_bus.worker_app import app\n"
+        "from nexus_bus.runtime.app import app\n"
         "print(sorted(s.subject.template for s in app.broker.subscribers))\n"
     )
     out = subprocess.run(

@@ -18,9 +18,9 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from nexus_bus.client.inbox import Inbox
 from nexus_bus.connection import flush_subscriptions
 from nexus_bus.embedded import ServerProcess
-from nexus_bus.inbox import Inbox
 from tests.helpers import eventually
 
 # ============================================================================================

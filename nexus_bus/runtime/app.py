@@ -1,6 +1,6 @@
 """The worker as a module-level FastStream application.
 
-    faststream run nexus_bus.worker_app:app
+    faststream run nexus_bus.runtime.app:app
 
 serves what `nexus-bus worker` serves: settings from `NEXUS_*` (and `NEXUS_CONFIG`), the
 built-in ops named in `NEXUS_WORKER__OPS` (all of them when empty). `nexus-bus worker` runs
@@ -9,6 +9,6 @@ the same `FastStream` object (`Worker.app`), with `--app` for your own operation
 
 from __future__ import annotations
 
-from nexus_bus.cli import create_worker
+from nexus_bus.runtime.factory import create_worker
 
 app = create_worker().app

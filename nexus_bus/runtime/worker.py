@@ -1,7 +1,7 @@
 """The worker runtime: a FastStream application, one NATS subscriber per op.
 
 Each op group is a FastStream NATS subscriber on `nexus.<op>.*` in queue group `nexus.<op>`
-(so FastStream documents it in AsyncAPI, and `faststream run nexus_bus.worker_app:app`
+(so FastStream documents it in AsyncAPI, and `faststream run nexus_bus.runtime.app:app`
 serves the same app as `nexus-bus worker`). The subscriber's handler is a thin admission
 layer: nats-py runs a subscription's callback serially, so it admits the message into a
 bounded set of tasks (a semaphore of `worker.concurrency` per op) and returns; when the set

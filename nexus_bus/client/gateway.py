@@ -17,6 +17,7 @@ from nats.aio.client import Client
 
 from nexus_bus import codec
 from nexus_bus.bus.nats_errors import map_nats_error
+from nexus_bus.client.inbox import Inbox
 from nexus_bus.config import Settings
 from nexus_bus.connection import connect_nats
 from nexus_bus.constants import (
@@ -37,7 +38,6 @@ from nexus_bus.errors import (
     UnknownOperation,
     UpstreamTimeout,
 )
-from nexus_bus.inbox import Inbox
 from nexus_bus.jobs.client import get_job, submit_job
 from nexus_bus.metadata import (
     check_headers,

@@ -38,6 +38,7 @@ test: $(STAMP) system-deps
 
 lint: $(STAMP)
 	$(BIN)/ruff check nexus_bus handlers schemas tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 # handlers/ and schemas/ install as nexus_bus.handlers / nexus_bus.schemas (package-dir), which
 # mypy cannot follow: check a link tree laid out as the installed package.

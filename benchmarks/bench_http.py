@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_http [--seconds 2] [--rounds 3] [--concurrency 1,16,128] [--servers]
     python -m benchmarks.bench_http --policies [--seconds 2] ...   # policy layer on vs off
+    python -m benchmarks.bench_http --baseline /tmp/base ...  # this code beside another checkout
 
 Targets, each measured at each concurrency in the same run:
 
@@ -204,8 +205,10 @@ def _pin(cpu: int) -> list[str]:
 
 
 def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    # A baseline target (`--baseline DIR`) runs another checkout's code with its own Python.
+    python = env.get(BASELINE_PYTHON, sys.executable)
     return subprocess.Popen(
-        [*_pin(1), sys.executable, *argv], env=env, cwd=HERE,
+        [*_pin(1), python, *argv], env=env, cwd=env.get(BASELINE_CWD, str(HERE)),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
 
@@ -287,6 +290,26 @@ NEXUS_ROLES: Final = [
     ("shim", ["-m", "nexus_bus", "shim", "--port", "{port}"]),
 ]
 TRACED_ENV: Final = {"NEXUS_TRACING__OTLP_ENDPOINT": "http://127.0.0.1:{otlp}/v1/traces"}
+
+
+BASELINE_PYTHON: Final = "BENCH_BASELINE_PYTHON"
+BASELINE_CWD: Final = "BENCH_BASELINE_CWD"
+
+
+def _baseline_targets(baseline: Path) -> list[Target]:
+    """This checkout's shim and worker beside another checkout's (`--baseline DIR`, with its
+    own `.venv`), each pair on a NATS of its own: a change measured side by side in one run."""
+    env = {BASELINE_PYTHON: str(baseline / ".venv" / "bin" / "python"), BASELINE_CWD: str(baseline)}
+    return [
+        Target("nexus shim -> worker (this)", NEXUS_ROLES, {}, own_nats=True),
+        Target(
+            "nexus shim -> worker (this, speedups on)",
+            NEXUS_ROLES,
+            {"NEXUS_NATS__SPEEDUPS": "true"},
+            own_nats=True,
+        ),
+        Target(f"nexus shim -> worker ({baseline.name})", NEXUS_ROLES, env, own_nats=True),
+    ]
 
 
 def _policy_targets() -> list[Target]:
@@ -534,6 +557,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="slices per point")
     parser.add_argument("--concurrency", default="1,16,128")
     parser.add_argument("--servers", action="store_true", help="also granian (server choice)")
+    parser.add_argument(
+        "--baseline", type=Path, metavar="DIR",
+        help="only this checkout's shim+worker beside DIR's (a checkout with its own .venv)",
+    )
     parser.add_argument("--no-tracing", action="store_true", help="skip the traced nexus row")
     parser.add_argument("--serve-otlp", metavar="PORT", type=int)
     parser.add_argument(
@@ -568,11 +595,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp), args.seconds)
         try:
-            targets = (
-                _policy_targets()
-                if args.policies
-                else _targets(bench.nats_url, args.servers, not args.no_tracing)
-            )
+            if args.baseline:
+                targets = _baseline_targets(args.baseline.resolve())
+            elif args.policies:
+                targets = _policy_targets()
+            else:
+                targets = _targets(bench.nats_url, args.servers, not args.no_tracing)
             results = bench.run_all(targets, levels, args.rounds)
         finally:
             bench.close()

@@ -7,6 +7,11 @@ responder doing nothing but `msg.respond(msg.data)`), this load generator, and t
 agent double of the tests that the `echo` worker registers with (`echooff` runs the same
 no-op with discovery off: no `$SRV`, no Consul, no endpoint counters; docs/discovery.md).
 Each target is measured at each concurrency in the same run.
+
+The FastStream anchor (issue 14) is a bare FastStream app answering the same echo (a
+subscriber in a queue group, `async def echo(body: dict) -> dict`, FastStream's defaults),
+called by the same raw nats-py client with the same contract headers as "nexus echo, raw
+client": the ratio of those two rows is what nexus-bus's runtime costs over FastStream's own.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from nexus_bus.observability import configure_logging
 
 RAW_SUBJECT = "bench.raw.echo"
 RAW_HEADERS_SUBJECT = "bench.raw.headers"
+FASTSTREAM_SUBJECT = "bench.faststream.echo"
 REPLY_HEADERS = {"Nexus-Status": "200", "Nexus-Request-Id": "0" * 24}
 
 
@@ -61,9 +67,6 @@ async def say(req: Echo, ctx: RequestContext) -> Echo:
     return req
 
 
-echo_fs_ops = Operations("echofs", description="The same no-op, via FastStream subscribers.")
-echo_fs_ops.action("say", public=True)(say)
-
 # The same no-op on a worker with discovery off: no $SRV, no Consul, no endpoint counters.
 echo_off_ops = Operations("echooff", description="The same no-op, discovery off.")
 echo_off_ops.action("say", public=True)(say)
@@ -80,9 +83,8 @@ def _settings(url: str, keys_dir: str, **extra: object) -> Settings:
 
 
 async def serve_worker(url: str, keys_dir: str, consul_address: str) -> None:
-    """Run our workers until killed: echo + data on the fast path with discovery on ($SRV and
-    Consul registration with the agent double), echooff with discovery off, echofs on
-    FastStream."""
+    """Run our workers until killed: echo + data with discovery on ($SRV and Consul
+    registration with the agent double), echooff with discovery off."""
     configure_logging("bench-worker", "WARNING")
     discovery_on = {"enabled": True, "address": consul_address}
     fast = Worker(
@@ -92,10 +94,6 @@ async def serve_worker(url: str, keys_dir: str, consul_address: str) -> None:
         _settings(url, keys_dir, worker={"micro": False}, consul={"enabled": False}),
         [echo_off_ops],
     )
-    via_faststream = Worker(
-        _settings(url, keys_dir, worker={"faststream_subscribers": True}), [echo_fs_ops]
-    )
-    await via_faststream.start()
     await discovery_off.start()
     await fast.run()
 
@@ -125,6 +123,20 @@ async def serve_raw(url: str, keys_dir: str) -> None:
     await nc.subscribe(RAW_SUBJECT, queue="bench", cb=respond)
     await nc.subscribe(RAW_HEADERS_SUBJECT, queue="bench", cb=respond_with_headers)
     await asyncio.Event().wait()
+
+
+async def serve_faststream(url: str) -> None:
+    """The FastStream anchor: a bare FastStream app doing the same echo, FastStream's way."""
+    from faststream import FastStream
+    from faststream.nats import NatsBroker
+
+    broker = NatsBroker(url, logger=None)
+
+    @broker.subscriber(FASTSTREAM_SUBJECT, queue="bench")
+    async def echo(body: dict) -> dict:  # type: ignore[type-arg]
+        return body
+
+    await FastStream(broker, logger=None).run()
 
 
 @contextmanager
@@ -168,7 +180,7 @@ async def measure(
         [
             lambda: raw_nc.request(RAW_SUBJECT, payload, timeout=5),
             lambda: gw.request("echo", "say", payload),
-            lambda: gw.request("echofs", "say", payload),
+            lambda: raw_nc.request(FASTSTREAM_SUBJECT, payload, timeout=5),
             lambda: gw.request("echooff", "say", payload),
         ]
     )
@@ -182,8 +194,15 @@ async def measure(
     async def raw_headers() -> None:
         await raw_nc.request(RAW_HEADERS_SUBJECT, payload, timeout=5, headers=contract_headers)
 
-    async def echo_faststream() -> None:
-        await gw.request("echofs", "say", payload)
+    # The same headers without the absolute deadline (built once, it would expire mid-run):
+    # the worker counts the budget from receipt.
+    steady_headers = {k: v for k, v in contract_headers.items() if k != "Nexus-Deadline"}
+
+    async def faststream_anchor() -> None:
+        await raw_nc.request(FASTSTREAM_SUBJECT, payload, timeout=5, headers=steady_headers)
+
+    async def echo_raw_client() -> None:
+        await raw_nc.request("nexus.echo.say", payload, timeout=5, headers=steady_headers)
 
     async def echo() -> None:
         await gw.request("echo", "say", payload)
@@ -201,7 +220,8 @@ async def measure(
         ("raw, contract headers", raw_headers),
         ("nexus echo (full runtime)", echo),
         ("nexus echo, discovery off", echo_discovery_off),
-        ("nexus echo via FastStream", echo_faststream),
+        ("bare FastStream echo (anchor)", faststream_anchor),
+        ("nexus echo, raw client", echo_raw_client),
         ("nexus data.get (hot key)", data_get),
     ]
     for c in levels:
@@ -221,6 +241,7 @@ def main() -> int:
     parser.add_argument("--serve-worker", nargs=3)
     parser.add_argument("--serve-consul")
     parser.add_argument("--serve-raw", nargs=2)
+    parser.add_argument("--serve-faststream")
     args = parser.parse_args()
     if args.serve_worker:
         uvloop.run(serve_worker(*args.serve_worker))
@@ -231,6 +252,9 @@ def main() -> int:
     if args.serve_raw:
         uvloop.run(serve_raw(*args.serve_raw))
         return 0
+    if args.serve_faststream:
+        uvloop.run(serve_faststream(args.serve_faststream))
+        return 0
     levels = [int(c) for c in args.concurrency.split(",")]
     with bench_servers() as (url, keys_dir):
         consul_port = free_port()
@@ -238,6 +262,7 @@ def main() -> int:
             _spawn("consul", str(consul_port)),
             _spawn("worker", url, keys_dir, f"http://127.0.0.1:{consul_port}"),
             _spawn("raw", url, keys_dir),
+            _spawn("faststream", url),
         ]
         try:
             print(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import nats.errors
 
 from nexus_bus import NoResponders
+from nexus_bus.errors import UnknownOperation
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ async def warm_up(
             for call in calls:
                 await call()
             done += 1
-        except (nats.errors.NoRespondersError, NoResponders):
+        except (nats.errors.NoRespondersError, NoResponders, UnknownOperation):  # not up yet
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)

@@ -26,10 +26,10 @@ from nexus_bus.errors import (
 from nexus_bus.operations import Operation, Operations
 
 if TYPE_CHECKING:
-    from nexus_bus.gateway import Gateway
-    from nexus_bus.worker import Worker
+    from nexus_bus.client.gateway import Gateway
+    from nexus_bus.runtime.worker import Worker
 
-_LAZY = {"Gateway": "nexus_bus.gateway", "Worker": "nexus_bus.worker"}
+_LAZY = {"Gateway": "nexus_bus.client.gateway", "Worker": "nexus_bus.runtime.worker"}
 
 
 def __getattr__(name: str) -> Any:

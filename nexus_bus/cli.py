@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from nexus_bus.apps import load_groups
 from nexus_bus.config import ConfigError, Settings, load_settings
 from nexus_bus.errors import NexusError
 from nexus_bus.observability import configure_logging
+from nexus_bus.observability.process import process_name, start_observability
 from nexus_bus.operations import Operations
 from nexus_bus.replies import problem_of
 
@@ -38,57 +38,12 @@ def _run_async(coro: Any) -> Any:
         return asyncio.run(coro)
 
 
-def load_groups(ops: str | None, apps: Sequence[str]) -> list[Operations]:
-    """Built-in groups named in `ops` plus user groups from `module:attribute` references.
-
-    An attribute may be an `Operations` or a list of them.
-
-    Raises:
-        ValueError: an unknown built-in op, or a reference that is not operations.
-    """
-    from nexus_bus.handlers import builtin_groups
-
-    names = [n.strip() for n in ops.split(",") if n.strip()] if ops else []
-    groups = builtin_groups(names) if (names or not apps) else []
-    if apps and os.getcwd() not in sys.path:
-        # As uvicorn and FastStream do: `--app mypkg.pricing:ops` from the folder holding
-        # `mypkg` (a console script's sys.path has only its own folder, not the current one).
-        sys.path.insert(0, os.getcwd())
-    for ref in apps:
-        module_name, _, attr = ref.partition(":")
-        found = getattr(importlib.import_module(module_name), attr or "ops")
-        items = found if isinstance(found, list | tuple) else [found]
-        if not all(isinstance(g, Operations) for g in items):
-            raise ValueError(f"{ref} is not an Operations group (or a list of them)")
-        groups.extend(items)
-    return groups
-
-
-def process_name(settings: Settings, role: str, ops: str | None = None) -> str:
-    """What a process calls itself in logs and traces: `nexus-shim`, `nexus-worker-data`."""
-    suffix = "-" + ops.replace(",", "-") if ops else ""
-    return f"{settings.service}-{role}{suffix}"
-
-
-def start_observability(settings: Settings, name: str) -> None:
-    """Name this process in its log lines, and trace it when an OTLP endpoint is set."""
-    from importlib.metadata import version
-
-    from nexus_bus.observability.tracing import configure_tracing
-
-    instance = f"{socket.gethostname()}-{os.getpid()}"
-    configure_logging(
-        name, settings.log.level, json_lines=settings.log.json_lines, instance=instance
-    )
-    configure_tracing(settings.tracing, name, instance=instance, version=version("nexus-bus"))
-
-
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    """Serve operations until SIGTERM."""
-    from nexus_bus.worker import Worker
+    """Serve operations until SIGTERM (the worker's FastStream app; `Worker.run`)."""
+    # Imported here: FastStream takes a third of a second to import; one-shot commands
+    # (`call`, `token`...) must not pay for it.
+    from nexus_bus.runtime.factory import create_worker
 
-    ops = args.ops or ",".join(settings.worker.ops) or None
-    start_observability(settings, process_name(settings, "worker", ops))
     if settings.worker.metrics_port:
         from prometheus_client import start_http_server
 
@@ -98,7 +53,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             port = settings.worker.metrics_port
             print(f"error: worker.metrics_port {port}: {exc.strerror}", file=sys.stderr)
             return 2
-    worker = Worker(settings, load_groups(ops, args.app))
+    worker = create_worker(settings, args.ops, args.app)
     _run_async(worker.run())
     return 0
 
@@ -121,7 +76,7 @@ def cmd_shim(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
     """Call one operation and print its reply (or its problem document, exiting 1)."""
-    from nexus_bus.gateway import Gateway
+    from nexus_bus.client.gateway import Gateway
     from nexus_bus.stackfile import read_dev_token
 
     op, _, action = args.operation.partition(".")

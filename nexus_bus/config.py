@@ -21,7 +21,7 @@ from pydantic_settings import (
 
 from nexus_bus import stackfile
 from nexus_bus.constants import CACHE_KEY_PREFIX
-from nexus_bus.errors import InvalidRequest
+from nexus_bus.errors import ConfigError as ConfigError  # re-exported: its home was here
 from nexus_bus.resilience.policy import ResilienceSettings
 
 
@@ -57,6 +57,8 @@ class NatsSettings(BaseModel):
     # Bounded so that a long outage cannot replay minutes of stale requests (TRAPS.md).
     pending_size_bytes: int = Field(2 * 1024 * 1024, gt=0)
     inbox_prefix: str = "_INBOX"
+    # Opt-in speedups over nats-py internals, per connection (nexus_bus/bus/_speedups).
+    speedups: bool = False
 
     @property
     def servers(self) -> list[str]:
@@ -150,9 +152,6 @@ class WorkerSettings(BaseModel):
     clock_skew_ms: int = Field(250, ge=0)
     default_timeout_ms: int = Field(5_000, gt=0)
     metrics_port: int = Field(0, ge=0, le=65535)  # 0: no /metrics endpoint of its own
-    # Route core requests through FastStream subscribers (its middlewares and context) instead
-    # of the fast path on the same connection; measured at about half the throughput.
-    faststream_subscribers: bool = False
     metrics_host: str = "127.0.0.1"
     micro: bool = True  # answer the NATS micro protocol ($SRV.PING|INFO|STATS; docs/discovery.md)
 
@@ -225,7 +224,9 @@ class HttpSettings(BaseModel):
     port: int = Field(8080, ge=0, le=65535)
     backlog: int = Field(2048, ge=1)
     max_header_bytes: int = Field(16 * 1024, ge=1024)  # request line + headers; over: 431
-    read_timeout_s: float = Field(10.0, gt=0)  # headers and body must arrive within this
+    read_timeout_s: float = Field(10.0, gt=0)  # a body must arrive within this (else 408)
+    # Connections and requests at once; beyond, uvicorn answers 503 (`limit_concurrency`).
+    max_connections: int = Field(2048, ge=1)
     # Idle keep-alive; above NGINX's upstream `keepalive_timeout` (60 s) so NGINX always
     # closes first and never writes a request onto a connection the shim is closing.
     keep_alive_s: float = Field(75.0, gt=0)
@@ -363,12 +364,6 @@ class Settings(BaseSettings):
         if toml_path:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
         return tuple(sources)
-
-
-class ConfigError(InvalidRequest):
-    """The configuration is invalid; the message lists every problem at once."""
-
-    code, title = "invalid_config", "Invalid configuration"
 
 
 def load_settings(*, discover: bool = True, **overrides: object) -> Settings:

@@ -55,6 +55,7 @@ M_ERRORS: Final = "nexus_error_rate"  # prometheus-client appends _total to coun
 M_INFLIGHT: Final = "nexus_inflight_requests"
 M_EXPIRED: Final = "nexus_expired_requests"
 M_NATS_RECONNECTS: Final = "nexus_nats_reconnects"
+M_SPEEDUPS_UNAVAILABLE: Final = "nexus_speedups_unavailable"  # enabled, not installed
 M_CACHE_REQUESTS: Final = "nexus_cache_requests"  # labels cache, result
 M_CACHE_HIT_RATIO: Final = "nexus_cache_hit_ratio"  # label cache
 M_CIRCUIT_STATE: Final = "nexus_circuit_state"  # label name; 0 closed, 1 half-open, 2 open
@@ -66,6 +67,7 @@ UNKNOWN_LABEL: Final = "_other"
 T_NATS: Final = "nats"
 T_CLIENT: Final = "client"
 T_HTTP: Final = "http"
+T_TEST: Final = "test"  # nexus_bus.testing's in-memory harness
 
 PROBLEM_TYPE_BASE: Final = "https://nexus-bus.dev/problems/"
 

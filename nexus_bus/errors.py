@@ -123,6 +123,16 @@ class InternalError(NexusError):
     code, http_status, title = "internal", 500, "Internal error"
 
 
+class ConfigError(NexusError):
+    """The configuration is invalid: the message lists every problem at once.
+
+    A fault of the deployment, not of a request (so not a 400): it stops a process at start,
+    and a request that meets it gets a 500 that no retry will fix.
+    """
+
+    code, http_status, title = "invalid_config", 500, "Invalid configuration"
+
+
 ERRORS_BY_CODE: dict[str, type[NexusError]] = {
     cls.code: cls
     for cls in (
@@ -142,6 +152,7 @@ ERRORS_BY_CODE: dict[str, type[NexusError]] = {
         UpstreamTimeout,
         Unavailable,
         InternalError,
+        ConfigError,
     )
 }
 

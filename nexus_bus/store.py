@@ -15,13 +15,11 @@ import nats.errors
 import nats.js.errors as jserr
 from nats.js.kv import KeyValue
 
+from nexus_bus.bus.nats_errors import map_nats_error
 from nexus_bus.errors import (
     Conflict,
     InternalError,
-    NexusError,
     NotFound,
-    Unavailable,
-    UpstreamTimeout,
 )
 from nexus_bus.observability.tracing import TRACING, SpanKind
 
@@ -100,24 +98,8 @@ _JETSTREAM_SPAN: Final = {"db.system.name": "nats_jetstream"}
 async def _translated(what: str) -> AsyncIterator[None]:
     try:
         yield
-    except NexusError:
-        raise
-    except (jserr.KeyNotFoundError, jserr.KeyDeletedError, jserr.NotFoundError) as exc:
-        raise NotFound(f"{what}: not found") from exc
-    except jserr.KeyWrongLastSequenceError as exc:
-        raise Conflict(f"{what}: revision mismatch") from exc
-    except jserr.APIError as exc:
-        if exc.err_code == 10071:  # wrong last sequence
-            raise Conflict(f"{what}: revision mismatch") from exc
-        if exc.code == 503 or exc.err_code == 10008:
-            raise Unavailable(f"{what}: JetStream unavailable") from exc
-        raise Unavailable(f"{what}: JetStream error {exc.err_code}: {exc.description}") from exc
-    except (nats.errors.TimeoutError, TimeoutError) as exc:
-        raise UpstreamTimeout(f"{what}: JetStream did not answer in time") from exc
-    except (nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
-        raise Unavailable(f"{what}: JetStream unavailable") from exc
-    except nats.errors.Error as exc:
-        raise Unavailable(f"{what}: {type(exc).__name__}") from exc
+    except (nats.errors.Error, OSError, TimeoutError) as exc:  # the NATS adapter's mapping
+        raise map_nats_error(exc, what, jetstream=True) from exc
 
 
 class KeyValueRecordStore:

@@ -1,5 +1,5 @@
-"""Shared test helpers: connections reading with nats-py's parser or with FastParser, and
-waiting for a condition."""
+"""Shared test helpers: connections with and without the opt-in speedups, and waiting for a
+condition."""
 
 from __future__ import annotations
 
@@ -11,19 +11,18 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from nexus_bus import nats_parser
+from nexus_bus.bus import _speedups
 
-# Runs a test on a stock nats-py connection and on one reading with nats_parser.FastParser.
-READERS = pytest.mark.parametrize("fast", [False, True], ids=["nats-py", "fast-parser"])
+# Runs a test on a stock nats-py connection and on one with the opt-in speedups installed.
+READERS = pytest.mark.parametrize("fast", [False, True], ids=["nats-py", "speedups"])
 
 
 async def connection(url: str, fast: bool, **options: Any) -> Client:
-    """A nats-py connection to `url`, reading with FastParser when `fast`."""
+    """A nats-py connection to `url`, with the speedups installed when `fast`."""
     nc = await nats.connect(url, **options)
     if fast:
-        assert nats_parser.install(nc)
+        assert _speedups.install(nc)
     return nc
-
 
 async def eventually(
     condition: Callable[[], bool], what: str, timeout_s: float = 5.0, poll_s: float = 0.005

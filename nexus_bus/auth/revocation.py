@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from redis.exceptions import RedisError
-
 from nexus_bus.constants import AUTH_REVOKED_KEY_PREFIX
 from nexus_bus.errors import Unavailable
 from nexus_bus.redis_client import RedisClient
+from nexus_bus.redis_errors import REDIS_FAILURES, map_redis_error
 
 
 class RevocationStore(Protocol):
@@ -56,8 +55,8 @@ class RedisRevocationStore:
         """
         try:
             await self._redis.set(self._prefix + jti, b"1", ex=max(1, ttl_s))
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise Unavailable("token revocation store is unavailable") from exc
+        except REDIS_FAILURES as exc:
+            raise map_redis_error(exc, "the token revocation store") from exc
 
     async def is_revoked(self, jti: str) -> bool:
         """Whether `jti` is revoked.
@@ -67,8 +66,8 @@ class RedisRevocationStore:
         """
         try:
             found = await self._redis.exists(self._prefix + jti)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise Unavailable("token revocation store is unavailable") from exc
+        except REDIS_FAILURES as exc:
+            raise map_redis_error(exc, "the token revocation store") from exc
         return bool(found)
 
 

@@ -23,17 +23,31 @@ from __future__ import annotations
 import functools
 import typing
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgspec
 
 from nexus_bus.cache.core import Cache
 from nexus_bus.cache.entries import UNVERSIONED, Entry, Kind
 from nexus_bus.cache.policy import CachePolicy
-from nexus_bus.context import RequestContext
 from nexus_bus.errors import NotFound
 
-Handler = Callable[[Any, RequestContext], Awaitable[Any]]
+
+class HandlerContext(Protocol):
+    """What the decorators need of a handler's context (a `RequestContext`): its services.
+
+    A protocol, so the cache (a layer below the runtime) never imports the runtime's
+    `RequestContext`.
+    """
+
+    @property
+    def services(self) -> Any:
+        """The worker's services; the decorators use `services.cache` when it is set."""
+        ...
+
+
+# (request, context) -> reply; the context is a `RequestContext` (see `HandlerContext`).
+Handler = Callable[[Any, Any], Awaitable[Any]]
 KeyOf = Callable[[Any], str]
 RevisionOf = Callable[[Any], int]
 
@@ -41,7 +55,7 @@ _DEFAULT_POLICY: Final = CachePolicy()
 _encode: Final = msgspec.json.Encoder().encode
 
 
-def _cache_of(ctx: RequestContext) -> Cache | None:
+def _cache_of(ctx: HandlerContext) -> Cache | None:
     return getattr(ctx.services, "cache", None)
 
 
@@ -65,7 +79,7 @@ def read_through(
         reply_type = typing.get_type_hints(fn).get("return", Any)
 
         @functools.wraps(fn)
-        async def cached(req: Any, ctx: RequestContext) -> Any:
+        async def cached(req: Any, ctx: Any) -> Any:
             cache = _cache_of(ctx)
             if cache is None:
                 return await fn(req, ctx)
@@ -109,7 +123,7 @@ def write_through(
 
     def decorate(fn: Handler) -> Handler:
         @functools.wraps(fn)
-        async def writing(req: Any, ctx: RequestContext) -> Any:
+        async def writing(req: Any, ctx: Any) -> Any:
             reply = await fn(req, ctx)
             cache = _cache_of(ctx)
             if cache is not None:
@@ -141,7 +155,7 @@ def invalidates(
 
     def decorate(fn: Handler) -> Handler:
         @functools.wraps(fn)
-        async def invalidating(req: Any, ctx: RequestContext) -> Any:
+        async def invalidating(req: Any, ctx: Any) -> Any:
             reply = await fn(req, ctx)
             cache = _cache_of(ctx)
             if cache is not None:

@@ -6,10 +6,10 @@ endpoint per action (subject `nexus.<op>.<action>`, queue group `nexus.<op>`): o
 `nats.micro` types, so their JSON is exactly what nats.micro services send.
 
 Why not `nats.micro.add_service` (docs/discovery.md): its endpoints subscribe their own
-handlers and count only what passes through them, while the worker serves its subjects in
-lanes with bounded concurrency, deadlines and auth; and its service has no public way to feed
-it counts from elsewhere. So the responder here answers the control subjects, and the counts
-are the worker's own (`EndpointStats`).
+handlers and count only what passes through them, while the worker serves its subjects
+with FastStream subscribers, bounded concurrency, deadlines and auth; and its service has
+no public way to feed it counts from elsewhere. So the responder here answers the control
+subjects, and the counts are the worker's own (`EndpointStats`).
 """
 
 from __future__ import annotations

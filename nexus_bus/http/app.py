@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from nats.aio.client import Client
 
+from nexus_bus.client.gateway import Gateway
 from nexus_bus.config import Settings
 from nexus_bus.connection import connect_nats
 from nexus_bus.constants import (
@@ -32,10 +33,10 @@ from nexus_bus.constants import (
     SSE_TICKET_PATH,
 )
 from nexus_bus.errors import InternalError, InvalidRequest, NexusError, NotFound, Unavailable
-from nexus_bus.gateway import Gateway
 from nexus_bus.http.authz import ShimAuthorizer, create_shim_authorizer, credentials
 from nexus_bus.http.catalog import Catalog, ops_answer
 from nexus_bus.http.client_ip import TrustedProxies
+from nexus_bus.http.errors import map_http_error
 from nexus_bus.http.forward import CLIENT_CLOSED, OperationRoute, bus_headers
 from nexus_bus.http.jobs import JobRoutes
 from nexus_bus.http.probes import Probes
@@ -118,7 +119,7 @@ class ShimApp:
         self._retry_after = settings.http.retry_after_s
         self._proxies = TrustedProxies(settings.http.trusted_proxies)
         self._draining = False
-        self._read_timeout_s: float | None = settings.http.read_timeout_s
+        self._read_timeout_s = settings.http.read_timeout_s  # for a whole body (408)
         self._access_log = access_log_enabled(settings.log)
         self.nc: Client | None = None
         self._redis: RedisClient | None = None
@@ -132,10 +133,6 @@ class ShimApp:
         self._tickets: TicketStore | None = None
         self._catalog = Catalog(self._groups)
         self._simple: dict[str, Callable[[str, RequestHead], Awaitable[Answer]]] = {}
-
-    def server_enforces_read_timeout(self) -> None:
-        """Tell the app its server times out slow requests itself (ours does): no app timer."""
-        self._read_timeout_s = None
 
     @property
     def ops(self) -> list[str]:
@@ -327,11 +324,13 @@ class ShimApp:
                 closing = Unavailable("the server is shutting down; retry elsewhere")
                 await self._send(send, self._problem(closing, request_id, head), request_id)
             raise
-        except NexusError as exc:
-            answer = self._problem(exc, request_id, head)
-        except Exception:
-            logger.opt(exception=True).error("unexpected error; request id {}", request_id)
-            error = InternalError(f"internal error; request id {request_id}")
+        except Exception as exc:  # the one handler: everything through the HTTP mapping
+            error = map_http_error(exc)
+            if isinstance(error, ClientGone):
+                return CLIENT_CLOSED
+            if isinstance(error, InternalError) and error is not exc:
+                logger.opt(exception=True).error("unexpected error; request id {}", request_id)
+                error = InternalError(f"internal error; request id {request_id}")
             answer = self._problem(error, request_id, head)
         await self._send(send, answer, request_id)
         return answer.status

@@ -11,6 +11,7 @@ import time
 from typing import Final
 
 from nexus_bus import codec
+from nexus_bus.client.gateway import Gateway
 from nexus_bus.config import Settings
 from nexus_bus.constants import (
     CT_JSON,
@@ -26,7 +27,6 @@ from nexus_bus.constants import (
     T_HTTP,
 )
 from nexus_bus.errors import InternalError, InvalidRequest, NexusError, UpstreamTimeout
-from nexus_bus.gateway import Gateway
 from nexus_bus.http.jobs import JobRoutes
 from nexus_bus.http.labels import OperationLabels
 from nexus_bus.http.problems import Answer, ClientGone, retry_after_of, status_headers

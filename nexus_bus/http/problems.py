@@ -51,8 +51,13 @@ class RequestTimeout(NexusError, TimeoutError):
     code, http_status, title = "request_timeout", 408, "Request timeout"
 
 
-class ClientGone(Exception):
-    """The client disconnected before its request was read; there is nobody to answer."""
+class ClientGone(NexusError, ConnectionError):
+    """The client disconnected before its request was read; there is nobody to answer.
+
+    499 is NGINX's convention, for metrics and logs only: nobody receives it.
+    """
+
+    code, http_status, title = "client_closed", 499, "Client closed the connection"
 
 
 @dataclass(frozen=True, slots=True)

@@ -143,8 +143,8 @@ async def read_body(receive: Receive, limit: int, timeout_s: float | None) -> by
     """Read the whole body, refusing it as soon as it crosses `limit`.
 
     Args:
-        timeout_s: the read timeout; None when the server already enforces one (ours does,
-            in `protocol.py`, without a timer per request in the app).
+        timeout_s: the read timeout for the whole body; None for none (uvicorn has no
+            read timeout of its own, so the shim always passes one).
 
     Raises:
         PayloadTooLarge: more than `limit` bytes arrived.

@@ -1,4 +1,4 @@
-"""Running the shim: uvicorn with httptools and uvloop, our protocol limits, graceful drain.
+"""Running the shim: uvicorn with httptools and uvloop, its supported limits, graceful drain.
 
 On SIGTERM (or SIGINT) the shim first turns not-ready and keeps serving for `drain_delay_s`,
 so load balancers and NGINX stop sending new work; answers in that window say
@@ -24,9 +24,7 @@ import uvicorn
 from nexus_bus.config import Settings
 from nexus_bus.discovery import ShimDiscovery
 from nexus_bus.http.app import ShimApp
-from nexus_bus.http.protocol import limited_protocol
 from nexus_bus.observability import logger
-from nexus_bus.observability.access import access_log_enabled
 from nexus_bus.operations import Operations
 
 
@@ -39,11 +37,11 @@ def create_config(app: ShimApp, settings: Settings) -> uvicorn.Config:
         port=http.port,
         backlog=http.backlog,
         loop="uvloop",
-        http=limited_protocol(
-            http.max_header_bytes,
-            http.read_timeout_s,
-            access_log=access_log_enabled(settings.log),
-        ),
+        # Only uvicorn's documented settings (docs/http.md, "Limits per deployment"): the app
+        # answers heads over `max_header_bytes` with 431 and slow bodies with 408; heads that
+        # never complete, or trickle in, are NGINX's to cut off in front of it.
+        http="httptools",
+        limit_concurrency=http.max_connections,
         ws="none",
         lifespan="on",
         log_config=None,
@@ -70,7 +68,6 @@ class ShimServer(uvicorn.Server):
         super().__init__(config)
         self._handle_signals = handle_signals
         self.app = app
-        app.server_enforces_read_timeout()  # the protocol class times requests out
         self._drain_delay_s = drain_delay_s
         self._drain_started: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

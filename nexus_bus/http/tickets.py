@@ -23,7 +23,6 @@ from typing import Final
 from urllib.parse import parse_qs
 
 import msgspec
-from redis.exceptions import RedisError
 
 from nexus_bus.constants import (
     CT_JSON,
@@ -32,9 +31,10 @@ from nexus_bus.constants import (
     SSE_TICKET_KEY_PREFIX,
     SSE_TICKET_QUERY,
 )
-from nexus_bus.errors import InvalidToken, Unavailable
+from nexus_bus.errors import InvalidToken
 from nexus_bus.http.problems import Answer
 from nexus_bus.redis_client import RedisClient
+from nexus_bus.redis_errors import REDIS_FAILURES, map_redis_error
 from nexus_bus.schemas.events import TicketIssued
 
 _TICKET_BYTES: Final = 32
@@ -114,8 +114,8 @@ class TicketStore:
         record = _encode(TicketRecord(topic=topic, authorization=authorization))
         try:
             await self._redis.set(ticket_key(ticket), record, px=self._ttl_ms)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise Unavailable("the stream ticket store cannot be reached") from exc
+        except REDIS_FAILURES as exc:
+            raise map_redis_error(exc, "the stream ticket store") from exc
         issued = TicketIssued(
             ticket=ticket, expires_in=int(self.ttl_s), url=stream_url(topic, ticket)
         )
@@ -132,6 +132,6 @@ class TicketStore:
             raise InvalidToken(_INVALID)
         try:
             raw: bytes | str | None = await self._redis.getdel(ticket_key(ticket))
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise Unavailable("the stream ticket store cannot be reached") from exc
+        except REDIS_FAILURES as exc:
+            raise map_redis_error(exc, "the stream ticket store") from exc
         return check_record(raw, topic)

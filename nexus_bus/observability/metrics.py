@@ -34,6 +34,7 @@ from nexus_bus.constants import (
     M_RETRIES,
     M_RETRY_BUDGET_EXHAUSTED,
     M_SHARED_STATE_FAILURES,
+    M_SPEEDUPS_UNAVAILABLE,
     M_STALE_ANSWERS,
 )
 
@@ -138,6 +139,11 @@ class Metrics:
         )
         self.nats_reconnects = Counter(
             M_NATS_RECONNECTS, "NATS reconnections.", registry=r
+        )
+        self.speedups_unavailable = Counter(
+            M_SPEEDUPS_UNAVAILABLE,
+            "Connections on which NEXUS_NATS__SPEEDUPS was on but could not be installed.",
+            registry=r,
         )
         self.cache_requests = Counter(
             M_CACHE_REQUESTS,

@@ -73,7 +73,7 @@ async def read_listing(settings: Settings, groups: list[Any]) -> OperationsListi
 
 def cmd_ops(args: Any, settings: Settings) -> int:
     """Print every declared operation (a table, or `--json` as `GET /v1/ops` answers)."""
-    from nexus_bus.cli import load_groups
+    from nexus_bus.apps import load_groups
 
     listing = asyncio.run(read_listing(settings, load_groups(None, args.app)))
     if args.json:

@@ -21,7 +21,6 @@ from tests.integration.http_shim import (
     RunningShim,
     bearer,
     probe_worker,
-    raw_exchange,
     running_shim,
 )
 
@@ -115,17 +114,6 @@ async def test_the_client_trace_and_failures_are_logged_too(
     [line] = access_lines(sink, f"j-{uid}")  # answered by the shim alone
     assert (line["route"], line["op"]) == ("/v1/jobs/{id}", None)
     assert line["status"] == missing.status_code == 404
-
-
-async def test_requests_refused_before_the_app_are_logged(
-    shim: RunningShim, sink: io.StringIO
-) -> None:
-    answer = await raw_exchange(shim.url, b"POST /v1/data/get HTTP/1.1\r\nBad Header\r\n\r\n")
-    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
-    request_id = head.split("x-request-id: ", 1)[1].split("\r\n", 1)[0]
-    [line] = access_lines(sink, request_id)
-    assert (line["status"], line["method"], line["route"]) == (400, None, None)
-    assert line["client"] == "127.0.0.1"
 
 
 async def test_access_lines_can_be_turned_off(

@@ -166,7 +166,7 @@ async def test_a_one_shot_call_prints_only_its_result_and_loads_no_server_code(
         "import resource, sys\n"
         "from nexus_bus.cli import main\n"
         "code = main(sys.argv[1:])\n"
-        "heavy = [m for m in ('faststream', 'uvicorn', 'nexus_bus.worker')\n"
+        "heavy = [m for m in ('faststream', 'uvicorn', 'nexus_bus.runtime.worker')\n"
         "         if m in sys.modules]\n"
         "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
         "print(heavy, usage.ru_utime + usage.ru_stime, file=sys.stderr)\n"

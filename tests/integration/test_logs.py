@@ -17,8 +17,8 @@ from nexus_bus import Gateway, InternalError, Operations, RequestContext, Settin
 from nexus_bus.config import JobsSettings
 from nexus_bus.jobs.client import wait_job
 from nexus_bus.observability import configure_logging
+from nexus_bus.runtime.worker import Worker
 from nexus_bus.schemas.jobs import JobStatus
-from nexus_bus.worker import Worker
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import pytest
 
 from nexus_bus import Gateway, NoResponders, Settings, UnknownOperation
 from nexus_bus.registry import OpsRegistry, register
-from nexus_bus.worker import Worker
+from nexus_bus.runtime.worker import Worker
 from tests.integration.registry_ops import group
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from nexus_bus import nats_headers
+from nexus_bus.bus._speedups import headers as nats_headers
 from nexus_bus.constants import H_DEADLINE, H_TIMEOUT_MS, H_TRACEPARENT
 from nexus_bus.errors import HeadersTooLarge, InvalidRequest
 from nexus_bus.metadata import (

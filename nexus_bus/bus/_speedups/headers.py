@@ -1,4 +1,4 @@
-"""Faster drop-ins for nats-py's header parsing, encoding and publishing, with identical results.
+"""Faster drop-ins for nats-py's header parsing and encoding, with identical results.
 
 nats-py 2.16 parses every received header block with `Client._parse_header_lines`, which
 tests each header name for whitespace with a Python generator over its characters. On our
@@ -11,19 +11,19 @@ and grows a bytearray piece by piece. The names a process sends are few and alwa
 (`Nexus-Request-Id`, `traceparent`, ...): here each name is checked and encoded once, and
 the block is joined in one step; values are treated exactly as before, except that
 `str.translate` (which only replaces CR and LF, and takes 10 µs on a bearer token) runs only
-on values that contain one. `publish()` is `Client.publish` in one coroutine instead of
-three, for the request and reply on the hot path; unlike the two above it is called, not
-patched in, so nats-py clients elsewhere in the process are untouched by it.
+on values that contain one.
 
-`tests/unit/test_nats_headers.py` checks each against the original (generated input, the
-same bytes queued and the same errors), and `install()` refuses a nats-py whose code it does
-not recognise (a fingerprint of the names each original uses), so an upgrade can only fall
-back to the original, never change behaviour.
+Opt-in (`NEXUS_NATS__SPEEDUPS=true`), installed per connection by `nexus_bus.bus._speedups`.
+`tests/unit/test_speedups.py` checks each against the original (generated input, the same
+bytes queued and the same errors), and `install()` refuses a nats-py whose code it does not
+recognise (a fingerprint of the names each original uses), so an upgrade can only fall back
+to the original, never change behaviour.
 """
 
 from __future__ import annotations
 
 import re
+import types
 from typing import Any, Final
 
 import nats.aio.client
@@ -47,23 +47,6 @@ _KNOWN_SEND_NAMES: Final = (
 # refuses otherwise); looked up softly so a release that renames them cannot break imports.
 _HEADER_KEY_RE: Final[Any] = getattr(nats.aio.client, "_HEADER_KEY_RE", None)
 _HEADER_VALUE_NEWLINES: Final[Any] = getattr(nats.aio.client, "_HEADER_VALUE_NEWLINES", None)
-_validate_subject: Final[Any] = getattr(nats.aio.client, "_validate_subject", None)
-_original_publish = Client.__dict__.get("publish")
-_original_send_command = Client.__dict__.get("_send_command")
-# What `publish`, `_send_command` and the command formatters of nats-py 2.16 use.
-_KNOWN_PUBLISH_NAMES: Final = (
-    "_skip_subject_validation", "_validate_subject", "is_closed", "errors",
-    "ConnectionClosedError", "is_draining_pubs", "ConnectionDrainingError", "len",
-    "is_connected", "_max_pending_size", "_pending_data_size", "OutboundBufferLimitError",
-    "_max_payload", "MaxPayloadError", "_send_publish",
-)
-_KNOWN_COMMAND_NAMES: Final = (
-    "_pending", "insert", "append", "_pending_data_size", "len", "_max_pending_size",
-    "_flush_pending",
-)
-_KNOWN_PUB_CMD_NAMES: Final = ("PUB_OP", "len", "_CRLF_", "encode")
-_KNOWN_HPUB_CMD_NAMES: Final = ("len", "HPUB_OP", "_CRLF_", "encode")
-_fast_publish = False  # set by install()
 _HEAD: Final = b"NATS/1.0\r\n"
 _SKIP: Final = b""
 # Header name as given -> b"Name: " (checked), or _SKIP for a blank name. Bounded: a process
@@ -175,70 +158,6 @@ async def send_publish(
         await self._flush_pending()
 
 
-async def publish(
-    nc: Client,
-    subject: str,
-    payload: bytes = b"",
-    reply: str = "",
-    headers: dict[str, Any] | None = None,
-) -> None:
-    """`nc.publish(...)`, the same checks, errors and bytes on the wire, in one coroutine.
-
-    nats-py 2.16's `publish` awaits `_send_publish`, which awaits `_send_command`, and
-    formats the command with an f-string it then encodes: 3.6 µs for a request with the
-    contract's headers, 3.2 µs here (2.9 and 2.5 µs for a reply), on both sides of every
-    request. Falls back to `nc.publish` on a nats-py this was not written against (see
-    `install`), on a client class that overrides one of the three, and for a subject or
-    reply that is not a plain `str` (nats-py formats those with an f-string).
-    """
-    cls = type(nc)
-    if (
-        not _fast_publish
-        or cls.publish is not _original_publish
-        or cls._send_publish is not send_publish
-        or cls._send_command is not _original_send_command
-        or type(subject) is not str  # nats-py formats what it is given with an f-string
-        or type(reply) is not str
-    ):
-        await nc.publish(subject, payload, reply=reply, headers=headers)
-        return
-    if not nc._skip_subject_validation:
-        _validate_subject(subject)
-        if reply:
-            _validate_subject(reply)
-    if nc.is_closed:
-        raise errors.ConnectionClosedError
-    if nc.is_draining_pubs:
-        raise errors.ConnectionDrainingError
-    payload_size = len(payload)
-    max_pending = nc._max_pending_size
-    if not nc.is_connected and (
-        max_pending <= 0 or payload_size + nc._pending_data_size > max_pending
-    ):
-        raise errors.OutboundBufferLimitError
-    if payload_size > nc._max_payload:
-        raise errors.MaxPayloadError
-    if subject == "":
-        raise errors.BadSubjectError
-    if headers is None:
-        cmd = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), payload_size, payload)
-    else:
-        hdr = encode_headers(headers)
-        size = len(hdr)
-        cmd = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
-            subject.encode(), reply.encode(), size, size + payload_size, hdr, payload
-        )
-    stats = nc.stats
-    stats["out_msgs"] += 1
-    stats["out_bytes"] += payload_size
-    nc._pending.append(cmd)
-    nc._pending_data_size += len(cmd)
-    if max_pending > 0 and nc._pending_data_size > max_pending:
-        await nc._flush_pending(force_flush=True)
-    if nc._flush_queue is not None and nc._flush_queue.empty():
-        await nc._flush_pending()
-
-
 def original_parser() -> Any:
     """nats-py's own parser (a staticmethod), for the equivalence test."""
     return _original
@@ -249,38 +168,36 @@ def original_send_publish() -> Any:
     return _original_send_publish
 
 
-def install() -> bool:
-    """Use the faster parser and encoder for every nats-py client in this process.
+def install(nc: Client) -> bool:
+    """Use the faster header parser and encoder on `nc` only (never on its class).
 
-    Each is installed only over the nats-py code it was written against.
+    Each is installed only over the nats-py code it was written against (a fingerprint of
+    the names each original uses): on other code `nc` keeps nats-py's own.
 
     Returns:
         Whether both were installed.
     """
     code = getattr(getattr(_original, "__func__", None), "__code__", None)
-    parser = code is not None and code.co_names == _KNOWN_NAMES
-    if parser:
-        Client._parse_header_lines = staticmethod(parse_header_lines)  # type: ignore[method-assign]
     send_code = getattr(_original_send_publish, "__code__", None)
-    sender = (
-        send_code is not None
+    fits = (
+        code is not None
+        and code.co_names == _KNOWN_NAMES
+        and send_code is not None
         and send_code.co_names == _KNOWN_SEND_NAMES
         and _HEADER_KEY_RE is not None
         and _HEADER_VALUE_NEWLINES is not None
+        and type(nc).__dict__.get("_send_publish", _original_send_publish)
+        is _original_send_publish
     )
-    if sender:
-        Client._send_publish = send_publish  # type: ignore[method-assign]
-    global _fast_publish
-    _fast_publish = (
-        sender
-        and _validate_subject is not None
-        and getattr(Client.publish, "__code__", None) is not None
-        and Client.publish.__code__.co_names == _KNOWN_PUBLISH_NAMES
-        and getattr(Client._send_command, "__code__", None) is not None
-        and Client._send_command.__code__.co_names == _KNOWN_COMMAND_NAMES
-        and prot_command.pub_cmd.__code__.co_names == _KNOWN_PUB_CMD_NAMES
-        and prot_command.hpub_cmd.__code__.co_names == _KNOWN_HPUB_CMD_NAMES
-        and (prot_command.PUB_OP, prot_command.HPUB_OP, prot_command._CRLF_)
-        == ("PUB", "HPUB", "\r\n")
-    )
-    return parser and sender
+    if not fits:
+        return False
+    # Instance attributes shadow the class's: nats-py calls both through `self.`, and every
+    # other client in the process keeps the originals.
+    nc.__dict__["_parse_header_lines"] = parse_header_lines
+    nc.__dict__["_send_publish"] = types.MethodType(send_publish, nc)
+    return True
+
+
+def installed(nc: Client) -> bool:
+    """Whether `nc` parses and encodes headers with this module."""
+    return nc.__dict__.get("_parse_header_lines") is parse_header_lines

@@ -6,8 +6,8 @@ draws a 22-character NUID plus two random bytes for the token, wraps the wait in
 `asyncio.wait_for` (a task and more) and registers a done-callback; on the gateway's
 request path that was about a sixth of the client's CPU (docs/benchmarks.md). Here the
 token is a counter plus four random bytes (unique within this inbox, and not guessable from
-another reply subject), and timeouts share a timer per 10 ms of deadlines. Replies come
-straight from the connection's reader where `nats_parser` is in place. Semantics are
+another reply subject), and timeouts share a timer per 10 ms of deadlines. Only nats-py's
+public API is used (`new_inbox`, `subscribe`, `publish`). Semantics are
 nats-py's: `NoRespondersError` when the server answers for a subject nobody serves,
 `TimeoutError` when no reply came in time (here up to 10 ms after the timeout), publish
 errors unchanged.
@@ -23,8 +23,6 @@ from typing import Final
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-
-from nexus_bus import nats_headers, nats_parser
 
 _STATUS: Final = "Status"  # nats-py puts the inline status of a reply under this key
 _NO_RESPONDERS: Final = "503"
@@ -67,11 +65,7 @@ class Inbox:
             self._loop = asyncio.get_running_loop()
             self._started = self._loop.create_future()
             try:
-                sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
-                # Replies straight from the connection's reader, not through the
-                # subscription's queue and task (nats_parser.py); `_on_reply` still takes
-                # what nats-py delivers itself (a no-responders status).
-                nats_parser.deliver_directly(sub, self._deliver)
+                await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
             except BaseException as exc:
                 started, self._started = self._started, None
                 if isinstance(exc, asyncio.CancelledError):
@@ -135,9 +129,7 @@ class Inbox:
             tokens.add(token)
         self._waiting[token] = future
         try:
-            await nats_headers.publish(
-                self._nc, subject, payload, reply=self._prefix + token, headers=headers
-            )
+            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
             msg = await future
         finally:
             self._waiting.pop(token, None)

@@ -1,9 +1,13 @@
+"""The opt-in speedups (nexus_bus/bus/_speedups): identical to nats-py, per connection only,
+off by default, loud when they cannot install."""
+
 import random
 from typing import Any
 
 import pytest
 
-from nexus_bus import nats_headers
+from nexus_bus.bus import _speedups
+from nexus_bus.bus._speedups import headers as nats_headers
 
 PIECES = [
     b"Nexus-Request-Id",
@@ -57,11 +61,16 @@ def test_known_cases(block: bytes) -> None:
     assert nats_headers.parse_header_lines(block) == original(block)
 
 
-def test_install_targets_the_known_parser() -> None:
+def test_install_is_per_connection_and_identical() -> None:
     from nats.aio.client import Client
 
-    assert nats_headers.install() is True
-    assert Client._parse_header_lines(b"A: b\r\n") == {"A": "b"}
+    ours, theirs = Client(), Client()
+    assert _speedups.install(ours) is True
+    assert _speedups.installed(ours) and not _speedups.installed(theirs)
+    assert ours._parse_header_lines(b"A: b\r\n") == {"A": "b"}
+    # The class keeps nats-py's own code: every other client is untouched.
+    assert Client.__dict__["_parse_header_lines"] is nats_headers.original_parser()
+    assert Client.__dict__["_send_publish"] is nats_headers.original_send_publish()
 
 
 NAME_PIECES = ["Nexus-Request-Id", "traceparent", "A", " ", "\t", "B C", "x:y", "é", "", "~!#"]
@@ -104,13 +113,6 @@ async def test_sending_is_identical_to_nats_py_on_generated_headers() -> None:
     assert await published(nats_headers.send_publish, None) == await published(original, None)
 
 
-def test_install_replaces_both() -> None:
-    from nats.aio.client import Client
-
-    assert nats_headers.install() is True
-    assert Client._send_publish is nats_headers.send_publish
-
-
 async def publish_outcome(
     fast: bool, subject: str, reply: str, payload: bytes, headers: Any
 ) -> Any:
@@ -119,12 +121,11 @@ async def publish_outcome(
     from nats.aio.client import Client
 
     nc = Client()
+    if fast:
+        assert _speedups.install(nc)
     nc._max_payload = 64
     try:
-        if fast:
-            await nats_headers.publish(nc, subject, payload, reply=reply, headers=headers)
-        else:
-            await nc.publish(subject, payload, reply=reply, headers=headers)
+        await nc.publish(subject, payload, reply=reply, headers=headers)
     except Exception as exc:
         return type(exc)
     return [bytes(c) for c in nc._pending], nc._pending_data_size, dict(nc.stats)
@@ -138,30 +139,34 @@ async def publish_outcome(
         ("s", "", b"x", {}),
         ("s.é", "r.é", b"\r\n", {"K": "v\r\nX: y"}),
         ("", "", b"", None),
-        ("bad subject", "", b"", None),
-        ("s", "bad\r\nreply", b"", None),
         ("s", "", b"y" * 65, None),
         ("s", "", b"", {"Bad Name": "v"}),
     ],
 )
-async def test_publish_is_nats_py_publish(
+async def test_publish_with_speedups_is_nats_py_publish(
     subject: str, reply: str, payload: bytes, headers: Any
 ) -> None:
-    """The same bytes queued, the same counters, the same errors as `Client.publish`."""
-    assert nats_headers.install()
+    """The same bytes queued, the same counters, the same errors as stock nats-py."""
     expected = await publish_outcome(False, subject, reply, payload, headers)
     assert await publish_outcome(True, subject, reply, payload, headers) == expected
 
 
-async def test_publish_refuses_like_nats_py_when_closed_or_buffer_full() -> None:
-    from nats import errors
+def test_another_nats_py_minor_is_refused_with_a_warning_and_a_metric(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from nats.aio.client import Client
 
-    closed = Client()
-    closed._status = Client.CLOSED
-    with pytest.raises(errors.ConnectionClosedError):
-        await nats_headers.publish(closed, "s", b"")
-    full = Client()
-    full._max_pending_size = 4
-    with pytest.raises(errors.OutboundBufferLimitError):
-        await nats_headers.publish(full, "s", b"12345")
+    from nexus_bus.observability import METRICS
+
+    monkeypatch.setattr(_speedups, "_nats_py_minor", lambda: "2.17")
+    before = METRICS.speedups_unavailable._value.get()
+    nc = Client()
+    warnings: list[str] = []
+    sink = _speedups.logger.add(lambda m: warnings.append(str(m)), level="WARNING")
+    try:
+        assert _speedups.install(nc) is False
+    finally:
+        _speedups.logger.remove(sink)
+    assert not _speedups.installed(nc)
+    assert METRICS.speedups_unavailable._value.get() == before + 1
+    assert warnings and "2.16" in warnings[0] and "2.17" in warnings[0]

@@ -1,31 +1,38 @@
-"""The worker runtime: FastStream subscribers in one queue group per op.
+"""The worker runtime: a FastStream application, one NATS subscriber per op.
 
-nats-py runs a subscription's callback serially, so the FastStream handler only admits the
-message into a bounded set of tasks (a semaphore of `worker.concurrency` per op) and returns.
-When the set is full the callback waits, and backpressure reaches nats-py's pending limits
-instead of our memory. On drain the subscriptions are closed first (no new work), then
-in-flight tasks finish within the grace period.
+Each op group is a FastStream NATS subscriber on `nexus.<op>.*` in queue group `nexus.<op>`
+(so FastStream documents it in AsyncAPI, and `faststream run nexus_bus.runtime.app:app`
+serves the same app as `nexus-bus worker`). The subscriber's handler is a thin admission
+layer: nats-py runs a subscription's callback serially, so it admits the message into a
+bounded set of tasks (a semaphore of `worker.concurrency` per op) and returns; when the set
+is full it waits, and backpressure reaches nats-py's pending limits instead of our memory.
+Each task runs `Dispatcher.dispatch` (deadline, auth, validation, handler, metrics, tracing,
+error mapping) and replies only on an inbox-shaped subject. On drain the subscriptions are
+drained first (no new work), then in-flight tasks finish within the grace period.
+
+Only public API of FastStream and nats-py is used: the broker's `connect()`, `connection`,
+`subscriber()` and `subscribers`, the app's hooks, and a subscriber's `subscription`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import nats.errors
+from faststream import FastStream
 from faststream.nats import NatsBroker, NatsMessage
+from faststream.nats.subscriber.usecases import CoreSubscriber
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from nexus_bus import lanes, nats_headers, nats_parser
 from nexus_bus.auth import Authenticator, create_authenticator
 from nexus_bus.config import Settings
-from nexus_bus.connection import broker_options, flush_subscriptions
+from nexus_bus.connection import broker_options, flush_subscriptions, install_speedups
 from nexus_bus.constants import H_REQUEST_ID, T_NATS
 from nexus_bus.discovery import WorkerDiscovery
 from nexus_bus.dispatch import Dispatcher, Expired
@@ -51,7 +58,11 @@ async def _raw_message(msg: NatsMessage) -> Msg:
 
 
 class Worker:
-    """Serves registered operations over NATS core request/reply."""
+    """Serves registered operations over NATS core request/reply, as a FastStream app.
+
+    `start()`/`drain()` (or `run()`) drive it from a program or a test; `app` is the same
+    worker as a FastStream application, whose hooks do the same steps.
+    """
 
     def __init__(
         self,
@@ -67,23 +78,54 @@ class Worker:
         # In-flight tasks with their op and absolute deadline (epoch ms), for the reaper.
         self._tasks: dict[asyncio.Task[None], tuple[str, int]] = {}
         self._reaper: asyncio.Task[None] | None = None
-        self._subscriptions: list[Subscription] = []
-        self._lanes: list[lanes.Lane[tuple[str, int]]] = []
         self.lost = asyncio.Event()  # set when the NATS connection is closed for good
         self._draining = False
-        self.broker: NatsBroker | None = None
+        self._refusing = False  # the drain's grace ran out: requests still waiting get 503
+        self._grace_s = settings.worker.drain_grace_s
+        self._nc: Client | None = None
         self.services: Services | None = None
         self.dispatcher: Dispatcher | None = None
         self.jobs: JobRunner | None = None
         self.registration: Registration | None = None
         self.discovery: WorkerDiscovery | None = None  # $SRV and Consul (docs/discovery.md)
+        self._subscribers: list[CoreSubscriber] = []
+        self.broker = self._create_broker()
+        self.app = FastStream(
+            self.broker,
+            logger=None,
+            on_startup=[self._on_startup],
+            after_startup=[self._after_startup],
+            on_shutdown=[self._on_shutdown],
+            after_shutdown=[self._after_shutdown],
+        )
+
+    def _create_broker(self) -> NatsBroker:
+        opts = broker_options(self.settings.nats, name=f"{self.settings.service}-worker")
+        broker = NatsBroker(
+            **opts,
+            decoder=_raw_message,
+            apply_types=False,
+            logger=None,
+            graceful_timeout=self.settings.worker.drain_grace_s,
+        )
+        for group in self.groups:
+            subscriber = broker.subscriber(
+                operation_wildcard(group.op),
+                queue=queue_group(group.op),
+                no_reply=True,  # replies only to inbox subjects, by `_serve`
+                title=f"nexus.{group.op}",
+                description=group.description or None,
+            )
+            subscriber(self._admitter(group.op))
+            self._subscribers.append(subscriber)
+        return broker
 
     @property
     def nc(self) -> Client:
         """The worker's NATS connection (after `start`)."""
-        if self.broker is None or self.broker._connection is None:
+        if self._nc is None:
             raise Unavailable("worker is not started")
-        return self.broker._connection
+        return self._nc
 
     @property
     def authenticator(self) -> Authenticator | None:
@@ -92,8 +134,8 @@ class Worker:
 
     @property
     def inflight(self) -> int:
-        """Requests being handled now (that are waiting on something)."""
-        return len(self._tasks) + sum(len(lane.waiting) for lane in self._lanes)
+        """Requests being handled now."""
+        return len(self._tasks)
 
     async def start(self) -> None:
         """Connect, create streams and buckets, and start serving every op.
@@ -103,78 +145,68 @@ class Worker:
             ConfigError: auth is enabled but no signing or verification keys are configured,
                 or the Consul address or token file is unusable.
         """
+        await self.app.start()
+
+    async def _on_startup(self) -> None:
+        """Before the subscribers: connection, services, auth, dispatcher, jobs, registry."""
         if self.settings.worker.micro or self.settings.consul.enabled:  # docs/discovery.md
             self.discovery = WorkerDiscovery(self.settings, self.groups, unhealthy=self._unhealthy)
-        opts = broker_options(self.settings.nats, name=f"{self.settings.service}-worker")
-        broker = NatsBroker(
-            **opts,
-            decoder=_raw_message,
-            apply_types=False,
-            logger=None,
-            graceful_timeout=self.settings.worker.drain_grace_s,
-        )
-        for group in self.groups if self.settings.worker.faststream_subscribers else ():
-            subscriber = broker.subscriber(
-                operation_wildcard(group.op),
-                queue=queue_group(group.op),
-                no_reply=True,
-                title=f"nexus.{group.op}",
-                description=group.description or None,
-            )
-            subscriber(self._admitter(group.op))
         try:
             async with asyncio.timeout(self.settings.nats.initial_connect_timeout_s):
-                await broker.connect()  # nats-py would otherwise retry the first connect forever
+                # nats-py would otherwise retry the first connect forever.
+                self._nc = await self.broker.connect()
         except (OSError, TimeoutError) as exc:
             url = self.settings.nats.url
             raise Unavailable(f"cannot connect to NATS at {url}: {exc!r}") from exc
-        self.broker = broker
-        nats_parser.install(self.nc)  # the same messages, read with less CPU (nats_parser.py)
+        install_speedups(self.nc, self.settings.nats)  # opt-in, off by default
         self.services = await create_services(self.nc, self.settings)
-        if self._authenticator is None:
-            # Workers are the auth boundary (NATS clients reach them directly): unless given
-            # one, they enforce the token service from settings, failing here without keys.
-            try:
+        try:
+            if self._authenticator is None:
+                # Workers are the auth boundary (NATS clients reach them directly): unless
+                # given one, they enforce the token service from settings, failing here
+                # without keys.
                 self._authenticator = await create_authenticator(self.settings, self.services)
-            except BaseException:
-                await close_services(self.services)
-                await broker.stop()
-                raise
-        self.dispatcher = Dispatcher(
-            self.settings,
-            self.groups,
-            self.services,
-            authenticator=self._authenticator,
-            transport=T_NATS,
-            enforce_deadline=False,  # the reaper below does it for the whole worker
-        )
-        # Declared before subscribing: a request in between is a 503 (declared), never a 404.
-        self.registration = await register(self.nc, self.settings, self.groups)
-        await broker.start()
+            self.dispatcher = Dispatcher(
+                self.settings,
+                self.groups,
+                self.services,
+                authenticator=self._authenticator,
+                transport=T_NATS,
+                enforce_deadline=False,  # the reaper below does it for the whole worker
+            )
+            if self.settings.jobs.enabled and self.groups:
+                # Same ops, same handlers, on JetStream: the durable job consumers
+                # (docs/jobs.md, and docs/runtime.md for why not a FastStream subscriber).
+                self.jobs = JobRunner(
+                    self.nc, self.settings, self.groups, self.services,
+                    authenticator=self._authenticator,
+                )
+                await self.jobs.start()
+            # Declared before subscribing: a request in between is a 503, never a 404.
+            self.registration = await register(self.nc, self.settings, self.groups)
+        except BaseException:
+            await self._release()
+            raise
         self._reaper = asyncio.create_task(self._reap_expired())
         # Read at scrape time: no per-request cost on the hot path.
         METRICS.inflight.labels(T_NATS).set_function(lambda: self.inflight)
-        if self.settings.jobs.enabled and self.groups:
-            # Same ops, same handlers, on JetStream: the durable job consumers (docs/jobs.md).
-            self.jobs = JobRunner(
-                self.nc, self.settings, self.groups, self.services,
-                authenticator=self._authenticator,
-            )
-            try:
-                await self.jobs.start()
-            except BaseException:
-                await self.drain(0)  # release the broker and services this start opened
-                raise
-        if not self.settings.worker.faststream_subscribers:
-            # Last, so answering requests means fully started. The fast path
-            # (docs/runtime.md): the same admission on the broker's own connection, without
-            # FastStream's per-message pipeline, which halves throughput.
-            for group in self.groups:
-                await self._serve_lane(group.op)
-            await flush_subscriptions(self.nc)  # requests reach us from now
+
+    async def _after_startup(self) -> None:
+        """The subscribers are up (FastStream subscribed them last): answer from now on."""
+        await flush_subscriptions(self.nc)  # requests reach us from now
         if self.discovery is not None:
             await self.discovery.start(self.nc)  # registers in the background
         logger.info("worker serving ops {}", ",".join(g.op for g in self.groups))
+
+    async def _release(self) -> None:
+        """Undo a start that failed half way: jobs, services and the connection."""
+        if self.jobs is not None:
+            await self.jobs.drain(0)
+        if self.services is not None:
+            await close_services(self.services)
+            self.services = None
+        with contextlib.suppress(nats.errors.Error, RuntimeError, OSError):
+            await self.broker.stop()
 
     def _unhealthy(self) -> str | None:
         """Why this worker cannot serve now (None: it can); its Consul TTL check follows it."""
@@ -185,32 +217,6 @@ class Worker:
         if self._reaper is None or self._reaper.done():
             return "the deadline reaper stopped"
         return None
-
-    async def _serve_lane(self, op: str) -> None:
-        """Subscribe to `op` and serve it in a lane (no task per request that never waits)."""
-        subject, queue = operation_wildcard(op), queue_group(op)
-        sub = await self.nc.subscribe(subject, queue=queue)
-        if not lanes.supported(sub):  # a nats-py without the queue a lane reads
-            await sub.unsubscribe()
-            sub = await self.nc.subscribe(subject, queue=queue, cb=self._admitter(op))
-            self._subscriptions.append(sub)
-            return
-
-        def start(msg: Msg) -> tuple[Coroutine[Any, Any, None], tuple[str, int]]:
-            deadline = self._deadline_of(msg)
-            return self._serve(op, msg, deadline), (op, deadline)
-
-        lane = lanes.Lane(sub, start, concurrency=self.settings.worker.concurrency)
-        lane.start()
-        self._subscriptions.append(sub)
-        self._lanes.append(lane)
-
-    def _in_flight(self) -> list[tuple[asyncio.Task[None], tuple[str, int]]]:
-        """Requests being served that are waiting (the others finish without yielding)."""
-        found = list(self._tasks.items())
-        for lane in self._lanes:
-            found.extend(lane.waiting.items())
-        return found
 
     def _deadline_of(self, msg: Msg) -> int:
         """When a request received now must be answered by (epoch ms), counted from receipt."""
@@ -225,6 +231,10 @@ class Worker:
             # only by its task's done-callback.
             deadline = self._deadline_of(msg)
             await limit.acquire()
+            if self._refusing:
+                limit.release()
+                await self._refuse(msg)
+                return
             task = asyncio.create_task(self._serve(op, msg, deadline))
             self._tasks[task] = (op, deadline)
             task.add_done_callback(release)
@@ -256,9 +266,7 @@ class Worker:
         if reply_to:
             result = self._fit(op, result)
             try:
-                await nats_headers.publish(
-                    self.nc, reply_to, result.body, headers=result.headers
-                )
+                await self.nc.publish(reply_to, result.body, headers=result.headers)
             except Exception as exc:
                 logger.warning("could not send reply: {}", exc)
 
@@ -287,35 +295,37 @@ class Worker:
         skew = self.settings.worker.clock_skew_ms
         while True:
             await asyncio.sleep(interval_s)
-            connection = self.broker._connection if self.broker is not None else None
-            if connection is not None and connection.is_closed and not self._draining:
+            if self._nc is not None and self._nc.is_closed and not self._draining:
                 # nats-py closes for good on some server errors: exit, so a supervisor
                 # restarts us, instead of idling as a worker nobody can reach.
                 logger.error("NATS connection closed for good; stopping the worker")
                 self.lost.set()
+                self.app.exit()  # ends `FastStream.run` (and so `run()`) when it runs us
                 return
             now_ms = time.time() * 1000
-            for task, (op, deadline) in self._in_flight():
+            for task, (op, deadline) in list(self._tasks.items()):
                 if now_ms > deadline + skew and not task.done():
                     task.cancel()
                     METRICS.expired.labels(op).inc()
 
     async def _stop_taking_requests(self, grace: float) -> None:
-        """Unsubscribe every op; what was already delivered to this process is still served."""
-        for subscription in self._subscriptions:
-            # drain(): no new requests reach us, and those already delivered to this process
-            # are still admitted (unsubscribe() would discard them, and their callers would
-            # wait out their timeouts).
-            try:
-                await asyncio.wait_for(subscription.drain(), grace)  # type: ignore[no-untyped-call]
-            except (TimeoutError, nats.errors.Error):
-                with contextlib.suppress(nats.errors.Error):
-                    await subscription.unsubscribe()
-        for lane in self._lanes:
-            for msg in lane.stop():
-                await self._refuse(msg)
-        assert self.broker is not None
-        for subscriber in self.broker.subscribers:
+        """Stop every op's subscriber; what was already delivered is still served."""
+        for subscriber in self._subscribers:
+            subscription = subscriber.subscription
+            if isinstance(subscription, Subscription):
+                # drain(): no new requests reach us, and those already delivered to this
+                # process are still admitted (unsubscribe() would discard them, and their
+                # callers would wait out their timeouts).
+                try:
+                    await asyncio.wait_for(subscription.drain(), grace)  # type: ignore[no-untyped-call]
+                except (TimeoutError, nats.errors.Error):
+                    self._refusing = True  # the ones still waiting for a slot: 503
+                    with contextlib.suppress(nats.errors.Error):
+                        await subscription.unsubscribe()
+                # FastStream has no drain of its own: its stop() would unsubscribe the drained
+                # (closed) subscription again, and fail. Handing it back as "none" makes its
+                # stop() only mark the subscriber stopped.
+                subscriber.subscription = None
             await subscriber.stop()
 
     async def _refuse(self, msg: Msg) -> None:
@@ -329,53 +339,65 @@ class Worker:
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop taking requests, let in-flight ones finish within `grace_s`, then disconnect."""
-        if self._draining or self.broker is None:
+        if self._draining or self._nc is None:
+            return
+        if grace_s is not None:
+            self._grace_s = grace_s
+        try:
+            await self.app.stop()  # the shutdown hooks below, around the broker's stop
+        except nats.errors.Error as exc:
+            await self._stopped_without_nats(exc)
+
+    async def _stopped_without_nats(self, exc: nats.errors.Error) -> None:
+        """The broker could not drain its connection: NATS is down (reconnecting) or closed,
+        and nothing can be flushed any more. Close it, and finish the shutdown."""
+        logger.warning("NATS unavailable while stopping ({!r}); closing", exc)
+        # nats-py's close() writes its pending buffer even onto a dead transport; uvloop
+        # refuses with RuntimeError. The connection is gone either way.
+        with contextlib.suppress(nats.errors.Error, RuntimeError, OSError):
+            await self.nc.close()
+        await self._after_shutdown()
+
+    async def _on_shutdown(self) -> None:
+        """Before the broker stops: out of discovery, no new requests, in-flight finish."""
+        if self._draining:
             return
         self._draining = True
         if self.discovery is not None:
             await self.discovery.stop()  # out of Consul and $SRV before anything else stops
-        grace = self.settings.worker.drain_grace_s if grace_s is None else grace_s
+        grace = self._grace_s
         if self.registration is not None:
             await self.registration.stop()  # still declared, no longer served
         await self._stop_taking_requests(grace)
         if self.jobs is not None:
             await self.jobs.drain(grace)  # stop fetching jobs; unfinished ones are handed back
-        in_flight = {task for task, _ in self._in_flight()}
+        in_flight = set(self._tasks)
         if in_flight:
             logger.info("draining {} in-flight requests", len(in_flight))
             _, pending = await asyncio.wait(in_flight, timeout=grace)
+            self._refusing = True
             for task in pending:
                 task.cancel()
         if self._reaper is not None:
             self._reaper.cancel()
-        try:
-            await self.broker.stop()  # drains the connection: queued replies are flushed
-        except nats.errors.Error as exc:
-            # NATS is down (reconnecting) or already closed: nothing can be flushed any more.
-            logger.warning("NATS unavailable while stopping ({!r}); closing", exc)
-            if self.broker._connection is not None:
-                # nats-py's close() writes its pending buffer even onto a dead transport;
-                # uvloop refuses with RuntimeError. The connection is gone either way.
-                with contextlib.suppress(nats.errors.Error, RuntimeError, OSError):
-                    await self.broker._connection.close()
+
+    async def _after_shutdown(self) -> None:
+        """After the broker drained its connection (queued replies flushed): services."""
         if self.services is not None:
             await close_services(self.services)
-        logger.info("worker stopped")
+            self.services = None
+            logger.info("worker stopped")
 
     async def run(self) -> None:
-        """Start, serve until SIGTERM or SIGINT, then drain."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await self.start()
+        """Serve as a FastStream app until SIGTERM or SIGINT (or the connection is lost for
+        good), draining on the way out.
+
+        Raises:
+            Unavailable: the NATS connection was closed by the server.
+        """
         try:
-            stopped = asyncio.create_task(stop.wait())
-            lost = asyncio.create_task(self.lost.wait())
-            await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            lost.cancel()
-        finally:
-            await self.drain()
+            await self.app.run()
+        except nats.errors.Error as exc:
+            await self._stopped_without_nats(exc)
         if self.lost.is_set():
             raise Unavailable("the NATS connection was closed by the server")

@@ -16,6 +16,8 @@ import nats.errors
 from nats.aio.client import Client
 
 from nexus_bus import codec
+from nexus_bus.bus.nats_errors import map_nats_error
+from nexus_bus.client.inbox import Inbox
 from nexus_bus.config import Settings
 from nexus_bus.connection import connect_nats
 from nexus_bus.constants import (
@@ -33,11 +35,9 @@ from nexus_bus.errors import (
     NexusError,
     NoResponders,
     PayloadTooLarge,
-    Unavailable,
     UnknownOperation,
     UpstreamTimeout,
 )
-from nexus_bus.inbox import Inbox
 from nexus_bus.jobs.client import get_job, submit_job
 from nexus_bus.metadata import (
     check_headers,
@@ -255,15 +255,15 @@ class Gateway:
             )
         try:
             msg = await self._inbox.request(subject, body, timeout_s=timeout_s, headers=headers)
-        except nats.errors.NoRespondersError:
-            raise await self._no_responders(op, action) from None
-        except nats.errors.TimeoutError:
-            raise UpstreamTimeout(f"{op}.{action} did not answer within {timeout_s:g}s") from None
-        except nats.errors.OutboundBufferLimitError as exc:
-            # Disconnected long enough to fill the reconnect buffer: fail fast, retryable.
-            raise Unavailable("NATS is unreachable and the reconnect buffer is full") from exc
-        except nats.errors.Error as exc:  # closed, draining, reconnecting, and the rest
-            raise Unavailable(f"NATS connection unavailable: {type(exc).__name__}") from exc
+        except (nats.errors.Error, OSError) as exc:  # the NATS adapter's one mapping
+            error = map_nats_error(exc, f"{op}.{action}")
+            if isinstance(error, NoResponders):
+                raise await self._no_responders(op, action) from None
+            if isinstance(error, UpstreamTimeout):
+                raise UpstreamTimeout(
+                    f"{op}.{action} did not answer within {timeout_s:g}s"
+                ) from None
+            raise error from exc
         return Reply(status_of(msg.headers), msg.headers or {}, msg.data)
 
     async def _no_responders(self, op: str, action: str) -> NexusError:

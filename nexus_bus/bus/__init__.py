@@ -1,0 +1,1 @@
+"""The bus layer: what every connection nexus-bus opens shares (see docs/runtime.md)."""

@@ -1,0 +1,1 @@
+"""The client layer: the gateway (request, submit, retries, breakers) and its inbox."""

@@ -7,6 +7,11 @@ atomic step on the server: without that, a slow read-through fill could land aft
 write and bring an old value back. Entry and lease share a hash tag (see `keys.py`), so the
 scripts are legal on Redis Cluster.
 
+Reads are auto-pipelined (as ioredis does): the reads a process makes in one event-loop
+tick go to Redis as one pipeline, one round trip and one pooled connection for all of them,
+instead of one connection each. On a cluster each read is sent alone (a cluster pipeline
+splits per node anyway).
+
 Every redis-py exception, and a call exceeding `timeout_s`, becomes `CacheUnavailable`
 here and nowhere else.
 """
@@ -18,7 +23,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from nexus_bus.cache.entries import CacheUnavailable, Entry, Holder, Kind, Lookup, Written
 from nexus_bus.cache.keys import CacheKey
@@ -139,6 +144,7 @@ return out
 """
 
 _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+_Queued = tuple[list[str], list[str | int], "asyncio.Future[Any]"]  # keys, args, the answer
 
 
 def _text(raw: Any) -> str:
@@ -176,6 +182,8 @@ class RedisEntryStore:
         self._timeout_s = timeout_s
         self._cluster = isinstance(client, RedisCluster)
         self._epoch = [] if self._cluster or not epoch_key else [epoch_key]
+        self._batch: list[_Queued] = []
+        self._senders: set[asyncio.Task[None]] = set()
         self._read = client.register_script(READ_LUA)
         self._fill = client.register_script(FILL_LUA)
         self._release = client.register_script(RELEASE_LUA)
@@ -245,12 +253,64 @@ class RedisEntryStore:
             CacheUnavailable: Redis failed or did not answer in time.
         """
         args: list[str | int] = [token, lease_ms, min_revision, holder, hold_ms]
-        reply = await self._run("read", self._read(keys=self._keys(key), args=args))
+        if self._cluster:
+            reply = await self._run("read", self._read(keys=self._keys(key), args=args))
+        else:
+            reply = await self._run("read", self._queue_read(self._keys(key), args))
         status, lease = int(reply[0]), bool(int(reply[1]))
         if status == 0:
             return Lookup(None, lease=lease)
         entry = Entry(Kind(_text(reply[3])), int(reply[2]), _bytes(reply[4]))
         return Lookup(entry, stale=status == 2, lease=lease, held=bool(int(reply[5])))
+
+    def _queue_read(self, keys: list[str], args: list[str | int]) -> asyncio.Future[Any]:
+        """The answer to one read, sent with every other read queued in this loop tick."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._batch.append((keys, args, answer))
+        if len(self._batch) == 1:
+            loop.call_soon(self._flush)
+        return answer
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        sender = asyncio.get_running_loop().create_task(self._send(batch))
+        self._senders.add(sender)
+        sender.add_done_callback(self._senders.discard)
+
+    async def _send(self, batch: list[_Queued]) -> None:
+        """Run the batch's reads in one pipeline; each reader gets its own reply or error."""
+        try:
+            replies = await self._pipeline(batch)
+        except asyncio.CancelledError:
+            for _, _, answer in batch:
+                answer.cancel()
+            raise
+        except Exception as exc:
+            replies = [exc] * len(batch)
+        for (_, _, answer), reply in zip(batch, replies, strict=True):
+            if answer.done():  # its reader timed out meanwhile
+                continue
+            if isinstance(reply, Exception):
+                answer.set_exception(reply)
+            else:
+                answer.set_result(reply)
+
+    async def _pipeline(self, batch: list[_Queued]) -> list[Any]:
+        if len(batch) == 1:
+            keys, args, _ = batch[0]
+            return [await self._read(keys=keys, args=args)]
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            # EVALSHA directly: a pipeline given the Script object would first ask
+            # SCRIPT EXISTS, one more round trip per batch.
+            pipe.evalsha(self._read.sha, len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        for index, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):  # a restarted Redis: load it, send again
+                keys, args, _ = batch[index]
+                replies[index] = await self._read(keys=keys, args=args)
+        return replies
 
     async def fill(
         self,

@@ -67,6 +67,7 @@ _REPAIR_BACKOFF = ExponentialBackoff(base_s=0.2, cap_s=5.0, jitter=Jitter.EQUAL)
 # Waiting out a read lease that no holder acknowledged: Redis measured the lease on its own
 # clock; allow for clocks that run at slightly different rates, and for timer slack.
 _DRIFT = 0.01
+_MAX_NAMES = 4096
 _SLACK_S = 0.002
 _encode = msgspec.json.Encoder().encode
 
@@ -143,6 +144,9 @@ class Cache:
         self._tokens = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
         self._repair_task: asyncio.Task[None] | None = None
+        # Names of recently used keys: building one validates and formats on every read,
+        # and a hot key is read thousands of times a second. Bounded; cleared when full.
+        self._names: dict[tuple[str, str], CacheKey] = {}
 
     def attach(self, peers: Peers | None) -> None:
         """Connect the cache to its peers (once the bus is subscribed)."""
@@ -154,7 +158,13 @@ class Cache:
         Raises:
             ValueError: an invalid namespace or key.
         """
-        return build_key(self.prefix, namespace, key)
+        names = self._names.get((namespace, key))
+        if names is None:
+            names = build_key(self.prefix, namespace, key)
+            if len(self._names) >= _MAX_NAMES:
+                self._names.clear()
+            self._names[(namespace, key)] = names
+        return names
 
     # -- reads ---------------------------------------------------------------------------
 

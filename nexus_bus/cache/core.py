@@ -194,6 +194,8 @@ class Cache:
         pause, waited = _FIRST_POLL_S, False
         while True:
             minimum = self.floors.minimum(ck.entry)
+            if held and self._local is not None:
+                self._local.expect(policy.local_ttl_s)
             read_at = self._clock()  # before the read: the lease ends before Redis's record
             lookup = await self._attempt(
                 self._store.read, ck, token=token, lease_ms=policy.lease_ms,

@@ -76,6 +76,12 @@ class LocalCache:
         self._items.move_to_end(key)
         return item[0]
 
+    def expect(self, lease_s: float) -> None:
+        """A read under a lease of `lease_s` is about to be sent: revocations must be kept
+        at least that long, or its answer could outlive the revocation that refuses it."""
+        if lease_s > self._longest_s:
+            self._longest_s = lease_s
+
     def put(self, key: str, entry: Entry, *, read_at: float, expires_at: float) -> bool:
         """Keep `entry`, read (sent to the store) at `read_at`, until its lease ends at
         `expires_at`. Refused when the lease has already run out, when the key was revoked

@@ -169,3 +169,15 @@ def test_local_cache_refuses_entries_read_before_a_revocation_or_past_their_leas
     assert not local.put("k", V7, read_at=late, expires_at=late + 5)
     clock.now += 0.1
     assert local.put("k", V7, read_at=clock.now, expires_at=clock.now + 5)
+
+
+def test_a_revocation_is_remembered_for_a_read_in_flight_before_any_entry_was_kept() -> None:
+    clock = FakeClock()
+    local = LocalCache(10, clock=clock)
+    local.expect(1.0)  # the first read of this L1 is sent, with a 1 s lease
+    read_at = clock.now
+    clock.now += 0.1
+    local.drop("k")  # a writer revokes k
+    clock.now += 0.1
+    local.drop("j")  # and another key: k's revocation must not be forgotten yet
+    assert not local.put("k", V5, read_at=read_at, expires_at=read_at + 1.0)

@@ -400,17 +400,22 @@ class Cache:
             hold_ms=policy.local_ms,
         )
         if self._peers is not None and self._peer_breaker.allow():
-            if await self._peers.fence(notice):  # the peer revoked the read leases too
+            fenced = await self._peers.fence(notice)  # the peer revokes the leases it finds
+            if fenced:
                 self._peer_breaker.record_success()
-                return
-            self._peer_breaker.record_failure()
-        # Debug only: during an outage every write comes here; the breaker logs the outage.
-        logger.debug("cache write-through failed and no peer could fence; keeping a floor")
-        self._raise_floor(notice)
-        await self._announce(msgspec.structs.replace(notice, floor=True))
+            else:
+                self._peer_breaker.record_failure()
+        else:
+            fenced = False
+        if not fenced:
+            # Debug only: during an outage every write comes here; the breaker logs it.
+            logger.debug("cache write-through failed and no peer could fence; keeping a floor")
+            self._raise_floor(notice)
+            await self._announce(msgspec.structs.replace(notice, floor=True))
         if policy.local_ms:
-            # Nobody could collect the read leases: every L1 copy of an older value was
-            # handed out before now, so it is gone one lease from now.
+            # This writer's own script may have run, and cleared the holders, before its
+            # answer was lost (a timeout): nobody can name them any more. Every L1 copy of
+            # an older value was handed out before now, so it is gone one lease from now.
             await asyncio.sleep(policy.local_ttl_s * (1 + _DRIFT) + _SLACK_S)
 
     async def _announce(self, notice: Notice) -> None:

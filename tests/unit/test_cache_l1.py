@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from nexus_bus.cache import Cache, CachePolicy, Entry
+from nexus_bus.cache import Cache, CachePolicy, CacheUnavailable, Entry
 from nexus_bus.cache.local import LocalCache
 from nexus_bus.cache.memory import MemoryEntryStore
 from nexus_bus.cache.notice import Notice
@@ -25,6 +25,7 @@ class LocalPeers:
         self.caches: dict[str, Cache] = {}
         self.paused: set[str] = set()
         self.revoked: list[str] = []
+        self.fencer = ""  # the cache that answers fence requests ("": nobody can)
 
     def join(self, cache: Cache) -> Cache:
         self.caches[cache.origin] = cache
@@ -32,7 +33,7 @@ class LocalPeers:
         return cache
 
     async def fence(self, notice: Notice) -> bool:
-        return False
+        return bool(self.fencer) and await self.caches[self.fencer].apply_fence(notice)
 
     async def announce(self, notice: Notice) -> None:
         pass  # notices are best effort: the leases alone must keep the guarantee
@@ -149,3 +150,28 @@ async def test_the_planted_bug_serves_a_stale_value(
     await read(b)
     await a.write("data", "k", Entry.of(b"new", 2), POLICY)
     assert await read(b) == (b"old" if planted else b"new")
+
+
+async def test_a_write_whose_answer_was_lost_after_it_ran_still_waits_out_the_holders() -> None:
+    """The script ran (and cleared the holders) but its answer timed out; a peer fences the
+    key, but nobody can name the holders any more, so the writer waits one lease."""
+    store, peers, a, _ = pair()
+    holder = peers.join(Cache(store, local=LocalCache(100), origin="c"))
+    peers.fencer = "b"
+    await a.write("data", "k", Entry.of(b"old", 1), POLICY)
+    await read(holder)
+    original = store.fill
+
+    async def ran_then_lost(*args: object, **kwargs: object) -> object:
+        answer = await original(*args, **kwargs)  # type: ignore[arg-type]
+        if store.fill is ran_then_lost and kwargs.get("collect") and args[1].revision == 2:
+            store.fill = original  # type: ignore[method-assign]
+            raise CacheUnavailable("timed out after the script ran")
+        return answer
+
+    store.fill = ran_then_lost  # type: ignore[method-assign]
+    started = time.monotonic()
+    await a.write("data", "k", Entry.of(b"new", 2), POLICY)
+    assert time.monotonic() - started >= LEASE_S * 0.9
+    assert peers.revoked == []  # the holders were cleared with the lost answer
+    assert await read(holder) == b"new"

@@ -6,7 +6,15 @@ import random
 
 import pytest
 
-from tests.linearizability import Action, Op, check, linearizable, stale_reads
+from tests.linearizability import (
+    Action,
+    Op,
+    check,
+    check_history,
+    linearizable,
+    prune,
+    stale_reads,
+)
 
 W, D, R = Action.WRITE, Action.DELETE, Action.READ
 
@@ -100,3 +108,13 @@ def test_histories_of_a_real_register_always_pass(seed: int) -> None:
         else:
             ops.append(op(R, state, start, end))
     assert check(ops) == []
+
+
+def test_unobserved_writes_of_unknown_outcome_are_pruned_and_budgets_are_inconclusive() -> None:
+    lost = [op(W, f"lost{n}", n, None) for n in range(40)]  # 40 writes open to the end
+    history = [op(W, "a", -2, -1), *lost, op(R, "a", 50, 51), op(R, "lost3", 52, 53)]
+    kept = prune(history)
+    assert len(kept) == 4 and check(history) == []  # lost3 was read: it stays
+    report = check_history([op(W, "a", 0, 1), op(W, "b", 2, 3), op(R, "a", 4, 5)], max_steps=1)
+    assert report.inconclusive == ["k"]
+    assert report.problems  # the direct check still flags the stale read

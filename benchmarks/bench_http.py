@@ -3,6 +3,7 @@
     python -m benchmarks.bench_http [--seconds 2] [--rounds 3] [--concurrency 1,16,128] [--servers]
     python -m benchmarks.bench_http --policies [--seconds 2] ...   # policy layer on vs off
     python -m benchmarks.bench_http --baseline /tmp/base ...  # this code beside another checkout
+    python -m benchmarks.bench_http --data [--seconds 2] ...       # data.get vs Moleculer
 
 Targets, each measured at each concurrency in the same run:
 
@@ -19,6 +20,11 @@ Targets, each measured at each concurrency in the same run:
   from batches of tokens the worker leases from the shared GCRA) beside the same pair with
   `NEXUS_RESILIENCE__ENABLED=false`, and a pair with the layer on but no limit
   (docs/resilience.md).
+- with `--data`, instead (issue 15, docs/benchmarks.md): `data.get` of a hot key through the
+  shim and a `data` worker (auth on), with the L1 and with it off (the Redis path), the same
+  at commit 9e0cb4b (the code before the L1, extracted with `git archive`), beside the
+  uvicorn bridge, nexus's own trivial op, and Moleculer 0.14 + moleculer-web over the same
+  nats-server with an in-memory `data.get` (installed with npm into `~/.cache/nexus-bus`).
 
 The load generator (`wrk`, else a Python closed loop) runs on CPU 0; everything under test
 (nats-server, Redis, bridges, shim, workers) on CPU 1, via `taskset`.
@@ -35,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Sequence
@@ -52,6 +59,13 @@ RAW_PREFIX = "bench.raw"
 OP_PATH = "/v1/bench/echo"
 BODY = b'{"key":"bench-key","n":42}'
 HERE = Path(__file__).resolve().parent.parent
+DATA_PATH = "/v1/data/get"
+HOT_KEY = "bench.hot"
+DATA_BODY = b'{"key":"%s"}' % HOT_KEY.encode()
+# The hot value (as bench_cache's): written through the target before it is measured.
+PUT_BODY = msgspec.json.encode({"key": HOT_KEY, "value": {"n": 1, "s": "x" * 256}})
+BEFORE_L1: Final = "9e0cb4b"  # issue 15's "today": the Redis path before this work
+MOLECULER_DIR = Path.home() / ".cache" / "nexus-bus" / "bench-moleculer"
 
 
 class EchoRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -204,31 +218,43 @@ def _pin(cpu: int) -> list[str]:
     return []
 
 
-def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    # A baseline target (`--baseline DIR`) runs another checkout's code with its own Python.
-    python = env.get(BASELINE_PYTHON, sys.executable)
+def _spawn(argv: list[str], env: dict[str, str], cwd: Path = HERE) -> subprocess.Popen[bytes]:
+    # `node ...` runs node; anything else Python: this environment's, or a baseline checkout's
+    # own (`--baseline DIR`), started in that checkout.
+    program = [] if argv[0] == "node" else [env.get(BASELINE_PYTHON, sys.executable)]
     return subprocess.Popen(
-        [*_pin(1), python, *argv], env=env, cwd=env.get(BASELINE_CWD, str(HERE)),
+        [*_pin(1), *program, *argv], env=env, cwd=env.get(BASELINE_CWD, str(cwd)),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
 
 
-def _wait_http(port: int, headers: dict[str, str], procs: list[subprocess.Popen[bytes]]) -> None:
-    deadline = time.monotonic() + 20
+def _post(port: int, path: str, body: bytes, headers: dict[str, str]) -> int:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=body, headers=headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=2) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+def _wait_http(
+    port: int, headers: dict[str, str], procs: list[subprocess.Popen[bytes]], target: Target
+) -> None:
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         for p in procs:
             if p.poll() is not None:
                 err = p.stderr.read().decode()[-2000:] if p.stderr else ""
                 raise RuntimeError(f"a benchmark process exited: {p.args}\n{err}")
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}{OP_PATH}", data=BODY, headers=headers, method="POST"
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
+        if target.setup and _post(port, target.setup[0], target.setup[1], headers) != 200:
+            time.sleep(0.2)
+            continue
+        if _post(port, target.path, target.body, headers) == 200:
+            return
         time.sleep(0.2)
     raise RuntimeError(f"port {port} did not answer 200 in time")
 
@@ -237,11 +263,13 @@ _LAT = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def run_wrk(name: str, port: int, conc: int, seconds: float, script: Path) -> Result:
+def run_wrk(
+    name: str, port: int, conc: int, seconds: float, script: Path, path: str = OP_PATH
+) -> Result:
     """One wrk run on CPU 0 (one thread: the other CPU belongs to the system under test)."""
     out = subprocess.run(
         [*_pin(0), "wrk", "-t1", f"-c{conc}", f"-d{seconds:g}s", "--latency", "-s", str(script),
-         f"http://127.0.0.1:{port}{OP_PATH}"],
+         f"http://127.0.0.1:{port}{path}"],
         capture_output=True, text=True, check=True,
     ).stdout
     lat = {m.group(1): float(m.group(2)) * _UNIT_MS[m.group(3)] for m in _LAT.finditer(out)}
@@ -253,17 +281,18 @@ def run_wrk(name: str, port: int, conc: int, seconds: float, script: Path) -> Re
 
 
 async def run_python(
-    name: str, port: int, conc: int, seconds: float, headers: dict[str, str]
+    name: str, port: int, conc: int, seconds: float, headers: dict[str, str],
+    path: str = OP_PATH, body: bytes = BODY,
 ) -> Result:
     """The fallback load generator when wrk is absent (slower: it shares CPU 0 only)."""
     import aiohttp
 
-    url = f"http://127.0.0.1:{port}{OP_PATH}"
+    url = f"http://127.0.0.1:{port}{path}"
     limits = aiohttp.TCPConnector(limit=conc)
     async with aiohttp.ClientSession(connector=limits) as session:
 
         async def call() -> None:
-            async with session.post(url, data=BODY, headers=headers) as resp:
+            async with session.post(url, data=body, headers=headers) as resp:
                 await resp.read()
                 if resp.status != 200:
                     raise RuntimeError(resp.status)
@@ -276,13 +305,19 @@ class Target(NamedTuple):
 
     A target with `own_nats` gets a nats-server of its own, so its workers do not share a
     queue group with another target's (a variant of the nexus target must not serve the
-    plain one's requests); `{otlp}` in `env` becomes the OTLP sink's address.
+    plain one's requests); `{otlp}` in `env` becomes the OTLP sink's address. `path` and
+    `body` are what the load posts; `setup` is posted first (and must answer 200); `cwd`
+    is where the processes start (a checkout of other code imports from there).
     """
 
     name: str
-    roles: list[tuple[str, list[str]]]  # (role, python argv)
+    roles: list[tuple[str, list[str]]]  # (role, python argv, or ["node", ...])
     env: dict[str, str] = {}  # noqa: RUF012 - read only
     own_nats: bool = False
+    path: str = OP_PATH
+    body: bytes = BODY
+    setup: tuple[str, bytes] | None = None
+    cwd: Path = HERE
 
 
 NEXUS_ROLES: Final = [
@@ -350,6 +385,73 @@ def _targets(url: str, servers: bool, tracing: bool) -> list[Target]:
     return targets
 
 
+DATA_ROLES: Final = [
+    ("worker", ["-m", "nexus_bus", "worker", "--ops", "data"]),
+    ("shim", ["-m", "nexus_bus", "shim", "--port", "{port}"]),
+]
+
+
+def install_moleculer() -> Path | None:
+    """Moleculer and moleculer-web, installed with npm into a cache dir once; the peer script
+    copied beside them. None (with the reason printed) when node or npm cannot do it."""
+    source = HERE / "benchmarks" / "moleculer"
+    MOLECULER_DIR.mkdir(parents=True, exist_ok=True)
+    for name in ("package.json", "peer.js"):
+        shutil.copyfile(source / name, MOLECULER_DIR / name)
+    if not (MOLECULER_DIR / "node_modules" / "moleculer-web").is_dir():
+        done = subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=MOLECULER_DIR, capture_output=True, text=True, check=False,
+        )
+        if done.returncode != 0:
+            print(f"moleculer: npm install failed: {done.stderr[-500:]}", file=sys.stderr)
+            return None
+    return MOLECULER_DIR / "peer.js"
+
+
+def checkout(commit: str, into: Path) -> Path | None:
+    """The tree of `commit`, extracted with `git archive` (no worktree), laid out as the
+    installed package (handlers/ and schemas/ linked under nexus_bus/, as `make typecheck`)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(HERE), "archive", commit], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        print(f"{commit}: not in this clone's history, not measured", file=sys.stderr)
+        return None
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    for name in ("handlers", "schemas"):
+        (into / "nexus_bus" / name).symlink_to(into / name)
+    return into
+
+
+def _data_targets(url: str, tmp: Path) -> list[Target]:
+    """Issue 15's targets: the nexus data.get variants beside the bridges, in one run."""
+    me = ["-m", "benchmarks.bench_http"]
+    responder = ("responder", [*me, "--serve-responder", url])
+    hot = {"path": DATA_PATH, "body": DATA_BODY, "setup": ("/v1/data/put", PUT_BODY)}
+    targets = [
+        Target("uvicorn bridge -> raw", [responder, ("bridge", [*me, "--serve-uvicorn", "{port}",
+                                                                 url])]),
+        Target("nexus trivial op", NEXUS_ROLES),
+        Target("nexus data.get hot", DATA_ROLES, {}, True, **hot),  # type: ignore[arg-type]
+        Target("nexus data.get L1 off", DATA_ROLES,
+               {"NEXUS_CACHE__LOCAL_TTL_S": "0", "NEXUS_CACHE__KEY_PREFIX": "nexus:l1off"},
+               True, **hot),  # type: ignore[arg-type]
+    ]
+    if (old := checkout(BEFORE_L1, tmp / "before-l1")) is not None:
+        targets.append(Target(f"nexus data.get {BEFORE_L1}", DATA_ROLES,
+                              {"NEXUS_CACHE__KEY_PREFIX": "nexus:old", "PYTHONPATH": str(old)},
+                              True, cwd=old, **hot))  # type: ignore[arg-type]
+    if shutil.which("node") and (peer := install_moleculer()) is not None:
+        roles = [
+            ("moleculer service", ["node", str(peer), "service", url]),
+            ("moleculer-web", ["node", str(peer), "gateway", url, "{port}"]),
+        ]
+        targets.append(Target("moleculer data.get", roles, path=DATA_PATH, body=DATA_BODY))
+    return targets
+
+
 _TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
@@ -365,6 +467,14 @@ def _descendants(pid: int) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def _status_kb(pid: int, field: str) -> int:
+    """A `/proc/<pid>/status` memory field (VmRSS now, VmHWM the peak so far), in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    return 0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -402,20 +512,30 @@ class Bench:
             "PYTHONPATH": str(HERE),
         }
         # Auth on: a token scoped to exactly this operation, verified by the worker.
+        scopes = frozenset({"bench:echo", "data:get", "data:put"})  # data.put: the hot key's setup
         token = TokenCodec(Keyring.from_dir(keys)).issue(
-            "bench", frozenset({"bench:echo"}), 3600, now=int(time.time()),
+            "bench", scopes, 3600, now=int(time.time()),
             jti=uuid.uuid4().hex,
         ).token
         self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
-        self.script = tmp / "post.lua"
-        self.script.write_text(
-            'wrk.method = "POST"\n'
-            f"wrk.body = '{BODY.decode()}'\n"
-            + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in self.headers.items())
-        )
+        self.scripts: dict[bytes, Path] = {}
+        self.targets: dict[str, Target] = {}
+        self.rss_kb: dict[str, tuple[int, int]] = {}  # shim: (idle VmRSS, peak VmHWM)
         self.use_wrk = shutil.which("wrk") is not None
         self.cpu_us: dict[tuple[str, int], dict[str, float]] = {}
         self.keys: dict[str, set[str]] = {}  # target -> its processes and the servers
+
+    def script(self, body: bytes) -> Path:
+        """wrk's Lua script posting `body` with the bench's headers (one per body)."""
+        if body not in self.scripts:
+            path = self.tmp / f"post-{len(self.scripts)}.lua"
+            path.write_text(
+                'wrk.method = "POST"\n'
+                f"wrk.body = '{body.decode()}'\n"
+                + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in self.headers.items())
+            )
+            self.scripts[body] = path
+        return self.scripts[body]
 
     def close(self) -> None:
         """Stop the servers."""
@@ -459,7 +579,9 @@ class Bench:
         """Start every target's processes (into `started`); their ports, and which answer."""
         ports: dict[str, int] = {}
         live: list[str] = []
-        for name, roles, extra_env, own_nats in targets:
+        for target in targets:
+            name, roles, extra_env, own_nats = target[:4]
+            self.targets[name] = target
             port = ports[name] = free_port()
             places = {"{port}": str(port), "{otlp}": str(free_port())}
             env = {**self.env, **{k: _place(v, places) for k, v in extra_env.items()}}
@@ -479,10 +601,10 @@ class Bench:
                 key = role if role == "responder" else f"{name}/{role}"
                 self.keys[name].add(key)
                 if key not in started:
-                    started[key] = _spawn([_place(a, places) for a in argv], env)
+                    started[key] = _spawn([_place(a, places) for a in argv], env, target.cwd)
                 procs.append(started[key])
             try:
-                _wait_http(port, self.headers, procs)
+                _wait_http(port, self.headers, procs, target)
                 live.append(name)
             except RuntimeError as exc:  # one broken baseline must not hide the others
                 print(f"{name}: not measured: {exc}", file=sys.stderr)
@@ -492,10 +614,18 @@ class Bench:
         self, name: str, port: int, conc: int, seconds: float, pids: dict[str, int]
     ) -> tuple[Result, dict[str, float]]:
         before = {key: cpu_seconds(pid) for key, pid in pids.items()}
+        target = self.targets[name]
+        shim = pids.get(f"{name}/shim")
+        if shim and name not in self.rss_kb:
+            self.rss_kb[name] = (_status_kb(shim, "VmRSS"), 0)
         if self.use_wrk:
-            result = run_wrk(name, port, conc, seconds, self.script)
+            result = run_wrk(name, port, conc, seconds, self.script(target.body), target.path)
         else:
-            result = uvloop.run(run_python(name, port, conc, seconds, self.headers))
+            result = uvloop.run(
+                run_python(name, port, conc, seconds, self.headers, target.path, target.body)
+            )
+        if shim:
+            self.rss_kb[name] = (self.rss_kb[name][0], _status_kb(shim, "VmHWM"))
         used = {key: cpu_seconds(pid) - before[key] for key, pid in pids.items()}
         return result, used
 
@@ -551,6 +681,59 @@ def report(results: Sequence[Result], cpu_us: dict[tuple[str, int], dict[str, fl
               f"{'MET' if ours128.p99_ms < 100 else 'MISSED'}")
 
 
+def _ratio(a: Result | None, b: Result | None, attr: str = "rps") -> float | None:
+    if a is None or b is None or not getattr(b, attr):
+        return None
+    return float(getattr(a, attr)) / float(getattr(b, attr))
+
+
+def _verdict(what: str, value: float | None, ok: bool | None, unit: str = "x") -> None:
+    shown = "-" if value is None else f"{value:.2f}{unit}"
+    state = "not measured" if ok is None else ("MET" if ok else "MISSED")
+    print(f"target: {what}: {shown} {state}")
+
+
+def report_data(
+    results: Sequence[Result],
+    cpu_us: dict[tuple[str, int], dict[str, float]],
+    rss_kb: dict[str, tuple[int, int]],
+) -> None:
+    """Issue 15's table: ratios to the fastest bridge at each concurrency, and its targets."""
+    by = {(r.name, r.concurrency): r for r in results}
+    print(f"\n{'target':<24}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'cpu us/req':>11}{'rps/fastest':>12}{'p99/fastest':>12}")
+    for r in results:
+        bridges = [b for (n, c), b in by.items() if c == r.concurrency and "bridge" in n]
+        fastest = max(bridges, key=lambda b: b.rps, default=None)
+        rps, p99 = _ratio(r, fastest), _ratio(r, fastest, "p99_ms")
+        cpu = sum(cpu_us.get((r.name, r.concurrency), {}).values())
+        print(f"{_row(r)}{cpu:>11.0f}{'-' if rps is None else f'{rps:.2f}x':>12}"
+              f"{'-' if p99 is None else f'{p99:.2f}x':>12}")
+    hot16, mol16 = by.get(("nexus data.get hot", 16)), by.get(("moleculer data.get", 16))
+    trivial16 = by.get(("nexus trivial op", 16))
+    hot128, mol128 = by.get(("nexus data.get hot", 128)), by.get(("moleculer data.get", 128))
+    off16 = by.get(("nexus data.get L1 off", 16))
+    old16 = by.get((f"nexus data.get {BEFORE_L1}", 16))
+    print()
+    r = _ratio(hot16, mol16)
+    _verdict("c=16 data.get hot >= 1.3x Moleculer", r, None if r is None else r >= 1.3)
+    r = _ratio(hot16, trivial16)
+    _verdict("c=16 data.get hot >= 0.95x trivial op", r, None if r is None else r >= 0.95)
+    p = hot16.p99_ms if hot16 else None
+    _verdict("c=16 data.get hot p99 <= 3 ms", p, None if p is None else p <= 3, " ms")
+    r = _ratio(hot128, mol128, "p99_ms")
+    _verdict("c=128 data.get hot p99 <= 0.5x Moleculer's", r, None if r is None else r <= 0.5)
+    r = _ratio(off16, old16)
+    _verdict(f"c=16 L1 off >= 1.5x {BEFORE_L1}", r, None if r is None else r >= 1.5)
+    for name, (idle, peak) in rss_kb.items():
+        print(f"shim RSS, {name}: idle {idle / 1024:.0f} MB, peak (VmHWM, after c=128) "
+              f"{peak / 1024:.0f} MB")
+    if (idle_peak := rss_kb.get("nexus data.get hot")) is not None:
+        idle, peak = idle_peak[0] / 1024, idle_peak[1] / 1024
+        _verdict("shim RSS idle <= 80 MB", idle, idle <= 80, " MB")
+        _verdict("shim RSS at c=128 <= 150 MB", peak, peak <= 150, " MB")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="per slice")
@@ -565,6 +748,10 @@ def main() -> int:
     parser.add_argument("--serve-otlp", metavar="PORT", type=int)
     parser.add_argument(
         "--policies", action="store_true", help="only: the policy layer on vs off, side by side"
+    )
+    parser.add_argument(
+        "--data", action="store_true",
+        help="only: data.get (L1, L1 off, 9e0cb4b) vs Moleculer and the uvicorn bridge",
     )
     parser.add_argument("--serve-responder", metavar="NATS_URL")
     parser.add_argument("--serve-aiohttp", nargs="+", metavar=("PORT", "NATS_URL"))
@@ -595,7 +782,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp), args.seconds)
         try:
-            if args.baseline:
+            if args.data:
+                targets = _data_targets(bench.nats_url, Path(tmp))
+            elif args.baseline:
                 targets = _baseline_targets(args.baseline.resolve())
             elif args.policies:
                 targets = _policy_targets()
@@ -604,7 +793,10 @@ def main() -> int:
             results = bench.run_all(targets, levels, args.rounds)
         finally:
             bench.close()
-    report(results, bench.cpu_us)
+    if args.data:
+        report_data(results, bench.cpu_us, bench.rss_kb)
+    else:
+        report(results, bench.cpu_us)
     return 0
 
 

@@ -110,7 +110,11 @@ class CacheSettings(BaseModel):
     breaker_failures: int = Field(5, ge=1)  # consecutive failures that open the breaker
     breaker_reset_s: float = Field(0.5, gt=0)  # first probe after opening; doubles per failure
     breaker_reset_max_s: float = Field(10.0, gt=0)
-    local_max_entries: int = Field(10_000, ge=1)  # L1 bound (policies opt in; never `data`)
+    # The L1 of `data`: values kept in process under read leases this long (0: off). A write
+    # waits at most this long for a worker that holds the key and does not answer.
+    local_ttl_s: float = Field(1.0, ge=0, le=60)
+    local_max_entries: int = Field(10_000, ge=1)  # L1 bounds, for every policy with an L1
+    local_max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_floors: int = Field(100_000, ge=1)  # unfenced writes remembered before distrusting
 
     @model_validator(mode="after")

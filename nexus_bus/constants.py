@@ -137,10 +137,13 @@ AUTH_REALM: Final = "nexus-bus"
 # Cache (docs/cache.md)
 CACHE_KEY_PREFIX: Final = "nexus:cache"  # Redis: <prefix>:<namespace>:{<key>}
 CACHE_LEASE_SUFFIX: Final = ":lease"  # Redis: the load lease of an entry, same hash slot
+CACHE_HOLDERS_SUFFIX: Final = ":holders"  # Redis: L1 read leases of an entry, same hash slot
+CACHE_EPOCH_SUFFIX: Final = ":epoch"  # Redis: <prefix>:epoch, when this Redis's state began
 CACHE_DATA_NAMESPACE: Final = "data"  # the namespace (and metric label) of `data.*` records
 CACHE_DEFAULT_NAMESPACE: Final = "default"  # `get_or_set` without a namespace
 CACHE_INVALIDATE_SUBJECT: Final = "nexus.sys.cache.invalidate"  # broadcast to every worker
 CACHE_FENCE_SUBJECT: Final = "nexus.sys.cache.fence"  # request: fence an entry in Redis
+CACHE_REVOKE_SUBJECT: Final = "nexus.sys.cache.revoke"  # .<origin>: drop a key from your L1
 CACHE_BREAKER: Final = "redis_cache"  # the breaker's `name` label
 
 # Discovery (docs/discovery.md): Consul service names and the NATS micro ($SRV) protocol

@@ -1,19 +1,22 @@
 """The cache: read-through with one loader per key, revision-ordered write-through, fail-open.
 
-Read (`fetch`): the L1 when the policy keeps one, then one Redis script that returns the
-entry or, on a miss, hands out the key's lease. The lease holder loads from the system of
-record and fills; every other reader polls briefly for that fill (one loader per key across
-all workers) and loads by itself only after `wait_s`. A stale entry (inside its
-stale-while-revalidate window) is served at once while its lease holder reloads it in the
-background.
+Read (`fetch`): the L1 when the policy keeps one (entries held under read leases, see
+`local.py`), then one Redis script that returns the entry (recording this worker's read
+lease when the policy keeps an L1) or, on a miss, hands out the key's lease. The lease
+holder loads from the system of record and fills; every other reader polls briefly for that
+fill (one loader per key across all workers) and loads by itself only after `wait_s`. A
+stale entry (inside its stale-while-revalidate window) is served at once while its lease
+holder reloads it in the background.
 
 Write (`write`, `invalidate`): after the system of record accepted a write, its revision is
 written through with the compare-and-set of `entries.accepts`, so a slower fill of an older
 revision can never overwrite it. When Redis cannot be updated the write must still not leave
 an old entry to be served: a peer that reaches Redis is asked to fence the key before the
 write returns, and if none can, every worker keeps a revision floor for it (`floors.py`)
-until a repair lands. Every write is announced on `nexus.sys.cache.invalidate` so that L1
-caches in other workers drop the key.
+until a repair lands. The write script also collects the key's live read leases: the write
+returns only once each holder acknowledged dropping the key (`nexus.sys.cache.revoke.<id>`)
+or its lease ran out, so no L1 anywhere serves a value older than a completed write. Every
+write is also announced on `nexus.sys.cache.invalidate`.
 
 Failure: every store call passes the breaker and fails open: an error or a timeout is
 counted and the request goes on to the system of record. No request fails because of the
@@ -32,7 +35,15 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 
 import msgspec
 
-from nexus_bus.cache.entries import UNVERSIONED, CacheUnavailable, Entry, EntryStore, Kind
+from nexus_bus.cache.entries import (
+    UNVERSIONED,
+    CacheUnavailable,
+    Entry,
+    EntryStore,
+    Holder,
+    Kind,
+    Written,
+)
 from nexus_bus.cache.floors import Floors
 from nexus_bus.cache.keys import CacheKey, build_key, is_under
 from nexus_bus.cache.local import LocalCache
@@ -53,6 +64,11 @@ Loader = Callable[[], Awaitable[Entry]]
 _FIRST_POLL_S = 0.002
 _MAX_POLL_S = 0.025
 _REPAIR_BACKOFF = ExponentialBackoff(base_s=0.2, cap_s=5.0, jitter=Jitter.EQUAL)
+# Waiting out a read lease that no holder acknowledged: Redis measured the lease on its own
+# clock; allow for clocks that run at slightly different rates, and for timer slack.
+_DRIFT = 0.01
+_MAX_NAMES = 4096
+_SLACK_S = 0.002
 _encode = msgspec.json.Encoder().encode
 
 
@@ -65,6 +81,11 @@ class Peers(Protocol):
 
     async def announce(self, notice: Notice) -> None:
         """Tell every worker about a write (best effort)."""
+        ...
+
+    async def revoke(self, origin: str, notice: Notice, timeout_s: float) -> bool:
+        """Ask the worker `origin` to drop `notice.key` from its L1; whether it acknowledged
+        within `timeout_s`."""
         ...
 
     async def close(self) -> None:
@@ -123,6 +144,9 @@ class Cache:
         self._tokens = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
         self._repair_task: asyncio.Task[None] | None = None
+        # Names of recently used keys: building one validates and formats on every read,
+        # and a hot key is read thousands of times a second. Bounded; cleared when full.
+        self._names: dict[tuple[str, str], CacheKey] = {}
 
     def attach(self, peers: Peers | None) -> None:
         """Connect the cache to its peers (once the bus is subscribed)."""
@@ -134,7 +158,13 @@ class Cache:
         Raises:
             ValueError: an invalid namespace or key.
         """
-        return build_key(self.prefix, namespace, key)
+        names = self._names.get((namespace, key))
+        if names is None:
+            names = build_key(self.prefix, namespace, key)
+            if len(self._names) >= _MAX_NAMES:
+                self._names.clear()
+            self._names[(namespace, key)] = names
+        return names
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -152,19 +182,25 @@ class Cache:
             Whatever `loader` raises; never a cache failure.
         """
         ck = self.key(namespace, key)
-        if (local := self._local_entry(ck, policy)) is not None:
-            self.stats.count(namespace, CacheResult.HIT)
-            return local
         if self.floors.distrusted:
             self.stats.count(namespace, CacheResult.BYPASS)
             return await loader()
+        held = self._local is not None and policy.local_ttl_s > 0
+        if held and (local := self._local_entry(ck)) is not None:
+            self.stats.count(namespace, CacheResult.HIT)
+            return local
         token = f"{self.origin}.{next(self._tokens)}"  # unique across workers, and cheap
         deadline = self._clock() + policy.wait_s
         pause, waited = _FIRST_POLL_S, False
         while True:
             minimum = self.floors.minimum(ck.entry)
+            if held and self._local is not None:
+                self._local.expect(policy.local_ttl_s)
+            read_at = self._clock()  # before the read: the lease ends before Redis's record
             lookup = await self._attempt(
-                self._store.read, ck, token=token, lease_ms=policy.lease_ms, min_revision=minimum
+                self._store.read, ck, token=token, lease_ms=policy.lease_ms,
+                min_revision=minimum, holder=self.origin if held else "",
+                hold_ms=policy.local_ms if held else 0,
             )
             if lookup is None:
                 self.stats.count(namespace, CacheResult.BYPASS)
@@ -174,7 +210,11 @@ class Cache:
                     self._spawn(self._refresh(namespace, ck, loader, policy, token))
                 result = CacheResult.STALE if lookup.stale else CacheResult.HIT
                 self.stats.count(namespace, CacheResult.COALESCED if waited else result)
-                self._remember(ck, lookup.entry, policy)
+                if lookup.held and self._local is not None:
+                    self._local.put(
+                        ck.entry, lookup.entry, read_at=read_at,
+                        expires_at=read_at + policy.local_ttl_s,
+                    )
                 return lookup.entry
             remaining = deadline - self._clock()
             if lookup.lease or remaining <= 0:
@@ -198,13 +238,12 @@ class Cache:
                 await self._attempt(self._store.release, ck, token)
             return entry
         expiry = policy.expiry(entry.kind, self._rng)
-        stored = await self._attempt(
+        filled = await self._attempt(
             self._store.fill, ck, entry, ttl_ms=expiry.ttl_ms, stale_ms=expiry.stale_ms,
             token=token, need_lease=not entry.versioned,
         )
-        if stored:
+        if filled is not None and filled.stored:
             self.floors.met(ck.entry, entry.revision)
-            self._remember(ck, entry, policy)
         return entry
 
     async def _refresh(
@@ -300,27 +339,56 @@ class Cache:
             entry = Entry.fence(entry.revision)  # still outranks late fills of the old value
         ck = self.key(namespace, key)
         expiry = policy.expiry(entry.kind, self._rng)
-        stored = await self._attempt(
+        written = await self._attempt(
             self._store.fill, ck, entry, ttl_ms=expiry.ttl_ms, stale_ms=expiry.stale_ms,
-            drop_lease=not entry.versioned,
+            drop_lease=not entry.versioned, collect=True, hold_ms=policy.local_ms,
         )
         if self._local is not None:
-            self._local.drop(ck.entry)
-        if stored is None:
+            self._local.drop(ck.entry)  # after the script: reads sent before it are refused
+        if written is None:
             await self._fence_elsewhere(ck, entry.revision, policy)
-        elif stored:
-            self.floors.met(ck.entry, entry.revision)
+        else:
+            if written.stored:
+                self.floors.met(ck.entry, entry.revision)
+            await self._revoke(ck, entry.revision, written)
         await self._announce(Notice(key=ck.entry, revision=entry.revision, origin=self.origin))
 
     async def invalidate(self, namespace: str, key: str, policy: CachePolicy) -> None:
         """Drop `key` and revoke its lease: the invalidation of unversioned entries."""
         ck = self.key(namespace, key)
-        evicted = await self._attempt(self._store.evict, ck)
+        evicted = await self._attempt(self._store.evict, ck, hold_ms=policy.local_ms)
         if self._local is not None:
             self._local.drop(ck.entry)
         if evicted is None:
             await self._fence_elsewhere(ck, UNVERSIONED, policy)
+        else:
+            await self._revoke(ck, UNVERSIONED, evicted)
         await self._announce(Notice(key=ck.entry, revision=UNVERSIONED, origin=self.origin))
+
+    async def _revoke(self, ck: CacheKey, revision: int, written: Written) -> None:
+        """Return once every L1 holder of `ck` dropped it or its read lease ran out.
+
+        A holder that does not answer (paused, partitioned, dead) costs the writer at most
+        the rest of its lease, and never a stale read: its own lease ends first.
+        """
+        waits = [
+            self._revoke_holder(holder, Notice(key=ck.entry, revision=revision, origin=self.origin))
+            for holder in written.holders
+            if holder.origin != self.origin  # this worker's own L1 was dropped already
+        ]
+        if written.wait_ms > 0:  # a young Redis: holders of its previous life are unknown
+            waits.append(asyncio.sleep(written.wait_ms / 1000 * (1 + _DRIFT) + _SLACK_S))
+        if waits:
+            await asyncio.gather(*waits)
+
+    async def _revoke_holder(self, holder: Holder, notice: Notice) -> None:
+        limit_s = holder.remaining_ms / 1000 * (1 + _DRIFT) + _SLACK_S
+        started = self._clock()
+        if self._peers is not None and await self._peers.revoke(holder.origin, notice, limit_s):
+            return
+        rest = limit_s - (self._clock() - started)
+        if rest > 0:
+            await asyncio.sleep(rest)
 
     async def _fence_elsewhere(self, ck: CacheKey, revision: int, policy: CachePolicy) -> None:
         notice = Notice(
@@ -329,16 +397,26 @@ class Cache:
             origin=self.origin,
             fence_ttl_ms=round(policy.fence_ttl_s * 1000),
             lifetime_ms=round(policy.lifetime_s * 1000),
+            hold_ms=policy.local_ms,
         )
         if self._peers is not None and self._peer_breaker.allow():
-            if await self._peers.fence(notice):
+            fenced = await self._peers.fence(notice)  # the peer revokes the leases it finds
+            if fenced:
                 self._peer_breaker.record_success()
-                return
-            self._peer_breaker.record_failure()
-        # Debug only: during an outage every write comes here; the breaker logs the outage.
-        logger.debug("cache write-through failed and no peer could fence; keeping a floor")
-        self._raise_floor(notice)
-        await self._announce(msgspec.structs.replace(notice, floor=True))
+            else:
+                self._peer_breaker.record_failure()
+        else:
+            fenced = False
+        if not fenced:
+            # Debug only: during an outage every write comes here; the breaker logs it.
+            logger.debug("cache write-through failed and no peer could fence; keeping a floor")
+            self._raise_floor(notice)
+            await self._announce(msgspec.structs.replace(notice, floor=True))
+        if policy.local_ms:
+            # This writer's own script may have run, and cleared the holders, before its
+            # answer was lost (a timeout): nobody can name them any more. Every L1 copy of
+            # an older value was handed out before now, so it is gone one lease from now.
+            await asyncio.sleep(policy.local_ttl_s * (1 + _DRIFT) + _SLACK_S)
 
     async def _announce(self, notice: Notice) -> None:
         if self._peers is not None:
@@ -351,13 +429,24 @@ class Cache:
         if not is_under(self.prefix, notice.key):
             return False
         ck = CacheKey.of_entry(notice.key)
+        if notice.revision == UNVERSIONED:
+            written = await self._attempt(self._store.evict, ck, hold_ms=notice.hold_ms)
+        else:
+            written = await self._attempt(
+                self._store.fill, ck, Entry.fence(notice.revision), ttl_ms=notice.fence_ttl_ms,
+                collect=True, hold_ms=notice.hold_ms,
+            )
         if self._local is not None:
             self._local.drop(ck.entry)
-        if notice.revision == UNVERSIONED:
-            return await self._attempt(self._store.evict, ck) is not None
-        fence = Entry.fence(notice.revision)
-        stored = await self._attempt(self._store.fill, ck, fence, ttl_ms=notice.fence_ttl_ms)
-        return stored is not None
+        if written is None:
+            return False
+        await self._revoke(ck, notice.revision, written)
+        return True
+
+    def on_revoke(self, notice: Notice) -> None:
+        """A writer revokes this worker's read lease on `notice.key`: drop it from the L1."""
+        if self._local is not None and is_under(self.prefix, notice.key):
+            self._local.drop(notice.key)
 
     def on_notice(self, notice: Notice) -> None:
         """Another worker wrote `notice.key`: drop it from the L1, keep its floor if unfenced."""
@@ -411,17 +500,12 @@ class Cache:
         self.breaker.record_success()
         return result
 
-    def _local_entry(self, ck: CacheKey, policy: CachePolicy) -> Entry | None:
-        if self._local is None or policy.local_ttl_s <= 0:
-            return None
+    def _local_entry(self, ck: CacheKey) -> Entry | None:
+        assert self._local is not None
         entry = self._local.get(ck.entry)
         if entry is None or entry.revision < self.floors.minimum(ck.entry):
             return None
         return entry
-
-    def _remember(self, ck: CacheKey, entry: Entry, policy: CachePolicy) -> None:
-        if self._local is not None and policy.local_ttl_s > 0:
-            self._local.put(ck.entry, entry, policy.local_ttl_s)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -79,11 +79,39 @@ class Lookup:
         entry: the entry when it is usable: not a fence and not below the reader's floor.
         stale: the entry is past its fresh TTL but inside its serve-stale window.
         lease: this reader won the right to load the key from the system of record.
+        held: the store recorded this reader as an L1 holder of the entry (read lease).
     """
 
     entry: Entry | None
     stale: bool = False
     lease: bool = False
+    held: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """A worker that may keep the entry in its L1, and how much longer its read lease runs."""
+
+    origin: str
+    remaining_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """The answer to a write (`fill` or `evict`).
+
+    Attributes:
+        stored: the entry was stored (`fill`), or an entry was there (`evict`).
+        holders: the read leases that were live when the write ran (collected and cleared
+            when the write asked for them): each must drop the key or run out before the
+            write returns.
+        wait_ms: the store itself is younger than one read lease (a restart or a flush lost
+            its holders): the write must wait this long too.
+    """
+
+    stored: bool
+    holders: tuple[Holder, ...] = ()
+    wait_ms: int = 0
 
 
 class CacheUnavailable(Unavailable):
@@ -98,8 +126,19 @@ class EntryStore(Protocol):
     Every method raises `CacheUnavailable` on any failure of the store, and nothing else.
     """
 
-    async def read(self, key: CacheKey, *, token: str, lease_ms: int, min_revision: int) -> Lookup:
-        """Read `key`; when it is missing, stale or below `min_revision`, try to take its lease."""
+    async def read(
+        self,
+        key: CacheKey,
+        *,
+        token: str,
+        lease_ms: int,
+        min_revision: int,
+        holder: str = "",
+        hold_ms: int = 0,
+    ) -> Lookup:
+        """Read `key`; when it is missing, stale or below `min_revision`, try to take its lease.
+        With `holder`, a usable entry is handed out with a read lease of `hold_ms` recorded
+        for that holder (`Lookup.held`)."""
         ...
 
     async def fill(
@@ -112,16 +151,20 @@ class EntryStore(Protocol):
         token: str = "",
         need_lease: bool = False,
         drop_lease: bool = False,
-    ) -> bool:
+        collect: bool = False,
+        hold_ms: int = 0,
+    ) -> Written:
         """Store `entry` if `accepts` allows it (and, with `need_lease`, if `token` holds the
         lease); the entry lives `ttl_ms`, of which the last `stale_ms` are stale. Releases the
-        lease held by `token`, or any lease with `drop_lease`. Returns whether it was stored.
+        lease held by `token`, or any lease with `drop_lease`. With `collect` (a write, not a
+        fill), every live read lease of the key is returned and cleared, and a store younger
+        than `hold_ms` says how much longer to wait.
         """
         ...
 
-    async def evict(self, key: CacheKey) -> bool:
-        """Remove the entry and revoke its lease (the invalidation of unversioned entries);
-        whether an entry was there."""
+    async def evict(self, key: CacheKey, *, hold_ms: int = 0) -> Written:
+        """Remove the entry and revoke its lease (the invalidation of unversioned entries),
+        collecting its read leases like a write; `stored`: whether an entry was there."""
         ...
 
     async def release(self, key: CacheKey, token: str) -> None:

@@ -7,6 +7,9 @@
   whose own write-through failed. Workers that reach Redis fence the entry and answer;
   the others, and the writer itself, stay silent, so the writer waits at most
   `fence_timeout_s` and then falls back to floors.
+- `nexus.sys.cache.revoke.<origin>` (request to one worker): a writer revokes that worker's
+  L1 read lease on a key; the worker drops the key and answers. No answer within the rest
+  of the lease, and the writer waits the lease out instead (`core.Cache._revoke`).
 
 nats exceptions are translated here: a lost notice or an unanswered fence is logged and
 reported as "not fenced", never raised into a request.
@@ -15,6 +18,8 @@ reported as "not fenced", never raised into a request.
 from __future__ import annotations
 
 import contextlib
+import re
+from typing import Final
 
 import msgspec
 import nats.errors
@@ -28,6 +33,7 @@ from nexus_bus.connection import flush_subscriptions
 from nexus_bus.constants import (
     CACHE_FENCE_SUBJECT,
     CACHE_INVALIDATE_SUBJECT,
+    CACHE_REVOKE_SUBJECT,
     DEFAULT_INBOX_PREFIX,
 )
 from nexus_bus.errors import Unavailable
@@ -37,6 +43,8 @@ from nexus_bus.subjects import is_inbox
 _NATS_FAILURES = (nats.errors.Error, TimeoutError, OSError)
 _BAD_MESSAGE = (msgspec.DecodeError, msgspec.ValidationError)
 _FENCED = encode(FenceReply(fenced=True))
+# A cache's origin becomes the last token of its revocation subject: safe characters only.
+_ORIGIN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class CacheBus:
@@ -73,11 +81,17 @@ class CacheBus:
 
         Raises:
             Unavailable: NATS refused the subscriptions.
+            ValueError: the cache's origin cannot be a subject token.
         """
+        if not _ORIGIN.fullmatch(self._cache.origin):
+            raise ValueError(f"cache origin {self._cache.origin!r} is not a subject token")
         try:
             self._subscriptions = [
                 await self._nc.subscribe(CACHE_INVALIDATE_SUBJECT, cb=self._on_invalidate),
                 await self._nc.subscribe(CACHE_FENCE_SUBJECT, cb=self._on_fence),
+                await self._nc.subscribe(
+                    f"{CACHE_REVOKE_SUBJECT}.{self._cache.origin}", cb=self._on_revoke
+                ),
             ]
             # Make sure the server has both interests before the first write relies on them.
             await flush_subscriptions(self._nc)
@@ -97,6 +111,19 @@ class CacheBus:
             return False
         except _BAD_MESSAGE:
             return False
+
+    async def revoke(self, origin: str, notice: Notice, timeout_s: float) -> bool:
+        """Ask the worker `origin` to drop `notice.key` from its L1; whether it answered."""
+        if not _ORIGIN.fullmatch(origin):
+            return False  # not a subject token: never put it in a subject
+        try:
+            await self._nc.request(
+                f"{CACHE_REVOKE_SUBJECT}.{origin}", self._encode(notice), timeout=timeout_s
+            )
+        except _NATS_FAILURES as exc:
+            logger.debug("an L1 holder did not acknowledge a revocation: {}", type(exc).__name__)
+            return False
+        return True
 
     async def announce(self, notice: Notice) -> None:
         """Broadcast a write (best effort: a lost notice only leaves an L1 entry to its TTL)."""
@@ -127,6 +154,16 @@ class CacheBus:
     async def _on_invalidate(self, msg: Msg) -> None:
         if (notice := self._decode(msg)) is not None:
             self._cache.on_notice(notice)
+
+    async def _on_revoke(self, msg: Msg) -> None:
+        if (notice := self._decode(msg)) is None:
+            return
+        self._cache.on_revoke(notice)
+        if msg.reply and is_inbox(msg.reply, self._inbox_prefix):
+            try:
+                await self._nc.publish(msg.reply, b"")
+            except _NATS_FAILURES as exc:
+                logger.warning("could not acknowledge an L1 revocation: {}", exc)
 
     async def _on_fence(self, msg: Msg) -> None:
         notice = self._decode(msg)

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from nexus_bus.constants import CACHE_LEASE_SUFFIX, TOKEN_PATTERN
+from nexus_bus.constants import CACHE_HOLDERS_SUFFIX, CACHE_LEASE_SUFFIX, TOKEN_PATTERN
 
 MAX_KEY_BYTES: Final = 1024
 _NAMESPACE = re.compile(TOKEN_PATTERN)
@@ -21,15 +21,16 @@ _NAMESPACE = re.compile(TOKEN_PATTERN)
 
 @dataclass(frozen=True, slots=True)
 class CacheKey:
-    """The Redis names for one cached key: its entry and its load lease."""
+    """The Redis names for one cached key: its entry, its load lease and its L1 holders."""
 
     entry: str
     lease: str
+    holders: str = ""
 
     @classmethod
     def of_entry(cls, entry: str) -> CacheKey:
         """The names for an entry name (as carried in invalidation notices)."""
-        return cls(entry, entry + CACHE_LEASE_SUFFIX)
+        return cls(entry, entry + CACHE_LEASE_SUFFIX, entry + CACHE_HOLDERS_SUFFIX)
 
 
 def build_key(prefix: str, namespace: str, key: str) -> CacheKey:

@@ -1,8 +1,10 @@
 """An in-memory `EntryStore` with the Redis adapter's exact semantics, for unit tests.
 
-It follows the Lua scripts rule for rule (`accepts`, leases, the stale window measured on
-the remaining TTL), so the cache's logic is tested without a server. It is never a stand-in
-for Redis in integration tests. `down = True` makes every call fail like a dead Redis.
+It follows the Lua scripts rule for rule (`accepts`, leases, read leases of L1 holders, the
+store's epoch, the stale window measured on the remaining TTL), so the cache's logic is
+tested without a server. It is never a stand-in for Redis in integration tests.
+`down = True` makes every call fail like a dead Redis; `restart()` empties it like a Redis
+restarted without persistence.
 """
 
 from __future__ import annotations
@@ -11,7 +13,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nexus_bus.cache.entries import CacheUnavailable, Entry, Kind, Lookup, accepts
+from nexus_bus.cache.entries import (
+    CacheUnavailable,
+    Entry,
+    Holder,
+    Kind,
+    Lookup,
+    Written,
+    accepts,
+)
 from nexus_bus.cache.keys import CacheKey
 
 
@@ -34,8 +44,19 @@ class MemoryEntryStore:
         self._clock = clock
         self._entries: dict[str, _Stored] = {}
         self._leases: dict[str, tuple[str, float]] = {}
+        self._holders: dict[str, dict[str, float]] = {}
+        # When this store's state began: never lost until `restart()` (Redis records it in
+        # `<prefix>:epoch`, and a missing epoch counts as just begun).
+        self._since = -float("inf")
         self.down = False
         self.calls = 0
+
+    def restart(self) -> None:
+        """Lose every entry, lease and holder, like a Redis restarted without persistence."""
+        self._entries.clear()
+        self._leases.clear()
+        self._holders.clear()
+        self._since = self._clock()
 
     def _check(self) -> float:
         self.calls += 1
@@ -72,7 +93,16 @@ class MemoryEntryStore:
         self._leases[name] = (token, now + lease_ms / 1000)
         return True
 
-    async def read(self, key: CacheKey, *, token: str, lease_ms: int, min_revision: int) -> Lookup:
+    async def read(
+        self,
+        key: CacheKey,
+        *,
+        token: str,
+        lease_ms: int,
+        min_revision: int,
+        holder: str = "",
+        hold_ms: int = 0,
+    ) -> Lookup:
         """See `EntryStore.read`."""
         now = self._check()
         stored = self._live(key.entry, now)
@@ -85,7 +115,22 @@ class MemoryEntryStore:
             return Lookup(None, lease=self._take_lease(key.lease, token, lease_ms, now))
         stale = stored.stale_s > 0 and stored.expires_at - now <= stored.stale_s
         lease = stale and self._take_lease(key.lease, token, lease_ms, now)
-        return Lookup(stored.entry, stale=stale, lease=lease)
+        if holder:
+            holders = self._holders.setdefault(key.entry, {})
+            holders[holder] = max(holders.get(holder, now), now + hold_ms / 1000)
+        return Lookup(stored.entry, stale=stale, lease=lease, held=bool(holder))
+
+    def _collect(self, key: CacheKey, hold_ms: int, now: float) -> Written:
+        holders = self._holders.pop(key.entry, {})
+        live = tuple(
+            Holder(origin, max(1, round((until - now) * 1000)))
+            for origin, until in holders.items()
+            if until > now
+        )
+        if hold_ms <= 0:
+            return Written(False, live)
+        young = self._since + hold_ms / 1000 - now
+        return Written(False, live, max(0, round(young * 1000)) if young > 0 else 0)
 
     async def fill(
         self,
@@ -97,27 +142,33 @@ class MemoryEntryStore:
         token: str = "",
         need_lease: bool = False,
         drop_lease: bool = False,
-    ) -> bool:
+        collect: bool = False,
+        hold_ms: int = 0,
+    ) -> Written:
         """See `EntryStore.fill`."""
         now = self._check()
         holder = self._lease(key.lease, now)
         if need_lease and holder != token:
-            return False
+            return Written(False)
         current = self._live(key.entry, now)
         stored = accepts(current.entry if current else None, entry)
         if stored:
             self._entries[key.entry] = _Stored(entry, now + ttl_ms / 1000, stale_ms / 1000)
         if drop_lease or (token and holder == token):
             self._leases.pop(key.lease, None)
-        return stored
+        if not collect:
+            return Written(stored)
+        written = self._collect(key, hold_ms, now)
+        return Written(stored, written.holders, written.wait_ms)
 
-    async def evict(self, key: CacheKey) -> bool:
+    async def evict(self, key: CacheKey, *, hold_ms: int = 0) -> Written:
         """See `EntryStore.evict`."""
         now = self._check()
         existed = self._live(key.entry, now) is not None
         self._entries.pop(key.entry, None)
         self._leases.pop(key.lease, None)
-        return existed
+        written = self._collect(key, hold_ms, now)
+        return Written(existed, written.holders, written.wait_ms)
 
     async def release(self, key: CacheKey, token: str) -> None:
         """See `EntryStore.release`."""

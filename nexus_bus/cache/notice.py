@@ -23,6 +23,8 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
         fence_ttl_ms: the TTL of the fence to write (and of the floor's repair fence).
         lifetime_ms: how long an entry older than the write may still live in Redis.
         scope: which Redis the entry lives in; workers on another Redis ignore the notice.
+        hold_ms: the L1 read lease of the key's policy (a fencing peer waits out a young
+            Redis's unknown holders for this long).
     """
 
     key: str
@@ -32,6 +34,7 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
     floor: bool = False
     fence_ttl_ms: int = 60_000
     lifetime_ms: int = 0
+    hold_ms: int = 0
 
 
 class FenceReply(msgspec.Struct, frozen=True, kw_only=True):

@@ -31,7 +31,9 @@ class CachePolicy:
         stale_s: after `ttl_s`, how long the old value is still served while one worker
             reloads it (stale-while-revalidate); 0 disables it.
         jitter: fresh TTLs are spread by up to this fraction either way.
-        local_ttl_s: keep hits in this process (L1) this long; 0 disables the L1.
+        local_ttl_s: keep hits in this process (L1) under a read lease this long; 0
+            disables the L1. A write waits at most this long for a holder that does not
+            answer. Every worker must use the same value for a namespace.
         lease_s: how long one loader holds a missing key before others may load it.
         wait_s: how long others wait for that loader before loading themselves.
         fence_ttl_s: how long a fence (left when a write could not update the entry) lives.
@@ -72,6 +74,11 @@ class CachePolicy:
     def lease_ms(self) -> int:
         """`lease_s` in milliseconds (at least 1)."""
         return max(1, round(self.lease_s * 1000))
+
+    @property
+    def local_ms(self) -> int:
+        """`local_ttl_s` in milliseconds (0: no L1)."""
+        return max(1, round(self.local_ttl_s * 1000)) if self.local_ttl_s > 0 else 0
 
     @property
     def lifetime_s(self) -> float:

@@ -7,6 +7,11 @@ atomic step on the server: without that, a slow read-through fill could land aft
 write and bring an old value back. Entry and lease share a hash tag (see `keys.py`), so the
 scripts are legal on Redis Cluster.
 
+Reads are auto-pipelined (as ioredis does): the reads a process makes in one event-loop
+tick go to Redis as one pipeline, one round trip and one pooled connection for all of them,
+instead of one connection each. On a cluster each read is sent alone (a cluster pipeline
+splits per node anyway).
+
 Every redis-py exception, and a call exceeding `timeout_s`, becomes `CacheUnavailable`
 here and nowhere else.
 """
@@ -18,17 +23,27 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from nexus_bus.cache.entries import CacheUnavailable, Entry, Kind, Lookup
+from nexus_bus.cache.entries import CacheUnavailable, Entry, Holder, Kind, Lookup, Written
 from nexus_bus.cache.keys import CacheKey
 from nexus_bus.observability import logger
 from nexus_bus.redis_client import RedisClient
 
 T = TypeVar("T")
 
-# KEYS: entry, lease. ARGV: token, lease ms, min revision.
-# Returns {0, lease} for a miss, or {1 fresh | 2 stale, lease, revision, kind, value}.
+# Server time in ms. TIME is non-deterministic: scripts that write after it need effects
+# replication, the default since Redis 5 (and asked for on older servers).
+_NOW_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+
+# KEYS: entry, lease, holders[, epoch]. ARGV: token, lease ms, min revision, holder, hold ms.
+# Returns {0, lease} for a miss, or {1 fresh | 2 stale, lease, revision, kind, value, held}.
+# A usable entry read by a `holder` records its read lease (until now + hold ms) in the
+# holders hash, in the same atomic step: a write that runs later finds it there.
 READ_LUA = """
 local e = redis.call('HMGET', KEYS[1], 'r', 'k', 'v', 'w')
 local status = 0
@@ -45,14 +60,46 @@ if status ~= 1 and redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   lease = 1
 end
 if status == 0 then return {0, lease} end
-return {status, lease, e[1], e[2], e[3]}
+local held = 0
+if ARGV[4] ~= '' then
+""" + _NOW_LUA + """
+  local hold = tonumber(ARGV[5])
+  local until_ms = now + hold
+  local prior = tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or 0)
+  if prior > until_ms then until_ms = prior end
+  redis.call('HSET', KEYS[3], ARGV[4], until_ms)
+  if redis.call('PTTL', KEYS[3]) < hold then redis.call('PEXPIRE', KEYS[3], hold) end
+  if #KEYS >= 4 then redis.call('SET', KEYS[4], now, 'NX') end
+  held = 1
+end
+return {status, lease, e[1], e[2], e[3], held}
 """
 
-# KEYS: entry, lease. ARGV: revision, kind, value, ttl ms, stale ms, token, need lease (0/1),
-# drop lease (0/1). The accept rule is `entries.accepts`. Returns 1 when stored.
+# Shared by writes: collect and clear the live read leases of KEYS[3] into `out` (holder,
+# remaining ms pairs after out[1], out[2]), and set out[2] to how long a write must still
+# wait when the epoch KEYS[4] is younger than one hold (ARGV[hold_arg]): the holders of a
+# Redis that restarted or was flushed are lost with it, and ran at most one hold past it.
+_COLLECT_LUA = """
+local h = redis.call('HGETALL', KEYS[3])
+for i = 1, #h, 2 do
+  local left = tonumber(h[i + 1]) - now
+  if left > 0 then out[#out + 1] = h[i]; out[#out + 1] = left end
+end
+redis.call('DEL', KEYS[3])
+local hold = tonumber(ARGV[hold_arg]) or 0
+if #KEYS >= 4 and hold > 0 then
+  local since = tonumber(redis.call('GET', KEYS[4]) or 0)
+  if since == 0 then redis.call('SET', KEYS[4], now); since = now end
+  if since + hold > now then out[2] = since + hold - now end
+end
+"""
+
+# KEYS: entry, lease, holders[, epoch]. ARGV: revision, kind, value, ttl ms, stale ms, token,
+# need lease (0/1), drop lease (0/1), collect (0/1), hold ms. The accept rule is
+# `entries.accepts`. Returns {stored 0/1, wait ms, holder, remaining ms, ...}.
 FILL_LUA = """
 local holder = redis.call('GET', KEYS[2])
-if ARGV[7] == '1' and holder ~= ARGV[6] then return 0 end
+if ARGV[7] == '1' and holder ~= ARGV[6] then return {0, 0} end
 local cur = redis.call('HMGET', KEYS[1], 'r', 'k')
 local stored = 1
 if cur[1] then
@@ -61,18 +108,21 @@ if cur[1] then
     stored = 0
   end
 end
+""" + _NOW_LUA + """
 if stored == 1 then
   -- 't': when the entry was stored (server ms), so stale-if-error can tell its age.
-  if redis.replicate_commands then redis.replicate_commands() end
-  local now = redis.call('TIME')
-  local t = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  redis.call('HSET', KEYS[1], 'r', ARGV[1], 'k', ARGV[2], 'v', ARGV[3], 'w', ARGV[5], 't', t)
+  redis.call('HSET', KEYS[1], 'r', ARGV[1], 'k', ARGV[2], 'v', ARGV[3], 'w', ARGV[5], 't', now)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end
 if ARGV[8] == '1' or (ARGV[6] ~= '' and holder == ARGV[6]) then
   redis.call('DEL', KEYS[2])
 end
-return stored
+local out = {stored, 0}
+if ARGV[9] == '1' then
+  local hold_arg = 10
+""" + _COLLECT_LUA + """
+end
+return out
 """
 
 # KEYS: lease. ARGV: token.
@@ -81,15 +131,20 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: entry, lease. One script rather than DEL with two keys: redis-py's cluster client
-# would split a multi-key DEL into one command per key.
-EVICT_LUA = """
+# KEYS: entry, lease, holders[, epoch]. ARGV: hold ms. One script rather than DEL with
+# several keys: redis-py's cluster client would split a multi-key DEL into one command per
+# key. Returns {existed 0/1, wait ms, holder, remaining ms, ...} like FILL_LUA.
+EVICT_LUA = _NOW_LUA + """
 local existed = redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2])
-return existed
+local out = {existed, 0}
+local hold_arg = 1
+""" + _COLLECT_LUA + """
+return out
 """
 
 _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+_Queued = tuple[list[str], list[str | int], "asyncio.Future[Any]"]  # keys, args, the answer
 
 
 def _text(raw: Any) -> str:
@@ -102,17 +157,33 @@ def _bytes(raw: Any) -> bytes:
     return raw if isinstance(raw, bytes) else str(raw).encode()
 
 
+def _written(reply: Any) -> Written:
+    """FILL_LUA's or EVICT_LUA's answer: {stored, wait ms, holder, remaining ms, ...}."""
+    holders = tuple(
+        Holder(_text(reply[i]), int(reply[i + 1])) for i in range(2, len(reply) - 1, 2)
+    )
+    return Written(bool(int(reply[0])), holders, int(reply[1]))
+
+
 class RedisEntryStore:
     """Entries in Redis through Lua scripts, every call bounded by `timeout_s`.
 
     Args:
         client: a `redis.asyncio` client or cluster client (see `redis_client.create_redis`).
         timeout_s: the most any call may take, connection included; then it fails open.
+        epoch_key: where this Redis records when its state began (see `READ_LUA`); not on
+            a cluster, whose scripts may touch one hash slot only (there the L1 is off).
     """
 
-    def __init__(self, client: RedisClient, *, timeout_s: float = 0.15) -> None:
+    def __init__(
+        self, client: RedisClient, *, timeout_s: float = 0.15, epoch_key: str = ""
+    ) -> None:
         self._client = client
         self._timeout_s = timeout_s
+        self._cluster = isinstance(client, RedisCluster)
+        self._epoch = [] if self._cluster or not epoch_key else [epoch_key]
+        self._batch: list[_Queued] = []
+        self._senders: set[asyncio.Task[None]] = set()
         self._read = client.register_script(READ_LUA)
         self._fill = client.register_script(FILL_LUA)
         self._release = client.register_script(RELEASE_LUA)
@@ -149,23 +220,97 @@ class RedisEntryStore:
                     await self._client.initialize()
                 for script in scripts:
                     await self._client.script_load(script.script)
+                if self._epoch:  # a new Redis: its state begins now
+                    await self._client.set(self._epoch[0], await self._server_ms(), nx=True)
         except Exception as exc:
             raise CacheUnavailable(f"cache warm-up failed: {type(exc).__name__}") from exc
 
-    async def read(self, key: CacheKey, *, token: str, lease_ms: int, min_revision: int) -> Lookup:
+    async def _server_ms(self) -> int:
+        seconds, micros = await self._client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    @property
+    def holds(self) -> bool:
+        """Whether this store can record L1 read leases safely (not on a cluster)."""
+        return bool(self._epoch)
+
+    def _keys(self, key: CacheKey) -> list[str]:
+        return [key.entry, key.lease, key.holders, *self._epoch]
+
+    async def read(
+        self,
+        key: CacheKey,
+        *,
+        token: str,
+        lease_ms: int,
+        min_revision: int,
+        holder: str = "",
+        hold_ms: int = 0,
+    ) -> Lookup:
         """See `EntryStore.read`.
 
         Raises:
             CacheUnavailable: Redis failed or did not answer in time.
         """
-        reply = await self._run(
-            "read", self._read(keys=[key.entry, key.lease], args=[token, lease_ms, min_revision])
-        )
+        args: list[str | int] = [token, lease_ms, min_revision, holder, hold_ms]
+        if self._cluster:
+            reply = await self._run("read", self._read(keys=self._keys(key), args=args))
+        else:
+            reply = await self._run("read", self._queue_read(self._keys(key), args))
         status, lease = int(reply[0]), bool(int(reply[1]))
         if status == 0:
             return Lookup(None, lease=lease)
         entry = Entry(Kind(_text(reply[3])), int(reply[2]), _bytes(reply[4]))
-        return Lookup(entry, stale=status == 2, lease=lease)
+        return Lookup(entry, stale=status == 2, lease=lease, held=bool(int(reply[5])))
+
+    def _queue_read(self, keys: list[str], args: list[str | int]) -> asyncio.Future[Any]:
+        """The answer to one read, sent with every other read queued in this loop tick."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._batch.append((keys, args, answer))
+        if len(self._batch) == 1:
+            loop.call_soon(self._flush)
+        return answer
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        sender = asyncio.get_running_loop().create_task(self._send(batch))
+        self._senders.add(sender)
+        sender.add_done_callback(self._senders.discard)
+
+    async def _send(self, batch: list[_Queued]) -> None:
+        """Run the batch's reads in one pipeline; each reader gets its own reply or error."""
+        try:
+            replies = await self._pipeline(batch)
+        except asyncio.CancelledError:
+            for _, _, answer in batch:
+                answer.cancel()
+            raise
+        except Exception as exc:
+            replies = [exc] * len(batch)
+        for (_, _, answer), reply in zip(batch, replies, strict=True):
+            if answer.done():  # its reader timed out meanwhile
+                continue
+            if isinstance(reply, Exception):
+                answer.set_exception(reply)
+            else:
+                answer.set_result(reply)
+
+    async def _pipeline(self, batch: list[_Queued]) -> list[Any]:
+        if len(batch) == 1:
+            keys, args, _ = batch[0]
+            return [await self._read(keys=keys, args=args)]
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            # EVALSHA directly: a pipeline given the Script object would first ask
+            # SCRIPT EXISTS, one more round trip per batch.
+            pipe.evalsha(self._read.sha, len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        for index, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):  # a restarted Redis: load it, send again
+                keys, args, _ = batch[index]
+                replies[index] = await self._read(keys=keys, args=args)
+        return replies
 
     async def fill(
         self,
@@ -177,7 +322,9 @@ class RedisEntryStore:
         token: str = "",
         need_lease: bool = False,
         drop_lease: bool = False,
-    ) -> bool:
+        collect: bool = False,
+        hold_ms: int = 0,
+    ) -> Written:
         """See `EntryStore.fill`.
 
         Raises:
@@ -185,18 +332,18 @@ class RedisEntryStore:
         """
         args = [
             entry.revision, entry.kind.value, entry.value, ttl_ms, stale_ms, token,
-            int(need_lease), int(drop_lease),
+            int(need_lease), int(drop_lease), int(collect), hold_ms,
         ]
-        reply = await self._run("fill", self._fill(keys=[key.entry, key.lease], args=args))
-        return bool(int(reply))
+        return _written(await self._run("fill", self._fill(keys=self._keys(key), args=args)))
 
-    async def evict(self, key: CacheKey) -> bool:
+    async def evict(self, key: CacheKey, *, hold_ms: int = 0) -> Written:
         """See `EntryStore.evict`.
 
         Raises:
             CacheUnavailable: Redis failed or did not answer in time.
         """
-        return bool(int(await self._run("evict", self._evict(keys=[key.entry, key.lease]))))
+        reply = await self._run("evict", self._evict(keys=self._keys(key), args=[hold_ms]))
+        return _written(reply)
 
     async def release(self, key: CacheKey, token: str) -> None:
         """See `EntryStore.release`.

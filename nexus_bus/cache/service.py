@@ -17,7 +17,7 @@ from nexus_bus.cache.policy import CachePolicy
 from nexus_bus.cache.records import CachedRecordStore
 from nexus_bus.cache.redis_entries import RedisEntryStore
 from nexus_bus.config import CacheSettings, RedisSettings, Settings
-from nexus_bus.constants import CACHE_BREAKER
+from nexus_bus.constants import CACHE_BREAKER, CACHE_EPOCH_SUFFIX
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.redis_client import RedisClient
 from nexus_bus.resilience import BreakerState, CircuitBreaker, ExponentialBackoff, Jitter
@@ -27,8 +27,9 @@ _WARM_UP_S = 2.0  # at start only: learning a cluster's slots may take a while
 
 
 def data_policy(settings: CacheSettings) -> CachePolicy:
-    """The policy of `data` records (never an L1: see `local.py`)."""
+    """The policy of `data` records: with an L1 under read leases of `local_ttl_s`."""
     return CachePolicy(
+        local_ttl_s=settings.local_ttl_s,
         ttl_s=settings.ttl_s,
         negative_ttl_s=settings.negative_ttl_s,
         stale_s=settings.stale_s,
@@ -55,8 +56,9 @@ def redis_scope(settings: RedisSettings) -> str:
     return f"{scope}+cluster" if settings.cluster else scope
 
 
-def create_cache(store: EntryStore, settings: CacheSettings) -> Cache:
-    """A cache on `store` with the breaker, L1 bound and floors from `settings` (no peers yet)."""
+def create_cache(store: EntryStore, settings: CacheSettings, *, local: bool = True) -> Cache:
+    """A cache on `store` with the breaker, L1 bound and floors from `settings` (no peers yet);
+    without an L1 when `local` is off (the store cannot record read leases)."""
     breaker = CircuitBreaker(
         failure_threshold=settings.breaker_failures,
         reset=ExponentialBackoff(
@@ -69,7 +71,11 @@ def create_cache(store: EntryStore, settings: CacheSettings) -> Cache:
         store,
         prefix=settings.key_prefix,
         breaker=breaker,
-        local=LocalCache(settings.local_max_entries),
+        local=(
+            LocalCache(settings.local_max_entries, max_bytes=settings.local_max_bytes)
+            if local
+            else None
+        ),
         floors=Floors(max_keys=settings.max_floors),
         max_fill_age_s=settings.max_fill_age_s,
     )
@@ -81,12 +87,18 @@ async def start_cache(nc: Client, redis: RedisClient, settings: Settings) -> Cac
     Raises:
         Unavailable: NATS refused the subscriptions.
     """
-    store = RedisEntryStore(redis, timeout_s=settings.cache.timeout_ms / 1000)
+    store = RedisEntryStore(
+        redis,
+        timeout_s=settings.cache.timeout_ms / 1000,
+        epoch_key=settings.cache.key_prefix + CACHE_EPOCH_SUFFIX,
+    )
     try:
         await store.warm_up(_WARM_UP_S)
     except CacheUnavailable as exc:
         logger.warning("redis cache is not reachable at start ({}); failing open until it is", exc)
-    cache = create_cache(store, settings.cache)
+    if not store.holds and settings.cache.local_ttl_s > 0:
+        logger.info("redis cluster: no L1 (read leases need one epoch per Redis; docs/cache.md)")
+    cache = create_cache(store, settings.cache, local=store.holds)
     bus = CacheBus(
         nc,
         cache,

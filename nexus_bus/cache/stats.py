@@ -35,24 +35,28 @@ class CacheStats:
         self._metrics = metrics
         self._counts: dict[str, Counter[CacheResult]] = {}
         # Labelled children, looked up once: `labels()` takes a lock on every call, and
-        # counting sits on the cache's hot path.
+        # counting sits on the cache's hot path (an L1 hit costs little else). The ratio
+        # gauge is computed when scraped, not on every read.
         self._requests: dict[tuple[str, CacheResult], MetricCounter] = {}
         self._ratios: dict[str, Gauge] = {}
 
     def count(self, cache: str, result: CacheResult) -> None:
         """Record one read of `cache` answered as `result`."""
-        counts = self._counts.get(cache)
-        if counts is None:
-            counts = self._counts[cache] = Counter()
-            self._ratios[cache] = self._metrics.cache_hit_ratio.labels(cache)
-        counts[result] += 1
         child = self._requests.get((cache, result))
         if child is None:
-            child = self._requests[(cache, result)] = self._metrics.cache_requests.labels(
-                cache, result.value
-            )
+            child = self._add(cache, result)
+        self._counts[cache][result] += 1
         child.inc()
-        self._ratios[cache].set(self.hit_ratio(cache))
+
+    def _add(self, cache: str, result: CacheResult) -> MetricCounter:
+        if cache not in self._counts:
+            self._counts[cache] = Counter()
+            ratio = self._ratios[cache] = self._metrics.cache_hit_ratio.labels(cache)
+            ratio.set_function(lambda: self.hit_ratio(cache))
+        child = self._requests[(cache, result)] = self._metrics.cache_requests.labels(
+            cache, result.value
+        )
+        return child
 
     def counts(self, cache: str) -> dict[CacheResult, int]:
         """The reads of `cache` so far, by result."""

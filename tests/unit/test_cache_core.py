@@ -40,6 +40,9 @@ class RecordingPeers:
     async def announce(self, notice: Notice) -> None:
         self.notices.append(notice)
 
+    async def revoke(self, origin: str, notice: Notice, timeout_s: float) -> bool:
+        return False
+
     async def close(self) -> None:
         pass
 
@@ -308,7 +311,8 @@ async def test_l1_is_used_by_opted_in_policies_and_dropped_by_notices() -> None:
     cache = Cache(store, local=LocalCache(10))
     policy = POLICY.with_(local_ttl_s=30)
     _, load = counting(Entry.of(b"v", 2))
-    await cache.fetch("users", "u", load, policy)
+    await cache.fetch("users", "u", load, policy)  # a miss: loaded and filled
+    await cache.fetch("users", "u", load, policy)  # a Redis hit, with a read lease
     calls_before = store.calls
     await cache.fetch("users", "u", load, policy)
     assert store.calls == calls_before  # served from the L1

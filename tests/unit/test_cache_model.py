@@ -49,7 +49,9 @@ def test_entry_and_lease_share_a_cluster_slot_even_with_braces_in_the_key() -> N
         ck = build_key("nexus:cache", "data", key)
         assert key_slot(ck.entry.encode()) == key_slot(ck.lease.encode()), key
         assert is_under("nexus:cache", ck.entry)
-    assert build_key("p", "data", "k") == CacheKey("p:data:{k}", "p:data:{k}:lease")
+    assert build_key("p", "data", "k") == CacheKey(
+        "p:data:{k}", "p:data:{k}:lease", "p:data:{k}:holders"
+    )
     assert build_key("p", "data", "a{b}") != build_key("p", "data", "a{c}")
     assert not is_under("nexus:cache", "other:data:{k}")
 
@@ -120,17 +122,62 @@ def test_floor_overflow_distrusts_the_cache_for_one_lifetime() -> None:
 def test_local_cache_lru_ttl_and_revision_order() -> None:
     clock = FakeClock()
     local = LocalCache(2, clock=clock)
-    local.put("a", V5, 10)
-    local.put("a", Entry.of(b"old", 3), 10)  # never replaced by an older revision
+
+    def put(key: str, entry: Entry, ttl: float = 10) -> bool:
+        return local.put(key, entry, read_at=clock.now, expires_at=clock.now + ttl)
+
+    put("a", V5)
+    put("a", Entry.of(b"old", 3))  # never replaced by an older revision
     assert local.get("a") == V5
-    local.put("b", V7, 10)
+    put("b", V7)
     local.get("a")
-    local.put("c", V7, 10)  # evicts b, the least recently used
+    put("c", V7)  # evicts b, the least recently used
     assert local.get("b") is None and local.get("a") == V5
     clock.now += 11
     assert local.get("a") is None
-    local.put("c", V7, 10)
+    put("c", V7)
     local.drop("c")
     assert local.get("c") is None
     with pytest.raises(ValueError):
         LocalCache(0)
+
+
+def test_local_cache_is_bounded_by_bytes() -> None:
+    clock = FakeClock()
+    local = LocalCache(1000, max_bytes=3 * 1300, clock=clock)
+    for n in range(5):
+        now = clock.now
+        assert local.put(f"k{n}", Entry.of(b"x" * 1000, 1), read_at=now, expires_at=now + 10)
+    assert len(local) == 3 and local.nbytes <= 3 * 1300
+    assert local.get("k0") is None and local.get("k4") is not None
+
+
+def test_local_cache_refuses_entries_read_before_a_revocation_or_past_their_lease() -> None:
+    clock = FakeClock()
+    local = LocalCache(10, max_revocations=2, clock=clock)
+    read_at = clock.now
+    clock.now += 0.1
+    local.drop("k")  # a writer revoked k while the read was in flight
+    assert not local.put("k", V5, read_at=read_at, expires_at=read_at + 1)
+    clock.now += 0.1
+    assert local.put("k", V5, read_at=clock.now, expires_at=clock.now + 1)  # read afterwards
+    assert not local.put("j", V5, read_at=0, expires_at=clock.now)  # lease already over
+    late = clock.now
+    for key in ("x", "y", "z"):  # more revocations than remembered: everything older refused
+        local.drop(key)
+    assert len(local) == 0
+    assert not local.put("k", V7, read_at=late, expires_at=late + 5)
+    clock.now += 0.1
+    assert local.put("k", V7, read_at=clock.now, expires_at=clock.now + 5)
+
+
+def test_a_revocation_is_remembered_for_a_read_in_flight_before_any_entry_was_kept() -> None:
+    clock = FakeClock()
+    local = LocalCache(10, clock=clock)
+    local.expect(1.0)  # the first read of this L1 is sent, with a 1 s lease
+    read_at = clock.now
+    clock.now += 0.1
+    local.drop("k")  # a writer revokes k
+    clock.now += 0.1
+    local.drop("j")  # and another key: k's revocation must not be forgotten yet
+    assert not local.put("k", V5, read_at=read_at, expires_at=read_at + 1.0)

@@ -1,0 +1,177 @@
+"""The L1 under read leases, on the in-memory twin: a write returns only once every holder
+dropped the key or its lease ran out; a planted L1 without that wait is caught."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from nexus_bus.cache import Cache, CachePolicy, CacheUnavailable, Entry
+from nexus_bus.cache.local import LocalCache
+from nexus_bus.cache.memory import MemoryEntryStore
+from nexus_bus.cache.notice import Notice
+
+LEASE_S = 0.3
+POLICY = CachePolicy(ttl_s=60, negative_ttl_s=10, jitter=0, local_ttl_s=LEASE_S)
+
+
+class LocalPeers:
+    """The NATS bus between caches of one process: revocations reach the named cache unless
+    it is `paused` (a SIGSTOPped worker answers nothing)."""
+
+    def __init__(self) -> None:
+        self.caches: dict[str, Cache] = {}
+        self.paused: set[str] = set()
+        self.revoked: list[str] = []
+        self.fencer = ""  # the cache that answers fence requests ("": nobody can)
+
+    def join(self, cache: Cache) -> Cache:
+        self.caches[cache.origin] = cache
+        cache.attach(self)
+        return cache
+
+    async def fence(self, notice: Notice) -> bool:
+        return bool(self.fencer) and await self.caches[self.fencer].apply_fence(notice)
+
+    async def announce(self, notice: Notice) -> None:
+        pass  # notices are best effort: the leases alone must keep the guarantee
+
+    async def revoke(self, origin: str, notice: Notice, timeout_s: float) -> bool:
+        self.revoked.append(origin)
+        if origin in self.paused or origin not in self.caches:
+            await asyncio.sleep(timeout_s)
+            return False
+        self.caches[origin].on_revoke(notice)
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+def pair() -> tuple[MemoryEntryStore, LocalPeers, Cache, Cache]:
+    store, peers = MemoryEntryStore(), LocalPeers()
+    a = peers.join(Cache(store, local=LocalCache(100), origin="a"))
+    b = peers.join(Cache(store, local=LocalCache(100), origin="b"))
+    return store, peers, a, b
+
+
+async def never_loaded() -> Entry:
+    raise AssertionError("the test expects a cached entry")
+
+
+async def read(cache: Cache) -> bytes:
+    return (await cache.fetch("data", "k", never_loaded, POLICY)).value
+
+
+async def test_a_write_revokes_other_holders_before_it_returns() -> None:
+    store, peers, a, b = pair()
+    await a.write("data", "k", Entry.of(b"old", 1), POLICY)
+    assert await read(b) == b"old"  # from Redis, now held
+    calls = store.calls
+    assert await read(b) == b"old" and store.calls == calls  # from b's L1
+    started = time.monotonic()
+    await a.write("data", "k", Entry.of(b"new", 2), POLICY)
+    assert time.monotonic() - started < LEASE_S / 2  # acknowledged: no waiting
+    assert peers.revoked == ["b"]
+    assert await read(b) == b"new"
+
+
+async def test_a_paused_holder_delays_a_write_by_at_most_its_lease_and_serves_nothing_stale(
+) -> None:
+    _, peers, a, b = pair()
+    await a.write("data", "k", Entry.of(b"old", 1), POLICY)
+    await read(b)
+    held_at = time.monotonic()
+    peers.paused.add("b")
+    await a.write("data", "k", Entry.of(b"new", 2), POLICY)
+    waited = time.monotonic() - held_at
+    assert LEASE_S * 0.9 <= waited <= LEASE_S * 1.5 + 0.1
+    assert await read(b) == b"new"  # its lease ran out before the write returned
+
+
+async def test_a_read_answered_before_a_write_but_arriving_after_it_is_not_kept() -> None:
+    store, _, a, b = pair()
+    await a.write("data", "k", Entry.of(b"old", 1), POLICY)
+    original = store.read
+    gate = asyncio.Event()
+
+    async def slow_read(*args: object, **kwargs: object) -> object:
+        answer = await original(*args, **kwargs)  # type: ignore[arg-type]
+        await gate.wait()  # the answer is in flight while the write completes
+        return answer
+
+    store.read = slow_read  # type: ignore[method-assign]
+    in_flight = asyncio.create_task(read(b))
+    await asyncio.sleep(0.01)
+    await a.write("data", "k", Entry.of(b"new", 2), POLICY)
+    gate.set()
+    assert await in_flight == b"old"  # concurrent with the write: allowed
+    store.read = original  # type: ignore[method-assign]
+    assert await read(b) == b"new"  # but the old answer was not kept in the L1
+
+
+async def test_a_restarted_store_makes_writes_wait_out_the_holders_it_forgot() -> None:
+    store, peers, a, b = pair()
+    await a.write("data", "k", Entry.of(b"old", 1), POLICY)
+    await read(b)
+    store.restart()  # b's read lease is forgotten with everything else
+    started = time.monotonic()
+    await a.write("data", "k", Entry.of(b"new", 2), POLICY)
+    assert time.monotonic() - started >= LEASE_S * 0.9
+    assert peers.revoked == []  # nobody to ask: the store's young epoch was the wait
+    assert await read(b) == b"new"
+
+
+async def test_a_write_that_cannot_reach_the_store_waits_one_lease() -> None:
+    store, _, a, b = pair()
+    await a.write("data", "k", Entry.of(b"old", 1), POLICY)
+    await read(b)
+    store.down = True
+    started = time.monotonic()
+    await a.write("data", "k", Entry.of(b"new", 2), POLICY)
+    assert time.monotonic() - started >= LEASE_S * 0.9
+
+
+@pytest.mark.parametrize("planted", [False, True], ids=["leases", "planted-no-wait"])
+async def test_the_planted_bug_serves_a_stale_value(
+    planted: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bug the linearizability tests must catch: an L1 whose writer skips the wait."""
+    if planted:
+
+        async def skip(*args: object) -> None:
+            return None
+
+        monkeypatch.setattr(Cache, "_revoke", skip)
+    _, _, a, b = pair()
+    await a.write("data", "k", Entry.of(b"old", 1), POLICY)
+    await read(b)
+    await a.write("data", "k", Entry.of(b"new", 2), POLICY)
+    assert await read(b) == (b"old" if planted else b"new")
+
+
+async def test_a_write_whose_answer_was_lost_after_it_ran_still_waits_out_the_holders() -> None:
+    """The script ran (and cleared the holders) but its answer timed out; a peer fences the
+    key, but nobody can name the holders any more, so the writer waits one lease."""
+    store, peers, a, _ = pair()
+    holder = peers.join(Cache(store, local=LocalCache(100), origin="c"))
+    peers.fencer = "b"
+    await a.write("data", "k", Entry.of(b"old", 1), POLICY)
+    await read(holder)
+    original = store.fill
+
+    async def ran_then_lost(*args: object, **kwargs: object) -> object:
+        answer = await original(*args, **kwargs)  # type: ignore[arg-type]
+        if store.fill is ran_then_lost and kwargs.get("collect") and args[1].revision == 2:
+            store.fill = original  # type: ignore[method-assign]
+            raise CacheUnavailable("timed out after the script ran")
+        return answer
+
+    store.fill = ran_then_lost  # type: ignore[method-assign]
+    started = time.monotonic()
+    await a.write("data", "k", Entry.of(b"new", 2), POLICY)
+    assert time.monotonic() - started >= LEASE_S * 0.9
+    assert peers.revoked == []  # the holders were cleared with the lost answer
+    assert await read(holder) == b"new"

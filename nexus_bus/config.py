@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from nexus_bus import stackfile
+from nexus_bus.ai.settings import AISettings
 from nexus_bus.constants import CACHE_KEY_PREFIX
 from nexus_bus.errors import InvalidRequest
 from nexus_bus.resilience.policy import ResilienceSettings
@@ -347,6 +348,7 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
+    ai: AISettings = Field(default_factory=AISettings)  # model backends (docs/ai.md)
 
     @classmethod
     def settings_customise_sources(

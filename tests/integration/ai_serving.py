@@ -10,7 +10,7 @@ from typing import Any
 
 from nexus_bus import Gateway, Operations, Settings, Worker
 from nexus_bus.handlers import ai
-from tests.conftest import make_settings
+from tests.conftest import issue_test_token, make_settings
 
 
 def ai_group(op: str) -> Operations:
@@ -36,15 +36,20 @@ def openai_backend(base_url: str, models: list[str], **fields: Any) -> dict[str,
 
 
 @contextlib.asynccontextmanager
-async def serving_ai(settings: Settings, op: str) -> AsyncIterator[Gateway]:
+async def ai_worker(settings: Settings, op: str) -> AsyncIterator[tuple[Gateway, Worker]]:
     """A worker serving the ai actions as `op`, and a gateway (admin token) to call it."""
-    from tests.conftest import issue_test_token
-
     worker = Worker(settings, [ai_group(op)])
     await worker.start()
     gateway = await Gateway.connect(settings, token=issue_test_token())
     try:
-        yield gateway
+        yield gateway, worker
     finally:
         await gateway.close()
         await worker.drain(1)
+
+
+@contextlib.asynccontextmanager
+async def serving_ai(settings: Settings, op: str) -> AsyncIterator[Gateway]:
+    """`ai_worker`'s gateway alone."""
+    async with ai_worker(settings, op) as (gateway, _):
+        yield gateway

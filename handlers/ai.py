@@ -15,6 +15,7 @@ import msgspec
 
 from nexus_bus import Operations, RequestContext
 from nexus_bus.ai.backend import ChatMessage, CompletionCall, hash_embed
+from nexus_bus.ai.graphs import GraphBus, run_graph
 from nexus_bus.ai.runtime import runtime_of
 from nexus_bus.ai.settings import HASH_MODEL
 from nexus_bus.ai.similarity import text_of, top_k
@@ -25,12 +26,15 @@ from nexus_bus.schemas.ai import (
     EmbedReply,
     EmbedRequest,
     Match,
+    RunError,
+    RunReply,
+    RunRequest,
     SimilarReply,
     SimilarRequest,
     Usage,
 )
 
-ops = Operations("ai", description="Embeddings, completions and similarity search.")
+ops = Operations("ai", description="Embeddings, completions, similarity search and graph runs.")
 
 __all__ = ["HASH_MODEL", "hash_embed", "ops"]
 
@@ -114,4 +118,36 @@ async def similar(req: SimilarRequest, ctx: RequestContext) -> SimilarReply:
         matches=[Match(key=k, score=round(s, 6)) for k, s in ranked],
         scanned=len(keys[:scan]),
         truncated=truncated,
+    )
+
+
+@ops.action("run", idempotent=False)
+async def run(req: RunRequest, ctx: RequestContext) -> RunReply:
+    """Run a registered LangGraph graph (`ai.graphs`); its nodes call operations as the caller.
+
+    A `NexusError` from an operation a node called (403 for a scope the token lacks) ends
+    the run: the reply is `status: failed` with that error, the last state and the steps
+    run. With `topic`, every node's update is published there as it happens (SSE).
+    """
+    runtime = runtime_of(ctx)
+    graph = runtime.graph(req.graph)
+    bus = GraphBus(ctx, runtime.gateway(ctx))
+
+    async def publish(node: str, update: object) -> None:
+        event = {"run": ctx.request_id, "graph": req.graph, "node": node, "update": update}
+        await bus.call("stream", "publish", {"topic": req.topic, "event": event})
+
+    outcome = await run_graph(graph, bus, dict(req.input), publish if req.topic else None)
+    error = outcome.error
+    if req.topic and error is None:
+        await publish("__end__", {"status": "succeeded"})
+    return RunReply(
+        graph=req.graph,
+        status="failed" if error else "succeeded",
+        output=outcome.output,
+        steps=outcome.steps,
+        error=RunError(
+            code=error.code, status=error.http_status, detail=error.detail,
+            call=outcome.failed_call,
+        ) if error else None,
     )

@@ -204,11 +204,23 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         + "  .venv/bin/nexus-bus call data.put '{\"key\": \"hello\", \"value\": {\"n\": 1}}'\n"
         + '  curl -s "$NEXUS_URL/v1/data/get" -H "Authorization: Bearer $NEXUS_TOKEN" \\\n'
         + "       -H 'Content-Type: application/json' -d '{\"key\": \"hello\"}'\n\n"
+        + AI_HINT
         + "Ctrl-C stops everything.",
         flush=True,
     )
     wait_forever(stack)
     return 0
+
+
+# How to point `ai.*` at a local Ollama (docs/ai.md); `up` prints it.
+AI_HINT = (
+    "ai.* answers 503 until a model backend is set. For a local Ollama (ollama serve), restart\n"
+    "`up` with:\n"
+    "  export NEXUS_AI__BACKENDS__OLLAMA__BASE_URL=http://127.0.0.1:11434/v1\n"
+    "  export NEXUS_AI__BACKENDS__OLLAMA__MODELS='[\"llama3.2\", \"nomic-embed-text\"]'\n"
+    "  export NEXUS_AI__DEFAULT_COMPLETE_MODEL=llama3.2\n"
+    "(docs/ai.md has OpenAI, vLLM and the local MiniLM embeddings)\n\n"
+)
 
 
 def _banner(args: argparse.Namespace, stack: Stack, groups: list[Operations], url: str) -> str:

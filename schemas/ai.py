@@ -1,8 +1,8 @@
-"""`ai.*`: embeddings, completions and similarity search."""
+"""`ai.*`: embeddings, completions, similarity search and graph runs."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -91,3 +91,34 @@ class SimilarReply(msgspec.Struct, frozen=True, kw_only=True):
     matches: list[Match]
     scanned: int
     truncated: bool
+
+
+Token = Annotated[str, msgspec.Meta(pattern="^[a-z][a-z0-9_-]{0,63}$")]
+
+
+class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Run the registered graph `graph` from `input`; with `topic`, each node's update is
+    published as an event there (`GET /v1/events/{topic}` streams it as SSE)."""
+
+    graph: Token
+    input: dict[str, Any] = msgspec.field(default_factory=dict)
+    topic: Token | None = None
+
+
+class RunError(msgspec.Struct, frozen=True, kw_only=True):
+    """The error that ended a run, and the operation call that raised it."""
+
+    code: str
+    status: int
+    detail: str
+    call: str | None = None
+
+
+class RunReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The graph's last state, the nodes it ran in order, and how it ended."""
+
+    graph: str
+    status: Literal["succeeded", "failed"]
+    output: dict[str, Any]
+    steps: list[str]
+    error: RunError | None = None

@@ -16,6 +16,7 @@ from typing import Any, Final, cast
 
 from nexus_bus.ai.backend import Completion, CompletionCall, HashBackend, ModelBackend
 from nexus_bus.ai.batcher import EmbedBatcher, MissCollector
+from nexus_bus.ai.graphs import GraphRegistry, RunnableGraph, load_graphs
 from nexus_bus.ai.guard import BackendGuard
 from nexus_bus.ai.keys import (
     COMPLETE_NAMESPACE,
@@ -30,6 +31,7 @@ from nexus_bus.ai.settings import HASH_MODEL, AISettings, BackendSettings, read_
 from nexus_bus.cache import CachePolicy
 from nexus_bus.context import RequestContext
 from nexus_bus.errors import NexusError, Unavailable, UpstreamTimeout
+from nexus_bus.gateway import Gateway
 from nexus_bus.policies.ratelimit import SharedRateLimiter
 from nexus_bus.resilience.gcra import RateLimit
 
@@ -115,6 +117,31 @@ class AIRuntime:
             ttl_s=settings.cache_ttl_s, local_ttl_s=settings.local_cache_ttl_s, jitter=0.0
         )
         self.complete_policy = CachePolicy(ttl_s=settings.cache_ttl_s, jitter=0.0)
+        self._graphs: GraphRegistry | None = None
+        self._gateway: Gateway | None = None
+
+    def graph(self, name: str) -> RunnableGraph:
+        """The registered graph `name` (registries load from `ai.graphs` on first use).
+
+        Raises:
+            NotFound: no such graph.
+            Unavailable: a registry in `ai.graphs` cannot be loaded.
+        """
+        if self._graphs is None:
+            try:
+                self._graphs = load_graphs(self.settings.graphs)
+            except ValueError as exc:
+                raise Unavailable(str(exc)) from exc
+        return self._graphs.get(name)
+
+    def gateway(self, ctx: RequestContext) -> Gateway:
+        """The worker's gateway client for graphs' operation calls, on its own connection's
+        inbox (created on first use, closed with the runtime)."""
+        if self._gateway is None:
+            services = ctx.services
+            redis = services.redis if services.settings.resilience.enabled else None
+            self._gateway = Gateway(services.nc, services.settings, redis=redis)
+        return self._gateway
 
     @classmethod
     def from_settings(cls, settings: AISettings, redis: Any | None = None) -> AIRuntime:
@@ -248,7 +275,9 @@ class AIRuntime:
         return result
 
     async def aclose(self) -> None:
-        """Close every backend once."""
+        """Close the gateway and every backend once."""
+        if self._gateway is not None:
+            await self._gateway.close()
         seen: set[int] = set()
         for route in self.routes.values():
             if id(route.backend) not in seen:

@@ -71,7 +71,9 @@ class LocalEmbeddingBackend:
             encoder.encode, texts, batch_size=64, normalize_embeddings=True,
             show_progress_bar=False, convert_to_numpy=True,
         )
-        return [[float(x) for x in row] for row in vectors.tolist()]
+        # The model computes in float32: the shortest float32 spelling of each component
+        # keeps every bit of it and halves the JSON of replies and cache entries.
+        return [[float(str(x)) for x in row] for row in vectors]
 
     async def complete(self, call: CompletionCall, timeout_s: float) -> Completion:
         """Never: the local model embeds only.

@@ -40,6 +40,7 @@ __all__ = ["HASH_MODEL", "hash_embed", "ops"]
 
 _decode: Final = msgspec.json.decode
 _READS_AT_ONCE: Final = 32
+_MAX_TEXT: Final = 32_768  # a stored value's text is embedded up to this many characters
 
 
 @ops.action("embed")
@@ -90,7 +91,7 @@ async def _stored_texts(keys: list[str], ctx: RequestContext) -> list[tuple[str,
             except NotFound:  # deleted since it was listed
                 return None
         text = text_of(_decode(record.value))
-        return (key, text) if text is not None else None
+        return (key, text[:_MAX_TEXT]) if text is not None else None
 
     found = await asyncio.gather(*(read(k) for k in keys))
     return [item for item in found if item is not None]
@@ -101,7 +102,8 @@ async def similar(req: SimilarRequest, ctx: RequestContext) -> SimilarReply:
     """Rank the `data` values under `prefix` by cosine similarity to `text`.
 
     Scans at most `max_scan` keys (default and ceiling `ai.similar_max_scan`) in key order;
-    each value's embedding comes from the embedding cache, computed on first use.
+    each value's embedding (of its first 32 768 characters) comes from the embedding cache,
+    computed on first use.
     """
     runtime = runtime_of(ctx)
     ceiling = runtime.settings.similar_max_scan

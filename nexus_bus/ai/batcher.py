@@ -94,6 +94,8 @@ class MissCollector:
 
     async def load(self, text: str) -> list[float]:
         """The vector of a missed text, embedded with the request's other misses."""
+        if self._waiting <= 0:  # a load after the request's batch left (a late refresh)
+            return (await self._batcher.embed([text]))[0]
         future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
         self._texts.append(text)
         self._futures.append(future)

@@ -37,10 +37,11 @@ def openai_backend(base_url: str, models: list[str], **fields: Any) -> dict[str,
 
 @contextlib.asynccontextmanager
 async def ai_worker(settings: Settings, op: str) -> AsyncIterator[tuple[Gateway, Worker]]:
-    """A worker serving the ai actions as `op`, and a gateway (admin token) to call it."""
+    """A worker serving the ai actions as `op`, and a gateway (every scope) to call it."""
     worker = Worker(settings, [ai_group(op)])
     await worker.start()
-    gateway = await Gateway.connect(settings, token=issue_test_token())
+    # A subject of the test's own: budgets are per subject and outlive the test in Redis.
+    gateway = await Gateway.connect(settings, token=issue_test_token(subject=f"admin-{op}"))
     try:
         yield gateway, worker
     finally:

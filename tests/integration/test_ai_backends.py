@@ -246,3 +246,29 @@ async def test_no_backend_for_a_model_is_unavailable_naming_the_setting(
             await gw.request(f"ai{uid}", "embed", {"input": "x"})
         lexical = await gw.request(f"ai{uid}", "embed", {"input": "x", "model": "hash-256"})
     assert lexical["model"] == "hash-256" and len(lexical["vectors"][0]) == 256
+
+
+async def test_budget_is_shared_by_every_worker_replica(
+    provider: ProviderDouble, nats_url: str, redis_url: str, uid: str
+) -> None:
+    from nexus_bus import Worker
+    from tests.integration.ai_serving import ai_group
+
+    ai = {**section(provider), "budget": {"requests_per_min": 2}}
+    settings = ai_settings(nats_url, redis_url, ai)
+    second = Worker(settings, [ai_group(f"ai{uid}")])
+    await second.start()
+    try:
+        async with serving_ai(settings, f"ai{uid}") as gw:
+            outcomes = []
+            for i in range(6):
+                try:
+                    await gw.request(f"ai{uid}", "complete", {"prompt": f"p{i}"})
+                    outcomes.append("ok")
+                except RateLimited:
+                    outcomes.append("429")
+    finally:
+        await second.drain(1)
+    # Two replicas answer in turn; one budget in Redis admits two requests in all, not per replica.
+    assert outcomes == ["ok", "ok", "429", "429", "429", "429"]
+    assert len(provider.calls(CHAT)) == 2

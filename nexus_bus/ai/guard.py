@@ -27,7 +27,7 @@ from nexus_bus.errors import (
     UpstreamTimeout,
 )
 from nexus_bus.resilience.backoff import ExponentialBackoff, Jitter
-from nexus_bus.resilience.breaker import CircuitBreaker
+from nexus_bus.resilience.breaker import BreakerState, CircuitBreaker
 
 T = TypeVar("T")
 Clock = Callable[[], float]
@@ -118,6 +118,6 @@ class BackendGuard:
             self._quiet_until = max(self._quiet_until, self._clock() + exc.retry_after)
         if counts_against_server(exc):
             self.breaker.record_failure()
-        elif self.breaker.state.value != "closed":
+        elif self.breaker.state is not BreakerState.CLOSED:
             # An answer about the request is an answer: the server is up.
             self.breaker.record_success()

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 HASH_MODEL: Final = "hash-256"
 LOCAL_MINILM: Final = "all-MiniLM-L6-v2"
@@ -24,6 +24,8 @@ LOCAL_MINILM: Final = "all-MiniLM-L6-v2"
 
 class BackendSettings(BaseModel):
     """One model server (or the local model), and the guards around calls to it."""
+
+    model_config = ConfigDict(defer_build=True)
 
     kind: Literal["openai", "local"] = "openai"
     models: list[str] = Field(default_factory=list)  # the model names this backend serves
@@ -53,12 +55,16 @@ class BackendSettings(BaseModel):
 class BudgetSettings(BaseModel):
     """Per token subject, across every replica (Redis GCRA): 0 turns a limit off."""
 
+    model_config = ConfigDict(defer_build=True)
+
     requests_per_min: float = Field(0.0, ge=0)
     tokens_per_min: float = Field(0.0, ge=0)  # estimated: prompt chars / 4 + max_tokens
 
 
 class AISettings(BaseModel):
     """The `ai` section: backends by name, default models, cache and budget."""
+
+    model_config = ConfigDict(defer_build=True)
 
     backends: dict[str, BackendSettings] = Field(default_factory=dict)
     default_embed_model: str | None = None  # used when a request names no model

@@ -120,7 +120,7 @@ async def throughput(seconds: float) -> None:
     async def one_call(text: str) -> list[list[float]]:
         return await backend.embed([text], MODEL, 30)
 
-    batcher = EmbedBatcher(lambda batch: backend.embed(batch, MODEL, 30), max_batch=64)
+    batcher = EmbedBatcher(lambda batch: backend.embed(batch, MODEL, 30), 64, max_running=1)
     sample = texts[:64]
     begin = time.perf_counter()
     await asyncio.gather(*(one_call(t) for t in sample))

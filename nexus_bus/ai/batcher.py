@@ -4,8 +4,11 @@ in one call.
 A caller adds its texts and awaits their vectors. The first text of an empty batch schedules
 a flush on the next turn of the event loop, so everything asked during the current turn
 (the texts of one request, the cache misses of concurrent requests) shares one call; a batch
-that reaches `max_batch` is flushed at once. One failed call fails every caller in it with
-the same error. Batches of one model only: a batcher serves one (backend, model) pair.
+that reaches `max_batch` is flushed at once. With `max_running`, at most that many calls run
+at once and texts arriving meanwhile wait for one to end, then go together: for an
+in-process model, which uses every core for one batch, 1 gives the batching where it pays.
+One failed call fails every caller in it with the same error. Batches of one model only: a
+batcher serves one (backend, model) pair.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ class EmbedBatcher:
     Args:
         call: embeds a batch (guards included), one vector per text.
         max_batch: texts per call at most.
+        max_running: calls at once at most (0: no bound beyond the backend's bulkhead).
     """
 
-    def __init__(self, call: EmbedCall, max_batch: int) -> None:
+    def __init__(self, call: EmbedCall, max_batch: int, max_running: int = 0) -> None:
         self._call = call
         self._max_batch = max_batch
+        self._max_running = max_running
+        self._running = 0
         self._texts: list[str] = []
         self._futures: list[asyncio.Future[list[float]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -48,13 +54,13 @@ class EmbedBatcher:
         return list(await asyncio.gather(*futures))
 
     def _flush(self) -> None:
-        if not self._texts:
-            return
-        texts, futures = self._texts, self._futures
-        self._texts, self._futures = [], []
-        task = asyncio.get_running_loop().create_task(self._run(texts, futures))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        while self._texts and not (self._max_running and self._running >= self._max_running):
+            texts, futures = self._texts[: self._max_batch], self._futures[: self._max_batch]
+            del self._texts[: self._max_batch], self._futures[: self._max_batch]
+            self._running += 1
+            task = asyncio.get_running_loop().create_task(self._run(texts, futures))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _run(self, texts: list[str], futures: list[asyncio.Future[list[float]]]) -> None:
         self.calls += 1
@@ -65,6 +71,9 @@ class EmbedBatcher:
                 if not future.done():
                     future.set_exception(exc)
             return
+        finally:
+            self._running -= 1
+            self._flush()  # what waited for this call goes now
         for future, vector in zip(futures, vectors, strict=True):
             if not future.done():
                 future.set_result(vector)

@@ -48,6 +48,7 @@ class Route:
     guard: BackendGuard
     max_batch: int
     batchers: dict[str, EmbedBatcher]
+    max_running: int = 0  # embedding calls at once per model (0: the bulkhead alone bounds)
 
     def batcher(self, model: str) -> EmbedBatcher:
         """The batcher of `model` on this backend."""
@@ -59,7 +60,7 @@ class Route:
                     self.guard.timeout_s,
                 )
 
-            self.batchers[model] = EmbedBatcher(call, self.max_batch)
+            self.batchers[model] = EmbedBatcher(call, self.max_batch, self.max_running)
         return self.batchers[model]
 
 
@@ -153,7 +154,10 @@ class AIRuntime:
         routes: dict[str, Route] = {}
         for name, section in settings.backends.items():
             backend = create_backend(name, section)
-            route = Route(backend, BackendGuard(name, section), section.max_batch, {})
+            # The local model uses every core for one batch: one call at a time, and what
+            # arrives meanwhile goes in the next batch.
+            running = 1 if section.kind == "local" else 0
+            route = Route(backend, BackendGuard(name, section), section.max_batch, {}, running)
             for model in section.models:
                 routes[model] = route
         return cls(settings, routes, redis)

@@ -172,3 +172,24 @@ async def test_batcher_joins_concurrent_callers() -> None:
     )
     assert results == [[[1.0]], [[2.0], [3.0]], [[4.0]]]
     assert batches == [["a", "bb", "ccc"], ["dddd"]]
+
+
+async def test_batcher_with_one_call_at_a_time_batches_what_arrives_meanwhile() -> None:
+    batches: list[list[str]] = []
+    release = asyncio.Event()
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        batches.append(texts)
+        await release.wait()
+        return [[1.0] for _ in texts]
+
+    batcher = EmbedBatcher(embed, max_batch=2, max_running=1)
+    first = asyncio.ensure_future(batcher.embed(["a"]))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    later = [asyncio.ensure_future(batcher.embed([t])) for t in ("b", "c", "d")]
+    await asyncio.sleep(0.01)
+    assert batches == [["a"]]  # b, c, d wait for the running call
+    release.set()
+    await asyncio.gather(first, *later)
+    assert batches == [["a"], ["b", "c"], ["d"]]

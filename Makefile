@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
 
 .PHONY: up test install lint typecheck bench schemas clean system-deps
 
-$(STAMP): pyproject.toml
+# torch first, pinned: pip takes its CPU build (about 750 MB) from this machine's disk; left to
+# the ai-local extra's range alone it would pull a CUDA build of several GB (docs/ai.md).
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[embedded,test]'
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet -e '.[embedded,test,ai-local,ai-graph]'
 	$(MAKE) --no-print-directory $(COMPOSE_SPEC)
 	touch $(STAMP)
 

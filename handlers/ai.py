@@ -1,65 +1,155 @@
-"""`ai.*`: embeddings and completions.
+"""`ai.*`: embeddings, completions and similarity search over model backends (docs/ai.md).
 
-`ai.embed` ships a dependency-free model, `hash-256`: signed feature hashing of words and
-character trigrams, L2-normalised — deterministic, fast, good for near-duplicate detection and
-lexical similarity. Larger models plug in as providers: put an object with
-`async embed(texts, model) -> list[list[float]]` in `services.extras["ai.embedder"]`, or with
-`async complete(request) -> CompleteReply` in `services.extras["ai.completer"]`.
-`ai.complete` answers 503 `unavailable` until a completer is configured: nexus-bus does not
-fake a language model.
+Backends come from settings (`ai.backends`), chosen per model name: an OpenAI-compatible
+server (OpenAI, vLLM, Ollama, llama.cpp...), the packaged local MiniLM model, and the
+built-in lexical model `hash-256` (only when a request names it). A model that no backend
+serves is `503 unavailable` naming the setting: nexus-bus never fakes a model's answer.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import re
-from typing import Any, Final
+import asyncio
+from typing import Final
 
-from nexus_bus import Operations, RequestContext, Unavailable
-from nexus_bus.errors import InvalidRequest
-from nexus_bus.schemas.ai import CompleteReply, CompleteRequest, EmbedReply, EmbedRequest
+import msgspec
 
-ops = Operations("ai", description="Embeddings and completions.")
+from nexus_bus import Operations, RequestContext
+from nexus_bus.ai.backend import ChatMessage, CompletionCall, hash_embed
+from nexus_bus.ai.graphs import GraphBus, run_graph
+from nexus_bus.ai.runtime import runtime_of
+from nexus_bus.ai.settings import HASH_MODEL
+from nexus_bus.ai.similarity import text_of, top_k
+from nexus_bus.errors import InvalidRequest, NotFound
+from nexus_bus.schemas.ai import (
+    CompleteReply,
+    CompleteRequest,
+    EmbedReply,
+    EmbedRequest,
+    Match,
+    RunError,
+    RunReply,
+    RunRequest,
+    SimilarReply,
+    SimilarRequest,
+    Usage,
+)
 
-HASH_MODEL: Final = "hash-256"
-_DIMS: Final = 256
-_WORD: Final = re.compile(r"\w+", re.UNICODE)
+ops = Operations("ai", description="Embeddings, completions, similarity search and graph runs.")
 
+__all__ = ["HASH_MODEL", "hash_embed", "ops"]
 
-def hash_embed(text: str, dims: int = _DIMS) -> list[float]:
-    """The `hash-256` embedding of `text` (unit length; all zeros for text with no words)."""
-    vector = [0.0] * dims
-    words = _WORD.findall(text.lower())
-    features = words + [w[i : i + 3] for w in words for i in range(max(1, len(w) - 2))]
-    for feature in features:
-        digest = hashlib.blake2b(feature.encode(), digest_size=8).digest()
-        index = int.from_bytes(digest[:4], "little") % dims
-        vector[index] += 1.0 if digest[4] & 1 else -1.0
-    norm = math.sqrt(sum(v * v for v in vector))
-    return [v / norm for v in vector] if norm else vector
+_decode: Final = msgspec.json.decode
+_READS_AT_ONCE: Final = 32
+_MAX_TEXT: Final = 32_768  # a stored value's text is embedded up to this many characters
 
 
 @ops.action("embed")
 async def embed(req: EmbedRequest, ctx: RequestContext) -> EmbedReply:
-    """Embed one text or a batch; one vector per text."""
+    """Embed one text or a batch; one vector per text (cached by model and text)."""
     texts = [req.input] if isinstance(req.input, str) else list(req.input)
-    model = req.model or HASH_MODEL
-    provider: Any = ctx.services.extras.get("ai.embedder")
-    if provider is not None and model != HASH_MODEL:
-        return EmbedReply(model=model, vectors=await provider.embed(texts, model))
-    if model != HASH_MODEL:
-        raise InvalidRequest(f"unknown embedding model {model!r}; built in: {HASH_MODEL}")
-    return EmbedReply(model=HASH_MODEL, vectors=[hash_embed(t) for t in texts])
+    model, vectors = await runtime_of(ctx).embed(ctx, texts, req.model)
+    return EmbedReply(model=model, vectors=vectors)
+
+
+def _call_of(req: CompleteRequest, model: str) -> CompletionCall:
+    if (req.messages is None) == (req.prompt is None):
+        raise InvalidRequest("give exactly one of `messages` and `prompt`")
+    if req.messages is not None:
+        messages = tuple(ChatMessage(role=m.role, content=m.content) for m in req.messages)
+    else:
+        messages = (ChatMessage(role="user", content=req.prompt or ""),)
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    return CompletionCall(
+        model=model, messages=messages, max_tokens=req.max_tokens,
+        temperature=req.temperature, stop=stop,
+    )
 
 
 @ops.action("complete")
 async def complete(req: CompleteRequest, ctx: RequestContext) -> CompleteReply:
-    """Complete a prompt or conversation with the configured completion provider."""
-    if (req.messages is None) == (req.prompt is None):
-        raise InvalidRequest("give exactly one of `messages` and `prompt`")
-    provider: Any = ctx.services.extras.get("ai.completer")
-    if provider is None:
-        raise Unavailable("no completion provider is configured on this worker")
-    reply: CompleteReply = await provider.complete(req)
-    return reply
+    """Complete a prompt or conversation with the model's backend (`Prefer: respond-async`
+    runs it as a job, retried on upstream 429/5xx)."""
+    runtime = runtime_of(ctx)
+    model, _ = runtime.resolve(req.model, "complete")
+    done = await runtime.complete(ctx, _call_of(req, model), use_cache=req.cache)
+    return CompleteReply(
+        model=done.model,
+        text=done.text,
+        usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens),
+        finish_reason=done.finish_reason,
+    )
+
+
+async def _stored_texts(keys: list[str], ctx: RequestContext) -> list[tuple[str, str]]:
+    """(key, text) of the keys that still have a value with text (read through the cache)."""
+    gate = asyncio.Semaphore(_READS_AT_ONCE)
+
+    async def read(key: str) -> tuple[str, str] | None:
+        async with gate:
+            try:
+                record = await ctx.services.records.get(key)
+            except NotFound:  # deleted since it was listed
+                return None
+        text = text_of(_decode(record.value))
+        return (key, text[:_MAX_TEXT]) if text is not None else None
+
+    found = await asyncio.gather(*(read(k) for k in keys))
+    return [item for item in found if item is not None]
+
+
+@ops.action("similar")
+async def similar(req: SimilarRequest, ctx: RequestContext) -> SimilarReply:
+    """Rank the `data` values under `prefix` by cosine similarity to `text`.
+
+    Scans at most `max_scan` keys (default and ceiling `ai.similar_max_scan`) in key order;
+    each value's embedding (of its first 32 768 characters) comes from the embedding cache,
+    computed on first use.
+    """
+    runtime = runtime_of(ctx)
+    ceiling = runtime.settings.similar_max_scan
+    scan = min(req.max_scan or ceiling, ceiling)
+    keys = await ctx.services.records.keys(req.prefix, scan + 1)
+    truncated = len(keys) > scan
+    stored = await _stored_texts(keys[:scan], ctx)
+    texts = [req.text] + [text for _, text in stored]
+    model, vectors = await runtime.embed(ctx, texts, req.model)
+    ranked = top_k(vectors[0], [(k, v) for (k, _), v in zip(stored, vectors[1:], strict=True)],
+                   req.limit)
+    return SimilarReply(
+        model=model,
+        matches=[Match(key=k, score=round(s, 6)) for k, s in ranked],
+        scanned=len(keys[:scan]),
+        truncated=truncated,
+    )
+
+
+@ops.action("run", idempotent=False)
+async def run(req: RunRequest, ctx: RequestContext) -> RunReply:
+    """Run a registered LangGraph graph (`ai.graphs`); its nodes call operations as the caller.
+
+    A `NexusError` from an operation a node called (403 for a scope the token lacks) ends
+    the run: the reply is `status: failed` with that error, the last state and the steps
+    run. With `topic`, every node's update is published there as it happens (SSE).
+    """
+    runtime = runtime_of(ctx)
+    graph = runtime.graph(req.graph)
+    bus = GraphBus(ctx, runtime.gateway(ctx))
+
+    async def publish(node: str, update: object) -> None:
+        event = {"run": ctx.request_id, "graph": req.graph, "node": node, "update": update}
+        await bus.call("stream", "publish", {"topic": req.topic, "event": event})
+
+    outcome = await run_graph(graph, bus, dict(req.input), publish if req.topic else None)
+    error = outcome.error
+    if req.topic and error is None:
+        await publish("__end__", {"status": "succeeded"})
+    return RunReply(
+        graph=req.graph,
+        status="failed" if error else "succeeded",
+        output=outcome.output,
+        steps=outcome.steps,
+        error=RunError(
+            code=error.code, status=error.http_status, detail=error.detail,
+            call=outcome.failed_call,
+        ) if error else None,
+    )

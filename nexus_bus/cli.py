@@ -159,11 +159,23 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         + "  .venv/bin/nexus-bus call data.put '{\"key\": \"hello\", \"value\": {\"n\": 1}}'\n"
         + '  curl -s "$NEXUS_URL/v1/data/get" -H "Authorization: Bearer $NEXUS_TOKEN" \\\n'
         + "       -H 'Content-Type: application/json' -d '{\"key\": \"hello\"}'\n\n"
+        + AI_HINT
         + "Ctrl-C stops everything.",
         flush=True,
     )
     wait_forever(stack)
     return 0
+
+
+# How to point `ai.*` at a local Ollama (docs/ai.md); `up` prints it. No `export` words: the
+# lines above are the ones to paste into another terminal; these go into `up`'s environment.
+AI_HINT = (
+    "ai.* answers 503 until a model backend is set. For a local Ollama (ollama serve), start\n"
+    "`up` with these in its environment (docs/ai.md also has OpenAI, vLLM, local MiniLM):\n"
+    "  NEXUS_AI__BACKENDS__OLLAMA__BASE_URL=http://127.0.0.1:11434/v1\n"
+    "  NEXUS_AI__BACKENDS__OLLAMA__MODELS='[\"llama3.2\", \"nomic-embed-text\"]'\n"
+    "  NEXUS_AI__DEFAULT_COMPLETE_MODEL=llama3.2\n\n"
+)
 
 
 def _banner(args: argparse.Namespace, stack: Stack, groups: list[Operations], url: str) -> str:

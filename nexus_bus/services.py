@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ class Services:
     redis: RedisClient
     extras: dict[str, Any] = field(default_factory=dict)
     cache: Cache | None = None  # None when `cache.enabled` is off
+    # Closed by `close_services`, last added first (e.g. the ai backends' HTTP pools).
+    on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
 async def create_services(nc: Client, settings: Settings) -> Services:
@@ -59,6 +62,8 @@ async def create_services(nc: Client, settings: Settings) -> Services:
 
 async def close_services(services: Services) -> None:
     """Release what `create_services` opened (the NATS connection belongs to the caller)."""
+    while services.on_close:
+        await services.on_close.pop()()
     if services.cache is not None:
         await services.cache.close()
     await services.redis.aclose()

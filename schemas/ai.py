@@ -1,19 +1,21 @@
-"""`ai.*`: embeddings and completions."""
+"""`ai.*`: embeddings, completions, similarity search and graph runs."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 Text = Annotated[str, msgspec.Meta(max_length=32_768)]
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Prefix = Annotated[str, msgspec.Meta(max_length=256)]
 
 
 class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Embed one text or a batch."""
+    """Embed one text or a batch with `model` (default: `ai.default_embed_model`)."""
 
     input: Text | Annotated[list[Text], msgspec.Meta(min_length=1, max_length=256)]
-    model: str | None = None
+    model: ModelName | None = None
 
 
 class EmbedReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -31,12 +33,22 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 
 
 class CompleteRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Complete a prompt or a conversation (exactly one of `messages`, `prompt`)."""
+    """Complete a prompt or a conversation (exactly one of `messages`, `prompt`).
+
+    `cache: true` with `temperature: 0` serves a repeated request from the cache.
+    """
 
     messages: Annotated[list[Message], msgspec.Meta(max_length=256)] | None = None
     prompt: Text | None = None
-    model: str | None = None
+    model: ModelName | None = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    stop: (
+        Annotated[str, msgspec.Meta(max_length=256)]
+        | Annotated[list[Annotated[str, msgspec.Meta(max_length=256)]], msgspec.Meta(max_length=4)]
+        | None
+    ) = None
+    cache: bool = False
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
@@ -52,3 +64,61 @@ class CompleteReply(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     text: str
     usage: Usage
+    finish_reason: str | None = None
+
+
+class SimilarRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Rank the `data` values under `prefix` by similarity to `text`."""
+
+    text: Text
+    prefix: Prefix = ""
+    model: ModelName | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+    max_scan: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
+
+
+class Match(msgspec.Struct, frozen=True, kw_only=True):
+    """One ranked key."""
+
+    key: str
+    score: float
+
+
+class SimilarReply(msgspec.Struct, frozen=True, kw_only=True):
+    """Best matches first; `truncated` when more keys existed than were scanned."""
+
+    model: str
+    matches: list[Match]
+    scanned: int
+    truncated: bool
+
+
+Token = Annotated[str, msgspec.Meta(pattern="^[a-z][a-z0-9_-]{0,63}$")]
+
+
+class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Run the registered graph `graph` from `input`; with `topic`, each node's update is
+    published as an event there (`GET /v1/events/{topic}` streams it as SSE)."""
+
+    graph: Token
+    input: dict[str, Any] = msgspec.field(default_factory=dict)
+    topic: Token | None = None
+
+
+class RunError(msgspec.Struct, frozen=True, kw_only=True):
+    """The error that ended a run, and the operation call that raised it."""
+
+    code: str
+    status: int
+    detail: str
+    call: str | None = None
+
+
+class RunReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The graph's last state, the nodes it ran in order, and how it ended."""
+
+    graph: str
+    status: Literal["succeeded", "failed"]
+    output: dict[str, Any]
+    steps: list[str]
+    error: RunError | None = None

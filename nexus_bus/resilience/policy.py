@@ -75,6 +75,7 @@ def _seed_ops() -> dict[str, PolicySettings]:
         "stream.read": PolicySettings(idempotent=True),
         "auth.verify": PolicySettings(idempotent=True),
         "ai.embed": PolicySettings(idempotent=True),
+        "ai.similar": PolicySettings(idempotent=True),
     }
 
 

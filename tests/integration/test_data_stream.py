@@ -94,7 +94,11 @@ async def test_stream_publish_dedup_and_read(gateway: Gateway, uid: str) -> None
 
 
 async def test_ai_embed_is_deterministic(gateway: Gateway) -> None:
-    one = await gateway.request("ai", "embed", {"input": "the quick brown fox"})
-    two = await gateway.request("ai", "embed", {"input": ["the quick brown fox", "lazy dog"]})
+    one = await gateway.request(
+        "ai", "embed", {"input": "the quick brown fox", "model": "hash-256"}
+    )
+    two = await gateway.request(
+        "ai", "embed", {"input": ["the quick brown fox", "lazy dog"], "model": "hash-256"}
+    )
     assert one["vectors"][0] == two["vectors"][0] and len(two["vectors"]) == 2
     assert abs(sum(v * v for v in one["vectors"][0]) - 1) < 1e-9

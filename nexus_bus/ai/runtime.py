@@ -1,0 +1,309 @@
+"""The `ai.*` machinery of one worker: backends by model name, each behind its guard and
+embedding batcher, with the cache and the shared budget.
+
+Built once per worker from `settings.ai` on first use (`runtime_of`), kept in
+`services.extras`, closed with the worker's services. Model resolution never invents a
+result: a model no backend serves is `503 unavailable` naming the setting to set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+from nexus_bus.ai.backend import Completion, CompletionCall, HashBackend, ModelBackend
+from nexus_bus.ai.batcher import EmbedBatcher, MissCollector
+from nexus_bus.ai.graphs import GraphRegistry, RunnableGraph, load_graphs
+from nexus_bus.ai.guard import BackendGuard
+from nexus_bus.ai.keys import (
+    COMPLETE_NAMESPACE,
+    EMBED_NAMESPACE,
+    embed_key,
+    estimate_embed_tokens,
+    estimate_tokens,
+    is_deterministic,
+)
+from nexus_bus.ai.keys import complete_key as completion_key
+from nexus_bus.ai.settings import HASH_MODEL, AISettings, BackendSettings, read_api_key
+from nexus_bus.cache import CachePolicy
+from nexus_bus.client.gateway import Gateway
+from nexus_bus.context import RequestContext
+from nexus_bus.errors import NexusError, Unavailable, UpstreamTimeout
+from nexus_bus.policies.ratelimit import SharedRateLimiter
+from nexus_bus.resilience.gcra import RateLimit
+
+EXTRAS_KEY: Final = "ai.runtime"
+_BUDGET_TIMEOUT_S: Final = 0.2
+_HASH_SETTINGS: Final = BackendSettings(kind="local", models=[HASH_MODEL])
+
+
+@dataclass
+class Route:
+    """One backend with its guard and one embedding batcher per model."""
+
+    backend: ModelBackend
+    guard: BackendGuard
+    max_batch: int
+    batchers: dict[str, EmbedBatcher]
+    max_running: int = 0  # embedding calls at once per model (0: the bulkhead alone bounds)
+
+    def batcher(self, model: str) -> EmbedBatcher:
+        """The batcher of `model` on this backend."""
+        if model not in self.batchers:
+
+            async def call(texts: list[str]) -> list[list[float]]:
+                return await self.guard.call(
+                    lambda timeout_s: self.backend.embed(texts, model, timeout_s),
+                    self.guard.timeout_s,
+                )
+
+            self.batchers[model] = EmbedBatcher(call, self.max_batch, self.max_running)
+        return self.batchers[model]
+
+
+def create_backend(name: str, settings: BackendSettings) -> ModelBackend:
+    """The adapter for one backend section.
+
+    Raises:
+        ValueError: its API key cannot be read.
+    """
+    if settings.kind == "local":
+        from nexus_bus.ai.local import LocalEmbeddingBackend
+
+        return LocalEmbeddingBackend(name)
+    from nexus_bus.ai.openai import OpenAICompatibleBackend
+
+    key = read_api_key(settings, dict(os.environ))
+    return OpenAICompatibleBackend(name, settings, key.get_secret_value() if key else None)
+
+
+def minute_budget(per_min: float, cost: int) -> RateLimit:
+    """A GCRA limit that lets `per_min` units a minute through, `cost` units per request.
+
+    A request of cost c is one GCRA cell of c units: interval c * 60 s / per_min, and a
+    tolerance of exactly one minute (burst per_min / c cells). The burst is fractional on
+    purpose (`GCRA_LUA` reads it as a number): rounded down, a request costing more than
+    half the budget could never pass. The 1e-6 keeps the float arithmetic on Redis's
+    epoch-millisecond clock from refusing a request that exactly fits.
+    """
+    cost = max(1, cost)
+    burst = per_min / cost + 1e-6
+    return RateLimit(per_min / 60 / cost, cast(int, burst))
+
+
+class AIRuntime:
+    """Routes, cache and budget of the `ai.*` operations in one worker.
+
+    Args:
+        settings: the `ai` section.
+        routes: backend routes by model name (the built-in `hash-256` is added).
+        redis: the shared store for budgets (None: no budgets).
+    """
+
+    def __init__(
+        self, settings: AISettings, routes: dict[str, Route], redis: Any | None = None
+    ) -> None:
+        self.settings = settings
+        self.routes = dict(routes)
+        if HASH_MODEL not in self.routes:
+            hashing = HashBackend()
+            self.routes[HASH_MODEL] = Route(
+                hashing, BackendGuard(hashing.name, _HASH_SETTINGS), 256, {}
+            )
+        self._limiter = SharedRateLimiter(redis, timeout_s=_BUDGET_TIMEOUT_S) if redis else None
+        self.embed_policy = CachePolicy(
+            ttl_s=settings.cache_ttl_s, local_ttl_s=settings.local_cache_ttl_s, jitter=0.0
+        )
+        self.complete_policy = CachePolicy(ttl_s=settings.cache_ttl_s, jitter=0.0)
+        self._graphs: GraphRegistry | None = None
+        self._gateway: Gateway | None = None
+
+    def graph(self, name: str) -> RunnableGraph:
+        """The registered graph `name` (registries load from `ai.graphs` on first use).
+
+        Raises:
+            NotFound: no such graph.
+            Unavailable: a registry in `ai.graphs` cannot be loaded.
+        """
+        if self._graphs is None:
+            try:
+                self._graphs = load_graphs(self.settings.graphs)
+            except ValueError as exc:
+                raise Unavailable(str(exc)) from exc
+        return self._graphs.get(name)
+
+    def gateway(self, ctx: RequestContext) -> Gateway:
+        """The worker's gateway client for graphs' operation calls, on its own connection's
+        inbox (created on first use, closed with the runtime)."""
+        if self._gateway is None:
+            services = ctx.services
+            redis = services.redis if services.settings.resilience.enabled else None
+            self._gateway = Gateway(services.nc, services.settings, redis=redis)
+        return self._gateway
+
+    @classmethod
+    def from_settings(cls, settings: AISettings, redis: Any | None = None) -> AIRuntime:
+        """One route per configured model.
+
+        Raises:
+            ValueError: a backend's API key cannot be read.
+        """
+        routes: dict[str, Route] = {}
+        for name, section in settings.backends.items():
+            backend = create_backend(name, section)
+            # The local model uses every core for one batch: one call at a time, and what
+            # arrives meanwhile goes in the next batch.
+            running = 1 if section.kind == "local" else 0
+            route = Route(backend, BackendGuard(name, section), section.max_batch, {}, running)
+            for model in section.models:
+                routes[model] = route
+        return cls(settings, routes, redis)
+
+    def resolve(self, model: str | None, purpose: str) -> tuple[str, Route]:
+        """The model name and route for a request (`purpose`: "embed" or "complete").
+
+        Raises:
+            Unavailable: no model given and no default set, or no backend serves the model.
+        """
+        if model is None:
+            model = (
+                self.settings.default_embed_model
+                if purpose == "embed"
+                else self.settings.default_complete_model
+            )
+            if model is None:
+                setting = f"NEXUS_AI__DEFAULT_{purpose.upper()}_MODEL"
+                raise Unavailable(
+                    f"no model named and {setting} is not set; name a model or set it "
+                    f"(docs/ai.md; `{HASH_MODEL}` is the built-in lexical embedding model)"
+                )
+        route = self.routes.get(model)
+        if route is None:
+            raise Unavailable(
+                f"no backend serves model {model!r}: add it to a backend's models, e.g. "
+                f"NEXUS_AI__BACKENDS__<NAME>__MODELS (docs/ai.md)"
+            )
+        return model, route
+
+    async def charge(self, ctx: RequestContext, tokens: int) -> None:
+        """Take one request and `tokens` from the caller's budget (shared by every replica).
+
+        Raises:
+            RateLimitExceeded: over a budget (429 with Retry-After).
+        """
+        budget = self.settings.budget
+        if self._limiter is None:
+            return
+        subject = ctx.principal.subject if ctx.principal else None
+        if budget.requests_per_min > 0:
+            limit = minute_budget(budget.requests_per_min, 1)
+            await self._limiter.check(limit, subject, "ai", "budget_requests")
+        if budget.tokens_per_min > 0:
+            limit = minute_budget(budget.tokens_per_min, tokens)
+            await self._limiter.check(limit, subject, "ai", "budget_tokens")
+
+
+    async def embed(
+        self, ctx: RequestContext, texts: list[str], model: str | None
+    ) -> tuple[str, list[list[float]]]:
+        """Vectors for `texts`: cached by (model, normalized text), misses batched upstream.
+
+        Raises:
+            NexusError: no backend, over budget, or the backend's mapped failure.
+        """
+        name, route = self.resolve(model, "embed")
+        cache = ctx.services.cache
+        if name != HASH_MODEL:
+            await self.charge(ctx, estimate_embed_tokens(texts))
+        batcher = route.batcher(name)
+        work: Awaitable[list[list[float]]]
+        if cache is None or name == HASH_MODEL:
+            work = batcher.embed(texts)
+        else:
+            misses = MissCollector(batcher, len(texts))
+
+            async def one(text: str) -> list[float]:
+                loaded = False
+
+                async def load() -> list[float]:
+                    nonlocal loaded
+                    loaded = True
+                    return await misses.load(text)
+
+                vector: list[float] = await cache.get_or_set(
+                    embed_key(name, text), load, self.settings.cache_ttl_s,
+                    namespace=EMBED_NAMESPACE, type=list[float], policy=self.embed_policy,
+                )
+                if not loaded:
+                    misses.settle()
+                return vector
+
+            async def every() -> list[list[float]]:
+                return list(await asyncio.gather(*(one(t) for t in texts)))
+
+            work = every()
+        try:
+            async with asyncio.timeout(max(0.001, ctx.remaining_s())):
+                vectors = await work
+        except TimeoutError:
+            raise UpstreamTimeout(f"embedding with {name} did not finish in time") from None
+        return name, list(vectors)
+
+    async def complete(
+        self, ctx: RequestContext, call: CompletionCall, *, use_cache: bool
+    ) -> Completion:
+        """Complete `call` under its backend's guards; cached only when deterministic and
+        `use_cache`.
+
+        Raises:
+            NexusError: no backend, over budget, or the backend's mapped failure.
+        """
+        _, route = self.resolve(call.model, "complete")
+        await self.charge(ctx, estimate_tokens(call))
+
+        async def run() -> Completion:
+            return await route.guard.call(
+                lambda timeout_s: route.backend.complete(call, timeout_s), ctx.remaining_s()
+            )
+
+        cache = ctx.services.cache
+        if not (use_cache and is_deterministic(call) and cache is not None):
+            return await run()
+        result: Completion = await cache.get_or_set(
+            completion_key(call), run, self.settings.cache_ttl_s,
+            namespace=COMPLETE_NAMESPACE, type=Completion, policy=self.complete_policy,
+        )
+        return result
+
+    async def aclose(self) -> None:
+        """Close the gateway and every backend once."""
+        if self._gateway is not None:
+            await self._gateway.close()
+        seen: set[int] = set()
+        for route in self.routes.values():
+            if id(route.backend) not in seen:
+                seen.add(id(route.backend))
+                await route.backend.aclose()
+
+
+def runtime_of(ctx: RequestContext) -> AIRuntime:
+    """This worker's runtime, built on first use from `settings.ai`.
+
+    Raises:
+        Unavailable: a backend cannot be built (its API key is missing).
+    """
+    extras = ctx.services.extras
+    runtime = extras.get(EXTRAS_KEY)
+    if runtime is None:
+        try:
+            runtime = AIRuntime.from_settings(ctx.services.settings.ai, ctx.services.redis)
+        except ValueError as exc:
+            raise Unavailable(f"ai backends cannot start: {exc}") from exc
+        extras[EXTRAS_KEY] = runtime
+        ctx.services.on_close.append(runtime.aclose)
+    if not isinstance(runtime, AIRuntime):
+        raise NexusError("services.extras['ai.runtime'] is not an AIRuntime")
+    return runtime

@@ -258,7 +258,7 @@ class Gateway:
         except (nats.errors.Error, OSError) as exc:  # the NATS adapter's one mapping
             error = map_nats_error(exc, f"{op}.{action}")
             if isinstance(error, NoResponders):
-                raise await self._no_responders(op, action) from None
+                raise await self._no_responders(op, action, timeout_s) from None
             if isinstance(error, UpstreamTimeout):
                 raise UpstreamTimeout(
                     f"{op}.{action} did not answer within {timeout_s:g}s"
@@ -266,10 +266,10 @@ class Gateway:
             raise error from exc
         return Reply(status_of(msg.headers), msg.headers or {}, msg.data)
 
-    async def _no_responders(self, op: str, action: str) -> NexusError:
+    async def _no_responders(self, op: str, action: str, budget_s: float) -> NexusError:
         """404 for a name nobody declared (a client error), 503 for a declared op with no
-        worker now, or when the registry cannot tell (docs/registry.md)."""
-        if await self.registry.declares(op, action) is False:
+        worker now, or when the registry cannot tell within the budget (docs/registry.md)."""
+        if await self.registry.declares(op, action, within_s=budget_s) is False:
             return UnknownOperation(f"{op}.{action} is not a declared operation")
         return NoResponders(f"no worker serves {op}.{action}")
 

@@ -16,7 +16,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Any, Final
 
 import nats.errors
 from nats.aio.client import Client
@@ -65,6 +65,7 @@ class OpsRegistry:
         self._seq = 0  # the highest stream sequence applied to the view
         self._advanced = asyncio.Event()
         self._start_lock = asyncio.Lock()
+        self._starting: asyncio.Task[None] | None = None
         self._sync_lock = asyncio.Lock()
         self._synced_at = -math.inf  # monotonic time the last completed sync began
         self._ready = False
@@ -115,22 +116,43 @@ class OpsRegistry:
             self._seq = max(self._seq, entry.revision or 0)
             self._advanced.set()
 
-    async def declares(self, op: str, action: str) -> bool | None:
-        """Whether `op.action` is a declared operation; None when the registry cannot say."""
+    async def declares(
+        self, op: str, action: str, *, within_s: float | None = None
+    ) -> bool | None:
+        """Whether `op.action` is a declared operation; None when the registry cannot say
+        within `registry.sync_timeout_s` (or `within_s`, the caller's budget, if shorter):
+        a request never waits longer on the registry than on the answer it asks about."""
         if (op, action) in self._known:
             return True
         if not self.enabled:
             return None
+        limit = self._settings.sync_timeout_s
         try:
-            await self.start()
+            async with asyncio.timeout(limit if within_s is None else min(limit, within_s)):
+                # One start for every asker, and never cancelled by one giving up: a start
+                # that outlives this question serves the next.
+                await asyncio.shield(self._start_task())
+                if self.view.declares(op, action):
+                    return True
+                # Shielded too: a catch-up that finds the watch broken restarts it even when
+                # the question that asked has stopped waiting.
+                catch_up = asyncio.create_task(self._catch_up())
+                catch_up.add_done_callback(_retrieve)
+                if not await asyncio.shield(catch_up):
+                    return None
+                return self.view.declares(op, action)
         except NexusError as exc:
             logger.warning("operation registry unavailable: {}", exc)
             return None
-        if self.view.declares(op, action):
-            return True
-        if not await self._catch_up():
+        except TimeoutError:
             return None
-        return self.view.declares(op, action)
+
+    def _start_task(self) -> asyncio.Task[None]:
+        task = self._starting
+        if task is None or task.done():
+            task = self._starting = asyncio.create_task(self.start())
+            task.add_done_callback(_retrieve)  # a failure is reported to whoever awaits it
+        return task
 
     async def _catch_up(self) -> bool:
         """Apply everything the bucket held when this was asked; False when that fails."""
@@ -188,5 +210,16 @@ class OpsRegistry:
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
-        """Stop following the bucket."""
+        """Stop following the bucket (and a start still under way)."""
+        starting, self._starting = self._starting, None
+        if starting is not None and not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, NexusError):
+                await starting
         await self._stop_watch()
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a background start's outcome as seen (asyncio warns about unread exceptions)."""
+    if not task.cancelled():
+        task.exception()

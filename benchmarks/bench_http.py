@@ -33,7 +33,6 @@ The load generator (`wrk`, else a Python closed loop) runs on CPU 0; everything 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 import shutil
@@ -46,16 +45,22 @@ import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 import msgspec
 import uvloop
 
 from benchmarks.harness import Result, closed_loop, merge, stop_all
+from benchmarks.http_baselines import (
+    serve_aiohttp,
+    serve_granian,
+    serve_otlp_sink,
+    serve_responder,
+    serve_uvicorn,
+)
 from nexus_bus import Operations, RequestContext
 from nexus_bus.embedded import ServerProcess, free_port, nats_server, redis_server
 
-RAW_PREFIX = "bench.raw"
 OP_PATH = "/v1/bench/echo"
 BODY = b'{"key":"bench-key","n":42}'
 HERE = Path(__file__).resolve().parent.parent
@@ -76,8 +81,6 @@ class EchoRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 bench_ops = Operations("bench", description="HTTP benchmark operation.")
-# The same operation under another name, for the policy-layer variant: its own queue group,
-# so the two workers of `--policies` never answer each other's requests.
 
 
 @bench_ops.action("echo")
@@ -86,130 +89,10 @@ async def echo(req: EchoRequest, ctx: RequestContext) -> EchoRequest:
     return req
 
 
-# --- the baselines, each run in a process of its own -------------------------------------
-
-
-async def serve_responder(url: str) -> None:
-    """A raw nats-py responder: the floor any worker runtime is measured against."""
-    import nats
-
-    nc = await nats.connect(url)
-
-    async def respond(msg: Any) -> None:
-        await msg.respond(msg.data)
-
-    await nc.subscribe(f"{RAW_PREFIX}.>", queue="bench", cb=respond)
-    await asyncio.Event().wait()
-
-
-def serve_aiohttp(url: str | None, port: int) -> None:
-    """aiohttp: a minimal HTTP→NATS bridge when `url` is given, else a no-NATS echo."""
-    import nats
-    from aiohttp import web
-
-    state: dict[str, Any] = {}
-
-    async def bridge(request: web.Request) -> web.Response:
-        body = await request.read()
-        op, action = request.match_info["op"], request.match_info["action"]
-        msg = await state["nc"].request(f"{RAW_PREFIX}.{op}.{action}", body, timeout=5)
-        return web.Response(body=msg.data, content_type="application/json")
-
-    async def plain(request: web.Request) -> web.Response:
-        return web.Response(body=await request.read(), content_type="application/json")
-
-    async def connect(app: web.Application) -> None:
-        state["nc"] = await nats.connect(url)
-
-    app = web.Application()
-    app.router.add_post("/v1/{op}/{action}", bridge if url else plain)
-    if url:
-        app.on_startup.append(connect)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, loop=uvloop.new_event_loop())
-
-
-def serve_otlp_sink(port: int) -> None:
-    """An OTLP/HTTP trace endpoint that accepts every export and keeps nothing (the
-    collector's cost is not ours; the exporter's, in the traced processes, is)."""
-    from aiohttp import web
-
-    async def traces(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(body=b"", content_type="application/x-protobuf")
-
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_post("/v1/traces", traces)
-    web.run_app(app, host="127.0.0.1", port=port, print=None)
-
-
 def _place(text: str, places: dict[str, str]) -> str:
     for mark, value in places.items():
         text = text.replace(mark, value)
     return text
-
-
-def asgi_app(url: str | None) -> Any:
-    """Bare ASGI: a minimal HTTP→NATS bridge when `url` is given, else a no-NATS echo."""
-    import nats
-
-    state: dict[str, Any] = {}
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    if url:
-                        state["nc"] = await nats.connect(url)
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-        if url:
-            _, _, op, action = scope["path"].split("/")
-            body = (await state["nc"].request(f"{RAW_PREFIX}.{op}.{action}", body, timeout=5)).data
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    return app
-
-
-def serve_uvicorn(url: str | None, port: int) -> None:
-    """The bare ASGI app on uvicorn, configured like the shim (httptools, uvloop)."""
-    import uvicorn
-
-    uvicorn.run(
-        asgi_app(url), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-        ws="none", access_log=False, log_level="warning", server_header=False,
-    )
-
-
-def serve_granian(url: str | None, port: int) -> None:
-    """The bare ASGI bridge on granian (only with --servers)."""
-    from granian.constants import Interfaces, Loops
-    from granian.server import Server
-
-    os.environ["BENCH_NATS_URL"] = url or ""
-    Server(
-        "benchmarks.bench_http:granian_target", address="127.0.0.1", port=port,
-        interface=Interfaces.ASGI, loop=Loops.uvloop, websockets=False, log_enabled=False,
-        factory=True,
-    ).serve()
-
-
-def granian_target() -> Any:
-    """granian imports its target (a factory) by name; the URL comes through the environment."""
-    return asgi_app(os.environ.get("BENCH_NATS_URL") or None)
-
-
-# --- the harness ------------------------------------------------------------------------
 
 
 def _pin(cpu: int) -> list[str]:

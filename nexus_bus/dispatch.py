@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -114,9 +114,12 @@ class Dispatcher:
             return Expired(request_id)
         trace = LazyTrace(hdrs)  # parsed only if a line is logged or the handler asks
         log_token = bind_request(trace_id=trace, correlation_id=request_id, op=op, action=action)
-        run = self._run_traced if TRACING.enabled else self._run
+        run = self._run(op, action, hdrs, data, request_id, trace, deadline, attempt)
         try:
-            reply = await run(op, action, hdrs, data, request_id, trace, deadline, attempt)
+            if TRACING.enabled:
+                reply = await self._traced(run, op, action, hdrs, request_id, attempt)
+            else:
+                reply = await run
         except NexusError as exc:
             reply = self._fail(op, exc, request_id)
         except Exception:
@@ -146,18 +149,16 @@ class Dispatcher:
             )
         return reply
 
-    async def _run_traced(
+    async def _traced(
         self,
+        run: Coroutine[Any, Any, Reply],
         op: str,
         action: str,
         hdrs: Mapping[str, str],
-        data: bytes,
         request_id: str,
-        trace: LazyTrace,
-        deadline: int,
         attempt: int,
     ) -> Reply:
-        """`_run` in a server span, a child of the caller's `traceparent`."""
+        """`run` (a `_run`) in a server span, a child of the caller's `traceparent`."""
         attributes = {
             "messaging.system": "nats",
             "messaging.operation.type": "process",
@@ -175,7 +176,7 @@ class Dispatcher:
             parent_headers=hdrs,
         ) as span:
             try:
-                return await self._run(op, action, hdrs, data, request_id, trace, deadline, attempt)
+                return await run
             except NexusError as exc:
                 mark_error(span, exc.http_status, exc.code)
                 raise

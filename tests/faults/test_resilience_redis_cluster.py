@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -54,14 +55,22 @@ def master_of(cluster: RedisClusterProcesses, key: str) -> ServerProcess:
 
 
 def replica_of(cluster: RedisClusterProcesses, master: ServerProcess) -> ServerProcess:
-    """The replica of `master`."""
-    table = subprocess.run(
-        [find_redis_cli(), "-p", str(master.port), "cluster", "nodes"],
-        capture_output=True, text=True, check=True, timeout=5,
-    ).stdout
-    rows = [line.split() for line in table.splitlines()]
-    master_id = next(r[0] for r in rows if "myself" in r[2])
-    port = next(int(r[1].split("@")[0].rsplit(":", 1)[1]) for r in rows if r[3] == master_id)
+    """The replica of `master`, once the master's own view of the cluster lists it (gossip
+    can lag behind the replica's join by a moment)."""
+    deadline = time.monotonic() + 10
+    while True:
+        table = subprocess.run(
+            [find_redis_cli(), "-p", str(master.port), "cluster", "nodes"],
+            capture_output=True, text=True, check=True, timeout=5,
+        ).stdout
+        rows = [line.split() for line in table.splitlines()]
+        master_id = next(r[0] for r in rows if "myself" in r[2])
+        ports = [int(r[1].split("@")[0].rsplit(":", 1)[1]) for r in rows if r[3] == master_id]
+        if ports:
+            port = ports[0]
+            break
+        assert time.monotonic() < deadline, f"no replica of {master.port} listed:\n{table}"
+        time.sleep(0.1)
     return next(n for n in cluster.nodes if n.port == port)
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import functools
 import shutil
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -91,6 +93,19 @@ def make_settings(nats: str, redis: str | None = None, **overrides: object) -> S
     return load_settings(**values)
 
 
+async def bounded_teardown(step: Awaitable[None], what: str, seconds: float = 20.0) -> None:
+    """Await a session fixture's teardown step; past `seconds`, print every asyncio task's
+    stack (pytest-timeout shows only threads, and the loop is one of them) and fail."""
+    try:
+        async with asyncio.timeout(seconds):
+            await step
+    except TimeoutError:
+        print(f"\n{what} took over {seconds} s; asyncio tasks:", file=sys.stderr)
+        for task in asyncio.all_tasks():
+            task.print_stack(file=sys.stderr)
+        raise
+
+
 @pytest.fixture(scope="session")
 def settings(nats_url: str, redis_url: str) -> Settings:
     """Settings for the shared servers."""
@@ -103,7 +118,7 @@ async def worker(settings: Settings) -> AsyncIterator[Worker]:
     w = Worker(settings, builtin_groups())
     await w.start()
     yield w
-    await w.drain(1)
+    await bounded_teardown(w.drain(1), "the session worker's drain")
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +134,7 @@ async def gateway(
     """A gateway client on its own connection, sending `admin_token` by default."""
     gw = await Gateway.connect(settings, token=admin_token)
     yield gw
-    await gw.close()
+    await bounded_teardown(gw.close(), "the session gateway's close")
 
 
 @pytest.fixture

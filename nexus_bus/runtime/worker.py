@@ -308,25 +308,48 @@ class Worker:
                     task.cancel()
                     METRICS.expired.labels(op).inc()
 
-    async def _stop_taking_requests(self, grace: float) -> None:
-        """Stop every op's subscriber; what was already delivered is still served."""
-        for subscriber in self._subscribers:
-            subscription = subscriber.subscription
-            if isinstance(subscription, Subscription):
-                # drain(): no new requests reach us, and those already delivered to this
-                # process are still admitted (unsubscribe() would discard them, and their
-                # callers would wait out their timeouts).
-                try:
-                    await asyncio.wait_for(subscription.drain(), grace)  # type: ignore[no-untyped-call]
-                except (TimeoutError, nats.errors.Error):
-                    self._refusing = True  # the ones still waiting for a slot: 503
-                    with contextlib.suppress(nats.errors.Error):
-                        await subscription.unsubscribe()
-                # FastStream has no drain of its own: its stop() would unsubscribe the drained
-                # (closed) subscription again, and fail. Handing it back as "none" makes its
-                # stop() only mark the subscriber stopped.
-                subscriber.subscription = None
-            await subscriber.stop()
+    async def _stop_delivery(self, grace: float) -> None:
+        """Drain every op's subscription at once: no new requests reach this worker, and
+        those already delivered to it are still admitted (unsubscribe() would discard them,
+        and their callers would wait out their timeouts)."""
+        drains = [
+            self._drain_subscription(subscriber, grace) for subscriber in self._subscribers
+        ]
+        await asyncio.gather(*drains)
+
+    async def _drain_subscription(self, subscriber: CoreSubscriber, grace: float) -> None:
+        subscription = subscriber.subscription
+        if not isinstance(subscription, Subscription):
+            return
+        try:
+            await asyncio.wait_for(subscription.drain(), grace)  # type: ignore[no-untyped-call]
+        except (TimeoutError, nats.errors.Error):
+            self._refusing = True  # the ones still waiting for a slot: 503
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
+        # FastStream has no drain of its own: its stop() would unsubscribe the drained
+        # (closed) subscription again, and fail. Handing it back as "none" makes its stop()
+        # only mark the subscriber stopped (after waiting for admissions in progress).
+        subscriber.subscription = None
+
+    async def _finish_in_flight(self, grace: float) -> None:
+        """Let in-flight requests finish within `grace`; then refuse the rest and cancel
+        what still runs, which frees every slot an admission may be waiting for."""
+        deadline = asyncio.get_running_loop().time() + grace
+        while self._tasks:
+            logger.info("draining {} in-flight requests", len(self._tasks))
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            # Tasks admitted meanwhile (requests delivered before the drain) are waited for
+            # too, within the same grace.
+            await asyncio.wait(set(self._tasks), timeout=remaining)
+        self._refusing = True
+        pending = [task for task in self._tasks if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _refuse(self, msg: Msg) -> None:
         """Answer a delivered request this draining worker will not start: 503, retryable."""
@@ -359,7 +382,13 @@ class Worker:
         await self._after_shutdown()
 
     async def _on_shutdown(self) -> None:
-        """Before the broker stops: out of discovery, no new requests, in-flight finish."""
+        """Before the broker stops: out of discovery, no new requests, in-flight finish.
+
+        Each step is bounded by the grace period, and none waits on a later one: the
+        subscribers are stopped last, because FastStream's stop waits for every admission
+        in progress, and an admission waiting for a concurrency slot is released only once
+        the in-flight requests holding the slots have finished or been cancelled.
+        """
         if self._draining:
             return
         self._draining = True
@@ -368,16 +397,12 @@ class Worker:
         grace = self._grace_s
         if self.registration is not None:
             await self.registration.stop()  # still declared, no longer served
-        await self._stop_taking_requests(grace)
+        await self._stop_delivery(grace)
         if self.jobs is not None:
             await self.jobs.drain(grace)  # stop fetching jobs; unfinished ones are handed back
-        in_flight = set(self._tasks)
-        if in_flight:
-            logger.info("draining {} in-flight requests", len(in_flight))
-            _, pending = await asyncio.wait(in_flight, timeout=grace)
-            self._refusing = True
-            for task in pending:
-                task.cancel()
+        await self._finish_in_flight(grace)
+        for subscriber in self._subscribers:
+            await subscriber.stop()  # no admission is waiting any more: returns at once
         if self._reaper is not None:
             self._reaper.cancel()
 

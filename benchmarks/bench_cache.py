@@ -28,7 +28,7 @@ import uvloop
 from benchmarks.harness import Result, print_table, stop_all
 from nexus_bus import Gateway, Settings, Worker, load_settings
 from nexus_bus.auth import Keyring, TokenCodec, generate_key
-from nexus_bus.connection import connect_nats
+from nexus_bus.bus.connection import connect_nats
 from nexus_bus.embedded import nats_server, redis_server
 from nexus_bus.handlers import builtin_groups
 from nexus_bus.jetstream import ensure_data_bucket

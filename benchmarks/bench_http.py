@@ -24,7 +24,8 @@ Targets, each measured at each concurrency in the same run:
   shim and a `data` worker (auth on), with the L1 and with it off (the Redis path), the same
   at commit 9e0cb4b (the code before the L1, extracted with `git archive`), beside the
   uvicorn bridge, nexus's own trivial op, and Moleculer 0.14 + moleculer-web over the same
-  nats-server with an in-memory `data.get` (installed with npm into `~/.cache/nexus-bus`).
+  nats-server with an in-memory `data.get` (installed with npm into `~/.cache/nexus-bus`);
+  those targets and their report are in `http_data.py`.
 
 The load generator (`wrk`, else a Python closed loop) runs on CPU 0; everything under test
 (nats-server, Redis, bridges, shim, workers) on CPU 1, via `taskset`.
@@ -45,7 +46,7 @@ import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import Final
 
 import msgspec
 import uvloop
@@ -58,19 +59,10 @@ from benchmarks.http_baselines import (
     serve_responder,
     serve_uvicorn,
 )
+from benchmarks.http_data import data_targets, report_data
+from benchmarks.http_targets import BODY, HERE, NEXUS_ROLES, OP_PATH, Target, row
 from nexus_bus import Operations, RequestContext
 from nexus_bus.embedded import ServerProcess, free_port, nats_server, redis_server
-
-OP_PATH = "/v1/bench/echo"
-BODY = b'{"key":"bench-key","n":42}'
-HERE = Path(__file__).resolve().parent.parent
-DATA_PATH = "/v1/data/get"
-HOT_KEY = "bench.hot"
-DATA_BODY = b'{"key":"%s"}' % HOT_KEY.encode()
-# The hot value (as bench_cache's): written through the target before it is measured.
-PUT_BODY = msgspec.json.encode({"key": HOT_KEY, "value": {"n": 1, "s": "x" * 256}})
-BEFORE_L1: Final = "9e0cb4b"  # issue 15's "today": the Redis path before this work
-MOLECULER_DIR = Path.home() / ".cache" / "nexus-bus" / "bench-moleculer"
 
 
 class EchoRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -183,30 +175,6 @@ async def run_python(
         return await closed_loop(name, call, concurrency=conc, seconds=seconds)
 
 
-class Target(NamedTuple):
-    """What one row measures: its processes, and settings of its own.
-
-    A target with `own_nats` gets a nats-server of its own, so its workers do not share a
-    queue group with another target's (a variant of the nexus target must not serve the
-    plain one's requests); `{otlp}` in `env` becomes the OTLP sink's address. `path` and
-    `body` are what the load posts; `setup` is posted first (and must answer 200); `cwd`
-    is where the processes start (a checkout of other code imports from there).
-    """
-
-    name: str
-    roles: list[tuple[str, list[str]]]  # (role, python argv, or ["node", ...])
-    env: dict[str, str] = {}  # noqa: RUF012 - read only
-    own_nats: bool = False
-    path: str = OP_PATH
-    body: bytes = BODY
-    setup: tuple[str, bytes] | None = None
-    cwd: Path = HERE
-
-
-NEXUS_ROLES: Final = [
-    ("worker", ["-m", "nexus_bus", "worker", "--app", "benchmarks.bench_http:bench_ops"]),
-    ("shim", ["-m", "nexus_bus", "shim", "--port", "{port}"]),
-]
 TRACED_ENV: Final = {"NEXUS_TRACING__OTLP_ENDPOINT": "http://127.0.0.1:{otlp}/v1/traces"}
 
 
@@ -265,73 +233,6 @@ def _targets(url: str, servers: bool, tracing: bool) -> list[Target]:
     if servers:
         granian = ("bridge", [*me, "--serve-granian", "{port}", url])
         targets.append(Target("granian bridge -> raw", [responder, granian]))
-    return targets
-
-
-DATA_ROLES: Final = [
-    ("worker", ["-m", "nexus_bus", "worker", "--ops", "data"]),
-    ("shim", ["-m", "nexus_bus", "shim", "--port", "{port}"]),
-]
-
-
-def install_moleculer() -> Path | None:
-    """Moleculer and moleculer-web, installed with npm into a cache dir once; the peer script
-    copied beside them. None (with the reason printed) when node or npm cannot do it."""
-    source = HERE / "benchmarks" / "moleculer"
-    MOLECULER_DIR.mkdir(parents=True, exist_ok=True)
-    for name in ("package.json", "peer.js"):
-        shutil.copyfile(source / name, MOLECULER_DIR / name)
-    if not (MOLECULER_DIR / "node_modules" / "moleculer-web").is_dir():
-        done = subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=MOLECULER_DIR, capture_output=True, text=True, check=False,
-        )
-        if done.returncode != 0:
-            print(f"moleculer: npm install failed: {done.stderr[-500:]}", file=sys.stderr)
-            return None
-    return MOLECULER_DIR / "peer.js"
-
-
-def checkout(commit: str, into: Path) -> Path | None:
-    """The tree of `commit`, extracted with `git archive` (no worktree), laid out as the
-    installed package (handlers/ and schemas/ linked under nexus_bus/, as `make typecheck`)."""
-    into.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "-C", str(HERE), "archive", commit], capture_output=True, check=False
-    )
-    if archive.returncode != 0:
-        print(f"{commit}: not in this clone's history, not measured", file=sys.stderr)
-        return None
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    for name in ("handlers", "schemas"):
-        (into / "nexus_bus" / name).symlink_to(into / name)
-    return into
-
-
-def _data_targets(url: str, tmp: Path) -> list[Target]:
-    """Issue 15's targets: the nexus data.get variants beside the bridges, in one run."""
-    me = ["-m", "benchmarks.bench_http"]
-    responder = ("responder", [*me, "--serve-responder", url])
-    hot = {"path": DATA_PATH, "body": DATA_BODY, "setup": ("/v1/data/put", PUT_BODY)}
-    targets = [
-        Target("uvicorn bridge -> raw", [responder, ("bridge", [*me, "--serve-uvicorn", "{port}",
-                                                                 url])]),
-        Target("nexus trivial op", NEXUS_ROLES),
-        Target("nexus data.get hot", DATA_ROLES, {}, True, **hot),  # type: ignore[arg-type]
-        Target("nexus data.get L1 off", DATA_ROLES,
-               {"NEXUS_CACHE__LOCAL_TTL_S": "0", "NEXUS_CACHE__KEY_PREFIX": "nexus:l1off"},
-               True, **hot),  # type: ignore[arg-type]
-    ]
-    if (old := checkout(BEFORE_L1, tmp / "before-l1")) is not None:
-        targets.append(Target(f"nexus data.get {BEFORE_L1}", DATA_ROLES,
-                              {"NEXUS_CACHE__KEY_PREFIX": "nexus:old", "PYTHONPATH": str(old)},
-                              True, cwd=old, **hot))  # type: ignore[arg-type]
-    if shutil.which("node") and (peer := install_moleculer()) is not None:
-        roles = [
-            ("moleculer service", ["node", str(peer), "service", url]),
-            ("moleculer-web", ["node", str(peer), "gateway", url, "{port}"]),
-        ]
-        targets.append(Target("moleculer data.get", roles, path=DATA_PATH, body=DATA_BODY))
     return targets
 
 
@@ -527,13 +428,8 @@ class Bench:
         self.cpu_us[(name, conc)] = split
         parts_text = "  ".join(f"{role} {us:.0f}" for role, us in split.items())
         slices = ", ".join(f"{r.rps:.0f}" for r, _ in parts)
-        print(f"{_row(result)}   cpu us/req: {parts_text}   (slices req/s: {slices})", flush=True)
+        print(f"{row(result)}   cpu us/req: {parts_text}   (slices req/s: {slices})", flush=True)
         return result
-
-
-def _row(r: Result) -> str:
-    return (f"{r.name:<24}{r.concurrency:>5}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
-            f"{r.errors:>8}")
 
 
 def report(results: Sequence[Result], cpu_us: dict[tuple[str, int], dict[str, float]]) -> None:
@@ -550,7 +446,7 @@ def report(results: Sequence[Result], cpu_us: dict[tuple[str, int], dict[str, fl
         rps = f"{r.rps / base.rps:.2f}x" if base and base.rps else "-"
         p99 = f"{r.p99_ms / base.p99_ms:.2f}x" if base and base.p99_ms else "-"
         cpu = sum(cpu_us.get((r.name, r.concurrency), {}).values())
-        print(f"{_row(r)}{cpu:>11.0f}{rps:>11}{p99:>11}")
+        print(f"{row(r)}{cpu:>11.0f}{rps:>11}{p99:>11}")
     ours16, base16 = by.get(("nexus shim -> worker", 16)), by.get(("aiohttp bridge -> raw", 16))
     ours128 = by.get(("nexus shim -> worker", 128))
     if ours16 and base16 and base16.rps and base16.p99_ms:
@@ -562,59 +458,6 @@ def report(results: Sequence[Result], cpu_us: dict[tuple[str, int], dict[str, fl
     if ours128:
         print(f"target: c=128 p99 < 100 ms: {ours128.p99_ms:.1f} ms "
               f"{'MET' if ours128.p99_ms < 100 else 'MISSED'}")
-
-
-def _ratio(a: Result | None, b: Result | None, attr: str = "rps") -> float | None:
-    if a is None or b is None or not getattr(b, attr):
-        return None
-    return float(getattr(a, attr)) / float(getattr(b, attr))
-
-
-def _verdict(what: str, value: float | None, ok: bool | None, unit: str = "x") -> None:
-    shown = "-" if value is None else f"{value:.2f}{unit}"
-    state = "not measured" if ok is None else ("MET" if ok else "MISSED")
-    print(f"target: {what}: {shown} {state}")
-
-
-def report_data(
-    results: Sequence[Result],
-    cpu_us: dict[tuple[str, int], dict[str, float]],
-    rss_kb: dict[str, tuple[int, int]],
-) -> None:
-    """Issue 15's table: ratios to the fastest bridge at each concurrency, and its targets."""
-    by = {(r.name, r.concurrency): r for r in results}
-    print(f"\n{'target':<24}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-          f"{'cpu us/req':>11}{'rps/fastest':>12}{'p99/fastest':>12}")
-    for r in results:
-        bridges = [b for (n, c), b in by.items() if c == r.concurrency and "bridge" in n]
-        fastest = max(bridges, key=lambda b: b.rps, default=None)
-        rps, p99 = _ratio(r, fastest), _ratio(r, fastest, "p99_ms")
-        cpu = sum(cpu_us.get((r.name, r.concurrency), {}).values())
-        print(f"{_row(r)}{cpu:>11.0f}{'-' if rps is None else f'{rps:.2f}x':>12}"
-              f"{'-' if p99 is None else f'{p99:.2f}x':>12}")
-    hot16, mol16 = by.get(("nexus data.get hot", 16)), by.get(("moleculer data.get", 16))
-    trivial16 = by.get(("nexus trivial op", 16))
-    hot128, mol128 = by.get(("nexus data.get hot", 128)), by.get(("moleculer data.get", 128))
-    off16 = by.get(("nexus data.get L1 off", 16))
-    old16 = by.get((f"nexus data.get {BEFORE_L1}", 16))
-    print()
-    r = _ratio(hot16, mol16)
-    _verdict("c=16 data.get hot >= 1.3x Moleculer", r, None if r is None else r >= 1.3)
-    r = _ratio(hot16, trivial16)
-    _verdict("c=16 data.get hot >= 0.95x trivial op", r, None if r is None else r >= 0.95)
-    p = hot16.p99_ms if hot16 else None
-    _verdict("c=16 data.get hot p99 <= 3 ms", p, None if p is None else p <= 3, " ms")
-    r = _ratio(hot128, mol128, "p99_ms")
-    _verdict("c=128 data.get hot p99 <= 0.5x Moleculer's", r, None if r is None else r <= 0.5)
-    r = _ratio(off16, old16)
-    _verdict(f"c=16 L1 off >= 1.5x {BEFORE_L1}", r, None if r is None else r >= 1.5)
-    for name, (idle, peak) in rss_kb.items():
-        print(f"shim RSS, {name}: idle {idle / 1024:.0f} MB, peak (VmHWM, after c=128) "
-              f"{peak / 1024:.0f} MB")
-    if (idle_peak := rss_kb.get("nexus data.get hot")) is not None:
-        idle, peak = idle_peak[0] / 1024, idle_peak[1] / 1024
-        _verdict("shim RSS idle <= 80 MB", idle, idle <= 80, " MB")
-        _verdict("shim RSS at c=128 <= 150 MB", peak, peak <= 150, " MB")
 
 
 def main() -> int:
@@ -666,7 +509,7 @@ def main() -> int:
         bench = Bench(Path(tmp), args.seconds)
         try:
             if args.data:
-                targets = _data_targets(bench.nats_url, Path(tmp))
+                targets = data_targets(bench.nats_url, Path(tmp))
             elif args.baseline:
                 targets = _baseline_targets(args.baseline.resolve())
             elif args.policies:

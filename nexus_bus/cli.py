@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from nexus_bus.apps import load_groups
+from nexus_bus.bus.replies import problem_of
 from nexus_bus.config import ConfigError, Settings, load_settings
 from nexus_bus.errors import NexusError
 from nexus_bus.observability import configure_logging
 from nexus_bus.observability.process import process_name, start_observability
 from nexus_bus.operations import Operations
-from nexus_bus.replies import problem_of
 
 if TYPE_CHECKING:
     from nexus_bus.stack import Stack

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from nexus_bus.metadata import LazyTrace, TraceContext
+from nexus_bus.bus.metadata import LazyTrace, TraceContext
 
 if TYPE_CHECKING:
     from nexus_bus.services import Services

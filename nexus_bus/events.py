@@ -9,9 +9,9 @@ from typing import Protocol
 import nats.js.errors as jserr
 from nats.js import JetStreamContext
 
+from nexus_bus.bus.subjects import events_subject
 from nexus_bus.constants import EVENTS_STREAM, H_NATS_MSG_ID
 from nexus_bus.store import translate_nats_errors
-from nexus_bus.subjects import events_subject
 
 
 @dataclass(frozen=True, slots=True)

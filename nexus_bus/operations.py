@@ -27,8 +27,8 @@ from typing import Any
 
 import msgspec
 
+from nexus_bus.bus.subjects import check_token
 from nexus_bus.constants import BUILTIN_RESERVED_OPS, RESERVED_OPS
-from nexus_bus.subjects import check_token
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
 

@@ -20,11 +20,11 @@ from urllib.parse import urlsplit
 import nats.errors
 from nats.aio.client import Client
 
+from nexus_bus.bus.connection import connect_nats
+from nexus_bus.bus.subjects import client_subject
 from nexus_bus.config import NatsSettings
-from nexus_bus.connection import connect_nats
 from nexus_bus.errors import Unavailable
 from nexus_bus.operations import Operations
-from nexus_bus.subjects import client_subject
 
 PROBE_BODY: Final = b"\xff"  # not JSON: never reaches a handler
 _INTERVAL_S: Final = 0.1

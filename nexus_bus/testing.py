@@ -32,7 +32,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from faststream.nats import NatsBroker, NatsMessage, NatsResponse, TestNatsBroker
 from nats.aio.msg import Msg
 
-from nexus_bus import codec
 from nexus_bus.auth.authenticator import TokenAuthenticator
 from nexus_bus.auth.cache import VerificationCache
 from nexus_bus.auth.keys import Keyring
@@ -40,16 +39,17 @@ from nexus_bus.auth.limiter import FailureLimiter
 from nexus_bus.auth.revocation import MemoryRevocationStore
 from nexus_bus.auth.tokens import TokenCodec, TokenPolicy
 from nexus_bus.auth.verifier import TokenVerifier
+from nexus_bus.bus import codec
+from nexus_bus.bus.replies import Expired, error_of, status_of
+from nexus_bus.bus.subjects import operation_subject, operation_wildcard, queue_group
 from nexus_bus.config import Settings
 from nexus_bus.constants import H_AUTHORIZATION, H_CONTENT_TYPE, T_TEST
-from nexus_bus.dispatch import Dispatcher, Expired
 from nexus_bus.errors import Conflict, NotFound, UpstreamTimeout
 from nexus_bus.events import Appended, StoredEvent
 from nexus_bus.operations import Operations
-from nexus_bus.replies import error_of, status_of
+from nexus_bus.runtime.dispatch import Dispatcher
 from nexus_bus.services import Services
 from nexus_bus.store import Record
-from nexus_bus.subjects import operation_subject, operation_wildcard, queue_group
 
 _KID: Final = "nexus-testing"
 

@@ -20,7 +20,7 @@ import pytest
 
 from nexus_bus import Gateway, Settings, Worker, load_settings
 from nexus_bus.auth import Keyring, TokenCodec, generate_key
-from nexus_bus.connection import connect_nats
+from nexus_bus.bus.connection import connect_nats
 from nexus_bus.embedded import ServerProcess, nats_server, redis_server
 from nexus_bus.handlers import builtin_groups
 from nexus_bus.observability import configure_logging

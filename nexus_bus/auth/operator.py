@@ -19,8 +19,8 @@ from nexus_bus.auth.revocation import RedisRevocationStore
 from nexus_bus.auth.scopes import WILDCARD, check_scope
 from nexus_bus.auth.service import new_jti
 from nexus_bus.auth.tokens import SignedToken, TokenCodec, TokenPolicy
+from nexus_bus.bus.connection import connect_nats
 from nexus_bus.config import Settings
-from nexus_bus.connection import connect_nats
 from nexus_bus.constants import (
     AUTH_PRIVATE_KEY_SUFFIX,
     AUTH_PUBLIC_KEY_SUFFIX,

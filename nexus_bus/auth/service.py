@@ -25,8 +25,8 @@ from nexus_bus.auth.revocation import RedisRevocationStore, RevocationStore
 from nexus_bus.auth.scopes import check_scope, covers
 from nexus_bus.auth.tokens import SignedToken, TokenCodec, TokenPolicy
 from nexus_bus.auth.verifier import TokenVerifier
+from nexus_bus.bus.connection import flush_subscriptions
 from nexus_bus.config import ConfigError, Settings
-from nexus_bus.connection import flush_subscriptions
 from nexus_bus.constants import AUTH_REVOKED_SUBJECT
 from nexus_bus.context import Principal
 from nexus_bus.errors import Forbidden, InvalidRequest, Unavailable

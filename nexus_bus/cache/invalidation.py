@@ -27,9 +27,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from nexus_bus.bus.connection import flush_subscriptions
+from nexus_bus.bus.subjects import is_inbox
 from nexus_bus.cache.core import Cache
 from nexus_bus.cache.notice import FenceReply, Notice, decode_notice, decode_reply, encode
-from nexus_bus.connection import flush_subscriptions
 from nexus_bus.constants import (
     CACHE_FENCE_SUBJECT,
     CACHE_INVALIDATE_SUBJECT,
@@ -38,7 +39,6 @@ from nexus_bus.constants import (
 )
 from nexus_bus.errors import Unavailable
 from nexus_bus.observability import logger
-from nexus_bus.subjects import is_inbox
 
 _NATS_FAILURES = (nats.errors.Error, TimeoutError, OSError)
 _BAD_MESSAGE = (msgspec.DecodeError, msgspec.ValidationError)

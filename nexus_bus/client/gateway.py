@@ -15,11 +15,19 @@ from typing import Any, Self, TypeVar
 import nats.errors
 from nats.aio.client import Client
 
-from nexus_bus import codec
+from nexus_bus.bus import codec
+from nexus_bus.bus.connection import connect_nats
+from nexus_bus.bus.metadata import (
+    check_headers,
+    clean_request_id,
+    new_traceparent,
+    parse_traceparent,
+)
 from nexus_bus.bus.nats_errors import map_nats_error
+from nexus_bus.bus.replies import Reply, error_of, status_of
+from nexus_bus.bus.subjects import client_subject
 from nexus_bus.client.inbox import Inbox
 from nexus_bus.config import Settings
-from nexus_bus.connection import connect_nats
 from nexus_bus.constants import (
     H_AUTHORIZATION,
     H_CONTENT_TYPE,
@@ -39,21 +47,13 @@ from nexus_bus.errors import (
     UpstreamTimeout,
 )
 from nexus_bus.jobs.client import get_job, submit_job
-from nexus_bus.metadata import (
-    check_headers,
-    clean_request_id,
-    new_traceparent,
-    parse_traceparent,
-)
 from nexus_bus.observability import METRICS
 from nexus_bus.observability.tracing import TRACING, SpanKind, mark_error
 from nexus_bus.policies import PolicyLayer, create_policy_layer
 from nexus_bus.policies.fallback import Authorize
 from nexus_bus.redis_client import RedisClient, create_redis
 from nexus_bus.registry import OpsRegistry
-from nexus_bus.replies import Reply, error_of, status_of
 from nexus_bus.schemas.jobs import Job, JobAccepted
-from nexus_bus.subjects import client_subject
 
 T = TypeVar("T")
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import msgspec
 
+from nexus_bus.bus.connection import connect_nats
 from nexus_bus.config import Settings
-from nexus_bus.connection import connect_nats
 from nexus_bus.discovery.inventory import ServiceRow, missing_ops, render_table
 from nexus_bus.discovery.registry import ConsulRegistry
 from nexus_bus.discovery.survey import survey

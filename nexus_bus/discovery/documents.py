@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from nexus_bus.bus.subjects import queue_group
 from nexus_bus.config import ConsulSettings
 from nexus_bus.constants import (
     CONSUL_META_ACTIONS,
@@ -25,7 +26,6 @@ from nexus_bus.constants import (
     SERVICE_PREFIX,
     SHIM_SERVICE,
 )
-from nexus_bus.subjects import queue_group
 
 
 def go_duration(seconds: float) -> str:

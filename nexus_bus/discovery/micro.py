@@ -34,6 +34,7 @@ from nats.micro.service import (
 )
 from nats.micro.service import EndpointStats as MicroEndpointStats
 
+from nexus_bus.bus.subjects import operation_subject, queue_group
 from nexus_bus.constants import (
     CONSUL_META_QUEUE_GROUP,
     MICRO_META_ADDRESS,
@@ -46,7 +47,6 @@ from nexus_bus.discovery.endpoint_stats import EndpointStats
 from nexus_bus.observability import logger
 from nexus_bus.operations import Operations
 from nexus_bus.specs.json_schema import SCHEMA_ID_BASE
-from nexus_bus.subjects import operation_subject, queue_group
 
 _encoder: Final = msgspec.json.Encoder()
 

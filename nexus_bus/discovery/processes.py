@@ -20,6 +20,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.nuid import NUID
 
+from nexus_bus.bus.replies import Expired, Reply
 from nexus_bus.config import Settings
 from nexus_bus.discovery.documents import (
     ServiceRegistration,
@@ -30,9 +31,7 @@ from nexus_bus.discovery.endpoint_stats import EndpointStats
 from nexus_bus.discovery.lifecycle import HealthProbe, Registration, create_backoff
 from nexus_bus.discovery.micro import MicroResponder, MicroService
 from nexus_bus.discovery.registry import ConsulRegistry, ServiceRegistry
-from nexus_bus.dispatch import Expired
 from nexus_bus.operations import Operations
-from nexus_bus.replies import Reply
 from nexus_bus.specs.base import package_version
 
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9_-]")

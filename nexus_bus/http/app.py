@@ -16,9 +16,12 @@ from typing import Any, Final
 
 from nats.aio.client import Client
 
+from nexus_bus.bus.connection import connect_nats
+from nexus_bus.bus.metadata import clean_request_id, parse_traceparent
+from nexus_bus.bus.replies import error_of
+from nexus_bus.bus.subjects import check_token, client_subject
 from nexus_bus.client.gateway import Gateway
 from nexus_bus.config import Settings
-from nexus_bus.connection import connect_nats
 from nexus_bus.constants import (
     H_HTTP_REQUEST_ID,
     HTTP_API_PREFIX,
@@ -45,15 +48,12 @@ from nexus_bus.http.request import RequestHead, parse_head
 from nexus_bus.http.spans import serve_traced
 from nexus_bus.http.sse import EventStreams, encode_gate_request, last_event_id
 from nexus_bus.http.tickets import TicketStore, ticket_of
-from nexus_bus.metadata import clean_request_id, parse_traceparent
 from nexus_bus.observability import logger
 from nexus_bus.observability.access import access_log_enabled, log_http_access
 from nexus_bus.observability.tracing import TRACING
 from nexus_bus.operations import Operations
 from nexus_bus.redis_client import RedisClient, create_redis
 from nexus_bus.registry import OpsRegistry
-from nexus_bus.replies import error_of
-from nexus_bus.subjects import check_token, client_subject
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from typing import Final
 
-from nexus_bus import codec
+from nexus_bus.bus import codec
+from nexus_bus.bus.metadata import is_ascii_digits
 from nexus_bus.client.gateway import Gateway
 from nexus_bus.config import Settings
 from nexus_bus.constants import (
@@ -31,7 +32,6 @@ from nexus_bus.http.jobs import JobRoutes
 from nexus_bus.http.labels import OperationLabels
 from nexus_bus.http.problems import Answer, ClientGone, retry_after_of, status_headers
 from nexus_bus.http.request import Receive, RequestHead, declared_length, read_body
-from nexus_bus.metadata import is_ascii_digits
 from nexus_bus.observability import METRICS
 from nexus_bus.observability.tracing import TRACING
 from nexus_bus.policies.headers import passed_headers

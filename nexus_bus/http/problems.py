@@ -11,6 +11,8 @@ from typing import Final
 
 import msgspec
 
+from nexus_bus.bus.metadata import is_ascii_digits
+from nexus_bus.bus.replies import problem_of
 from nexus_bus.constants import (
     AUTH_REALM,
     AUTH_SCHEME,
@@ -19,8 +21,6 @@ from nexus_bus.constants import (
     H_WWW_AUTHENTICATE,
 )
 from nexus_bus.errors import NexusError
-from nexus_bus.metadata import is_ascii_digits
-from nexus_bus.replies import problem_of
 
 Headers = list[tuple[bytes, bytes]]
 

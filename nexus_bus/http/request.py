@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final
 
+from nexus_bus.bus.metadata import is_ascii_digits
 from nexus_bus.constants import (
     H_AUTHORIZATION,
     H_CONTENT_TYPE,
@@ -26,7 +27,6 @@ from nexus_bus.constants import (
 )
 from nexus_bus.errors import HeadersTooLarge, InvalidRequest, PayloadTooLarge
 from nexus_bus.http.problems import ClientGone, RequestTimeout
-from nexus_bus.metadata import is_ascii_digits
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 

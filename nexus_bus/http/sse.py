@@ -29,6 +29,9 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from nexus_bus.bus.metadata import is_ascii_digits
+from nexus_bus.bus.replies import problem_of
+from nexus_bus.bus.subjects import events_subject
 from nexus_bus.config import HttpSettings
 from nexus_bus.constants import (
     CT_EVENT_STREAM,
@@ -38,11 +41,8 @@ from nexus_bus.constants import (
 )
 from nexus_bus.errors import InvalidRequest, NexusError, Unavailable
 from nexus_bus.http.authz import StreamLease
-from nexus_bus.metadata import is_ascii_digits
 from nexus_bus.observability import logger
-from nexus_bus.replies import problem_of
 from nexus_bus.store import translate_nats_errors
-from nexus_bus.subjects import events_subject
 
 HEARTBEAT: Final = b": keepalive\n\n"
 _QUERY_LAST_ID: Final = "last_event_id"

@@ -1,4 +1,5 @@
-"""Asynchronous jobs on JetStream: submit, run with retries and backoff, dead-letter."""
+"""Asynchronous jobs on JetStream: submit, retry verdicts and backoff, dead-letter (the
+consumers that run them are `nexus_bus.runtime.jobs`)."""
 
 from nexus_bus.jobs.client import get_job, submit_job, wait_job, watch_job
 

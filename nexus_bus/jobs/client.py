@@ -20,6 +20,8 @@ from typing import Final
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
+from nexus_bus.bus.metadata import check_headers, request_id_of
+from nexus_bus.bus.subjects import check_operation, jobs_subject
 from nexus_bus.config import Settings
 from nexus_bus.constants import JOBS_STREAM
 from nexus_bus.errors import NexusError, PayloadTooLarge, UpstreamTimeout
@@ -31,12 +33,10 @@ from nexus_bus.jobs.envelope import (
 )
 from nexus_bus.jobs.status import JobRecord, JobStore
 from nexus_bus.jobs.streams import ensure_job_streams
-from nexus_bus.metadata import check_headers, request_id_of
 from nexus_bus.observability import logger
 from nexus_bus.observability.tracing import TRACING, SpanKind
 from nexus_bus.schemas.jobs import Job, JobAccepted, JobStatus
 from nexus_bus.store import translate_nats_errors
-from nexus_bus.subjects import check_operation, jobs_subject
 
 # One status-bucket handle per connection: the streams are ensured once, not per submit.
 # Two first submits racing both ensure them; that is idempotent, so no lock.

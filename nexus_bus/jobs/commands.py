@@ -17,13 +17,13 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from nexus_bus.bus.connection import connect_nats
+from nexus_bus.bus.metadata import is_ascii_digits
 from nexus_bus.config import Settings
-from nexus_bus.connection import connect_nats
 from nexus_bus.errors import InvalidRequest, NotFound
 from nexus_bus.jobs.client import get_job, job_store, wait_job
 from nexus_bus.jobs.dlq import DeadLetter, DeadLetterQueue, utc
 from nexus_bus.jobs.envelope import JOB_ID_PATTERN
-from nexus_bus.metadata import is_ascii_digits
 
 T = TypeVar("T")
 _JOB_ID = re.compile(JOB_ID_PATTERN)

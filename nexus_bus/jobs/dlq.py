@@ -20,6 +20,8 @@ from typing import Final
 import nats.js.errors as jserr
 from nats.js import JetStreamContext
 
+from nexus_bus.bus.metadata import headers_size, is_ascii_digits
+from nexus_bus.bus.subjects import dlq_subject, jobs_subject
 from nexus_bus.constants import (
     DLQ_HEADER_PREFIX,
     DLQ_PREFIX,
@@ -42,10 +44,8 @@ from nexus_bus.constants import (
 from nexus_bus.errors import NexusError, NotFound
 from nexus_bus.jobs.envelope import parse_job_subject
 from nexus_bus.jobs.status import JobStore, advance
-from nexus_bus.metadata import headers_size, is_ascii_digits
 from nexus_bus.schemas.jobs import JobStatus
 from nexus_bus.store import translate_nats_errors
-from nexus_bus.subjects import dlq_subject, jobs_subject
 
 _MAX_DETAIL: Final = 512
 

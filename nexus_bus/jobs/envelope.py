@@ -15,6 +15,8 @@ import re
 from collections.abc import Mapping
 from typing import Final
 
+from nexus_bus.bus.metadata import budget_headers
+from nexus_bus.bus.subjects import check_token
 from nexus_bus.constants import (
     DLQ_HEADER_PREFIX,
     H_AUTHORIZATION,
@@ -30,8 +32,6 @@ from nexus_bus.constants import (
     NATS_HEADER_PREFIX,
 )
 from nexus_bus.errors import InvalidRequest
-from nexus_bus.metadata import budget_headers
-from nexus_bus.subjects import check_token
 
 JOB_ID_PATTERN: Final = r"^[0-9a-f]{32}$(?!\n)"  # exported too: see TOKEN_PATTERN
 _JOB_ID: Final = re.compile(JOB_ID_PATTERN)

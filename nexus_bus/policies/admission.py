@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
+from nexus_bus.bus.replies import Reply
 from nexus_bus.config import Settings
 from nexus_bus.constants import H_CONTENT_TYPE, H_IDEMPOTENCY_KEY
 from nexus_bus.context import Principal
 from nexus_bus.policies.idempotency import IdempotencyStore, Produce
 from nexus_bus.policies.ratelimit import SharedRateLimiter
 from nexus_bus.redis_client import RedisClient
-from nexus_bus.replies import Reply
 from nexus_bus.resilience.gcra import RateLimit
 from nexus_bus.resilience.policy import PolicyTable
 

@@ -19,6 +19,7 @@ from typing import Any, Final
 
 import msgspec
 
+from nexus_bus.bus.replies import Reply
 from nexus_bus.cache.keys import build_key
 from nexus_bus.constants import (
     CACHE_DATA_NAMESPACE,
@@ -29,7 +30,6 @@ from nexus_bus.constants import (
 )
 from nexus_bus.policies.shared import StoreHealth
 from nexus_bus.redis_client import RedisClient
-from nexus_bus.replies import Reply
 from nexus_bus.schemas.data import GetRequest
 
 Authorize = Callable[[Mapping[str, str], str, str], Awaitable[None]]

@@ -22,10 +22,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from nexus_bus.bus.replies import Reply
 from nexus_bus.constants import H_DEADLINE, H_IDEMPOTENCY_KEY, H_SERVICE_ERROR, H_TIMEOUT_MS
 from nexus_bus.errors import CircuitOpen, NexusError, Unavailable
 from nexus_bus.observability import METRICS
-from nexus_bus.replies import Reply
 from nexus_bus.resilience.backoff import ExponentialBackoff, Jitter
 from nexus_bus.resilience.breaker import BreakerState, CircuitBreaker
 from nexus_bus.resilience.budget import RetryBudget

@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+from nexus_bus.bus.replies import Reply
 from nexus_bus.constants import (
     CT_JSON,
     H_CONTENT_TYPE,
@@ -42,7 +43,6 @@ from nexus_bus.errors import IdempotencyMismatch, Unavailable, UpstreamTimeout
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.policies.shared import StoreHealth
 from nexus_bus.redis_client import RedisClient
-from nexus_bus.replies import Reply
 from nexus_bus.resilience.idempotency import check_key, fingerprint, record_name
 
 # KEYS: record. ARGV: fingerprint, owner, lease ms.

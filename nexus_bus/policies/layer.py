@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
+from nexus_bus.bus.replies import Reply
 from nexus_bus.config import Settings
 from nexus_bus.policies.fallback import Authorize, StaleAnswers
 from nexus_bus.policies.guard import Guard, Send
 from nexus_bus.policies.shared import BreakerSync
 from nexus_bus.redis_client import RedisClient
-from nexus_bus.replies import Reply
 from nexus_bus.resilience.policy import PolicyTable
 
 

@@ -13,8 +13,8 @@ from typing import Any, Final
 
 import msgspec
 
+from nexus_bus.bus.connection import connect_nats
 from nexus_bus.config import Settings
-from nexus_bus.connection import connect_nats
 from nexus_bus.registry.core import ActionDeclaration, OperationsListing
 from nexus_bus.registry.watch import OpsRegistry
 

@@ -31,20 +31,20 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from nexus_bus.auth import Authenticator, create_authenticator
+from nexus_bus.bus.connection import broker_options, flush_subscriptions, install_speedups
+from nexus_bus.bus.metadata import deadline_ms, headers_size, request_id_of
+from nexus_bus.bus.replies import Expired, Reply, error_reply
+from nexus_bus.bus.subjects import is_inbox, operation_wildcard, queue_group
 from nexus_bus.config import Settings
-from nexus_bus.connection import broker_options, flush_subscriptions, install_speedups
 from nexus_bus.constants import H_REQUEST_ID, T_NATS
 from nexus_bus.discovery import WorkerDiscovery
-from nexus_bus.dispatch import Dispatcher, Expired
 from nexus_bus.errors import PayloadTooLarge, Unavailable
-from nexus_bus.jobs.runner import JobRunner
-from nexus_bus.metadata import deadline_ms, headers_size, request_id_of
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.operations import Operations
 from nexus_bus.registry import Registration, register
-from nexus_bus.replies import Reply, error_reply
+from nexus_bus.runtime.dispatch import Dispatcher
+from nexus_bus.runtime.jobs import JobRunner
 from nexus_bus.services import Services, close_services, create_services
-from nexus_bus.subjects import is_inbox, operation_wildcard, queue_group
 
 _NO_HEADERS: dict[str, str] = {}
 # More than a reply's headers can take (status, ids, content type, a truncated error detail).

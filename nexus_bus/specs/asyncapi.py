@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Final
 
+from nexus_bus.bus.subjects import jobs_subject, operation_subject, queue_group
 from nexus_bus.constants import (
     CT_JSON,
     CT_PROBLEM,
@@ -36,7 +37,6 @@ from nexus_bus.specs.base import (
     ref,
     summary_of,
 )
-from nexus_bus.subjects import jobs_subject, operation_subject, queue_group
 
 ASYNCAPI_VERSION: Final = "3.0.0"
 _REFS: Final = "#/components/schemas/{name}"

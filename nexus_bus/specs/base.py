@@ -9,6 +9,7 @@ from typing import Any, Final
 
 import msgspec
 
+from nexus_bus.bus.subjects import operation_subject
 from nexus_bus.constants import (
     CT_JSON,
     CT_MSGPACK,
@@ -31,7 +32,6 @@ from nexus_bus.constants import (
 from nexus_bus.errors import ERRORS_BY_CODE
 from nexus_bus.jobs.envelope import JOB_ID_PATTERN
 from nexus_bus.operations import Operation, Operations
-from nexus_bus.subjects import operation_subject
 
 TITLE: Final = "nexus-bus"
 PROBLEM_NAME: Final = "problem"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Final
 
+from nexus_bus.bus.subjects import operation_subject
 from nexus_bus.constants import (
     AUTH_REALM,
     AUTH_SCHEME,
@@ -65,7 +66,6 @@ from nexus_bus.specs.base import (
     ref,
     summary_of,
 )
-from nexus_bus.subjects import operation_subject
 
 OPENAPI_VERSION: Final = "3.1.0"
 # The HTTP routes of the reserved trees, named like their subjects (`/v1/jobs`, `/v1/events`).

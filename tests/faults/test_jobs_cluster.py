@@ -9,50 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import nats
-import pytest
 
 from nexus_bus import Gateway, NexusError, Settings, Worker
 from nexus_bus.constants import JOBS_STREAM
-from nexus_bus.embedded import ServerProcess, nats_cluster
+from nexus_bus.embedded import ServerProcess
 from nexus_bus.schemas.jobs import JobStatus
 from tests.conftest import make_settings
+from tests.faults.conftest import wait_for_jetstream
 from tests.integration.test_jobs_app import Ledger, final_statuses, ops, submit_all, wait_applied
 
 JOBS = 1_000
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[list[ServerProcess]]:
-    nodes = nats_cluster(tmp_path / "cluster", 3)
-    try:
-        for node in nodes:
-            node.start()
-        yield nodes
-    finally:
-        for node in nodes:
-            node.kill()
-
-
-async def wait_for_jetstream(urls: list[str], timeout_s: float = 30) -> None:
-    """Until the cluster has elected a meta leader and answers JetStream requests."""
-    nc = await nats.connect(urls)
-    try:
-        js = nc.jetstream(timeout=1)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                await js.account_info()
-                return
-            except (nats.errors.Error, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.25)
-    finally:
-        await nc.close()
 
 
 async def start_worker(settings: Settings, timeout_s: float = 30) -> Worker:
@@ -71,9 +37,9 @@ async def start_worker(settings: Settings, timeout_s: float = 30) -> Worker:
 
 
 async def test_losing_a_node_during_a_burst_loses_nothing_acknowledged(
-    cluster: list[ServerProcess], redis_url: str, admin_token: str | None, uid: str
+    nats_nodes: list[ServerProcess], redis_url: str, admin_token: str | None, uid: str
 ) -> None:
-    urls = [node.url for node in cluster]
+    urls = [node.url for node in nats_nodes]
     await wait_for_jetstream(urls)
     settings = make_settings(
         ",".join(urls),
@@ -93,7 +59,7 @@ async def test_losing_a_node_during_a_burst_loses_nothing_acknowledged(
     info = await gateway.nc.jetstream().stream_info(JOBS_STREAM)
     assert info.config.num_replicas == 3 and info.cluster is not None
     leader = info.cluster.leader
-    [victim] = [node for node in cluster if f"-{node.port}" in str(leader)]
+    [victim] = [node for node in nats_nodes if f"-{node.port}" in str(leader)]
 
     async def kill_leader_midway() -> None:
         await ledger.reached(JOBS // 3)

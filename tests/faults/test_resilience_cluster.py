@@ -8,30 +8,16 @@ the kill.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from nexus_bus import Gateway, NexusError, Operations, RequestContext, Worker
-from nexus_bus.embedded import ServerProcess, nats_cluster
+from nexus_bus.embedded import ServerProcess
 from tests.conftest import make_settings
-from tests.faults.test_jobs_cluster import wait_for_jetstream
+from tests.faults.conftest import wait_for_jetstream
 
 CALLERS, TIMEOUT_S, KILL_AT_S, DURATION_S = 6, 1.0, 1.5, 8.0
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[list[ServerProcess]]:
-    nodes = nats_cluster(tmp_path / "cluster", 3)
-    try:
-        for node in nodes:
-            node.start()
-        yield nodes
-    finally:
-        for node in nodes:
-            node.kill()
 
 
 def group(op: str) -> Operations:
@@ -48,9 +34,9 @@ def group(op: str) -> Operations:
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_calls_end_within_their_deadline_and_recover_after_a_node_dies(
-    cluster: list[ServerProcess], redis_url: str, admin_token: str | None, uid: str
+    nats_nodes: list[ServerProcess], redis_url: str, admin_token: str | None, uid: str
 ) -> None:
-    urls = [node.url for node in cluster]
+    urls = [node.url for node in nats_nodes]
     await wait_for_jetstream(urls)
     settings = make_settings(",".join(urls), redis_url)
     op = f"clu{uid}"
@@ -81,7 +67,7 @@ async def test_calls_end_within_their_deadline_and_recover_after_a_node_dies(
 
         async def killer() -> None:
             await asyncio.sleep(KILL_AT_S)
-            cluster[0].kill()
+            nats_nodes[0].kill()
 
         await asyncio.gather(killer(), *(caller(n) for n in range(CALLERS)))
     finally:

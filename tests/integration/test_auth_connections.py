@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from nexus_bus import Gateway, Settings, Worker, load_settings
-from nexus_bus.connection import connect_nats
+from nexus_bus.bus.connection import connect_nats
 from nexus_bus.embedded import ServerProcess, free_port, nats_server, redis_server
 from nexus_bus.errors import Unavailable
 from nexus_bus.handlers import builtin_groups

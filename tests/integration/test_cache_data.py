@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from nexus_bus import Gateway, NotFound, Operations, RequestContext, Settings, Worker
+from nexus_bus.bus.metadata import new_trace
 from nexus_bus.cache import (
     CachedRecordStore,
     CachePolicy,
@@ -23,7 +24,6 @@ from nexus_bus.cache import (
 from nexus_bus.cache.heads import Head, KeyValueHeads
 from nexus_bus.embedded import free_port
 from nexus_bus.jetstream import ensure_data_bucket
-from nexus_bus.metadata import new_trace
 from nexus_bus.store import KeyValueRecordStore
 from tests.conftest import make_settings, open_services
 

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from nexus_bus import Gateway, Operations, RequestContext, Settings, Worker
-from nexus_bus.connection import connect_nats
+from nexus_bus.bus.connection import connect_nats
 from nexus_bus.constants import H_IDEMPOTENT_REPLAYED
 from nexus_bus.resilience.policy import PolicySettings
 from tests.conftest import issue_test_token

@@ -8,8 +8,8 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
+from nexus_bus.bus.connection import flush_subscriptions
 from nexus_bus.client.inbox import Inbox
-from nexus_bus.connection import flush_subscriptions
 from tests.helpers import READERS, connection
 
 

@@ -32,15 +32,15 @@ from nexus_bus import (
     UnknownOperation,
     Worker,
 )
+from nexus_bus.bus.metadata import headers_size
 from nexus_bus.config import JobsSettings
 from nexus_bus.constants import DLQ_STREAM, H_AUTHORIZATION, H_DEADLINE, JOBS_STREAM
 from nexus_bus.jobs.client import get_job, job_store, submit_job, wait_job, watch_job
 from nexus_bus.jobs.dlq import DeadLetterQueue
 from nexus_bus.jobs.envelope import new_job_id
 from nexus_bus.jobs.metrics import JOBS_COMPLETED, JOBS_DEAD_LETTERED
-from nexus_bus.jobs.runner import consumer_name
 from nexus_bus.jobs.status import JobRecord, advance
-from nexus_bus.metadata import headers_size
+from nexus_bus.runtime.jobs import consumer_name
 from nexus_bus.schemas.jobs import JobStatus
 
 

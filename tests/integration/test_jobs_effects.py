@@ -9,7 +9,7 @@ import pytest
 from nats.aio.client import Client
 
 from nexus_bus import Conflict, InternalError, NotFound, Settings, Worker
-from nexus_bus.connection import connect_nats
+from nexus_bus.bus.connection import connect_nats
 from nexus_bus.jetstream import ensure_data_bucket
 from nexus_bus.jobs.effects import JournaledRecordStore, effect_subject, job_effects
 from nexus_bus.jobs.envelope import new_job_id

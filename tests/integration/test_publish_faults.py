@@ -18,8 +18,8 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from nexus_bus.bus.connection import flush_subscriptions
 from nexus_bus.client.inbox import Inbox
-from nexus_bus.connection import flush_subscriptions
 from nexus_bus.embedded import ServerProcess
 from tests.helpers import eventually
 

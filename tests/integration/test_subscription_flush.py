@@ -5,7 +5,7 @@ from __future__ import annotations
 import nats
 from nats.aio.msg import Msg
 
-from nexus_bus.connection import flush_subscriptions
+from nexus_bus.bus.connection import flush_subscriptions
 
 
 async def test_a_request_right_after_subscribing_finds_its_responder(

@@ -236,9 +236,9 @@ async def test_issue_delegates_only_held_scopes_and_caps_ttl() -> None:
 
 
 async def test_issue_operation_refuses_an_anonymous_caller() -> None:
+    from nexus_bus.bus.metadata import new_trace
     from nexus_bus.context import RequestContext
     from nexus_bus.handlers.auth import issue
-    from nexus_bus.metadata import new_trace
     from nexus_bus.schemas.auth import IssueRequest
 
     # What a worker with auth disabled would pass: no principal (and no services needed).

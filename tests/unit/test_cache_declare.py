@@ -9,9 +9,9 @@ import msgspec
 import pytest
 
 from nexus_bus import NotFound, Operations, RequestContext
+from nexus_bus.bus.metadata import new_trace
 from nexus_bus.cache import Cache, CachePolicy, invalidates, read_through, write_through
 from nexus_bus.cache.memory import MemoryEntryStore
-from nexus_bus.metadata import new_trace
 
 
 class GetUser(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,7 +1,7 @@
 import msgspec
 import pytest
 
-from nexus_bus import codec
+from nexus_bus.bus import codec
 from nexus_bus.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from nexus_bus.schemas.data import PutRequest
 

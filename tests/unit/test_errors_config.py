@@ -1,5 +1,6 @@
 import pytest
 
+from nexus_bus.bus.replies import error_of, error_reply, status_of
 from nexus_bus.config import ConfigError, load_settings
 from nexus_bus.errors import (
     ERRORS_BY_CODE,
@@ -9,7 +10,6 @@ from nexus_bus.errors import (
     UpstreamTimeout,
     error_from_code,
 )
-from nexus_bus.replies import error_of, error_reply, status_of
 
 
 def test_every_code_is_stable_snake_case_with_a_status() -> None:

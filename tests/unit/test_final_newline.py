@@ -18,13 +18,13 @@ import pytest
 from nexus_bus.auth import Keyring, TokenCodec, generate_key
 from nexus_bus.auth.scopes import check_scope
 from nexus_bus.auth.tokens import unverified_subject
+from nexus_bus.bus.metadata import check_headers, clean_request_id
+from nexus_bus.bus.subjects import check_token, client_subject, is_inbox
 from nexus_bus.cache.heads import check_key
 from nexus_bus.cache.keys import build_key
 from nexus_bus.errors import InvalidRequest, InvalidToken
 from nexus_bus.jobs.envelope import check_job_id, job_id_of_message
-from nexus_bus.metadata import check_headers, clean_request_id
 from nexus_bus.schemas import auth, data, stream
-from nexus_bus.subjects import check_token, client_subject, is_inbox
 
 NL = "\n"
 

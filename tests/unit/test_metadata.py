@@ -1,9 +1,7 @@
 import pytest
 
 from nexus_bus.bus._speedups import headers as nats_headers
-from nexus_bus.constants import H_DEADLINE, H_TIMEOUT_MS, H_TRACEPARENT
-from nexus_bus.errors import HeadersTooLarge, InvalidRequest
-from nexus_bus.metadata import (
+from nexus_bus.bus.metadata import (
     SPENT_DEADLINE_MS,
     budget_headers,
     check_headers,
@@ -13,6 +11,8 @@ from nexus_bus.metadata import (
     parse_traceparent,
     trace_from_headers,
 )
+from nexus_bus.constants import H_DEADLINE, H_TIMEOUT_MS, H_TRACEPARENT
+from nexus_bus.errors import HeadersTooLarge, InvalidRequest
 
 VALID_TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

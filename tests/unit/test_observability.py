@@ -92,8 +92,8 @@ def test_metrics_names_and_labels() -> None:
 def test_the_trace_is_worked_out_once_and_only_when_used() -> None:
     """The dispatcher binds a LazyTrace: nothing is parsed or drawn unless a line is logged or
     the handler reads `ctx.trace`, and then the log and the handler agree."""
+    from nexus_bus.bus.metadata import LazyTrace
     from nexus_bus.context import RequestContext
-    from nexus_bus.metadata import LazyTrace
 
     parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     for headers, trace_id in (({"traceparent": parent}, parent[3:35]), ({}, None)):

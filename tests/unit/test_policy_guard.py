@@ -6,9 +6,9 @@ import random
 
 import pytest
 
+from nexus_bus.bus.replies import Reply, error_reply, success_reply
 from nexus_bus.errors import CircuitOpen, Conflict, NoResponders, Unavailable, UpstreamTimeout
 from nexus_bus.policies.guard import Guard
-from nexus_bus.replies import Reply, error_reply, success_reply
 from nexus_bus.resilience import BreakerState
 from nexus_bus.resilience.policy import PolicyTable, ResilienceSettings
 

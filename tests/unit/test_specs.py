@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from nexus_bus import Operations, RequestContext, load_settings
+from nexus_bus.bus.replies import problem_of
 from nexus_bus.cli import build_parser
 from nexus_bus.constants import (
     H_AUTHORIZATION,
@@ -25,7 +26,6 @@ from nexus_bus.constants import (
 )
 from nexus_bus.errors import NotFound
 from nexus_bus.handlers import BUILTIN
-from nexus_bus.replies import problem_of
 from nexus_bus.schemas.data import PutRequest
 from nexus_bus.specs import (
     asyncapi_document,

@@ -23,7 +23,8 @@ def test_importing_nexus_bus_leaves_a_users_nats_client_untouched() -> None:
         import nats
         from nats.aio.client import Client
         before = dict(Client.__dict__)
-        import nexus_bus, nexus_bus.runtime.worker, nexus_bus.client.gateway, nexus_bus.connection
+        import nexus_bus, nexus_bus.runtime.worker, nexus_bus.client.gateway
+        import nexus_bus.bus.connection
         import nexus_bus.http, nexus_bus.cli, nexus_bus.testing
         after = dict(Client.__dict__)
         changed = [k for k in before.keys() | after.keys() if before.get(k) is not after.get(k)]

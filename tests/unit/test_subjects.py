@@ -1,7 +1,6 @@
 import pytest
 
-from nexus_bus.errors import InvalidRequest, UnknownOperation
-from nexus_bus.subjects import (
+from nexus_bus.bus.subjects import (
     check_operation,
     dlq_subject,
     events_subject,
@@ -12,6 +11,7 @@ from nexus_bus.subjects import (
     parse_operation_subject,
     queue_group,
 )
+from nexus_bus.errors import InvalidRequest, UnknownOperation
 
 INJECTIONS = [
     "",

@@ -2,7 +2,7 @@
 
 Each delivery runs the same registered handler as the synchronous path, through the same
 `Dispatcher` (auth, decode, handler, error mapping); only the deadline differs (the job
-timeout) and the handler's record store journals its writes (`effects.py`). Then:
+timeout) and the handler's record store journals its writes (`jobs/effects.py`). Then:
 
 - success → status `succeeded` with the result, then a confirmed ack (`ack_sync`);
 - a retryable error with attempts left → status `pending` with the error, `nak(delay)` on the
@@ -36,8 +36,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from nexus_bus import codec
 from nexus_bus.auth.base import Authenticator
+from nexus_bus.bus import codec
+from nexus_bus.bus.metadata import LazyTrace, request_id_of
+from nexus_bus.bus.replies import Expired, Reply, error_of, problem_of
 from nexus_bus.cache import data_policy
 from nexus_bus.config import Settings
 from nexus_bus.constants import (
@@ -50,7 +52,6 @@ from nexus_bus.constants import (
     RESERVED_OPS,
     T_JOBS,
 )
-from nexus_bus.dispatch import Dispatcher, Expired
 from nexus_bus.errors import InvalidRequest, NexusError, Unavailable
 from nexus_bus.jobs.cache_sync import CacheWriteThrough
 from nexus_bus.jobs.dlq import dead_letter, dead_letter_headers
@@ -60,10 +61,9 @@ from nexus_bus.jobs.metrics import JOBS_COMPLETED, JOBS_DEAD_LETTERED, JOBS_REDE
 from nexus_bus.jobs.retry import Verdict, backoff_of, decide
 from nexus_bus.jobs.status import JobRecord, JobStore, advance, write_outcome
 from nexus_bus.jobs.streams import ensure_effect_records, ensure_job_streams
-from nexus_bus.metadata import LazyTrace, request_id_of
 from nexus_bus.observability import log_context, logger
 from nexus_bus.operations import Operations
-from nexus_bus.replies import Reply, error_of, problem_of
+from nexus_bus.runtime.dispatch import Dispatcher
 from nexus_bus.schemas.jobs import JobStatus
 from nexus_bus.services import Services
 

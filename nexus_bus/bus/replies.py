@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 import msgspec
 
+from nexus_bus.bus.metadata import is_ascii_digits
 from nexus_bus.constants import (
     CT_JSON,
     CT_PROBLEM,
@@ -19,7 +21,6 @@ from nexus_bus.constants import (
     PROBLEM_TYPE_BASE,
 )
 from nexus_bus.errors import InternalError, NexusError, error_from_code
-from nexus_bus.metadata import is_ascii_digits
 from nexus_bus.schemas.problem import Problem
 
 _problem_encoder: Final = msgspec.json.Encoder()
@@ -34,6 +35,13 @@ class Reply(NamedTuple):
     status: int
     headers: dict[str, str]
     body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """The request's deadline passed before it started; nobody waits for an answer."""
+
+    request_id: str
 
 
 def problem_of(error: NexusError, request_id: str | None) -> Problem:

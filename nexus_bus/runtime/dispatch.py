@@ -9,33 +9,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Coroutine, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
-from nexus_bus import codec
 from nexus_bus.auth.base import Authenticator, NoAuthentication
+from nexus_bus.bus import codec
+from nexus_bus.bus.metadata import LazyTrace, deadline_ms, request_id_of
+from nexus_bus.bus.replies import Expired, Reply, error_reply, success_reply
 from nexus_bus.config import Settings
 from nexus_bus.constants import H_CONTENT_TYPE, H_IDEMPOTENCY_KEY, T_NATS, UNKNOWN_LABEL
 from nexus_bus.context import Principal, RequestContext
 from nexus_bus.errors import InternalError, NexusError, UnknownOperation, UpstreamTimeout
-from nexus_bus.metadata import LazyTrace, deadline_ms, request_id_of
 from nexus_bus.observability import METRICS, bind_request, logger, release
 from nexus_bus.observability.access import access_log_enabled, log_served
 from nexus_bus.observability.tracing import TRACING, SpanKind, mark_error
 from nexus_bus.operations import Operation, Operations
 from nexus_bus.policies.admission import Admission, create_admission
 from nexus_bus.policies.ratelimit import RateLimitExceeded
-from nexus_bus.replies import Reply, error_reply, success_reply
 from nexus_bus.services import Services
 
 _EMPTY: Final[Mapping[str, str]] = {}
-
-
-@dataclass(frozen=True, slots=True)
-class Expired:
-    """The request's deadline passed before it started; nobody waits for an answer."""
-
-    request_id: str
 
 
 class Dispatcher:

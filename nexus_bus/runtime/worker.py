@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import nats.errors
-from faststream import FastStream
+from faststream import AckPolicy, FastStream
 from faststream.nats import NatsBroker, NatsMessage
 from faststream.nats.subscriber.usecases import CoreSubscriber
 from nats.aio.client import Client
@@ -49,6 +49,21 @@ from nexus_bus.services import Services, close_services, create_services
 _NO_HEADERS: dict[str, str] = {}
 # More than a reply's headers can take (status, ids, content type, a truncated error detail).
 _HEADROOM = 8 * 1024
+
+
+async def _parse(msg: Msg) -> NatsMessage:
+    """FastStream parser: the message as FastStream carries it, without what the default
+    parser adds for handlers we do not have (subject path parameters, a generated uuid4 as
+    correlation id): the reply inbox identifies the exchange, the request id the request."""
+    headers = msg.headers or _NO_HEADERS
+    return NatsMessage(
+        raw_message=msg,
+        body=msg.data,
+        reply_to=msg.reply,
+        headers=headers,
+        correlation_id=msg.reply or msg.subject,
+        message_id=headers.get(H_REQUEST_ID),
+    )
 
 
 async def _raw_message(msg: NatsMessage) -> Msg:
@@ -103,6 +118,7 @@ class Worker:
         opts = broker_options(self.settings.nats, name=f"{self.settings.service}-worker")
         broker = NatsBroker(
             **opts,
+            parser=_parse,
             decoder=_raw_message,
             apply_types=False,
             logger=None,
@@ -113,6 +129,8 @@ class Worker:
                 operation_wildcard(group.op),
                 queue=queue_group(group.op),
                 no_reply=True,  # replies only to inbox subjects, by `_serve`
+                # Core NATS has no acks; MANUAL leaves FastStream's ack middleware out.
+                ack_policy=AckPolicy.MANUAL,
                 title=f"nexus.{group.op}",
                 description=group.description or None,
             )

@@ -17,9 +17,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
-import consul  # type: ignore[import-untyped]  # py-consul ships no type information
-import requests
-
 from nexus_bus.config import ConfigError, ConsulSettings
 from nexus_bus.discovery.documents import ServiceRegistration
 from nexus_bus.errors import Unavailable
@@ -154,6 +151,9 @@ def read_token(settings: ConsulSettings) -> str | None:
 
 def _mapped(call: Callable[[], T], what: str) -> T:
     """Run a py-consul call, translating every library exception (the one mapping)."""
+    import consul  # type: ignore[import-untyped]  # loaded by ConsulRegistry already
+    import requests
+
     try:
         return call()
     except consul.ConsulException as exc:
@@ -179,6 +179,10 @@ class ConsulRegistry:
         tls = settings.tls
         verify: bool | str = str(tls.ca_file) if tls.ca_file else tls.verify
         cert = (str(tls.cert_file), str(tls.key_file)) if tls.cert_file and tls.key_file else None
+        # Imported here: py-consul brings requests, urllib3 and psutil (17 MB of a process),
+        # and a process with Consul off (the default) never needs them.
+        import consul
+
         self._client = consul.Consul(
             host=host,
             port=port,

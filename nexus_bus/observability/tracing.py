@@ -1,7 +1,8 @@
 """Distributed tracing with OpenTelemetry: off unless an OTLP endpoint is configured.
 
 `configure_tracing` sets up one SDK tracer provider for the process (parent-based ratio
-sampling, a batch processor, OTLP over HTTP/protobuf) and keeps it in `TRACING`. The request
+sampling, a batch processor, OTLP over HTTP/protobuf; `tracing_sdk.py`, imported only then)
+and keeps it in `TRACING`. The request
 path asks `TRACING.enabled` once per hop and otherwise does nothing: with tracing off no
 span object, context or header is made, so the cost is an attribute read.
 
@@ -14,37 +15,24 @@ format, so a span's trace id is the caller's trace id.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
-from typing import Any, Final
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    SimpleSpanProcessor,
-    SpanExporter,
-)
-from opentelemetry.sdk.trace.sampling import (
-    Decision,
-    ParentBased,
-    Sampler,
-    SamplingResult,
-    TraceIdRatioBased,
-)
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.trace.span import TraceState
-from opentelemetry.util.types import Attributes
 
 from nexus_bus.config import TracingSettings
 
-__all__ = ["TRACING", "EntrySampler", "SpanKind", "Tracing", "configure_tracing", "mark_error"]
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+__all__ = ["TRACING", "SpanKind", "Tracing", "configure_tracing", "mark_error"]
 
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 _NOTHING: Final = contextlib.nullcontext()
-_NEXUS_OP: Final = "nexus.op"  # on the spans of a request's own hops
 
 
 class Tracing:
@@ -161,41 +149,6 @@ class _Attached:
         otel_context.detach(self._token)  # type: ignore[arg-type]
 
 
-class EntrySampler(Sampler):
-    """Samples new traces at `ratio`, but only where a request starts one.
-
-    A root span of a Redis command or a KV call (a client span not made by the gateway,
-    which marks its spans with `nexus.op`) is background work outside any request, and is
-    dropped rather than exported as a trace of one span.
-    """
-
-    def __init__(self, ratio: float) -> None:
-        self._ratio = TraceIdRatioBased(ratio)
-
-    def should_sample(
-        self,
-        parent_context: otel_context.Context | None,
-        trace_id: int,
-        name: str,
-        kind: SpanKind | None = None,
-        attributes: Attributes = None,
-        links: Sequence[Link] | None = None,
-        trace_state: TraceState | None = None,
-    ) -> SamplingResult:
-        """Drop infrastructure roots; otherwise the ratio decides."""
-        if kind in (SpanKind.CLIENT, SpanKind.INTERNAL, None) and not (
-            attributes and _NEXUS_OP in attributes
-        ):
-            return SamplingResult(Decision.DROP)
-        return self._ratio.should_sample(
-            parent_context, trace_id, name, kind, attributes, links, trace_state
-        )
-
-    def get_description(self) -> str:
-        """What the sampler does, for debugging output."""
-        return f"EntrySampler({self._ratio.get_description()})"
-
-
 def mark_error(span: Span | None, status: int, code: str) -> None:
     """Record an error answer on `span` (semantic conventions: `error.type`, status ERROR
     for server errors only, since a 4xx is the client's, not the span's, failure)."""
@@ -223,23 +176,13 @@ def configure_tracing(
     Spans are sampled by the caller's decision when there is one, else by
     `settings.sample_ratio`, and exported in batches in the background.
     """
-    if exporter is None:
-        if not settings.otlp_endpoint:
-            return False
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    if exporter is None and not settings.otlp_endpoint:
+        return False
+    # Imported only now: the SDK (with psutil, for its resource detectors) is several MB of
+    # every process, and tracing is off by default.
+    from nexus_bus.observability.tracing_sdk import tracer_provider
 
-        exporter = OTLPSpanExporter(
-            endpoint=settings.otlp_endpoint, timeout=settings.export_timeout_s
-        )
-        processor: BatchSpanProcessor | SimpleSpanProcessor = BatchSpanProcessor(exporter)
-    else:
-        processor = SimpleSpanProcessor(exporter)
-    resource = Resource.create(
-        {"service.name": service, "service.instance.id": instance, "service.version": version}
+    TRACING.install(
+        tracer_provider(settings, service, instance=instance, version=version, exporter=exporter)
     )
-    provider = TracerProvider(
-        resource=resource, sampler=ParentBased(EntrySampler(settings.sample_ratio))
-    )
-    provider.add_span_processor(processor)
-    TRACING.install(provider)
     return True

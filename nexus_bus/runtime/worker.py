@@ -36,6 +36,7 @@ from nexus_bus.connection import broker_options, flush_subscriptions, install_sp
 from nexus_bus.constants import H_REQUEST_ID, T_NATS
 from nexus_bus.discovery import WorkerDiscovery
 from nexus_bus.dispatch import Dispatcher, Expired
+from nexus_bus.effects import journaled_services
 from nexus_bus.errors import PayloadTooLarge, Unavailable
 from nexus_bus.jobs.runner import JobRunner
 from nexus_bus.metadata import deadline_ms, headers_size, request_id_of
@@ -166,6 +167,15 @@ class Worker:
                 # given one, they enforce the token service from settings, failing here
                 # without keys.
                 self._authenticator = await create_authenticator(self.settings, self.services)
+            keyed = None
+            if self.settings.resilience.enabled and self.groups:
+                # Requests with an Idempotency-Key journal their writes, so a worker dying
+                # before it recorded the reply cannot make the retry write twice; the records
+                # are kept as long as the reply would be (docs/resilience.md).
+                keyed = await journaled_services(
+                    self.services,
+                    record_ttl_s=self.settings.resilience.idempotency_retention_s,
+                )
             self.dispatcher = Dispatcher(
                 self.settings,
                 self.groups,
@@ -173,6 +183,7 @@ class Worker:
                 authenticator=self._authenticator,
                 transport=T_NATS,
                 enforce_deadline=False,  # the reaper below does it for the whole worker
+                keyed_services=keyed,
             )
             if self.settings.jobs.enabled and self.groups:
                 # Same ops, same handlers, on JetStream: the durable job consumers

@@ -85,7 +85,9 @@ AUTH_SCHEME: Final = "Bearer"
 JOBS_CONSUMER_PREFIX: Final = "nexus_jobs_"  # durable pull consumer per op: nexus_jobs_<op>
 # Effect records live in the data bucket's stream under their own subject tree, so the KV API
 # (and `data.list`) never sees them while atomic batches can still cover effect + record.
+# A job's are `<prefix>.<job id>.<n>`; a keyed request's `<prefix>.idem.<scope digest>.<n>`.
 EFFECTS_PREFIX: Final = "nexus.sys.effects"
+EFFECTS_IDEMPOTENCY_TOKEN: Final = "idem"
 T_JOBS: Final = "jobs"
 H_JOB_ID: Final = "Nexus-Job-Id"
 H_DLQ_ERROR_CODE: Final = "Nexus-Dlq-Error-Code"

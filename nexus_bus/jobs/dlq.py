@@ -6,7 +6,7 @@ count, the original subject and sequence, and when it was enqueued and when it f
 Any NATS tool can read it (`nats stream view NEXUS_DLQ`); `nexus-bus dlq list|replay|purge`
 manages it. A replay republishes the original message (without the annotations) as the same
 job, resets its status to pending, then deletes the entry: since a job's writes are journaled
-(`effects.py`), a replay never repeats a write the job already made.
+(`nexus_bus/effects/`), a replay never repeats a write the job already made.
 """
 
 from __future__ import annotations

@@ -5,15 +5,11 @@
   settings.
 - `NEXUS_DLQ` on `nexus.dlq.>`: limits retention, kept `jobs.dlq_max_age_s`.
 - `nexus_jobs` KV: one status document per job, expiring after `jobs.status_ttl_s`.
-- The data bucket's stream gains atomic batches, per-message TTLs and the effect-record
-  subject tree (`effects.py` explains why they must share a stream).
 
 Replicas and storage of all of them come from `settings.jetstream`.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StreamConfig
@@ -21,17 +17,13 @@ from nats.js.kv import KeyValue
 
 from nexus_bus.config import Settings
 from nexus_bus.constants import (
-    DATA_BUCKET,
     DLQ_PREFIX,
     DLQ_STREAM,
-    EFFECTS_PREFIX,
     JOBS_BUCKET,
     JOBS_PREFIX,
     JOBS_STREAM,
-    KV_STREAM_PREFIX,
 )
 from nexus_bus.jetstream import ensure_bucket, ensure_stream, storage_type
-from nexus_bus.store import translate_nats_errors
 
 
 def jobs_stream_config(settings: Settings) -> StreamConfig:
@@ -88,33 +80,3 @@ async def ensure_job_streams(js: JetStreamContext, settings: Settings) -> KeyVal
     await ensure_stream(js, jobs_stream_config(settings))
     await ensure_stream(js, dlq_stream_config(settings))
     return await ensure_jobs_bucket(js, settings)
-
-
-def data_stream_name(bucket: str = DATA_BUCKET) -> str:
-    """The stream behind a KV bucket."""
-    return f"{KV_STREAM_PREFIX}{bucket}"
-
-
-async def ensure_effect_records(js: JetStreamContext, bucket: str = DATA_BUCKET) -> str:
-    """Let the data bucket's stream hold effect records; returns the stream's name.
-
-    Adds the `nexus.sys.effects.>` subject tree and turns on atomic batches and per-message
-    TTLs. Both flags only widen what the stream accepts; the KV API is unaffected because it
-    only ever addresses `$KV.<bucket>.>`.
-
-    Raises:
-        Unavailable: JetStream cannot be reached, or the server is older than 2.12.
-    """
-    name = data_stream_name(bucket)
-    records_subject = f"{EFFECTS_PREFIX}.>"
-    async with translate_nats_errors(f"stream {name}"):
-        config = (await js.stream_info(name)).config
-        subjects = list(config.subjects or [])
-        if records_subject in subjects and config.allow_atomic and config.allow_msg_ttl:
-            return name
-        if records_subject not in subjects:
-            subjects.append(records_subject)
-        await js.update_stream(
-            dataclasses.replace(config, subjects=subjects, allow_atomic=True, allow_msg_ttl=True)
-        )
-    return name

@@ -19,6 +19,13 @@ One Redis hash per (token subject, op, action, key) (`resilience.idempotency.rec
 Replies with status 500 and above are not recorded (the key is released), so a retry after
 a server failure runs again. When Redis cannot be reached a keyed request is refused with
 503 (retryable): running it without the record could run it twice.
+
+The record is written after the handler's effect, so a worker dying in between leaves the
+claim to expire and the next repeat runs the handler again. Its writes through
+`ctx.services.records` are therefore journaled under the key's scope (`effect_scope`, the
+same digest as the record's name, with the request's fingerprint): each committed with an
+effect record in one JetStream atomic batch, and skipped on a rerun, which returns the first
+outcome (`nexus_bus/effects/journal.py`).
 """
 
 from __future__ import annotations
@@ -33,17 +40,19 @@ from typing import Any, Final
 from nexus_bus.bus.replies import Reply
 from nexus_bus.constants import (
     CT_JSON,
+    EFFECTS_IDEMPOTENCY_TOKEN,
     H_CONTENT_TYPE,
     H_IDEMPOTENT_REPLAYED,
     H_REQUEST_ID,
     H_STATUS,
     IDEMPOTENCY_KEY_PREFIX,
 )
+from nexus_bus.effects.journal import effect_scope
 from nexus_bus.errors import IdempotencyMismatch, Unavailable, UpstreamTimeout
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.policies.shared import StoreHealth
 from nexus_bus.redis_client import RedisClient
-from nexus_bus.resilience.idempotency import check_key, fingerprint, record_name
+from nexus_bus.resilience.idempotency import check_key, fingerprint, scope_digest
 
 # KEYS: record. ARGV: fingerprint, owner, lease ms.
 # Returns {'run'} | {'mismatch'} | {'wait'} | {'done', status, content type, body}.
@@ -134,14 +143,16 @@ class IdempotencyStore:
             Unavailable: Redis cannot be reached (503, retryable).
         """
         check_key(key)
-        name = record_name(IDEMPOTENCY_KEY_PREFIX, subject, op, action, key)
+        digest = scope_digest(subject, op, action, key)
+        name = IDEMPOTENCY_KEY_PREFIX + digest
         print_ = fingerprint(content_type, body)
         owner = uuid.uuid4().hex
         while True:
             found = await self._call(self._begin(keys=[name], args=[print_, owner, self._lease_ms]))
             verdict = _text(found[0])
             if verdict == "run":
-                return await self._produce(name, owner, produce)
+                with effect_scope(f"{EFFECTS_IDEMPOTENCY_TOKEN}.{digest}", request=print_):
+                    return await self._produce(name, owner, produce)
             if verdict == "mismatch":
                 raise IdempotencyMismatch(
                     "this Idempotency-Key was used with a different request"

@@ -1,9 +1,11 @@
-"""`nexus-bus ops`: every declared operation, its scope and schema, and who serves it now.
+"""`nexus-bus ops`: every declared operation, its scope, schema and policy, and who serves it.
 
     nexus-bus ops [--app mod:ops] [--json]
 
 Reads the `nexus_ops` registry over NATS (docs/registry.md): the same listing as the shim's
-`GET /v1/ops`, without HTTP or a token (whoever reaches NATS may read the bucket).
+`GET /v1/ops`, without HTTP or a token (whoever reaches NATS may read the bucket). A second
+table shows each action's resolved policy: the gateway half from this process's settings
+(what `nexus-bus call` gets), the worker half as the serving workers declared it.
 """
 
 from __future__ import annotations
@@ -17,8 +19,17 @@ from nexus_bus.bus.connection import connect_nats
 from nexus_bus.config import Settings
 from nexus_bus.registry.core import ActionDeclaration, OperationsListing
 from nexus_bus.registry.watch import OpsRegistry
+from nexus_bus.schemas.registry import ActionPolicy, GatewayPolicy, WorkerPolicy
 
 _HEADER: Final = ("OPERATION", "SCOPE", "SERVED", "PUBLIC", "REQUEST", "REPLY")
+_POLICY_HEADER: Final = (
+    "OPERATION", "TIMEOUT", "ATTEMPTS", "BACKOFF", "BUDGET", "BREAKER", "STALE", "RATE-LIMIT",
+    "IDEMPOTENCY",
+)
+_POLICY_NOTE: Final = (
+    "TIMEOUT to STALE: what a gateway with this process's settings applies (the shim's own\n"
+    "may differ); RATE-LIMIT, IDEMPOTENCY: as the serving workers declared them (?: none did)."
+)
 
 
 def type_name(action: ActionDeclaration, part: str) -> str:
@@ -50,7 +61,64 @@ def format_table(listing: OperationsListing) -> str:
                 type_name(action, "request"),
                 type_name(action, "reply"),
             ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
+    return _aligned(rows)
+
+
+def format_policies(listing: OperationsListing) -> str:
+    """Each action's resolved policy as an aligned text table, then what its halves mean."""
+    rows: list[tuple[str, ...]] = [_POLICY_HEADER]
+    for entry in listing.operations:
+        for action in entry.actions:
+            policy = action.policy or ActionPolicy()
+            rows.append((
+                f"{entry.op}.{action.action}",
+                *_gateway_cells(policy.gateway),
+                *_worker_cells(policy.worker),
+            ))
+    return f"{_aligned(rows)}\n\n{_POLICY_NOTE}"
+
+
+def duration(ms: float) -> str:
+    """A duration for a table cell: `0`, `50ms`, `1.5s`, `30s`, `5m`, `24h`."""
+    ms = round(ms)
+    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms >= size and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms / 1000:g}s" if ms >= 1000 else f"{ms}ms" if ms else "0"
+
+
+def _gateway_cells(policy: GatewayPolicy | None) -> tuple[str, ...]:
+    if policy is None:
+        return ("off",) * 6  # no policy layer: one attempt, no breaker, no stale answers
+    timeout = duration(policy.timeout_ms)
+    if policy.attempt_timeout_ms:
+        timeout += f"({duration(policy.attempt_timeout_ms)}/try)"
+    return (
+        timeout,
+        f"{policy.attempts},timeouts" if policy.idempotent else str(policy.attempts),
+        f"{duration(policy.backoff_base_ms)}-{duration(policy.backoff_max_ms)},"
+        f"x{policy.backoff_factor:g}",
+        f"{policy.retry_budget_ratio:.0%},min{policy.retry_budget_min_per_s:g}/s",
+        f"{policy.breaker_failures}fails,{duration(policy.breaker_reset_ms)}-"
+        f"{duration(policy.breaker_reset_max_ms)}",
+        duration(policy.stale_if_error_s * 1000) if policy.cacheable else "-",
+    )
+
+
+def _worker_cells(policy: WorkerPolicy | None) -> tuple[str, str]:
+    if policy is None:
+        return ("?", "?")
+    if not policy.enabled:
+        return ("off", "off")
+    limit = "-"
+    if policy.rate_limit_per_s > 0:
+        limit = f"{policy.rate_limit_per_s:g}/s,burst{policy.rate_limit_burst}"
+    retention = duration(policy.idempotency_retention_s * 1000)
+    return (limit, f"{retention},lease{duration(policy.idempotency_lease_ms)}")
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
     return "\n".join(lines)
@@ -72,7 +140,7 @@ async def read_listing(settings: Settings, groups: list[Any]) -> OperationsListi
 
 
 def cmd_ops(args: Any, settings: Settings) -> int:
-    """Print every declared operation (a table, or `--json` as `GET /v1/ops` answers)."""
+    """Print every declared operation and its policy (tables, or `--json` as `GET /v1/ops`)."""
     from nexus_bus.apps import load_groups
 
     listing = asyncio.run(read_listing(settings, load_groups(None, args.app)))
@@ -80,6 +148,8 @@ def cmd_ops(args: Any, settings: Settings) -> int:
         print(msgspec.json.format(msgspec.json.encode(listing).decode()))
     else:
         print(format_table(listing))
+        print()
+        print(format_policies(listing))
     return 0
 
 

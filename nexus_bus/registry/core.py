@@ -13,6 +13,9 @@ From those entries a `RegistryView` answers two questions:
 - Is the op served now? (Some entry says `serving` and was refreshed within three
   heartbeats.) `GET /v1/ops` and `nexus-bus ops` show it.
 
+Each declared action also carries what its worker enforces (rate limit, idempotency keys);
+the listing adds the answering process's gateway policy beside it (`policies.py`).
+
 No I/O here: time comes in as epoch seconds (the entries' server timestamps and `clock`).
 """
 
@@ -27,8 +30,10 @@ from typing import Final
 import msgspec
 
 from nexus_bus.operations import Operations
+from nexus_bus.registry.policies import DeclaredPolicyOf, PolicyOf
 from nexus_bus.schemas.registry import (
     ActionDeclaration,
+    ActionPolicy,
     Declaration,
     OperationListing,
     OperationsListing,
@@ -77,9 +82,18 @@ def instance_id(host: str, pid: int, suffix: str) -> str:
 
 
 def declare(
-    group: Operations, instance: str, *, heartbeat_s: float, version: str = ""
+    group: Operations,
+    instance: str,
+    *,
+    heartbeat_s: float,
+    version: str = "",
+    policies: DeclaredPolicyOf | None = None,
 ) -> Declaration:
-    """The entry a worker serving `group` puts into the registry."""
+    """The entry a worker serving `group` puts into the registry.
+
+    Args:
+        policies: what this worker enforces per op.action (`policies.worker_policies`).
+    """
     documents = json_schemas([group])
     actions = [
         ActionDeclaration(
@@ -89,6 +103,7 @@ def declare(
             idempotent=o.idempotent,
             description=o.description,
             schema=documents.get(f"{o.op}.{o.action}"),
+            policy=ActionPolicy(worker=policies(o.op, o.action)) if policies else None,
         )
         for o in sorted(group, key=lambda o: o.action)
     ]
@@ -181,8 +196,17 @@ class RegistryView:
             and now - seen.at <= LIVE_BEATS * seen.declaration.heartbeat_s
         )
 
-    def listing(self, known: Iterable[Operations] = ()) -> OperationsListing:
-        """Every declared op, sorted, plus `known` groups no worker has registered."""
+    def listing(
+        self, known: Iterable[Operations] = (), *, gateway: PolicyOf | None = None
+    ) -> OperationsListing:
+        """Every declared op, sorted, plus `known` groups no worker has registered.
+
+        Args:
+            known: groups the answering process knows itself.
+            gateway: the answering process's gateway policy per op.action; each action's
+                `policy` then shows it beside what the workers declared (None: actions as
+                declared).
+        """
         listed: dict[str, OperationListing] = {}
         for op in sorted(self._ops):  # a copy: `_current` drops forgotten ops
             current = sorted(self._current(op), key=lambda s: s.at)
@@ -198,7 +222,7 @@ class RegistryView:
                 served=instances > 0,
                 instances=instances,
                 declared_by="registry",
-                actions=[actions[name] for name in sorted(actions)],
+                actions=[_with_gateway(actions[name], op, gateway) for name in sorted(actions)],
             )
         for group in known:
             if group.op not in listed and len(group):
@@ -209,6 +233,17 @@ class RegistryView:
                     served=False,
                     instances=0,
                     declared_by="code",
-                    actions=code.actions,
+                    actions=[_with_gateway(a, group.op, gateway) for a in code.actions],
                 )
         return OperationsListing(operations=[listed[op] for op in sorted(listed)])
+
+
+def _with_gateway(
+    action: ActionDeclaration, op: str, gateway: PolicyOf | None
+) -> ActionDeclaration:
+    """`action` with the gateway half of its policy filled in (the worker half kept)."""
+    if gateway is None:
+        return action
+    worker = action.policy.worker if action.policy is not None else None
+    policy = ActionPolicy(gateway=gateway(op, action.action), worker=worker)
+    return msgspec.structs.replace(action, policy=policy)

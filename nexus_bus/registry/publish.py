@@ -26,6 +26,7 @@ from nexus_bus.jetstream import ensure_ops_bucket
 from nexus_bus.observability import logger
 from nexus_bus.operations import Operations
 from nexus_bus.registry.core import Declaration, State, declare, encode, entry_key, instance_id
+from nexus_bus.registry.policies import worker_policies
 from nexus_bus.specs.base import package_version
 from nexus_bus.store import translate_nats_errors
 
@@ -102,7 +103,11 @@ async def register(
     instance = instance_id(socket.gethostname(), os.getpid(), uuid.uuid4().hex[:8])
     heartbeat_s = settings.registry.heartbeat_s
     version = package_version()
-    declarations = [declare(g, instance, heartbeat_s=heartbeat_s, version=version) for g in groups]
+    policies = worker_policies(settings.resilience)  # what this worker enforces, declared
+    declarations = [
+        declare(g, instance, heartbeat_s=heartbeat_s, version=version, policies=policies)
+        for g in groups
+    ]
     registration = Registration(nc, settings, declarations)
     await registration.start()
     return registration

@@ -28,6 +28,7 @@ from nexus_bus.jetstream import ensure_ops_bucket
 from nexus_bus.observability import logger
 from nexus_bus.operations import Operations
 from nexus_bus.registry.core import OperationsListing, RegistryView
+from nexus_bus.registry.policies import gateway_policies
 from nexus_bus.store import translate_nats_errors
 
 _DELETES: Final = frozenset({"DEL", "PURGE"})
@@ -58,6 +59,8 @@ class OpsRegistry:
         self._jetstream = settings.jetstream
         self._groups = list(known)
         self._known = {(o.op, o.action) for g in self._groups for o in g}
+        # The listing's gateway half: what a gateway built from these settings applies.
+        self._gateway = gateway_policies(settings.resilience)
         self.view = RegistryView(forget_after_s=settings.registry.forget_after_s, clock=clock)
         self._kv: KeyValue | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
@@ -185,7 +188,11 @@ class OpsRegistry:
                 await self._advanced.wait()
 
     async def listing(self) -> OperationsListing:
-        """Every declared op with its actions, schemas and whether it is served now.
+        """Every declared op with its actions, schemas, policies and whether it is served now.
+
+        Each action's `policy` pairs this process's gateway policy (what a call through it
+        gets: timeout, retries, breaker, stale answers) with what the workers declared they
+        enforce (rate limit, idempotency keys); see `policies.py`.
 
         Raises:
             Unavailable / UpstreamTimeout: the registry cannot be read.
@@ -195,7 +202,7 @@ class OpsRegistry:
             # What was registered before the question is listed; a broken watch is read anew.
             if not await self._catch_up():
                 await self.start()
-        return self.view.listing(self._groups)
+        return self.view.listing(self._groups, gateway=self._gateway)
 
     async def _stop_watch(self) -> None:
         self._ready = False

@@ -1,8 +1,9 @@
 """Idempotency keys on the synchronous path: validation, scoping and fingerprints. Pure.
 
 A key is scoped to (token subject, op, action): two callers, or two operations, never share
-a record. The record's Redis name is a digest of that scope, so any printable key is safe
-in it and its length is fixed. The fingerprint (a digest of content type and body) tells a
+a record. The record's Redis name, and the effect scope the request's writes are journaled
+under, are a digest of that scope, so any printable key is safe in them and their length is
+fixed. The fingerprint (a digest of content type and body) tells a
 repeat from a different request reusing the key (`422 idempotency_mismatch`).
 """
 
@@ -30,10 +31,18 @@ def check_key(key: str) -> str:
     return key
 
 
+def scope_digest(subject: str | None, op: str, action: str, key: str) -> str:
+    """The SHA-256 (hex) of `key`'s scope: this subject and operation.
+
+    It names the key's Redis record and the effect scope its writes are journaled under.
+    """
+    scope = "\0".join((subject or _ANONYMOUS, op, action, key)).encode()
+    return hashlib.sha256(scope).hexdigest()
+
+
 def record_name(prefix: str, subject: str | None, op: str, action: str, key: str) -> str:
     """The Redis name of the record of `key` for this subject and operation."""
-    scope = "\0".join((subject or _ANONYMOUS, op, action, key)).encode()
-    return prefix + hashlib.sha256(scope).hexdigest()
+    return prefix + scope_digest(subject, op, action, key)
 
 
 def fingerprint(content_type: str | None, body: bytes) -> str:

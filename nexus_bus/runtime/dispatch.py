@@ -18,7 +18,13 @@ from nexus_bus.bus.replies import Expired, Reply, error_reply, success_reply
 from nexus_bus.config import Settings
 from nexus_bus.constants import H_CONTENT_TYPE, H_IDEMPOTENCY_KEY, T_NATS, UNKNOWN_LABEL
 from nexus_bus.context import Principal, RequestContext
-from nexus_bus.errors import InternalError, NexusError, UnknownOperation, UpstreamTimeout
+from nexus_bus.errors import (
+    IdempotencyMismatch,
+    InternalError,
+    NexusError,
+    UnknownOperation,
+    UpstreamTimeout,
+)
 from nexus_bus.observability import METRICS, bind_request, logger, release
 from nexus_bus.observability.access import access_log_enabled, log_served
 from nexus_bus.observability.tracing import TRACING, SpanKind, mark_error
@@ -31,7 +37,20 @@ _EMPTY: Final[Mapping[str, str]] = {}
 
 
 class Dispatcher:
-    """Runs registered operations for requests from any transport."""
+    """Runs registered operations for requests from any transport.
+
+    Args:
+        settings: limits, deadlines, and the policy layer's settings.
+        groups: the operations served.
+        services: what handlers reach through `ctx.services`.
+        authenticator: checks tokens (None: no authentication).
+        transport: the metric label; core request/reply (`T_NATS`) also gets admission (rate
+            limits, idempotent replay).
+        enforce_deadline: bound each handler by its request's deadline here.
+        keyed_services: the services handed to requests with an `Idempotency-Key`, whose
+            record store journals their writes (`effects.journaled_services`); None: every
+            request gets `services`.
+    """
 
     def __init__(
         self,
@@ -42,6 +61,7 @@ class Dispatcher:
         authenticator: Authenticator | None = None,
         transport: str = T_NATS,
         enforce_deadline: bool = True,
+        keyed_services: Services | None = None,
     ) -> None:
         self._settings = settings
         self._limits = settings.limits
@@ -49,6 +69,7 @@ class Dispatcher:
         self._default_ms = settings.worker.default_timeout_ms
         self._groups = {g.op: g for g in groups}
         self._services = services
+        self._keyed_services = keyed_services
         self._auth = authenticator or NoAuthentication()
         self._transport = transport
         # The core request path enforces deadlines with one reaper task per worker instead:
@@ -57,7 +78,7 @@ class Dispatcher:
         # Decided once: building an access line costs even when the level drops it.
         self._access_log = access_log_enabled(settings.log)
         # Rate limits and idempotent replay (docs/resilience.md) on the core request path;
-        # jobs have their own (JetStream dedup and effect records, docs/jobs.md).
+        # jobs have their own (JetStream dedup and the job-scoped effect journal, docs/jobs.md).
         self._admission: Admission | None = (
             create_admission(settings, services.redis) if transport == T_NATS else None
         )
@@ -189,12 +210,18 @@ class Dispatcher:
             principal = await self._auth.authenticate(hdrs, operation)
         admission = self._admission
         if admission is not None and admission.applies(op, action, principal, hdrs):
+            services = self._services
+            if self._keyed_services is not None and H_IDEMPOTENCY_KEY in hdrs:
+                services = self._keyed_services  # writes journaled under the key's scope
 
             async def produce() -> Reply:
                 try:
                     return await self._serve(
-                        operation, hdrs, data, request_id, trace, deadline, attempt, principal
+                        operation, hdrs, data, request_id, trace, deadline, attempt, principal,
+                        services,
                     )
+                except IdempotencyMismatch:
+                    raise  # the journal's verdict on this request: never this key's reply
                 except NexusError as exc:  # recorded and replayed like a success
                     return self._fail(op, exc, request_id)
 
@@ -202,7 +229,8 @@ class Dispatcher:
                 op, action, principal, hdrs, data, request_id, deadline, produce
             )
         return await self._serve(
-            operation, hdrs, data, request_id, trace, deadline, attempt, principal
+            operation, hdrs, data, request_id, trace, deadline, attempt, principal,
+            self._services,
         )
 
     async def _serve(
@@ -215,6 +243,7 @@ class Dispatcher:
         deadline: int,
         attempt: int,
         principal: Principal | None,
+        services: Services,
     ) -> Reply:
         op, action = operation.op, operation.action
         media = codec.media_type(hdrs.get(H_CONTENT_TYPE))
@@ -232,7 +261,7 @@ class Dispatcher:
             request_id=request_id,
             trace=trace,
             deadline_ms=deadline,
-            services=self._services,
+            services=services,
             headers=hdrs,
             principal=principal,
             idempotency_key=hdrs.get(H_IDEMPOTENCY_KEY),

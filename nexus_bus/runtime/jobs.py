@@ -2,7 +2,7 @@
 
 Each delivery runs the same registered handler as the synchronous path, through the same
 `Dispatcher` (auth, decode, handler, error mapping); only the deadline differs (the job
-timeout) and the handler's record store journals its writes (`jobs/effects.py`). Then:
+timeout) and the handler's record store journals its writes (`nexus_bus/effects/`). Then:
 
 - success → status `succeeded` with the result, then a confirmed ack (`ack_sync`);
 - a retryable error with attempts left → status `pending` with the error, `nak(delay)` on the
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -40,7 +39,6 @@ from nexus_bus.auth.base import Authenticator
 from nexus_bus.bus import codec
 from nexus_bus.bus.metadata import LazyTrace, request_id_of
 from nexus_bus.bus.replies import Expired, Reply, error_of, problem_of
-from nexus_bus.cache import data_policy
 from nexus_bus.config import Settings
 from nexus_bus.constants import (
     DLQ_STREAM,
@@ -52,15 +50,14 @@ from nexus_bus.constants import (
     RESERVED_OPS,
     T_JOBS,
 )
+from nexus_bus.effects import effect_scope, journaled_services
 from nexus_bus.errors import InvalidRequest, NexusError, Unavailable
-from nexus_bus.jobs.cache_sync import CacheWriteThrough
 from nexus_bus.jobs.dlq import dead_letter, dead_letter_headers
-from nexus_bus.jobs.effects import JournaledRecordStore, job_effects
 from nexus_bus.jobs.envelope import job_id_of_message, parse_job_subject, run_headers
 from nexus_bus.jobs.metrics import JOBS_COMPLETED, JOBS_DEAD_LETTERED, JOBS_REDELIVERED
 from nexus_bus.jobs.retry import Verdict, backoff_of, decide
 from nexus_bus.jobs.status import JobRecord, JobStore, advance, write_outcome
-from nexus_bus.jobs.streams import ensure_effect_records, ensure_job_streams
+from nexus_bus.jobs.streams import ensure_job_streams
 from nexus_bus.observability import log_context, logger
 from nexus_bus.operations import Operations
 from nexus_bus.runtime.dispatch import Dispatcher
@@ -129,21 +126,10 @@ class JobRunner:
         self._store = JobStore(
             await ensure_job_streams(self._js, self._settings), clock=self._clock
         )
-        stream = await ensure_effect_records(self._js)
-        cache = self._services.cache
-        journal = JournaledRecordStore(
-            self._services.records,
-            self._nc,
-            stream=stream,
-            record_ttl_s=self._conf.effect_ttl_s,
-            write_through=(
-                CacheWriteThrough(cache, data_policy(self._settings.cache)) if cache else None
-            ),
-        )
         self._dispatcher = Dispatcher(
             self._settings,
             self._groups,
-            dataclasses.replace(self._services, records=journal),
+            await journaled_services(self._services, record_ttl_s=self._conf.effect_ttl_s),
             authenticator=self._authenticator,
             transport=T_JOBS,
         )
@@ -292,7 +278,7 @@ class JobRunner:
             hdrs = run_headers(
                 headers, now_ms=int(self._clock() * 1000), timeout_s=self._conf.timeout_s
             )
-            with job_effects(job_id):
+            with effect_scope(job_id):
                 return await self._dispatcher.dispatch(op, action, hdrs, msg.data, attempt=attempt)
         finally:
             beat.cancel()

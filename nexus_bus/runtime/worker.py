@@ -38,6 +38,7 @@ from nexus_bus.bus.subjects import is_inbox, operation_wildcard, queue_group
 from nexus_bus.config import Settings
 from nexus_bus.constants import H_REQUEST_ID, T_NATS
 from nexus_bus.discovery import WorkerDiscovery
+from nexus_bus.effects import journaled_services
 from nexus_bus.errors import PayloadTooLarge, Unavailable
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.operations import Operations
@@ -184,6 +185,15 @@ class Worker:
                 # given one, they enforce the token service from settings, failing here
                 # without keys.
                 self._authenticator = await create_authenticator(self.settings, self.services)
+            keyed = None
+            if self.settings.resilience.enabled and self.groups:
+                # Requests with an Idempotency-Key journal their writes, so a worker dying
+                # before it recorded the reply cannot make the retry write twice; the records
+                # are kept as long as the reply would be (docs/resilience.md).
+                keyed = await journaled_services(
+                    self.services,
+                    record_ttl_s=self.settings.resilience.idempotency_retention_s,
+                )
             self.dispatcher = Dispatcher(
                 self.settings,
                 self.groups,
@@ -191,6 +201,7 @@ class Worker:
                 authenticator=self._authenticator,
                 transport=T_NATS,
                 enforce_deadline=False,  # the reaper below does it for the whole worker
+                keyed_services=keyed,
             )
             if self.settings.jobs.enabled and self.groups:
                 # Same ops, same handlers, on JetStream: the durable job consumers

@@ -7,9 +7,12 @@ from collections.abc import AsyncIterator
 from urllib.parse import urljoin, urlsplit
 
 import httpx
+import msgspec
 import pytest
 
 from nexus_bus import Settings, Worker
+from nexus_bus.registry.policies import gateway_policy
+from nexus_bus.resilience.policy import PolicySettings, PolicyTable
 from tests.integration.http_shim import (
     PROBE_OP,
     RunningShim,
@@ -93,6 +96,36 @@ async def test_ops_lists_declared_operations_and_who_serves_them(
     assert listed[stopped]["served"] is False and listed[stopped]["instances"] == 0
     assert registration.declarations[0].op == stopped
     assert sorted(a.action for a in probe_ops) == [a["action"] for a in probe["actions"]]
+
+
+async def test_ops_show_the_shim_s_own_policy_beside_what_the_workers_enforce(
+    settings: Settings, client: httpx.AsyncClient, admin_token: str | None, uid: str
+) -> None:
+    limited = f"limited{uid}"
+    worker_side = settings.model_copy(update={"resilience": settings.resilience.model_copy(
+        update={"ops": {f"{limited}.hello": PolicySettings(rate_limit_per_s=3, attempts=1)}}
+    )})
+    await register_and_stop(worker_side, limited)
+    resp = await client.get("/v1/ops", headers=bearer(admin_token))
+    assert resp.status_code == 200, resp.text
+    listed = {o["op"]: o for o in resp.json()["operations"]}
+    actions = {a["action"]: a for a in listed["data"]["actions"]}
+    # What a caller through this shim gets: its own resolved policy, field for field.
+    table = PolicyTable(settings.resilience)
+    assert actions["get"]["policy"]["gateway"] == msgspec.to_builtins(
+        gateway_policy(table, "data", "get")
+    )
+    assert actions["get"]["policy"]["gateway"]["cacheable"] is True
+    assert actions["put"]["policy"]["gateway"]["idempotent"] is False
+    assert actions["put"]["policy"]["worker"] == {
+        "enabled": True, "rate_limit_per_s": 0.0, "rate_limit_burst": 0,
+        "idempotency_retention_s": settings.resilience.idempotency_retention_s,
+        "idempotency_lease_ms": settings.resilience.idempotency_lease_ms,
+    }
+    (hello,) = listed[limited]["actions"]
+    # The limit is the worker's; the attempts are the shim's (its settings have no entry).
+    assert hello["policy"]["worker"]["rate_limit_per_s"] == 3.0
+    assert hello["policy"]["gateway"]["attempts"] == 3
 
 
 async def test_ops_needs_a_token(client: httpx.AsyncClient, admin_token: str | None) -> None:

@@ -10,10 +10,15 @@ from nats.aio.client import Client
 
 from nexus_bus import Conflict, InternalError, NotFound, Settings, Worker
 from nexus_bus.bus.connection import connect_nats
+from nexus_bus.effects import (
+    JournaledRecordStore,
+    data_stream_name,
+    effect_scope,
+    effect_subject,
+    ensure_effect_records,
+)
 from nexus_bus.jetstream import ensure_data_bucket
-from nexus_bus.jobs.effects import JournaledRecordStore, effect_subject, job_effects
 from nexus_bus.jobs.envelope import new_job_id
-from nexus_bus.jobs.streams import data_stream_name, ensure_effect_records
 from nexus_bus.store import KeyValueRecordStore
 
 
@@ -51,11 +56,11 @@ async def test_writes_replayed_in_the_same_job_are_not_applied_again(
     recorder = Recorder()
     store = await journal(nc, settings, recorder)
     job = new_job_id()
-    with job_effects(job):
+    with effect_scope(job):
         first = await store.put(f"e.{uid}.a", b"1", expected_revision=0)
         assert await store.delete(f"e.{uid}.b") is False
         second = await store.put(f"e.{uid}.a", b"2", expected_revision=first)
-    with job_effects(job):  # the same job, run again: every write finds its record
+    with effect_scope(job):  # the same job, run again: every write finds its record
         assert await store.put(f"e.{uid}.a", b"1", expected_revision=0) == first
         assert await store.delete(f"e.{uid}.b") is False
         assert await store.put(f"e.{uid}.a", b"999", expected_revision=first) == second
@@ -83,7 +88,7 @@ async def test_compare_and_set_keeps_kv_semantics_inside_a_job(
 ) -> None:
     store = await journal(nc, settings)
     key = f"cas.{uid}"
-    with job_effects(new_job_id()):
+    with effect_scope(new_job_id()):
         revision = await store.put(key, b"1", expected_revision=0)
         with pytest.raises(Conflict):
             await store.put(key, b"2", expected_revision=0)  # exists
@@ -99,7 +104,7 @@ async def test_twin_attempts_racing_commit_once(nc: Client, settings: Settings, 
     job, key = new_job_id(), f"twin.{uid}"
 
     async def attempt(value: bytes) -> int:
-        with job_effects(job):
+        with effect_scope(job):
             return await store.put(key, value)
 
     revisions = await asyncio.gather(*(attempt(str(i).encode()) for i in range(8)))
@@ -130,9 +135,9 @@ async def test_a_rerun_that_writes_another_key_is_refused(
 ) -> None:
     store = await journal(nc, settings)
     job = new_job_id()
-    with job_effects(job):
+    with effect_scope(job):
         await store.put(f"d.{uid}.1", b"x")
-    with job_effects(job), pytest.raises(InternalError):
+    with effect_scope(job), pytest.raises(InternalError):
         await store.put(f"d.{uid}.2", b"x")
     assert await store.keys(f"d.{uid}.") == [f"d.{uid}.1"]
 

@@ -1,8 +1,9 @@
-"""Writing journaled job writes through to the Redis cache, with its public API.
+"""Writing journaled writes through to the Redis cache, with its public API.
 
-The effect journal (`effects.py`) commits a job's writes to the KV in atomic batches, around
-the cached record store; this adapter then tells the cache what the KV now holds, exactly as
-the cached store does after its own writes, so no reader keeps seeing the replaced value.
+The effect journal (`journal.py`) commits a job's or a keyed request's writes to the KV in
+atomic batches, around the cached record store; this adapter then tells the cache what the KV
+now holds, exactly as the cached store does after its own writes, so no reader keeps seeing
+the replaced value.
 """
 
 from __future__ import annotations

@@ -1,34 +1,45 @@
-"""Exactly-once effects: a job's writes commit atomically with their effect records.
+"""Exactly-once effects: writes commit atomically with their effect records.
 
-JetStream delivers a job at least once. When a worker dies after the handler wrote to the
-system of record but before the ack, the job is delivered again and the handler runs again;
-`Nats-Msg-Id` dedup only covers the submission, and late acks are accepted (TRAPS.md). So
-while a job runs, its handler's `ctx.services.records` is a `JournaledRecordStore`: the n-th
-write of job J is published as one JetStream *atomic batch* of two messages on the data
-bucket's stream,
+Two paths run a handler again after it may already have written to the system of record:
+
+- a job: JetStream delivers it at least once; a worker dying after the handler wrote but
+  before the ack gets it delivered again (`Nats-Msg-Id` dedup only covers the submission, and
+  late acks are accepted: TRAPS.md);
+- a request with `Idempotency-Key`: a worker dying after the handler wrote but before the
+  reply was recorded leaves the key's claim to expire, and the retry runs again
+  (`policies/idempotency.py`).
+
+So inside an `effect_scope` — the job id, or the idempotency scope (subject, op, action, key)
+— the handler's `ctx.services.records` is a `JournaledRecordStore`: the n-th write of scope S
+is published as one JetStream *atomic batch* of two messages on the data bucket's stream,
 
     1. the write itself on `$KV.<bucket>.<key>` (with its compare-and-set condition), and
-    2. an effect record on `nexus.sys.effects.J.n` with `Nats-Expected-Last-Subject-Sequence: 0`
+    2. an effect record on `nexus.sys.effects.S.n` with `Nats-Expected-Last-Subject-Sequence: 0`
        (a KV-style `create()`: it can exist only once),
 
-so either both are stored or neither. An attempt that runs again finds record n when it
-reaches its n-th write, skips the write and returns the first outcome (the write's revision is
-the record's sequence minus one: a batch is stored contiguously). Two attempts racing (an ack
-timeout while the first still runs) cannot both commit: the second batch fails on the record.
+so either both are stored or neither. A run that comes again finds record n when it reaches
+its n-th write, skips the write and returns the first outcome (the write's revision is the
+record's sequence minus one: a batch is stored contiguously). Two runs racing (an ack
+timeout, or a claim that expired while the first still runs) cannot both commit: the second
+batch fails on the record.
 
-The handler must make its writes in the same order on every attempt; each record keeps the
-key it covers, and a different key at the same position is refused rather than guessed.
-Reads are not journaled: a retried handler reads the state its first attempt left behind.
+The handler must make its writes in the same order on every run; each record keeps the key
+it covers, and a different key at the same position is refused rather than guessed. A scope
+may carry the request's fingerprint: a record written for a different request under the same
+scope (an idempotency key reused with another body after its claim expired) is
+`422 idempotency_mismatch`, never a silent replay of someone else's outcome. Reads are not
+journaled: a rerun reads the state its first run left behind.
 
 The journal wraps the worker's record store, cache included: reads go through it unchanged,
 and since journaled writes reach the KV around the cache, each one is then written through to
-the cache (`WriteThrough`) with its revision. After a write skipped on a rerun, the key's
-current head is written through (never the rerun's own value), which also repairs a cache
-the first attempt could not update before it died.
+the cache (`WriteThrough`) with its revision. After a write skipped on a rerun, or one whose
+batch may or may not have landed, the key's current head is written through (never the
+rerun's own value), which also repairs a cache the first run could not update before it died.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -53,11 +64,19 @@ from nexus_bus.constants import (
     H_NATS_TTL,
     KV_SUBJECT_PREFIX,
 )
-from nexus_bus.errors import Conflict, InternalError, InvalidRequest, Unavailable
+from nexus_bus.errors import (
+    Conflict,
+    IdempotencyMismatch,
+    InternalError,
+    InvalidRequest,
+    NexusError,
+    Unavailable,
+)
 from nexus_bus.schemas.common import KEY_PATTERN
 from nexus_bus.store import Record, RecordStore, translate_nats_errors
 
 _KEY: Final = re.compile(KEY_PATTERN)
+_SCOPE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}(\.[A-Za-z0-9_-]{1,128})?")
 _WRONG_LAST_SEQUENCE: Final = 10071
 _DELETED: Final = frozenset({"DEL", "PURGE"})
 
@@ -68,6 +87,7 @@ class EffectRecord(msgspec.Struct, frozen=True, kw_only=True):
     kind: str  # "put" or "delete"
     key: str
     existed: bool = True  # for a delete: whether the key had a live value
+    request: str = ""  # the fingerprint of the request that wrote it ("": not checked)
 
 
 _encoder: Final = msgspec.json.Encoder()
@@ -83,35 +103,57 @@ class WriteThrough(Protocol):
 
 
 @dataclass(slots=True)
-class _JobScope:
-    job_id: str
+class _Scope:
+    scope_id: str
+    request: str
     writes: int = 0
 
 
-# Each job attempt runs in its own asyncio task, so a context variable scopes the journal
-# to that attempt without threading a parameter through the dispatcher and handler.
-_scope: ContextVar[_JobScope | None] = ContextVar("nexus_job_effects", default=None)
+# Each job attempt and each request runs in its own asyncio task, so a context variable scopes
+# the journal to that run without threading a parameter through the dispatcher and handler.
+_scope: ContextVar[_Scope | None] = ContextVar("nexus_effect_scope", default=None)
 
 
 @contextmanager
-def job_effects(job_id: str) -> Iterator[None]:
-    """Journal every write made through a `JournaledRecordStore` in this block under `job_id`."""
-    token = _scope.set(_JobScope(job_id))
+def effect_scope(scope_id: str, *, request: str = "") -> Iterator[None]:
+    """Journal every write made through a `JournaledRecordStore` in this block under `scope_id`.
+
+    Args:
+        scope_id: what makes two runs the same: a job id, or `idem.<digest>` for an
+            idempotency key; one or two subject tokens.
+        request: the fingerprint of the request; a record of another request under the same
+            scope is refused (`IdempotencyMismatch`). Empty: not checked.
+
+    Raises:
+        ValueError: a scope id that is not one or two subject tokens.
+    """
+    if _SCOPE.fullmatch(scope_id) is None:
+        raise ValueError(f"invalid effect scope {scope_id[:80]!r}")
+    token = _scope.set(_Scope(scope_id, request))
     try:
         yield
     finally:
         _scope.reset(token)
 
 
-def effect_subject(job_id: str, ordinal: int) -> str:
-    """The subject of the effect record of a job's `ordinal`-th write."""
-    return f"{EFFECTS_PREFIX}.{job_id}.{ordinal}"
+def effect_subject(scope_id: str, ordinal: int) -> str:
+    """The subject of the effect record of a scope's `ordinal`-th write."""
+    return f"{EFFECTS_PREFIX}.{scope_id}.{ordinal}"
 
 
 class JournaledRecordStore:
-    """A `RecordStore` whose writes inside `job_effects()` are applied exactly once per job.
+    """A `RecordStore` whose writes inside `effect_scope()` are applied once per scope.
 
-    Outside a job scope every call goes to the wrapped store unchanged.
+    Outside a scope every call goes to the wrapped store unchanged.
+
+    Args:
+        inner: the worker's record store (the cached one: reads go through it).
+        nc: the connection the batches are published on.
+        stream: the data bucket's stream (`ensure_effect_records`).
+        bucket: the data bucket.
+        record_ttl_s: how long effect records are kept: as long as a rerun may come.
+        timeout_s: how long a batch's confirmation is awaited.
+        write_through: keeps the cache in front of the records coherent.
     """
 
     def __init__(
@@ -152,11 +194,12 @@ class JournaledRecordStore:
         return await self._inner.keys(prefix, limit)
 
     async def put(self, key: str, value: bytes, *, expected_revision: int | None = None) -> int:
-        """Write `value`; inside a job, once per job however often the job runs.
+        """Write `value`; inside a scope, once per scope however often it runs.
 
         Raises:
             Conflict: the key is not at `expected_revision` (or exists, for 0).
-            InternalError: a rerun of the job wrote a different key at this position.
+            InternalError: a rerun wrote a different key at this position.
+            IdempotencyMismatch: another request wrote at this position under this scope.
             Unavailable / UpstreamTimeout: JetStream cannot be reached.
         """
         scope = _scope.get()
@@ -164,9 +207,9 @@ class JournaledRecordStore:
             return await self._inner.put(key, value, expected_revision=expected_revision)
         subject = self._key_subject(key)
         record_subject = self._next_record(scope)
-        done = await self._recorded(record_subject, "put", key)
+        done = await self._recorded(record_subject, "put", key, scope.request)
         if done is None:
-            record = EffectRecord(kind="put", key=key)
+            record = EffectRecord(kind="put", key=key, request=scope.request)
             try:
                 headers: dict[str, str] = {}
                 if expected_revision is not None:
@@ -174,9 +217,9 @@ class JournaledRecordStore:
                     headers[H_NATS_EXPECTED_LAST_SUBJECT_SEQ] = str(last)
                 seq = await self._commit(subject, value, headers, record_subject, record)
             except Conflict:
-                # An earlier attempt's batch may have landed late (its confirmation was lost):
+                # An earlier run's batch may have landed late (its confirmation was lost):
                 # then the key moved because of this very write, and it is done.
-                done = await self._recorded(record_subject, "put", key)
+                done = await self._recorded(record_subject, "put", key, scope.request)
                 if done is None:
                     raise
             else:
@@ -187,10 +230,11 @@ class JournaledRecordStore:
         return done[1] - 1
 
     async def delete(self, key: str) -> bool:
-        """Delete `key`; inside a job, once per job. Whether it had a live value.
+        """Delete `key`; inside a scope, once per scope. Whether it had a live value.
 
         Raises:
-            InternalError: a rerun of the job wrote a different key at this position.
+            InternalError: a rerun wrote a different key at this position.
+            IdempotencyMismatch: another request wrote at this position under this scope.
             Unavailable / UpstreamTimeout: JetStream cannot be reached.
         """
         scope = _scope.get()
@@ -198,16 +242,16 @@ class JournaledRecordStore:
             return await self._inner.delete(key)
         subject = self._key_subject(key)
         record_subject = self._next_record(scope)
-        done = await self._recorded(record_subject, "delete", key)
+        done = await self._recorded(record_subject, "delete", key, scope.request)
         if done is not None:
             await self._resync(key, done[1] - 1)
             return done[0].existed
         existed = (await self._last(subject)) is not None
-        record = EffectRecord(kind="delete", key=key, existed=existed)
+        record = EffectRecord(kind="delete", key=key, existed=existed, request=scope.request)
         try:
             seq = await self._commit(subject, b"", {H_KV_OPERATION: "DEL"}, record_subject, record)
         except Conflict:  # without a CAS, only the record can refuse: a twin committed first
-            done = await self._recorded(record_subject, "delete", key)
+            done = await self._recorded(record_subject, "delete", key, scope.request)
             if done is None:
                 raise
             await self._resync(key, done[1] - 1)
@@ -217,9 +261,9 @@ class JournaledRecordStore:
         return existed
 
     async def _resync(self, key: str, revision: int) -> None:
-        """After a skipped write, write the key's current head through to the cache.
+        """After a skipped write (or an unconfirmed one), write the key's current head through.
 
-        The first attempt may have died before its own write-through. Its write may also be
+        The first run may have died before its own write-through. Its write may also be
         gone already (a later write replaced it in a one-revision bucket), so the head is
         what the cache must hold: the skipped write's value or something newer.
         """
@@ -241,9 +285,9 @@ class JournaledRecordStore:
         return f"{KV_SUBJECT_PREFIX}.{self._bucket}.{key}"
 
     @staticmethod
-    def _next_record(scope: _JobScope) -> str:
+    def _next_record(scope: _Scope) -> str:
         scope.writes += 1
-        return effect_subject(scope.job_id, scope.writes)
+        return effect_subject(scope.scope_id, scope.writes)
 
     async def _last(self, subject: str) -> int | None:
         """The sequence of the live value on `subject`, or None when absent or deleted."""
@@ -273,12 +317,16 @@ class JournaledRecordStore:
         raise Conflict(f"put {key}: key already exists")
 
     async def _recorded(
-        self, record_subject: str, kind: str, key: str
+        self, record_subject: str, kind: str, key: str, request: str
     ) -> tuple[EffectRecord, int] | None:
         """The effect record at `record_subject` and its sequence, when that write happened.
 
         Read from the stream leader (not a direct get), so a follower lagging behind cannot
         hide a committed record.
+
+        Raises:
+            IdempotencyMismatch: the record was written for another request (`request`).
+            InternalError: unreadable, or for another write (the handler is not deterministic).
         """
         try:
             async with translate_nats_errors(f"read {record_subject}"):
@@ -289,9 +337,11 @@ class JournaledRecordStore:
             record = _decoder.decode(msg.data or b"")
         except msgspec.MsgspecError:
             raise InternalError(f"unreadable effect record {record_subject}") from None
+        if request and record.request and record.request != request:
+            raise IdempotencyMismatch("this Idempotency-Key was used with a different request")
         if record.kind != kind or record.key != key or msg.seq is None:
             raise InternalError(
-                f"job is not deterministic: write {record_subject.rsplit('.', 1)[-1]} was "
+                f"handler is not deterministic: write {record_subject.rsplit('.', 1)[-1]} was "
                 f"{record.kind} {record.key!r} before, {kind} {key!r} now"
             )
         return record, msg.seq
@@ -320,14 +370,21 @@ class JournaledRecordStore:
             H_NATS_EXPECTED_LAST_SUBJECT_SEQ: "0",
             H_NATS_TTL: self._ttl,
         }
-        async with translate_nats_errors(f"write {record.key}"):
-            await self._nc.publish(subject, value, headers=write_headers)
-            reply = await self._nc.request(
-                record_subject,
-                _encoder.encode(record),
-                timeout=self._timeout,
-                headers=record_headers,
-            )
+        try:
+            async with translate_nats_errors(f"write {record.key}"):
+                await self._nc.publish(subject, value, headers=write_headers)
+                reply = await self._nc.request(
+                    record_subject,
+                    _encoder.encode(record),
+                    timeout=self._timeout,
+                    headers=record_headers,
+                )
+        except NexusError:
+            # The batch may have landed all the same: the cache must not keep serving the
+            # value it replaced (a rerun repairs it too, but there may be none).
+            with contextlib.suppress(NexusError):
+                await self._resync(record.key, 0)
+            raise
         doc: dict[str, Any] = json.loads(reply.data or b"{}")
         error = doc.get("error")
         if not error:

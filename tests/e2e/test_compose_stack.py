@@ -69,6 +69,10 @@ TRACED_SERVICES = {SHIM_SERVICE, "nexus-worker-data"}
 STACK_TIMEOUT_S = 1800  # pulls and the image build on a cold machine; a warm run is minutes
 POLL_S = 1.0
 
+# Every test, the always-run one too: the stack's setup falls in the first test to use it,
+# and its `down --volumes` in the module's last test, whichever that is.
+pytestmark = pytest.mark.timeout(STACK_TIMEOUT_S)
+
 T = TypeVar("T")
 
 
@@ -325,9 +329,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     )
     require_compose_cli(compose.docker_compose_command()[0])
     with pytest.MonkeyPatch.context() as patch:
-        # A COMPOSE_PROJECT_NAME of the caller's would outrank the override's `name`, and
-        # `down --volumes` would then take the caller's own stack with it.
+        # The shell outranks the env file and the override's `name`: a COMPOSE_PROJECT_NAME
+        # of the caller's would have `down --volumes` take the caller's own stack with it.
         patch.setenv("COMPOSE_PROJECT_NAME", PROJECT)
+        for name, value in env.items():
+            patch.setenv(name, value)
         pull_or_skip(compose, doc)
         compose.stop()  # `down --volumes`: whatever an interrupted run left behind
         try:
@@ -373,7 +379,6 @@ def exchange(stack: Stack) -> Exchange:
     return Exchange(key, value, trace_id, put_response, got, anonymous)
 
 
-@pytest.mark.timeout(STACK_TIMEOUT_S)
 def test_a_token_authenticated_put_and_get_through_nginx_answer_200(exchange: Exchange) -> None:
     assert exchange.put.status_code == 200
     assert exchange.got.status_code == 200, exchange.got.text
@@ -381,7 +386,6 @@ def test_a_token_authenticated_put_and_get_through_nginx_answer_200(exchange: Ex
     assert exchange.anonymous.status_code == 401, exchange.anonymous.text
 
 
-@pytest.mark.timeout(STACK_TIMEOUT_S)
 def test_prometheus_has_every_scrape_target_up(stack: Stack) -> None:
     prometheus = stack.urls["prometheus"]
     expected = expected_targets(stack.doc)
@@ -405,7 +409,6 @@ def test_prometheus_has_every_scrape_target_up(stack: Stack) -> None:
     assert alertmanagers["activeAlertmanagers"], alertmanagers
 
 
-@pytest.mark.timeout(STACK_TIMEOUT_S)
 def test_the_traced_request_reaches_jaeger_from_the_shim_and_the_worker(
     stack: Stack, exchange: Exchange
 ) -> None:
@@ -440,7 +443,6 @@ def test_the_traced_request_reaches_jaeger_from_the_shim_and_the_worker(
     assert any(span["tags"].get("db.system") == "redis" for span in spans), spans
 
 
-@pytest.mark.timeout(STACK_TIMEOUT_S)
 def test_loki_holds_the_shims_access_line_for_the_trace(stack: Stack, exchange: Exchange) -> None:
     query = f'{{service=~"shim-.+"}} |= "{exchange.trace_id}"'
 
@@ -468,7 +470,6 @@ def test_loki_holds_the_shims_access_line_for_the_trace(stack: Stack, exchange: 
     ), records
 
 
-@pytest.mark.timeout(STACK_TIMEOUT_S)
 def test_consul_lists_every_shim_and_worker_replica_passing(stack: Stack) -> None:
     expected = expected_registrations(stack.doc)
 
@@ -482,7 +483,6 @@ def test_consul_lists_every_shim_and_worker_replica_passing(stack: Stack) -> Non
     wait_for(passing, f"Consul listing {expected} passing", 90)
 
 
-@pytest.mark.timeout(STACK_TIMEOUT_S)
 def test_grafana_has_the_provisioned_data_sources_and_dashboard(stack: Stack) -> None:
     grafana = stack.urls["grafana"]
     auth = ("admin", stack.env["GRAFANA_ADMIN_PASSWORD"])

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: up test install lint typecheck bench schemas clean system-deps
+.PHONY: up test test-compose install lint typecheck bench schemas clean system-deps
 
 # torch first, pinned: pip takes its CPU build (about 750 MB) from this machine's disk; left to
 # the ai-local extra's range alone it would pull a CUDA build of several GB (docs/ai.md).
@@ -39,6 +39,13 @@ up: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
+
+# The compose stack for real (tests/e2e/test_compose_stack.py, docs/monitoring.md): needs a Docker
+# engine, Docker Compose >= 2.24.4 and registry access. Out of `make test` because it takes
+# minutes (about 2 GB of images the first time, then the image build and a 3-node JetStream
+# cluster); there it skips, saying so.
+test-compose: $(STAMP)
+	NEXUS_TEST_COMPOSE=1 $(BIN)/python -m pytest tests/e2e/test_compose_stack.py -rs
 
 lint: $(STAMP)
 	$(BIN)/ruff check nexus_bus handlers schemas tests benchmarks

@@ -318,6 +318,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     override = tmp / "override.yml"
     override.write_text(override_text(doc, keys_dir))
     env = {name: secrets.token_hex(16) for name in sorted(interpolated_variables())}
+    # Not secrets: the containers run as the owner of the keys folder (made by this process).
+    env.update(NEXUS_UID=str(os.getuid()), NEXUS_GID=str(os.getgid()))
     env_file = tmp / "stack.env"
     env_file.write_text("".join(f"{name}={value}\n" for name, value in env.items()))
     compose = DockerCompose(

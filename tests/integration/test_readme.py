@@ -221,7 +221,7 @@ def test_the_compose_preparation_runs_as_written(tmp_path: Path) -> None:
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     (tmp_path / ".venv" / "bin" / "nexus-bus").symlink_to(BIN / "nexus-bus")
     steps = [line for line in commands_of(readme_blocks()["compose"]) if "docker" not in line]
-    assert len(steps) == 2, steps
+    assert len(steps) == 3, steps
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
     done = subprocess.run(
         ["bash", "-ec", "\n".join(steps)], cwd=tmp_path, env=env, capture_output=True,
@@ -231,3 +231,6 @@ def test_the_compose_preparation_runs_as_written(tmp_path: Path) -> None:
     assert (tmp_path / "compose" / ".env").read_text().startswith("# Copy to compose/.env")
     keys = tmp_path / "compose" / "secrets" / "keys"
     assert any(keys.iterdir()), "no signing key was generated"
+    # The containers run as the keys' owner (the key is readable by its owner alone).
+    env_lines = (tmp_path / "compose" / ".env").read_text().splitlines()
+    assert env_lines[-2:] == [f"NEXUS_UID={os.getuid()}", f"NEXUS_GID={os.getgid()}"]

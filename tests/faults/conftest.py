@@ -1,8 +1,10 @@
-"""Fixtures the fault tests share: a 3-node NATS cluster with JetStream on loopback."""
+"""Fixtures the fault tests share: a 3-node NATS cluster with JetStream on loopback, and the
+processes a test starts (killed at its end, whatever happened)."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,17 @@ def nats_nodes(tmp_path: Path) -> Iterator[list[ServerProcess]]:
     finally:
         for node in nodes:
             node.kill()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The processes a test starts (it appends them): killed, and reaped, after it."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
 
 
 async def wait_for_jetstream(urls: list[str], timeout_s: float = 30) -> None:

@@ -26,7 +26,7 @@ class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Embed one text or a batch with `model` (default: `ai.default_embed_model`).
 
     `encoding_format: "base64"` writes each vector as the base64 of its little-endian
-    float32 bytes (a third of the float form's size; what OpenAI clients ask for).
+    float32 bytes (about a quarter of the float form's size; what OpenAI clients ask for).
     """
 
     input: Text | Annotated[list[Text], msgspec.Meta(min_length=1, max_length=256)]

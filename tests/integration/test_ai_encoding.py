@@ -64,6 +64,7 @@ async def test_float_and_base64_give_the_same_vector_over_http(
         )
         bad = await client.post(url, json={"input": one, "encoding_format": "binary"})
         absent = await client.post(url, json={"input": one, "encoding_format": None})
+        spec = (await client.get("/openapi.json")).json()
 
     vector = floats["vectors"][0]
     assert len(vector) == DIMS and vector == pytest.approx(double_vector(one), rel=1e-6)
@@ -81,3 +82,6 @@ async def test_float_and_base64_give_the_same_vector_over_http(
         assert refused.headers["content-type"] == "application/problem+json"
         problem = refused.json()
         assert problem["code"] == "invalid_request" and "encoding_format" in problem["detail"]
+    # The shim's own OpenAPI document describes the field.
+    field = spec["components"]["schemas"]["EmbedRequest"]["properties"]["encoding_format"]
+    assert sorted(field["enum"]) == ["base64", "float"] and field["default"] == "float"

@@ -10,10 +10,12 @@ form and once with `encoding_format: "base64"` (what OpenAI clients send). The c
 target is `data.get`'s req/s over its own, measured in the same run:
 
 - over HTTP: wrk (CPU 0) posts to the shim; the shim, the worker, nats-server and Redis run
-  on CPU 1. Each point is `rounds` slices of seconds/rounds per target, alternating between
-  targets so that other load on the machine falls on all alike; the CPU each process spent
-  per request is read from /proc;
-- over NATS: a gateway in this process calls the worker directly, in alternating slices.
+  on CPU 1;
+- over NATS: a gateway in this process (the "client") calls the worker directly.
+
+Each point is `rounds` slices of seconds/rounds per target, alternating between targets so
+that other load on the machine falls on all alike. The CPU each process spent per request is
+read from /proc around every slice: on this shared machine it varies less than req/s.
 
 In process: the model's throughput in texts per second by batch size, and 64 concurrent
 single-text callers through the batcher against the same texts embedded one call each.
@@ -29,15 +31,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import msgspec
 import uvloop
 
-from benchmarks.bench_cache import Call, interleaved
 from benchmarks.bench_http import _pin, _post, cpu_seconds, run_wrk
-from benchmarks.harness import Result, merge, stop_all
+from benchmarks.harness import Result, closed_loop, merge, stop_all
 from nexus_bus import Gateway, Settings, load_settings
 from nexus_bus.ai.batcher import EmbedBatcher
 from nexus_bus.ai.local import LocalEmbeddingBackend
@@ -160,7 +162,28 @@ def _print_rows(title: str, rows: list[Result], cpu: dict[str, dict[str, float]]
         print(line, flush=True)
 
 
-def over_http(stack: Stack, tmp: Path, seconds: float, levels: list[int], rounds: int) -> None:
+async def alternate(
+    pids: dict[str, int], rounds: int, run_slice: Callable[[Target], Awaitable[Result]]
+) -> tuple[list[Result], dict[str, dict[str, float]]]:
+    """Every target in `rounds` slices, taken in turn; merged rows and CPU µs per request of
+    each process in `pids` (read from /proc around each slice)."""
+    parts: dict[str, list[Result]] = {t.name: [] for t in TARGETS}
+    spent: dict[str, dict[str, float]] = {t.name: dict.fromkeys(pids, 0.0) for t in TARGETS}
+    for _ in range(rounds):
+        for t in TARGETS:
+            before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+            parts[t.name].append(await run_slice(t))
+            for k, pid in pids.items():
+                spent[t.name][k] += cpu_seconds(pid) - before[k]
+    rows = [merge(t.name, parts[t.name]) for t in TARGETS]
+    cpu = {r.name: {k: s / max(1, r.requests) * 1e6 for k, s in spent[r.name].items()}
+           for r in rows}
+    return rows, cpu
+
+
+async def over_http(
+    stack: Stack, tmp: Path, seconds: float, levels: list[int], rounds: int
+) -> None:
     """The targets posted to the shim by wrk, in alternating slices."""
     if shutil.which("wrk") is None:
         print("\nover HTTP: not measured (wrk is not installed; `make system-deps`)")
@@ -169,47 +192,46 @@ def over_http(stack: Stack, tmp: Path, seconds: float, levels: list[int], rounds
     path = {t.name: f"/v1/{t.op}/{t.action}" for t in TARGETS}
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {stack.token}"}
     deadline = time.monotonic() + 30
-    while _post(stack.port, path[TARGETS[0].name], TARGETS[0].body, headers) != 200:
+    while await asyncio.to_thread(
+        _post, stack.port, path[TARGETS[0].name], TARGETS[0].body, headers
+    ) != 200:
         if time.monotonic() > deadline:
             raise RuntimeError("the shim did not answer in time")
-        time.sleep(0.2)
+        await asyncio.sleep(0.2)
     for conc in levels:
+
+        async def run_slice(t: Target, conc: int = conc, slice_s: float = seconds / rounds) -> (
+            Result
+        ):
+            return await asyncio.to_thread(
+                run_wrk, t.name, stack.port, conc, slice_s, scripts[t.name], path[t.name]
+            )
+
         for t in TARGETS:  # warm-up at this concurrency
-            run_wrk(t.name, stack.port, conc, 1, scripts[t.name], path[t.name])
-        parts: dict[str, list[Result]] = {t.name: [] for t in TARGETS}
-        cpu: dict[str, dict[str, float]] = {t.name: {} for t in TARGETS}
-        for _ in range(rounds):
-            for t in TARGETS:
-                before = {k: cpu_seconds(pid) for k, pid in stack.pids.items()}
-                part = run_wrk(t.name, stack.port, conc, seconds / rounds, scripts[t.name],
-                               path[t.name])
-                parts[t.name].append(part)
-                for k, pid in stack.pids.items():
-                    cpu[t.name][k] = cpu[t.name].get(k, 0.0) + cpu_seconds(pid) - before[k]
-        rows = [merge(t.name, parts[t.name]) for t in TARGETS]
-        for row in rows:
-            served = max(1, row.requests)
-            cpu[row.name] = {k: s / served * 1e6 for k, s in cpu[row.name].items()}
-        _print_rows(f"Over HTTP (wrk -> shim -> worker), c={conc}; cost = data.get req/s / "
-                    "target req/s; cpu cost = target / data.get CPU per request", rows, cpu)
+            await run_slice(t, conc, 1)
+        rows, cpu = await alternate(stack.pids, rounds, run_slice)
+        _print_rows(f"Over HTTP (wrk -> shim -> worker), c={conc}", rows, cpu)
 
 
-async def over_nats(stack: Stack, seconds: float, levels: list[int]) -> None:
-    """The targets called by a gateway in this process, in alternating slices."""
+async def over_nats(stack: Stack, seconds: float, levels: list[int], rounds: int) -> None:
+    """The targets called by a gateway in this process (the client), in alternating slices."""
     gw = await Gateway.connect(stack.client_settings(), token=stack.token)
+    pids = {k: pid for k, pid in stack.pids.items() if k != "shim"} | {"client": os.getpid()}
     try:
         await _ready(gw)
-
-        def call_of(target: Target) -> tuple[str, Call]:
-            async def call() -> None:
-                await gw.request(target.op, target.action, target.body)
-
-            return target.name, call
-
-        targets = [call_of(t) for t in TARGETS]
         for conc in levels:
-            rows = await interleaved(targets, conc, seconds)
-            _print_rows(f"Over NATS (gateway -> worker), c={conc}", rows, None)
+
+            async def run_slice(t: Target, conc: int = conc) -> Result:
+                async def call() -> None:
+                    await gw.request(t.op, t.action, t.body)
+
+                return await closed_loop(
+                    t.name, call, concurrency=conc, seconds=seconds / rounds, warmup_s=0.0
+                )
+
+            await alternate(pids, 1, run_slice)  # warm-up at this concurrency
+            rows, cpu = await alternate(pids, rounds, run_slice)
+            _print_rows(f"Over NATS (gateway in this process -> worker), c={conc}", rows, cpu)
     finally:
         await gw.close()
 
@@ -252,7 +274,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="per target and point")
     parser.add_argument("--concurrency", default="16")
-    parser.add_argument("--rounds", type=int, default=3, help="HTTP slices per target and point")
+    parser.add_argument("--rounds", type=int, default=3, help="slices per target and point")
     parser.add_argument("--no-model", action="store_true", help="skip the in-process model")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -262,8 +284,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         stack = Stack(Path(tmp))
         try:
-            uvloop.run(over_nats(stack, args.seconds, levels))  # also waits for the worker
-            over_http(stack, Path(tmp), args.seconds, levels, args.rounds)
+            uvloop.run(over_nats(stack, args.seconds, levels, args.rounds))  # waits for it
+            uvloop.run(over_http(stack, Path(tmp), args.seconds, levels, args.rounds))
         finally:
             stack.close()
     if not args.no_model:

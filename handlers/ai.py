@@ -19,6 +19,7 @@ from nexus_bus.ai.graphs import GraphBus, run_graph
 from nexus_bus.ai.runtime import runtime_of
 from nexus_bus.ai.settings import HASH_MODEL
 from nexus_bus.ai.similarity import text_of, top_k
+from nexus_bus.ai.vectors import unpack
 from nexus_bus.errors import InvalidRequest, NotFound
 from nexus_bus.schemas.ai import (
     CompleteReply,
@@ -45,10 +46,13 @@ _MAX_TEXT: Final = 32_768  # a stored value's text is embedded up to this many c
 
 @ops.action("embed")
 async def embed(req: EmbedRequest, ctx: RequestContext) -> EmbedReply:
-    """Embed one text or a batch; one vector per text (cached by model and text)."""
-    texts = [req.input] if isinstance(req.input, str) else list(req.input)
-    model, vectors = await runtime_of(ctx).embed(ctx, texts, req.model)
-    return EmbedReply(model=model, vectors=vectors)
+    """Embed one text or a batch; one vector per text (cached by model and text), as numbers
+    or, with `encoding_format: "base64"`, as base64 of little-endian float32 bytes."""
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    model, packed = await runtime_of(ctx).embed(ctx, texts, req.model)
+    if req.encoding_format == "base64":  # the cached bytes as they are: encoded in C
+        return EmbedReply(model=model, vectors=list(packed))
+    return EmbedReply(model=model, vectors=[unpack(p) for p in packed])
 
 
 def _call_of(req: CompleteRequest, model: str) -> CompletionCall:
@@ -112,7 +116,8 @@ async def similar(req: SimilarRequest, ctx: RequestContext) -> SimilarReply:
     truncated = len(keys) > scan
     stored = await _stored_texts(keys[:scan], ctx)
     texts = [req.text] + [text for _, text in stored]
-    model, vectors = await runtime.embed(ctx, texts, req.model)
+    model, packed = await runtime.embed(ctx, texts, req.model)
+    vectors = [unpack(p) for p in packed]
     ranked = top_k(vectors[0], [(k, v) for (k, _), v in zip(stored, vectors[1:], strict=True)],
                    req.limit)
     return SimilarReply(

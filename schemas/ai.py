@@ -11,18 +11,36 @@ ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Prefix = Annotated[str, msgspec.Meta(max_length=256)]
 
 
+EncodingFormat = Annotated[
+    Literal["float", "base64"],
+    msgspec.Meta(
+        description=(
+            "How each vector is written: `float`, an array of numbers; `base64`, its "
+            "little-endian float32 bytes in base64 (as OpenAI's embeddings API)"
+        )
+    ),
+]
+
+
 class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Embed one text or a batch with `model` (default: `ai.default_embed_model`)."""
+    """Embed one text or a batch with `model` (default: `ai.default_embed_model`).
+
+    `encoding_format: "base64"` writes each vector as the base64 of its little-endian
+    float32 bytes (about a quarter of the float form's size; what OpenAI clients ask for).
+    """
 
     input: Text | Annotated[list[Text], msgspec.Meta(min_length=1, max_length=256)]
     model: ModelName | None = None
+    encoding_format: EncodingFormat = "float"
 
 
 class EmbedReply(msgspec.Struct, frozen=True, kw_only=True):
-    """One vector per input text."""
+    """One vector per input text: arrays of numbers, or base64 strings of little-endian
+    float32 bytes when the request asked for `encoding_format: "base64"` (MessagePack
+    replies carry those bytes as binary)."""
 
     model: str
-    vectors: list[list[float]]
+    vectors: list[list[float] | bytes]
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -71,9 +71,10 @@ class LocalEmbeddingBackend:
             encoder.encode, texts, batch_size=64, normalize_embeddings=True,
             show_progress_bar=False, convert_to_numpy=True,
         )
-        # The model computes in float32: the shortest float32 spelling of each component
-        # keeps every bit of it and halves the JSON of replies and cache entries.
-        return [[float(str(x)) for x in row] for row in vectors]
+        # float32 rows: the runtime packs them back into float32 bytes (`vectors.py`)
+        # without loss.
+        rows: list[list[float]] = vectors.tolist()
+        return rows
 
     async def complete(self, call: CompletionCall, timeout_s: float) -> Completion:
         """Never: the local model embeds only.

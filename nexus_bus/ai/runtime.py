@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 from nexus_bus.ai.backend import Completion, CompletionCall, HashBackend, ModelBackend
 from nexus_bus.ai.batcher import EmbedBatcher, MissCollector
@@ -28,12 +28,15 @@ from nexus_bus.ai.keys import (
 )
 from nexus_bus.ai.keys import complete_key as completion_key
 from nexus_bus.ai.settings import HASH_MODEL, AISettings, BackendSettings, read_api_key
-from nexus_bus.cache import CachePolicy
+from nexus_bus.ai.vectors import pack
+from nexus_bus.cache import Cache, CachePolicy, Entry
 from nexus_bus.client.gateway import Gateway
 from nexus_bus.context import RequestContext
 from nexus_bus.errors import NexusError, Unavailable, UpstreamTimeout
 from nexus_bus.policies.ratelimit import SharedRateLimiter
 from nexus_bus.resilience.gcra import RateLimit
+
+T = TypeVar("T")
 
 EXTRAS_KEY: Final = "ai.runtime"
 _BUDGET_TIMEOUT_S: Final = 0.2
@@ -114,6 +117,11 @@ class AIRuntime:
                 hashing, BackendGuard(hashing.name, _HASH_SETTINGS), 256, {}
             )
         self._limiter = SharedRateLimiter(redis, timeout_s=_BUDGET_TIMEOUT_S) if redis else None
+        budget = settings.budget
+        # Whether `charge` does anything: when not, a cache hit skips even the estimate.
+        self.charging = self._limiter is not None and (
+            budget.requests_per_min > 0 or budget.tokens_per_min > 0
+        )
         self.embed_policy = CachePolicy(
             ttl_s=settings.cache_ttl_s, local_ttl_s=settings.local_cache_ttl_s, jitter=0.0
         )
@@ -205,52 +213,68 @@ class AIRuntime:
             limit = minute_budget(budget.tokens_per_min, tokens)
             await self._limiter.check(limit, subject, "ai", "budget_tokens")
 
-
     async def embed(
         self, ctx: RequestContext, texts: list[str], model: str | None
-    ) -> tuple[str, list[list[float]]]:
-        """Vectors for `texts`: cached by (model, normalized text), misses batched upstream.
+    ) -> tuple[str, list[bytes]]:
+        """Vectors for `texts` as little-endian float32 bytes (`vectors.pack`): cached by
+        (model, normalized text), misses batched upstream.
+
+        The bytes are what the cache holds, so a hit costs no per-number work. A request of
+        one text (the common case) awaits its lookup directly: no task, and no timer unless
+        it misses.
 
         Raises:
             NexusError: no backend, over budget, or the backend's mapped failure.
         """
         name, route = self.resolve(model, "embed")
         cache = ctx.services.cache
-        if name != HASH_MODEL:
-            await self.charge(ctx, estimate_embed_tokens(texts))
         batcher = route.batcher(name)
-        work: Awaitable[list[list[float]]]
-        if cache is None or name == HASH_MODEL:
-            work = batcher.embed(texts)
-        else:
-            misses = MissCollector(batcher, len(texts))
+        if self.charging and name != HASH_MODEL:  # hash-256 is free
+            await self.charge(ctx, estimate_embed_tokens(texts))
+        if cache is None or name == HASH_MODEL:  # hash-256 is cheaper than a cache lookup
+            vectors = await _within_deadline(ctx, name, batcher.embed(texts))
+            return name, [pack(v) for v in vectors]
+        if len(texts) == 1:
 
-            async def one(text: str) -> list[float]:
-                loaded = False
+            async def alone(text: str) -> list[float]:
+                return (await batcher.embed([text]))[0]
 
-                async def load() -> list[float]:
-                    nonlocal loaded
-                    loaded = True
-                    return await misses.load(text)
+            return name, [await self._cached(ctx, cache, name, texts[0], alone)]
+        misses = MissCollector(batcher, len(texts))
 
-                vector: list[float] = await cache.get_or_set(
-                    embed_key(name, text), load, self.settings.cache_ttl_s,
-                    namespace=EMBED_NAMESPACE, type=list[float], policy=self.embed_policy,
-                )
-                if not loaded:
-                    misses.settle()
-                return vector
+        async def one(text: str) -> bytes:
+            loaded = False
 
-            async def every() -> list[list[float]]:
-                return list(await asyncio.gather(*(one(t) for t in texts)))
+            async def load(text: str) -> list[float]:
+                nonlocal loaded
+                loaded = True
+                return await misses.load(text)
 
-            work = every()
-        try:
-            async with asyncio.timeout(max(0.001, ctx.remaining_s())):
-                vectors = await work
-        except TimeoutError:
-            raise UpstreamTimeout(f"embedding with {name} did not finish in time") from None
-        return name, list(vectors)
+            packed = await self._cached(ctx, cache, name, text, load)
+            if not loaded:
+                misses.settle()
+            return packed
+
+        return name, list(await asyncio.gather(*(one(t) for t in texts)))
+
+    async def _cached(
+        self,
+        ctx: RequestContext,
+        cache: Cache,
+        model: str,
+        text: str,
+        load: Callable[[str], Awaitable[list[float]]],
+    ) -> bytes:
+        """The packed vector of `text` from the cache, or from `load` (bounded by the
+        caller's deadline) stored there."""
+
+        async def loader() -> Entry:
+            return Entry.of(pack(await _within_deadline(ctx, model, load(text))))
+
+        entry = await cache.fetch(
+            EMBED_NAMESPACE, embed_key(model, text), loader, self.embed_policy
+        )
+        return entry.value
 
     async def complete(
         self, ctx: RequestContext, call: CompletionCall, *, use_cache: bool
@@ -287,6 +311,21 @@ class AIRuntime:
             if id(route.backend) not in seen:
                 seen.add(id(route.backend))
                 await route.backend.aclose()
+
+
+async def _within_deadline(ctx: RequestContext, model: str, work: Awaitable[T]) -> T:
+    """`await work`, or `upstream_timeout` when the caller's deadline comes first.
+
+    Raises:
+        UpstreamTimeout: the deadline passed.
+    """
+    try:
+        async with asyncio.timeout(max(0.001, ctx.remaining_s())):
+            return await work
+    except TimeoutError as exc:
+        if isinstance(exc, NexusError):  # the backend's own, already mapped
+            raise
+        raise UpstreamTimeout(f"embedding with {model} did not finish in time") from None
 
 
 def runtime_of(ctx: RequestContext) -> AIRuntime:

@@ -17,7 +17,12 @@ T = TypeVar("T")
 
 _json_encoder: Final = msgspec.json.Encoder()
 _msgpack_encoder: Final = msgspec.msgpack.Encoder()
-_LONG_DIGITS: Final = re.compile(rb"\d{19}")
+# An integer beyond 64 bits has 19 digits or more, the first not 0 (JSON has no leading
+# zeros), after a delimiter, whitespace or its sign: a run of digits after a decimal point (a
+# float's fraction, which the float form of a vector is full of) or inside a string never
+# needs the walk of `check_value`.
+_LONG_INTEGER: Final = re.compile(rb"[\[:,\s-]-?[1-9]\d{18}")
+_LONG_AT_START: Final = re.compile(rb"-?[1-9]\d{18}")
 _JSON_TYPES: Final = frozenset({CT_JSON, CT_PROBLEM, "text/json", ""})
 _MSGPACK_TYPES: Final = frozenset({CT_MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
 _CHARSET: Final = "charset"
@@ -103,10 +108,16 @@ def decode(
     if (
         media != "json"
         or body.count(b"[") + body.count(b"{") > max_depth
-        or _LONG_DIGITS.search(body) is not None
+        or may_hold_long_integer(body)
     ):
         check_value(value, max_depth)
     return value
+
+
+def may_hold_long_integer(body: bytes) -> bool:
+    """Whether a JSON body may hold an integer of 19 digits or more (so perhaps beyond 64
+    bits). False positives only cost `check_value`'s walk; a miss would let one through."""
+    return _LONG_INTEGER.search(body) is not None or _LONG_AT_START.match(body) is not None
 
 
 _INT_MIN: Final = -(2**63)

@@ -1,3 +1,5 @@
+from typing import Any
+
 import msgspec
 import pytest
 
@@ -89,3 +91,25 @@ def test_huge_integers_are_refused(number: bytes) -> None:
     with pytest.raises(InvalidRequest, match="out of range"):
         codec.decode(b'{"key": "k", "value": ' + number + b"}", PutRequest, **LIMITS)
     assert codec.decode(b'{"key": "k", "value": 18446744073709551615}', PutRequest, **LIMITS)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"98765432109876543210", b"-98765432109876543210", b" 98765432109876543210",
+     b"[98765432109876543210]", b"[1,98765432109876543210]", b'{"a":98765432109876543210}',
+     b'{"a": -98765432109876543210}', b"[1,\n\t98765432109876543210]"],
+)
+def test_every_place_a_long_integer_can_stand_is_scanned(body: bytes) -> None:
+    assert codec.may_hold_long_integer(body)
+    with pytest.raises(InvalidRequest, match="out of range"):
+        codec.decode(body, Any, **LIMITS)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[0.0012345678901234567891, -0.00054381724447011948]", b'{"s": "x1234567890123456789012"}',
+     b"[1.5e-07, 123456789012345678]"],
+)
+def test_fractions_and_strings_are_not_walked(body: bytes) -> None:
+    # A float vector's digits after the point made every float-form embedding reply walk.
+    assert not codec.may_hold_long_integer(body)

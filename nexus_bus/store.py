@@ -13,6 +13,7 @@ from typing import Any, Final, Protocol, TypeVar
 import msgspec
 import nats.errors
 import nats.js.errors as jserr
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from nexus_bus.bus.nats_errors import map_nats_error
@@ -105,8 +106,10 @@ async def _translated(what: str) -> AsyncIterator[None]:
 class KeyValueRecordStore:
     """`RecordStore` on a JetStream KV bucket."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, js: JetStreamContext) -> None:
+        """Args: js: the context `kv` came from (for the stream's subjects, see `keys`)."""
         self._kv = kv
+        self._js = js
 
     async def get(self, key: str) -> Record:
         """The current record of `key`.
@@ -156,18 +159,36 @@ class KeyValueRecordStore:
         """Live keys starting with `prefix`, in lexical order.
 
         A prefix ending at a token boundary (`.`) is filtered by the server; any other
-        prefix is filtered here.
+        prefix is filtered here. The watch delivers each key's last entry, tombstones
+        included, and the snapshot ends at the entry nothing is pending after (`delta` 0).
+        nats-py's own end marker is not trusted when it comes first: it asks the consumer
+        for its pending count only after subscribing, so when the server has already sent
+        every entry (still on their way) it reports 0 and marks an empty snapshot at once.
         """
         pattern = f"{prefix}>" if prefix.endswith(".") and len(prefix) > 1 else ">"
         found: list[str] = []
         async with translate_nats_errors("list keys"):
-            watcher = await self._kv.watch(pattern, ignore_deletes=True, meta_only=True)
+            watcher = await self._kv.watch(pattern, meta_only=True)
             try:
+                seen = False
                 async for entry in watcher:
-                    if entry is None:  # end of the initial snapshot
-                        break
-                    if entry.key.startswith(prefix):
+                    if entry is None:  # nats-py's marker: true only when entries came first
+                        if seen or not await self._holds(pattern):
+                            break
+                        continue
+                    seen = True
+                    if entry.operation is None and entry.key.startswith(prefix):
                         found.append(entry.key)
+                    if entry.delta == 0:  # the snapshot's last entry
+                        break
             finally:
                 await watcher.stop()  # type: ignore[no-untyped-call]
         return sorted(found)[:limit]
+
+    async def _holds(self, pattern: str) -> bool:
+        """Whether the bucket holds any entry (live or tombstone) for a key `pattern`."""
+        status = await self._kv.status()
+        info = await self._js.stream_info(
+            status.stream_info.config.name, subjects_filter=f"$KV.{status.bucket}.{pattern}"
+        )
+        return bool(info.state.subjects)

@@ -108,16 +108,36 @@ class OpsRegistry:
             self._ready = True
 
     async def _follow(self, watcher: KeyValue.KeyWatcher, initial: asyncio.Event) -> None:
+        """Apply every entry to the view; `initial` is set once the entries present at the
+        start are in: at the entry nothing was pending after (`delta` 0), or at nats-py's
+        end marker, which is trusted only when entries came first or the bucket is empty
+        (nats-py counts what is pending after subscribing, and when the server has sent
+        every entry already, it marks the end before they arrive: docs/registry.md)."""
+        seen = False
         async for entry in watcher:
-            if entry is None:  # nats-py's marker: every entry present at start was delivered
-                initial.set()
+            if entry is None:
+                if seen or await self._bucket_is_empty():
+                    initial.set()
                 continue
+            seen = True
             value = None if entry.operation in _DELETES else entry.value
             at = entry.created.timestamp() if entry.created is not None else time.time()
             if not self.view.apply(entry.key, value, at):
                 logger.warning("ignored a malformed registry entry {!r}", entry.key[:200])
             self._seq = max(self._seq, entry.revision or 0)
             self._advanced.set()
+            if entry.delta == 0:
+                initial.set()
+
+    async def _bucket_is_empty(self) -> bool:
+        """Whether the bucket holds no entry (False when JetStream cannot say: the start
+        then waits for entries, within its own timeout)."""
+        assert self._kv is not None
+        try:
+            async with translate_nats_errors("read the operation registry"):
+                return (await self._kv.status()).values == 0
+        except NexusError:
+            return False
 
     async def declares(
         self, op: str, action: str, *, within_s: float | None = None

@@ -81,12 +81,12 @@ async def test_cluster_stampede_races_and_cache_aside(cluster_settings: Settings
         heads = CountingHeads(KeyValueHeads(a.js))
         policy = data_policy(cluster_settings.cache).with_(wait_s=5.0)
         stores = [
-            CachedRecordStore(KeyValueRecordStore(kv), heads, cache, policy)
+            CachedRecordStore(KeyValueRecordStore(kv, a.js), heads, cache, policy)
             for cache in (a.cache, b.cache)
         ]
         cold = [f"clhot.{uid}.{i}" for i in range(4)]
         for key in cold:
-            await KeyValueRecordStore(kv).put(key, b"1")
+            await KeyValueRecordStore(kv, a.js).put(key, b"1")
         await asyncio.gather(*(stores[i % 2].get(key) for key in cold for i in range(20)))
         assert all(heads.loads[key] == 1 for key in cold), heads.loads
 

@@ -179,7 +179,7 @@ async def test_stampede_on_cold_keys_loads_each_key_once(
     async with open_services(settings) as a, open_services(settings) as b:
         kv = await ensure_data_bucket(a.js, settings.jetstream)
         for key in keys:
-            await KeyValueRecordStore(kv).put(key, key.encode())  # in the KV, not the cache
+            await KeyValueRecordStore(kv, a.js).put(key, key.encode())  # in the KV, not the cache
         stores: list[CachedRecordStore] = []
         counters: list[CountingHeads] = []
         for services in (a, b):
@@ -188,7 +188,7 @@ async def test_stampede_on_cold_keys_loads_each_key_once(
             counters.append(heads)
             policy = data_policy(settings.cache).with_(wait_s=5.0)
             stores.append(
-                CachedRecordStore(KeyValueRecordStore(kv), heads, services.cache, policy)
+                CachedRecordStore(KeyValueRecordStore(kv, a.js), heads, services.cache, policy)
             )
         reads: list[Any] = [stores[i % 2].get(key) for key in keys for i in range(40)]
         records = await asyncio.gather(*reads)

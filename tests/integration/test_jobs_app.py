@@ -192,7 +192,8 @@ async def record_store(nc: Client, *, timeout_s: float = 30.0) -> RecordStore:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return KeyValueRecordStore(await nc.jetstream().key_value(DATA_BUCKET))
+            js = nc.jetstream()
+            return KeyValueRecordStore(await js.key_value(DATA_BUCKET), js)
         except (nats.errors.Error, TimeoutError):
             if time.monotonic() > deadline:
                 raise

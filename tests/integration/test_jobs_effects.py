@@ -46,7 +46,7 @@ async def journal(
     kv = await ensure_data_bucket(js, settings.jetstream)
     stream = await ensure_effect_records(js)
     return JournaledRecordStore(
-        KeyValueRecordStore(kv), nc, stream=stream, record_ttl_s=3600, write_through=recorder
+        KeyValueRecordStore(kv, js), nc, stream=stream, record_ttl_s=3600, write_through=recorder
     )
 
 

@@ -1,0 +1,42 @@
+"""`data.list` reads a KV watch snapshot: every live key under a prefix, none missing, even
+when nats-py marks the snapshot's end before its entries arrive (it asks the consumer for its
+pending count only after subscribing, and the server may have sent them all by then)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+
+from nexus_bus.embedded import ServerProcess
+from nexus_bus.jetstream import ensure_data_bucket
+from nexus_bus.store import KeyValueRecordStore
+from tests.conftest import make_settings
+
+
+async def test_listing_a_large_bucket_never_comes_back_short(local_nats: ServerProcess) -> None:
+    nc = await nats.connect(local_nats.url)
+    try:
+        js = nc.jetstream()
+        kv = await ensure_data_bucket(js, make_settings(local_nats.url).jetstream)
+        store = KeyValueRecordStore(kv, js)
+        # Many keys, a third of them deleted (tombstones stay in the stream), then the ones
+        # the listing looks for, last: they arrive at the very end of the snapshot.
+        for batch in range(0, 2400, 200):
+            puts = (kv.put(f"k{i % 37}.{i}", b"1") for i in range(batch, batch + 200))
+            await asyncio.gather(*puts)
+        await asyncio.gather(*(kv.delete(f"k{i % 37}.{i}") for i in range(0, 2400, 3)))
+        await kv.put("t.x.a", b"1")
+        await kv.put("t.x.b", b"2")
+        await kv.put("t.x.gone", b"3")
+        await kv.delete("t.x.gone")
+        for _ in range(25):  # the race lost before the fix in about one listing in fifteen
+            assert await store.keys("t.x.a", 5) == ["t.x.a"]  # the whole bucket, filtered here
+            assert await store.keys("t.x.", 5) == ["t.x.a", "t.x.b"]  # filtered by the server
+        assert await store.keys("nothing.", 5) == []  # an empty snapshot still ends
+        assert await store.keys("t.x.gone", 5) == []  # only a tombstone under the prefix
+        assert len(await store.keys("k1.", 1000)) == len(
+            [i for i in range(2400) if i % 37 == 1 and i % 3]
+        )
+    finally:
+        await nc.close()

@@ -131,7 +131,8 @@ async def test_randomized_interleavings_end_with_cache_equal_to_kv(
             assert services.cache is not None
             heads = SlowFillHeads(KeyValueHeads(services.js), rng)
             policy = data_policy(settings.cache)
-            stores.append(CachedRecordStore(KeyValueRecordStore(kv, workers[0].js), heads, services.cache, policy))
+            store = KeyValueRecordStore(kv, workers[0].js)
+            stores.append(CachedRecordStore(store, heads, services.cache, policy))
         redis = aioredis.Redis.from_url(redis_url)
         stack.push_async_callback(redis.aclose)
         cache = workers[0].cache

@@ -188,7 +188,6 @@ class KeyValueRecordStore:
     async def _holds(self, pattern: str) -> bool:
         """Whether the bucket holds any entry (live or tombstone) for a key `pattern`."""
         status = await self._kv.status()
-        info = await self._js.stream_info(
-            status.stream_info.config.name, subjects_filter=f"$KV.{status.bucket}.{pattern}"
-        )
+        stream = status.stream_info.config.name or f"KV_{status.bucket}"  # always set by the server
+        info = await self._js.stream_info(stream, subjects_filter=f"$KV.{status.bucket}.{pattern}")
         return bool(info.state.subjects)

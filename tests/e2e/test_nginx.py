@@ -254,8 +254,9 @@ async def test_killing_a_shim_mid_load_loses_no_request(
                 got = await post("/v1/data/get", {"key": key}, f"get-{key}")
                 ok = put.status_code == 200 and got.status_code == 200
                 ok = ok and got.json()["value"] == [n, i]
+                failed = put if put.status_code != 200 else got
                 outcomes.append((loop.time() - started, "ok" if ok else f"{put.status_code}/"
-                                 f"{got.status_code} {got.text[:120]}"))
+                                 f"{got.status_code} {failed.text[:300]}"))
                 i += 1
 
         async def killer() -> None:

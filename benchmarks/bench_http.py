@@ -263,14 +263,32 @@ def _status_kb(pid: int, field: str) -> int:
 
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) a process and its children have used so far, from /proc."""
-    total = 0.0
+    return usage(pid)[0]
+
+
+# Per process key: CPU seconds, of them system, and `write` calls, over one slice.
+Used = dict[str, tuple[float, float, int]]
+
+
+def usage(pid: int) -> tuple[float, float, int]:
+    """CPU seconds (user + system), of them system, and `write`-family system calls, of a
+    process and its children so far, from /proc.
+
+    A sampling profiler counts wall time: with every process under test on one core, one
+    preempted inside `write` looks busy there. These counters say what really ran.
+    """
+    cpu = system = 0.0
+    writes = 0
     for each in _descendants(pid):
         try:
             fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+            io = Path(f"/proc/{each}/io").read_text()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) * _TICK_S
-    return total
+        cpu += (int(fields[11]) + int(fields[12])) * _TICK_S
+        system += int(fields[12]) * _TICK_S
+        writes += int(io.split("syscw:", 1)[1].split()[0])
+    return cpu, system, writes
 
 
 class Bench:
@@ -343,7 +361,7 @@ class Bench:
             pids.update({k: s.proc.pid for k, s in self.extra_servers.items() if s.proc})
             results = []
             for conc in levels:
-                slices: dict[str, list[tuple[Result, dict[str, float]]]] = {n: [] for n in live}
+                slices: dict[str, list[tuple[Result, Used]]] = {n: [] for n in live}
                 for name in live:  # warm-up at this concurrency
                     self._slice(name, ports[name], conc, 1.0, pids)
                 for _ in range(rounds):
@@ -396,8 +414,8 @@ class Bench:
 
     def _slice(
         self, name: str, port: int, conc: int, seconds: float, pids: dict[str, int]
-    ) -> tuple[Result, dict[str, float]]:
-        before = {key: cpu_seconds(pid) for key, pid in pids.items()}
+    ) -> tuple[Result, Used]:
+        before = {key: usage(pid) for key, pid in pids.items()}
         target = self.targets[name]
         shim = pids.get(f"{name}/shim")
         if shim and name not in self.rss_kb:
@@ -410,23 +428,34 @@ class Bench:
             )
         if shim:
             self.rss_kb[name] = (self.rss_kb[name][0], _status_kb(shim, "VmHWM"))
-        used = {key: cpu_seconds(pid) - before[key] for key, pid in pids.items()}
+        used: Used = {}
+        for key, pid in pids.items():
+            cpu, system, writes = usage(pid)
+            was = before[key]
+            used[key] = (cpu - was[0], system - was[1], writes - was[2])
         return result, used
 
     def _merge(
-        self, name: str, conc: int, parts: list[tuple[Result, dict[str, float]]]
+        self, name: str, conc: int, parts: list[tuple[Result, Used]]
     ) -> Result:
         """One point from its slices: totals for throughput and CPU, medians for latency."""
         result = merge(name, [r for r, _ in parts])
         served = max(1, result.requests)
         split: dict[str, float] = {}
+        system: dict[str, float] = {}
+        writes: dict[str, float] = {}
         for _, used in parts:
-            for key, seconds in used.items():
+            for key, (seconds, sys_s, calls) in used.items():
                 if key in self.keys[name]:  # other targets' processes sit idle meanwhile
                     role = key.split("/", 1)[-1]
                     split[role] = split.get(role, 0.0) + seconds / served * 1e6
+                    system[role] = system.get(role, 0.0) + sys_s / served * 1e6
+                    writes[role] = writes.get(role, 0.0) + calls / served
         self.cpu_us[(name, conc)] = split
-        parts_text = "  ".join(f"{role} {us:.0f}" for role, us in split.items())
+        parts_text = "  ".join(
+            f"{role} {us:.0f} (sys {system[role]:.0f}, {writes[role]:.2f} writes)"
+            for role, us in split.items()
+        )
         slices = ", ".join(f"{r.rps:.0f}" for r, _ in parts)
         print(f"{row(result)}   cpu us/req: {parts_text}   (slices req/s: {slices})", flush=True)
         return result

@@ -97,7 +97,9 @@ def test_huge_integers_are_refused(number: bytes) -> None:
     "body",
     [b"98765432109876543210", b"-98765432109876543210", b" 98765432109876543210",
      b"[98765432109876543210]", b"[1,98765432109876543210]", b'{"a":98765432109876543210}',
-     b'{"a": -98765432109876543210}', b"[1,\n\t98765432109876543210]"],
+     b'{"a": -98765432109876543210}', b"[1,\n\t98765432109876543210]",
+     # after fractions long enough to lose their first digits to the quick scan
+     b"[0.0012345678901234567891,98765432109876543210]", b"[1.99999999,99999999999999999999]"],
 )
 def test_every_place_a_long_integer_can_stand_is_scanned(body: bytes) -> None:
     assert codec.may_hold_long_integer(body)

@@ -156,7 +156,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         + f"  export NEXUS_STATE_DIR={stack.state_dir}\n"
         + f"  export NEXUS_TOKEN={admin.token}\n\n"
         + "Then try:\n"
-        + "  .venv/bin/nexus-bus call data.put '{\"key\": \"hello\", \"value\": {\"n\": 1}}'\n"
+        + f"  {_this_command()} call data.put '{{\"key\": \"hello\", \"value\": {{\"n\": 1}}}}'\n"
         + '  curl -s "$NEXUS_URL/v1/data/get" -H "Authorization: Bearer $NEXUS_TOKEN" \\\n'
         + "       -H 'Content-Type: application/json' -d '{\"key\": \"hello\"}'\n\n"
         + AI_HINT
@@ -165,6 +165,15 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     )
     wait_forever(stack)
     return 0
+
+
+def _this_command() -> str:
+    """How to run `nexus-bus` again from here: as it was started when that path works from
+    the current folder (`.venv/bin/nexus-bus` after `make up`), else its absolute path."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) == "nexus-bus" and os.access(argv0, os.X_OK):
+        return argv0 if os.sep in argv0 else "nexus-bus"  # found on PATH
+    return f"{sys.executable} -m nexus_bus"
 
 
 # How to point `ai.*` at a local Ollama (docs/ai.md); `up` prints it. No `export` words: the
@@ -344,6 +353,15 @@ def _log_level(args: argparse.Namespace, settings: Settings) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `nexus-bus` console script."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `nexus-bus ops | head`: the reader has all it wanted
+        # Python's documented recipe: point stdout at devnull so the exit flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command ended by it
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = _settings_for(args.command)

@@ -1,8 +1,9 @@
-"""The HTTP shim as a plain ASGI application: routing, the one error handler, lifespan.
+"""The HTTP shim as an ASGI application: Starlette's router, the one error handler, lifespan.
 
-No framework: the shim has a handful of fixed routes, and on the hot path every layer costs
-throughput (docs/http.md has the measurements). Any ASGI server can run it; `server.py`
-runs it on uvicorn with httptools and uvloop, plus the limits uvicorn lacks.
+Routes are Starlette `Route`s whose endpoints answer into the request's `Exchange`; the
+shim sends that answer, so every route's errors pass one mapping to a problem document
+(routes without a match and wrong methods included). Any ASGI server can run it;
+`server.py` runs it on uvicorn with httptools and uvloop.
 
     app = ShimApp(settings)          # connects on lifespan startup
 """
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Final
 
 from nats.aio.client import Client
+from starlette.routing import Route, Router
 
 from nexus_bus.bus.connection import connect_nats
 from nexus_bus.bus.metadata import clean_request_id, parse_traceparent
@@ -60,8 +62,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-_API: Final = HTTP_API_PREFIX + "/"
-_EVENTS: Final = "events"
 _JOBS: Final = JOBS_PREFIX.rsplit(".", 1)[-1]
 _STREAM_OP: Final = ("stream", "read")  # the operation whose authorization SSE borrows
 _REQUEST_ID: Final = H_HTTP_REQUEST_ID.lower().encode()
@@ -70,31 +70,71 @@ _CLOSE: Final = (b"connection", b"close")
 _CLOSING_STATUSES: Final = frozenset({408, 413, 431})
 _MAX_PATH_IN_DETAIL: Final = 120
 _STREAMING: Final = "nexus.streaming"  # scope key: the response has started streaming
-_DOCS_ASSETS: Final = HTTP_DOCS + "/"
+_EXCHANGE: Final = "nexus.exchange"  # scope key: the request's Exchange
 _STREAMED: Final = 200  # the status an event stream started with
-# Access lines name the matched route, never the path: ids and topics stay out of the route.
+_READ: Final = ("GET", "HEAD")
+# Route templates; access lines and spans name the matched template, never the path.
 _OPERATION_ROUTE: Final = f"{HTTP_API_PREFIX}/{{op}}/{{action}}"
 _JOB_ROUTE: Final = f"{HTTP_API_PREFIX}/{_JOBS}/{{id}}"
-_EVENTS_ROUTE: Final = f"{HTTP_API_PREFIX}/{_EVENTS}/{{topic}}"
+_EVENTS_ROUTE: Final = f"{HTTP_API_PREFIX}/events/{{topic}}"
+_TICKET_ROUTE: Final = f"{_EVENTS_ROUTE}/{SSE_TICKET_PATH}"
+_ASSET_ROUTE: Final = f"{HTTP_DOCS}/{{name}}"
 
 
-def route_of(path: str, fixed: Container[str]) -> tuple[str | None, str | None, str | None]:
-    """The route template a path matches, with op and action for an operation route.
+class Exchange:
+    """One request on its way through the router: what a route's endpoint reads, and the
+    answer it leaves for the shim to send (None: the endpoint streamed its own)."""
+
+    __slots__ = ("answer", "head", "request_id")
+
+    def __init__(self, head: RequestHead, request_id: str) -> None:
+        self.head = head
+        self.request_id = request_id
+        self.answer: Answer | None = None
+
+
+Handler = Callable[[Scope, Exchange, Receive, Send], Awaitable[Answer | None]]
+
+
+class _Endpoint:
+    """A route's handler, as the ASGI app Starlette's router calls.
+
+    The method check is here rather than in `Route(methods=...)`: Starlette answers a wrong
+    method with plain text, and the contract answers every refusal with a problem document.
+    """
+
+    __slots__ = ("_allow", "_handle", "_methods", "_refusal")
+
+    def __init__(self, handle: Handler, methods: tuple[str, ...], refusal: str) -> None:
+        self._handle = handle
+        self._methods = methods
+        self._allow = methods[0]
+        self._refusal = refusal
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in self._methods:
+            raise MethodNotAllowed(self._refusal, allow=self._allow)
+        exchange: Exchange = scope[_EXCHANGE]
+        exchange.answer = await self._handle(scope, exchange, receive, send)
+
+
+async def _no_route(scope: Scope, receive: Receive, send: Send) -> None:
+    raise NotFound(f"no route {scope['method']} {scope['path'][:_MAX_PATH_IN_DETAIL]}")
+
+
+def matched_route(scope: Scope) -> tuple[str | None, str | None, str | None]:
+    """The route template the router matched, with op and action for an operation route.
 
     Returns:
-        `(route, op, action)`; route is None for a path no route matches.
+        `(route, op, action)`; route is None before routing or when no route matched.
     """
-    if path.startswith(_API):
-        parts = path.split("/")
-        if len(parts) == 4 and parts[2] and parts[3]:
-            if parts[2] == _JOBS:
-                return _JOB_ROUTE, None, None
-            if parts[2] == _EVENTS:
-                return _EVENTS_ROUTE, None, None
-            return _OPERATION_ROUTE, parts[2], parts[3]
-    elif path in fixed:
-        return path, None, None
-    return None, None, None
+    route = scope.get("route")
+    if not isinstance(route, Route):
+        return None, None, None
+    if route.path != _OPERATION_ROUTE:
+        return route.path, None, None
+    params = scope["path_params"]
+    return route.path, params["op"], params["action"]
 
 
 class ShimApp:
@@ -132,7 +172,7 @@ class ShimApp:
         self._registry: OpsRegistry | None = None
         self._tickets: TicketStore | None = None
         self._catalog = Catalog(self._groups)
-        self._simple: dict[str, Callable[[str, RequestHead], Awaitable[Answer]]] = {}
+        self._router = self._routes()
 
     @property
     def ops(self) -> list[str]:
@@ -192,32 +232,43 @@ class ShimApp:
         )
         self._probes = probes
 
-        async def healthz(_: str, __: RequestHead) -> Answer:
-            return probes.healthz()
+    def _routes(self) -> Router:
+        """Starlette's router over the shim's routes; the hot one (operations) after the two
+        it would otherwise shadow."""
 
-        async def readyz(request_id: str, _: RequestHead) -> Answer:
-            return await probes.readyz(request_id)
+        def read(what: str, handle: Handler) -> _Endpoint:
+            return _Endpoint(handle, _READ, f"{what} answers GET")
 
-        async def metrics(_: str, head: RequestHead) -> Answer:
-            return probes.metrics(head.accept)
+        def route(path: str, endpoint: _Endpoint) -> Route:
+            return Route(path, endpoint, name=path)
 
-        async def openapi(_: str, __: RequestHead) -> Answer:
-            return probes.openapi()
-
-        async def asyncapi(_: str, __: RequestHead) -> Answer:
-            return self._catalog.asyncapi()
-
-        async def docs(_: str, __: RequestHead) -> Answer:
-            return self._catalog.page()
-
-        self._simple = {
-            HTTP_HEALTHZ: healthz,
-            HTTP_READYZ: readyz,
-            HTTP_METRICS: metrics,
-            HTTP_OPENAPI: openapi,
-            HTTP_ASYNCAPI: asyncapi,
-            HTTP_DOCS: docs,
-        }
+        return Router(
+            [
+                route(_JOB_ROUTE, _Endpoint(self._job, ("GET",), "job status is read with GET")),
+                route(
+                    _EVENTS_ROUTE,
+                    _Endpoint(self._events, ("GET",), "event streams are read with GET"),
+                ),
+                route(
+                    _OPERATION_ROUTE,
+                    _Endpoint(self._operation, ("POST",), "operations are called with POST"),
+                ),
+                route(HTTP_OPS, read(HTTP_OPS, self._ops)),
+                route(
+                    _TICKET_ROUTE,
+                    _Endpoint(self._ticket, ("POST",), "stream tickets are issued with POST"),
+                ),
+                route(HTTP_HEALTHZ, read(HTTP_HEALTHZ, self._healthz)),
+                route(HTTP_READYZ, read(HTTP_READYZ, self._readyz)),
+                route(HTTP_METRICS, read(HTTP_METRICS, self._metrics)),
+                route(HTTP_OPENAPI, read(HTTP_OPENAPI, self._openapi)),
+                route(HTTP_ASYNCAPI, read(HTTP_ASYNCAPI, self._asyncapi)),
+                route(HTTP_DOCS, read(HTTP_DOCS, self._docs)),
+                route(_ASSET_ROUTE, read("a docs asset", self._asset)),
+            ],
+            redirect_slashes=False,  # a wrong path is a 404 problem document, not a redirect
+            default=_no_route,
+        )
 
     async def _authorize(self, headers: Mapping[str, str], op: str, action: str) -> None:
         if self._authz is None:
@@ -249,9 +300,11 @@ class ShimApp:
         kind = scope["type"]
         if kind == "http":
             if TRACING.enabled:
-                route = route_of(scope["path"], self._simple)[0]
                 await serve_traced(
-                    scope, route, send, lambda sender: self._serve(scope, receive, sender)
+                    scope,
+                    send,
+                    lambda sender: self._serve(scope, receive, sender),
+                    lambda routed: matched_route(routed)[0],
                 )
             else:
                 await self._serve(scope, receive, send)
@@ -291,7 +344,7 @@ class ShimApp:
     def _log_access(
         self, scope: Scope, head: RequestHead, request_id: str, status: int, elapsed: float
     ) -> None:
-        route, op, action = route_of(scope["path"], self._simple)
+        route, op, action = matched_route(scope)
         # The trace the worker continues: the one forwarded, else the client's own (if valid).
         trace = parse_traceparent(head.sent_traceparent or head.traceparent)
         trace_id = trace.trace_id if trace is not None else TRACING.current_trace_id(sampled=False)
@@ -359,75 +412,72 @@ class ShimApp:
     async def _route(
         self, scope: Scope, head: RequestHead, request_id: str, receive: Receive, send: Send
     ) -> Answer | None:
-        path: str = scope["path"]
-        method: str = scope["method"]
-        if path.startswith(_API):
-            parts = path.split("/")
-            if len(parts) == 4 and parts[2] and parts[3]:
-                first, second = parts[2], parts[3]
-                return await self._api(scope, first, second, head, request_id, receive, send)
-            if path == HTTP_OPS:
-                if method not in ("GET", "HEAD"):
-                    raise MethodNotAllowed(f"{path} answers GET", allow="GET")
-                return await self._ops(scope, head)
-            if len(parts) == 5 and parts[2] == _EVENTS and parts[4] == SSE_TICKET_PATH:
-                if method != "POST":
-                    raise MethodNotAllowed("stream tickets are issued with POST", allow="POST")
-                return await self._ticket(scope, parts[3], head)
-        elif path.startswith(_DOCS_ASSETS):
-            if method not in ("GET", "HEAD"):
-                raise MethodNotAllowed(f"{path[:_MAX_PATH_IN_DETAIL]} answers GET", allow="GET")
-            return self._catalog.asset(path[len(_DOCS_ASSETS) :])
-        else:
-            simple = self._simple.get(path)
-            if simple is not None:
-                if method not in ("GET", "HEAD"):
-                    raise MethodNotAllowed(f"{path} answers GET", allow="GET")
-                return await simple(request_id, head)
-        raise NotFound(f"no route {method} {path[:_MAX_PATH_IN_DETAIL]}")
+        exchange = Exchange(head, request_id)
+        scope[_EXCHANGE] = exchange
+        await self._router(scope, receive, send)
+        return exchange.answer
 
-    async def _api(
-        self,
-        scope: Scope,
-        first: str,
-        second: str,
-        head: RequestHead,
-        request_id: str,
-        receive: Receive,
-        send: Send,
-    ) -> Answer | None:
-        method: str = scope["method"]
-        if first == _EVENTS:
-            if method != "GET":
-                raise MethodNotAllowed("event streams are read with GET", allow="GET")
-            await self._events(scope, second, head, request_id, receive, send)
-            return None
-        if first == _JOBS:
-            if method != "GET":
-                raise MethodNotAllowed("job status is read with GET", allow="GET")
-            assert self._jobs is not None
-            caller = credentials(head.authorization, self._client_ip(scope, head))
-            return await self._jobs.status(second, caller)
-        if method != "POST":
-            raise MethodNotAllowed("operations are called with POST", allow="POST")
+    async def _operation(
+        self, scope: Scope, exchange: Exchange, receive: Receive, _: Send
+    ) -> Answer:
+        """`POST /v1/{op}/{action}`: the request, forwarded to the op's workers."""
+        params = scope["path_params"]
+        op, action = params["op"], params["action"]
         try:
-            client_subject(first, second)  # validated (and cached) before anything is read
+            client_subject(op, action)  # validated (and cached) before anything is read
         except InvalidRequest:
-            raise NotFound(f"no operation {first[:64]!r}.{second[:64]!r}") from None
+            raise NotFound(f"no operation {op[:64]!r}.{action[:64]!r}") from None
         assert self._operations is not None
+        head = exchange.head
         client_ip = self._client_ip(scope, head)
-        return await self._operations.handle(first, second, head, request_id, client_ip, receive)
+        return await self._operations.handle(
+            op, action, head, exchange.request_id, client_ip, receive
+        )
 
-    async def _ops(self, scope: Scope, head: RequestHead) -> Answer:
+    async def _job(self, scope: Scope, exchange: Exchange, _: Receive, __: Send) -> Answer:
+        """`GET /v1/jobs/{id}`: a job's status document."""
+        assert self._jobs is not None
+        caller = credentials(exchange.head.authorization, self._client_ip(scope, exchange.head))
+        return await self._jobs.status(scope["path_params"]["id"], caller)
+
+    async def _healthz(self, _: Scope, __: Exchange, ___: Receive, ____: Send) -> Answer:
+        assert self._probes is not None
+        return self._probes.healthz()
+
+    async def _readyz(self, _: Scope, exchange: Exchange, __: Receive, ___: Send) -> Answer:
+        assert self._probes is not None
+        return await self._probes.readyz(exchange.request_id)
+
+    async def _metrics(self, _: Scope, exchange: Exchange, __: Receive, ___: Send) -> Answer:
+        assert self._probes is not None
+        return self._probes.metrics(exchange.head.accept)
+
+    async def _openapi(self, _: Scope, __: Exchange, ___: Receive, ____: Send) -> Answer:
+        assert self._probes is not None
+        return self._probes.openapi()
+
+    async def _asyncapi(self, _: Scope, __: Exchange, ___: Receive, ____: Send) -> Answer:
+        return self._catalog.asyncapi()
+
+    async def _docs(self, _: Scope, __: Exchange, ___: Receive, ____: Send) -> Answer:
+        return self._catalog.page()
+
+    async def _asset(self, scope: Scope, _: Exchange, __: Receive, ___: Send) -> Answer:
+        return self._catalog.asset(scope["path_params"]["name"])
+
+    async def _ops(self, scope: Scope, exchange: Exchange, _: Receive, __: Send) -> Answer:
         """`GET /v1/ops`: any valid token may list the declared operations."""
         assert self._authz is not None and self._registry is not None
+        head = exchange.head
         caller = credentials(head.authorization, self._client_ip(scope, head))
         await self._authz.authenticate(caller)
         return ops_answer(await self._registry.listing())
 
-    async def _ticket(self, scope: Scope, topic: str, head: RequestHead) -> Answer:
+    async def _ticket(self, scope: Scope, exchange: Exchange, _: Receive, __: Send) -> Answer:
         """`POST /v1/events/{topic}/ticket`: a one-use, short-lived ticket for one stream."""
         assert self._authz is not None and self._tickets is not None
+        topic: str = scope["path_params"]["topic"]
+        head = exchange.head
         check_token(topic, "topic")
         caller = credentials(head.authorization, self._client_ip(scope, head))
         await self._authz.authorize(caller, *_STREAM_OP)  # as the stream itself would
@@ -441,16 +491,13 @@ class ShimApp:
         return self._proxies.client_ip(peer, head.forwarded_for)
 
     async def _events(
-        self,
-        scope: Scope,
-        topic: str,
-        head: RequestHead,
-        request_id: str,
-        receive: Receive,
-        send: Send,
+        self, scope: Scope, exchange: Exchange, receive: Receive, send: Send
     ) -> None:
+        """`GET /v1/events/{topic}`: a server-sent event stream (answers nothing itself)."""
         assert self._streams is not None and self._gateway is not None
         assert self._authz is not None
+        topic: str = scope["path_params"]["topic"]
+        head, request_id = exchange.head, exchange.request_id
         check_token(topic, "topic")
         query = scope.get("query_string", b"")
         after = last_event_id(head.last_event_id, query)

@@ -260,6 +260,13 @@ async def test_msgpack_in_and_out(client: httpx.AsyncClient, uid: str) -> None:
         ("GET", "/v1/data/get", 405, "method_not_allowed"),
         ("POST", "/healthz", 405, "method_not_allowed"),
         ("POST", "/v1/events/topic", 405, "method_not_allowed"),
+        # Starlette's router: its own plain-text 404/405 and slash redirects never show.
+        ("GET", "/v1/ops/", 404, "not_found"),
+        ("GET", "/healthz/", 404, "not_found"),
+        ("POST", "/v1/jobs/some-id", 405, "method_not_allowed"),
+        ("GET", "/v1/events/topic/ticket", 405, "method_not_allowed"),
+        ("POST", "/docs/swagger-ui.css", 405, "method_not_allowed"),
+        ("GET", "/docs/nope.js", 404, "not_found"),
     ],
 )
 async def test_unknown_routes_and_methods_are_problems(

@@ -3,25 +3,34 @@
 Each client sends random gets, puts (of values unique in the whole run) and deletes on a few
 keys, back to back, over HTTP (the shim) or NATS (the gateway client), and records every
 operation with the times it was sent and answered (`tests.linearizability.Op`). A put or a
-delete that failed has an unknown outcome; a failed get says nothing and is left out.
+delete that failed has an unknown outcome; a failed get says nothing and is left out, and so
+does a stale-if-error answer (`Nexus-Stale-Age`): the contract marks it as possibly old, so
+it is counted, not checked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from nexus_bus import Gateway, NotFound
+from nexus_bus.constants import H_STALE_AGE
 from tests.linearizability import Action, Op
 
 # (action, payload) -> (status, body); raising means no answer.
 Send = Callable[[str, dict[str, Any]], Awaitable[tuple[int, dict[str, Any]]]]
+
+
+class StaleAnswer(Exception):
+    """A read answered from the cache on failure, marked `Nexus-Stale-Age`."""
 
 
 def over_http(client: httpx.AsyncClient, token: str, timeout_s: float) -> Send:
@@ -32,6 +41,8 @@ def over_http(client: httpx.AsyncClient, token: str, timeout_s: float) -> Send:
         response = await client.post(
             f"/v1/data/{action}", json=payload, headers=headers, timeout=timeout_s
         )
+        if H_STALE_AGE in response.headers:
+            raise StaleAnswer(response.headers[H_STALE_AGE])
         return response.status_code, response.json()
 
     return send
@@ -55,7 +66,17 @@ class Recorder:
     def __init__(self) -> None:
         self.ops: list[Op] = []
         self.errors: list[str] = []
+        self.stale_answers = 0
         self._values = itertools.count()
+
+    def dump(self, key: str, path: Path) -> Path:
+        """Write `key`'s history as JSON lines (one Op each) to `path`, for a failure report."""
+        with path.open("w") as out:
+            for op in self.ops:
+                if op.key == key:
+                    out.write(json.dumps([op.action, op.value, op.invoke, op.complete, op.client]))
+                    out.write("\n")
+        return path
 
     def value(self, client: str) -> str:
         """A value written once in the whole run."""
@@ -79,6 +100,9 @@ class Recorder:
         start = time.monotonic()
         try:
             status, body = await send("get", {"key": key})
+        except StaleAnswer:
+            self.stale_answers += 1
+            return
         except Exception as exc:  # no answer: a read that says nothing
             self.errors.append(f"get: {exc!r}")
             return

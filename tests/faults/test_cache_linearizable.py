@@ -160,9 +160,13 @@ async def _clients(
         await gateway.close()
 
 
-def _assert_history(recorder: Recorder, keys: list[str]) -> None:
+def _assert_history(recorder: Recorder, keys: list[str], report_dir: Path) -> None:
     report = check_history(recorder.ops)
-    assert report.problems == [], "\n".join(report.problems[:20])
+    if report.problems:  # each failing register's history, to replay the checker on
+        dumps = [str(recorder.dump(key, report_dir / f"{key}.jsonl")) for key in keys]
+        problems = "\n".join(report.problems[:20])
+        raise AssertionError(f"{problems}\nhistories: {dumps}; stale answers left out: "
+                             f"{recorder.stale_answers}")
     # The complete search must have finished on most keys (the direct checks ran on all).
     assert len(report.inconclusive) < len(keys), report.inconclusive
     reads = [op for op in recorder.ops if op.action is Action.READ and op.value is not None]
@@ -174,7 +178,11 @@ def _assert_history(recorder: Recorder, keys: list[str]) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_registers_stay_linearizable_while_workers_pause_die_and_redis_restarts(
-    local_nats: ServerProcess, local_redis: ServerProcess, processes: Processes, uid: str
+    local_nats: ServerProcess,
+    local_redis: ServerProcess,
+    processes: Processes,
+    uid: str,
+    tmp_path: Path,
 ) -> None:
     http_port = free_port()
     for n in range(3):
@@ -200,7 +208,7 @@ async def test_registers_stay_linearizable_while_workers_pause_die_and_redis_res
         await asyncio.sleep(0.8)
         processes.signal("w2", signal.SIGCONT)
         await asyncio.sleep(1.5)
-    _assert_history(recorder, keys)
+    _assert_history(recorder, keys, tmp_path)
 
 
 async def _in_process_history(nats_url: str, redis_url: str, uid: str, seconds: float) -> Recorder:
@@ -226,6 +234,7 @@ async def test_the_checker_catches_an_l1_that_skips_the_lease_wait(
     local_redis: ServerProcess,
     uid: str,
     planted: bool,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The planted bug is the L1 that docs/cache.md used to rule out for `data`: writes return
@@ -248,4 +257,4 @@ async def test_the_checker_catches_an_l1_that_skips_the_lease_wait(
         problems = check(recorder.ops)
         assert any("stale read" in p for p in problems), "the planted bug went unnoticed"
     else:
-        _assert_history(recorder, [f"planted.{uid}.{n}" for n in range(3)])
+        _assert_history(recorder, [f"planted.{uid}.{n}" for n in range(3)], tmp_path)

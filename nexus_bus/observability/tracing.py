@@ -1,8 +1,8 @@
 """Distributed tracing with OpenTelemetry: off unless an OTLP endpoint is configured.
 
-`configure_tracing` sets up one SDK tracer provider for the process (parent-based ratio
-sampling, a batch processor, OTLP over HTTP/protobuf; `tracing_sdk.py`, imported only then)
-and keeps it in `TRACING`. The request
+`configure_tracing` sets up one SDK tracer provider for the process (parent-based
+sampling, the ratio applied by `Tracing.span` to new traces, a batch processor, OTLP over
+HTTP/protobuf; `tracing_sdk.py`, imported only then) and keeps it in `TRACING`. The request
 path asks `TRACING.enabled` once per hop and otherwise does nothing: with tracing off no
 span object, context or header is made, so the cost is an attribute read.
 
@@ -15,12 +15,21 @@ format, so a span's trace id is the caller's trace id.
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from nexus_bus.config import TracingSettings
@@ -33,6 +42,7 @@ __all__ = ["TRACING", "SpanKind", "Tracing", "configure_tracing", "mark_error"]
 
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 _NOTHING: Final = contextlib.nullcontext()
+_UNSAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
 
 
 class Tracing:
@@ -42,11 +52,14 @@ class Tracing:
         self.enabled = False
         self.provider: TracerProvider | None = None
         self._tracer: trace.Tracer = trace.NoOpTracer()
+        self._ratio = 1.0
 
-    def install(self, provider: TracerProvider) -> None:
-        """Trace with `provider` from now on."""
+    def install(self, provider: TracerProvider, sample_ratio: float = 1.0) -> None:
+        """Trace with `provider` from now on, recording `sample_ratio` of the traces that
+        start here (`span` decides for a new trace; the provider's sampler follows parents)."""
         self.provider = provider
         self._tracer = provider.get_tracer("nexus_bus")
+        self._ratio = sample_ratio
         self.enabled = True
 
     def shutdown(self) -> None:
@@ -70,14 +83,20 @@ class Tracing:
 
         A shared do-nothing context manager when tracing is off. When the caller did not
         sample its trace, no span is made at all (it would record nothing), but its context
-        becomes current so that every span below knows the trace is not sampled.
+        becomes current so that every span below knows the trace is not sampled. A new
+        trace is sampled here, at the process's ratio, before the SDK is asked: one left
+        out gets only its ids (a trace id to propagate and log), no SDK span, which is most
+        of what tracing at a low ratio costs a request.
         """
         if not self.enabled:
             return _NOTHING
         parent = _PROPAGATOR.extract(parent_headers) if parent_headers is not None else None
         context = trace.get_current_span(parent).get_span_context()
-        if context.is_valid and not context.trace_flags.sampled:
-            return _NOTHING if parent is None else _Attached(parent)
+        if context.is_valid:
+            if not context.trace_flags.sampled:
+                return _NOTHING if parent is None else _Attached(parent)
+        elif self._ratio < 1.0 and random.random() >= self._ratio:
+            return _Attached(trace.set_span_in_context(_unsampled_root(), parent))
         return self._tracer.start_as_current_span(
             name, context=parent, kind=kind, attributes=attributes
         )
@@ -133,6 +152,18 @@ class Tracing:
         return f"{context.span_id:016x}" if context.is_valid else None
 
 
+def _unsampled_root() -> NonRecordingSpan:
+    """A new trace that is not recorded: random ids (never the invalid all-zero ones)."""
+    return NonRecordingSpan(
+        SpanContext(
+            trace_id=random.getrandbits(128) or 1,
+            span_id=random.getrandbits(64) or 1,
+            is_remote=False,
+            trace_flags=_UNSAMPLED,
+        )
+    )
+
+
 class _Attached:
     """Makes an OpenTelemetry context current for a block (a caller's unsampled trace)."""
 
@@ -183,6 +214,7 @@ def configure_tracing(
     from nexus_bus.observability.tracing_sdk import tracer_provider
 
     TRACING.install(
-        tracer_provider(settings, service, instance=instance, version=version, exporter=exporter)
+        tracer_provider(settings, service, instance=instance, version=version, exporter=exporter),
+        settings.sample_ratio,
     )
     return True

@@ -1,7 +1,8 @@
 """The OpenTelemetry SDK side of tracing, imported only when tracing is switched on.
 
 `tracer_provider` builds the process's provider: parent-based sampling around
-`EntrySampler`, a batch processor and OTLP over HTTP/protobuf (a simple processor for an
+`EntrySampler` (the ratio for new traces is applied before the SDK is asked, by
+`Tracing.span`), a batch processor and OTLP over HTTP/protobuf (a simple processor for an
 exporter a test passes in). `tracing.py` holds everything the request path touches, on the
 OpenTelemetry API alone, so a process with tracing off never loads the SDK.
 """
@@ -20,11 +21,11 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_ON,
     Decision,
     ParentBased,
     Sampler,
     SamplingResult,
-    TraceIdRatioBased,
 )
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.span import TraceState
@@ -36,15 +37,13 @@ _NEXUS_OP: Final = "nexus.op"  # on the spans of a request's own hops
 
 
 class EntrySampler(Sampler):
-    """Samples new traces at `ratio`, but only where a request starts one.
+    """Samples a new trace only where a request starts one.
 
-    A root span of a Redis command or a KV call (a client span not made by the gateway,
-    which marks its spans with `nexus.op`) is background work outside any request, and is
-    dropped rather than exported as a trace of one span.
+    `Tracing.span` has already applied the sampling ratio to a request's new trace (one it
+    left out never reaches the SDK). A root span of a Redis command or a KV call (a client
+    span not made by the gateway, which marks its spans with `nexus.op`) is background work
+    outside any request, and is dropped rather than exported as a trace of one span.
     """
-
-    def __init__(self, ratio: float) -> None:
-        self._ratio = TraceIdRatioBased(ratio)
 
     def should_sample(
         self,
@@ -61,13 +60,13 @@ class EntrySampler(Sampler):
             attributes and _NEXUS_OP in attributes
         ):
             return SamplingResult(Decision.DROP)
-        return self._ratio.should_sample(
+        return ALWAYS_ON.should_sample(
             parent_context, trace_id, name, kind, attributes, links, trace_state
         )
 
     def get_description(self) -> str:
         """What the sampler does, for debugging output."""
-        return f"EntrySampler({self._ratio.get_description()})"
+        return "EntrySampler"
 
 
 def tracer_provider(
@@ -92,7 +91,7 @@ def tracer_provider(
         {"service.name": service, "service.instance.id": instance, "service.version": version}
     )
     provider = TracerProvider(
-        resource=resource, sampler=ParentBased(EntrySampler(settings.sample_ratio))
+        resource=resource, sampler=ParentBased(EntrySampler())
     )
     provider.add_span_processor(processor)
     return provider

@@ -1,0 +1,80 @@
+"""Sampling of new traces: `Tracing.span` applies the ratio before the SDK is asked, so a
+trace left out costs only its ids, and the provider's sampler follows the parent's decision."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from nexus_bus.config import TracingSettings
+from nexus_bus.observability.tracing import TRACING, SpanKind, configure_tracing
+
+SAMPLED_PARENT = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+UNSAMPLED_PARENT = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"}
+
+
+@pytest.fixture
+def exported(request: pytest.FixtureRequest) -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    settings = TracingSettings(sample_ratio=request.param)
+    configure_tracing(settings, "nexus-test", instance="t", version="0", exporter=exporter)
+    try:
+        yield exporter
+    finally:
+        TRACING.shutdown()
+
+
+def _sampled(traceparent: str) -> bool:
+    return bool(int(traceparent[-2:], 16) & 1)  # the sampled bit (0x02 marks a random id)
+
+
+def _roots(n: int) -> list[str]:
+    """Start `n` new traces with a step each; the `traceparent` each would send on."""
+    sent = []
+    for _ in range(n):
+        with TRACING.span("GET /x", kind=SpanKind.SERVER), TRACING.step("authenticate"):
+            headers: dict[str, str] = {}
+            TRACING.inject(headers)
+            sent.append(headers["traceparent"])
+    return sent
+
+
+@pytest.mark.parametrize("exported", [0.0], indirect=True)
+def test_ratio_zero_records_nothing_but_still_propagates_a_trace(
+    exported: InMemorySpanExporter,
+) -> None:
+    sent = _roots(50)
+    assert exported.get_finished_spans() == ()
+    assert len(set(sent)) == 50 and not any(map(_sampled, sent))
+    assert all(TRACING.current_trace_id(sampled=False) is None for _ in sent)  # detached
+    # A sampled caller decides for us, whatever the ratio.
+    with TRACING.span("process", kind=SpanKind.CONSUMER, parent_headers=SAMPLED_PARENT):
+        pass
+    (span,) = exported.get_finished_spans()
+    assert f"{span.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
+
+
+@pytest.mark.parametrize("exported", [0.25], indirect=True)
+def test_a_ratio_records_that_share_of_new_traces_whole(exported: InMemorySpanExporter) -> None:
+    sent = _roots(2000)
+    spans = exported.get_finished_spans()
+    roots = [s for s in spans if s.parent is None]
+    assert 400 < len(roots) < 600  # 500 expected; 6 standard deviations either way
+    assert len(spans) == 2 * len(roots)  # each recorded trace keeps its step
+    assert sum(map(_sampled, sent)) == len(roots)
+
+
+@pytest.mark.parametrize("exported", [1.0], indirect=True)
+def test_ratio_one_records_every_trace_and_follows_an_unsampled_caller(
+    exported: InMemorySpanExporter,
+) -> None:
+    _roots(20)
+    assert len(exported.get_finished_spans()) == 40
+    with (
+        TRACING.span("process", kind=SpanKind.CONSUMER, parent_headers=UNSAMPLED_PARENT),
+        TRACING.step("handle"),
+    ):
+        pass
+    assert len(exported.get_finished_spans()) == 40

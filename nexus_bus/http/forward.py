@@ -27,11 +27,23 @@ from nexus_bus.constants import (
     PREFER_ASYNC,
     T_HTTP,
 )
-from nexus_bus.errors import InternalError, InvalidRequest, NexusError, UpstreamTimeout
+from nexus_bus.errors import (
+    InternalError,
+    InvalidRequest,
+    NexusError,
+    PayloadTooLarge,
+    UpstreamTimeout,
+)
 from nexus_bus.http.jobs import JobRoutes
 from nexus_bus.http.labels import OperationLabels
 from nexus_bus.http.problems import Answer, ClientGone, retry_after_of, status_headers
-from nexus_bus.http.request import Receive, RequestHead, declared_length, read_body
+from nexus_bus.http.request import (
+    Receive,
+    RequestHead,
+    declared_length,
+    discard_body,
+    read_body,
+)
 from nexus_bus.observability import METRICS
 from nexus_bus.observability.tracing import TRACING
 from nexus_bus.policies.headers import passed_headers
@@ -181,7 +193,11 @@ class OperationRoute:
         media = "json"
         if content_type is not None and content_type != CT_JSON:
             media = codec.media_type(content_type)  # 415 for anything but JSON or MessagePack
-        declared_length(head, self._max_body)  # 413 before reading a byte
+        try:
+            declared_length(head, self._max_body)  # 413 before buffering a byte
+        except PayloadTooLarge:
+            await discard_body(receive)  # so that the client reads the 413
+            raise
         body = await read_body(receive, self._max_body, self._read_timeout_s)
         timeout_s = budget_s(head.timeout_ms, default_ms=self._default_ms, max_ms=self._max_ms)
         headers = bus_headers(self._gateway, head, request_id, client_ip, timeout_s, media)

@@ -9,6 +9,7 @@ timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final
 
@@ -139,6 +140,28 @@ def declared_length(head: RequestHead, limit: int) -> int | None:
     return length
 
 
+# How much of a refused body is read (and dropped) before the 413 goes out, and for how long:
+# answering while the client still sends makes the server close a socket with unread data,
+# and the kernel then resets the connection before the client has read the answer (NGINX's
+# "lingering close" exists for this). Past these bounds the client may see the reset.
+DRAIN_BYTES: Final = 1 << 20
+DRAIN_S: Final = 0.5
+
+
+async def discard_body(receive: Receive) -> None:
+    """Read and drop the rest of a refused body, within `DRAIN_BYTES` and `DRAIN_S`."""
+    budget = DRAIN_BYTES
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_S):
+            while budget > 0:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                budget -= len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+
+
 async def read_body(receive: Receive, limit: int, timeout_s: float | None) -> bytes:
     """Read the whole body, refusing it as soon as it crosses `limit`.
 
@@ -177,6 +200,7 @@ async def _read(receive: Receive, limit: int) -> bytes:
 async def _read_rest(receive: Receive, buffer: bytearray, limit: int) -> bytes:
     while True:
         if len(buffer) > limit:
+            await discard_body(receive)  # so that the client reads the 413
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
         message = await receive()
         if message["type"] != "http.request":

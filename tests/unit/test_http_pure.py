@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import msgspec
@@ -28,7 +30,7 @@ from nexus_bus.http.problems import (
     retry_after_of,
     status_headers,
 )
-from nexus_bus.http.request import declared_length, parse_head, read_body
+from nexus_bus.http.request import DRAIN_BYTES, DRAIN_S, declared_length, parse_head, read_body
 from nexus_bus.http.sse import event_frame, last_event_id, retry_frame
 
 # --- client address ---------------------------------------------------------------------
@@ -191,12 +193,37 @@ async def test_read_body_refuses_as_soon_as_the_limit_is_crossed() -> None:
     parts = receiver(
         {"type": "http.request", "body": b"x" * 6, "more_body": True},
         {"type": "http.request", "body": b"x" * 6, "more_body": True},
-        # never reached: the limit was crossed at the second chunk
+        # the limit is crossed: the rest is read and dropped, not kept, so that the client
+        # has finished sending when the 413 goes out (no reset before it reads it)
+        {"type": "http.request", "body": b"x" * 6, "more_body": False},
     )
     with pytest.raises(PayloadTooLarge):
         await read_body(parts, 10, None)
     with pytest.raises(PayloadTooLarge):
         await read_body(receiver({"type": "http.request", "body": b"x" * 11}), 10, None)
+
+
+async def test_a_refused_body_is_drained_only_so_far() -> None:
+    chunk = 64 * 1024
+    read = 0
+
+    async def endless() -> dict[str, Any]:
+        nonlocal read
+        read += chunk
+        return {"type": "http.request", "body": b"x" * chunk, "more_body": True}
+
+    with pytest.raises(PayloadTooLarge):
+        await read_body(endless, 10, None)
+    assert DRAIN_BYTES <= read <= DRAIN_BYTES + 2 * chunk  # then the 413, whatever follows
+
+    async def trickle() -> dict[str, Any]:
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"x" * 8, "more_body": True}
+
+    started = time.monotonic()
+    with pytest.raises(PayloadTooLarge):
+        await read_body(trickle, 10, None)
+    assert time.monotonic() - started < DRAIN_S + 0.3
 
 
 async def test_read_body_client_gone() -> None:

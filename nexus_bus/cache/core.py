@@ -325,15 +325,41 @@ class Cache:
 
     # -- writes --------------------------------------------------------------------------
 
-    async def write(self, namespace: str, key: str, entry: Entry, policy: CachePolicy) -> None:
+    async def seal(self, namespace: str, key: str, policy: CachePolicy) -> bool:
+        """Before a write of `key` reaches the system of record: take back every L1 copy of
+        it and grant no new one for a lease (never raises).
+
+        Without it a running write's value is visible (in the KV, then in Redis) while an
+        L1 that has not handled its revocation yet still serves the old one: a read could see
+        the new value and a later read the old. After `seal` returns, no L1 holds the key,
+        and none takes it until the write has replaced the entry (`write` or `invalidate`
+        with `sealed=True`, which this returns) or one lease has passed. When the store
+        cannot be reached the write goes on without it (`write` then covers the completed
+        write as before: docs/cache.md).
+        """
+        if self._local is None or policy.local_ms <= 0:
+            return False  # no L1 for this namespace: nothing to take back
+        ck = self.key(namespace, key)
+        sealed = await self._attempt(self._store.seal, ck, hold_ms=policy.local_ms)
+        self._local.drop(ck.entry)
+        if sealed is None:
+            return False
+        # A young Redis's unknown holders are waited for by `write`, as before.
+        await self._revoke(ck, UNVERSIONED, Written(sealed.stored, sealed.holders))
+        return True
+
+    async def write(
+        self, namespace: str, key: str, entry: Entry, policy: CachePolicy, *, sealed: bool = False
+    ) -> None:
         """Write `entry` through after the system of record accepted it (never raises).
 
         A versioned entry is stored unless the cache already holds a newer revision. An
         unversioned value replaces the entry and revokes the lease, so that a load started
         before this write cannot fill afterwards. An unversioned absence is an `invalidate`.
+        `sealed`: this write sealed the key first (`seal`), and ends that seal.
         """
         if not entry.versioned and entry.kind is not Kind.VALUE:
-            await self.invalidate(namespace, key, policy)
+            await self.invalidate(namespace, key, policy, sealed=sealed)
             return
         if entry.kind is Kind.ABSENT and not policy.caches_absence:
             entry = Entry.fence(entry.revision)  # still outranks late fills of the old value
@@ -342,6 +368,7 @@ class Cache:
         written = await self._attempt(
             self._store.fill, ck, entry, ttl_ms=expiry.ttl_ms, stale_ms=expiry.stale_ms,
             drop_lease=not entry.versioned, collect=True, hold_ms=policy.local_ms,
+            unseal=sealed,
         )
         if self._local is not None:
             self._local.drop(ck.entry)  # after the script: reads sent before it are refused
@@ -353,10 +380,15 @@ class Cache:
             await self._revoke(ck, entry.revision, written)
         await self._announce(Notice(key=ck.entry, revision=entry.revision, origin=self.origin))
 
-    async def invalidate(self, namespace: str, key: str, policy: CachePolicy) -> None:
-        """Drop `key` and revoke its lease: the invalidation of unversioned entries."""
+    async def invalidate(
+        self, namespace: str, key: str, policy: CachePolicy, *, sealed: bool = False
+    ) -> None:
+        """Drop `key` and revoke its lease: the invalidation of unversioned entries
+        (`sealed`: as for `write`)."""
         ck = self.key(namespace, key)
-        evicted = await self._attempt(self._store.evict, ck, hold_ms=policy.local_ms)
+        evicted = await self._attempt(
+            self._store.evict, ck, hold_ms=policy.local_ms, unseal=sealed
+        )
         if self._local is not None:
             self._local.drop(ck.entry)
         if evicted is None:

@@ -153,18 +153,28 @@ class EntryStore(Protocol):
         drop_lease: bool = False,
         collect: bool = False,
         hold_ms: int = 0,
+        unseal: bool = False,
     ) -> Written:
         """Store `entry` if `accepts` allows it (and, with `need_lease`, if `token` holds the
         lease); the entry lives `ttl_ms`, of which the last `stale_ms` are stale. Releases the
         lease held by `token`, or any lease with `drop_lease`. With `collect` (a write, not a
         fill), every live read lease of the key is returned and cleared, and a store younger
-        than `hold_ms` says how much longer to wait.
+        than `hold_ms` says how much longer to wait; with `unseal`, the write ends the seal
+        it took (`seal`).
         """
         ...
 
-    async def evict(self, key: CacheKey, *, hold_ms: int = 0) -> Written:
+    async def evict(self, key: CacheKey, *, hold_ms: int = 0, unseal: bool = False) -> Written:
         """Remove the entry and revoke its lease (the invalidation of unversioned entries),
-        collecting its read leases like a write; `stored`: whether an entry was there."""
+        collecting its read leases like a write (and ending its seal, with `unseal`);
+        `stored`: whether an entry was there."""
+        ...
+
+    async def seal(self, key: CacheKey, *, hold_ms: int) -> Written:
+        """Before a write reaches the system of record: collect the key's read leases like a
+        write, and grant none (reads still answer, unheld) until the write's `fill` or `evict`
+        with `unseal`, or `hold_ms` at most, so that no L1 keeps the value the write replaces
+        while the new one is visible anywhere."""
         ...
 
     async def release(self, key: CacheKey, token: str) -> None:

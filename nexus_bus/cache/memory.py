@@ -45,6 +45,7 @@ class MemoryEntryStore:
         self._entries: dict[str, _Stored] = {}
         self._leases: dict[str, tuple[str, float]] = {}
         self._holders: dict[str, dict[str, float]] = {}
+        self._seals: dict[str, tuple[int, float]] = {}  # entry -> (writes sealing, until)
         # When this store's state began: never lost until `restart()` (Redis records it in
         # `<prefix>:epoch`, and a missing epoch counts as just begun).
         self._since = -float("inf")
@@ -56,6 +57,7 @@ class MemoryEntryStore:
         self._entries.clear()
         self._leases.clear()
         self._holders.clear()
+        self._seals.clear()
         self._since = self._clock()
 
     def _check(self) -> float:
@@ -115,12 +117,20 @@ class MemoryEntryStore:
             return Lookup(None, lease=self._take_lease(key.lease, token, lease_ms, now))
         stale = stored.stale_s > 0 and stored.expires_at - now <= stored.stale_s
         lease = stale and self._take_lease(key.lease, token, lease_ms, now)
-        if holder:
+        held = bool(holder) and not self._sealed(key.entry, now)
+        if held:
             holders = self._holders.setdefault(key.entry, {})
             holders[holder] = max(holders.get(holder, now), now + hold_ms / 1000)
-        return Lookup(stored.entry, stale=stale, lease=lease, held=bool(holder))
+        return Lookup(stored.entry, stale=stale, lease=lease, held=held)
 
-    def _collect(self, key: CacheKey, hold_ms: int, now: float) -> Written:
+    def _sealed(self, name: str, now: float) -> bool:
+        count, until = self._seals.get(name, (0, 0.0))
+        return count > 0 and until > now
+
+    def _collect(self, key: CacheKey, hold_ms: int, now: float, unseal: bool = False) -> Written:
+        if unseal and self._sealed(key.entry, now):
+            count, until = self._seals[key.entry]
+            self._seals[key.entry] = (count - 1, until)
         holders = self._holders.pop(key.entry, {})
         live = tuple(
             Holder(origin, max(1, round((until - now) * 1000)))
@@ -144,6 +154,7 @@ class MemoryEntryStore:
         drop_lease: bool = False,
         collect: bool = False,
         hold_ms: int = 0,
+        unseal: bool = False,
     ) -> Written:
         """See `EntryStore.fill`."""
         now = self._check()
@@ -158,17 +169,27 @@ class MemoryEntryStore:
             self._leases.pop(key.lease, None)
         if not collect:
             return Written(stored)
-        written = self._collect(key, hold_ms, now)
+        written = self._collect(key, hold_ms, now, unseal)
         return Written(stored, written.holders, written.wait_ms)
 
-    async def evict(self, key: CacheKey, *, hold_ms: int = 0) -> Written:
+    async def evict(self, key: CacheKey, *, hold_ms: int = 0, unseal: bool = False) -> Written:
         """See `EntryStore.evict`."""
         now = self._check()
         existed = self._live(key.entry, now) is not None
         self._entries.pop(key.entry, None)
         self._leases.pop(key.lease, None)
-        written = self._collect(key, hold_ms, now)
+        written = self._collect(key, hold_ms, now, unseal)
         return Written(existed, written.holders, written.wait_ms)
+
+    async def seal(self, key: CacheKey, *, hold_ms: int) -> Written:
+        """See `EntryStore.seal`."""
+        now = self._check()
+        written = self._collect(key, hold_ms, now)
+        count, until = self._seals.get(key.entry, (0, 0.0))
+        if until <= now:
+            count = 0
+        self._seals[key.entry] = (count + 1, max(until, now + hold_ms / 1000))
+        return Written(True, written.holders, written.wait_ms)
 
     async def release(self, key: CacheKey, token: str) -> None:
         """See `EntryStore.release`."""

@@ -7,6 +7,8 @@
 - `delete` writes a tombstone carrying the delete marker's revision, so a fill of the value
   it deleted that was already in flight cannot bring it back.
 
+Before either reaches the KV, the key is sealed (`Cache.seal`): every L1 copy is taken back
+and none is handed out for a lease, so no read sees the old value after any read saw the new.
 After `put` or `delete` returns, every `get` in any worker sees that write or a newer one:
 either the entry was written through, or a peer fenced it, or every worker holds a floor for
 it (see `core.py`). This store must be the outermost wrapper of the records: a wrapper that
@@ -84,16 +86,20 @@ class CachedRecordStore:
             Unavailable / UpstreamTimeout: the KV cannot be reached.
         """
         check_key(key)
+        sealed = await self._cache.seal(self._namespace, key, self._policy)  # L1s let go
         try:
             revision = await self._inner.put(key, value, expected_revision=expected_revision)
         except Conflict:
+            if sealed:  # nothing was written: end the seal with the entry as it is
+                await self._write_head(key, sealed=True)
             raise
         except Exception:
             # The write may have landed anyway (a timeout after the KV stored it): make sure
             # the cache does not keep serving the value it replaced.
-            await self._write_head(key)
+            await self._write_head(key, sealed=sealed)
             raise
-        await self._cache.write(self._namespace, key, Entry.of(value, revision), self._policy)
+        entry = Entry.of(value, revision)
+        await self._cache.write(self._namespace, key, entry, self._policy, sealed=sealed)
         return revision
 
     async def delete(self, key: str) -> bool:
@@ -104,12 +110,13 @@ class CachedRecordStore:
             Unavailable / UpstreamTimeout: the KV cannot be reached.
         """
         check_key(key)
+        sealed = await self._cache.seal(self._namespace, key, self._policy)
         try:
             return await self._inner.delete(key)
         finally:
             # The head read after the delete carries its marker's revision (or a newer
             # write's); on failure it repairs whatever the cache held.
-            await self._write_head(key)
+            await self._write_head(key, sealed=sealed)
 
     async def keys(self, prefix: str = "", limit: int = 100) -> list[str]:
         """Live keys starting with `prefix`, straight from the KV (listings are not cached).
@@ -119,12 +126,14 @@ class CachedRecordStore:
         """
         return await self._inner.keys(prefix, limit)
 
-    async def _write_head(self, key: str) -> None:
+    async def _write_head(self, key: str, *, sealed: bool = False) -> None:
         try:
             head = await self._heads.head(key)
         except Exception:
             # The KV cannot be read either (the caller's own error says why): evicting is
             # the best left to do, and its failure is handled inside the cache.
-            await self._cache.invalidate(self._namespace, key, self._policy)
+            await self._cache.invalidate(self._namespace, key, self._policy, sealed=sealed)
             return
-        await self._cache.write(self._namespace, key, entry_of(head), self._policy)
+        await self._cache.write(
+            self._namespace, key, entry_of(head), self._policy, sealed=sealed
+        )

@@ -43,7 +43,8 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 # KEYS: entry, lease, holders[, epoch]. ARGV: token, lease ms, min revision, holder, hold ms.
 # Returns {0, lease} for a miss, or {1 fresh | 2 stale, lease, revision, kind, value, held}.
 # A usable entry read by a `holder` records its read lease (until now + hold ms) in the
-# holders hash, in the same atomic step: a write that runs later finds it there.
+# holders hash, in the same atomic step: a write that runs later finds it there. While the
+# key is sealed (a write is under way, `SEAL_LUA`) no lease is granted: the entry is not held.
 READ_LUA = """
 local e = redis.call('HMGET', KEYS[1], 'r', 'k', 'v', 'w')
 local status = 0
@@ -63,6 +64,10 @@ if status == 0 then return {0, lease} end
 local held = 0
 if ARGV[4] ~= '' then
 """ + _NOW_LUA + """
+  local seal = redis.call('HMGET', KEYS[3], '!seals', '!until')
+  if tonumber(seal[1] or 0) > 0 and tonumber(seal[2] or 0) > now then
+    return {status, lease, e[1], e[2], e[3], 0}  -- a write is under way: no read lease
+  end
   local hold = tonumber(ARGV[5])
   local until_ms = now + hold
   local prior = tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or 0)
@@ -76,16 +81,27 @@ return {status, lease, e[1], e[2], e[3], held}
 """
 
 # Shared by writes: collect and clear the live read leases of KEYS[3] into `out` (holder,
-# remaining ms pairs after out[1], out[2]), and set out[2] to how long a write must still
-# wait when the epoch KEYS[4] is younger than one hold (ARGV[hold_arg]): the holders of a
-# Redis that restarted or was flushed are lost with it, and ran at most one hold past it.
+# remaining ms pairs after out[1], out[2]); keep the seals of other writes still under way
+# (the count of sealed writes, `!seals`, less this one's when ARGV[unseal_arg] is 1, until
+# `!until` at the latest: a writer that died leaves its seal for one hold); and set out[2]
+# to how long a write must still wait when the epoch KEYS[4] is younger than one hold
+# (ARGV[hold_arg]): the holders of a Redis that restarted or was flushed are lost with it,
+# and ran at most one hold past it.
 _COLLECT_LUA = """
 local h = redis.call('HGETALL', KEYS[3])
+local seals, sealed_until = 0, 0
 for i = 1, #h, 2 do
   local left = tonumber(h[i + 1]) - now
-  if left > 0 then out[#out + 1] = h[i]; out[#out + 1] = left end
+  if h[i] == '!seals' then seals = tonumber(h[i + 1])
+  elseif h[i] == '!until' then sealed_until = tonumber(h[i + 1])
+  elseif left > 0 then out[#out + 1] = h[i]; out[#out + 1] = left end
 end
 redis.call('DEL', KEYS[3])
+if ARGV[unseal_arg] == '1' then seals = seals - 1 end  -- this write's own seal ends
+if seals > 0 and sealed_until > now then  -- other writes still under way: keep theirs
+  redis.call('HSET', KEYS[3], '!seals', seals, '!until', sealed_until)
+  redis.call('PEXPIRE', KEYS[3], sealed_until - now)
+end
 local hold = tonumber(ARGV[hold_arg]) or 0
 if #KEYS >= 4 and hold > 0 then
   local since = tonumber(redis.call('GET', KEYS[4]) or 0)
@@ -95,7 +111,7 @@ end
 """
 
 # KEYS: entry, lease, holders[, epoch]. ARGV: revision, kind, value, ttl ms, stale ms, token,
-# need lease (0/1), drop lease (0/1), collect (0/1), hold ms. The accept rule is
+# need lease (0/1), drop lease (0/1), collect (0/1), hold ms, unseal (0/1). The accept rule is
 # `entries.accepts`. Returns {stored 0/1, wait ms, holder, remaining ms, ...}.
 FILL_LUA = """
 local holder = redis.call('GET', KEYS[2])
@@ -119,9 +135,28 @@ if ARGV[8] == '1' or (ARGV[6] ~= '' and holder == ARGV[6]) then
 end
 local out = {stored, 0}
 if ARGV[9] == '1' then
-  local hold_arg = 10
+  local hold_arg, unseal_arg = 10, 11
 """ + _COLLECT_LUA + """
 end
+return out
+"""
+
+# KEYS: entry, lease, holders[, epoch]. ARGV: hold ms. Before a write reaches the system of
+# record: collect the live read leases (like a write), and count the write as sealing the
+# key, so that no read lease is granted until it has replaced the entry (its write-through
+# unseals: FILL_LUA's and EVICT_LUA's `unseal`) or one hold has passed. Returns {1, wait ms,
+# holder, remaining ms, ...} like FILL_LUA.
+SEAL_LUA = _NOW_LUA + """
+local out = {1, 0}
+local hold_arg, unseal_arg = 1, 2
+""" + _COLLECT_LUA + """
+local hold = tonumber(ARGV[1])
+local seal = redis.call('HMGET', KEYS[3], '!seals', '!until')
+local seals, sealed_until = tonumber(seal[1] or 0), tonumber(seal[2] or 0)
+if sealed_until <= now then seals = 0 end
+if sealed_until < now + hold then sealed_until = now + hold end
+redis.call('HSET', KEYS[3], '!seals', seals + 1, '!until', sealed_until)
+redis.call('PEXPIRE', KEYS[3], sealed_until - now)
 return out
 """
 
@@ -131,14 +166,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: entry, lease, holders[, epoch]. ARGV: hold ms. One script rather than DEL with
+# KEYS: entry, lease, holders[, epoch]. ARGV: hold ms, unseal (0/1). One script rather than DEL with
 # several keys: redis-py's cluster client would split a multi-key DEL into one command per
 # key. Returns {existed 0/1, wait ms, holder, remaining ms, ...} like FILL_LUA.
 EVICT_LUA = _NOW_LUA + """
 local existed = redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2])
 local out = {existed, 0}
-local hold_arg = 1
+local hold_arg, unseal_arg = 1, 2
 """ + _COLLECT_LUA + """
 return out
 """
@@ -188,6 +223,7 @@ class RedisEntryStore:
         self._fill = client.register_script(FILL_LUA)
         self._release = client.register_script(RELEASE_LUA)
         self._evict = client.register_script(EVICT_LUA)
+        self._seal = client.register_script(SEAL_LUA)
 
     async def _run(self, what: str, call: Awaitable[T]) -> T:
         try:
@@ -213,7 +249,7 @@ class RedisEntryStore:
             CacheUnavailable: Redis did not answer within `timeout_s` (the cache still works
                 and fails open until it does).
         """
-        scripts = (self._read, self._fill, self._release, self._evict)
+        scripts = (self._read, self._fill, self._release, self._evict, self._seal)
         try:
             async with asyncio.timeout(timeout_s):
                 if isinstance(self._client, RedisCluster):
@@ -324,6 +360,7 @@ class RedisEntryStore:
         drop_lease: bool = False,
         collect: bool = False,
         hold_ms: int = 0,
+        unseal: bool = False,
     ) -> Written:
         """See `EntryStore.fill`.
 
@@ -332,17 +369,27 @@ class RedisEntryStore:
         """
         args = [
             entry.revision, entry.kind.value, entry.value, ttl_ms, stale_ms, token,
-            int(need_lease), int(drop_lease), int(collect), hold_ms,
+            int(need_lease), int(drop_lease), int(collect), hold_ms, int(unseal),
         ]
         return _written(await self._run("fill", self._fill(keys=self._keys(key), args=args)))
 
-    async def evict(self, key: CacheKey, *, hold_ms: int = 0) -> Written:
+    async def evict(self, key: CacheKey, *, hold_ms: int = 0, unseal: bool = False) -> Written:
         """See `EntryStore.evict`.
 
         Raises:
             CacheUnavailable: Redis failed or did not answer in time.
         """
-        reply = await self._run("evict", self._evict(keys=self._keys(key), args=[hold_ms]))
+        args = [hold_ms, int(unseal)]
+        reply = await self._run("evict", self._evict(keys=self._keys(key), args=args))
+        return _written(reply)
+
+    async def seal(self, key: CacheKey, *, hold_ms: int) -> Written:
+        """See `EntryStore.seal`.
+
+        Raises:
+            CacheUnavailable: Redis failed or did not answer in time.
+        """
+        reply = await self._run("seal", self._seal(keys=self._keys(key), args=[hold_ms, 0]))
         return _written(reply)
 
     async def release(self, key: CacheKey, token: str) -> None:

@@ -175,3 +175,42 @@ async def test_a_write_whose_answer_was_lost_after_it_ran_still_waits_out_the_ho
     assert time.monotonic() - started >= LEASE_S * 0.9
     assert peers.revoked == []  # the holders were cleared with the lost answer
     assert await read(holder) == b"new"
+
+
+async def test_a_seal_takes_every_l1_copy_back_before_the_write_and_grants_none_during_it(
+) -> None:
+    store, peers, a, b = pair()
+    await a.write("data", "k", Entry.of(b"old", 1), POLICY)
+    assert await read(b) == b"old"  # held by b
+    assert await a.seal("data", "k", POLICY)
+    assert peers.revoked == ["b"]  # taken back before the new value exists anywhere
+    calls = store.calls
+    assert await read(b) == b"old"  # the write has not happened: the old value, unheld
+    assert await read(b) == b"old" and store.calls == calls + 2  # not kept in b's L1
+    await a.write("data", "k", Entry.of(b"new", 2), POLICY, sealed=True)
+    assert await read(b) == b"new"  # unsealed by the write: held again
+    calls = store.calls
+    assert await read(b) == b"new" and store.calls == calls
+
+
+async def test_a_seal_lasts_until_every_sealing_write_ends_or_one_lease_passes() -> None:
+    store, _, a, b = pair()
+    await a.write("data", "k", Entry.of(b"v1", 1), POLICY)
+    assert await a.seal("data", "k", POLICY) and await b.seal("data", "k", POLICY)
+    await a.write("data", "k", Entry.of(b"v2", 2), POLICY, sealed=True)
+    await read(b)
+    calls = store.calls
+    await read(b)
+    assert store.calls == calls + 1  # b's own write still runs: not held
+    await asyncio.sleep(LEASE_S * 1.1)  # b died before its write: its seal ends anyway
+    await read(b)
+    calls = store.calls
+    await read(b)
+    assert store.calls == calls  # held again
+
+
+async def test_without_an_l1_or_a_store_there_is_nothing_to_seal() -> None:
+    store, _, a, _ = pair()
+    assert not await a.seal("data", "k", CachePolicy(ttl_s=60, local_ttl_s=0))
+    store.down = True
+    assert not await a.seal("data", "k", POLICY)

@@ -85,15 +85,25 @@ class Exchange:
     """One request on its way through the router: what a route's endpoint reads, and the
     answer it leaves for the shim to send (None: the endpoint streamed its own)."""
 
-    __slots__ = ("answer", "head", "request_id")
+    __slots__ = ("answer", "head", "receive", "request_id", "scope", "send")
 
-    def __init__(self, head: RequestHead, request_id: str) -> None:
+    def __init__(
+        self, scope: Scope, head: RequestHead, request_id: str, receive: Receive, send: Send
+    ) -> None:
+        self.scope = scope
         self.head = head
         self.request_id = request_id
+        self.receive = receive
+        self.send = send
         self.answer: Answer | None = None
 
+    def param(self, name: str) -> str:
+        """A path parameter of the matched route template."""
+        value: str = self.scope["path_params"][name]
+        return value
 
-Handler = Callable[[Scope, Exchange, Receive, Send], Awaitable[Answer | None]]
+
+Handler = Callable[[Exchange], Awaitable[Answer | None]]
 
 
 class _Endpoint:
@@ -115,7 +125,7 @@ class _Endpoint:
         if scope["method"] not in self._methods:
             raise MethodNotAllowed(self._refusal, allow=self._allow)
         exchange: Exchange = scope[_EXCHANGE]
-        exchange.answer = await self._handle(scope, exchange, receive, send)
+        exchange.answer = await self._handle(exchange)
 
 
 async def _no_route(scope: Scope, receive: Receive, send: Send) -> None:
@@ -412,74 +422,74 @@ class ShimApp:
     async def _route(
         self, scope: Scope, head: RequestHead, request_id: str, receive: Receive, send: Send
     ) -> Answer | None:
-        exchange = Exchange(head, request_id)
+        exchange = Exchange(scope, head, request_id, receive, send)
         scope[_EXCHANGE] = exchange
         await self._router(scope, receive, send)
         return exchange.answer
 
-    async def _operation(
-        self, scope: Scope, exchange: Exchange, receive: Receive, _: Send
-    ) -> Answer:
+    async def _operation(self, exchange: Exchange) -> Answer:
         """`POST /v1/{op}/{action}`: the request, forwarded to the op's workers."""
-        params = scope["path_params"]
-        op, action = params["op"], params["action"]
+        op, action = exchange.param("op"), exchange.param("action")
         try:
             client_subject(op, action)  # validated (and cached) before anything is read
         except InvalidRequest:
             raise NotFound(f"no operation {op[:64]!r}.{action[:64]!r}") from None
         assert self._operations is not None
         head = exchange.head
-        client_ip = self._client_ip(scope, head)
+        client_ip = self._client_ip(exchange.scope, head)
         return await self._operations.handle(
-            op, action, head, exchange.request_id, client_ip, receive
+            op, action, head, exchange.request_id, client_ip, exchange.receive
         )
 
-    async def _job(self, scope: Scope, exchange: Exchange, _: Receive, __: Send) -> Answer:
+    def _caller(self, exchange: Exchange) -> dict[str, str]:
+        """The credentials of the request, for routes the shim authorizes itself."""
+        head = exchange.head
+        return credentials(head.authorization, self._client_ip(exchange.scope, head))
+
+    async def _job(self, exchange: Exchange) -> Answer:
         """`GET /v1/jobs/{id}`: a job's status document."""
         assert self._jobs is not None
-        caller = credentials(exchange.head.authorization, self._client_ip(scope, exchange.head))
-        return await self._jobs.status(scope["path_params"]["id"], caller)
+        return await self._jobs.status(exchange.param("id"), self._caller(exchange))
 
-    async def _healthz(self, _: Scope, __: Exchange, ___: Receive, ____: Send) -> Answer:
+    async def _healthz(self, _: Exchange) -> Answer:
         assert self._probes is not None
         return self._probes.healthz()
 
-    async def _readyz(self, _: Scope, exchange: Exchange, __: Receive, ___: Send) -> Answer:
+    async def _readyz(self, exchange: Exchange) -> Answer:
         assert self._probes is not None
         return await self._probes.readyz(exchange.request_id)
 
-    async def _metrics(self, _: Scope, exchange: Exchange, __: Receive, ___: Send) -> Answer:
+    async def _metrics(self, exchange: Exchange) -> Answer:
         assert self._probes is not None
         return self._probes.metrics(exchange.head.accept)
 
-    async def _openapi(self, _: Scope, __: Exchange, ___: Receive, ____: Send) -> Answer:
+    async def _openapi(self, _: Exchange) -> Answer:
         assert self._probes is not None
         return self._probes.openapi()
 
-    async def _asyncapi(self, _: Scope, __: Exchange, ___: Receive, ____: Send) -> Answer:
+    async def _asyncapi(self, _: Exchange) -> Answer:
         return self._catalog.asyncapi()
 
-    async def _docs(self, _: Scope, __: Exchange, ___: Receive, ____: Send) -> Answer:
+    async def _docs(self, _: Exchange) -> Answer:
         return self._catalog.page()
 
-    async def _asset(self, scope: Scope, _: Exchange, __: Receive, ___: Send) -> Answer:
-        return self._catalog.asset(scope["path_params"]["name"])
+    async def _asset(self, exchange: Exchange) -> Answer:
+        return self._catalog.asset(exchange.param("name"))
 
-    async def _ops(self, scope: Scope, exchange: Exchange, _: Receive, __: Send) -> Answer:
+    async def _ops(self, exchange: Exchange) -> Answer:
         """`GET /v1/ops`: any valid token may list the declared operations."""
         assert self._authz is not None and self._registry is not None
-        head = exchange.head
-        caller = credentials(head.authorization, self._client_ip(scope, head))
+        caller = self._caller(exchange)
         await self._authz.authenticate(caller)
         return ops_answer(await self._registry.listing())
 
-    async def _ticket(self, scope: Scope, exchange: Exchange, _: Receive, __: Send) -> Answer:
+    async def _ticket(self, exchange: Exchange) -> Answer:
         """`POST /v1/events/{topic}/ticket`: a one-use, short-lived ticket for one stream."""
         assert self._authz is not None and self._tickets is not None
-        topic: str = scope["path_params"]["topic"]
+        topic = exchange.param("topic")
         head = exchange.head
         check_token(topic, "topic")
-        caller = credentials(head.authorization, self._client_ip(scope, head))
+        caller = self._caller(exchange)
         await self._authz.authorize(caller, *_STREAM_OP)  # as the stream itself would
         return await self._tickets.issue(topic, head.authorization)
 
@@ -490,14 +500,13 @@ class ShimApp:
             return peer or ""
         return self._proxies.client_ip(peer, head.forwarded_for)
 
-    async def _events(
-        self, scope: Scope, exchange: Exchange, receive: Receive, send: Send
-    ) -> None:
+    async def _events(self, exchange: Exchange) -> None:
         """`GET /v1/events/{topic}`: a server-sent event stream (answers nothing itself)."""
         assert self._streams is not None and self._gateway is not None
         assert self._authz is not None
-        topic: str = scope["path_params"]["topic"]
-        head, request_id = exchange.head, exchange.request_id
+        topic = exchange.param("topic")
+        scope, head, request_id = exchange.scope, exchange.head, exchange.request_id
+        receive, send = exchange.receive, exchange.send
         check_token(topic, "topic")
         query = scope.get("query_string", b"")
         after = last_event_id(head.last_event_id, query)

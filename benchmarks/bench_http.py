@@ -93,12 +93,14 @@ def _pin(cpu: int) -> list[str]:
     return []
 
 
-def _spawn(argv: list[str], env: dict[str, str], cwd: Path = HERE) -> subprocess.Popen[bytes]:
+def _spawn(
+    argv: list[str], env: dict[str, str], cwd: Path = HERE, cpu: int = 1
+) -> subprocess.Popen[bytes]:
     # `node ...` runs node; anything else Python: this environment's, or a baseline checkout's
     # own (`--baseline DIR`), started in that checkout.
     program = [] if argv[0] == "node" else [env.get(BASELINE_PYTHON, sys.executable)]
     return subprocess.Popen(
-        [*_pin(1), *program, *argv], env=env, cwd=env.get(BASELINE_CWD, str(cwd)),
+        [*_pin(cpu), *program, *argv], env=env, cwd=env.get(BASELINE_CWD, str(cwd)),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
 
@@ -175,6 +177,9 @@ async def run_python(
         return await closed_loop(name, call, concurrency=conc, seconds=seconds)
 
 
+# Not part of the system under test: the trace collector's cost is not the gateway's (its
+# exporters' is), so the sink runs on the load generator's CPU and is left out of the totals.
+BESIDE_LOAD: Final = frozenset({"otlp sink"})
 TRACED_ENV: Final = {"NEXUS_TRACING__OTLP_ENDPOINT": "http://127.0.0.1:{otlp}/v1/traces"}
 
 
@@ -212,6 +217,37 @@ def _policy_targets() -> list[Target]:
     ]
 
 
+def _tracing_targets() -> list[Target]:
+    """The shim and worker with tracing off, and traced at sampling 1.0 and 0.1 exporting to
+    an OTLP sink (`--tracing`), each on a NATS of its own."""
+    me = ["-m", "benchmarks.bench_http"]
+    sink = ("otlp sink", [*me, "--serve-otlp", "{otlp}"])
+    targets = [Target("nexus, tracing off", NEXUS_ROLES, {}, own_nats=True)]
+    for ratio in ("1.0", "0.1"):
+        env = {**TRACED_ENV, "NEXUS_TRACING__SAMPLE_RATIO": ratio}
+        targets.append(Target(f"nexus traced ({ratio})", [sink, *NEXUS_ROLES], env, True))
+    return targets
+
+
+def report_tracing(
+    results: Sequence[Result], cpu_us: dict[tuple[str, int], dict[str, float]]
+) -> None:
+    """Traced throughput and CPU as ratios to tracing off, and the issue's target checked."""
+    by = {(r.name, r.concurrency): r for r in results}
+    print(f"\n{'target':<24}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'cpu us/req':>11}{'rps/off':>9}")
+    for r in results:
+        off = by.get(("nexus, tracing off", r.concurrency))
+        ratio = f"{r.rps / off.rps:.2f}x" if off and off.rps else "-"
+        cpu = _sut_cpu(cpu_us.get((r.name, r.concurrency), {}))
+        print(f"{row(r)}{cpu:>11.0f}{ratio:>9}")
+    off, full = by.get(("nexus, tracing off", 16)), by.get(("nexus traced (1.0)", 16))
+    if off and full and off.rps:
+        ratio = full.rps / off.rps
+        print(f"\ntarget: c=16 traced at 1.0 >= 0.85x tracing off: {ratio:.2f}x "
+              f"{'MET' if ratio >= 0.85 else 'MISSED'}")
+
+
 def _targets(url: str, servers: bool, tracing: bool) -> list[Target]:
     me = ["-m", "benchmarks.bench_http"]
     responder = ("responder", [*me, "--serve-responder", url])
@@ -225,7 +261,7 @@ def _targets(url: str, servers: bool, tracing: bool) -> list[Target]:
         Target("uvicorn raw (no NATS)", [("app", [*me, "--serve-uvicorn", "{port}"])]),
     ]
     if tracing:
-        # Requests traced at a sampling ratio, exported to an OTLP sink on the same CPU.
+        # Requests traced at a sampling ratio, exported to an OTLP sink (on CPU 0).
         sink = ("otlp sink", [*me, "--serve-otlp", "{otlp}"])
         for ratio in ("1.0", "0.1"):
             env = {**TRACED_ENV, "NEXUS_TRACING__SAMPLE_RATIO": ratio}
@@ -403,7 +439,8 @@ class Bench:
                 key = role if role == "responder" else f"{name}/{role}"
                 self.keys[name].add(key)
                 if key not in started:
-                    started[key] = _spawn([_place(a, places) for a in argv], env, target.cwd)
+                    cpu = 0 if role in BESIDE_LOAD else 1
+                    started[key] = _spawn([_place(a, places) for a in argv], env, target.cwd, cpu)
                 procs.append(started[key])
             try:
                 _wait_http(port, self.headers, procs, target)
@@ -461,6 +498,11 @@ class Bench:
         return result
 
 
+def _sut_cpu(split: dict[str, float]) -> float:
+    """CPU µs per request of the processes on the system's CPU (not the OTLP sink)."""
+    return sum(us for role, us in split.items() if role not in BESIDE_LOAD)
+
+
 def report(results: Sequence[Result], cpu_us: dict[tuple[str, int], dict[str, float]]) -> None:
     """The table with ratios to the aiohttp bridge, and the issue's targets checked.
 
@@ -474,7 +516,7 @@ def report(results: Sequence[Result], cpu_us: dict[tuple[str, int], dict[str, fl
         base = by.get(("aiohttp bridge -> raw", r.concurrency))
         rps = f"{r.rps / base.rps:.2f}x" if base and base.rps else "-"
         p99 = f"{r.p99_ms / base.p99_ms:.2f}x" if base and base.p99_ms else "-"
-        cpu = sum(cpu_us.get((r.name, r.concurrency), {}).values())
+        cpu = _sut_cpu(cpu_us.get((r.name, r.concurrency), {}))
         print(f"{row(r)}{cpu:>11.0f}{rps:>11}{p99:>11}")
     ours16, base16 = by.get(("nexus shim -> worker", 16)), by.get(("aiohttp bridge -> raw", 16))
     ours128 = by.get(("nexus shim -> worker", 128))
@@ -503,6 +545,9 @@ def main() -> int:
     parser.add_argument("--serve-otlp", metavar="PORT", type=int)
     parser.add_argument(
         "--policies", action="store_true", help="only: the policy layer on vs off, side by side"
+    )
+    parser.add_argument(
+        "--tracing", action="store_true", help="only: tracing off vs sampled at 1.0 and 0.1"
     )
     parser.add_argument(
         "--data", action="store_true",
@@ -543,6 +588,8 @@ def main() -> int:
                 targets = _baseline_targets(args.baseline.resolve())
             elif args.policies:
                 targets = _policy_targets()
+            elif args.tracing:
+                targets = _tracing_targets()
             else:
                 targets = _targets(bench.nats_url, args.servers, not args.no_tracing)
             results = bench.run_all(targets, levels, args.rounds)
@@ -550,6 +597,8 @@ def main() -> int:
             bench.close()
     if args.data:
         report_data(results, bench.cpu_us, bench.rss_kb)
+    elif args.tracing:
+        report_tracing(results, bench.cpu_us)
     else:
         report(results, bench.cpu_us)
     return 0

@@ -321,7 +321,10 @@ class TracingSettings(BaseModel):
 
     otlp_endpoint: str | None = None  # e.g. http://otel-collector:4318/v1/traces
     sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)  # for traces that start here
-    export_timeout_s: float = Field(default=5.0, gt=0)
+    export_timeout_s: float = Field(default=5.0, gt=0)  # a batch's export, retries included
+    batch_delay_s: float = Field(default=1.0, gt=0)  # how often ended spans are sent
+    max_batch: int = Field(default=2048, ge=1)  # spans per export (sent at once when reached)
+    max_queue: int = Field(default=8192, ge=1)  # spans waiting; more are dropped and counted
 
 
 # The `ai.*` operations (docs/ai.md); `nexus_bus.ai.settings` has their names and key reading.

@@ -1,10 +1,10 @@
 """Distributed tracing with OpenTelemetry: off unless an OTLP endpoint is configured.
 
-`configure_tracing` sets up one SDK tracer provider for the process (parent-based
-sampling, the ratio applied by `Tracing.span` to new traces, a batch processor, OTLP over
-HTTP/protobuf; `tracing_sdk.py`, imported only then) and keeps it in `TRACING`. The request
-path asks `TRACING.enabled` once per hop and otherwise does nothing: with tracing off no
-span object, context or header is made, so the cost is an attribute read.
+`configure_tracing` sets up the process's tracer provider (`tracer.LeanTracerProvider`:
+parent-based sampling, the ratio applied by `Tracing.span` to new traces; spans exported in
+batches over OTLP/HTTP protobuf by `otlp.OtlpExporter`, imported only then) and keeps it in
+`TRACING`. The request path asks `TRACING.enabled` once per hop and otherwise does nothing:
+with tracing off no span object, context or header is made, so the cost is an attribute read.
 
 The provider is this process's own, not OpenTelemetry's global one: a library must not take
 the global slot from the application that imports it, and tests switch tracing on and off
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Mapping, MutableMapping
+import re
+from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import context as otel_context
@@ -30,33 +31,45 @@ from opentelemetry.trace import (
     StatusCode,
     TraceFlags,
 )
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import TraceState
 
 from nexus_bus.config import TracingSettings
+from nexus_bus.constants import H_TRACEPARENT, H_TRACESTATE
+from nexus_bus.observability.tracer import LeanSpan
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
+
+    from nexus_bus.observability.tracer import LeanTracer, LeanTracerProvider
 
 __all__ = ["TRACING", "SpanKind", "Tracing", "configure_tracing", "mark_error"]
 
-_PROPAGATOR: Final = TraceContextTextMapPropagator()
 _NOTHING: Final = contextlib.nullcontext()
 _UNSAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
+_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+_NO_STATE: Final = TraceState()
+_TRACEPARENT_LEN: Final = 55  # version 00: 2 + 1 + 32 + 1 + 16 + 1 + 2
+_TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_random_bits: Final = random.getrandbits
 
 
 class Tracing:
-    """The process's tracer, or nothing; `TRACING` is the shared instance."""
+    """The process's tracer, or nothing; `TRACING` is the shared instance.
+
+    The request path's own spans are made here directly (`tracer.LeanTracer.open`), with the
+    W3C trace context parsed and written here: each is a few microseconds, and a request
+    makes six or seven of them (docs/observability.md, "What a span costs").
+    """
 
     def __init__(self) -> None:
         self.enabled = False
-        self.provider: TracerProvider | None = None
-        self._tracer: trace.Tracer = trace.NoOpTracer()
+        self.provider: LeanTracerProvider | None = None
+        self._tracer: LeanTracer | None = None
         self._ratio = 1.0
 
-    def install(self, provider: TracerProvider, sample_ratio: float = 1.0) -> None:
+    def install(self, provider: LeanTracerProvider, sample_ratio: float = 1.0) -> None:
         """Trace with `provider` from now on, recording `sample_ratio` of the traces that
-        start here (`span` decides for a new trace; the provider's sampler follows parents)."""
+        start here (`span` decides for a new trace; a span follows its parent's decision)."""
         self.provider = provider
         self._tracer = provider.get_tracer("nexus_bus")
         self._ratio = sample_ratio
@@ -66,7 +79,7 @@ class Tracing:
         """Export what is buffered and stop tracing."""
         provider, self.provider = self.provider, None
         self.enabled = False
-        self._tracer = trace.NoOpTracer()
+        self._tracer = None
         if provider is not None:
             provider.shutdown()
 
@@ -84,22 +97,38 @@ class Tracing:
         A shared do-nothing context manager when tracing is off. When the caller did not
         sample its trace, no span is made at all (it would record nothing), but its context
         becomes current so that every span below knows the trace is not sampled. A new
-        trace is sampled here, at the process's ratio, before the SDK is asked: one left
-        out gets only its ids (a trace id to propagate and log), no SDK span, which is most
-        of what tracing at a low ratio costs a request.
+        trace is sampled here, at the process's ratio: one left out gets only its ids (a
+        trace id to propagate and log), which is most of what tracing at a low ratio costs
+        a request.
         """
-        if not self.enabled:
+        tracer = self._tracer
+        if tracer is None:
             return _NOTHING
-        parent = _PROPAGATOR.extract(parent_headers) if parent_headers is not None else None
-        context = trace.get_current_span(parent).get_span_context()
-        if context.is_valid:
-            if not context.trace_flags.sampled:
-                return _NOTHING if parent is None else _Attached(parent)
-        elif self._ratio < 1.0 and random.random() >= self._ratio:
-            return _Attached(trace.set_span_in_context(_unsampled_root(), parent))
-        return self._tracer.start_as_current_span(
-            name, context=parent, kind=kind, attributes=attributes
-        )
+        if parent_headers is not None:
+            caller = _traceparent(parent_headers)
+            if caller is not None:
+                trace_id, span_id, sampled, state = caller
+                if not sampled:
+                    return _Attached(NonRecordingSpan(_remote(caller)))
+                return tracer.open(name, kind, attributes, trace_id, span_id, True, state)
+        else:
+            current = trace.get_current_span()
+            if isinstance(current, LeanSpan):
+                return tracer.open(
+                    name, kind, attributes, current.trace_id, current.span_id, False,
+                    current.trace_state,
+                )  # fmt: skip
+            context = current.get_span_context()
+            if context.is_valid:
+                if not context.trace_flags.sampled:
+                    return _NOTHING
+                return tracer.open(
+                    name, kind, attributes, context.trace_id, context.span_id,
+                    context.is_remote, context.trace_state,
+                )  # fmt: skip
+        if self._ratio < 1.0 and random.random() >= self._ratio:
+            return _Attached(_unsampled_root())
+        return tracer.open(name, kind, attributes, _random_bits(128) or 1)
 
     def step(
         self,
@@ -110,36 +139,59 @@ class Tracing:
     ) -> contextlib.AbstractContextManager[Span | None]:
         """A span for a step of a sampled request (authenticate, a KV call); nothing
         outside one, so a step never starts a trace of its own."""
-        if not self.enabled:
+        tracer = self._tracer
+        if tracer is None:
             return _NOTHING
-        context = trace.get_current_span().get_span_context()
+        current = trace.get_current_span()
+        if isinstance(current, LeanSpan):
+            return tracer.open(
+                name, kind, attributes, current.trace_id, current.span_id, False,
+                current.trace_state,
+            )  # fmt: skip
+        context = current.get_span_context()
         if not (context.is_valid and context.trace_flags.sampled):
             return _NOTHING
-        return self._tracer.start_as_current_span(name, kind=kind, attributes=attributes)
+        return tracer.open(
+            name, kind, attributes, context.trace_id, context.span_id, context.is_remote,
+            context.trace_state,
+        )  # fmt: skip
 
     def inject(self, headers: MutableMapping[str, str]) -> None:
         """Write the current span's `traceparent` (and `tracestate`) into `headers`."""
-        if self.enabled and trace.get_current_span().get_span_context().is_valid:
-            _PROPAGATOR.inject(headers)
+        if not self.enabled:
+            return
+        current = trace.get_current_span()
+        if isinstance(current, LeanSpan):
+            headers[H_TRACEPARENT] = f"00-{current.trace_id:032x}-{current.span_id:016x}-01"
+            state = current.trace_state
+        else:
+            context = current.get_span_context()
+            if not context.is_valid:
+                return
+            flags = int(context.trace_flags) & 0xFF
+            headers[H_TRACEPARENT] = (
+                f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags:02x}"
+            )
+            state = context.trace_state
+        if state:
+            headers[H_TRACESTATE] = state.to_header()
 
-    @contextlib.contextmanager
-    def continued(self, headers: Mapping[str, str]) -> Iterator[None]:
+    def continued(self, headers: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:
         """Make the trace in `headers` current when no span is (a caller outside any span)."""
         if not self.enabled or trace.get_current_span().get_span_context().is_valid:
-            yield
-            return
-        token = otel_context.attach(_PROPAGATOR.extract(headers))
-        try:
-            yield
-        finally:
-            otel_context.detach(token)
+            return _NOTHING
+        caller = _traceparent(headers)
+        return _NOTHING if caller is None else _Attached(NonRecordingSpan(_remote(caller)))
 
     def current_trace_id(self, *, sampled: bool = True) -> str | None:
         """The current span's trace id in hex; by default only when the trace is recorded
         (a metric exemplar must point at a trace that exists), else for any (log lines)."""
         if not self.enabled:
             return None
-        context = trace.get_current_span().get_span_context()
+        current = trace.get_current_span()
+        if isinstance(current, LeanSpan):
+            return f"{current.trace_id:032x}"
+        context = current.get_span_context()
         if not context.is_valid or (sampled and not context.trace_flags.sampled):
             return None
         return f"{context.trace_id:032x}"
@@ -148,16 +200,53 @@ class Tracing:
         """The current span's id in hex, for log lines; None when off or outside a span."""
         if not self.enabled:
             return None
-        context = trace.get_current_span().get_span_context()
+        current = trace.get_current_span()
+        if isinstance(current, LeanSpan):
+            return f"{current.span_id:016x}"
+        context = current.get_span_context()
         return f"{context.span_id:016x}" if context.is_valid else None
+
+
+def _traceparent(headers: Mapping[str, str]) -> tuple[int, int, bool, TraceState | None] | None:
+    """The caller's trace id, span id, sampled flag and trace state from its W3C
+    `traceparent` (and `tracestate`); None when absent or not valid as the W3C Trace Context
+    specification reads it (any version but `ff`, no all-zero id; a later version may append
+    fields)."""
+    value = headers.get(H_TRACEPARENT)
+    if not value:
+        return None
+    if len(value) != _TRACEPARENT_LEN:
+        value = value.strip()
+    found = _TRACEPARENT.match(value)
+    if found is None:
+        return None
+    version, trace_hex, span_hex, flags = found.groups()
+    if version == "ff" or (len(value) > _TRACEPARENT_LEN and (version == "00" or value[55] != "-")):
+        return None
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if not (trace_id and span_id):
+        return None
+    state = headers.get(H_TRACESTATE)
+    return (
+        trace_id, span_id, bool(int(flags, 16) & 0x01),
+        TraceState.from_header([state]) if state else None,
+    )  # fmt: skip
+
+
+def _remote(caller: tuple[int, int, bool, TraceState | None]) -> SpanContext:
+    """The API's context of a caller's span (`_traceparent`)."""
+    trace_id, span_id, sampled, state = caller
+    return SpanContext(
+        trace_id, span_id, True, _SAMPLED if sampled else _UNSAMPLED, state or _NO_STATE
+    )
 
 
 def _unsampled_root() -> NonRecordingSpan:
     """A new trace that is not recorded: random ids (never the invalid all-zero ones)."""
     return NonRecordingSpan(
         SpanContext(
-            trace_id=random.getrandbits(128) or 1,
-            span_id=random.getrandbits(64) or 1,
+            trace_id=_random_bits(128) or 1,
+            span_id=_random_bits(64) or 1,
             is_remote=False,
             trace_flags=_UNSAMPLED,
         )
@@ -165,16 +254,16 @@ def _unsampled_root() -> NonRecordingSpan:
 
 
 class _Attached:
-    """Makes an OpenTelemetry context current for a block (a caller's unsampled trace)."""
+    """Makes a span that records nothing current for a block (a caller's unsampled trace)."""
 
-    __slots__ = ("_context", "_token")
+    __slots__ = ("_span", "_token")
 
-    def __init__(self, context: otel_context.Context) -> None:
-        self._context = context
+    def __init__(self, span: Span) -> None:
+        self._span = span
         self._token: object = None
 
     def __enter__(self) -> None:
-        self._token = otel_context.attach(self._context)
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
 
     def __exit__(self, *exc: object) -> None:
         otel_context.detach(self._token)  # type: ignore[arg-type]
@@ -201,20 +290,39 @@ def configure_tracing(
     version: str,
     exporter: SpanExporter | None = None,
 ) -> bool:
-    """Start tracing for this process when `settings` name an endpoint (or `exporter` is
-    given, as tests do); return whether it is on.
+    """Start tracing for this process when `settings` name an endpoint (or `exporter`, an
+    OpenTelemetry SDK exporter, is given, as tests do); return whether it is on.
 
     Spans are sampled by the caller's decision when there is one, else by
-    `settings.sample_ratio`, and exported in batches in the background.
+    `settings.sample_ratio`, and exported in batches in the background (through `exporter`
+    one by one as they end).
     """
     if exporter is None and not settings.otlp_endpoint:
         return False
-    # Imported only now: the SDK (with psutil, for its resource detectors) is several MB of
-    # every process, and tracing is off by default.
-    from nexus_bus.observability.tracing_sdk import tracer_provider
+    # Imported only now: tracing is off by default.
+    from nexus_bus.observability.tracer import LeanTracerProvider
 
-    TRACING.install(
-        tracer_provider(settings, service, instance=instance, version=version, exporter=exporter),
-        settings.sample_ratio,
-    )
+    resource = {
+        "service.name": service,
+        "service.instance.id": instance,
+        "service.version": version,
+    }
+    if exporter is not None:
+        from nexus_bus.observability.tracing_sdk import SdkExporterSink
+
+        sink = SdkExporterSink(exporter, resource)
+        provider = LeanTracerProvider(resource, sink, close=sink.close)
+    else:
+        from nexus_bus.observability.otlp import OtlpExporter
+
+        otlp = OtlpExporter(
+            str(settings.otlp_endpoint),
+            resource,
+            timeout_s=settings.export_timeout_s,
+            delay_s=settings.batch_delay_s,
+            max_batch=settings.max_batch,
+            max_queue=max(settings.max_queue, settings.max_batch),
+        )
+        provider = LeanTracerProvider(resource, otlp.on_end, flush=otlp.flush, close=otlp.close)
+    TRACING.install(provider, settings.sample_ratio)
     return True

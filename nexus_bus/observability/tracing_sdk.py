@@ -1,97 +1,59 @@
-"""The OpenTelemetry SDK side of tracing, imported only when tracing is switched on.
+"""Hands the tracer's spans to an OpenTelemetry SDK `SpanExporter`, one by one as they end.
 
-`tracer_provider` builds the process's provider: parent-based sampling around
-`EntrySampler` (the ratio for new traces is applied before the SDK is asked, by
-`Tracing.span`), a batch processor and OTLP over HTTP/protobuf (a simple processor for an
-exporter a test passes in). `tracing.py` holds everything the request path touches, on the
-OpenTelemetry API alone, so a process with tracing off never loads the SDK.
+For an exporter passed to `configure_tracing` (the tests' `InMemorySpanExporter`, a console
+exporter while debugging): each span becomes the SDK's `ReadableSpan`, with its context,
+parent, kind, attributes, events, status, times and the process's resource, and is exported
+at once, as the SDK's `SimpleSpanProcessor` does. Production export does not come here
+(`otlp.OtlpExporter`), and the SDK is imported only by this module: it comes with the test
+extra (`pip install 'nexus-bus[test]'`), not with the runtime.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Mapping
 
-from opentelemetry import context as otel_context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    SimpleSpanProcessor,
-    SpanExporter,
-)
-from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_ON,
-    Decision,
-    ParentBased,
-    Sampler,
-    SamplingResult,
-)
-from opentelemetry.trace import Link, SpanKind
-from opentelemetry.trace.span import TraceState
-from opentelemetry.util.types import Attributes
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Status
 
-from nexus_bus.config import TracingSettings
+from nexus_bus.observability.tracer import LeanSpan
 
-_NEXUS_OP: Final = "nexus.op"  # on the spans of a request's own hops
+__all__ = ["SdkExporterSink", "readable"]
 
 
-class EntrySampler(Sampler):
-    """Samples a new trace only where a request starts one.
-
-    `Tracing.span` has already applied the sampling ratio to a request's new trace (one it
-    left out never reaches the SDK). A root span of a Redis command or a KV call (a client
-    span not made by the gateway, which marks its spans with `nexus.op`) is background work
-    outside any request, and is dropped rather than exported as a trace of one span.
-    """
-
-    def should_sample(
-        self,
-        parent_context: otel_context.Context | None,
-        trace_id: int,
-        name: str,
-        kind: SpanKind | None = None,
-        attributes: Attributes = None,
-        links: Sequence[Link] | None = None,
-        trace_state: TraceState | None = None,
-    ) -> SamplingResult:
-        """Drop infrastructure roots; otherwise the ratio decides."""
-        if kind in (SpanKind.CLIENT, SpanKind.INTERNAL, None) and not (
-            attributes and _NEXUS_OP in attributes
-        ):
-            return SamplingResult(Decision.DROP)
-        return ALWAYS_ON.should_sample(
-            parent_context, trace_id, name, kind, attributes, links, trace_state
-        )
-
-    def get_description(self) -> str:
-        """What the sampler does, for debugging output."""
-        return "EntrySampler"
-
-
-def tracer_provider(
-    settings: TracingSettings,
-    service: str,
-    *,
-    instance: str,
-    version: str,
-    exporter: SpanExporter | None = None,
-) -> TracerProvider:
-    """The process's provider, exporting to `settings.otlp_endpoint` (or to `exporter`)."""
-    if exporter is None:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter(
-            endpoint=settings.otlp_endpoint, timeout=settings.export_timeout_s
-        )
-        processor: BatchSpanProcessor | SimpleSpanProcessor = BatchSpanProcessor(exporter)
-    else:
-        processor = SimpleSpanProcessor(exporter)
-    resource = Resource.create(
-        {"service.name": service, "service.instance.id": instance, "service.version": version}
+def readable(span: LeanSpan, resource: Resource) -> ReadableSpan:
+    """`span` as the SDK's `ReadableSpan`, with the process's `resource`."""
+    events = [
+        Event(name, attributes, timestamp=when) for name, when, attributes in span.events or ()
+    ]
+    return ReadableSpan(
+        name=span.name,
+        context=span.get_span_context(),
+        parent=span.parent,
+        resource=resource,
+        attributes=span.attributes,
+        events=events,
+        links=span.links,
+        kind=span.kind,
+        status=Status(span.status_code, span.status_message),
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=InstrumentationScope(*span.scope),
     )
-    provider = TracerProvider(
-        resource=resource, sampler=ParentBased(EntrySampler())
-    )
-    provider.add_span_processor(processor)
-    return provider
+
+
+class SdkExporterSink:
+    """A tracer provider's sink exporting each span through `exporter` as it ends."""
+
+    def __init__(self, exporter: SpanExporter, resource: Mapping[str, str]) -> None:
+        self._exporter = exporter
+        self._resource = Resource.create(dict(resource))
+
+    def __call__(self, span: LeanSpan) -> None:
+        self._exporter.export([readable(span, self._resource)])
+
+    def close(self) -> None:
+        """Shut the exporter down."""
+        self._exporter.shutdown()

@@ -78,3 +78,43 @@ def test_ratio_one_records_every_trace_and_follows_an_unsampled_caller(
     ):
         pass
     assert len(exported.get_finished_spans()) == 40
+
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+CALLER = "b7ad6b7169203331"
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "continued"),
+    [
+        (f"00-{TRACE}-{CALLER}-01", True),
+        (f" 00-{TRACE}-{CALLER}-01 ", True),  # surrounding whitespace is allowed
+        (f"00-{TRACE}-{CALLER}-03", True),  # other flag bits do not matter
+        (f"01-{TRACE}-{CALLER}-01-later-fields", True),  # a later version may add fields
+        (f"00-{TRACE}-{CALLER}-01-more", False),  # version 00 may not
+        (f"ff-{TRACE}-{CALLER}-01", False),  # version ff is invalid
+        (f"00-{'0' * 32}-{CALLER}-01", False),  # all-zero ids are invalid
+        (f"00-{TRACE}-{'0' * 16}-01", False),
+        (f"00-{TRACE.upper()}-{CALLER}-01", False),  # lower-case hex only
+        (f"00-{TRACE}-{CALLER}", False),
+        ("garbage", False),
+        ("", False),
+    ],
+)
+@pytest.mark.parametrize("exported", [1.0], indirect=True)
+def test_a_callers_traceparent_is_read_as_w3c_trace_context_says(
+    exported: InMemorySpanExporter, traceparent: str, continued: bool
+) -> None:
+    headers = {"traceparent": traceparent, "tracestate": "vendor=value"}
+    with TRACING.span("process", kind=SpanKind.CONSUMER, parent_headers=headers):
+        sent: dict[str, str] = {}
+        TRACING.inject(sent)
+    (span,) = exported.get_finished_spans()
+    if continued:
+        assert f"{span.context.trace_id:032x}" == TRACE
+        assert span.parent is not None and f"{span.parent.span_id:016x}" == CALLER
+        assert span.parent.is_remote
+        assert sent["tracestate"] == "vendor=value"  # passed on unchanged
+    else:  # a new trace, not an error
+        assert f"{span.context.trace_id:032x}" != TRACE and span.parent is None
+    assert sent["traceparent"] == f"00-{span.context.trace_id:032x}-{span.context.span_id:016x}-01"

@@ -1,0 +1,383 @@
+"""The spans behind the OpenTelemetry API: a tracer provider at a tenth of the SDK's cost.
+
+Everything that makes or reads a span speaks the OpenTelemetry API (`opentelemetry-api`):
+`Tracing` in `tracing.py`, the Redis instrumentation, the W3C propagator, log lines reading
+the current span. This module is what stands behind that API when tracing is on, in place of
+`opentelemetry-sdk`'s `TracerProvider`.
+
+Why not the SDK: a request traced at sampling 1.0 makes six or seven spans (shim server,
+NATS client, worker, authenticate, validate, handle, one per Redis command), and one SDK
+span costs about as much to start and end as a whole hop of the request: measured on one
+machine (`docs/observability.md`, "What a span costs"), 50 µs to start and end one SDK span
+and 46 µs to encode it for OTLP in the export thread, against 3 to 6 µs and 2 µs here. With the
+SDK, tracing every request cut throughput to a third; the target is a loss of 15% at most.
+What the SDK spends it on — attribute validation and limits, a lock per span, a processor
+chain, protobuf objects built field by field — buys nothing this gateway uses.
+
+What is kept: the API's `Span`, `SpanContext` and context (so instrumentation written for the
+API works unchanged), parent-based sampling (a span follows its parent's decision; a root is
+recorded only where a request enters, see `_records_root`), the OTLP data model. Spans end in
+a `sink`: `otlp.OtlpExporter` batches and exports them, `tracing_sdk.SdkExporterSink` hands
+them to an SDK `SpanExporter` (the in-memory exporter of the tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import AnyValue, Attributes
+
+__all__ = ["LeanSpan", "LeanTracer", "LeanTracerProvider", "SpanRecord", "SpanSink"]
+
+SpanSink = Callable[["LeanSpan"], None]  # takes each span as it ends
+# What OTLP exports of an ended span, as plain values (`LeanSpan.record`): scope, name,
+# trace id, span id, parent id (0: none), parent is remote, trace state, kind (the API's
+# value), start and end (ns), attributes, events, links, status code (value), message.
+SpanRecord = tuple[
+    tuple[str, str], str, int, int, int, bool, "TraceState | None", int, int, int,
+    Mapping[str, AnyValue], "list[tuple[str, int, Mapping[str, AnyValue]]] | None",
+    Sequence[Link], int, "str | None",
+]  # fmt: skip
+
+_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+_random_bits: Final = random.getrandbits
+_NO_STATE: Final = TraceState()
+_ENTRY_KINDS: Final = frozenset({SpanKind.SERVER, SpanKind.CONSUMER, SpanKind.PRODUCER})
+_NEXUS_OP: Final = "nexus.op"  # on the spans of a request's own hops
+
+
+class LeanSpan(trace.Span):
+    """A recorded span: what OTLP exports of it, and nothing else.
+
+    Ids are kept as integers and the API's `SpanContext` is made only when asked for (most
+    spans are never asked). Used as a context manager (`Tracing.span` and `step`), the span
+    is current inside the block and ends when it leaves; an exception escaping the block is
+    recorded and marks it an error. `scope` is the instrumentation scope (the tracer's name
+    and version) it was made by. Not thread-safe: a span belongs to the task that made it.
+    """
+
+    __slots__ = (
+        "_context",
+        "_sink",
+        "_token",
+        "attributes",
+        "end_time",
+        "events",
+        "kind",
+        "links",
+        "name",
+        "parent_id",
+        "remote_parent",
+        "scope",
+        "span_id",
+        "start_time",
+        "status_code",
+        "status_message",
+        "trace_id",
+        "trace_state",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        name: str,
+        trace_id: int,
+        parent_id: int,
+        remote_parent: bool,
+        trace_state: TraceState | None,
+        kind: SpanKind,
+        attributes: dict[str, AnyValue],
+        scope: tuple[str, str],
+        sink: SpanSink,
+        links: Sequence[Link] = (),
+        start_time: int | None = None,
+    ) -> None:
+        self.name = name
+        self.trace_id = trace_id
+        self.span_id = _random_bits(64) or 1
+        self.parent_id = parent_id  # 0: a root
+        self.remote_parent = remote_parent
+        self.trace_state = trace_state
+        self.kind = kind
+        self.attributes = attributes
+        self.events: list[tuple[str, int, Mapping[str, AnyValue]]] | None = None
+        self.links = links
+        self.status_code = StatusCode.UNSET
+        self.status_message: str | None = None
+        self.scope = scope
+        self._sink = sink
+        self._context: SpanContext | None = None
+        self._token: object = None
+        self.end_time: int | None = None
+        self.start_time = start_time if start_time is not None else time.time_ns()
+
+    def __enter__(self) -> LeanSpan:
+        self._token = otel_context.attach(trace.set_span_in_context(self))
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, _: object
+    ) -> None:
+        if error is not None and self.end_time is None:
+            self.record_exception(error, escaped=True)
+            self.set_status(StatusCode.ERROR, f"{kind.__name__}: {error}")  # type: ignore[union-attr]
+        self.end()
+        otel_context.detach(self._token)  # type: ignore[arg-type]
+
+    def end(self, end_time: int | None = None) -> None:
+        """Record the end and hand the span to the sink; a second call does nothing."""
+        if self.end_time is None:
+            self.end_time = end_time if end_time is not None else time.time_ns()
+            self._sink(self)
+
+    def record(self) -> SpanRecord:
+        """This ended span as plain values (see `SpanRecord`), for an exporter to keep."""
+        return (
+            self.scope, self.name, self.trace_id, self.span_id, self.parent_id,
+            self.remote_parent, self.trace_state, self.kind._value_, self.start_time,
+            self.end_time or self.start_time, self.attributes, self.events, self.links,
+            self.status_code._value_, self.status_message,
+        )  # fmt: skip
+
+    def get_span_context(self) -> SpanContext:
+        context = self._context
+        if context is None:
+            context = self._context = SpanContext(
+                self.trace_id, self.span_id, False, _SAMPLED, self.trace_state or _NO_STATE
+            )
+        return context
+
+    @property
+    def parent(self) -> SpanContext | None:
+        """The parent's context (None for a root)."""
+        if not self.parent_id:
+            return None
+        return SpanContext(
+            self.trace_id, self.parent_id, self.remote_parent, _SAMPLED,
+            self.trace_state or _NO_STATE,
+        )  # fmt: skip
+
+    def set_attributes(self, attributes: Mapping[str, AnyValue]) -> None:
+        if self.end_time is None:
+            self.attributes.update(attributes)
+
+    def set_attribute(self, key: str, value: AnyValue) -> None:
+        if self.end_time is None:
+            self.attributes[key] = value
+
+    def add_event(
+        self, name: str, attributes: Attributes = None, timestamp: int | None = None
+    ) -> None:
+        if self.end_time is None:
+            if self.events is None:
+                self.events = []
+            when = timestamp if timestamp is not None else time.time_ns()
+            self.events.append((name, when, dict(attributes or {})))
+
+    def update_name(self, name: str) -> None:
+        if self.end_time is None:
+            self.name = name
+
+    def is_recording(self) -> bool:
+        return self.end_time is None
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        """As the SDK does: OK is final, and only an error carries a description."""
+        if self.end_time is not None or self.status_code is StatusCode.OK:
+            return
+        if isinstance(status, Status):
+            code, description = status.status_code, status.description
+        else:
+            code = status
+        self.status_code = code
+        self.status_message = description if code is StatusCode.ERROR else None
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        """An `exception` event with the semantic conventions' attributes."""
+        fields: dict[str, AnyValue] = {
+            "exception.type": type(exception).__qualname__,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        fields.update(attributes or {})
+        self.add_event("exception", fields, timestamp)
+
+
+class _Current:
+    """`start_as_current_span`'s context manager for a span this module did not make (one
+    recording nothing): current inside the block, ended when it leaves."""
+
+    __slots__ = ("_end", "_span", "_token")
+
+    def __init__(self, span: trace.Span, end: bool) -> None:
+        self._span = span
+        self._end = end
+        self._token: object = None
+
+    def __enter__(self) -> trace.Span:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, *_: object) -> None:
+        if self._end:
+            self._span.end()
+        otel_context.detach(self._token)  # type: ignore[arg-type]
+
+
+class LeanTracer(trace.Tracer):
+    """Makes `LeanSpan`s for one instrumentation scope."""
+
+    def __init__(self, scope: tuple[str, str], sink: SpanSink) -> None:
+        self._scope = scope
+        self._sink = sink
+
+    def open(
+        self,
+        name: str,
+        kind: SpanKind,
+        attributes: Attributes,
+        trace_id: int,
+        parent_id: int = 0,
+        remote_parent: bool = False,
+        trace_state: TraceState | None = None,
+    ) -> LeanSpan:
+        """A recorded span of `trace_id` under `parent_id` (0: the trace's root), sampled
+        already: the fast path `Tracing` takes, with no context lookup."""
+        return LeanSpan(
+            name, trace_id, parent_id, remote_parent, trace_state, kind,
+            dict(attributes) if attributes else {}, self._scope, self._sink,
+        )  # fmt: skip
+
+    def start_span(
+        self,
+        name: str,
+        context: otel_context.Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> trace.Span:
+        """A child of the span current in `context` taking its sampling decision, or a new
+        trace where a request enters (see `_records_root`); else a span recording nothing."""
+        parent = trace.get_current_span(context)
+        if isinstance(parent, LeanSpan):
+            trace_id, parent_id, remote, state = (
+                parent.trace_id,
+                parent.span_id,
+                False,
+                parent.trace_state,
+            )
+        else:
+            parent_context = parent.get_span_context()
+            if parent_context.is_valid:
+                if not parent_context.trace_flags.sampled:
+                    return NonRecordingSpan(parent_context)
+                trace_id, parent_id = parent_context.trace_id, parent_context.span_id
+                remote, state = parent_context.is_remote, parent_context.trace_state
+            elif _records_root(kind, attributes):
+                trace_id, parent_id, remote, state = _random_bits(128) or 1, 0, False, None
+            else:
+                return INVALID_SPAN
+        return LeanSpan(
+            name, trace_id, parent_id, remote, state, kind,
+            dict(attributes) if attributes else {}, self._scope, self._sink,
+            links or (), start_time,
+        )  # fmt: skip
+
+    def start_as_current_span(  # type: ignore[override]
+        self,
+        name: str,
+        context: otel_context.Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+        end_on_exit: bool = True,
+    ) -> contextlib.AbstractContextManager[trace.Span]:
+        """`start_span`, current for a `with` block (a class, not a generator: half the cost)."""
+        span = self.start_span(name, context, kind, attributes, links, start_time)
+        if isinstance(span, LeanSpan) and end_on_exit:
+            return span
+        return _Current(span, end_on_exit)
+
+
+def _records_root(kind: SpanKind, attributes: Attributes) -> bool:
+    """Whether a span with no parent starts a recorded trace.
+
+    `Tracing.span` has applied the sampling ratio before it asks for a request's root span (a
+    trace left out never reaches the tracer), so such a root is recorded. A client or internal
+    root that the gateway did not make (a Redis command outside any request; the gateway marks
+    its own hops with `nexus.op`) is background work, dropped rather than exported as a trace
+    of one span.
+    """
+    return kind in _ENTRY_KINDS or bool(attributes and _NEXUS_OP in attributes)
+
+
+class LeanTracerProvider(trace.TracerProvider):
+    """The process's tracers, all ending their spans in `sink`.
+
+    `resource` names the process (`service.name`, `service.instance.id`, ...); `flush` and
+    `close` are the sink's (export what is buffered; and stop).
+    """
+
+    def __init__(
+        self,
+        resource: Mapping[str, str],
+        sink: SpanSink,
+        flush: Callable[[], object] = lambda: None,
+        close: Callable[[], object] = lambda: None,
+    ) -> None:
+        self.resource = dict(resource)
+        self._sink = sink
+        self._flush = flush
+        self._close = close
+        self._tracers: dict[tuple[str, str], LeanTracer] = {}
+
+    def get_tracer(
+        self,
+        instrumenting_module_name: str,
+        instrumenting_library_version: str | None = None,
+        schema_url: str | None = None,
+        attributes: Attributes = None,
+    ) -> LeanTracer:
+        scope = (instrumenting_module_name, instrumenting_library_version or "")
+        tracer = self._tracers.get(scope)
+        if tracer is None:
+            tracer = self._tracers[scope] = LeanTracer(scope, self._sink)
+        return tracer
+
+    def force_flush(self) -> None:
+        """Export every span that has ended."""
+        self._flush()
+
+    def shutdown(self) -> None:
+        """Export what is buffered and stop the sink."""
+        self._close()

@@ -1,0 +1,237 @@
+"""What the OTLP exporter sends: the official protobuf types decode it to what the
+OpenTelemetry SDK's own encoder makes of the same spans, and it is delivered in batches,
+retried on the answers the OTLP/HTTP specification calls retryable, and bounded in memory.
+
+The collector here is a real HTTP server on a free port (the standard library's), answering
+as a test tells it to.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TraceFlags
+from opentelemetry.trace.span import TraceState
+
+from nexus_bus.observability.otlp import OtlpExporter, encode_request, encode_resource
+from nexus_bus.observability.tracer import LeanSpan, LeanTracerProvider
+from nexus_bus.observability.tracing_sdk import readable
+
+RESOURCE = {"service.name": "nexus-test", "service.instance.id": "t-1", "service.version": "0"}
+
+
+def ended(**overrides: object) -> list[LeanSpan]:
+    """Spans covering every field the encoder writes, ended."""
+    done: list[LeanSpan] = []
+    tracer = LeanTracerProvider(RESOURCE, done.append).get_tracer("nexus_bus", "1.2")
+    attributes = {
+        "s": "text é", "yes": True, "no": False, "n": 200, "minus": -7, "big": 2**62,
+        "x": 0.25, "raw": b"\x00\x01", "words": ["a", "b"], "numbers": [1, 2], "none": None,
+        "empty": "", "zero": 0, **overrides,
+    }  # fmt: skip
+    root = tracer.open("root", SpanKind.SERVER, attributes, 0x0AF7651916CD43DD8448EB211C80319C)
+    with root:
+        remote = tracer.open(
+            "child of a remote caller", SpanKind.CONSUMER, {"k": "v"}, root.trace_id,
+            0xB7AD6B7169203331, True, TraceState([("vendor", "value")]),
+        )  # fmt: skip
+        remote.add_event("retry", {"attempt": 2})
+        remote.set_status(StatusCode.ERROR, "it broke")
+        remote.end()
+        linked = SpanContext(0x1, 0x2, True, TraceFlags(TraceFlags.SAMPLED))
+        with tracer.start_as_current_span(
+            "linked", kind=SpanKind.CLIENT, links=[Link(linked, {"why": "batch"})]
+        ) as span:
+            span.set_status(StatusCode.OK)
+        try:
+            with tracer.start_as_current_span("fails", kind=SpanKind.PRODUCER):
+                raise ValueError("bad")
+        except ValueError:
+            pass
+    return done
+
+
+def decoded(body: bytes) -> ExportTraceServiceRequest:
+    return ExportTraceServiceRequest.FromString(body)
+
+
+def test_what_is_exported_decodes_to_what_the_sdk_encodes() -> None:
+    spans = ended()
+    ours = decoded(encode_request(encode_resource(RESOURCE), [s.record() for s in spans]))
+    sdk = encode_spans([readable(s, Resource(RESOURCE)) for s in spans])
+
+    assert ours.resource_spans[0].resource == sdk.resource_spans[0].resource
+    (scope,) = ours.resource_spans[0].scope_spans
+    assert scope.scope.name == "nexus_bus" and scope.scope.version == "1.2"
+    assert len(scope.spans) == 4
+    expected = {span.name: span for span in sdk.resource_spans[0].scope_spans[0].spans}
+    for span in scope.spans:
+        assert span == expected[span.name], span.name
+
+
+def test_the_span_tree_and_fields_survive_the_round_trip() -> None:
+    spans = {s.name: s for s in ended()}
+    body = encode_request(encode_resource(RESOURCE), [s.record() for s in spans.values()])
+    exported = {s.name: s for s in decoded(body).resource_spans[0].scope_spans[0].spans}
+
+    root = exported["root"]
+    assert root.trace_id.hex() == "0af7651916cd43dd8448eb211c80319c"
+    assert root.parent_span_id == b"" and root.kind == 2  # SERVER
+    attributes = {kv.key: kv.value for kv in root.attributes}
+    assert attributes["s"].string_value == "text é"
+    assert attributes["no"].HasField("bool_value") and not attributes["no"].bool_value
+    assert attributes["minus"].int_value == -7 and attributes["big"].int_value == 2**62
+    assert [v.int_value for v in attributes["numbers"].array_value.values] == [1, 2]
+    assert attributes["zero"].HasField("int_value")  # a zero is sent, not left out
+    child = exported["child of a remote caller"]
+    assert child.parent_span_id.hex() == "b7ad6b7169203331"
+    assert child.flags == 0x300  # its parent is remote
+    assert child.trace_state == "vendor=value"
+    assert child.status.code == 2 and child.status.message == "it broke"
+    assert child.events[0].name == "retry"
+    failed = exported["fails"]
+    assert failed.parent_span_id == root.span_id
+    assert failed.events[0].name == "exception" and failed.status.code == 2
+
+
+class Collector(http.server.ThreadingHTTPServer):
+    """An OTLP/HTTP trace endpoint answering each POST with the next status in `answers`
+    (then 200), keeping the bodies it accepted."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.answers: list[int] = []
+        self.accepted: list[bytes] = []
+        self.posts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1/traces"
+
+    def span_names(self) -> list[str]:
+        return [
+            span.name
+            for body in self.accepted
+            for span in decoded(body).resource_spans[0].scope_spans[0].spans
+        ]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: Collector
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.posts += 1
+        status = self.server.answers.pop(0) if self.server.answers else 200
+        if status == 200:
+            assert self.headers["Content-Type"] == "application/x-protobuf"
+            self.server.accepted.append(body)
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    server = Collector()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def exporting(collector: Collector, **options: float) -> tuple[LeanTracerProvider, OtlpExporter]:
+    exporter = OtlpExporter(
+        collector.url, RESOURCE, timeout_s=options.pop("timeout_s", 5.0), **options
+    )  # type: ignore[arg-type]
+    provider = LeanTracerProvider(RESOURCE, exporter.on_end, exporter.flush, exporter.close)
+    return provider, exporter
+
+
+def make_spans(provider: LeanTracerProvider, count: int) -> None:
+    tracer = provider.get_tracer("nexus_bus")
+    for n in range(count):
+        with tracer.open(f"span {n}", SpanKind.SERVER, None, n + 1):
+            pass
+
+
+def test_spans_leave_in_batches_and_close_sends_the_rest(collector: Collector) -> None:
+    provider, exporter = exporting(collector, delay_s=60.0, max_batch=4)
+    make_spans(provider, 10)
+    deadline = time.monotonic() + 5
+    while len(collector.span_names()) < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the thread wakes when a batch is full, not after `delay_s`
+    assert len(collector.span_names()) >= 8
+    provider.shutdown()
+    for body in collector.accepted:
+        assert len(decoded(body).resource_spans[0].scope_spans[0].spans) <= 4
+    assert collector.span_names() == [f"span {n}" for n in range(10)]
+    assert exporter.dropped == 0
+
+
+def test_a_retryable_answer_is_sent_again(collector: Collector) -> None:
+    collector.answers = [503, 429]
+    provider, exporter = exporting(collector, delay_s=60.0)
+    make_spans(provider, 3)
+    started = time.monotonic()
+    provider.force_flush()
+    assert collector.posts == 3  # refused twice, then accepted
+    assert collector.span_names() == ["span 0", "span 1", "span 2"]
+    assert 2.0 <= time.monotonic() - started < 5.0  # after about 1 s, then about 2 s
+    assert exporter.dropped == 0
+    provider.shutdown()
+
+
+def test_a_refused_batch_is_dropped_and_counted_not_retried(collector: Collector) -> None:
+    collector.answers = [400]
+    provider, exporter = exporting(collector, delay_s=60.0)
+    make_spans(provider, 3)
+    provider.force_flush()
+    assert collector.posts == 1 and collector.accepted == []
+    assert exporter.dropped == 3
+    make_spans(provider, 1)  # the next batch goes out as usual
+    provider.shutdown()
+    assert collector.span_names() == ["span 0"]
+
+
+def test_an_absent_collector_costs_the_timeout_then_drops(collector: Collector) -> None:
+    url = collector.url
+    collector.shutdown()
+    collector.server_close()  # nothing listens there now
+    exporter = OtlpExporter(url, RESOURCE, timeout_s=1.5, delay_s=60.0)
+    provider = LeanTracerProvider(RESOURCE, exporter.on_end, exporter.flush, exporter.close)
+    make_spans(provider, 2)
+    started = time.monotonic()
+    provider.force_flush()
+    assert time.monotonic() - started < 3.0
+    assert exporter.dropped == 2
+    provider.shutdown()
+
+
+def test_the_queue_is_bounded_and_on_end_never_waits(collector: Collector) -> None:
+    collector.answers = [503] * 100  # a collector that never accepts
+    provider, exporter = exporting(
+        collector, delay_s=60.0, max_batch=2, max_queue=5, timeout_s=30.0
+    )
+    started = time.monotonic()
+    make_spans(provider, 50)
+    assert time.monotonic() - started < 1.0
+    assert exporter.dropped >= 40  # at most the queue and a batch in flight were kept
+    collector.answers = []
+    provider.shutdown()
+
+
+def test_an_endpoint_that_is_not_http_is_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="not an http"):
+        OtlpExporter("grpc://collector:4317", RESOURCE, timeout_s=1.0)

@@ -215,19 +215,21 @@ class Gateway:
     ) -> Reply:
         """`_request` in a client span whose context travels in the request's `traceparent`."""
         subject = client_subject(op, action)  # validated before it names a span
-        attributes = {
-            "messaging.system": "nats",
-            "messaging.operation.type": "send",
-            "messaging.operation.name": "request",
-            "messaging.destination.name": subject,
-            "nexus.op": op,
-            "nexus.action": action,
-        }
         with (
             TRACING.continued(headers),
-            TRACING.span(f"request {subject}", kind=SpanKind.CLIENT, attributes=attributes)
-            as span,
+            TRACING.span(f"request {subject}", kind=SpanKind.CLIENT) as span,
         ):
+            if span is not None:  # recorded: its attributes (none made for the others)
+                span.set_attributes(
+                    {
+                        "messaging.system": "nats",
+                        "messaging.operation.type": "send",
+                        "messaging.operation.name": "request",
+                        "messaging.destination.name": subject,
+                        "nexus.op": op,
+                        "nexus.action": action,
+                    }
+                )
             TRACING.inject(headers)  # before the size checks: they count this header too
             reply = await self._request(op, action, body, headers, timeout_s)
             if reply.status >= 400:

@@ -45,13 +45,11 @@ async def serve_traced(
         for name, value in scope["headers"]
         if name in _TRACE_HEADERS
     }
-    attributes = {"http.request.method": method, "url.path": path}
-    with TRACING.span(
-        method, kind=SpanKind.SERVER, attributes=attributes, parent_headers=carrier
-    ) as span:
+    with TRACING.span(method, kind=SpanKind.SERVER, parent_headers=carrier) as span:
         if span is None or not span.is_recording():
             await serve(send)
             return
+        span.set_attributes({"http.request.method": method, "url.path": path})
 
         async def observed(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -172,22 +172,22 @@ class Dispatcher:
         attempt: int,
     ) -> Reply:
         """`run` (a `_run`) in a server span, a child of the caller's `traceparent`."""
-        attributes = {
-            "messaging.system": "nats",
-            "messaging.operation.type": "process",
-            "messaging.destination.name": f"nexus.{op}.{action}",
-            "messaging.message.id": request_id,
-            "nexus.op": op,
-            "nexus.action": action,
-            "nexus.transport": self._transport,
-            "nexus.attempt": attempt,
-        }
         with TRACING.span(
-            f"process nexus.{op}.{action}",
-            kind=SpanKind.SERVER,
-            attributes=attributes,
-            parent_headers=hdrs,
+            f"process nexus.{op}.{action}", kind=SpanKind.SERVER, parent_headers=hdrs
         ) as span:
+            if span is not None:  # recorded: its attributes (none made for the others)
+                span.set_attributes(
+                    {
+                        "messaging.system": "nats",
+                        "messaging.operation.type": "process",
+                        "messaging.destination.name": f"nexus.{op}.{action}",
+                        "messaging.message.id": request_id,
+                        "nexus.op": op,
+                        "nexus.action": action,
+                        "nexus.transport": self._transport,
+                        "nexus.attempt": attempt,
+                    }
+                )
             try:
                 return await run
             except NexusError as exc:

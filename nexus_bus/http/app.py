@@ -424,7 +424,12 @@ class ShimApp:
     ) -> Answer | None:
         exchange = Exchange(scope, head, request_id, receive, send)
         scope[_EXCHANGE] = exchange
-        await self._router(scope, receive, send)
+        try:
+            await self._router(scope, receive, send)
+        finally:
+            # The exchange refers to the scope: left in it, the two would be a reference
+            # cycle, and each request's objects garbage for the collector to find.
+            del scope[_EXCHANGE]
         return exchange.answer
 
     async def _operation(self, exchange: Exchange) -> Answer:

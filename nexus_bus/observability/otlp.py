@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from loguru import logger  # not .logging's: it imports the tracing that imports this
 from opentelemetry.util.types import AnyValue
 
-from nexus_bus.observability.tracer import LeanSpan, SpanRecord
+from nexus_bus.observability.tracer import LeanSpan
 
 __all__ = ["OtlpExporter", "encode_request", "encode_resource", "encode_span"]
 
@@ -122,13 +122,14 @@ def _key_value(tag: bytes, key: str, value: AnyValue) -> bytes:
     return _field(tag, _field(b"\x0a", key.encode()) + _field(b"\x12", _any_value(value)))
 
 
-def encode_span(record: SpanRecord) -> bytes:
-    """A `Span` message (`trace.proto`) from a span's `record()`, as the `spans` field of a
-    `ScopeSpans`."""
-    (
-        _, name, trace_id, span_id, parent_id, remote_parent, trace_state, kind, start, end,
-        attributes, events, links, status_code, status_message,
-    ) = record  # fmt: skip
+def encode_span(span: LeanSpan) -> bytes:
+    """A `ScopeSpans` message (`trace.proto`) holding `span` and its scope, as the
+    `scope_spans` field of a `ResourceSpans`."""
+    trace_id, span_id, parent_id = span.trace_id, span.span_id, span.parent_id
+    name, kind, start, end = span.name, span.kind._value_, span.start_time, span.end_time or 0
+    attributes, events, links = span.attributes, span.events, span.links
+    status_code, status_message = span.status_code._value_, span.status_message
+    trace_state, remote_parent = span.trace_state, span.remote_parent
     encoded_name = name.encode()
     parts = [_IDS(b"\x0a\x10", trace_id >> 64, trace_id & _LOW64, b"\x12\x08", span_id)]
     if trace_state:
@@ -160,7 +161,17 @@ def encode_span(record: SpanRecord) -> bytes:
     else:
         parts.append(b"\x7a\x00")
     parts.append(_FLAGS_REMOTE if remote_parent else _FLAGS_LOCAL)
-    return _field(b"\x12", b"".join(parts))
+    scope = _SCOPES.get(span.scope)
+    if scope is None:
+        name_, version = span.scope
+        encoded_scope = _field(b"\x0a", name_.encode())
+        if version:
+            encoded_scope += _field(b"\x12", version.encode())
+        scope = _SCOPES[span.scope] = _field(b"\x0a", encoded_scope)
+    return _field(b"\x12", scope + _field(b"\x12", b"".join(parts)))
+
+
+_SCOPES: dict[tuple[str, str], bytes] = {}  # instrumentation scopes, encoded once (a handful)
 
 
 def encode_resource(attributes: Mapping[str, str]) -> bytes:
@@ -168,19 +179,14 @@ def encode_resource(attributes: Mapping[str, str]) -> bytes:
     return _field(b"\x0a", _attributes(b"\x0a", attributes))
 
 
-def encode_request(resource: bytes, spans: Iterable[SpanRecord]) -> bytes:
-    """An `ExportTraceServiceRequest` of `spans` (their `record()`) from one process,
-    grouped by scope."""
-    by_scope: dict[tuple[str, str], list[bytes]] = {}
-    for record in spans:
-        by_scope.setdefault(record[0], []).append(encode_span(record))
-    scopes = []
-    for (name, version), encoded in by_scope.items():
-        scope = _field(b"\x0a", name.encode())
-        if version:
-            scope += _field(b"\x12", version.encode())
-        scopes.append(_field(b"\x12", _field(b"\x0a", scope) + b"".join(encoded)))
-    return _field(b"\x0a", resource + b"".join(scopes))
+def encode_request(resource: bytes, spans: Iterable[bytes]) -> bytes:
+    """An `ExportTraceServiceRequest` of encoded `spans` (`encode_span`) from one process.
+
+    Each span travels in a `ScopeSpans` of its own (a few bytes of scope repeated, which
+    receivers merge), so that it is encoded once, as it ends, into bytes the exporter can
+    keep without the garbage collector ever tracking them.
+    """
+    return _field(b"\x0a", resource + b"".join(spans))
 
 
 def _connection(endpoint: str, timeout_s: float) -> http.client.HTTPConnection:
@@ -218,7 +224,7 @@ class OtlpExporter:
         self._delay_s = delay_s
         self._max_batch = max_batch
         self._max_queue = max_queue
-        self._queue: deque[SpanRecord] = deque()
+        self._queue: deque[bytes] = deque()
         self._wake = threading.Event()
         self._sending = threading.Lock()  # one batch on the wire at a time
         self._closed = False
@@ -230,19 +236,19 @@ class OtlpExporter:
         atexit.register(self.close)
 
     def on_end(self, span: LeanSpan) -> None:
-        """Queue `span`'s record (or count it dropped when the queue is full); never blocks.
+        """Queue `span`, encoded (or count it dropped when the queue is full); never blocks.
 
-        The record is a tuple of plain values, which the garbage collector stops tracking
-        at its next pass; the span itself is freed at once. Spans kept queued for up to
-        `delay_s` would outlive two collector generations and make full collections several
-        times as frequent (measured: the worker's time in the collector went from 4 to 31 µs
-        a request).
+        Encoded here rather than in the thread: the same work on the same CPU either way,
+        but the span is freed at once and what waits is bytes, which the garbage collector
+        does not track. Spans (or any containers) kept queued for up to `delay_s` would
+        outlive the collector's young generations and make its full collections several
+        times as frequent (measured: from 4 to 31 µs a request in the worker's collector).
         """
         queue = self._queue
         if len(queue) >= self._max_queue or self._closed:
             self.dropped += 1
             return
-        queue.append(span.record())
+        queue.append(encode_span(span))
         if len(queue) == self._max_batch:
             self._wake.set()
 
@@ -271,7 +277,7 @@ class OtlpExporter:
             self._wake.clear()
             self.flush()
 
-    def _send(self, batch: list[SpanRecord]) -> None:
+    def _send(self, batch: list[bytes]) -> None:
         body = encode_request(self._resource, batch)
         deadline = time.monotonic() + self._timeout_s
         backoff = 1.0

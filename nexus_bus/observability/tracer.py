@@ -45,17 +45,9 @@ from opentelemetry.trace import (
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import AnyValue, Attributes
 
-__all__ = ["LeanSpan", "LeanTracer", "LeanTracerProvider", "SpanRecord", "SpanSink"]
+__all__ = ["LeanSpan", "LeanTracer", "LeanTracerProvider", "SpanSink"]
 
 SpanSink = Callable[["LeanSpan"], None]  # takes each span as it ends
-# What OTLP exports of an ended span, as plain values (`LeanSpan.record`): scope, name,
-# trace id, span id, parent id (0: none), parent is remote, trace state, kind (the API's
-# value), start and end (ns), attributes, events, links, status code (value), message.
-SpanRecord = tuple[
-    tuple[str, str], str, int, int, int, bool, "TraceState | None", int, int, int,
-    Mapping[str, AnyValue], "list[tuple[str, int, Mapping[str, AnyValue]]] | None",
-    Sequence[Link], int, "str | None",
-]  # fmt: skip
 
 _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
 _random_bits: Final = random.getrandbits
@@ -146,15 +138,6 @@ class LeanSpan(trace.Span):
         if self.end_time is None:
             self.end_time = end_time if end_time is not None else time.time_ns()
             self._sink(self)
-
-    def record(self) -> SpanRecord:
-        """This ended span as plain values (see `SpanRecord`), for an exporter to keep."""
-        return (
-            self.scope, self.name, self.trace_id, self.span_id, self.parent_id,
-            self.remote_parent, self.trace_state, self.kind._value_, self.start_time,
-            self.end_time or self.start_time, self.attributes, self.events, self.links,
-            self.status_code._value_, self.status_message,
-        )  # fmt: skip
 
     def get_span_context(self) -> SpanContext:
         context = self._context

@@ -20,7 +20,12 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from nexus_bus.observability.otlp import OtlpExporter, encode_request, encode_resource
+from nexus_bus.observability.otlp import (
+    OtlpExporter,
+    encode_request,
+    encode_resource,
+    encode_span,
+)
 from nexus_bus.observability.tracer import LeanSpan, LeanTracerProvider
 from nexus_bus.observability.tracing_sdk import readable
 
@@ -64,22 +69,25 @@ def decoded(body: bytes) -> ExportTraceServiceRequest:
 
 def test_what_is_exported_decodes_to_what_the_sdk_encodes() -> None:
     spans = ended()
-    ours = decoded(encode_request(encode_resource(RESOURCE), [s.record() for s in spans]))
+    ours = decoded(encode_request(encode_resource(RESOURCE), map(encode_span, spans)))
     sdk = encode_spans([readable(s, Resource(RESOURCE)) for s in spans])
 
     assert ours.resource_spans[0].resource == sdk.resource_spans[0].resource
-    (scope,) = ours.resource_spans[0].scope_spans
-    assert scope.scope.name == "nexus_bus" and scope.scope.version == "1.2"
-    assert len(scope.spans) == 4
-    expected = {span.name: span for span in sdk.resource_spans[0].scope_spans[0].spans}
-    for span in scope.spans:
-        assert span == expected[span.name], span.name
+    (expected_scope,) = sdk.resource_spans[0].scope_spans
+    expected = {span.name: span for span in expected_scope.spans}
+    scopes = ours.resource_spans[0].scope_spans  # one span each
+    assert [len(scope.spans) for scope in scopes] == [1, 1, 1, 1]
+    for scope in scopes:
+        assert scope.scope == expected_scope.scope  # nexus_bus 1.2
+        assert scope.spans[0] == expected[scope.spans[0].name], scope.spans[0].name
 
 
 def test_the_span_tree_and_fields_survive_the_round_trip() -> None:
     spans = {s.name: s for s in ended()}
-    body = encode_request(encode_resource(RESOURCE), [s.record() for s in spans.values()])
-    exported = {s.name: s for s in decoded(body).resource_spans[0].scope_spans[0].spans}
+    body = encode_request(encode_resource(RESOURCE), map(encode_span, spans.values()))
+    exported = {
+        scope.spans[0].name: scope.spans[0] for scope in decoded(body).resource_spans[0].scope_spans
+    }
 
     root = exported["root"]
     assert root.trace_id.hex() == "0af7651916cd43dd8448eb211c80319c"
@@ -119,7 +127,8 @@ class Collector(http.server.ThreadingHTTPServer):
         return [
             span.name
             for body in self.accepted
-            for span in decoded(body).resource_spans[0].scope_spans[0].spans
+            for scope in decoded(body).resource_spans[0].scope_spans
+            for span in scope.spans
         ]
 
 
@@ -175,7 +184,7 @@ def test_spans_leave_in_batches_and_close_sends_the_rest(collector: Collector) -
     assert len(collector.span_names()) >= 8
     provider.shutdown()
     for body in collector.accepted:
-        assert len(decoded(body).resource_spans[0].scope_spans[0].spans) <= 4
+        assert len(decoded(body).resource_spans[0].scope_spans) <= 4
     assert collector.span_names() == [f"span {n}" for n in range(10)]
     assert exporter.dropped == 0
 

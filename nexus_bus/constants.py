@@ -176,3 +176,4 @@ M_STALE_ANSWERS: Final = "nexus_stale_answers"  # labels op, action
 M_SHARED_STATE_FAILURES: Final = "nexus_shared_state_failures"  # label store
 M_IDEMPOTENT_REPLAYS: Final = "nexus_idempotent_replays"  # label op
 M_RATE_LIMITED: Final = "nexus_rate_limited"  # label op
+M_TRACE_SPANS_DROPPED: Final = "nexus_trace_spans_dropped"  # spans the exporter could not send

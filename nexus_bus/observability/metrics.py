@@ -30,6 +30,7 @@ from nexus_bus.constants import (
     M_INFLIGHT,
     M_NATS_RECONNECTS,
     M_RATE_LIMITED,
+    M_TRACE_SPANS_DROPPED,
     M_REQUEST_DURATION,
     M_RETRIES,
     M_RETRY_BUDGET_EXHAUSTED,
@@ -191,6 +192,12 @@ class Metrics:
         )
         self.rate_limited = Counter(
             M_RATE_LIMITED, "Requests refused by a rate limit.", ("op",), registry=r,
+        )
+        self.trace_spans_dropped = Counter(
+            M_TRACE_SPANS_DROPPED,
+            "Spans not exported: the queue was full, or the collector refused their batch or "
+            "could not be reached in time (docs/observability.md).",
+            registry=r,
         )
 
     def observe(

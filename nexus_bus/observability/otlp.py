@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 from loguru import logger  # not .logging's: it imports the tracing that imports this
 from opentelemetry.util.types import AnyValue
 
+from nexus_bus.observability.metrics import METRICS
 from nexus_bus.observability.tracer import LeanSpan
 
 __all__ = ["OtlpExporter", "encode_request", "encode_resource", "encode_span"]
@@ -247,6 +248,7 @@ class OtlpExporter:
         queue = self._queue
         if len(queue) >= self._max_queue or self._closed:
             self.dropped += 1
+            METRICS.trace_spans_dropped.inc()
             return
         queue.append(encode_span(span))
         if len(queue) == self._max_batch:
@@ -302,6 +304,7 @@ class OtlpExporter:
 
     def _lost(self, spans: int, problem: str) -> None:
         self.dropped += spans
+        METRICS.trace_spans_dropped.inc(spans)
         now = time.monotonic()
         if now - self._warned_at >= _WARN_EVERY_S:  # once a minute while it lasts
             self._warned_at = now

@@ -19,6 +19,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
+from prometheus_client import REGISTRY
 
 from nexus_bus.observability.otlp import (
     OtlpExporter,
@@ -168,6 +169,10 @@ def exporting(collector: Collector, **options: float) -> tuple[LeanTracerProvide
     return provider, exporter
 
 
+def dropped_total() -> float:
+    return REGISTRY.get_sample_value("nexus_trace_spans_dropped_total") or 0.0
+
+
 def make_spans(provider: LeanTracerProvider, count: int) -> None:
     tracer = provider.get_tracer("nexus_bus")
     for n in range(count):
@@ -205,10 +210,12 @@ def test_a_retryable_answer_is_sent_again(collector: Collector) -> None:
 def test_a_refused_batch_is_dropped_and_counted_not_retried(collector: Collector) -> None:
     collector.answers = [400]
     provider, exporter = exporting(collector, delay_s=60.0)
+    counted = dropped_total()
     make_spans(provider, 3)
     provider.force_flush()
     assert collector.posts == 1 and collector.accepted == []
     assert exporter.dropped == 3
+    assert dropped_total() == counted + 3
     make_spans(provider, 1)  # the next batch goes out as usual
     provider.shutdown()
     assert collector.span_names() == ["span 0"]

@@ -28,6 +28,7 @@ import random
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar, Token
 from typing import Final
 
 from opentelemetry import context as otel_context
@@ -45,7 +46,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import AnyValue, Attributes
 
-__all__ = ["LeanSpan", "LeanTracer", "LeanTracerProvider", "SpanSink"]
+__all__ = ["CURRENT", "CarriedContext", "LeanSpan", "LeanTracer", "LeanTracerProvider", "SpanSink"]
 
 SpanSink = Callable[["LeanSpan"], None]  # takes each span as it ends
 
@@ -117,11 +118,13 @@ class LeanSpan(trace.Span):
         self._sink = sink
         self._context: SpanContext | None = None
         self._token: object = None
+        self._current: Token[LeanSpan | CarriedContext | None] | None = None
         self.end_time: int | None = None
         self.start_time = start_time if start_time is not None else time.time_ns()
 
     def __enter__(self) -> LeanSpan:
         self._token = otel_context.attach(trace.set_span_in_context(self))
+        self._current = CURRENT.set(self)
         return self
 
     def __exit__(
@@ -131,6 +134,7 @@ class LeanSpan(trace.Span):
             self.record_exception(error, escaped=True)
             self.set_status(StatusCode.ERROR, f"{kind.__name__}: {error}")  # type: ignore[union-attr]
         self.end()
+        CURRENT.reset(self._current)  # type: ignore[arg-type]
         otel_context.detach(self._token)  # type: ignore[arg-type]
 
     def end(self, end_time: int | None = None) -> None:
@@ -138,6 +142,9 @@ class LeanSpan(trace.Span):
         if self.end_time is None:
             self.end_time = end_time if end_time is not None else time.time_ns()
             self._sink(self)
+
+    sampled = True  # for `Tracing`: a span of ours is recorded, so its trace is sampled
+    remote = False  # and it is this process's, not a caller's
 
     def get_span_context(self) -> SpanContext:
         context = self._context
@@ -208,6 +215,46 @@ class LeanSpan(trace.Span):
         }
         fields.update(attributes or {})
         self.add_event("exception", fields, timestamp)
+
+
+class CarriedContext:
+    """A trace current with no span of this process recording it: a caller's trace that is
+    not sampled, a new trace left out by the sampling ratio, or a caller's span continued
+    (`Tracing.continued`). Its ids are what the next hop's `traceparent` carries.
+
+    Made current for a block in `CURRENT` only, not in OpenTelemetry's context: that takes
+    one context-variable write instead of a new context, and what reads OpenTelemetry's
+    context (the Redis instrumentation) then sees no span, which for a trace that is not
+    sampled records the same nothing.
+    """
+
+    __slots__ = ("_token", "remote", "sampled", "span_id", "trace_id", "trace_state")
+
+    def __init__(
+        self,
+        trace_id: int,
+        span_id: int,
+        sampled: bool,
+        trace_state: TraceState | None,
+        remote: bool,
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.sampled = sampled
+        self.trace_state = trace_state
+        self.remote = remote
+        self._token: Token[LeanSpan | CarriedContext | None] | None = None
+
+    def __enter__(self) -> None:
+        self._token = CURRENT.set(self)
+
+    def __exit__(self, *_: object) -> None:
+        CURRENT.reset(self._token)  # type: ignore[arg-type]
+
+
+# What a block of nexus-bus's request path runs in: a span of ours, a carried context, or
+# None (then OpenTelemetry's current span, if any, is an application's own).
+CURRENT: ContextVar[LeanSpan | CarriedContext | None] = ContextVar("nexus_trace", default=None)
 
 
 class _Current:

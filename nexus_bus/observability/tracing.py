@@ -18,14 +18,11 @@ import contextlib
 import random
 import re
 from collections.abc import Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import (
-    NonRecordingSpan,
     Span,
-    SpanContext,
     SpanKind,
     Status,
     StatusCode,
@@ -35,7 +32,7 @@ from opentelemetry.trace.span import TraceState
 
 from nexus_bus.config import TracingSettings
 from nexus_bus.constants import H_TRACEPARENT, H_TRACESTATE
-from nexus_bus.observability.tracer import LeanSpan
+from nexus_bus.observability.tracer import CURRENT, CarriedContext, LeanSpan
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -95,11 +92,11 @@ class Tracing:
         `traceparent` (or of the current span), or the root of a new trace.
 
         A shared do-nothing context manager when tracing is off. When the caller did not
-        sample its trace, no span is made at all (it would record nothing), but its context
-        becomes current so that every span below knows the trace is not sampled. A new
-        trace is sampled here, at the process's ratio: one left out gets only its ids (a
-        trace id to propagate and log), which is most of what tracing at a low ratio costs
-        a request.
+        sample its trace, no span is made at all (it would record nothing), but its ids
+        become current (`CarriedContext`) so that every span below knows the trace is not
+        sampled and the next hop's `traceparent` continues it. A new trace is sampled here,
+        at the process's ratio: one left out gets only its ids, which is most of what
+        tracing at a low ratio costs a request.
         """
         tracer = self._tracer
         if tracer is None:
@@ -109,25 +106,19 @@ class Tracing:
             if caller is not None:
                 trace_id, span_id, sampled, state = caller
                 if not sampled:
-                    return _Attached(NonRecordingSpan(_remote(caller)))
+                    return CarriedContext(trace_id, span_id, False, state, True)
                 return tracer.open(name, kind, attributes, trace_id, span_id, True, state)
         else:
-            current = trace.get_current_span()
-            if isinstance(current, LeanSpan):
-                return tracer.open(
-                    name, kind, attributes, current.trace_id, current.span_id, False,
-                    current.trace_state,
-                )  # fmt: skip
-            context = current.get_span_context()
-            if context.is_valid:
-                if not context.trace_flags.sampled:
+            parent = _parent()
+            if parent is not None:
+                if not parent.sampled:
                     return _NOTHING
                 return tracer.open(
-                    name, kind, attributes, context.trace_id, context.span_id,
-                    context.is_remote, context.trace_state,
+                    name, kind, attributes, parent.trace_id, parent.span_id, parent.remote,
+                    parent.trace_state,
                 )  # fmt: skip
         if self._ratio < 1.0 and random.random() >= self._ratio:
-            return _Attached(_unsampled_root())
+            return CarriedContext(_random_bits(128) or 1, _random_bits(64) or 1, False, None, False)
         return tracer.open(name, kind, attributes, _random_bits(128) or 1)
 
     def step(
@@ -142,69 +133,84 @@ class Tracing:
         tracer = self._tracer
         if tracer is None:
             return _NOTHING
-        current = trace.get_current_span()
-        if isinstance(current, LeanSpan):
+        current = CURRENT.get()
+        if type(current) is LeanSpan:  # the common case first: a step of our own span
             return tracer.open(
                 name, kind, attributes, current.trace_id, current.span_id, False,
                 current.trace_state,
             )  # fmt: skip
-        context = current.get_span_context()
-        if not (context.is_valid and context.trace_flags.sampled):
+        parent = _parent()
+        if parent is None or not parent.sampled:
             return _NOTHING
         return tracer.open(
-            name, kind, attributes, context.trace_id, context.span_id, context.is_remote,
-            context.trace_state,
+            name, kind, attributes, parent.trace_id, parent.span_id, parent.remote,
+            parent.trace_state,
         )  # fmt: skip
 
     def inject(self, headers: MutableMapping[str, str]) -> None:
-        """Write the current span's `traceparent` (and `tracestate`) into `headers`."""
+        """Write the current trace's `traceparent` (and `tracestate`) into `headers`."""
         if not self.enabled:
             return
-        current = trace.get_current_span()
-        if isinstance(current, LeanSpan):
-            headers[H_TRACEPARENT] = f"00-{current.trace_id:032x}-{current.span_id:016x}-01"
-            state = current.trace_state
-        else:
-            context = current.get_span_context()
-            if not context.is_valid:
-                return
-            flags = int(context.trace_flags) & 0xFF
-            headers[H_TRACEPARENT] = (
-                f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags:02x}"
-            )
-            state = context.trace_state
-        if state:
-            headers[H_TRACESTATE] = state.to_header()
+        parent = _parent()
+        if parent is None:
+            return
+        flags = "01" if parent.sampled else "00"
+        headers[H_TRACEPARENT] = f"00-{parent.trace_id:032x}-{parent.span_id:016x}-{flags}"
+        if parent.trace_state:
+            headers[H_TRACESTATE] = parent.trace_state.to_header()
 
     def continued(self, headers: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:
-        """Make the trace in `headers` current when no span is (a caller outside any span)."""
-        if not self.enabled or trace.get_current_span().get_span_context().is_valid:
+        """Make the trace in `headers` current when none is (a caller outside any span)."""
+        if not self.enabled or _parent() is not None:
             return _NOTHING
         caller = _traceparent(headers)
-        return _NOTHING if caller is None else _Attached(NonRecordingSpan(_remote(caller)))
+        if caller is None:
+            return _NOTHING
+        trace_id, span_id, sampled, state = caller
+        return CarriedContext(trace_id, span_id, sampled, state, True)
 
     def current_trace_id(self, *, sampled: bool = True) -> str | None:
-        """The current span's trace id in hex; by default only when the trace is recorded
-        (a metric exemplar must point at a trace that exists), else for any (log lines)."""
+        """The current trace id in hex; by default only when the trace is recorded (a
+        metric exemplar must point at a trace that exists), else for any (log lines)."""
         if not self.enabled:
             return None
-        current = trace.get_current_span()
-        if isinstance(current, LeanSpan):
-            return f"{current.trace_id:032x}"
-        context = current.get_span_context()
-        if not context.is_valid or (sampled and not context.trace_flags.sampled):
+        parent = _parent()
+        if parent is None or (sampled and not parent.sampled):
             return None
-        return f"{context.trace_id:032x}"
+        return f"{parent.trace_id:032x}"
 
     def current_span_id(self) -> str | None:
         """The current span's id in hex, for log lines; None when off or outside a span."""
         if not self.enabled:
             return None
-        current = trace.get_current_span()
-        if isinstance(current, LeanSpan):
-            return f"{current.span_id:016x}"
-        context = current.get_span_context()
-        return f"{context.span_id:016x}" if context.is_valid else None
+        parent = _parent()
+        return None if parent is None else f"{parent.span_id:016x}"
+
+
+class _Parent(NamedTuple):
+    """What a new span below the current one needs of it."""
+
+    trace_id: int
+    span_id: int
+    sampled: bool
+    trace_state: TraceState | None
+    remote: bool
+
+
+def _parent() -> LeanSpan | CarriedContext | _Parent | None:
+    """The current span or carried context of the request path, else the span an application
+    made current through the OpenTelemetry API (a Python caller's own trace continues);
+    None outside any."""
+    current = CURRENT.get()
+    if current is not None:
+        return current
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    state = context.trace_state or None
+    return _Parent(
+        context.trace_id, context.span_id, context.trace_flags.sampled, state, context.is_remote
+    )
 
 
 def _traceparent(headers: Mapping[str, str]) -> tuple[int, int, bool, TraceState | None] | None:
@@ -231,42 +237,6 @@ def _traceparent(headers: Mapping[str, str]) -> tuple[int, int, bool, TraceState
         trace_id, span_id, bool(int(flags, 16) & 0x01),
         TraceState.from_header([state]) if state else None,
     )  # fmt: skip
-
-
-def _remote(caller: tuple[int, int, bool, TraceState | None]) -> SpanContext:
-    """The API's context of a caller's span (`_traceparent`)."""
-    trace_id, span_id, sampled, state = caller
-    return SpanContext(
-        trace_id, span_id, True, _SAMPLED if sampled else _UNSAMPLED, state or _NO_STATE
-    )
-
-
-def _unsampled_root() -> NonRecordingSpan:
-    """A new trace that is not recorded: random ids (never the invalid all-zero ones)."""
-    return NonRecordingSpan(
-        SpanContext(
-            trace_id=_random_bits(128) or 1,
-            span_id=_random_bits(64) or 1,
-            is_remote=False,
-            trace_flags=_UNSAMPLED,
-        )
-    )
-
-
-class _Attached:
-    """Makes a span that records nothing current for a block (a caller's unsampled trace)."""
-
-    __slots__ = ("_span", "_token")
-
-    def __init__(self, span: Span) -> None:
-        self._span = span
-        self._token: object = None
-
-    def __enter__(self) -> None:
-        self._token = otel_context.attach(trace.set_span_in_context(self._span))
-
-    def __exit__(self, *exc: object) -> None:
-        otel_context.detach(self._token)  # type: ignore[arg-type]
 
 
 def mark_error(span: Span | None, status: int, code: str) -> None:

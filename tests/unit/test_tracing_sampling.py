@@ -118,3 +118,39 @@ def test_a_callers_traceparent_is_read_as_w3c_trace_context_says(
     else:  # a new trace, not an error
         assert f"{span.context.trace_id:032x}" != TRACE and span.parent is None
     assert sent["traceparent"] == f"00-{span.context.trace_id:032x}-{span.context.span_id:016x}-01"
+
+
+@pytest.mark.parametrize("exported", [1.0], indirect=True)
+def test_a_call_made_inside_an_unsampled_request_carries_its_trace_unsampled(
+    exported: InMemorySpanExporter,
+) -> None:
+    with (
+        TRACING.span("process", kind=SpanKind.SERVER, parent_headers=UNSAMPLED_PARENT),
+        TRACING.step("handle"),
+    ):
+        sent: dict[str, str] = {}
+        with TRACING.continued(sent), TRACING.span("request", kind=SpanKind.CLIENT):
+            TRACING.inject(sent)  # what a handler's own gateway call sends on
+        assert TRACING.current_trace_id(sampled=False) == TRACE
+        assert TRACING.current_trace_id() is None  # not recorded: no exemplar
+    assert sent["traceparent"] == f"00-{TRACE}-{CALLER}-00"
+    assert exported.get_finished_spans() == ()
+
+
+@pytest.mark.parametrize("exported", [1.0], indirect=True)
+def test_an_applications_own_span_is_the_parent_of_a_gateway_call(
+    exported: InMemorySpanExporter,
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    application = TracerProvider().get_tracer("my-app")  # the application's own SDK
+    sent: dict[str, str] = {}
+    with (
+        application.start_as_current_span("checkout") as mine,
+        TRACING.span("request nexus.data.get", kind=SpanKind.CLIENT),
+    ):
+        TRACING.inject(sent)
+    (span,) = exported.get_finished_spans()
+    assert span.context.trace_id == mine.get_span_context().trace_id
+    assert span.parent is not None and span.parent.span_id == mine.get_span_context().span_id
+    assert sent["traceparent"].split("-")[1] == f"{span.context.trace_id:032x}"

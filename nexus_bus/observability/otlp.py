@@ -250,7 +250,11 @@ class OtlpExporter:
             self.dropped += 1
             METRICS.trace_spans_dropped.inc()
             return
-        queue.append(encode_span(span))
+        try:
+            queue.append(encode_span(span))
+        except Exception as error:  # an attribute no OTLP value holds: never the request's failure
+            self._lost(1, f"span {span.name!r} not encodable: {type(error).__name__}: {error}")
+            return
         if len(queue) == self._max_batch:
             self._wake.set()
 
@@ -260,7 +264,11 @@ class OtlpExporter:
             queue = self._queue
             while queue:
                 batch = [queue.popleft() for _ in range(min(len(queue), self._max_batch))]
-                self._send(batch)
+                if not self._send(batch) and self._closed:
+                    # Exiting with the collector away: one failed try is enough, or the
+                    # process would wait a timeout for every batch still queued.
+                    self._lost(len(queue), "the process is exiting")
+                    queue.clear()
 
     def close(self) -> None:
         """Send what is queued and stop the thread; a second call does nothing."""
@@ -279,7 +287,8 @@ class OtlpExporter:
             self._wake.clear()
             self.flush()
 
-    def _send(self, batch: list[bytes]) -> None:
+    def _send(self, batch: list[bytes]) -> bool:
+        """POST `batch`, retrying what may be retried within the timeout; whether it went."""
         body = encode_request(self._resource, batch)
         deadline = time.monotonic() + self._timeout_s
         backoff = 1.0
@@ -293,12 +302,12 @@ class OtlpExporter:
                 retryable, problem = True, f"{type(error).__name__}: {error}"
             else:
                 if 200 <= answer.status < 300:
-                    return
+                    return True
                 retryable, problem = answer.status in _RETRYABLE, f"HTTP {answer.status}"
             pause = backoff * random.uniform(0.8, 1.2)
             if not retryable or self._closed or time.monotonic() + pause > deadline:
                 self._lost(len(batch), problem)
-                return
+                return False
             time.sleep(pause)
             backoff *= 2
 

@@ -69,6 +69,7 @@ class LeanSpan(trace.Span):
 
     __slots__ = (
         "_context",
+        "_current",
         "_sink",
         "_token",
         "attributes",
@@ -87,6 +88,9 @@ class LeanSpan(trace.Span):
         "trace_id",
         "trace_state",
     )  # fmt: skip
+
+    sampled = True  # for `Tracing`: a span of ours is recorded, so its trace is sampled
+    remote = False  # and it is this process's, not a caller's
 
     def __init__(
         self,
@@ -130,21 +134,20 @@ class LeanSpan(trace.Span):
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, _: object
     ) -> None:
-        if error is not None and self.end_time is None:
-            self.record_exception(error, escaped=True)
-            self.set_status(StatusCode.ERROR, f"{kind.__name__}: {error}")  # type: ignore[union-attr]
-        self.end()
-        CURRENT.reset(self._current)  # type: ignore[arg-type]
-        otel_context.detach(self._token)  # type: ignore[arg-type]
+        try:
+            if error is not None and self.end_time is None:
+                self.record_exception(error, escaped=True)
+                self.set_status(StatusCode.ERROR, f"{kind.__name__}: {error}")  # type: ignore[union-attr]
+            self.end()
+        finally:
+            CURRENT.reset(self._current)  # type: ignore[arg-type]
+            otel_context.detach(self._token)  # type: ignore[arg-type]
 
     def end(self, end_time: int | None = None) -> None:
         """Record the end and hand the span to the sink; a second call does nothing."""
         if self.end_time is None:
             self.end_time = end_time if end_time is not None else time.time_ns()
             self._sink(self)
-
-    sampled = True  # for `Tracing`: a span of ours is recorded, so its trace is sampled
-    remote = False  # and it is this process's, not a caller's
 
     def get_span_context(self) -> SpanContext:
         context = self._context

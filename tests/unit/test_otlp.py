@@ -251,3 +251,15 @@ def test_the_queue_is_bounded_and_on_end_never_waits(collector: Collector) -> No
 def test_an_endpoint_that_is_not_http_is_refused_at_once() -> None:
     with pytest.raises(ValueError, match="not an http"):
         OtlpExporter("grpc://collector:4317", RESOURCE, timeout_s=1.0)
+
+
+def test_a_span_that_cannot_be_encoded_is_dropped_not_raised(collector: Collector) -> None:
+    provider, exporter = exporting(collector, delay_s=60.0)
+    tracer = provider.get_tracer("nexus_bus")
+    with tracer.open("bad", SpanKind.SERVER, None, 1) as span:
+        span.set_attribute(7, "a key that is not text")  # type: ignore[arg-type]
+    make_spans(provider, 1)
+    provider.shutdown()
+    assert exporter.dropped == 1
+    assert collector.span_names() == ["span 0"]
+

@@ -93,12 +93,25 @@ def _pin(cpu: int) -> list[str]:
     return []
 
 
+# The gateway's processes run as a production install runs them: without the packages that
+# only the test extra brings and that a dependency imports when it finds them. nats-py imports
+# aiohttp (for its WebSocket transport) whenever it is installed: 9 MB of every process that
+# a deployment (`make up`, `pip install nexus-bus`) does not have. A module set to None in
+# sys.modules is one Python's import system reports as absent.
+AS_INSTALLED: Final = (
+    "import runpy, sys; sys.modules['aiohttp'] = None; "
+    "runpy.run_module('nexus_bus', run_name='__main__', alter_sys=True)"
+)
+
+
 def _spawn(
     argv: list[str], env: dict[str, str], cwd: Path = HERE, cpu: int = 1
 ) -> subprocess.Popen[bytes]:
     # `node ...` runs node; anything else Python: this environment's, or a baseline checkout's
     # own (`--baseline DIR`), started in that checkout.
     program = [] if argv[0] == "node" else [env.get(BASELINE_PYTHON, sys.executable)]
+    if argv[:2] == ["-m", "nexus_bus"]:
+        argv = ["-c", AS_INSTALLED, *argv[2:]]
     return subprocess.Popen(
         [*_pin(cpu), *program, *argv], env=env, cwd=env.get(BASELINE_CWD, str(cwd)),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -60,7 +60,18 @@ from benchmarks.http_baselines import (
     serve_uvicorn,
 )
 from benchmarks.http_data import data_targets, report_data
-from benchmarks.http_targets import BODY, HERE, NEXUS_ROLES, OP_PATH, Target, row
+from benchmarks.http_targets import (
+    BESIDE_LOAD,
+    BODY,
+    HERE,
+    NEXUS_ROLES,
+    OP_PATH,
+    TRACED_ENV,
+    Target,
+    row,
+    sut_cpu,
+)
+from benchmarks.http_tracing import report_tracing, tracing_targets
 from nexus_bus import Operations, RequestContext
 from nexus_bus.embedded import ServerProcess, free_port, nats_server, redis_server
 
@@ -190,12 +201,6 @@ async def run_python(
         return await closed_loop(name, call, concurrency=conc, seconds=seconds)
 
 
-# Not part of the system under test: the trace collector's cost is not the gateway's (its
-# exporters' is), so the sink runs on the load generator's CPU and is left out of the totals.
-BESIDE_LOAD: Final = frozenset({"otlp sink"})
-TRACED_ENV: Final = {"NEXUS_TRACING__OTLP_ENDPOINT": "http://127.0.0.1:{otlp}/v1/traces"}
-
-
 BASELINE_PYTHON: Final = "BENCH_BASELINE_PYTHON"
 BASELINE_CWD: Final = "BENCH_BASELINE_CWD"
 
@@ -228,37 +233,6 @@ def _policy_targets() -> list[Target]:
         Target("nexus shim, policies off", NEXUS_ROLES, off, own_nats=True),
         Target("policies on, no limit", NEXUS_ROLES, {}, own_nats=True),
     ]
-
-
-def _tracing_targets() -> list[Target]:
-    """The shim and worker with tracing off, and traced at sampling 1.0 and 0.1 exporting to
-    an OTLP sink (`--tracing`), each on a NATS of its own."""
-    me = ["-m", "benchmarks.bench_http"]
-    sink = ("otlp sink", [*me, "--serve-otlp", "{otlp}"])
-    targets = [Target("nexus, tracing off", NEXUS_ROLES, {}, own_nats=True)]
-    for ratio in ("1.0", "0.1"):
-        env = {**TRACED_ENV, "NEXUS_TRACING__SAMPLE_RATIO": ratio}
-        targets.append(Target(f"nexus traced ({ratio})", [sink, *NEXUS_ROLES], env, True))
-    return targets
-
-
-def report_tracing(
-    results: Sequence[Result], cpu_us: dict[tuple[str, int], dict[str, float]]
-) -> None:
-    """Traced throughput and CPU as ratios to tracing off, and the issue's target checked."""
-    by = {(r.name, r.concurrency): r for r in results}
-    print(f"\n{'target':<24}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-          f"{'cpu us/req':>11}{'rps/off':>9}")
-    for r in results:
-        off = by.get(("nexus, tracing off", r.concurrency))
-        ratio = f"{r.rps / off.rps:.2f}x" if off and off.rps else "-"
-        cpu = _sut_cpu(cpu_us.get((r.name, r.concurrency), {}))
-        print(f"{row(r)}{cpu:>11.0f}{ratio:>9}")
-    off, full = by.get(("nexus, tracing off", 16)), by.get(("nexus traced (1.0)", 16))
-    if off and full and off.rps:
-        ratio = full.rps / off.rps
-        print(f"\ntarget: c=16 traced at 1.0 >= 0.85x tracing off: {ratio:.2f}x "
-              f"{'MET' if ratio >= 0.85 else 'MISSED'}")
 
 
 def _targets(url: str, servers: bool, tracing: bool) -> list[Target]:
@@ -511,11 +485,6 @@ class Bench:
         return result
 
 
-def _sut_cpu(split: dict[str, float]) -> float:
-    """CPU µs per request of the processes on the system's CPU (not the OTLP sink)."""
-    return sum(us for role, us in split.items() if role not in BESIDE_LOAD)
-
-
 def report(results: Sequence[Result], cpu_us: dict[tuple[str, int], dict[str, float]]) -> None:
     """The table with ratios to the aiohttp bridge, and the issue's targets checked.
 
@@ -529,7 +498,7 @@ def report(results: Sequence[Result], cpu_us: dict[tuple[str, int], dict[str, fl
         base = by.get(("aiohttp bridge -> raw", r.concurrency))
         rps = f"{r.rps / base.rps:.2f}x" if base and base.rps else "-"
         p99 = f"{r.p99_ms / base.p99_ms:.2f}x" if base and base.p99_ms else "-"
-        cpu = _sut_cpu(cpu_us.get((r.name, r.concurrency), {}))
+        cpu = sut_cpu(cpu_us.get((r.name, r.concurrency), {}))
         print(f"{row(r)}{cpu:>11.0f}{rps:>11}{p99:>11}")
     ours16, base16 = by.get(("nexus shim -> worker", 16)), by.get(("aiohttp bridge -> raw", 16))
     ours128 = by.get(("nexus shim -> worker", 128))
@@ -602,7 +571,7 @@ def main() -> int:
             elif args.policies:
                 targets = _policy_targets()
             elif args.tracing:
-                targets = _tracing_targets()
+                targets = tracing_targets()
             else:
                 targets = _targets(bench.nats_url, args.servers, not args.no_tracing)
             results = bench.run_all(targets, levels, args.rounds)

@@ -1,5 +1,6 @@
 """What one `bench_http` row runs: its processes, the request the load posts, and the row
-it prints. Shared by `bench_http` and its `--data` targets (`http_data`)."""
+it prints. Shared by `bench_http` and its `--data` and `--tracing` targets (`http_data`,
+`http_tracing`)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,14 @@ def row(r: Result) -> str:
     """One result as a table row (name, concurrency, req/s, p50, p99, errors)."""
     return (f"{r.name:<24}{r.concurrency:>5}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
             f"{r.errors:>8}")
+
+
+# Not part of the system under test: the trace collector's cost is not the gateway's (its
+# exporters' is), so the sink runs on the load generator's CPU and is left out of the totals.
+BESIDE_LOAD: Final = frozenset({"otlp sink"})
+TRACED_ENV: Final = {"NEXUS_TRACING__OTLP_ENDPOINT": "http://127.0.0.1:{otlp}/v1/traces"}
+
+
+def sut_cpu(split: dict[str, float]) -> float:
+    """CPU µs per request of the processes on the system's CPU (not the OTLP sink)."""
+    return sum(us for role, us in split.items() if role not in BESIDE_LOAD)

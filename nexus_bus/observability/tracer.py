@@ -16,9 +16,11 @@ chain, protobuf objects built field by field — buys nothing this gateway uses.
 
 What is kept: the API's `Span`, `SpanContext` and context (so instrumentation written for the
 API works unchanged), parent-based sampling (a span follows its parent's decision; a root is
-recorded only where a request enters, see `_records_root`), the OTLP data model. Spans end in
-a `sink`: `otlp.OtlpExporter` batches and exports them, `tracing_sdk.SdkExporterSink` hands
-them to an SDK `SpanExporter` (the in-memory exporter of the tests).
+recorded only where a request enters, see `_records_root`), the OTLP data model. The request
+path also keeps its current trace in `CURRENT`, a context variable of its own: one read
+finds a step's parent, and a trace that is not recorded (`CarriedContext`) is carried there
+alone. Spans end in a `sink`: `otlp.OtlpExporter` batches and exports them,
+`tracing_sdk.SdkExporterSink` hands them to an SDK `SpanExporter` (the tests' in-memory one).
 """
 
 from __future__ import annotations

@@ -26,25 +26,25 @@ from opentelemetry.trace import (
     SpanKind,
     Status,
     StatusCode,
-    TraceFlags,
 )
 from opentelemetry.trace.span import TraceState
 
 from nexus_bus.config import TracingSettings
 from nexus_bus.constants import H_TRACEPARENT, H_TRACESTATE
-from nexus_bus.observability.tracer import CURRENT, CarriedContext, LeanSpan
+from nexus_bus.observability.tracer import (
+    CURRENT,
+    CarriedContext,
+    LeanSpan,
+    LeanTracer,
+    LeanTracerProvider,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
-    from nexus_bus.observability.tracer import LeanTracer, LeanTracerProvider
-
 __all__ = ["TRACING", "SpanKind", "Tracing", "configure_tracing", "mark_error"]
 
 _NOTHING: Final = contextlib.nullcontext()
-_UNSAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
-_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
-_NO_STATE: Final = TraceState()
 _TRACEPARENT_LEN: Final = 55  # version 00: 2 + 1 + 32 + 1 + 16 + 1 + 2
 _TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _random_bits: Final = random.getrandbits
@@ -269,9 +269,6 @@ def configure_tracing(
     """
     if exporter is None and not settings.otlp_endpoint:
         return False
-    # Imported only now: tracing is off by default.
-    from nexus_bus.observability.tracer import LeanTracerProvider
-
     resource = {
         "service.name": service,
         "service.instance.id": instance,

@@ -31,7 +31,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
-from typing import Final
+from typing import Final, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -48,11 +48,20 @@ from opentelemetry.trace import (
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import AnyValue, Attributes
 
-__all__ = ["CURRENT", "CarriedContext", "LeanSpan", "LeanTracer", "LeanTracerProvider", "SpanSink"]
+__all__ = [
+    "CURRENT",
+    "CarriedContext",
+    "LeanSpan",
+    "LeanTracer",
+    "LeanTracerProvider",
+    "SpanSink",
+    "current_parent",
+]
 
 SpanSink = Callable[["LeanSpan"], None]  # takes each span as it ends
 
 _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+_UNSAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
 _random_bits: Final = random.getrandbits
 _NO_STATE: Final = TraceState()
 _ENTRY_KINDS: Final = frozenset({SpanKind.SERVER, SpanKind.CONSUMER, SpanKind.PRODUCER})
@@ -262,6 +271,40 @@ class CarriedContext:
 CURRENT: ContextVar[LeanSpan | CarriedContext | None] = ContextVar("nexus_trace", default=None)
 
 
+class _Parent(NamedTuple):
+    """What a new span needs of a parent that is neither ours nor carried: an application's
+    span, or one in a context passed to `start_span`."""
+
+    trace_id: int
+    span_id: int
+    sampled: bool
+    trace_state: TraceState | None
+    remote: bool
+
+
+def current_parent(
+    context: otel_context.Context | None = None,
+) -> LeanSpan | CarriedContext | _Parent | None:
+    """The parent of a span started now: in `context` when one is given (the API's rule),
+    else the request path's current span or carried trace (`CURRENT`), else the span an
+    application made current through the OpenTelemetry API (a Python caller's own trace
+    continues); None outside any."""
+    if context is None:
+        current = CURRENT.get()
+        if current is not None:
+            return current
+    span = trace.get_current_span(context)
+    if isinstance(span, LeanSpan):
+        return span
+    span_context = span.get_span_context()
+    if not span_context.is_valid:
+        return None
+    return _Parent(
+        span_context.trace_id, span_context.span_id, span_context.trace_flags.sampled,
+        span_context.trace_state or None, span_context.is_remote,
+    )  # fmt: skip
+
+
 class _Current:
     """`start_as_current_span`'s context manager for a span this module did not make (one
     recording nothing): current inside the block, ended when it leaves."""
@@ -320,25 +363,20 @@ class LeanTracer(trace.Tracer):
     ) -> trace.Span:
         """A child of the span current in `context` taking its sampling decision, or a new
         trace where a request enters (see `_records_root`); else a span recording nothing."""
-        parent = trace.get_current_span(context)
-        if isinstance(parent, LeanSpan):
-            trace_id, parent_id, remote, state = (
-                parent.trace_id,
-                parent.span_id,
-                False,
-                parent.trace_state,
-            )
-        else:
-            parent_context = parent.get_span_context()
-            if parent_context.is_valid:
-                if not parent_context.trace_flags.sampled:
-                    return NonRecordingSpan(parent_context)
-                trace_id, parent_id = parent_context.trace_id, parent_context.span_id
-                remote, state = parent_context.is_remote, parent_context.trace_state
-            elif _records_root(kind, attributes):
-                trace_id, parent_id, remote, state = _random_bits(128) or 1, 0, False, None
-            else:
+        parent = current_parent(context)
+        if parent is None:
+            if not _records_root(kind, attributes):
                 return INVALID_SPAN
+            trace_id, parent_id, remote, state = _random_bits(128) or 1, 0, False, None
+        elif not parent.sampled:
+            state = parent.trace_state or _NO_STATE
+            unsampled = SpanContext(
+                parent.trace_id, parent.span_id, parent.remote, _UNSAMPLED, state
+            )
+            return NonRecordingSpan(unsampled)
+        else:
+            trace_id, parent_id = parent.trace_id, parent.span_id
+            remote, state = parent.remote, parent.trace_state
         return LeanSpan(
             name, trace_id, parent_id, remote, state, kind,
             dict(attributes) if attributes else {}, self._scope, self._sink,

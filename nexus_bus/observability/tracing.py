@@ -18,9 +18,8 @@ import contextlib
 import random
 import re
 from collections.abc import Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final
 
-from opentelemetry import trace
 from opentelemetry.trace import (
     Span,
     SpanKind,
@@ -37,6 +36,7 @@ from nexus_bus.observability.tracer import (
     LeanSpan,
     LeanTracer,
     LeanTracerProvider,
+    current_parent,
 )
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ class Tracing:
                     return CarriedContext(trace_id, span_id, False, state, True)
                 return tracer.open(name, kind, attributes, trace_id, span_id, True, state)
         else:
-            parent = _parent()
+            parent = current_parent()
             if parent is not None:
                 if not parent.sampled:
                     return _NOTHING
@@ -139,7 +139,7 @@ class Tracing:
                 name, kind, attributes, current.trace_id, current.span_id, False,
                 current.trace_state,
             )  # fmt: skip
-        parent = _parent()
+        parent = current_parent()
         if parent is None or not parent.sampled:
             return _NOTHING
         return tracer.open(
@@ -151,7 +151,7 @@ class Tracing:
         """Write the current trace's `traceparent` (and `tracestate`) into `headers`."""
         if not self.enabled:
             return
-        parent = _parent()
+        parent = current_parent()
         if parent is None:
             return
         flags = "01" if parent.sampled else "00"
@@ -161,7 +161,7 @@ class Tracing:
 
     def continued(self, headers: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:
         """Make the trace in `headers` current when none is (a caller outside any span)."""
-        if not self.enabled or _parent() is not None:
+        if not self.enabled or current_parent() is not None:
             return _NOTHING
         caller = _traceparent(headers)
         if caller is None:
@@ -174,7 +174,7 @@ class Tracing:
         metric exemplar must point at a trace that exists), else for any (log lines)."""
         if not self.enabled:
             return None
-        parent = _parent()
+        parent = current_parent()
         if parent is None or (sampled and not parent.sampled):
             return None
         return f"{parent.trace_id:032x}"
@@ -183,34 +183,8 @@ class Tracing:
         """The current span's id in hex, for log lines; None when off or outside a span."""
         if not self.enabled:
             return None
-        parent = _parent()
+        parent = current_parent()
         return None if parent is None else f"{parent.span_id:016x}"
-
-
-class _Parent(NamedTuple):
-    """What a new span below the current one needs of it."""
-
-    trace_id: int
-    span_id: int
-    sampled: bool
-    trace_state: TraceState | None
-    remote: bool
-
-
-def _parent() -> LeanSpan | CarriedContext | _Parent | None:
-    """The current span or carried context of the request path, else the span an application
-    made current through the OpenTelemetry API (a Python caller's own trace continues);
-    None outside any."""
-    current = CURRENT.get()
-    if current is not None:
-        return current
-    context = trace.get_current_span().get_span_context()
-    if not context.is_valid:
-        return None
-    state = context.trace_state or None
-    return _Parent(
-        context.trace_id, context.span_id, context.trace_flags.sampled, state, context.is_remote
-    )
 
 
 def _traceparent(headers: Mapping[str, str]) -> tuple[int, int, bool, TraceState | None] | None:

@@ -49,6 +49,8 @@ def ended(**overrides: object) -> list[LeanSpan]:
             0xB7AD6B7169203331, True, TraceState([("vendor", "value")]),
         )  # fmt: skip
         remote.add_event("retry", {"attempt": 2})
+        remote.add_event("validate")  # no attributes: its bytes kept by name
+        remote.add_event("validate", timestamp=remote.start_time + 5)
         remote.set_status(StatusCode.ERROR, "it broke")
         remote.end()
         linked = SpanContext(0x1, 0x2, True, TraceFlags(TraceFlags.SAMPLED))
@@ -108,6 +110,22 @@ def test_the_span_tree_and_fields_survive_the_round_trip() -> None:
     failed = exported["fails"]
     assert failed.parent_span_id == root.span_id
     assert failed.events[0].name == "exception" and failed.status.code == 2
+
+
+def test_values_equal_in_python_keep_their_own_type_on_the_wire() -> None:
+    provider = LeanTracerProvider(RESOURCE, lambda span: None)
+    tracer = provider.get_tracer("nexus_bus")
+    spans = []
+    for value in (True, 1, 1.0, "1", 1, True):  # equal (or alike) values, one key
+        with tracer.open("typed", SpanKind.INTERNAL, {"value": value}, 1) as span:
+            spans.append(span)
+    body = encode_request(encode_resource(RESOURCE), map(encode_span, spans))
+    values = [
+        scope.spans[0].attributes[0].value for scope in decoded(body).resource_spans[0].scope_spans
+    ]
+    assert [v.WhichOneof("value") for v in values] == [
+        "bool_value", "int_value", "double_value", "string_value", "int_value", "bool_value",
+    ]  # fmt: skip
 
 
 class Collector(http.server.ThreadingHTTPServer):

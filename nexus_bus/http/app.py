@@ -309,15 +309,16 @@ class ShimApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
+            head = parse_head(scope["headers"])
             if TRACING.enabled:
                 await serve_traced(
                     scope,
-                    send,
-                    lambda sender: self._serve(scope, receive, sender),
+                    head,
+                    self._serve(scope, head, receive, send),
                     lambda routed: matched_route(routed)[0],
                 )
             else:
-                await self._serve(scope, receive, send)
+                await self._serve(scope, head, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         # Anything else (websocket) is not served; the server closes it.
@@ -337,19 +338,19 @@ class ShimApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _serve(self, scope: Scope, head: RequestHead, receive: Receive, send: Send) -> int:
+        """Answer one request (and log it); the status sent, as `_respond`."""
         # The request id first: every answer, problem documents included, carries it.
-        head = parse_head(scope["headers"])
         request_id = clean_request_id(head.request_id)
         if not self._access_log:
-            await self._respond(scope, head, request_id, receive, send)
-            return
+            return await self._respond(scope, head, request_id, receive, send)
         started = time.perf_counter()
         status = CLIENT_CLOSED  # unless an answer was sent
         try:
             status = await self._respond(scope, head, request_id, receive, send)
         finally:
             self._log_access(scope, head, request_id, status, time.perf_counter() - started)
+        return status
 
     def _log_access(
         self, scope: Scope, head: RequestHead, request_id: str, status: int, elapsed: float

@@ -135,11 +135,14 @@ class LazyTrace:
     log context and the handler's `RequestContext` share one, so they agree on the trace.
     """
 
-    __slots__ = ("_headers", "_trace")
+    __slots__ = ("_headers", "_trace", "recorded")
 
     def __init__(self, headers: Mapping[str, str]) -> None:
         self._headers = headers
         self._trace: TraceContext | None = None
+        # The trace id of this hop's span when tracing recorded one: what a metric exemplar
+        # points at (a trace that exists).
+        self.recorded: str | None = None
 
     def get(self) -> TraceContext:
         """The trace context (`trace_from_headers`, computed once)."""
@@ -151,11 +154,6 @@ class LazyTrace:
     def resolve(self) -> str:
         """The trace id, for a log line."""
         return self.get().trace_id
-
-    def sampled_trace_id(self) -> str | None:
-        """The trace id when the caller sampled the trace (W3C flags), else None."""
-        trace = self.get()
-        return trace.trace_id if int(trace.flags, 16) & 1 else None
 
 
 def budget_headers(timeout_s: float, now_ms: int) -> dict[str, str]:

@@ -68,8 +68,10 @@ class RequestDurations(Collector):
         self._les: list[str] = [floatToGoString(b) for b in les]  # type: ignore[no-untyped-call]
         # Label values -> counts per bucket (the last one past every bound) and their sum.
         self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
-        # Label values -> the latest traced observation per bucket (OpenMetrics exemplars).
-        self._exemplars: dict[tuple[str, ...], list[Exemplar | None]] = {}
+        # Label values -> the latest traced observation per bucket (OpenMetrics exemplars),
+        # as (trace id, value, time): an `Exemplar` is made only when scraped, since all but
+        # the last of a bucket's between two scrapes are never read.
+        self._exemplars: dict[tuple[str, ...], list[tuple[str, float, float] | None]] = {}
         self._lock = threading.Lock()
         registry.register(self)
 
@@ -90,7 +92,7 @@ class RequestDurations(Collector):
             exemplars = self._exemplars.get(labelvalues)
             if exemplars is None:
                 exemplars = self._exemplars.setdefault(labelvalues, [None] * len(self._les))
-            exemplars[index] = Exemplar({"trace_id": trace_id}, amount, time.time())
+            exemplars[index] = (trace_id, amount, time.time())
 
     def describe(self) -> Iterator[HistogramMetricFamily]:
         yield HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
@@ -105,8 +107,12 @@ class RequestDurations(Collector):
             buckets: list[Sequence[Any]] = []
             for le, count, exemplar in zip(self._les, counts, exemplars, strict=True):
                 cumulative += count
-                bucket = (le, float(cumulative))
-                buckets.append(bucket if exemplar is None else (*bucket, exemplar))
+                if exemplar is None:
+                    buckets.append((le, float(cumulative)))
+                else:
+                    trace_id, value, when = exemplar
+                    linked = Exemplar({"trace_id": trace_id}, value, when)
+                    buckets.append((le, float(cumulative), linked))
             family.add_metric(list(labelvalues), buckets, total)  # type: ignore[arg-type]
         yield family
 

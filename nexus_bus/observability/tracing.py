@@ -127,9 +127,12 @@ class Tracing:
         *,
         kind: SpanKind = SpanKind.INTERNAL,
         attributes: Mapping[str, Any] | None = None,
+        application: bool = False,
     ) -> contextlib.AbstractContextManager[Span | None]:
-        """A span for a step of a sampled request (authenticate, a KV call); nothing
-        outside one, so a step never starts a trace of its own."""
+        """A span for a step of a sampled request (a handler, a KV call); nothing outside
+        one, so a step never starts a trace of its own. `application`: application code
+        runs in the step (a handler), so the span is made current in OpenTelemetry's context
+        too, where `trace.get_current_span()` and an application's own tracer look."""
         tracer = self._tracer
         if tracer is None:
             return _NOTHING
@@ -137,15 +140,29 @@ class Tracing:
         if type(current) is LeanSpan:  # the common case first: a step of our own span
             return tracer.open(
                 name, kind, attributes, current.trace_id, current.span_id, False,
-                current.trace_state,
+                current.trace_state, application,
             )  # fmt: skip
         parent = current_parent()
         if parent is None or not parent.sampled:
             return _NOTHING
         return tracer.open(
             name, kind, attributes, parent.trace_id, parent.span_id, parent.remote,
-            parent.trace_state,
+            parent.trace_state, application,
         )  # fmt: skip
+
+    def mark(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """A step of the request's own bookkeeping (authenticate, validate): an event named
+        `name` on the current recorded span at the moment the step ends, however it ends.
+
+        Not a span of its own: these steps take a few microseconds on the hot path (a cached
+        token, a small body), less than recording a span costs, and nothing runs below them
+        that a span would parent (docs/observability.md, "What is recorded")."""
+        if self._tracer is None:
+            return _NOTHING
+        current = CURRENT.get()
+        if type(current) is not LeanSpan:
+            return _NOTHING
+        return _Mark(current, name)
 
     def inject(self, headers: MutableMapping[str, str]) -> None:
         """Write the current trace's `traceparent` (and `tracestate`) into `headers`."""
@@ -185,6 +202,22 @@ class Tracing:
             return None
         parent = current_parent()
         return None if parent is None else f"{parent.span_id:016x}"
+
+
+class _Mark:
+    """`Tracing.mark`'s block: an event on `span` when it leaves."""
+
+    __slots__ = ("_name", "_span")
+
+    def __init__(self, span: LeanSpan, name: str) -> None:
+        self._span = span
+        self._name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        self._span.add_event(self._name)
 
 
 def _traceparent(headers: Mapping[str, str]) -> tuple[int, int, bool, TraceState | None] | None:

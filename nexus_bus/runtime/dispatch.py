@@ -130,7 +130,7 @@ class Dispatcher:
         run = self._run(op, action, hdrs, data, request_id, trace, deadline, attempt)
         try:
             if TRACING.enabled:
-                reply = await self._traced(run, op, action, hdrs, request_id, attempt)
+                reply = await self._traced(run, op, action, hdrs, request_id, trace, attempt)
             else:
                 reply = await run
         except NexusError as exc:
@@ -147,9 +147,10 @@ class Dispatcher:
         # A success ran a registered handler; only failures need the lookup.
         known = reply.status < 400 or self._lookup(op, action) is not None
         label_op, label_action = (op, action) if known else (UNKNOWN_LABEL, UNKNOWN_LABEL)
-        # With tracing on, the caller's sampled trace is this request's exemplar.
-        exemplar = trace.sampled_trace_id() if TRACING.enabled else None
-        METRICS.observe(label_op, label_action, reply.status, self._transport, elapsed, exemplar)
+        # With tracing on, the recorded trace is this request's exemplar.
+        METRICS.observe(
+            label_op, label_action, reply.status, self._transport, elapsed, trace.recorded
+        )
         if self._access_log:
             log_served(
                 transport=self._transport,
@@ -169,6 +170,7 @@ class Dispatcher:
         action: str,
         hdrs: Mapping[str, str],
         request_id: str,
+        trace: LazyTrace,
         attempt: int,
     ) -> Reply:
         """`run` (a `_run`) in a server span, a child of the caller's `traceparent`."""
@@ -176,6 +178,7 @@ class Dispatcher:
             f"process nexus.{op}.{action}", kind=SpanKind.SERVER, parent_headers=hdrs
         ) as span:
             if span is not None:  # recorded: its attributes (none made for the others)
+                trace.recorded = TRACING.current_trace_id()
                 span.set_attributes(
                     {
                         "messaging.system": "nats",
@@ -206,7 +209,7 @@ class Dispatcher:
         attempt: int,
     ) -> Reply:
         operation = self.operation(op, action)
-        with TRACING.step("authenticate"):
+        with TRACING.mark("authenticate"):
             principal = await self._auth.authenticate(hdrs, operation)
         admission = self._admission
         if admission is not None and admission.applies(op, action, principal, hdrs):
@@ -247,7 +250,7 @@ class Dispatcher:
     ) -> Reply:
         op, action = operation.op, operation.action
         media = codec.media_type(hdrs.get(H_CONTENT_TYPE))
-        with TRACING.step("validate"):
+        with TRACING.mark("validate"):
             request = codec.decode(
                 data,
                 operation.request_type,
@@ -267,7 +270,7 @@ class Dispatcher:
             idempotency_key=hdrs.get(H_IDEMPOTENCY_KEY),
             attempt=attempt,
         )
-        with TRACING.step("handle"):
+        with TRACING.step("handle", application=True):
             result = await self._call(operation, request, ctx)
         return success_reply(codec.encode(result, media), codec.content_type_of(media), request_id)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from nexus_bus.config import TracingSettings
@@ -154,3 +155,31 @@ def test_an_applications_own_span_is_the_parent_of_a_gateway_call(
     assert span.context.trace_id == mine.get_span_context().trace_id
     assert span.parent is not None and span.parent.span_id == mine.get_span_context().span_id
     assert sent["traceparent"].split("-")[1] == f"{span.context.trace_id:032x}"
+
+
+@pytest.mark.parametrize("exported", [1.0], indirect=True)
+def test_application_code_sees_the_handler_span_and_the_steps_before_are_events(
+    exported: InMemorySpanExporter,
+) -> None:
+    assert TRACING.provider is not None
+    instrumentation = TRACING.provider.get_tracer("opentelemetry.instrumentation.redis")
+    with TRACING.span("process", kind=SpanKind.SERVER, parent_headers=SAMPLED_PARENT):
+        # The request path's own spans are current for it, not in OpenTelemetry's context...
+        assert not trace.get_current_span().get_span_context().is_valid
+        # ...where an instrumentation calling the API still finds its parent.
+        with (
+            TRACING.mark("authenticate"),
+            TRACING.step("jetstream get") as step,
+            instrumentation.start_as_current_span("GET", kind=SpanKind.CLIENT),
+        ):
+            pass
+        with TRACING.step("handle", application=True) as handle:
+            assert trace.get_current_span() is handle  # a handler's code sees its span
+        assert step is not None and handle is not None
+    spans = {s.name: s for s in exported.get_finished_spans()}
+    process = spans["process"]
+    assert [e.name for e in process.events] == ["authenticate"]
+    assert spans["GET"].parent is not None
+    assert spans["GET"].parent.span_id == spans["jetstream get"].context.span_id
+    assert spans["handle"].parent is not None
+    assert spans["handle"].parent.span_id == process.context.span_id

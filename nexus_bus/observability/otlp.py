@@ -59,6 +59,8 @@ _ENCODE_EVERY: Final = 32  # ended spans encoded together (see `OtlpExporter.on_
 def _varint(n: int) -> bytes:
     if n < 0x80:
         return _BYTE[n]
+    if n < 0x4000:  # a span's length, mostly
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)

@@ -348,6 +348,7 @@ class Bench:
         self.rss_kb: dict[str, tuple[int, int]] = {}  # shim: (idle VmRSS, peak VmHWM)
         self.use_wrk = shutil.which("wrk") is not None
         self.cpu_us: dict[tuple[str, int], dict[str, float]] = {}
+        self.slice_rps: dict[tuple[str, int], list[float]] = {}  # each slice's, in turn
         self.keys: dict[str, set[str]] = {}  # target -> its processes and the servers
 
     def script(self, body: bytes) -> Path:
@@ -476,6 +477,7 @@ class Bench:
                     system[role] = system.get(role, 0.0) + sys_s / served * 1e6
                     writes[role] = writes.get(role, 0.0) + calls / served
         self.cpu_us[(name, conc)] = split
+        self.slice_rps[(name, conc)] = [r.rps for r, _ in parts]
         parts_text = "  ".join(
             f"{role} {us:.0f} (sys {system[role]:.0f}, {writes[role]:.2f} writes)"
             for role, us in split.items()
@@ -580,7 +582,7 @@ def main() -> int:
     if args.data:
         report_data(results, bench.cpu_us, bench.rss_kb)
     elif args.tracing:
-        report_tracing(results, bench.cpu_us)
+        report_tracing(results, bench.cpu_us, bench.slice_rps)
     else:
         report(results, bench.cpu_us)
     return 0

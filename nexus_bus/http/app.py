@@ -46,7 +46,7 @@ from nexus_bus.http.forward import CLIENT_CLOSED, OperationRoute, bus_headers
 from nexus_bus.http.jobs import JobRoutes
 from nexus_bus.http.probes import Probes
 from nexus_bus.http.problems import Answer, ClientGone, MethodNotAllowed, problem_answer
-from nexus_bus.http.request import RequestHead, parse_head
+from nexus_bus.http.request import STREAMING, RequestHead, parse_head
 from nexus_bus.http.spans import serve_traced
 from nexus_bus.http.sse import EventStreams, encode_gate_request, last_event_id
 from nexus_bus.http.tickets import TicketStore, ticket_of
@@ -69,7 +69,6 @@ _CLOSE: Final = (b"connection", b"close")
 # Answers after which the connection cannot be reused: the body may still be unread.
 _CLOSING_STATUSES: Final = frozenset({408, 413, 431})
 _MAX_PATH_IN_DETAIL: Final = 120
-_STREAMING: Final = "nexus.streaming"  # scope key: the response has started streaming
 _EXCHANGE: Final = "nexus.exchange"  # scope key: the request's Exchange
 _STREAMED: Final = 200  # the status an event stream started with
 _READ: Final = ("GET", "HEAD")
@@ -384,7 +383,7 @@ class ShimApp:
             return CLIENT_CLOSED
         except asyncio.CancelledError:
             # The grace period after SIGTERM ran out: say so, rather than a bare reset.
-            if self._draining and not scope.get(_STREAMING):
+            if self._draining and not scope.get(STREAMING):
                 closing = Unavailable("the server is shutting down; retry elsewhere")
                 await self._send(send, self._problem(closing, request_id, head), request_id)
             raise
@@ -538,5 +537,5 @@ class ShimApp:
                 raise error_of(gate.status, gate.body, gate.headers)
             if self._draining:  # drain began while we awaited: close_all() has passed us by
                 raise Unavailable("this replica is draining; reconnect with Last-Event-ID")
-            scope[_STREAMING] = True
+            scope[STREAMING] = True
             await self._streams.stream(topic, after, request_id, receive, send, lease)

@@ -47,6 +47,8 @@ _SLOTS: Final[dict[bytes, str]] = {
     b"accept": "accept",
 }
 
+STREAMING: Final = "nexus.streaming"  # ASGI scope key: the answer is an event stream, started
+
 
 class RequestHead:
     """The request headers the shim acts on, decoded; None when absent.

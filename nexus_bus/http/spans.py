@@ -17,7 +17,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from nexus_bus.constants import H_TRACEPARENT, H_TRACESTATE, HTTP_HEALTHZ, HTTP_METRICS, HTTP_READYZ
 from nexus_bus.http.forward import CLIENT_CLOSED
-from nexus_bus.http.request import RequestHead
+from nexus_bus.http.request import STREAMING, RequestHead
 from nexus_bus.observability.tracing import TRACING, SpanKind
 
 Scope = MutableMapping[str, Any]
@@ -51,6 +51,7 @@ async def serve_traced(
             await serve
             return
         span.set_attributes({"http.request.method": method, "url.path": path})
+        status = None
         try:
             status = await serve
         finally:
@@ -58,7 +59,9 @@ async def serve_traced(
             if template is not None:
                 span.set_attribute("http.route", template)
                 span.update_name(f"{method} {template}")
-        if status != CLIENT_CLOSED:  # else no answer was sent
-            span.set_attribute("http.response.status_code", status)
-            if status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
+            if status is None and scope.get(STREAMING):
+                status = 200  # an event stream, cut short after it started
+            if status is not None and status != CLIENT_CLOSED:  # else no answer was sent
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))

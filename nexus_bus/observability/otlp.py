@@ -192,6 +192,8 @@ def _add_events(parts: list[bytes], events: Iterable[tuple[str, int, Attributes]
         # An event without attributes is the same bytes around its time: kept by name.
         around = _EVENTS.get(name)
         if around is None:
+            if len(_EVENTS) >= _SEEN_MAX:  # names an application makes up as it goes
+                _EVENTS.clear()
             encoded = _field(b"\x12", name.encode())
             around = _EVENTS[name] = (b"\x5a" + _varint(9 + len(encoded)) + b"\x09", encoded)
         parts += (around[0], _FIXED64(when), around[1])
@@ -269,6 +271,7 @@ class OtlpExporter:
         self._queue: deque[bytes] = deque()  # encoded, waiting for their batch
         self._wake = threading.Event()
         self._sending = threading.Lock()  # one batch on the wire at a time
+        self._dropping = threading.Lock()
         self._closed = False
         self._warned_at = -_WARN_EVERY_S
         self._connection = _connection(endpoint, timeout_s)
@@ -289,8 +292,7 @@ class OtlpExporter:
         worker's full collections several times as frequent (from 4 to 31 µs a request).
         """
         if self._closed:
-            self.dropped += 1
-            METRICS.trace_spans_dropped.inc()
+            self._count_dropped(1)
             return
         pending = self._pending
         pending.append(span)
@@ -308,8 +310,7 @@ class OtlpExporter:
             except IndexError:  # the other thread took the last one
                 return
             if len(queue) >= self._max_queue:
-                self.dropped += 1
-                METRICS.trace_spans_dropped.inc()
+                self._count_dropped(1)
                 continue
             try:
                 queue.append(encode_span(span))
@@ -340,6 +341,12 @@ class OtlpExporter:
         self._wake.set()
         self._thread.join(self._timeout_s + 1.0)
         self.flush()
+        # A span another thread was encoding as the last batch left: counted, not lost silently.
+        leftover = len(self._pending) + len(self._queue)
+        if leftover:
+            self._pending.clear()
+            self._queue.clear()
+            self._lost(leftover, "they ended as the exporter closed")
         self._connection.close()
         atexit.unregister(self.close)
 
@@ -373,9 +380,13 @@ class OtlpExporter:
             time.sleep(pause)
             backoff *= 2
 
-    def _lost(self, spans: int, problem: str) -> None:
-        self.dropped += spans
+    def _count_dropped(self, spans: int) -> None:
+        with self._dropping:  # from the request path's thread and the exporter's
+            self.dropped += spans
         METRICS.trace_spans_dropped.inc(spans)
+
+    def _lost(self, spans: int, problem: str) -> None:
+        self._count_dropped(spans)
         now = time.monotonic()
         if now - self._warned_at >= _WARN_EVERY_S:  # once a minute while it lasts
             self._warned_at = now

@@ -5,8 +5,8 @@ Everything that makes or reads a span speaks the OpenTelemetry API (`opentelemet
 the current span. This module is what stands behind that API when tracing is on, in place of
 `opentelemetry-sdk`'s `TracerProvider`.
 
-Why not the SDK: a request traced at sampling 1.0 makes six or seven spans (shim server,
-NATS client, worker, authenticate, validate, handle, one per Redis command), and one SDK
+Why not the SDK: a request traced at sampling 1.0 makes four spans or more (shim server,
+NATS client, worker, handle, one per Redis command), and one SDK
 span costs about as much to start and end as a whole hop of the request: measured on one
 machine (`docs/observability.md`, "What a span costs"), 50 µs to start and end one SDK span
 and 46 µs to encode it for OTLP in the export thread, against 3 to 6 µs and 2 µs here. With the
@@ -190,11 +190,11 @@ class LeanSpan(trace.Span):
 
     def set_attributes(self, attributes: Mapping[str, AnyValue]) -> None:
         if self.end_time is None:
-            self.attributes.update(attributes)
+            self.attributes.update(_kept(attributes))
 
     def set_attribute(self, key: str, value: AnyValue) -> None:
         if self.end_time is None:
-            self.attributes[key] = value
+            self.attributes[key] = tuple(value) if type(value) is list else value
 
     def add_event(
         self, name: str, attributes: Attributes = None, timestamp: int | None = None
@@ -203,7 +203,7 @@ class LeanSpan(trace.Span):
             if self.events is None:
                 self.events = []
             when = timestamp if timestamp is not None else time.time_ns()
-            self.events.append((name, when, dict(attributes) if attributes else None))
+            self.events.append((name, when, dict(_kept(attributes)) if attributes else None))
 
     def update_name(self, name: str) -> None:
         if self.end_time is None:
@@ -239,6 +239,18 @@ class LeanSpan(trace.Span):
         }
         fields.update(attributes or {})
         self.add_event("exception", fields, timestamp)
+
+
+def _kept(attributes: Mapping[str, AnyValue]) -> Mapping[str, AnyValue]:
+    """`attributes` as a span keeps them: a list value copied to a tuple, since a span is
+    encoded after it ends (in runs, see `otlp.OtlpExporter.on_end`) and what it holds must
+    not change meanwhile; other values are immutable already."""
+    if _LIST in set(map(type, attributes.values())):
+        return {k: tuple(v) if type(v) is list else v for k, v in attributes.items()}
+    return attributes
+
+
+_LIST: Final = list
 
 
 class CarriedContext:
@@ -359,7 +371,7 @@ class LeanTracer(trace.Tracer):
         OpenTelemetry's context too only with `api_current` (see `LeanSpan`)."""
         return LeanSpan(
             name, trace_id, parent_id, remote_parent, trace_state, kind,
-            dict(attributes) if attributes else {}, self._scope, self._sink,
+            dict(_kept(attributes)) if attributes else {}, self._scope, self._sink,
             api_current=api_current,
         )  # fmt: skip
 
@@ -392,7 +404,7 @@ class LeanTracer(trace.Tracer):
             remote, state = parent.remote, parent.trace_state
         return LeanSpan(
             name, trace_id, parent_id, remote, state, kind,
-            dict(attributes) if attributes else {}, self._scope, self._sink,
+            dict(_kept(attributes)) if attributes else {}, self._scope, self._sink,
             links or (), start_time,
         )  # fmt: skip
 

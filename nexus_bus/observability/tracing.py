@@ -55,7 +55,7 @@ class Tracing:
 
     The request path's own spans are made here directly (`tracer.LeanTracer.open`), with the
     W3C trace context parsed and written here: each is a few microseconds, and a request
-    makes six or seven of them (docs/observability.md, "What a span costs").
+    makes four or more of them (docs/observability.md, "What a span costs").
     """
 
     def __init__(self) -> None:
@@ -87,9 +87,11 @@ class Tracing:
         kind: SpanKind = SpanKind.INTERNAL,
         attributes: Mapping[str, Any] | None = None,
         parent_headers: Mapping[str, str] | None = None,
+        application: bool = False,
     ) -> contextlib.AbstractContextManager[Span | None]:
         """An entry span (a request arriving or leaving): a child of `parent_headers`'
-        `traceparent` (or of the current span), or the root of a new trace.
+        `traceparent` (or of the current span), or the root of a new trace. `application`:
+        application code may run in it, as in `step`.
 
         A shared do-nothing context manager when tracing is off. When the caller did not
         sample its trace, no span is made at all (it would record nothing), but its ids
@@ -107,7 +109,9 @@ class Tracing:
                 trace_id, span_id, sampled, state = caller
                 if not sampled:
                     return CarriedContext(trace_id, span_id, False, state, True)
-                return tracer.open(name, kind, attributes, trace_id, span_id, True, state)
+                return tracer.open(
+                    name, kind, attributes, trace_id, span_id, True, state, application
+                )
         else:
             parent = current_parent()
             if parent is not None:
@@ -115,11 +119,13 @@ class Tracing:
                     return _NOTHING
                 return tracer.open(
                     name, kind, attributes, parent.trace_id, parent.span_id, parent.remote,
-                    parent.trace_state,
+                    parent.trace_state, application,
                 )  # fmt: skip
         if self._ratio < 1.0 and random.random() >= self._ratio:
             return CarriedContext(_random_bits(128) or 1, _random_bits(64) or 1, False, None, False)
-        return tracer.open(name, kind, attributes, _random_bits(128) or 1)
+        return tracer.open(
+            name, kind, attributes, _random_bits(128) or 1, api_current=application
+        )
 
     def step(
         self,
@@ -152,7 +158,8 @@ class Tracing:
 
     def mark(self, name: str) -> contextlib.AbstractContextManager[None]:
         """A step of the request's own bookkeeping (authenticate, validate): an event named
-        `name` on the current recorded span at the moment the step ends, however it ends.
+        `name` on the current recorded span at the moment the step ends, however it ends
+        (with `error.type` when it raised).
 
         Not a span of its own: these steps take a few microseconds on the hot path (a cached
         token, a small body), less than recording a span costs, and nothing runs below them
@@ -216,8 +223,11 @@ class _Mark:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, *_: object) -> None:
-        self._span.add_event(self._name)
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            self._span.add_event(self._name)
+        else:  # the step failed here; the exception itself is the span's to record
+            self._span.add_event(self._name, {"error.type": kind.__qualname__})
 
 
 def _traceparent(headers: Mapping[str, str]) -> tuple[int, int, bool, TraceState | None] | None:

@@ -174,9 +174,11 @@ class Dispatcher:
         attempt: int,
     ) -> Reply:
         """`run` (a `_run`) in a server span, a child of the caller's `traceparent`."""
+        # Application code (an authenticator, a handler) runs in it: current for the API too.
         with TRACING.span(
-            f"process nexus.{op}.{action}", kind=SpanKind.SERVER, parent_headers=hdrs
-        ) as span:
+            f"process nexus.{op}.{action}", kind=SpanKind.SERVER, parent_headers=hdrs,
+            application=True,
+        ) as span:  # fmt: skip
             if span is not None:  # recorded: its attributes (none made for the others)
                 trace.recorded = TRACING.current_trace_id()
                 span.set_attributes(

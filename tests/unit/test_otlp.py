@@ -128,6 +128,26 @@ def test_values_equal_in_python_keep_their_own_type_on_the_wire() -> None:
     ]  # fmt: skip
 
 
+def test_a_list_attribute_is_kept_as_it_was_when_set() -> None:
+    ended_spans: list[LeanSpan] = []
+    tracer = LeanTracerProvider(RESOURCE, ended_spans.append).get_tracer("nexus_bus")
+    tags, more = ["a"], ["x"]
+    with tracer.open("listed", SpanKind.INTERNAL, {"tags": tags}, 1) as span:
+        span.set_attribute("more", more)
+        span.set_attributes({"most": more})
+        span.add_event("seen", {"tags": tags})
+    tags.append("changed after the span ended")  # it is encoded later, in a run of spans
+    more.append("changed")
+    body = encode_request(encode_resource(RESOURCE), map(encode_span, ended_spans))
+    (exported,) = [scope.spans[0] for scope in decoded(body).resource_spans[0].scope_spans]
+    values = {
+        kv.key: [v.string_value for v in kv.value.array_value.values] for kv in exported.attributes
+    }
+    assert values == {"tags": ["a"], "more": ["x"], "most": ["x"]}
+    (event,) = exported.events
+    assert [v.string_value for v in event.attributes[0].value.array_value.values] == ["a"]
+
+
 class Collector(http.server.ThreadingHTTPServer):
     """An OTLP/HTTP trace endpoint answering each POST with the next status in `answers`
     (then 200), keeping the bodies it accepted."""

@@ -176,9 +176,16 @@ def test_application_code_sees_the_handler_span_and_the_steps_before_are_events(
         with TRACING.step("handle", application=True) as handle:
             assert trace.get_current_span() is handle  # a handler's code sees its span
         assert step is not None and handle is not None
+        with pytest.raises(PermissionError), TRACING.mark("validate"):
+            raise PermissionError("a step that fails leaves its event, with the error's type")
+    with TRACING.span(
+        "process nexus.a.b", kind=SpanKind.SERVER, parent_headers=SAMPLED_PARENT, application=True
+    ) as worker:
+        assert trace.get_current_span() is worker  # where an authenticator of yours runs
     spans = {s.name: s for s in exported.get_finished_spans()}
     process = spans["process"]
-    assert [e.name for e in process.events] == ["authenticate"]
+    assert [e.name for e in process.events] == ["authenticate", "validate"]
+    assert dict(process.events[1].attributes or {}) == {"error.type": "PermissionError"}
     assert spans["GET"].parent is not None
     assert spans["GET"].parent.span_id == spans["jetstream get"].context.span_id
     assert spans["handle"].parent is not None

@@ -96,12 +96,16 @@ def ours(count: int) -> tuple[float, float]:
     tracer = LeanTracerProvider({"service.name": "bench"}, keep).get_tracer("nexus_bus")
 
     def request(n: int) -> None:
+        # Current in OpenTelemetry's context too (`api_current`), as the SDK's spans are.
         with tracer.open(
             "process nexus.bench.echo", trace.SpanKind.SERVER, attributes(n), TRACE_ID,
-            CALLER, True,
+            CALLER, True, api_current=True,
         ) as span:  # fmt: skip
             for step in ("authenticate", "validate", "handle"):
-                with tracer.open(step, trace.SpanKind.INTERNAL, None, TRACE_ID, span.span_id):
+                with tracer.open(
+                    step, trace.SpanKind.INTERNAL, None, TRACE_ID, span.span_id,
+                    api_current=True,
+                ):  # fmt: skip
                     pass
 
     made = _per_span(request, count)

@@ -427,6 +427,12 @@ def test_the_traced_request_reaches_jaeger_from_the_shim_and_the_worker(
                 "service": trace["processes"][span["processID"]]["serviceName"],
                 "name": span["operationName"],
                 "tags": {tag["key"]: tag["value"] for tag in span["tags"]},
+                "logs": [
+                    field["value"]
+                    for log in span.get("logs") or []
+                    for field in log["fields"]
+                    if field["key"] == "event"
+                ],
             }
             for trace in found
             for span in trace["spans"]
@@ -437,11 +443,13 @@ def test_the_traced_request_reaches_jaeger_from_the_shim_and_the_worker(
             "process nexus.data.get",
         ) in names, spans
 
-    # Processes export in batches every 5 s (OTEL_BSP_SCHEDULE_DELAY's default).
+    # Processes export their spans every second (NEXUS_TRACING__BATCH_DELAY_S).
     spans = wait_for(trace, f"Jaeger holding trace {exchange.trace_id}", 90)
     assert {span["service"] for span in spans} == TRACED_SERVICES
     names = {span["name"] for span in spans}
-    assert {"request nexus.data.get", "authenticate", "handle"} <= names
+    assert {"request nexus.data.get", "process nexus.data.get", "handle"} <= names
+    (process,) = [span for span in spans if span["name"] == "process nexus.data.get"]
+    assert process["logs"][:2] == ["authenticate", "validate"], process  # span events
     assert any(span["tags"].get("db.system") == "redis" for span in spans), spans
 
 

@@ -25,12 +25,10 @@ from nexus_bus.constants import (
     H_TRACESTATE,
 )
 from nexus_bus.errors import HeadersTooLarge, InvalidRequest
+from nexus_bus.observability.traceparent import traceparent_fields
 
 # Guards are matched with fullmatch(): a `$` anchor would let a final newline through.
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# version-trace_id-span_id-flags; fixed width, so the fields are slices once this matches.
-_TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
-_TRACEPARENT_LEN: Final = 55
 _HEADER_NAME: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}")
 _KNOWN_NAMES: Final = frozenset(
     {H_AUTHORIZATION, H_REQUEST_ID, H_TRACEPARENT, H_TRACESTATE, H_TIMEOUT_MS, H_DEADLINE,
@@ -106,18 +104,10 @@ def new_traceparent() -> str:
 
 
 def parse_traceparent(value: str | None) -> TraceContext | None:
-    """Parse a `traceparent` value; None when absent or invalid (all-zero ids are invalid)."""
-    if not value:
-        return None
-    if len(value) != _TRACEPARENT_LEN:
-        value = value.strip()
-    if _TRACEPARENT.fullmatch(value) is None or value.startswith("ff"):
-        return None
-    trace_id = value[3:35]
-    span_id = value[36:52]
-    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
-        return None
-    return TraceContext(trace_id, span_id, value[53:])
+    """Parse a `traceparent` value; None when absent or invalid (`traceparent_fields`, the
+    rule the tracer reads it by too)."""
+    fields = traceparent_fields(value)
+    return None if fields is None else TraceContext(*fields)
 
 
 def trace_from_headers(headers: Mapping[str, str]) -> TraceContext:

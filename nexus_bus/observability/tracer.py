@@ -245,12 +245,9 @@ def _kept(attributes: Mapping[str, AnyValue]) -> Mapping[str, AnyValue]:
     """`attributes` as a span keeps them: a list value copied to a tuple, since a span is
     encoded after it ends (in runs, see `otlp.OtlpExporter.on_end`) and what it holds must
     not change meanwhile; other values are immutable already."""
-    if _LIST in set(map(type, attributes.values())):
+    if list in set(map(type, attributes.values())):
         return {k: tuple(v) if type(v) is list else v for k, v in attributes.items()}
     return attributes
-
-
-_LIST: Final = list
 
 
 class CarriedContext:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import re
 from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -30,6 +29,7 @@ from opentelemetry.trace.span import TraceState
 
 from nexus_bus.config import TracingSettings
 from nexus_bus.constants import H_TRACEPARENT, H_TRACESTATE
+from nexus_bus.observability.traceparent import traceparent_fields
 from nexus_bus.observability.tracer import (
     CURRENT,
     CarriedContext,
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
 __all__ = ["TRACING", "SpanKind", "Tracing", "configure_tracing", "mark_error"]
 
 _NOTHING: Final = contextlib.nullcontext()
-_TRACEPARENT_LEN: Final = 55  # version 00: 2 + 1 + 32 + 1 + 16 + 1 + 2
-_TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _random_bits: Final = random.getrandbits
 
 
@@ -232,26 +230,14 @@ class _Mark:
 
 def _traceparent(headers: Mapping[str, str]) -> tuple[int, int, bool, TraceState | None] | None:
     """The caller's trace id, span id, sampled flag and trace state from its W3C
-    `traceparent` (and `tracestate`); None when absent or not valid as the W3C Trace Context
-    specification reads it (any version but `ff`, no all-zero id; a later version may append
-    fields)."""
-    value = headers.get(H_TRACEPARENT)
-    if not value:
+    `traceparent` (and `tracestate`); None when absent or not valid (`traceparent_fields`)."""
+    fields = traceparent_fields(headers.get(H_TRACEPARENT))
+    if fields is None:
         return None
-    if len(value) != _TRACEPARENT_LEN:
-        value = value.strip()
-    found = _TRACEPARENT.match(value)
-    if found is None:
-        return None
-    version, trace_hex, span_hex, flags = found.groups()
-    if version == "ff" or (len(value) > _TRACEPARENT_LEN and (version == "00" or value[55] != "-")):
-        return None
-    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
-    if not (trace_id and span_id):
-        return None
+    trace_hex, span_hex, flags = fields
     state = headers.get(H_TRACESTATE)
     return (
-        trace_id, span_id, bool(int(flags, 16) & 0x01),
+        int(trace_hex, 16), int(span_hex, 16), bool(int(flags, 16) & 0x01),
         TraceState.from_header([state]) if state else None,
     )  # fmt: skip
 

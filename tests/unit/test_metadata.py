@@ -33,8 +33,12 @@ def test_traceparent_parsing() -> None:
         "00-4bf92f3577b34da6a3ce929d0e0e4736-" + "0" * 16 + "-01",
         "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         VALID_TP.upper(),
+        VALID_TP + "-more",  # only a later version may append fields
     ):
         assert parse_traceparent(bad) is None
+    # A later version is continued, as the tracer continues it: the same trace in both.
+    later = parse_traceparent("01" + VALID_TP[2:-2] + "03-and-more")
+    assert later is not None and later.trace_id == ctx.trace_id and later.flags == "03"
 
 
 def test_trace_continues_or_starts() -> None:

@@ -34,6 +34,7 @@ The load generator (`wrk`, else a Python closed loop) runs on CPU 0; everything 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -44,7 +45,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -165,11 +166,12 @@ _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
 def run_wrk(
-    name: str, port: int, conc: int, seconds: float, script: Path, path: str = OP_PATH
+    name: str, port: int, conc: int, seconds: float, script: Path, path: str = OP_PATH,
+    cpu: int = 0,
 ) -> Result:
-    """One wrk run on CPU 0 (one thread: the other CPU belongs to the system under test)."""
+    """One wrk run on CPU `cpu` (one thread: the other CPU belongs to the system under test)."""
     out = subprocess.run(
-        [*_pin(0), "wrk", "-t1", f"-c{conc}", f"-d{seconds:g}s", "--latency", "-s", str(script),
+        [*_pin(cpu), "wrk", "-t1", f"-c{conc}", f"-d{seconds:g}s", "--latency", "-s", str(script),
          f"http://127.0.0.1:{port}{path}"],
         capture_output=True, text=True, check=True,
     ).stdout
@@ -368,6 +370,21 @@ class Bench:
         for server in [*self.extra_servers.values(), *reversed(self.servers)]:
             server.stop()
 
+    @contextlib.contextmanager
+    def running(self, targets: list[Target]) -> Iterator[tuple[dict[str, int], dict[str, int]]]:
+        """Start every target for the block, and stop them all when it leaves: the ports of
+        the targets that answered (by name), and the pid of every process, the servers
+        included (by key: `<target>/<role>`, `responder`, `nats-server`, `redis-server`)."""
+        started: dict[str, subprocess.Popen[bytes]] = {}
+        try:
+            ports, live = self._start(targets, started)
+            pids = {key: p.pid for key, p in started.items()}
+            pids.update({s.name: s.proc.pid for s in self.servers if s.proc})
+            pids.update({k: s.proc.pid for k, s in self.extra_servers.items() if s.proc})
+            yield {name: ports[name] for name in live}, pids
+        finally:
+            stop_all(reversed(started.values()))
+
     def run_all(self, targets: list[Target], levels: list[int], rounds: int) -> list[Result]:
         """Start every target, then measure them in alternating slices at each concurrency.
 
@@ -377,27 +394,18 @@ class Bench:
         instead of on whichever ran during a slow minute. The raw responder is one process
         shared by the bridges; CPU is read per slice, so it counts for the target in load.
         """
-        started: dict[str, subprocess.Popen[bytes]] = {}
-        try:
-            ports, live = self._start(targets, started)
-            pids = {key: p.pid for key, p in started.items()}
-            pids.update({s.name: s.proc.pid for s in self.servers if s.proc})
-            pids.update({k: s.proc.pid for k, s in self.extra_servers.items() if s.proc})
+        with self.running(targets) as (ports, pids):
             results = []
             for conc in levels:
-                slices: dict[str, list[tuple[Result, Used]]] = {n: [] for n in live}
-                for name in live:  # warm-up at this concurrency
-                    self._slice(name, ports[name], conc, 1.0, pids)
+                slices: dict[str, list[tuple[Result, Used]]] = {n: [] for n in ports}
+                for name, port in ports.items():  # warm-up at this concurrency
+                    self._slice(name, port, conc, 1.0, pids)
                 for _ in range(rounds):
-                    for name in live:
-                        slices[name].append(
-                            self._slice(name, ports[name], conc, self.seconds, pids)
-                        )
-                for name in live:
+                    for name, port in ports.items():
+                        slices[name].append(self._slice(name, port, conc, self.seconds, pids))
+                for name in ports:
                     results.append(self._merge(name, conc, slices[name]))
             return results
-        finally:
-            stop_all(reversed(started.values()))
 
     def _start(
         self, targets: list[Target], started: dict[str, subprocess.Popen[bytes]]

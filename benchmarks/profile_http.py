@@ -109,15 +109,18 @@ def main() -> int:
                     ["py-spy", "record", "--rate", "250", "--format", "raw", "--nonblocking",
                      "--duration", str(args.seconds), "--pid", str(profiled), "--output",
                      str(raw)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 )  # fmt: skip
                 result = run_wrk(
                     target.name, port, args.concurrency, args.seconds, script, target.path, cpu=1
                 )
-                spy.wait()
+                _, problem = spy.communicate()
                 after = {key: usage(pid)[0] for key, pid in pids.items()}
         finally:
             bench.close()
+        if spy.returncode != 0 or not raw.exists():  # py-spy needs to be allowed to ptrace
+            print(f"py-spy failed: {problem.decode(errors='replace').strip()}", file=sys.stderr)
+            return 1
         own, inclusive, total = shares(raw)
     served = max(1, result.requests)
     print(f"{target.name}, c={args.concurrency}: {result.rps:.0f} req/s, "

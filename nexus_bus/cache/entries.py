@@ -18,6 +18,9 @@ from nexus_bus.errors import Unavailable
 # Values cached without a revision (cache-aside of arbitrary getters). They are ordered by
 # leases instead: a fill needs the lease it was loaded under, and every write revokes it.
 UNVERSIONED: Final = 0
+# The lowest revision a KV write can have (a JetStream stream sequence): an entry at it yields
+# to every write of the key.
+FIRST_REVISION: Final = 1
 
 
 class Kind(StrEnum):

@@ -18,7 +18,7 @@ writes to the KV around it would leave the cache behind.
 from __future__ import annotations
 
 from nexus_bus.cache.core import Cache
-from nexus_bus.cache.entries import Entry, Kind
+from nexus_bus.cache.entries import FIRST_REVISION, UNVERSIONED, Entry, Kind
 from nexus_bus.cache.heads import Absent, Head, HeadReader, check_key
 from nexus_bus.cache.policy import CachePolicy
 from nexus_bus.constants import CACHE_DATA_NAMESPACE
@@ -134,6 +134,14 @@ class CachedRecordStore:
             # the best left to do, and its failure is handled inside the cache.
             await self._cache.invalidate(self._namespace, key, self._policy, sealed=sealed)
             return
-        await self._cache.write(
-            self._namespace, key, entry_of(head), self._policy, sealed=sealed
-        )
+        if isinstance(head, Absent) and head.revision == UNVERSIONED:
+            # Nothing was ever written under `key` (a delete that found nothing, a put that
+            # failed before the KV took it). An eviction would also remove the entry of a
+            # put that reached the KV after this read and wrote through before we got
+            # here, and leave the cache short of the KV. A fence at the first revision any
+            # write can have says "absent so far": it replaces a cached absence and yields
+            # to every write.
+            entry = Entry.fence(FIRST_REVISION)
+        else:
+            entry = entry_of(head)
+        await self._cache.write(self._namespace, key, entry, self._policy, sealed=sealed)

@@ -171,6 +171,52 @@ class CountingHeads:
         return await self.inner.head(key)
 
 
+class PausingHeads:
+    """The real KV head reader, holding its answer for one key until released: a worker
+    stalled between reading a head and writing the cache."""
+
+    def __init__(self, inner: KeyValueHeads, key: str) -> None:
+        self.inner = inner
+        self.key = key
+        self.read = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def head(self, key: str) -> Head:
+        head = await self.inner.head(key)
+        if key == self.key:
+            self.read.set()
+            await self.release.wait()
+        return head
+
+
+async def test_a_delete_that_found_nothing_leaves_the_entry_of_a_put_racing_it(
+    patient_settings: Settings, raw_redis: aioredis.Redis, uid: str
+) -> None:
+    """A delete of a key never written reads its head (absent, no revision) after the KV said
+    "nothing to delete"; a put lands and writes through before the delete writes the cache.
+    The delete must not evict the put's entry: the cache would fall short of the KV (a miss
+    where the latest write should be; found by `test_cache_race` under load)."""
+    key = f"nothing.{uid}"
+    async with open_services(patient_settings) as a, open_services(patient_settings) as b:
+        assert a.cache is not None and b.cache is not None
+        kv = await ensure_data_bucket(a.js, patient_settings.jetstream)
+        policy = data_policy(patient_settings.cache)
+        heads = PausingHeads(KeyValueHeads(a.js), key)
+        deleter = CachedRecordStore(KeyValueRecordStore(kv, a.js), heads, a.cache, policy)
+        writer = CachedRecordStore(
+            KeyValueRecordStore(kv, b.js), KeyValueHeads(b.js), b.cache, policy
+        )
+        deleting = asyncio.create_task(deleter.delete(key))
+        await asyncio.wait_for(heads.read.wait(), 10)  # the head said: never written
+        revision = await writer.put(key, b'"new"')
+        heads.release.set()
+        assert await deleting is False
+        stored = await raw_redis.hgetall(a.cache.key("data", key).entry)
+        assert stored, "the delete evicted the entry of the put that raced it"
+        assert (int(stored[b"r"]), stored[b"k"], stored[b"v"]) == (revision, b"v", b'"new"')
+        assert (await deleter.get(key)).revision == revision
+
+
 async def test_stampede_on_cold_keys_loads_each_key_once(
     patient_settings: Settings, uid: str
 ) -> None:

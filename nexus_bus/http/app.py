@@ -117,7 +117,7 @@ class _Endpoint:
     def __init__(self, handle: Handler, methods: tuple[str, ...], refusal: str) -> None:
         self._handle = handle
         self._methods = methods
-        self._allow = methods[0]
+        self._allow = ", ".join(methods)  # RFC 9110 §10.2.1: every method the route answers
         self._refusal = refusal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -253,7 +253,7 @@ class ShimApp:
 
         return Router(
             [
-                route(_JOB_ROUTE, _Endpoint(self._job, ("GET",), "job status is read with GET")),
+                route(_JOB_ROUTE, _Endpoint(self._job, _READ, "job status is read with GET")),
                 route(
                     _EVENTS_ROUTE,
                     _Endpoint(self._events, ("GET",), "event streams are read with GET"),

@@ -11,7 +11,7 @@ import time
 from typing import Final
 
 from nexus_bus.bus import codec
-from nexus_bus.bus.metadata import is_ascii_digits
+from nexus_bus.bus.metadata import is_ascii_digits, parse_traceparent
 from nexus_bus.client.gateway import Gateway
 from nexus_bus.config import Settings
 from nexus_bus.constants import (
@@ -30,6 +30,7 @@ from nexus_bus.constants import (
 from nexus_bus.errors import (
     InternalError,
     InvalidRequest,
+    InvalidToken,
     NexusError,
     PayloadTooLarge,
     UpstreamTimeout,
@@ -63,7 +64,7 @@ def budget_s(raw: str | None, *, default_ms: int, max_ms: int) -> float:
     """
     if raw is None:
         return min(default_ms, max_ms) / 1000
-    if not is_ascii_digits(raw) or len(raw) > 9:
+    if not is_ascii_digits(raw) or len(raw) > 16:  # the published schema: 1 to 16 digits
         raise InvalidRequest("Nexus-Timeout-Ms must be an integer of milliseconds")
     budget_ms = int(raw)
     if budget_ms == 0:
@@ -108,10 +109,30 @@ def bus_headers(
         extra=extra,
     )
     sent = head.sent_traceparent = headers.get(H_TRACEPARENT)  # None: the span writes it
-    # tracestate belongs to the caller's trace; it travels only when that trace was kept.
-    if head.tracestate and sent == head.traceparent:
-        headers[H_TRACESTATE] = head.tracestate
+    # tracestate belongs to the caller's trace; it travels only when that trace was kept
+    # (re-written as version 00 when the caller's is a later version).
+    if head.tracestate and sent is not None:
+        kept = parse_traceparent(head.traceparent)
+        if kept is not None and kept.traceparent == sent:
+            headers[H_TRACESTATE] = head.tracestate
     return headers
+
+
+def check_authorization(value: str, max_bytes: int) -> None:
+    """Refuse an `Authorization` value here, as a worker would refuse its token.
+
+    A value that cannot travel in a NATS header (not printable ASCII) or is over the header
+    value limit would fail the gateway's header check with 400 or 431, and no worker would
+    see it. It is a malformed token all the same: the answer is the 401 `invalid_token` (with
+    its challenge) that a worker and the shim's own routes give one.
+
+    Raises:
+        InvalidToken: the value is not printable ASCII or longer than `max_bytes`.
+    """
+    if not (value.isascii() and value.isprintable()):
+        raise InvalidToken("malformed token")
+    if len(value) > max_bytes:
+        raise InvalidToken(f"Authorization header longer than {max_bytes} bytes")
 
 
 class OperationRoute:
@@ -129,6 +150,7 @@ class OperationRoute:
         self._gateway = gateway
         self._jobs = jobs
         self._max_body = settings.limits.max_body_bytes
+        self._max_header_value = settings.limits.max_header_value_bytes
         self._read_timeout_s = read_timeout_s
         self._default_ms = settings.client.default_timeout_ms
         self._max_ms = settings.http.max_timeout_ms
@@ -199,6 +221,8 @@ class OperationRoute:
             await discard_body(receive)  # so that the client reads the 413
             raise
         body = await read_body(receive, self._max_body, self._read_timeout_s)
+        if head.authorization is not None:
+            check_authorization(head.authorization, self._max_header_value)
         timeout_s = budget_s(head.timeout_ms, default_ms=self._default_ms, max_ms=self._max_ms)
         headers = bus_headers(self._gateway, head, request_id, client_ip, timeout_s, media)
         if self._jobs is not None and prefers_async(head.prefer):

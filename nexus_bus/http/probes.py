@@ -91,7 +91,11 @@ class Probes:
     def metrics(self, accept: str | None = None) -> Answer:
         """This process's metrics: OpenMetrics (with exemplars) when the scraper accepts it,
         else Prometheus's text format."""
-        encode, content_type = choose_encoder(accept or "")
+        try:
+            encode, content_type = choose_encoder(accept or "")
+        except (TypeError, ValueError):
+            # prometheus_client fails on a malformed `version=` parameter: what `*/*` gets.
+            encode, content_type = choose_encoder("")
         return Answer(200, content_type.encode(), [], encode(REGISTRY))
 
     def openapi(self) -> Answer:

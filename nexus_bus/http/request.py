@@ -47,14 +47,19 @@ _SLOTS: Final[dict[bytes, str]] = {
     b"accept": "accept",
 }
 
+# List fields (RFC 9110 §5.3; W3C Trace Context for tracestate): repeated lines are one list,
+# joined with commas. X-Forwarded-For must be seen whole for the rightmost-trusted rule, and a
+# `Prefer: respond-async` on a second line still asks for a job (RFC 7240 §2).
+_LISTS: Final = frozenset({"forwarded_for", "prefer", "accept", "tracestate"})
+
 STREAMING: Final = "nexus.streaming"  # ASGI scope key: the answer is an event stream, started
 
 
 class RequestHead:
     """The request headers the shim acts on, decoded; None when absent.
 
-    The first occurrence of a header wins, except X-Forwarded-For, whose repeats are one
-    list (RFC 9110 §5.3) and must all be seen for the rightmost-trusted rule.
+    The first occurrence of a header wins, except for the list fields (`_LISTS`), whose
+    repeats are joined into one list.
     """
 
     __slots__ = (
@@ -118,8 +123,8 @@ def parse_head(headers: Iterable[tuple[bytes, bytes]]) -> RequestHead:
         current = getattr(head, slot)
         if current is None:
             setattr(head, slot, text)
-        elif slot == "forwarded_for":
-            head.forwarded_for = f"{current}, {text}"
+        elif slot in _LISTS:  # list fields: repeated lines are one comma-separated list
+            setattr(head, slot, f"{current}, {text}")
     head.size = total
     return head
 

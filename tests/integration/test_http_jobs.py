@@ -77,6 +77,13 @@ async def test_prefer_with_other_preferences_still_submits(
         headers={"Prefer": "return=minimal, respond-async; wait=5"},
     )
     assert resp.status_code == 202
+    # RFC 7240 §2: preferences over several Prefer lines are one list.
+    split = await client.post(
+        "/v1/data/put",
+        json={"key": f"job3.{uid}", "value": 1},
+        headers=[("Prefer", "return=minimal"), ("Prefer", "respond-async")],
+    )
+    assert split.status_code == 202 and split.headers["location"].startswith("/v1/jobs/")
 
 
 async def test_same_idempotency_key_is_the_same_job(client: httpx.AsyncClient, uid: str) -> None:
@@ -95,8 +102,10 @@ async def test_unknown_and_malformed_job_ids(client: httpx.AsyncClient) -> None:
     for bad in ("not-a-job-id", uuid.uuid4().hex + "%0A"):  # a final newline passed `$`
         malformed = await client.get(f"/v1/jobs/{bad}")
         assert malformed.status_code == 400 and malformed.json()["code"] == "invalid_request"
+    head = await client.head(f"/v1/jobs/{uuid.uuid4().hex}")
+    assert head.status_code == 404 and head.content == b""  # what GET answers, without a body
     wrong_method = await client.post(f"/v1/jobs/{uuid.uuid4().hex}", json={})
-    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "GET"
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "GET, HEAD"
 
 
 async def test_async_submission_is_still_validated_by_the_shim(

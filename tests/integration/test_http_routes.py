@@ -115,6 +115,21 @@ async def test_invalid_traceparent_is_replaced_and_tracestate_dropped(
     assert seen["tracestate"] is None
 
 
+async def test_a_later_version_traceparent_keeps_its_trace_and_tracestate(
+    client: httpx.AsyncClient,
+) -> None:
+    """W3C Trace Context: a later version is read as version 00, and the trace kept."""
+    trace_id = uuid.uuid4().hex
+    headers = [
+        ("traceparent", f"01-{trace_id}-b7ad6b7169203331-01"),
+        ("tracestate", "congo=t61"),
+        ("tracestate", "rojo=00f067aa0ba902b7"),  # repeated lines are one list
+    ]
+    seen = (await client.post(f"/v1/{PROBE_OP}/echo", json={}, headers=headers)).json()
+    assert seen["trace_id"] == trace_id
+    assert seen["tracestate"] == "congo=t61, rojo=00f067aa0ba902b7"
+
+
 async def test_timeout_budget_is_capped_and_validated(
     settings: Settings, client: httpx.AsyncClient
 ) -> None:
@@ -126,7 +141,14 @@ async def test_timeout_budget_is_capped_and_validated(
     # Capped by the shim's maximum, then by the operation's policy (30 s unless configured).
     policy_ms = int(PolicyTable(settings.resilience).get(PROBE_OP, "echo").timeout_s * 1000)
     assert huge.json()["timeout_ms"] == str(min(settings.http.max_timeout_ms, policy_ms))
-    for bad in ("-5", "abc", "1.5"):
+    # Any integer the published schema admits (1 to 16 digits) is capped, not refused.
+    for large in ("9999999999", "1000000000000000", "0000000000002000"):
+        resp = await client.post(
+            f"/v1/{PROBE_OP}/echo", json={}, headers={"Nexus-Timeout-Ms": large}
+        )
+        expected = min(int(large), settings.http.max_timeout_ms, policy_ms)
+        assert resp.json()["timeout_ms"] == str(expected), large
+    for bad in ("-5", "abc", "1.5", "1" * 17):
         resp = await client.post(
             f"/v1/{PROBE_OP}/echo", json={}, headers={"Nexus-Timeout-Ms": bad}
         )
@@ -222,6 +244,23 @@ async def test_missing_token_is_401_with_bearer_challenge(
         assert 'error="invalid_token"' in forged.headers["www-authenticate"]
 
 
+@pytest.mark.parametrize(
+    "authorization",
+    [b"Bearer abc\xc3\xa9", b"Bearer " + b"a" * 5000],
+    ids=["non-ascii", "oversized"],
+)
+async def test_a_token_no_nats_header_can_carry_is_401_as_on_every_route(
+    shim: RunningShim, authorization: bytes
+) -> None:
+    """Not 400 or 431 from the header check: the answer the async path and workers give."""
+    async with httpx.AsyncClient(base_url=shim.url) as c:
+        for prefer in ({}, {"Prefer": "respond-async"}):
+            headers = {"Authorization": authorization, **prefer}
+            resp = await c.post(f"/v1/{PROBE_OP}/echo", json={}, headers=headers)
+            problem(resp, 401, "invalid_token")
+            assert resp.headers["www-authenticate"].startswith("Bearer")
+
+
 async def test_token_without_the_scope_is_403(shim: RunningShim, admin_token: str | None) -> None:
     if admin_token is None:
         pytest.skip("authentication is off in this test run")
@@ -275,7 +314,7 @@ async def test_unknown_routes_and_methods_are_problems(
     resp = await client.request(method, path, json={})
     problem(resp, status, code)
     if status == 405:
-        assert resp.headers["allow"] in ("GET", "POST")
+        assert resp.headers["allow"] in ("GET", "GET, HEAD", "POST")
 
 
 async def test_health_readiness_metrics_openapi(client: httpx.AsyncClient) -> None:
@@ -289,6 +328,11 @@ async def test_health_readiness_metrics_openapi(client: httpx.AsyncClient) -> No
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     assert f'nexus_request_duration_seconds_count{{action="echo",op="{PROBE_OP}"' in metrics.text
     assert 'transport="http"' in metrics.text
+    for malformed in ("application/openmetrics-text; version=abc", "text/plain; version=1.a"):
+        # prometheus_client raises on these; the text format is the answer, not a 500.
+        lenient = await client.get("/metrics", headers={"Accept": malformed})
+        assert lenient.status_code == 200
+        assert lenient.headers["content-type"].startswith("text/plain")
     spec = await client.get("/openapi.json")
     assert spec.status_code == 200
     assert spec.json() == msgspec.json.decode(

@@ -238,7 +238,8 @@ def test_budget() -> None:
     assert budget_s(None, default_ms=5000, max_ms=60000) == 5.0
     assert budget_s("250", default_ms=5000, max_ms=60000) == 0.25
     assert budget_s("999999", default_ms=5000, max_ms=60000) == 60.0
-    for bad in ("-1", "1.5", "x", "9" * 12):
+    assert budget_s("9" * 16, default_ms=5000, max_ms=60000) == 60.0  # the schema's 16 digits
+    for bad in ("-1", "1.5", "x", "9" * 17):
         with pytest.raises(InvalidRequest):
             budget_s(bad, default_ms=5000, max_ms=60000)
     for spent in ("0", "000"):  # a spent budget: the answer to a passed deadline

@@ -46,6 +46,15 @@ class TokenVerifier:
         """Whether `token`'s signature was proven before (it is in the cache)."""
         return token in self.cache
 
+    def answered_at(self, token: str) -> float | None:
+        """When the revocation store last said `token` was not revoked, if the cache holds it.
+
+        A `verify` answered from the cache rests on that older answer, not on the time of
+        the call: whoever re-checks on a schedule dates its next check from this.
+        """
+        entry = self.cache.get(token)
+        return entry.checked_at if entry is not None else None
+
     async def verify(self, token: str) -> Principal:
         """The principal `token` proves.
 

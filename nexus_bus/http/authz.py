@@ -69,10 +69,14 @@ def credentials(authorization: str | None, client_ip: str) -> dict[str, str]:
 class StreamLease:
     """An event stream's token, re-checked while the stream lives.
 
-    A check is due `recheck_s` after the last one (the verification cache's ttl: a check
-    within it costs a dictionary lookup, one after it a revocation-store round trip), at once
-    after `mark_stale` (a revocation notice named this token), and at the token's `exp`, where
-    the stream ends whatever leeway verification allows for clock skew.
+    A check is due `recheck_s` after the revocation store's last answer for the token (the
+    verification cache's ttl: a check within it costs a dictionary lookup, one after it a
+    revocation-store round trip), at once after `mark_stale` (a revocation notice named this
+    token), and at the token's `exp`, where the stream ends whatever leeway verification
+    allows for clock skew. The store's answer, not the check: a check answered from the cache
+    (kept fresh by another stream or request with the same token) rests on an answer up to
+    `recheck_s` old, and dating the next check from the check itself would let a stream outlive
+    a revocation whose notice was lost by up to twice `recheck_s`.
     """
 
     def __init__(
@@ -90,7 +94,7 @@ class StreamLease:
         self._verifier = verifier
         self._recheck_s = recheck_s if recheck_s > 0 else math.inf
         self._clock = clock
-        self._checked_at = clock()
+        self._checked_at = self._answered_at(clock())
         self._stale = False
 
     @property
@@ -127,8 +131,13 @@ class StreamLease:
             await self._verifier.verify(self._token)
         except NexusError as exc:
             return exc
-        self._checked_at = now
+        self._checked_at = self._answered_at(now)
         return None
+
+    def _answered_at(self, now: float) -> float:
+        """When the "not revoked" answer the last check rested on was given."""
+        answered = self._verifier.answered_at(self._token)
+        return now if answered is None else min(answered, now)
 
 
 class ShimAuthorizer:

@@ -85,8 +85,12 @@ async def test_a_lease_is_rechecked_every_cache_ttl_and_at_exp() -> None:
     assert rig.store.lookups == 2  # the cached answer was stale: the store was asked again
     rig.clock.now += 4
     assert lease.due_in() == 1
+    assert await lease.check() is None  # answered from the cache: the store's answer of t=5
+    assert lease.due_in() == 1  # so the next check is due at t=10, not t=14
+    rig.clock.now += 1
     assert await lease.check() is None
-    assert lease.due_in() == 3  # the token's exp comes before the next periodic check
+    assert rig.store.lookups == 3
+    assert lease.due_in() == 2  # the token's exp comes before the next periodic check
     rig.clock.now = NOW + 12
     ended = await lease.check()
     # Verification would accept it for the 30 s leeway; the stream ends at exp all the same.
@@ -102,6 +106,22 @@ async def test_a_revoked_lease_ends_once_the_notice_makes_it_stale() -> None:
     lease.mark_stale()
     assert lease.due_in() == 0
     ended = await lease.check()
+    assert isinstance(ended, InvalidToken) and "revoked" in ended.detail
+
+
+async def test_a_lease_dates_its_checks_from_the_store_answer_they_rest_on() -> None:
+    """A ticket request (or a second stream) keeps the token's cache entry fresh; without a
+    notice, the stream still ends within one cache ttl of the revocation, not two."""
+    rig = Rig(cache_ttl_s=5)
+    token = rig.token("shop:buy")
+    await rig.authz.authorize(credentials(f"Bearer {token}", ""), "shop", "buy")  # t=0
+    rig.clock.now += 4
+    lease = await rig.lease(token)  # t=4, answered from the cache entry of t=0
+    assert lease.due_in() == 1
+    rig.clock.now += 0.5
+    await rig.store.revoke("j1", 60)  # t=4.5, and the notice is lost
+    rig.clock.now += 0.5
+    ended = await lease.check()  # t=5: within 5 s of the revocation
     assert isinstance(ended, InvalidToken) and "revoked" in ended.detail
 
 

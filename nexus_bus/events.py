@@ -7,8 +7,10 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 import nats.js.errors as jserr
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from nexus_bus.bus.metadata import check_publish_size
 from nexus_bus.bus.subjects import events_subject
 from nexus_bus.constants import EVENTS_STREAM, H_NATS_MSG_ID
 from nexus_bus.store import translate_nats_errors
@@ -46,19 +48,33 @@ class EventLog(Protocol):
 class JetStreamEventLog:
     """`EventLog` on the `NEXUS_EVENTS` stream."""
 
-    def __init__(self, js: JetStreamContext, stream: str = EVENTS_STREAM) -> None:
+    def __init__(
+        self, js: JetStreamContext, stream: str = EVENTS_STREAM, *, nc: Client | None = None
+    ) -> None:
+        """Args:
+        js: where events are published and read.
+        stream: the stream they are stored in.
+        nc: the connection under `js`, whose max_payload bounds an event with its headers
+            (`check_publish_size`); None leaves only nats-py's check of the event.
+        """
         self._js = js
         self._stream = stream
+        self._nc = nc
 
     async def append(self, topic: str, data: bytes, *, event_id: str | None = None) -> Appended:
         """Publish to `nexus.events.<topic>`; `event_id` becomes `Nats-Msg-Id`.
 
         Raises:
             InvalidRequest: a malformed topic.
+            PayloadTooLarge: the event exceeds the server's max_payload with its headers
+                (nats-py adds `Nats-Expected-Stream`).
             Unavailable: JetStream cannot be reached.
         """
         subject = events_subject(topic)
         headers = {H_NATS_MSG_ID: event_id} if event_id else None
+        if self._nc is not None:
+            max_payload = self._nc.max_payload
+            check_publish_size(f"append {topic}", data, headers, max_payload, jetstream=True)
         async with translate_nats_errors(f"append {topic}"):
             ack = await self._js.publish(subject, data, stream=self._stream, headers=headers)
         return Appended(ack.seq, bool(ack.duplicate))

@@ -43,7 +43,7 @@ async def create_services(nc: Client, settings: Settings) -> Services:
     await ensure_events_stream(js, settings.jetstream)
     kv = await ensure_data_bucket(js, settings.jetstream)
     redis = create_redis(settings.redis)
-    records: RecordStore = KeyValueRecordStore(kv, js)
+    records: RecordStore = KeyValueRecordStore(kv, js, nc=nc)
     cache = await start_cache(nc, redis, settings) if settings.cache.enabled else None
     if cache is not None:
         # The cache wraps everything that writes records (docs/cache.md): a wrapper outside
@@ -54,7 +54,7 @@ async def create_services(nc: Client, settings: Settings) -> Services:
         nc=nc,
         js=js,
         records=records,
-        events=JetStreamEventLog(js),
+        events=JetStreamEventLog(js, nc=nc),
         redis=redis,
         cache=cache,
     )

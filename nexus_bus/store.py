@@ -13,9 +13,11 @@ from typing import Any, Final, Protocol, TypeVar
 import msgspec
 import nats.errors
 import nats.js.errors as jserr
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from nexus_bus.bus.metadata import check_publish_size
 from nexus_bus.bus.nats_errors import map_nats_error
 from nexus_bus.errors import (
     Conflict,
@@ -106,10 +108,15 @@ async def _translated(what: str) -> AsyncIterator[None]:
 class KeyValueRecordStore:
     """`RecordStore` on a JetStream KV bucket."""
 
-    def __init__(self, kv: KeyValue, js: JetStreamContext) -> None:
-        """Args: js: the context `kv` came from (for the stream's subjects, see `keys`)."""
+    def __init__(self, kv: KeyValue, js: JetStreamContext, *, nc: Client | None = None) -> None:
+        """Args:
+        js: the context `kv` came from (for the stream's subjects, see `keys`).
+        nc: the connection under `js`, whose max_payload bounds a compare-and-set write with
+            its header (`check_publish_size`); None leaves only nats-py's check of the value.
+        """
         self._kv = kv
         self._js = js
+        self._nc = nc
 
     async def get(self, key: str) -> Record:
         """The current record of `key`.
@@ -129,8 +136,14 @@ class KeyValueRecordStore:
 
         Raises:
             Conflict: the key is not at `expected_revision` (or exists, for 0).
+            PayloadTooLarge: the value exceeds the server's max_payload (with the header a
+                compare-and-set adds).
             Unavailable: JetStream cannot be reached.
         """
+        if expected_revision is not None and self._nc is not None:
+            # nats-py adds the expected revision as a header; a plain put sends none, and then
+            # nats-py's own check of the value is the server's.
+            check_publish_size(f"put {key}", value, None, self._nc.max_payload, jetstream=True)
         async with translate_nats_errors(f"put {key}"):
             if expected_revision is None:
                 return await self._kv.put(key, value)

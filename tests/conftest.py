@@ -54,6 +54,19 @@ def local_nats(tmp_path: Path) -> Iterator[ServerProcess]:
         yield server
 
 
+SMALL_MAX_PAYLOAD = 64 * 1024
+
+
+@pytest.fixture
+def small_nats(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A NATS server of this test's own whose max_payload is 64 KiB: messages at the limit
+    stay small, and a connection the server closes over one is not a shared one."""
+    config = tmp_path / "small-payload.conf"
+    config.write_text(f"max_payload: {SMALL_MAX_PAYLOAD}\n")
+    with servers.local(nats_server(tmp_path / "nats", extra_args=["-c", str(config)])) as server:
+        yield server
+
+
 @pytest.fixture
 def local_redis(tmp_path: Path) -> Iterator[ServerProcess]:
     """A Redis server of this test's own, which the test may kill and restart."""

@@ -1,5 +1,5 @@
-"""Shared test helpers: connections with and without the opt-in speedups, and waiting for a
-condition."""
+"""Shared test helpers: connections with and without the opt-in speedups, waiting for a
+condition, and JSON that grows when stored."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
@@ -35,3 +36,16 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(poll_s)
+
+
+def json_that_grows(stored: int) -> bytes:
+    """A JSON array whose msgspec encoding, the form `data.put` and `stream.publish` store, is
+    exactly `stored` bytes long (at least 104).
+
+    `1e15` (4 bytes) is stored as `1000000000000000.0` (18 bytes), so a request carrying it
+    stays far below the limits the stored value comes close to.
+    """
+    n = (stored - 104) // 19
+    text = b"[" + b"1e15," * n + b'"' + b"a" * (stored - 4 - 19 * n) + b'"]'
+    assert len(msgspec.json.encode(msgspec.json.decode(text))) == stored
+    return text

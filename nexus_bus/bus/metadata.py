@@ -24,7 +24,7 @@ from nexus_bus.constants import (
     H_TRACEPARENT,
     H_TRACESTATE,
 )
-from nexus_bus.errors import HeadersTooLarge, InvalidRequest
+from nexus_bus.errors import HeadersTooLarge, InvalidRequest, PayloadTooLarge
 from nexus_bus.observability.traceparent import traceparent_fields
 
 # Guards are matched with fullmatch(): a `$` anchor would let a final newline through.
@@ -188,6 +188,56 @@ def headers_size(headers: Mapping[str, str]) -> int:
     return _HEADER_BLOCK_OVERHEAD + sum(
         len(k) + len(v) + _HEADER_LINE_OVERHEAD for k, v in headers.items()
     )
+
+
+# What nats-py's JetStream API adds to a publish on its own, where the caller cannot see it:
+# in nats-py 2.16 a KV `create()` or `update()` adds `Nats-Expected-Last-Subject-Sequence`
+# (59 bytes with a 20-digit revision, the longest a uint64 has), `js.publish(..., stream=S)`
+# adds `Nats-Expected-Stream: S` (36 bytes for NEXUS_EVENTS, 88 for a 64-character name), and
+# either adds `Nats-TTL` when given a TTL (32 bytes at most). An allowance rather than the exact
+# bytes: it costs a message 128 bytes of its max_payload, and a newer 2.x that adds a little
+# more still cannot make the server close the connection.
+JETSTREAM_HEADERS_ALLOWANCE: Final = 128
+
+
+def check_publish_size(
+    what: str,
+    payload: bytes,
+    headers: Mapping[str, str] | None,
+    max_payload: int,
+    *,
+    jetstream: bool = False,
+) -> None:
+    """Refuse a publish that would exceed the server's max_payload once its headers count.
+
+    nats-py compares only the payload with max_payload. The server counts the headers too,
+    answers "Maximum Payload Violation" and closes the connection, and nats-py does not open
+    it again: a worker would be off the bus for every request because of one value. So every
+    publish that carries headers checks the sum first (a publish without any needs no check:
+    nats-py's own one is then the server's).
+
+    Args:
+        what: what is published, for the error's detail ("put k", "job <id>").
+        payload: the message body.
+        headers: the headers handed to nats-py (None: none).
+        max_payload: the connection's limit (`Client.max_payload`, the server's).
+        jetstream: the publish goes through nats-py's JetStream API (`js.publish`, a KV
+            `create()` / `update()`), which adds headers of its own: counted as
+            `JETSTREAM_HEADERS_ALLOWANCE`.
+
+    Raises:
+        PayloadTooLarge: payload and headers exceed `max_payload`.
+    """
+    size = len(payload)
+    if headers is not None or jetstream:
+        size += headers_size(headers or {})
+    if jetstream:
+        size += JETSTREAM_HEADERS_ALLOWANCE
+    if size > max_payload:
+        raise PayloadTooLarge(
+            f"{what}: {size} bytes, headers included, exceed the server's max_payload of "
+            f"{max_payload}"
+        )
 
 
 def check_headers(headers: Mapping[str, str], *, max_value_bytes: int, max_total_bytes: int) -> int:

@@ -53,6 +53,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from nexus_bus.bus.metadata import check_publish_size
 from nexus_bus.constants import (
     DATA_BUCKET,
     EFFECTS_PREFIX,
@@ -200,6 +201,7 @@ class JournaledRecordStore:
             Conflict: the key is not at `expected_revision` (or exists, for 0).
             InternalError: a rerun wrote a different key at this position.
             IdempotencyMismatch: another request wrote at this position under this scope.
+            PayloadTooLarge: the value exceeds the server's max_payload with its headers.
             Unavailable / UpstreamTimeout: JetStream cannot be reached.
         """
         scope = _scope.get()
@@ -358,11 +360,15 @@ class JournaledRecordStore:
 
         Raises:
             Conflict: the write's compare-and-set failed, or the record exists already.
+            PayloadTooLarge: the value exceeds the server's max_payload with the batch
+                headers; nothing was sent.
             Unavailable / UpstreamTimeout: JetStream did not confirm; the batch may or may not
                 be stored, which the next attempt finds out from the record.
         """
         batch_id = os.urandom(16).hex()
         write_headers = {**headers, H_NATS_BATCH_ID: batch_id, H_NATS_BATCH_SEQUENCE: "1"}
+        # A core publish: nats-py adds no header of its own, but checks the value alone.
+        check_publish_size(f"write {record.key}", value, write_headers, self._nc.max_payload)
         record_headers = {
             H_NATS_BATCH_ID: batch_id,
             H_NATS_BATCH_SEQUENCE: "2",

@@ -20,7 +20,7 @@ from typing import Final
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
-from nexus_bus.bus.metadata import check_headers, request_id_of
+from nexus_bus.bus.metadata import check_headers, check_publish_size, request_id_of
 from nexus_bus.bus.subjects import check_operation, jobs_subject
 from nexus_bus.config import Settings
 from nexus_bus.constants import JOBS_STREAM
@@ -53,7 +53,7 @@ async def job_store(nc: Client, settings: Settings) -> JobStore:
     if kv is None:
         kv = await ensure_job_streams(nc.jetstream(), settings)
         _buckets[nc] = kv
-    return JobStore(kv)
+    return JobStore(kv, nc=nc)
 
 
 async def submit_job(
@@ -79,11 +79,12 @@ async def submit_job(
     key = idempotency_key_of(headers)
     job_id = job_id_for(op, action, key)
     hdrs = job_headers(headers, job_id)
-    header_bytes = check_headers(
+    check_headers(
         hdrs, max_value_bytes=limits.max_header_value_bytes, max_total_bytes=limits.max_header_bytes
     )
-    if len(body) + header_bytes > nc.max_payload:
-        raise PayloadTooLarge(f"job exceeds the server's max_payload of {nc.max_payload}")
+    what = f"submit {op}.{action}"
+    # Before anything is written; checked again below once the trace headers are in.
+    check_publish_size(what, body, hdrs, nc.max_payload, jetstream=True)
 
     store = await job_store(nc, settings)
     now = time.time()
@@ -114,12 +115,16 @@ async def submit_job(
     try:
         with TRACING.span(f"publish {subject}", kind=SpanKind.PRODUCER, attributes=attributes):
             TRACING.inject(hdrs)  # each delivery attempt's span is a child of this one
-            async with translate_nats_errors(f"submit {op}.{action}"):
+            # The `traceparent` (and `tracestate`) just added count toward max_payload too.
+            check_publish_size(what, body, hdrs, nc.max_payload, jetstream=True)
+            async with translate_nats_errors(what):
                 await nc.jetstream().publish(subject, body, stream=JOBS_STREAM, headers=hdrs)
     except NexusError as exc:
         # Without a key the caller cannot address this job again: forget its document, unless
-        # the outcome is unknown (a timeout may hide a stored message that will still run).
-        if existing is None and key is None and not isinstance(exc, UpstreamTimeout):
+        # the outcome is unknown (a timeout may hide a stored message that will still run). A
+        # job too large to publish was never sent and never will be, key or not.
+        forget = key is None and not isinstance(exc, UpstreamTimeout)
+        if existing is None and (forget or isinstance(exc, PayloadTooLarge)):
             try:
                 await store.delete(job_id)
             except NexusError as cleanup:

@@ -15,8 +15,10 @@ from typing import Any, Final, Protocol
 
 import msgspec
 import nats.errors
+from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
+from nexus_bus.bus.metadata import check_publish_size
 from nexus_bus.errors import Conflict, NexusError, NotFound
 from nexus_bus.schemas.jobs import Job, JobStatus
 from nexus_bus.store import translate_nats_errors
@@ -100,19 +102,30 @@ def decode_record(data: bytes) -> JobRecord:
 class JobStore:
     """Job records on the `nexus_jobs` bucket; nats errors become NexusErrors here."""
 
-    def __init__(self, kv: KeyValue, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, kv: KeyValue, *, nc: Client, clock: Callable[[], float] = time.time
+    ) -> None:
+        """Args:
+        kv: the `nexus_jobs` bucket.
+        nc: the connection under `kv`, whose max_payload bounds a document with the header a
+            compare-and-set adds (`check_publish_size`).
+        clock: epoch seconds, for the documents' times.
+        """
         self._kv = kv
+        self._nc = nc
         self.clock = clock
 
     async def create(self, record: JobRecord) -> JobRecord | None:
         """Store a new record; when the job exists already, return the existing one instead.
 
         Raises:
+            PayloadTooLarge: the document exceeds the server's max_payload with its header.
             Unavailable / UpstreamTimeout: JetStream cannot be reached.
         """
+        data = self._encode_fitting(record)
         try:
             async with translate_nats_errors(f"job {record.id}"):
-                await self._kv.create(record.id, encode_record(record))
+                await self._kv.create(record.id, data)
         except Conflict:
             try:
                 found, _ = await self.get(record.id)
@@ -139,6 +152,8 @@ class JobStore:
         """Write `record` unconditionally; its new revision.
 
         Raises:
+            PayloadTooLarge: the document exceeds the server's max_payload (nats-py checks
+                it: a plain put carries no header).
             Unavailable / UpstreamTimeout: JetStream cannot be reached.
         """
         async with translate_nats_errors(f"job {record.id}"):
@@ -151,13 +166,29 @@ class JobStore:
             The new revision, or None when the stored record moved on.
 
         Raises:
+            PayloadTooLarge: the document exceeds the server's max_payload with its header.
             Unavailable / UpstreamTimeout: JetStream cannot be reached.
         """
+        data = self._encode_fitting(record)
         try:
             async with translate_nats_errors(f"job {record.id}"):
-                return await self._kv.update(record.id, encode_record(record), last=revision)
+                return await self._kv.update(record.id, data, last=revision)
         except Conflict:
             return None
+
+    def _encode_fitting(self, record: JobRecord) -> bytes:
+        """The stored bytes of `record` for a compare-and-set write (KV `create` / `update`).
+
+        nats-py adds the expected revision as a header, and a document that fits max_payload
+        alone but not with it would make the server close the connection (a job's result can
+        come that close).
+
+        Raises:
+            PayloadTooLarge: the document and its header exceed the server's max_payload.
+        """
+        data = encode_record(record)
+        check_publish_size(f"job {record.id}", data, None, self._nc.max_payload, jetstream=True)
+        return data
 
     async def write_unless_finished(self, record: JobRecord, revision: int | None) -> int | None:
         """Write `record` unless the job finished meanwhile; its new revision, or None.
@@ -168,6 +199,8 @@ class JobStore:
         read), re-reading whenever another writer got in between.
 
         Raises:
+            PayloadTooLarge: the document exceeds the server's max_payload (a result too
+                large to store).
             Unavailable / UpstreamTimeout: JetStream cannot be reached.
         """
         if revision is not None:

@@ -124,7 +124,7 @@ class JobRunner:
             Unavailable: JetStream cannot be reached or refuses a configuration.
         """
         self._store = JobStore(
-            await ensure_job_streams(self._js, self._settings), clock=self._clock
+            await ensure_job_streams(self._js, self._settings), nc=self._nc, clock=self._clock
         )
         self._dispatcher = Dispatcher(
             self._settings,

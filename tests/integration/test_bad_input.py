@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
 
 import nats
 import pytest
 
-from nexus_bus import Gateway, InvalidRequest, NoResponders, PayloadTooLarge, UnknownOperation
+from nexus_bus import (
+    Gateway,
+    InvalidRequest,
+    NoResponders,
+    PayloadTooLarge,
+    UnknownOperation,
+    Worker,
+)
+from nexus_bus.embedded import ServerProcess
 from nexus_bus.errors import HeadersTooLarge, NexusError
+from nexus_bus.handlers import builtin_groups
+from tests.conftest import make_settings
+from tests.helpers import json_that_grows
 
 INJECTED_TOKENS = ["a.b", "a b", "a\r\nPUB nexus.data.delete 2", "*", ">", "", "A", "x" * 65]
 
@@ -132,3 +145,54 @@ async def test_bad_requests_do_not_break_in_flight_ones(gateway: Gateway, uid: s
     assert "accepted" not in results[50:]
     assert not gateway.nc.is_closed
     assert await good() == 1
+
+
+@pytest.fixture
+async def small_worker(
+    small_nats: ServerProcess, redis_url: str, admin_token: str | None
+) -> AsyncIterator[tuple[Worker, Gateway]]:
+    """`data` and `stream` served on a server of the test's own, with a 64 KiB max_payload."""
+    settings = make_settings(small_nats.url, redis_url)
+    worker = Worker(settings, builtin_groups(["data", "stream"]))
+    await worker.start()
+    gateway = await Gateway.connect(settings, token=admin_token)
+    try:
+        yield worker, gateway
+    finally:
+        await gateway.close()
+        await worker.drain(1)
+
+
+@pytest.mark.parametrize("write", ["create", "update", "keyed", "event"])
+async def test_a_value_over_max_payload_with_its_write_headers_is_413_and_the_worker_stays(
+    small_worker: tuple[Worker, Gateway], uid: str, write: str
+) -> None:
+    """A stored value that fits max_payload alone, but not with the headers its write carries
+    (a compare-and-set's expected revision, an idempotent request's batch headers, the stream
+    `stream.publish` expects): nats-py checks the value alone, the server closed the worker's
+    connection for good, and the worker stopped."""
+    worker, gateway = small_worker
+    value = json_that_grows(worker.nc.max_payload - 8)  # too large for any header block
+    key = f"big{uid}".encode()
+    options: dict[str, Any] = {}
+    if write == "event":
+        op, action, body = "stream", "publish", b'{"topic":"t%s","event":%s}' % (key, value)
+    else:
+        op, action, condition = "data", "put", b""
+        if write == "create":
+            condition = b',"expected_revision":0'
+        elif write == "update":
+            revision = (await gateway.request("data", "put", {"key": key.decode(), "value": 1}))[
+                "revision"
+            ]
+            condition = b',"expected_revision":%d' % revision
+        else:
+            options["idempotency_key"] = f"k{uid}"
+        body = b'{"key":"%s","value":%s%s}' % (key, value, condition)
+    with pytest.raises(PayloadTooLarge):
+        await gateway.request(op, action, body, timeout=5, **options)
+    assert worker.nc.is_connected and not worker.lost.is_set()
+    # The worker still serves, and the same value sent without any header is stored: a
+    # publish that carries none is held to the server's limit only.
+    put = b'{"key":"%s","value":%s}' % (key, value)
+    assert (await gateway.request("data", "put", put, timeout=5))["revision"] > 0

@@ -14,7 +14,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import nats
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from nexus_bus import (
     Conflict,
@@ -32,16 +34,26 @@ from nexus_bus import (
     UnknownOperation,
     Worker,
 )
-from nexus_bus.bus.metadata import headers_size
-from nexus_bus.config import JobsSettings
-from nexus_bus.constants import DLQ_STREAM, H_AUTHORIZATION, H_DEADLINE, JOBS_STREAM
+from nexus_bus.bus.metadata import JETSTREAM_HEADERS_ALLOWANCE, headers_size
+from nexus_bus.config import JobsSettings, TracingSettings
+from nexus_bus.constants import (
+    DLQ_STREAM,
+    H_AUTHORIZATION,
+    H_DEADLINE,
+    H_IDEMPOTENCY_KEY,
+    H_REQUEST_ID,
+    JOBS_STREAM,
+)
+from nexus_bus.embedded import ServerProcess
 from nexus_bus.jobs.client import get_job, job_store, submit_job, wait_job, watch_job
 from nexus_bus.jobs.dlq import DeadLetterQueue
-from nexus_bus.jobs.envelope import new_job_id
+from nexus_bus.jobs.envelope import job_headers, job_id_for, new_job_id
 from nexus_bus.jobs.metrics import JOBS_COMPLETED, JOBS_DEAD_LETTERED
-from nexus_bus.jobs.status import JobRecord, advance
+from nexus_bus.jobs.status import JobRecord, advance, encode_record
+from nexus_bus.observability.tracing import TRACING, configure_tracing
 from nexus_bus.runtime.jobs import consumer_name
 from nexus_bus.schemas.jobs import JobStatus
+from tests.conftest import make_settings
 
 
 def jobs_settings(settings: Settings, **jobs: Any) -> Settings:
@@ -523,3 +535,68 @@ async def test_a_job_too_large_to_dead_letter_whole_is_buried_without_its_body(
         assert entries[0].headers["Nexus-Dlq-Body-Dropped"] == str(len(body))
         assert entries[0].error_code == "internal"
         assert w.nc.is_connected
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["expected-stream", "traceparent"])
+async def test_a_submission_over_max_payload_with_the_headers_of_its_publish_is_413(
+    small_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str, traced: bool
+) -> None:
+    """The size check of a submission left out the headers added on the way to the server:
+    the stream `js.publish` expects, and the `traceparent` of the submission's span. The
+    server closed the connection. Nothing is written for a job that can never be published."""
+    settings = make_settings(small_nats.url, redis_url)
+    key = f"k{uid}"
+    headers = {
+        H_AUTHORIZATION: f"Bearer {admin_token}",
+        H_REQUEST_ID: "r" * 24,
+        H_IDEMPOTENCY_KEY: key,
+    }
+    job_id = job_id_for("data", "put", key)
+    own = headers_size(job_headers(headers, job_id))
+    nc = await nats.connect(small_nats.url)
+    if traced:
+        assert configure_tracing(
+            TracingSettings(), "nexus-test", instance="t", version="0",
+            exporter=InMemorySpanExporter(),
+        )
+    try:
+        if traced:  # within the first check; over once the span's traceparent is in
+            room = nc.max_payload - own - JETSTREAM_HEADERS_ALLOWANCE
+        else:  # fits with the job's own headers, not with `Nats-Expected-Stream`
+            room = nc.max_payload - own
+        body = b'"' + b"x" * (room - 2 - 10) + b'"'
+        with pytest.raises(PayloadTooLarge):
+            await submit_job(nc, settings, "data", "put", body, headers)
+        assert nc.is_connected
+        with pytest.raises(NotFound):
+            await get_job(nc, settings, job_id)
+    finally:
+        if traced:
+            TRACING.shutdown()
+        await nc.close()
+
+
+async def test_a_status_document_that_fits_max_payload_only_without_its_header_is_refused(
+    small_nats: ServerProcess, redis_url: str
+) -> None:
+    """A compare-and-set status write carries the expected revision as a header: a document
+    (a job's result) that fits max_payload alone made the server close the worker's
+    connection."""
+    settings = make_settings(small_nats.url, redis_url)
+    nc = await nats.connect(small_nats.url)
+    try:
+        store = await job_store(nc, settings)
+        pending = JobRecord(id=new_job_id(), op="data", action="put", status=JobStatus.PENDING)
+        await store.create(pending)
+        _, revision = await store.get(pending.id)
+        shell = encode_record(advance(pending, JobStatus.SUCCEEDED, now=1.0, result=""))
+        result = "x" * (nc.max_payload - len(shell) - 8)
+        done = advance(pending, JobStatus.SUCCEEDED, now=1.0, result=result)
+        assert len(encode_record(done)) == nc.max_payload - 8
+        with pytest.raises(PayloadTooLarge):
+            await store.write_unless_finished(done, revision)
+        assert nc.is_connected
+        stored, _ = await store.get(pending.id)
+        assert stored.status is JobStatus.PENDING
+    finally:
+        await nc.close()

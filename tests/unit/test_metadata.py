@@ -2,9 +2,11 @@ import pytest
 
 from nexus_bus.bus._speedups import headers as nats_headers
 from nexus_bus.bus.metadata import (
+    JETSTREAM_HEADERS_ALLOWANCE,
     SPENT_DEADLINE_MS,
     budget_headers,
     check_headers,
+    check_publish_size,
     clean_request_id,
     deadline_ms,
     headers_size,
@@ -12,7 +14,7 @@ from nexus_bus.bus.metadata import (
     trace_from_headers,
 )
 from nexus_bus.constants import H_DEADLINE, H_TIMEOUT_MS, H_TRACEPARENT
-from nexus_bus.errors import HeadersTooLarge, InvalidRequest
+from nexus_bus.errors import HeadersTooLarge, InvalidRequest, PayloadTooLarge
 
 VALID_TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -80,6 +82,34 @@ def test_header_checks() -> None:
         check_headers(
             {f"H{i}": "v" * 9 for i in range(20)}, max_value_bytes=10, max_total_bytes=100
         )
+
+
+def test_a_publish_is_held_to_max_payload_with_its_headers() -> None:
+    headers = {"Nats-Msg-Id": "m" * 32, "Nats-Batch-Sequence": "1"}
+    limit = 1000 + len(nats_headers.encode_headers(headers))
+    check_publish_size("p", b"x" * 1000, headers, limit)
+    with pytest.raises(PayloadTooLarge):
+        check_publish_size("p", b"x" * 1001, headers, limit)
+    check_publish_size("p", b"x" * limit, None, limit)  # no header block at all
+    # Through nats-py's JetStream API: a header block even without headers of ours, and the
+    # allowance for the headers nats-py adds.
+    block = len(nats_headers.encode_headers({}))
+    room = limit - block - JETSTREAM_HEADERS_ALLOWANCE
+    check_publish_size("p", b"x" * room, None, limit, jetstream=True)
+    with pytest.raises(PayloadTooLarge):
+        check_publish_size("p", b"x" * (room + 1), None, limit, jetstream=True)
+
+
+def test_the_jetstream_allowance_covers_what_nats_py_adds() -> None:
+    """nats-py 2.16's own headers at their longest: a 20-digit revision or a 64-character
+    stream name, each with a TTL."""
+    block = len(nats_headers.encode_headers({}))
+    ttl = {"Nats-TTL": "9" * 20}
+    for added in (
+        {"Nats-Expected-Last-Subject-Sequence": str(2**64 - 1), **ttl},
+        {"Nats-Expected-Stream": "S" * 64, **ttl},
+    ):
+        assert len(nats_headers.encode_headers(added)) - block <= JETSTREAM_HEADERS_ALLOWANCE
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,9 @@ Each delivery runs the same registered handler as the synchronous path, through 
 `Dispatcher` (auth, decode, handler, error mapping); only the deadline differs (the job
 timeout) and the handler's record store journals its writes (`nexus_bus/effects/`). Then:
 
-- success → status `succeeded` with the result, then a confirmed ack (`ack_sync`);
+- success → status `succeeded` with the result, then a confirmed ack (`ack_sync`); a result
+  too large for the status document → status `failed` with 413 `payload_too_large`, then an
+  ack;
 - a retryable error with attempts left → status `pending` with the error, `nak(delay)` on the
   backoff schedule (a bare nak would redeliver at once);
 - a permanent client error (4xx but 401) → status `failed` with its problem, then an ack: the
@@ -51,7 +53,7 @@ from nexus_bus.constants import (
     T_JOBS,
 )
 from nexus_bus.effects import effect_scope, journaled_services
-from nexus_bus.errors import InvalidRequest, NexusError, Unavailable
+from nexus_bus.errors import InvalidRequest, NexusError, PayloadTooLarge, Unavailable
 from nexus_bus.jobs.dlq import dead_letter, dead_letter_headers
 from nexus_bus.jobs.envelope import job_id_of_message, parse_job_subject, run_headers
 from nexus_bus.jobs.metrics import JOBS_COMPLETED, JOBS_DEAD_LETTERED, JOBS_REDELIVERED
@@ -318,18 +320,11 @@ class JobRunner:
             backoff=self._backoff,
             rng=self._rng,
         )
-        JOBS_COMPLETED.labels(op, decision.verdict.value).inc()
         if decision.verdict is Verdict.SUCCEEDED:
             assert isinstance(reply, Reply)
-            done = advance(
-                running, JobStatus.SUCCEEDED, now=self._clock(), result=_result_of(reply)
-            )
-            # A twin that finished first keeps its status; the job succeeded either way.
-            await write_outcome(
-                self._store, done, revision, keepalive=msg.in_progress, sleep=asyncio.sleep
-            )
-            await self._ack(msg)
+            await self._succeed(msg, op, running, revision, reply)
             return
+        JOBS_COMPLETED.labels(op, decision.verdict.value).inc()
         assert error is not None
         if decision.verdict is Verdict.REJECTED:
             await self._reject(msg, running, revision, error)
@@ -351,6 +346,32 @@ class JobRunner:
         await self._bury(
             msg, op, action, running, revision, headers, error, decision.verdict, attempt
         )
+
+    async def _succeed(
+        self, msg: Msg, op: str, running: JobRecord, revision: int, reply: Reply
+    ) -> None:
+        """Store the result in the status document, then ack.
+
+        The document is a KV message, held to the server's max_payload with its header. A
+        result that does not fit would not fit on any rerun either, and handing the message
+        back would only run the handler again until the job is dead-lettered as "no outcome":
+        the job ends `failed` with 413 `payload_too_large`, the result dropped (its writes
+        stay committed), as a synchronous call gets a 413 for a reply too large to send.
+        """
+        assert self._store is not None
+        done = advance(running, JobStatus.SUCCEEDED, now=self._clock(), result=_result_of(reply))
+        try:
+            # A twin that finished first keeps its status; the job succeeded either way.
+            await write_outcome(
+                self._store, done, revision, keepalive=msg.in_progress, sleep=asyncio.sleep
+            )
+        except PayloadTooLarge as exc:
+            JOBS_COMPLETED.labels(op, Verdict.REJECTED.value).inc()
+            too_large = PayloadTooLarge(f"the result does not fit the job's status: {exc.detail}")
+            await self._reject(msg, running, revision, too_large)
+            return
+        JOBS_COMPLETED.labels(op, Verdict.SUCCEEDED.value).inc()
+        await self._ack(msg)
 
     async def _reject(
         self, msg: Msg, running: JobRecord, revision: int, error: NexusError

@@ -600,3 +600,50 @@ async def test_a_status_document_that_fits_max_payload_only_without_its_header_i
         assert stored.status is JobStatus.PENDING
     finally:
         await nc.close()
+
+
+
+@pytest.mark.parametrize("size", ["over", "fits-without-its-header"])
+async def test_a_result_too_large_for_the_status_document_fails_the_job_with_413(
+    small_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str, size: str
+) -> None:
+    """A job's result is stored in its status document, a KV message held to max_payload with
+    its header. It cannot be stored on any run: the handler ran again up to max_deliver and the
+    job was dead-lettered as "no outcome". Now it fails at once, like a client error."""
+    settings = make_settings(small_nats.url, redis_url)
+    ops = Operations(f"j{uid}")
+    runs: list[int] = []
+
+    @ops.action("make")
+    async def make(req: dict[str, Any], ctx: RequestContext) -> str:
+        runs.append(ctx.attempt)
+        return "x" * int(req["n"])
+
+    async with (
+        serving(settings, ops, max_deliver=3, backoff_base_s=0.1, backoff_max_s=0.2) as worker,
+        await Gateway.connect(settings, token=admin_token) as gw,
+    ):
+        limit = worker.nc.max_payload
+        n = limit
+        if size != "over":  # the document is ~25 bytes short of the limit, its header ~50 over
+            now = time.time()
+            shell = JobRecord(
+                id=new_job_id(), op=ops.op, action="make", status=JobStatus.SUCCEEDED,
+                attempts=1, result="", created_at=now, updated_at=now, request_id=f"r{uid}",
+            )
+            n = limit - len(encode_record(shell)) - 25
+        accepted = await gw.submit(ops.op, "make", {"n": n}, request_id=f"r{uid}")
+        job = await wait_job(gw.nc, settings, accepted.job_id, timeout_s=10)
+        await asyncio.sleep(0.3)  # nothing may run or be dead-lettered after the outcome
+        dlq = DeadLetterQueue(gw.nc.jetstream(), await job_store(gw.nc, settings))
+        entries = await dlq.entries(op=ops.op)
+        info = await gw.nc.jetstream().consumer_info(JOBS_STREAM, consumer_name(ops.op))
+        assert worker.nc.is_connected and not worker.lost.is_set()
+    assert runs == [1]
+    assert job.status is JobStatus.FAILED and job.attempts == 1 and job.result is None
+    assert job.error["status"] == 413 and job.error["code"] == "payload_too_large"
+    assert job.error["request_id"] == f"r{uid}"
+    assert entries == []
+    assert info.num_pending == 0 and info.num_ack_pending == 0  # acked: nothing left to run
+    assert JOBS_COMPLETED.labels(ops.op, "rejected")._value.get() == 1
+    assert JOBS_COMPLETED.labels(ops.op, "succeeded")._value.get() == 0

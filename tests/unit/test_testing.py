@@ -4,6 +4,7 @@ worker's request path (context, auth, validation, error mapping), and the README
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -101,16 +102,19 @@ async def test_memory_twins_behave_like_the_stores() -> None:
     assert [e.seq for e in await events.read("t", after_seq=a.seq)] == [b.seq]
 
 
-async def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's `mypkg/pricing.py` and its test, as written."""
+def test_the_readme_example_runs(tmp_path: Path) -> None:
+    """The README's `mypkg/pricing.py` and its test, run by pytest as a user's project runs
+    them: in a folder of its own, with the README's `pyproject.toml` (asyncio auto mode)."""
     text = (ROOT / "README.md").read_text()
     blocks = dict(re.findall(r"<!-- readme-test: (\S+) -->\n```\w+\n(.*?)```", text, re.S))
     (tmp_path / "mypkg").mkdir()
     (tmp_path / "mypkg" / "__init__.py").write_text("")
     (tmp_path / "mypkg" / "pricing.py").write_text(blocks["mypkg/pricing.py"])
-    monkeypatch.syspath_prepend(str(tmp_path))
-    namespace: dict[str, Any] = {}
-    exec(compile(blocks["testing"], "README.md", "exec"), namespace)
-    await namespace["test_quote"]()
-    for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
-        monkeypatch.delitem(sys.modules, name)
+    (tmp_path / "pyproject.toml").write_text(blocks["pyproject.toml"])
+    (tmp_path / "test_pricing.py").write_text(blocks["testing"])
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_pricing.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "1 passed" in run.stdout

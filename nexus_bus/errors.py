@@ -11,12 +11,16 @@ class NexusError(Exception):
         http_status: the status the HTTP shim answers and `Nexus-Status` carries.
         retryable: whether the same request may succeed when sent again later.
         title: short human summary of the code.
+        unsent: set on an error the gateway client raised before publishing the request
+            (over a size limit, a header it refuses): no worker saw it, so it says nothing
+            about the operation's health (its breaker counts no outcome).
     """
 
     code: str = "internal"
     http_status: int = 500
     retryable: bool = False
     title: str = "Internal error"
+    unsent: bool = False
 
     def __init__(self, detail: str | None = None, *, retry_after: float | None = None) -> None:
         self.detail = detail or self.title

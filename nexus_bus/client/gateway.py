@@ -241,20 +241,26 @@ class Gateway:
         self, op: str, action: str, body: bytes, headers: dict[str, str], timeout_s: float
     ) -> Reply:
         subject = client_subject(op, action)
-        header_bytes = check_headers(
-            headers,
-            max_value_bytes=self._limits.max_header_value_bytes,
-            max_total_bytes=self._limits.max_header_bytes,
-        )
-        if len(body) > self._limits.max_body_bytes:
-            limit = self._limits.max_body_bytes
-            raise PayloadTooLarge(f"body of {len(body)} bytes exceeds {limit}")
-        # nats-py checks only the payload; headers count too, and the server drops the whole
-        # connection (every in-flight request) when the sum exceeds max_payload.
-        if len(body) + header_bytes > self.nc.max_payload:
-            raise PayloadTooLarge(
-                f"request exceeds the server's max_payload of {self.nc.max_payload}"
+        try:
+            header_bytes = check_headers(
+                headers,
+                max_value_bytes=self._limits.max_header_value_bytes,
+                max_total_bytes=self._limits.max_header_bytes,
             )
+            if len(body) > self._limits.max_body_bytes:
+                limit = self._limits.max_body_bytes
+                raise PayloadTooLarge(f"body of {len(body)} bytes exceeds {limit}")
+            # nats-py checks only the payload; headers count too, and the server drops the
+            # whole connection (every in-flight request) when the sum exceeds max_payload.
+            if len(body) + header_bytes > self.nc.max_payload:
+                raise PayloadTooLarge(
+                    f"request exceeds the server's max_payload of {self.nc.max_payload}"
+                )
+        except NexusError as exc:
+            # Refused before publishing: no worker saw it, so the op's breaker counts no
+            # outcome (docs/resilience.md).
+            exc.unsent = True
+            raise
         try:
             msg = await self._inbox.request(subject, body, timeout_s=timeout_s, headers=headers)
         except (nats.errors.Error, OSError) as exc:  # the NATS adapter's one mapping

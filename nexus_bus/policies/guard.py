@@ -24,7 +24,7 @@ from typing import Final, Protocol
 
 from nexus_bus.bus.replies import Reply
 from nexus_bus.constants import H_DEADLINE, H_IDEMPOTENCY_KEY, H_SERVICE_ERROR, H_TIMEOUT_MS
-from nexus_bus.errors import CircuitOpen, NexusError, Unavailable
+from nexus_bus.errors import CircuitOpen, NexusError, Unavailable, UnknownOperation
 from nexus_bus.observability import METRICS
 from nexus_bus.resilience.backoff import ExponentialBackoff, Jitter
 from nexus_bus.resilience.breaker import BreakerState, CircuitBreaker
@@ -39,6 +39,7 @@ Clock = Callable[[], float]
 # rather than growing memory and metric series without bound.
 MAX_GUARDED_OPS: Final = 1024
 _UNAVAILABLE: Final = Unavailable.code
+_UNKNOWN_OPERATION: Final = UnknownOperation.code
 
 
 class Fallback(Protocol):
@@ -265,16 +266,17 @@ class Guard:
         attempt = 1
         outcome = first
         while True:
+            probe = False  # whether this attempt holds the half-open breaker's probe slot
             if outcome is None:
-                if breaker is not None and not breaker.allow():
-                    return await self._refuse(op, action, body, headers, policy, breaker)
+                if breaker is not None:
+                    if not breaker.allow():
+                        return await self._refuse(op, action, body, headers, policy, breaker)
+                    probe = not breaker.closed  # let through while half-open
                 outcome = await self._attempt(headers, deadline, attempt, policy, send)
             reply, failure, code = outcome
             outcome = None
             if guard is not None:
-                counted = self._breaker_code(failure, code, guard.breaker)
-                if counted is not None:
-                    self._report(guard, counted)
+                self._count(guard, failure, code, probe=probe)
             if code not in BREAKER_FAILURES:
                 if failure is not None:
                     raise failure
@@ -338,18 +340,37 @@ class Guard:
             return None
         return delay
 
+    def _count(
+        self, guard: OpGuard, failure: NexusError | None, code: str, *, probe: bool
+    ) -> None:
+        """Report an attempt's outcome to the op's breaker; a probe without one gives its
+        slot back, so the next call probes instead of waiting for the slot to time out."""
+        counted = self._breaker_code(failure, code, guard.breaker)
+        if counted is not None:
+            self._report(guard, counted)
+        elif probe:
+            guard.breaker.release_probe()
+
     def _breaker_code(
         self, failure: NexusError | None, code: str, breaker: CircuitBreaker
     ) -> str | None:
         """The outcome as the breaker should count it ("" a success, None not at all).
 
-        A lost NATS connection says nothing about the op's workers: only their silence (no
-        responders, timeouts while connected) or their own 503 replies count against them.
-        A probe must always report, though, or the breaker stays half-open until the probe
-        times out: a failed probe is a failure whatever the cause.
+        Some failures are no outcome at all: a request the gateway refused before
+        publishing it (`unsent`: over a size limit, say), and `unknown_operation` from the
+        gateway (nobody answered and nobody declared the name). Neither says the op's
+        workers are up, so neither may close a half-open breaker (and delete the shared
+        entry for every replica), and neither says they are down.
+
+        A lost NATS connection says nothing about the op's workers either: only their
+        silence (no responders, timeouts while connected) or their own 503 replies count
+        against them. A probe that was sent must always report, though, or the breaker stays
+        half-open until the probe times out: a failed probe is a failure whatever the cause.
         """
         if failure is None or not code:
             return code
+        if failure.unsent or code == _UNKNOWN_OPERATION:
+            return None
         if code == _UNAVAILABLE or not self.transport_up():
             return None if breaker.state is BreakerState.CLOSED else code
         return code

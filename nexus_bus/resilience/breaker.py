@@ -108,7 +108,8 @@ class CircuitBreaker:
         return max(0.0, self._open_until - self._clock())
 
     def allow(self) -> bool:
-        """Whether a call may go ahead now; a `True` while half-open takes a probe slot."""
+        """Whether a call may go ahead now; a `True` while half-open takes a probe slot, which
+        the call's outcome frees (or `release_probe`, when it has none)."""
         state = self.state
         if state is BreakerState.CLOSED:
             return True
@@ -120,6 +121,17 @@ class CircuitBreaker:
             return False
         self._probes.append(now)
         return True
+
+    def release_probe(self) -> None:
+        """Give back the slot of a probe that ended without an outcome (refused before it
+        reached the dependency, say): it proved nothing either way, so the breaker stays as
+        it is and the next call probes instead of waiting out `probe_timeout_s`.
+
+        The oldest outstanding slot is freed: with one probe at a time, the caller's own.
+        Nothing happens when no probe is outstanding (an outcome or a transition since).
+        """
+        if self._probes:
+            del self._probes[0]
 
     def record_success(self) -> None:
         """The call worked: a half-open (or open) breaker closes; failures are forgotten."""

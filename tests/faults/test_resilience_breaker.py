@@ -15,9 +15,11 @@ from typing import Any
 
 import httpx
 import nats
+import redis.asyncio as aioredis
 from nats.aio.msg import Msg
 
 from nexus_bus import Gateway, Operations, RequestContext, Worker
+from nexus_bus.constants import BREAKERS_KEY
 from nexus_bus.embedded import ServerProcess
 from nexus_bus.errors import CircuitOpen, NexusError
 from nexus_bus.handlers import builtin_groups
@@ -158,3 +160,56 @@ async def test_each_replica_keeps_its_own_breaker_when_redis_is_down(
         assert gw.policies.sync is not None and gw.policies.sync.health.failing
     finally:
         await gw.close()
+
+
+async def test_an_anonymous_oversized_request_leaves_a_half_open_breaker_open_everywhere(
+    local_nats: ServerProcess, local_redis: ServerProcess, admin_token: str | None, uid: str
+) -> None:
+    """A request the gateway refuses before publishing it is no outcome: taking the probe
+    slot, it must neither close the breaker nor delete the shared entry."""
+    policy = {
+        "defaults": {"breaker_failures": 3, "breaker_reset_ms": 1000,
+                     "breaker_reset_max_ms": 1000, "attempts": 1},
+        "sync_interval_ms": 50,
+    }
+    settings = make_settings(local_nats.url, local_redis.url, resilience=policy)
+    worker = Worker(settings, builtin_groups(["data"]))
+    await worker.start()
+    r = aioredis.from_url(local_redis.url)
+    put = {"key": f"k{uid}", "value": 1}
+    async with running_shim(settings) as shim, httpx.AsyncClient(
+        base_url=shim.url, headers=bearer(admin_token), timeout=10
+    ) as c, httpx.AsyncClient(base_url=shim.url, timeout=10) as anonymous:
+        try:
+            assert (await c.post("/v1/data/put", json=put)).is_success
+            await worker.drain(1)  # every data worker gone
+            for _ in range(3):
+                assert (await c.post("/v1/data/put", json=put)).json()["code"] == "no_responders"
+            assert (await c.post("/v1/data/put", json=put)).json()["code"] == "circuit_open"
+
+            async def shared() -> bool:
+                return bool(await r.hexists(BREAKERS_KEY, "data"))
+
+            await poll_until(shared, 2)  # the other replicas would see it open
+            await asyncio.sleep(1.0)  # past the reset delay: the next call is the probe
+
+            # No token, and 5 KB of tracestate (passed on with the caller's traceparent):
+            # under the shim's head limit, over the gateway's limit for one header value,
+            # so the gateway refuses it before anything is published.
+            oversized = {
+                "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                "tracestate": "vendor=" + "x" * 5000,
+            }
+            junk = await anonymous.post("/v1/data/put", json=put, headers=oversized)
+            assert junk.status_code == 431, junk.text
+            gateway = shim.app._gateway
+            assert gateway is not None and gateway.policies is not None
+            assert gateway.policies.guard.state("data") is BreakerState.HALF_OPEN
+            await asyncio.sleep(0.2)  # a deletion would have been written by now
+            assert await shared()
+            # The probe slot was given back: the next call probes (and fails: no worker).
+            assert (await c.post("/v1/data/put", json=put)).json()["code"] == "no_responders"
+            assert gateway.policies.guard.state("data") is BreakerState.OPEN
+        finally:
+            await r.aclose()
+            await worker.drain(1)

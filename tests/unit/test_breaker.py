@@ -91,6 +91,23 @@ def test_a_probe_that_never_reports_frees_its_slot() -> None:
     assert b.allow()
 
 
+def test_a_probe_without_an_outcome_gives_its_slot_back() -> None:
+    clock = FakeClock()
+    b, changes = make(clock, probe_timeout_s=60.0)
+    for _ in range(3):
+        b.record_failure()
+    clock.now += 1.0
+    assert b.allow()
+    assert not b.allow()  # the probe is out
+    b.release_probe()  # it ended without an outcome: the breaker stays half-open
+    assert b.state is BreakerState.HALF_OPEN
+    assert b.allow()  # the next call probes at once
+    b.record_success()
+    b.release_probe()  # nothing outstanding: nothing happens
+    assert b.state is BreakerState.CLOSED
+    assert changes == [BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.CLOSED]
+
+
 def test_late_failures_while_open_do_not_extend_the_delay() -> None:
     clock = FakeClock()
     b, _ = make(clock)

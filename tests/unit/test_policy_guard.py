@@ -7,10 +7,23 @@ import random
 import pytest
 
 from nexus_bus.bus.replies import Reply, error_reply, success_reply
-from nexus_bus.errors import CircuitOpen, Conflict, NoResponders, Unavailable, UpstreamTimeout
+from nexus_bus.client.gateway import Gateway
+from nexus_bus.errors import (
+    CircuitOpen,
+    Conflict,
+    HeadersTooLarge,
+    InvalidRequest,
+    NexusError,
+    NoResponders,
+    PayloadTooLarge,
+    Unavailable,
+    UnknownOperation,
+    UpstreamTimeout,
+)
 from nexus_bus.policies.guard import Guard
 from nexus_bus.resilience import BreakerState
 from nexus_bus.resilience.policy import PolicyTable, ResilienceSettings
+from tests.conftest import make_settings
 
 
 class FakeTime:
@@ -42,6 +55,25 @@ class Script:
 
 
 OK = success_reply(b"{}", "application/json", "rid")
+
+
+class Publisher:
+    """Records what the guard tells the other replicas."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def opened(self, op: str, seconds: float) -> None:
+        self.events.append(("opened", op))
+
+    def closed(self, op: str) -> None:
+        self.events.append(("closed", op))
+
+
+def unsent(error: NexusError) -> NexusError:
+    """`error` as the gateway raises it when it refuses a request before publishing it."""
+    error.unsent = True
+    return error
 
 
 def make(**defaults: object) -> tuple[Guard, FakeTime]:
@@ -149,3 +181,93 @@ async def test_a_lost_connection_does_not_count_against_the_op_but_a_probe_alway
     with pytest.raises(Unavailable):  # the probe fails on the connection: still reported
         await guard.call("orders", "create", b"{}", {}, 5.0, Script(Unavailable()))
     assert guard.state("orders") is BreakerState.OPEN
+
+
+async def half_open(guard: Guard, clock: FakeTime, op: str = "orders") -> None:
+    """Open `op`'s breaker with failed attempts (a 3-failure policy), then wait for the probe."""
+    for _ in range(3):
+        with pytest.raises(NoResponders):
+            await guard.call(op, "create", b"{}", {}, 5.0, Script(NoResponders()))
+    clock.now += 1.0  # past the reset delay (equal jitter: 0.5 to 1 s)
+    assert guard.state(op) is BreakerState.HALF_OPEN
+
+
+@pytest.mark.parametrize(
+    "refused", [HeadersTooLarge("big"), PayloadTooLarge("big"), InvalidRequest("bad header")]
+)
+async def test_a_probe_refused_before_sending_is_no_outcome_and_gives_its_slot_back(
+    refused: NexusError,
+) -> None:
+    guard, clock = make(attempts=1, breaker_failures=3, breaker_reset_ms=1000)
+    publisher = Publisher()
+    guard.publisher = publisher
+    await half_open(guard, clock)
+    local = Script(unsent(refused))
+    with pytest.raises(type(refused)):
+        await guard.call("orders", "create", b"{}", {}, 5.0, local)
+    # Nothing reached a worker: the breaker neither closed (here or, through the shared
+    # entry, on every replica) nor opened again...
+    assert guard.state("orders") is BreakerState.HALF_OPEN
+    assert publisher.events == [("opened", "orders")]
+    # ...and the next call is the probe, without waiting for the slot to time out.
+    back = Script(OK)
+    assert await guard.call("orders", "create", b"{}", {}, 5.0, back) is OK
+    assert len(back.calls) == 1 and guard.state("orders") is BreakerState.CLOSED
+
+
+async def test_a_request_refused_before_sending_does_not_reset_the_failure_count() -> None:
+    guard, _ = make(attempts=1, breaker_failures=3)
+    for send in (NoResponders(), NoResponders(), unsent(HeadersTooLarge()), NoResponders()):
+        with pytest.raises(NexusError):
+            await guard.call("orders", "create", b"{}", {}, 5.0, Script(send))
+    assert guard.state("orders") is BreakerState.OPEN  # three failures in a row
+
+
+async def test_an_undeclared_action_of_a_half_open_op_does_not_close_its_breaker() -> None:
+    """No worker answered `orders.made_up` and nobody declared it: that says nothing good
+    about `orders`' workers (an anonymous caller could otherwise close the breaker)."""
+    guard, clock = make(attempts=1, breaker_failures=3, breaker_reset_ms=1000)
+    await half_open(guard, clock)
+    with pytest.raises(UnknownOperation):
+        await guard.call("orders", "made_up", b"{}", {}, 5.0, Script(UnknownOperation()))
+    assert guard.state("orders") is BreakerState.HALF_OPEN
+    back = Script(OK)  # its slot was given back: the next call probes
+    assert await guard.call("orders", "create", b"{}", {}, 5.0, back) is OK
+    assert guard.state("orders") is BreakerState.CLOSED
+
+
+class RefusingConnection:
+    """Enough of a NATS client for a `Gateway` that must not publish anything."""
+
+    max_payload = 1024 * 1024
+    is_connected = True
+
+    def new_inbox(self) -> str:
+        return "_INBOX.test"
+
+    async def publish(self, *args: object, **kwargs: object) -> None:
+        raise AssertionError("published a request the gateway should have refused")
+
+
+@pytest.mark.parametrize(
+    ("extra", "body", "error"),
+    [
+        ({"Authorization": "Bearer " + "x" * 5000}, b"{}", HeadersTooLarge),
+        ({}, b"x" * (600 * 1024), PayloadTooLarge),
+        ({"X-Bad": "a\x00b"}, b"{}", InvalidRequest),
+    ],
+)
+async def test_the_gateway_refuses_oversized_requests_as_unsent_leaving_the_breaker_alone(
+    extra: dict[str, str], body: bytes, error: type[NexusError]
+) -> None:
+    settings = make_settings("nats://127.0.0.1:1")
+    gw = Gateway(RefusingConnection(), settings)  # type: ignore[arg-type]
+    assert gw.policies is not None
+    guard = gw.policies.guard
+    guard.apply_remote("data", 0.0)  # opened elsewhere; its probe is due now
+    assert guard.state("data") is BreakerState.HALF_OPEN
+    headers = gw.build_headers(timeout_s=1.0, extra=extra)
+    with pytest.raises(error) as info:
+        await gw.request_raw("data", "put", body, headers, timeout_s=1.0)
+    assert info.value.unsent
+    assert guard.state("data") is BreakerState.HALF_OPEN

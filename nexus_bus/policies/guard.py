@@ -140,8 +140,7 @@ class Guard:
             failure_threshold=policy.breaker_failures,
             reset=reset,
             half_open_probes=1,
-            # A probe whose caller went away never reports: its slot frees after this.
-            probe_timeout_s=min(max(policy.timeout_s, 1.0), 10.0),
+            probe_timeout_s=self._probe_timeout_s(op),
             clock=self._clock,
             rng=self._rng,
             on_change=report,
@@ -149,6 +148,19 @@ class Guard:
         report(BreakerState.CLOSED)
         found = self._ops[op] = OpGuard(op, breaker)
         return found
+
+    def _probe_timeout_s(self, op: str) -> float:
+        """How long a probe's slot is held at most: longer than any attempt of `op` lasts.
+
+        A probe reports its outcome, or gives its slot back when it has none or its caller
+        is cancelled (`_attempts`), so this is only a safety net for a probe that is lost
+        (a `send` that never returns): shorter than an attempt, it would let a second
+        probe through while the first still waits for its reply. An attempt lasts at most
+        the call's budget, which `call` caps at the op's longest `timeout_s`; the gateway's
+        `send` may then ask the registry, within the same budget, after no responders. So
+        twice that, and a second for timers and scheduling.
+        """
+        return 2 * self.policies.longest_timeout_s(op) + 1.0
 
     def state(self, op: str) -> BreakerState:
         """The state of `op`'s breaker (closed when it has none)."""
@@ -266,17 +278,22 @@ class Guard:
         attempt = 1
         outcome = first
         while True:
-            probe = False  # whether this attempt holds the half-open breaker's probe slot
+            probe: CircuitBreaker | None = None  # the breaker whose probe slot this holds
             if outcome is None:
                 if breaker is not None:
                     if not breaker.allow():
                         return await self._refuse(op, action, body, headers, policy, breaker)
-                    probe = not breaker.closed  # let through while half-open
-                outcome = await self._attempt(headers, deadline, attempt, policy, send)
+                    probe = None if breaker.closed else breaker  # let through while half-open
+                try:
+                    outcome = await self._attempt(headers, deadline, attempt, policy, send)
+                except BaseException:
+                    if probe is not None:  # cancelled (the caller went away): no outcome
+                        probe.release_probe()
+                    raise
             reply, failure, code = outcome
             outcome = None
             if guard is not None:
-                self._count(guard, failure, code, probe=probe)
+                self._count(guard, failure, code, probe=probe is not None)
             if code not in BREAKER_FAILURES:
                 if failure is not None:
                     raise failure

@@ -14,8 +14,10 @@ Closed: calls pass; `failure_threshold` consecutive failures open it. Open: call
 refused until a reset delay passes; the delay grows with every failed probe (exponential
 backoff), so a dead dependency is asked less and less often. Half-open: up to
 `half_open_probes` calls pass as probes; one success closes the breaker, one failure opens
-it again. A probe that never reports (its task was cancelled) gives its slot back after
-`probe_timeout_s`, so the breaker cannot stay half-open forever.
+it again. A probe that ends without an outcome (refused before it was sent, its caller
+cancelled) gives its slot back with `release_probe`; one that is lost and never reports
+frees it after `probe_timeout_s`, so the breaker cannot stay half-open forever. Make that
+longer than a call can last, or a second probe goes out while the first still waits.
 """
 
 from __future__ import annotations

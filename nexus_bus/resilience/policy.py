@@ -294,6 +294,16 @@ class PolicyTable:
             self._resolved[(op, action)] = found
         return found
 
+    def longest_timeout_s(self, op: str) -> float:
+        """The longest `timeout_s` of any action of `op`: no call of the op has a longer
+        budget (the guard caps every caller's at its action's)."""
+        longest = self.get(op, "").timeout_s  # the op's entry, or the defaults
+        prefix = f"{op}."
+        for name in self._ops:
+            if name.startswith(prefix):
+                longest = max(longest, self.get(op, name[len(prefix) :]).timeout_s)
+        return longest
+
     def named(self) -> dict[str, OperationPolicy]:
         """Every explicitly configured entry, resolved (for docs and `GET /v1/ops`)."""
         result: dict[str, OperationPolicy] = {"*": self.default}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -271,3 +272,79 @@ async def test_the_gateway_refuses_oversized_requests_as_unsent_leaving_the_brea
         await gw.request_raw("data", "put", body, headers, timeout_s=1.0)
     assert info.value.unsent
     assert guard.state("data") is BreakerState.HALF_OPEN
+
+
+class Hanging:
+    """A worker that answers only when told to: counts the attempts sent to it."""
+
+    def __init__(self) -> None:
+        self.answer = asyncio.Event()
+        self.calls = 0
+
+    async def __call__(self, timeout_s: float) -> Reply:
+        self.calls += 1
+        await self.answer.wait()
+        return OK
+
+
+def make_slow_action() -> tuple[Guard, FakeTime]:
+    table = PolicyTable(
+        ResilienceSettings(  # type: ignore[arg-type]
+            defaults={"attempts": 1, "breaker_failures": 3, "breaker_reset_ms": 1000},
+            ops={"orders.export": {"timeout_ms": 60_000}},
+        )
+    )
+    clock = FakeTime()
+    return Guard(table, clock=clock, rng=random.Random(1), sleep=clock.sleep), clock
+
+
+async def test_one_probe_at_a_time_for_as_long_as_a_call_of_the_op_can_last() -> None:
+    guard, clock = make_slow_action()
+    await half_open(guard, clock)
+    worker = Hanging()
+    probe = asyncio.create_task(guard.call("orders", "export", b"{}", {}, 60.0, worker))
+    await asyncio.sleep(0)
+    try:
+        assert worker.calls == 1
+        clock.now += 59.0  # still within the probe's 60 s budget: no second probe
+        second = Script(OK)
+        with pytest.raises(CircuitOpen):
+            await guard.call("orders", "create", b"{}", {}, 30.0, second)
+        assert second.calls == []
+    finally:
+        worker.answer.set()
+    assert await probe is OK
+    assert guard.state("orders") is BreakerState.CLOSED
+
+
+async def test_a_cancelled_probe_gives_its_slot_back() -> None:
+    guard, clock = make(attempts=1, breaker_failures=3, breaker_reset_ms=1000)
+    await half_open(guard, clock)
+    worker = Hanging()
+    probe = asyncio.create_task(guard.call("orders", "create", b"{}", {}, 30.0, worker))
+    await asyncio.sleep(0)
+    assert worker.calls == 1
+    probe.cancel()  # the caller went away (an HTTP client disconnected, say)
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    assert guard.state("orders") is BreakerState.HALF_OPEN
+    back = Script(OK)  # the next call is the probe, at once
+    assert await guard.call("orders", "create", b"{}", {}, 5.0, back) is OK
+    assert len(back.calls) == 1 and guard.state("orders") is BreakerState.CLOSED
+
+
+async def test_a_lost_probe_frees_its_slot_once_no_attempt_could_still_be_running() -> None:
+    guard, clock = make(attempts=1, breaker_failures=3, breaker_reset_ms=1000)
+    await half_open(guard, clock)
+    lost = Hanging()  # never answers, ignoring its timeout, and nobody cancels it
+    probe = asyncio.create_task(guard.call("orders", "create", b"{}", {}, 30.0, lost))
+    await asyncio.sleep(0)
+    try:
+        clock.now += 60.0  # twice the 30 s budget: the registry lookup after no responders
+        with pytest.raises(CircuitOpen):
+            await guard.call("orders", "create", b"{}", {}, 5.0, Script(OK))
+        clock.now += 1.5  # past 2 x 30 + 1 s: the safety timeout frees the slot
+        assert await guard.call("orders", "create", b"{}", {}, 5.0, Script(OK)) is OK
+    finally:
+        lost.answer.set()
+        await probe

@@ -49,6 +49,18 @@ def test_action_over_op_over_defaults_and_seed_entries_kept() -> None:
     assert set(table.named()) >= {"*", "orders", "orders.create", "data.get"}
 
 
+def test_the_longest_timeout_of_an_op_covers_every_action() -> None:
+    config = ResilienceSettings(
+        ops={"orders": {"timeout_ms": 20_000}, "orders.export": {"timeout_ms": 90_000},
+             "orderly.x": {"timeout_ms": 120_000}},  # type: ignore[dict-item]
+    )
+    table = PolicyTable(config)
+    assert table.longest_timeout_s("orders") == 90.0  # not `orderly`'s
+    assert table.longest_timeout_s("other") == 30.0  # the defaults
+    short = ResilienceSettings(ops={"data": {"timeout_ms": 5_000}})  # type: ignore[dict-item]
+    assert PolicyTable(short).longest_timeout_s("data") == 5.0
+
+
 def test_a_bad_policy_fails_start_up_with_one_error_listing_every_problem() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(resilience={

@@ -6,6 +6,7 @@ request ids or subjects with user data.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from bisect import bisect_left
@@ -226,6 +227,12 @@ class Metrics:
     def count_error(self, op: str, code: str) -> None:
         """Record one error reply."""
         self.errors.labels(op, code).inc()
+
+    def forget(self, metric: Counter | Gauge, *labels: str) -> None:
+        """Drop one label set of `metric` (a name no longer tracked), if it has one: the
+        series of names dropped from a bounded table would otherwise pile up."""
+        with contextlib.suppress(KeyError):  # older prometheus-client: a label set never used
+            metric.remove(*labels)
 
 
 METRICS = Metrics(REGISTRY)

@@ -2,10 +2,12 @@
 
 `Gateway.request_raw` hands every call to `Guard.call` with a function that sends one
 attempt. With the breaker closed and no failure, the added work is one dict lookup (the
-`Route` of the op.action), a budget deposit, a clock read and the breaker's failure count
-cleared (about 1 µs): nothing here touches Redis on the success path. Shared breaker state is
-read and written in the background (`shared.BreakerSync`), stale answers are looked up
-only after a failure (`fallback.StaleAnswers`).
+`Route` of the op.action), a budget deposit, a clock read (kept as the route's last use) and
+the breaker's failure count cleared (about 1 µs): nothing here touches Redis on the success
+path. Shared breaker state is read and written in the background (`shared.BreakerSync`),
+stale answers are looked up only after a failure (`fallback.StaleAnswers`). Anyone can name
+an op, so a name gets a route, budget and breaker only once an answer shows it is real, and
+the tables are bounded (`MAX_GUARDED_OPS`).
 
     closed  ──(breaker_failures consecutive failures)──> open ──(reset delay)──> half-open
       ^                                                   ^                         │
@@ -35,8 +37,9 @@ from nexus_bus.resilience.retry import BREAKER_FAILURES, RetrySchedule, is_retry
 Send = Callable[[float], Awaitable[Reply]]
 Clock = Callable[[], float]
 
-# Op names come from clients (any valid token): past this many, new ones go unguarded
-# rather than growing memory and metric series without bound.
+# Op names come from clients, even anonymous ones. A name is kept (a breaker for its op, a
+# route and retry budget for the pair) only once an answer showed it is real, and at most this
+# many ops and as many pairs are: past that, the least recently used ones are dropped.
 MAX_GUARDED_OPS: Final = 1024
 _UNAVAILABLE: Final = Unavailable.code
 _UNKNOWN_OPERATION: Final = UnknownOperation.code
@@ -71,6 +74,7 @@ class OpGuard:
     op: str
     breaker: CircuitBreaker
     remote_open: bool = False  # opened because another replica said so
+    used: float = 0.0  # when it was kept (its routes' `used` say when it was last called)
 
 
 @dataclass(slots=True)
@@ -78,8 +82,9 @@ class Route:
     """What a call of one op.action needs, looked up once: policy, breaker, retry budget."""
 
     policy: OperationPolicy
-    guard: OpGuard | None  # None past `MAX_GUARDED_OPS` ops
-    budget: RetryBudget | None  # None past `MAX_GUARDED_OPS` pairs: no retries
+    guard: OpGuard | None  # None: no breaker kept for the op (yet)
+    budget: RetryBudget | None  # None: the pair is not kept (yet): no retries
+    used: float = 0.0  # the start of its last call, for dropping the least recently used
 
 
 Outcome = tuple[Reply | None, NexusError | None, str]  # reply, failure, failure code
@@ -88,6 +93,18 @@ Outcome = tuple[Reply | None, NexusError | None, str]  # reply, failure, failure
 def error_code_of(reply: Reply) -> str:
     """The stable code of an error reply (`Nats-Service-Error: <code>: <detail>`)."""
     return reply.headers.get(H_SERVICE_ERROR, "").split(":", 1)[0]
+
+
+def shows_real(outcome: Outcome) -> bool:
+    """Whether an attempt's outcome shows its op.action is a real operation, worth a breaker
+    and a retry budget: a worker answered, and not `unknown_operation` (an action its op
+    lacks); or the op's workers failed it (no responders for a name the registry declares
+    or cannot vouch against, a timeout, a 503). A made-up name gets `unknown_operation`
+    from the gateway; a request refused before it was sent shows nothing."""
+    reply, failure, _ = outcome
+    if failure is not None:
+        return failure.code in BREAKER_FAILURES and not failure.unsent
+    return reply is not None and error_code_of(reply) != _UNKNOWN_OPERATION
 
 
 class Guard:
@@ -112,9 +129,9 @@ class Guard:
         self._clock = clock
         self._rng = rng or random.Random()
         self._sleep = sleep
+        # Kept names, each table at most MAX_GUARDED_OPS long; a kept route's guard is kept.
         self._ops: dict[str, OpGuard] = {}
-        self._budgets: dict[tuple[str, str], RetryBudget] = {}
-        self._routes: dict[tuple[str, str], Route] = {}  # bounded like `_budgets`
+        self._routes: dict[tuple[str, str], Route] = {}
         self.fallback: Fallback | None = None
         self.publisher: BreakerPublisher | None = None
         self.transport_up: Callable[[], bool] = lambda: True  # the gateway's NATS connection
@@ -122,10 +139,13 @@ class Guard:
     # -- state ---------------------------------------------------------------------------
 
     def op_guard(self, op: str) -> OpGuard | None:
-        """The breaker of `op`, created on first use (None past `MAX_GUARDED_OPS`)."""
+        """The breaker of `op`, kept from now on; None when every one of the
+        `MAX_GUARDED_OPS` kept breakers is open or half-open (see `_drop_an_op`)."""
         found = self._ops.get(op)
-        if found is not None or len(self._ops) >= MAX_GUARDED_OPS:
+        if found is not None:
             return found
+        if len(self._ops) >= MAX_GUARDED_OPS and not self._drop_an_op():
+            return None
         # The breaker is the op's: its settings come from the op's entry (or the defaults).
         policy = self.policies.get(op, "")
         reset = ExponentialBackoff(
@@ -146,7 +166,7 @@ class Guard:
             on_change=report,
         )
         report(BreakerState.CLOSED)
-        found = self._ops[op] = OpGuard(op, breaker)
+        found = self._ops[op] = OpGuard(op, breaker, used=self._clock())
         return found
 
     def _probe_timeout_s(self, op: str) -> float:
@@ -191,23 +211,62 @@ class Guard:
             breaker.open_for(open_for_s)
 
     def _route(self, op: str, action: str) -> Route:
-        """The route of `op.action`, kept when its budget could be (a bounded set)."""
-        policy = self.policies.get(op, action)
-        route = Route(policy, self.op_guard(op), self._budget(op, action, policy))
-        if route.budget is not None:
-            self._routes[(op, action)] = route
-        return route
+        """A route for `op.action` not kept (yet): its op's breaker if that is kept, no
+        budget. Nothing is kept for a name before an answer shows it is real (`_keep`):
+        anyone can make names up, and each would hold a slot for the process's life."""
+        return Route(self.policies.get(op, action), self._ops.get(op), None)
 
-    def _budget(self, op: str, action: str, policy: OperationPolicy) -> RetryBudget | None:
+    def _keep(self, op: str, action: str, route: Route) -> Route:
+        """Keep the route of `op.action`, now shown real, with its op's breaker and a retry
+        budget; `route` itself when there is no room for the op (see `op_guard`)."""
         key = (op, action)
-        found = self._budgets.get(key)
-        if found is None and len(self._budgets) < MAX_GUARDED_OPS:
-            found = self._budgets[key] = RetryBudget(
-                ratio=policy.retry_budget_ratio,
-                min_per_s=policy.retry_budget_min_per_s,
-                clock=self._clock,
-            )
-        return found
+        kept = self._routes.get(key)  # by a call that was out at the same time
+        if kept is not None:
+            return kept
+        guard = self.op_guard(op)
+        if guard is None:
+            return route
+        if len(self._routes) >= MAX_GUARDED_OPS:
+            self._drop_route(min(self._routes, key=lambda k: self._routes[k].used))
+        policy = route.policy
+        budget = RetryBudget(
+            ratio=policy.retry_budget_ratio,
+            min_per_s=policy.retry_budget_min_per_s,
+            clock=self._clock,
+        )
+        kept = self._routes[key] = Route(policy, guard, budget, route.used)
+        return kept
+
+    def _drop_an_op(self) -> bool:
+        """Make room for one op: drop the least recently called op whose breaker is closed,
+        with its routes. False when there is none.
+
+        An open or half-open breaker is kept: it is what protects its op, and only its
+        probe's success deletes its entry in the shared hash, which therefore holds at most
+        `MAX_GUARDED_OPS` ops per replica. Dropping a closed one loses its count of failures
+        and its budgets' balance, nothing more: the op gets new ones on its next answer.
+        """
+        last: dict[str, float] = {op: g.used for op, g in self._ops.items() if g.breaker.closed}
+        for (op, _), route in self._routes.items():
+            if route.used > last.get(op, math.inf):
+                last[op] = route.used
+        if not last:
+            return False
+        op = min(last, key=last.__getitem__)
+        del self._ops[op]
+        for key in [key for key in self._routes if key[0] == op]:
+            self._drop_route(key)
+        METRICS.forget(METRICS.circuit_state, f"op:{op}")
+        METRICS.forget(METRICS.circuit_rejected, op)
+        return True
+
+    def _drop_route(self, key: tuple[str, str]) -> None:
+        """Forget a kept route, and the metric series of its pair (so they stay bounded)."""
+        del self._routes[key]
+        for reason in BREAKER_FAILURES:  # every failure that is retried
+            METRICS.forget(METRICS.retries, *key, reason)
+        METRICS.forget(METRICS.retry_budget_exhausted, *key)
+        METRICS.forget(METRICS.stale_answers, *key)
 
     # -- the call ------------------------------------------------------------------------
 
@@ -232,13 +291,14 @@ class Guard:
             NexusError: the last attempt's transport failure (see `Gateway.request_raw`).
         """
         route = self._routes.get((op, action)) or self._route(op, action)
-        policy = route.policy
-        if route.budget is not None:
-            route.budget.deposit()
+        policy, budget = route.policy, route.budget
+        if budget is not None:
+            budget.deposit()
         if timeout_s > policy.timeout_s:
             timeout_s = policy.timeout_s
             _set_deadline(headers, timeout_s)
-        deadline = self._clock() + timeout_s
+        route.used = now = self._clock()
+        deadline = now + timeout_s
         guard = route.guard
         if guard is not None and not guard.breaker.closed:
             return await self._attempts(route, op, action, body, headers, deadline, send, None)
@@ -250,14 +310,13 @@ class Guard:
         except NexusError as exc:
             first: Outcome = (None, exc, exc.code)
         else:
-            if reply.status < 500:
-                if guard is not None:
-                    if guard.breaker.closed:
-                        guard.breaker.record_success()
-                    else:  # opened while this attempt was out: it closes, as `_report` says
-                        self._report(guard, "")
+            if reply.status < 500 and guard is not None and budget is not None:  # kept
+                if guard.breaker.closed:
+                    guard.breaker.record_success()
+                else:  # opened while this attempt was out: it closes, as `_report` says
+                    self._report(guard, "")
                 return reply
-            first = (reply, None, error_code_of(reply))
+            first = (reply, None, error_code_of(reply) if reply.status >= 500 else "")
         return await self._attempts(route, op, action, body, headers, deadline, send, first)
 
     async def _attempts(
@@ -272,14 +331,14 @@ class Guard:
         first: Outcome | None,
     ) -> Reply:
         """The retry loop; `first`: the outcome of a first attempt already sent."""
-        policy, guard, budget = route.policy, route.guard, route.budget
-        breaker = guard.breaker if guard is not None else None
+        policy = route.policy
         schedule: RetrySchedule | None = None
         attempt = 1
         outcome = first
         while True:
             probe: CircuitBreaker | None = None  # the breaker whose probe slot this holds
             if outcome is None:
+                breaker = route.guard.breaker if route.guard is not None else None
                 if breaker is not None:
                     if not breaker.allow():
                         return await self._refuse(op, action, body, headers, policy, breaker)
@@ -290,10 +349,9 @@ class Guard:
                     if probe is not None:  # cancelled (the caller went away): no outcome
                         probe.release_probe()
                     raise
+            route = self._settle(route, op, action, outcome, probe)
             reply, failure, code = outcome
             outcome = None
-            if guard is not None:
-                self._count(guard, failure, code, probe=probe is not None)
             if code not in BREAKER_FAILURES:
                 if failure is not None:
                     raise failure
@@ -302,7 +360,7 @@ class Guard:
             schedule = schedule or RetrySchedule.create(
                 policy.attempts, policy.backoff_base_s, policy.backoff_max_s, policy.backoff_factor
             )
-            delay = self._retry_delay(op, action, code, headers, policy, budget, schedule,
+            delay = self._retry_delay(op, action, code, headers, policy, route.budget, schedule,
                                       attempt, deadline)
             if delay is None:
                 return await self._give_up(op, action, body, headers, policy, failure, reply)
@@ -345,7 +403,7 @@ class Guard:
     ) -> float | None:
         """How long to wait before retrying a failed attempt; None: do not retry."""
         if budget is None:
-            return None  # past MAX_GUARDED_OPS names: no retries (and no new metric series)
+            return None  # a pair not kept: no retries (and no metric series for its name)
         has_key = H_IDEMPOTENCY_KEY in headers
         if not is_retryable(code, idempotent=policy.idempotent, has_key=has_key):
             return None
@@ -357,16 +415,25 @@ class Guard:
             return None
         return delay
 
-    def _count(
-        self, guard: OpGuard, failure: NexusError | None, code: str, *, probe: bool
-    ) -> None:
-        """Report an attempt's outcome to the op's breaker; a probe without one gives its
-        slot back, so the next call probes instead of waiting for the slot to time out."""
-        counted = self._breaker_code(failure, code, guard.breaker)
-        if counted is not None:
+    def _settle(
+        self, route: Route, op: str, action: str, outcome: Outcome, probe: CircuitBreaker | None
+    ) -> Route:
+        """Report an attempt's outcome to the op's breaker, keeping the route first when the
+        outcome shows the name is real; the route to go on with.
+
+        An outcome the breaker does not count gives back the probe slot the attempt held
+        (`probe`), so the next call probes instead of waiting for the slot to time out.
+        """
+        if route.budget is None and shows_real(outcome):
+            route = self._keep(op, action, route)
+        _, failure, code = outcome
+        guard = route.guard
+        counted = None if guard is None else self._breaker_code(failure, code, guard.breaker)
+        if guard is not None and counted is not None:
             self._report(guard, counted)
-        elif probe:
-            guard.breaker.release_probe()
+        elif probe is not None:
+            probe.release_probe()
+        return route
 
     def _breaker_code(
         self, failure: NexusError | None, code: str, breaker: CircuitBreaker

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import nats
+import pytest
 import redis.asyncio as aioredis
 from nats.aio.msg import Msg
 
@@ -23,6 +24,7 @@ from nexus_bus.constants import BREAKERS_KEY
 from nexus_bus.embedded import ServerProcess
 from nexus_bus.errors import CircuitOpen, NexusError
 from nexus_bus.handlers import builtin_groups
+from nexus_bus.policies import guard as guard_module
 from nexus_bus.registry import register
 from nexus_bus.resilience import BreakerState
 from tests.conftest import issue_test_token, make_settings
@@ -212,4 +214,31 @@ async def test_an_anonymous_oversized_request_leaves_a_half_open_breaker_open_ev
             assert gateway.policies.guard.state("data") is BreakerState.OPEN
         finally:
             await r.aclose()
+            await worker.drain(1)
+
+
+async def test_made_up_names_from_anonymous_callers_leave_real_ops_their_breakers(
+    local_nats: ServerProcess, local_redis: ServerProcess, admin_token: str | None, uid: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each made-up name is a 404 from the shim's gateway, and keeps nothing: more of them
+    than the guard has room for, and `data` still gets its breaker."""
+    monkeypatch.setattr(guard_module, "MAX_GUARDED_OPS", 8)  # the shim runs in this process
+    settings = make_settings(local_nats.url, local_redis.url, resilience=POLICY)
+    worker = Worker(settings, builtin_groups(["data"]))
+    await worker.start()
+    async with running_shim(settings) as shim, httpx.AsyncClient(
+        base_url=shim.url, headers=bearer(admin_token), timeout=10
+    ) as c, httpx.AsyncClient(base_url=shim.url, timeout=10) as anonymous:
+        try:
+            for i in range(12):  # no token, names nobody declared
+                made_up = await anonymous.post(f"/v1/madeup{uid}{i}/x", json={})
+                assert made_up.status_code == 404, made_up.text
+            await worker.drain(1)  # every data worker gone
+            codes = []
+            for _ in range(5):
+                resp = await c.post("/v1/data/put", json={"key": f"k{uid}", "value": 1})
+                codes.append(resp.json()["code"])
+            assert codes[-1] == "circuit_open", codes
+        finally:
             await worker.drain(1)

@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import pytest
+from prometheus_client import REGISTRY
 
 from nexus_bus.bus.replies import Reply, error_reply, success_reply
 from nexus_bus.client.gateway import Gateway
@@ -21,6 +22,7 @@ from nexus_bus.errors import (
     UnknownOperation,
     UpstreamTimeout,
 )
+from nexus_bus.policies import guard as guard_module
 from nexus_bus.policies.guard import Guard
 from nexus_bus.resilience import BreakerState
 from nexus_bus.resilience.policy import PolicyTable, ResilienceSettings
@@ -348,3 +350,79 @@ async def test_a_lost_probe_frees_its_slot_once_no_attempt_could_still_be_runnin
     finally:
         lost.answer.set()
         await probe
+
+
+def series(metric: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(metric, labels)
+
+
+async def test_made_up_names_keep_nothing_so_real_ops_keep_their_breakers_and_retries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(guard_module, "MAX_GUARDED_OPS", 8)
+    guard, _ = make(breaker_failures=3)
+    for i in range(20):  # more made-up names than there is room for, three ways
+        with pytest.raises(UnknownOperation):  # nobody answered, nobody declared it
+            await guard.call(f"madeup{i}", "x", b"{}", {}, 5.0, Script(UnknownOperation()))
+        lacking = Script(error_reply(UnknownOperation(), "rid"))  # the op's worker: no such
+        assert (await guard.call("orders", f"x{i}", b"{}", {}, 5.0, lacking)).status == 404
+        with pytest.raises(HeadersTooLarge):  # refused before it was sent
+            await guard.call(f"big{i}", "x", b"{}", {}, 5.0, Script(unsent(HeadersTooLarge())))
+    assert guard.known_ops() == []
+    assert series("nexus_circuit_state", name="op:madeup0") is None  # no series either
+
+    dead = Script(NoResponders())
+    with pytest.raises(NoResponders):
+        await guard.call("orders", "create", b"{}", {}, 5.0, dead)
+    assert len(dead.calls) == 3  # retried: it has a budget
+    assert guard.state("orders") is BreakerState.OPEN  # and a breaker
+
+
+async def test_past_the_bound_the_least_recently_called_closed_breaker_makes_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Names the registry could not vouch against (no responders) are kept: past
+    `MAX_GUARDED_OPS` ops the least recently called one whose breaker is closed goes, with
+    its metric series; an open breaker stays, so no new name is ever refused a breaker for
+    long, and memory stays bounded."""
+    monkeypatch.setattr(guard_module, "MAX_GUARDED_OPS", 4)
+    guard, clock = make(attempts=1, breaker_failures=3, breaker_reset_ms=30_000)
+    for _ in range(3):
+        with pytest.raises(NoResponders):
+            await guard.call("lru_open", "x", b"{}", {}, 5.0, Script(NoResponders()))
+    assert guard.state("lru_open") is BreakerState.OPEN  # and the least recently called
+    for op in ("lru_older", "lru_old", "lru_recent"):
+        clock.now += 1
+        with pytest.raises(NoResponders):
+            await guard.call(op, "x", b"{}", {}, 5.0, Script(NoResponders()))
+    clock.now += 1
+    await guard.call("lru_old", "x", b"{}", {}, 5.0, Script(OK))  # called again: recent
+    assert series("nexus_circuit_state", name="op:lru_older") == 0
+
+    assert await guard.call("lru_new", "x", b"{}", {}, 5.0, Script(OK)) is OK
+    assert sorted(guard.known_ops()) == ["lru_new", "lru_old", "lru_open", "lru_recent"]
+    assert series("nexus_circuit_state", name="op:lru_older") is None
+    assert guard.state("lru_open") is BreakerState.OPEN
+
+    for op in ("lru_old", "lru_recent", "lru_new"):  # every breaker open now
+        for _ in range(3):
+            with pytest.raises(NexusError):
+                await guard.call(op, "x", b"{}", {}, 5.0, Script(NoResponders()))
+    back = Script(OK)  # no room for one more breaker: the call still goes through
+    assert await guard.call("lru_later", "x", b"{}", {}, 5.0, back) is OK
+    assert len(back.calls) == 1 and len(guard.known_ops()) == 4
+
+
+async def test_routes_and_their_retry_series_stay_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(guard_module, "MAX_GUARDED_OPS", 4)
+    guard, clock = make(attempts=2)
+    for i in range(6):
+        clock.now += 1
+        flaky = Script(NoResponders(), OK)
+        assert await guard.call("routes", f"a{i}", b"{}", {}, 5.0, flaky) is OK
+        assert len(flaky.calls) == 2  # retried: each action has its budget
+    kept = [series("nexus_retries_total", op="routes", action=f"a{i}", reason="no_responders")
+            for i in range(6)]
+    assert kept == [None, None, 1, 1, 1, 1]  # the two least recently called pairs dropped

@@ -72,6 +72,20 @@ class DeadLetter:
         return {k: v for k, v in self.headers.items() if not k.startswith(DLQ_HEADER_PREFIX)}
 
 
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """Where `dead_letter` left a message: its entry's sequence in NEXUS_DLQ, and whether
+    another delivery of the same message had stored it first.
+
+    The entry's msg id is `dlq-<seq>` of the message in NEXUS_JOBS, so a second publish for
+    it inside the dedup window stores nothing: JetStream answers with the first one's sequence
+    and `duplicate`. That entry is not the caller's to delete.
+    """
+
+    seq: int
+    duplicate: bool
+
+
 def _header_safe(text: str) -> str:
     return "".join(c if c.isprintable() and c.isascii() else " " for c in text)[:_MAX_DETAIL]
 
@@ -117,8 +131,8 @@ async def dead_letter(
     data: bytes,
     headers: dict[str, str],
     max_payload: int,
-) -> int:
-    """Store a DLQ entry; its sequence.
+) -> Stored:
+    """Store a DLQ entry; its sequence, and whether it was there already (see `Stored`).
 
     An entry that would not fit `max_payload` (the original body plus the original and the
     dead-letter headers) is stored without its body, marked `Nexus-Dlq-Body-Dropped: <bytes>`:
@@ -136,7 +150,7 @@ async def dead_letter(
         data = b""
     async with translate_nats_errors(f"dead-letter {op}.{action}"):
         ack = await js.publish(dlq_subject(op, action), data, stream=DLQ_STREAM, headers=headers)
-    return int(ack.seq)
+    return Stored(int(ack.seq), bool(ack.duplicate))
 
 
 def _float(value: str | None) -> float:

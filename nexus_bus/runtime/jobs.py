@@ -57,7 +57,7 @@ from nexus_bus.errors import InvalidRequest, NexusError, PayloadTooLarge, Unavai
 from nexus_bus.jobs.dlq import dead_letter, dead_letter_headers
 from nexus_bus.jobs.envelope import job_id_of_message, parse_job_subject, run_headers
 from nexus_bus.jobs.metrics import JOBS_COMPLETED, JOBS_DEAD_LETTERED, JOBS_REDELIVERED
-from nexus_bus.jobs.retry import Verdict, backoff_of, decide
+from nexus_bus.jobs.retry import Verdict, backoff_of, decide, is_client_error
 from nexus_bus.jobs.status import JobRecord, JobStore, advance, write_outcome
 from nexus_bus.jobs.streams import ensure_job_streams
 from nexus_bus.observability import log_context, logger
@@ -430,9 +430,14 @@ class JobRunner:
             record, status, now=now, attempts=attempts, error=_problem(error, record.request_id)
         )
         if await self._store.write_unless_finished(final, revision) is None:
-            # A twin delivery finished the job meanwhile: this entry is not a dead job.
-            with contextlib.suppress(NexusError, nats.errors.Error):
-                await self._js.delete_msg(DLQ_STREAM, entry)
+            # A twin delivery finished the job meanwhile. Its entry and this one are the same
+            # (one per delivered message, `dlq-<seq>`): it goes only if this delivery stored it
+            # and the twin's outcome was not dead-lettered too. A deduplicated publish names
+            # the entry another delivery stored, and the twin that dead-lettered and won may
+            # well be the one whose publish was deduplicated onto this delivery's entry.
+            if not entry.duplicate and not await self._dead_lettered(record.id):
+                with contextlib.suppress(NexusError, nats.errors.Error):
+                    await self._js.delete_msg(DLQ_STREAM, entry.seq)
             await self._ack(msg)
             return
         JOBS_DEAD_LETTERED.labels(op, status.value).inc()
@@ -440,6 +445,25 @@ class JobRunner:
             "job dead-lettered after {} attempts: {}: {}", attempts, error.code, error.detail
         )
         await msg.term()
+
+    async def _dead_lettered(self, job_id: str) -> bool:
+        """Whether the job's final status is one that went through the DLQ (`dead`, or
+        `failed` with a server error or 401), so its entry must stay.
+
+        When the status cannot be read the answer is yes: a spurious entry can be purged,
+        a deleted one cannot be brought back.
+        """
+        assert self._store is not None
+        try:
+            record, _ = await self._store.get(job_id)
+        except NexusError:
+            return True
+        if record.status is JobStatus.DEAD:
+            return True
+        if record.status is not JobStatus.FAILED:
+            return False
+        status = record.error.get("status") if isinstance(record.error, dict) else None
+        return not (isinstance(status, int) and is_client_error(status))
 
     async def _ack(self, msg: Msg) -> None:
         # A confirmed ack; if it is lost the job is redelivered and acked unrun as finished.

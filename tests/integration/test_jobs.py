@@ -16,6 +16,7 @@ from typing import Any
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from nexus_bus import (
@@ -49,7 +50,7 @@ from nexus_bus.jobs.client import get_job, job_store, submit_job, wait_job, watc
 from nexus_bus.jobs.dlq import DeadLetterQueue
 from nexus_bus.jobs.envelope import job_headers, job_id_for, new_job_id
 from nexus_bus.jobs.metrics import JOBS_COMPLETED, JOBS_DEAD_LETTERED
-from nexus_bus.jobs.status import JobRecord, advance, encode_record
+from nexus_bus.jobs.status import JobRecord, JobStore, advance, encode_record
 from nexus_bus.observability.tracing import TRACING, configure_tracing
 from nexus_bus.runtime.jobs import consumer_name
 from nexus_bus.schemas.jobs import JobStatus
@@ -496,6 +497,95 @@ async def test_the_first_terminal_status_wins_over_a_twin_delivery(
     assert await store.write_unless_finished(late, mine_revision) is None
     stored, _ = await store.get(pending.id)
     assert stored.status is JobStatus.SUCCEEDED and stored.result == {"ok": True}
+
+
+class Twins:
+    """Two overlapping deliveries of one job, in an order the test chooses: the first
+    delivery's heartbeats are lost (as when its event loop stalls), so JetStream redelivers it
+    after `ack_wait_s` while it still runs; and its final status write waits until the
+    redelivery's final status is written (each step signalled by an event)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, op: str) -> None:
+        self.redelivered = asyncio.Event()  # the second delivery's handler started
+        self.first_finishing = asyncio.Event()  # the first delivery's final write began
+        self.second_finished = asyncio.Event()  # the second delivery's final status is stored
+        in_progress, write = Msg.in_progress, JobStore.write_unless_finished
+        subject = f"nexus.jobs.{op}."
+
+        async def lost_heartbeat(msg: Msg) -> None:
+            if not (msg.subject.startswith(subject) and msg.metadata.num_delivered == 1):
+                await in_progress(msg)
+
+        async def ordered(store: JobStore, record: JobRecord, revision: int | None) -> int | None:
+            if record.op != op or not record.finished:
+                return await write(store, record, revision)
+            if record.attempts == 1:
+                self.first_finishing.set()
+                await self.second_finished.wait()
+            written = await write(store, record, revision)
+            if record.attempts == 2:
+                self.second_finished.set()
+            return written
+
+        monkeypatch.setattr(Msg, "in_progress", lost_heartbeat)
+        monkeypatch.setattr(JobStore, "write_unless_finished", ordered)
+
+
+@pytest.mark.parametrize(
+    ("first_to_dead_letter", "second_outcome", "entries_left"),
+    [
+        ("second", "internal", 1),  # its publish stores the entry, the first one's is a duplicate
+        ("first", "internal", 1),  # the first one stores it, yet the second's status wins
+        ("first", "success", 0),  # the entry is spurious: the job succeeded
+    ],
+)
+async def test_twin_deliveries_leave_one_dlq_entry_when_both_dead_letter(
+    gateway: Gateway,
+    settings: Settings,
+    uid: str,
+    monkeypatch: pytest.MonkeyPatch,
+    first_to_dead_letter: str,
+    second_outcome: str,
+    entries_left: int,
+) -> None:
+    """Both deliveries publish the entry with msg id `dlq-<seq>`, so there is one entry, and
+    the first terminal status wins. The slower one (here always the first delivery) used to
+    delete the entry whenever its status lost, also when the publish it made had been
+    deduplicated onto the other's entry, or when the other had dead-lettered too: a dead job
+    with no entry to replay."""
+    ops = Operations(f"j{uid}")
+    twins = Twins(monkeypatch, ops.op)
+
+    @ops.action("broken")
+    async def broken(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        if ctx.attempt == 1:
+            await twins.redelivered.wait()
+            if first_to_dead_letter == "second":
+                await twins.second_finished.wait()
+        else:
+            twins.redelivered.set()
+            if first_to_dead_letter == "first":
+                await twins.first_finishing.wait()  # its entry is stored
+            if second_outcome == "success":
+                return {"ok": True}
+        raise InternalError("broken")  # permanent: dead-lettered at once
+
+    async with serving(settings, ops, ack_wait_s=0.3, heartbeat_s=0.1) as worker:
+        accepted = await gateway.submit(ops.op, "broken", {})
+        job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
+        assert worker.jobs is not None
+        for _ in range(100):  # the first delivery's bookkeeping ends after the job's status
+            if worker.jobs.inflight == 0:
+                break
+            await asyncio.sleep(0.02)
+    entries = await (await dlq_of(gateway, settings)).entries(op=ops.op)
+    assert job.attempts == 2
+    if second_outcome == "success":
+        assert job.status is JobStatus.SUCCEEDED
+    else:
+        assert job.status is JobStatus.FAILED and job.error["code"] == "internal"
+    assert len(entries) == entries_left, entries
+    assert all(e.job_id == accepted.job_id for e in entries)
 
 
 async def test_a_job_too_large_to_dead_letter_whole_is_buried_without_its_body(

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Final, Protocol
 
 import nats.js.errors as jserr
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from nexus_bus.bus.metadata import check_publish_size
+from nexus_bus.bus.nats_errors import BAD_REQUEST
 from nexus_bus.bus.subjects import events_subject
 from nexus_bus.constants import EVENTS_STREAM, H_NATS_MSG_ID
 from nexus_bus.store import translate_nats_errors
+
+_LAST_SEQ: Final = 2**64 - 1  # a stream sequence is a uint64
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +85,19 @@ class JetStreamEventLog:
     async def read(self, topic: str, after_seq: int = 0, limit: int = 100) -> list[StoredEvent]:
         """Read up to `limit` events after `after_seq` with direct "next by subject" gets.
 
+        Stream sequences are unsigned 64-bit: nothing comes after the last one, and asking
+        JetStream for the one past it would be a request it cannot read.
+
         Raises:
+            InvalidRequest: JetStream refused the request as malformed.
             Unavailable: JetStream cannot be reached.
         """
         subject = events_subject(topic)
         events: list[StoredEvent] = []
+        if after_seq >= _LAST_SEQ:
+            return events
         seq = after_seq + 1
-        async with translate_nats_errors(f"read {topic}"):
+        async with translate_nats_errors(f"read {topic}", input_errors=(BAD_REQUEST,)):
             while len(events) < limit:
                 try:
                     msg = await self._js.get_msg(self._stream, seq=seq, subject=subject, next=True)

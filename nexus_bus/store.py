@@ -5,7 +5,8 @@ nats exceptions are translated here, once; handlers only see NexusErrors.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar
@@ -18,15 +19,19 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from nexus_bus.bus.metadata import check_publish_size
-from nexus_bus.bus.nats_errors import map_nats_error
+from nexus_bus.bus.nats_errors import INVALID_SUBJECT, map_nats_error
 from nexus_bus.errors import (
     Conflict,
     InternalError,
     NotFound,
 )
 from nexus_bus.observability.tracing import TRACING, SpanKind
+from nexus_bus.schemas.common import LIST_PREFIX_PATTERN
 
 T = TypeVar("T")
+
+# What can begin a KV key: whole tokens, each followed by one dot, then maybe part of one.
+_KEY_PREFIX: Final = re.compile(LIST_PREFIX_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +90,17 @@ class RecordStore(Protocol):
 
 
 @asynccontextmanager
-async def translate_nats_errors(what: str) -> AsyncIterator[None]:
+async def translate_nats_errors(
+    what: str, *, input_errors: Collection[int] = ()
+) -> AsyncIterator[None]:
     """Map nats-py / JetStream exceptions to NexusErrors (the adapter's one boundary),
-    in a client span named by the call's verb when tracing is on (never by its key)."""
+    in a client span named by the call's verb when tracing is on (never by its key).
+
+    `input_errors`: JetStream err_codes that mean the caller's input was malformed on this
+    call (400, see `map_nats_error`)."""
     verb = what.split(" ", 1)[0]
     with TRACING.step(f"jetstream {verb}", kind=SpanKind.CLIENT, attributes=_JETSTREAM_SPAN):
-        async with _translated(what):
+        async with _translated(what, input_errors):
             yield
 
 
@@ -98,11 +108,11 @@ _JETSTREAM_SPAN: Final = {"db.system.name": "nats_jetstream"}
 
 
 @asynccontextmanager
-async def _translated(what: str) -> AsyncIterator[None]:
+async def _translated(what: str, input_errors: Collection[int]) -> AsyncIterator[None]:
     try:
         yield
     except (nats.errors.Error, OSError, TimeoutError) as exc:  # the NATS adapter's mapping
-        raise map_nats_error(exc, what, jetstream=True) from exc
+        raise map_nats_error(exc, what, jetstream=True, input_errors=input_errors) from exc
 
 
 class KeyValueRecordStore:
@@ -177,10 +187,17 @@ class KeyValueRecordStore:
         nats-py's own end marker is not trusted when it comes first: it asks the consumer
         for its pending count only after subscribing, so when the server has already sent
         every entry (still on their way) it reports 0 and marks an empty snapshot at once.
+
+        A prefix no key can start with (an empty token, a character keys cannot hold) lists
+        nothing without asking: as a filter it would be a malformed subject (`a..>`), or a
+        wildcard. Should the server still refuse a filter as a subject, that is the prefix's
+        fault: 400, not 503.
         """
-        pattern = f"{prefix}>" if prefix.endswith(".") and len(prefix) > 1 else ">"
+        if not _KEY_PREFIX.fullmatch(prefix):
+            return []
+        pattern = f"{prefix}>" if prefix.endswith(".") else ">"
         found: list[str] = []
-        async with translate_nats_errors("list keys"):
+        async with translate_nats_errors("list keys", input_errors=(INVALID_SUBJECT,)):
             watcher = await self._kv.watch(pattern, meta_only=True)
             try:
                 seen = False

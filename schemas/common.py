@@ -13,7 +13,10 @@ import msgspec
 END: Final = r"$(?!\n)"
 KEY_PATTERN: Final = r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*" + END
 TOPIC_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,63}" + END
-LIST_PREFIX_PATTERN: Final = r"^[-/_=.a-zA-Z0-9]*" + END
+# The start of a key: whole tokens, each followed by one dot, then perhaps part of a token
+# ("", "users.", "users.4"). Never an empty token: "a..", ".a." or "." start no key, and as
+# a KV watch filter ("a..>") they are not even a subject.
+LIST_PREFIX_PATTERN: Final = r"^([-/_=a-zA-Z0-9]+\.)*[-/_=a-zA-Z0-9]*" + END
 MESSAGE_ID_PATTERN: Final = r"^[A-Za-z0-9._:-]{1,128}" + END
 
 Key = Annotated[

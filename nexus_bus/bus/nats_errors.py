@@ -8,6 +8,7 @@ test_error_mappers.py` checks that every exception class nats-py defines maps to
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Final
 
 import nats.errors
@@ -44,6 +45,12 @@ _NOT_FOUND = (
 )
 _CONFLICT = (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.ObjectAlreadyExists)
 _WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code for a compare-and-set that lost
+# JetStream's err_codes for a request it refused as malformed: a subject that is not one (a
+# consumer's filter with an empty token) and a request it could not read (a sequence past
+# 2^64 - 1). Our own configuration can cause them too, so they mean the caller's input only
+# where a call says its subject or sequence came from there (`input_errors`).
+INVALID_SUBJECT: Final = 10052
+BAD_REQUEST: Final = 10025
 _TIMEOUT = (nats.errors.TimeoutError, nats.js.errors.FetchTimeoutError)
 # Our code used the API wrongly, or the server answered what we cannot handle: not the
 # caller's fault, and a retry will not help.
@@ -82,7 +89,11 @@ _FAMILIES: Final[tuple[tuple[tuple[type[BaseException], ...], type[NexusError], 
 
 
 def map_nats_error(
-    exc: BaseException, what: str = "NATS", *, jetstream: bool = False
+    exc: BaseException,
+    what: str = "NATS",
+    *,
+    jetstream: bool = False,
+    input_errors: Collection[int] = (),
 ) -> NexusError:
     """The `NexusError` a nats-py failure means to a caller.
 
@@ -91,6 +102,9 @@ def map_nats_error(
         what: what was being done, for the detail ("data.get", "get of key k").
         jetstream: the call was a JetStream API request: "no responders" there means
             JetStream is not available (503 `unavailable`), not that no worker serves an op.
+        input_errors: JetStream err_codes that, on this call, mean the caller's input was
+            malformed (400 `invalid_request`, not retried) rather than that JetStream failed
+            (503 `unavailable`, which is retried and counts against the op's breaker).
 
     Connection states (closed, draining, reconnecting, a full reconnect buffer, no servers,
     TLS and credentials) and everything else nats-py raises are `Unavailable` (503,
@@ -108,13 +122,15 @@ def map_nats_error(
         if isinstance(exc, family):
             return error(detail.format(what=what, name=name))
     if isinstance(exc, nats.js.errors.APIError):
-        return _api_error(exc, what)
+        return _api_error(exc, what, input_errors)
     if isinstance(exc, nats.errors.Error | OSError):
         return Unavailable(f"{what}: NATS connection unavailable ({name})")
     return InternalError(f"{what}: unexpected error ({name})")
 
 
-def _api_error(exc: nats.js.errors.APIError, what: str) -> NexusError:
+def _api_error(
+    exc: nats.js.errors.APIError, what: str, input_errors: Collection[int]
+) -> NexusError:
     """What the JetStream API answered, by its error code (the class is not always specific:
     a KV update with a stale revision can come back as a plain `APIError`)."""
     err_code = getattr(exc, "err_code", None)
@@ -123,4 +139,6 @@ def _api_error(exc: nats.js.errors.APIError, what: str) -> NexusError:
     if isinstance(exc, nats.js.errors.NotFoundError):
         return NotFound(f"{what}: not found")
     description = getattr(exc, "description", None)
+    if err_code in input_errors:
+        return InvalidRequest(f"{what}: refused by JetStream: {description}")
     return Unavailable(f"{what}: JetStream error {err_code}: {description}")

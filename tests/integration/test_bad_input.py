@@ -13,6 +13,7 @@ from nexus_bus import (
     Gateway,
     InvalidRequest,
     NoResponders,
+    NotFound,
     PayloadTooLarge,
     UnknownOperation,
     Worker,
@@ -196,3 +197,27 @@ async def test_a_value_over_max_payload_with_its_write_headers_is_413_and_the_wo
     # publish that carries none is held to the server's limit only.
     put = b'{"key":"%s","value":%s}' % (key, value)
     assert (await gateway.request("data", "put", put, timeout=5))["revision"] > 0
+
+
+async def test_a_list_prefix_no_key_starts_with_is_400_and_opens_no_breaker(
+    nats_url: str, redis_url: str, worker: object, admin_token: str | None, uid: str
+) -> None:
+    """A prefix with an empty token made a KV watch filter that is not a subject (`a..>`):
+    JetStream refused it and the worker answered 503 `unavailable`, which the gateway retried
+    and counted against the op's breaker, shared by every replica: one client's malformed
+    listings opened `data` for everyone."""
+    settings = make_settings(nats_url, redis_url)  # default policies: breakers shared
+    client = await Gateway.connect(settings, token=admin_token)
+    other = await Gateway.connect(settings, token=admin_token)  # another replica
+    try:
+        for prefix in ["..", "a..", "a.b..", ".a.", "."] * 2:
+            with pytest.raises(InvalidRequest) as info:
+                await client.request("data", "list", {"prefix": prefix})
+            assert info.value.http_status == 400 and "prefix" in info.value.detail
+        await asyncio.sleep(settings.resilience.sync_interval_ms / 1000 * 2)
+        for gateway in (client, other):
+            with pytest.raises(NotFound):  # answered by a worker, not by an open breaker
+                await gateway.request("data", "get", {"key": f"absent.{uid}"})
+    finally:
+        await client.close()
+        await other.close()

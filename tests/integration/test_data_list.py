@@ -40,3 +40,20 @@ async def test_listing_a_large_bucket_never_comes_back_short(local_nats: ServerP
         )
     finally:
         await nc.close()
+
+
+async def test_a_prefix_no_key_starts_with_lists_nothing(nats_url: str) -> None:
+    """The store is also reached with prefixes no schema checked (`ai.similar`, handlers of
+    your own): one with an empty token, or a character keys cannot hold, made a watch filter
+    that is not a subject (`a..>`, refused by JetStream: 503) or a wildcard (`*.>`)."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        kv = await ensure_data_bucket(js, make_settings(nats_url).jetstream)
+        await kv.put("odd.prefix.key", b"1")
+        store = KeyValueRecordStore(kv, js)
+        for prefix in ["..", "a..", ".a.", "odd..", "*.", "odd.*.", "a b.", "."]:
+            assert await store.keys(prefix, 5) == [], prefix
+        assert await store.keys("odd.", 5) == ["odd.prefix.key"]
+    finally:
+        await nc.close()

@@ -93,6 +93,17 @@ async def test_stream_publish_dedup_and_read(gateway: Gateway, uid: str) -> None
     assert (await gateway.request("stream", "read", {"topic": f"none{uid}"}))["events"] == []
 
 
+@pytest.mark.parametrize("after_seq", [2**64 - 1, 2**64 - 2])
+async def test_stream_read_after_the_last_sequence_finds_nothing(
+    gateway: Gateway, uid: str, after_seq: int
+) -> None:
+    """Sequences are uint64: the one after 2^64 - 1 was asked of JetStream, which could not
+    read the request (10025), and the read answered 503 `unavailable`."""
+    await gateway.request("stream", "publish", {"topic": f"t{uid}", "event": 1})
+    read = await gateway.request("stream", "read", {"topic": f"t{uid}", "after_seq": after_seq})
+    assert read == {"events": []}
+
+
 async def test_ai_embed_is_deterministic(gateway: Gateway) -> None:
     one = await gateway.request(
         "ai", "embed", {"input": "the quick brown fox", "model": "hash-256"}

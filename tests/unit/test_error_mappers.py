@@ -102,6 +102,25 @@ def test_jetstream_answers_by_error_code() -> None:
     assert type(map_nats_error(nats.errors.NoRespondersError(), jetstream=True)) is Unavailable
 
 
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        nats.js.errors.APIError(code=400, err_code=10052, description="invalid subject"),
+        nats.js.errors.BadRequestError(code=400, err_code=10025, description="invalid JSON"),
+    ],
+)
+def test_a_jetstream_refusal_is_the_callers_fault_only_where_the_call_says_so(
+    refusal: nats.js.errors.APIError,
+) -> None:
+    """A malformed `data.list` prefix or `stream.read` cursor: 400, which is neither retried
+    nor counted against the op's breaker. Elsewhere the same codes can be our own doing (a
+    stream's configuration): 503 as before."""
+    codes = (10052, 10025)
+    error = map_nats_error(refusal, "list keys", jetstream=True, input_errors=codes)
+    assert type(error) is InvalidRequest and "list keys" in error.detail
+    assert type(map_nats_error(refusal, "list keys", jetstream=True)) is Unavailable
+
+
 def test_socket_failures_and_strangers_on_the_nats_path() -> None:
     assert type(map_nats_error(ConnectionResetError())) is Unavailable
     assert type(map_nats_error(TimeoutError())) is UpstreamTimeout

@@ -26,7 +26,7 @@ from nexus_bus.constants import (
 )
 from nexus_bus.errors import NotFound
 from nexus_bus.handlers import BUILTIN
-from nexus_bus.schemas.data import PutRequest
+from nexus_bus.schemas.data import ListRequest, PutRequest
 from nexus_bus.specs import (
     asyncapi_document,
     default_directory,
@@ -343,6 +343,36 @@ def test_data_put_schema_agrees_with_msgspec(sample: Any) -> None:
     except msgspec.ValidationError:
         msgspec_accepts = False
     assert validator.is_valid(sample) == msgspec_accepts
+
+
+LIST_PREFIXES = {
+    # The start of some key: accepted (every start of this one, "" included).
+    **{"users.42/p=_-.x"[:end]: True for end in range(len("users.42/p=_-.x") + 1)},
+    # No key starts so (an empty token, or a character keys cannot hold). As a KV watch
+    # filter the ones ending in a dot were a malformed subject ("a..>"): 503 from JetStream.
+    ".": False, "..": False, "a..": False, "a.b..": False, ".a.": False, ".a": False,
+    "a..b": False, "a b.": False, "*.": False, "a.\n": False,
+}
+
+
+@pytest.mark.parametrize(("prefix", "accepted"), LIST_PREFIXES.items())
+def test_a_data_list_prefix_is_the_start_of_a_key(prefix: str, accepted: bool) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    referencing = pytest.importorskip("referencing")
+    document = json_schemas(BUILTIN_GROUPS)["data.list"]
+    registry = referencing.Registry().with_resource(
+        document["$id"], referencing.Resource.from_contents(document)
+    )
+    validator = jsonschema.Draft202012Validator(
+        {"$ref": document["$id"] + "#/$defs/request"}, registry=registry
+    )
+    try:
+        msgspec.convert({"prefix": prefix}, ListRequest)
+        msgspec_accepts = True
+    except msgspec.ValidationError:
+        msgspec_accepts = False
+    assert msgspec_accepts is accepted
+    assert validator.is_valid({"prefix": prefix}) is accepted
 
 
 def test_problem_schema_accepts_real_problems() -> None:

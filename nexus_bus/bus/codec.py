@@ -5,6 +5,7 @@ Decoding is where untrusted bytes meet our types; every failure becomes a 4xx Ne
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Final, TypeVar
 
@@ -90,13 +91,18 @@ def decode(
     media: str = "json",
     max_bytes: int,
     max_depth: int,
+    json_only: bool = False,
 ) -> T:
     """Decode and validate a body against `type_`.
+
+    `json_only` (a request body) also refuses MessagePack values JSON cannot carry (see
+    `check_value`); a reply is taken as it came.
 
     Raises:
         PayloadTooLarge: the body exceeds `max_bytes`.
         InvalidRequest: malformed input, trailing garbage, bad UTF-8, out-of-range numbers,
-            schema mismatch, or nesting deeper than `max_depth`.
+            schema mismatch, nesting deeper than `max_depth`, or with `json_only` a value
+            JSON cannot carry.
     """
     if len(body) > max_bytes:
         raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
@@ -118,7 +124,7 @@ def decode(
         or body.count(b"[") + body.count(b"{") > max_depth
         or may_hold_long_integer(body)
     ):
-        check_value(value, max_depth)
+        check_value(value, max_depth, json_only=json_only)
     return value
 
 
@@ -135,15 +141,26 @@ _INT_MIN: Final = -(2**63)
 _INT_MAX: Final = 2**64 - 1
 
 
-def check_value(value: Any, max_depth: int) -> None:
-    """Refuse values nested deeper than `max_depth` or with integers beyond 64 bits.
+def check_value(value: Any, max_depth: int, *, json_only: bool = False) -> None:
+    """Refuse values nested deeper than `max_depth` or with integers beyond 64 bits, and with
+    `json_only` what else JSON cannot carry.
 
     msgspec decodes arbitrarily large integers into untyped (`Any`) fields; most clients
     cannot represent them and Python refuses to print ones past 4300 digits. Iterative, so
     hostile input cannot exhaust the stack.
 
+    `json_only` is for request bodies, which must mean the same in either media: values are
+    stored and passed on as JSON. A MessagePack map key that is nil, a boolean or an array
+    has no JSON form (re-encoding it failed in the handler: 500, and a job was
+    dead-lettered); NaN and the infinities are no JSON number (stored, they came back as
+    null). Other keys JSON writes as text, as every object key is: a number or a typed key
+    (`dict[int, ...]`, which a JSON body reaches as digits too) stays accepted. A JSON body
+    never holds any of these; a reply is not checked for them, since the client asked for
+    MessagePack.
+
     Raises:
-        InvalidRequest: too deep, or an out-of-range number.
+        InvalidRequest: too deep, an out-of-range number, or with `json_only` a map key or
+            number JSON cannot carry.
     """
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
@@ -152,6 +169,8 @@ def check_value(value: Any, max_depth: int) -> None:
             # MessagePack extension types have no JSON form: refuse them at the door.
             raise InvalidRequest("MessagePack extension types are not accepted")
         if isinstance(item, dict):
+            if json_only:
+                _check_keys(item)
             children: Any = item.values()
         elif isinstance(item, list | tuple):
             children = item
@@ -160,7 +179,25 @@ def check_value(value: Any, max_depth: int) -> None:
         else:
             if type(item) is int and not _INT_MIN <= item <= _INT_MAX:
                 raise InvalidRequest("number out of range: integers must fit in 64 bits")
+            if json_only and type(item) is float and not math.isfinite(item):
+                raise InvalidRequest(_NOT_FINITE)
             continue
         if depth > max_depth:
             raise InvalidRequest(f"body nested deeper than {max_depth} levels")
         stack.extend((child, depth + 1) for child in children)
+
+
+_NOT_FINITE: Final = "number out of range: NaN and infinities have no JSON form"
+# The MessagePack map keys JSON has no form for, as msgspec decodes them into `Any`.
+_KEYS_WITHOUT_JSON: Final = {type(None): "nil", bool: "a boolean", tuple: "an array"}
+
+
+def _check_keys(item: dict[Any, Any]) -> None:
+    """Refuse map keys JSON has no form for (see `check_value`)."""
+    for key in item:
+        if type(key) is str:
+            continue
+        if kind := _KEYS_WITHOUT_JSON.get(type(key)):
+            raise InvalidRequest(f"map keys must be strings or numbers, not {kind}")
+        if type(key) is float and not math.isfinite(key):
+            raise InvalidRequest(_NOT_FINITE)

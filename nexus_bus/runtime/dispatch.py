@@ -259,6 +259,7 @@ class Dispatcher:
                 media=media,
                 max_bytes=self._limits.max_body_bytes,
                 max_depth=self._limits.max_depth,
+                json_only=True,
             )
         ctx = RequestContext(
             op=op,

@@ -251,6 +251,20 @@ async def test_a_body_the_operation_refuses_fails_the_job_without_dead_lettering
     assert accepted.job_id not in {e.job_id for e in entries}
 
 
+async def test_a_msgpack_body_json_cannot_carry_fails_the_job_without_dead_lettering_it(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    """A map key that is nil: the value's JSON re-encoding failed in the handler (500
+    `internal`), and the job was dead-lettered as a server fault."""
+    body = b"\x82\xa3key\xa9nil" + uid[:6].encode() + b"\xa5value\x81\xc0\x01"
+    accepted = await gateway.submit("data", "put", body, media="msgpack")
+    job = await wait_job(gateway.nc, settings, accepted.job_id, timeout_s=10)
+    assert job.status is JobStatus.FAILED and job.error["code"] == "invalid_request"
+    assert job.error["status"] == 400
+    entries = await (await dlq_of(gateway, settings)).entries(op="data")
+    assert accepted.job_id not in {e.job_id for e in entries}
+
+
 async def test_a_permanent_server_error_is_dead_lettered_at_once_and_replay_runs_it_again(
     gateway: Gateway, settings: Settings, uid: str
 ) -> None:

@@ -34,6 +34,40 @@ def test_malformed_input_is_invalid_request(body: bytes) -> None:
         codec.decode(body, PutRequest, **LIMITS)
 
 
+# MessagePack values JSON cannot carry. msgspec encodes none of these keys: written by hand.
+NO_JSON_FORM = {
+    "nil-key": b"\x81\xc0\x01",  # {nil: 1}
+    "bool-key": b"\x81\xc3\x01",  # {true: 1}
+    "array-key": b"\x81\x92\x01\x02\x01",  # {[1, 2]: 1}
+    "nested-key": b"\x91\x81\xc2\x01",  # [{false: 1}]
+    "nan": msgspec.msgpack.encode(float("nan")),
+    "infinity": msgspec.msgpack.encode({"a": [float("-inf")]}),
+    "infinite-key": b"\x81\xcb\x7f\xf0\x00\x00\x00\x00\x00\x00\x01",  # {inf: 1}
+}
+
+
+@pytest.mark.parametrize("value", NO_JSON_FORM.values(), ids=NO_JSON_FORM.keys())
+def test_a_request_value_json_cannot_carry_is_invalid_request(value: bytes) -> None:
+    """Values are stored and passed on as JSON: such a key failed the handler's re-encoding
+    (500), and NaN or an infinity came back as null. A reply is taken as it came."""
+    body = b"\x82\xa3key\xa1k\xa5value" + value  # {"key": "k", "value": <value>}
+    with pytest.raises(InvalidRequest):
+        codec.decode(body, PutRequest, media="msgpack", json_only=True, **LIMITS)
+    assert codec.decode(value, media="msgpack", **LIMITS) is not None
+
+
+def test_number_keys_are_accepted_as_json_writes_them() -> None:
+    """JSON writes every object key as text; a typed `dict[int, ...]` reaches a handler
+    from a JSON body too."""
+    body = msgspec.msgpack.encode({"key": "k", "value": {1: "a", 2.5: "b", "c": 1.5}})
+    value = codec.decode(body, PutRequest, media="msgpack", json_only=True, **LIMITS).value
+    assert value == {1: "a", 2.5: "b", "c": 1.5}
+    assert msgspec.json.encode(value) == b'{"1":"a","2.5":"b","c":1.5}'
+    typed = codec.decode(b'{"1": 2}', dict[int, int], json_only=True, **LIMITS)
+    assert codec.decode(msgspec.msgpack.encode(typed), dict[int, int], media="msgpack",
+                        json_only=True, **LIMITS) == typed == {1: 2}
+
+
 def test_too_deep_is_invalid_request_not_recursion_error() -> None:
     nested = b'{"key": "k", "value": ' + b"[" * 20 + b"]" * 20 + b"}"
     with pytest.raises(InvalidRequest, match="nested"):

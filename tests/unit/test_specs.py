@@ -325,18 +325,23 @@ PUT_SAMPLES = [
 ]
 
 
-@pytest.mark.parametrize("sample", PUT_SAMPLES, ids=lambda s: msgspec.json.encode(s).decode()[:40])
-def test_data_put_schema_agrees_with_msgspec(sample: Any) -> None:
+def request_validator(name: str) -> Any:
+    """A validator of `name`'s request, the way a non-Python client uses the schema file:
+    load it, then validate against its request."""
     jsonschema = pytest.importorskip("jsonschema")
     referencing = pytest.importorskip("referencing")
-    document = json_schemas(BUILTIN_GROUPS)["data.put"]
-    # The way a non-Python client uses the file: load it, then validate against its request.
+    document = json_schemas(BUILTIN_GROUPS)[name]
     registry = referencing.Registry().with_resource(
         document["$id"], referencing.Resource.from_contents(document)
     )
-    validator = jsonschema.Draft202012Validator(
+    return jsonschema.Draft202012Validator(
         {"$ref": document["$id"] + "#/$defs/request"}, registry=registry
     )
+
+
+@pytest.mark.parametrize("sample", PUT_SAMPLES, ids=lambda s: msgspec.json.encode(s).decode()[:40])
+def test_data_put_schema_agrees_with_msgspec(sample: Any) -> None:
+    validator = request_validator("data.put")
     try:
         msgspec.json.decode(msgspec.json.encode(sample), type=PutRequest)
         msgspec_accepts = True
@@ -357,15 +362,7 @@ LIST_PREFIXES = {
 
 @pytest.mark.parametrize(("prefix", "accepted"), LIST_PREFIXES.items())
 def test_a_data_list_prefix_is_the_start_of_a_key(prefix: str, accepted: bool) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
-    referencing = pytest.importorskip("referencing")
-    document = json_schemas(BUILTIN_GROUPS)["data.list"]
-    registry = referencing.Registry().with_resource(
-        document["$id"], referencing.Resource.from_contents(document)
-    )
-    validator = jsonschema.Draft202012Validator(
-        {"$ref": document["$id"] + "#/$defs/request"}, registry=registry
-    )
+    validator = request_validator("data.list")
     try:
         msgspec.convert({"prefix": prefix}, ListRequest)
         msgspec_accepts = True

@@ -1,6 +1,7 @@
 """The per-request cost of authentication on the NATS path, beside the unauthenticated path.
 
     python -m benchmarks.bench_auth [--seconds 1.5] [--repeat 5] [--concurrency 1,16]
+    python -m benchmarks.bench_auth --lookups [--rounds 5000]
 
 One run starts nats-server, redis-server and four responders, and measures each the same way
 (gateway client → NATS request → responder → reply):
@@ -9,9 +10,15 @@ One run starts nats-server, redis-server and four responders, and measures each 
 - our worker with auth off (`auth.enabled=false`);
 - our worker with auth on and the verification cache (the default, `cache_ttl_s=5`);
 - our worker with auth on and no cache (`cache_ttl_s=0`): every request checks the Ed25519
-  signature and asks Redis whether the token is revoked.
+  signature and asks the revocation store (Redis, whose records JetStream KV keeps)
+  whether the token is revoked.
 
 It also times the authenticator alone, in this process, for the same three cases.
+
+`--lookups` starts only nats-server and redis-server and times one revocation lookup, one
+after another: the store's `is_revoked` (an id not revoked, and one revoked: one Redis
+pipeline of two EXISTS) beside a bare Redis `EXISTS` and a bare KV get (what a lookup cost
+while it read JetStream KV), and one re-seed of Redis from the KV (docs/auth.md).
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ from nexus_bus.auth import (
 )
 from nexus_bus.auth.authenticator import bearer_token
 from nexus_bus.auth.operator import issue_token
+from nexus_bus.auth.revocation import SEEDED_KEY
+from nexus_bus.auth.service import new_jti, revocation_store
+from nexus_bus.constants import AUTH_REVOKED_BUCKET
 from nexus_bus.embedded import nats_server, redis_server
 from nexus_bus.observability import configure_logging
 from nexus_bus.redis_client import create_redis
@@ -104,6 +114,7 @@ async def serve_raw(nats_url: str) -> None:
 
 async def micro(settings: Settings, token: str, rounds: int = 20_000) -> dict[str, float]:
     """Microseconds per `authenticate()` call, in this process, per mode."""
+    nc = await nats.connect(settings.nats.url)
     redis = create_redis(settings.redis)
     results: dict[str, float] = {}
     headers = {"Authorization": f"Bearer {token}"}
@@ -117,7 +128,7 @@ async def micro(settings: Settings, token: str, rounds: int = 20_000) -> dict[st
                 tuned = settings.model_copy(
                     update={"auth": settings.auth.model_copy(update={"cache_ttl_s": ttl})}
                 )
-                service = create_token_service(tuned, redis)
+                service = create_token_service(tuned, redis, nc)
                 limiter = FailureLimiter.from_settings(tuned.auth)
                 auth = TokenAuthenticator(service.verifier, limiter)
             n = rounds if ttl != 0 else rounds // 10  # each uncached call waits for Redis
@@ -130,19 +141,68 @@ async def micro(settings: Settings, token: str, rounds: int = 20_000) -> dict[st
                     await auth.authenticate(headers, operation)
                 samples.append((time.perf_counter() - started) / (n // 5) * 1e6)
             results[mode] = statistics.median(samples)
-        codec = create_token_service(settings, redis).codec
+        codec = create_token_service(settings, redis, nc).codec
         n = rounds // 10
         started = time.perf_counter()
         for _ in range(n):
             codec.verify(token, time.time())
-        results["signature + claims only (no Redis)"] = (time.perf_counter() - started) / n * 1e6
+        results["signature + claims only (no store)"] = (time.perf_counter() - started) / n * 1e6
         started = time.perf_counter()
         for _ in range(rounds):
             bearer_token(headers)
         results["Authorization header parse"] = (time.perf_counter() - started) / rounds * 1e6
     finally:
         await redis.aclose()
+        await nc.close()
     return results
+
+
+async def lookups(nats_url: str, redis_url: str, rounds: int) -> None:
+    """Microseconds per revocation lookup, one at a time: the store against bare Redis EXISTS
+    and a bare KV get; then one re-seed."""
+    configure_logging("bench", "ERROR")
+    settings = load_settings(nats={"url": nats_url}, redis={"url": redis_url})
+    nc = await nats.connect(nats_url)
+    redis = create_redis(settings.redis)
+    store = revocation_store(settings, redis, nc)
+    revoked = new_jti()
+    await store.revoke(revoked)
+    await store.is_revoked(revoked)  # seeds Redis: the marker is set
+    kv = await nc.jetstream().key_value(AUTH_REVOKED_BUCKET)
+    cases: dict[str, Any] = {
+        "store is_revoked, not revoked": lambda: store.is_revoked(new_jti()),
+        "store is_revoked, revoked": lambda: store.is_revoked(revoked),
+        "Redis EXISTS alone, revoked": lambda: redis.exists(f"nexus:auth:revoked:{revoked}"),
+        "KV get alone (nats-py), revoked": lambda: kv.get(revoked),
+    }
+    print(f"revocation lookup, sequential, median of 5 x {rounds // 5} (us per lookup; p99):")
+    try:
+        for name, call in cases.items():
+            for _ in range(200):
+                await call()
+            means, every = [], []
+            for _ in range(5):
+                started = time.perf_counter()
+                for _ in range(rounds // 5):
+                    before = time.perf_counter()
+                    await call()
+                    every.append(time.perf_counter() - before)
+                means.append((time.perf_counter() - started) / (rounds // 5) * 1e6)
+            p99 = statistics.quantiles(every, n=100)[98] * 1e6
+            print(f"  {name:<44}{statistics.median(means):8.1f}  {p99:8.1f}")
+        for _ in range(999):  # 1,000 records in the bucket
+            await store.revoke(new_jti())
+        seeds = []
+        for _ in range(5):
+            await redis.delete(SEEDED_KEY)  # as after a Redis restart
+            started = time.perf_counter()
+            await store.is_revoked(revoked)
+            seeds.append((time.perf_counter() - started) * 1e3)
+        print(f"  re-seed of 1,000 records, then the lookup (ms, median of 5){'':<6}"
+              f"{statistics.median(seeds):8.1f}")
+    finally:
+        await redis.aclose()
+        await nc.close()
 
 
 async def measure(
@@ -205,7 +265,7 @@ async def measure(
     await raw_nc.close()
     figures = await micro(settings, token)
     names = {"plain": "auth off (NoAuthentication)", "cached": "auth + cache (hit)",
-             "nocache": "auth, no cache (verify + Redis EXISTS)"}
+             "nocache": "auth, no cache (verify + KV get)"}
     print("\nauthenticate() alone, in this process (us per call):")
     for name, us in figures.items():
         print(f"  {names.get(name, name):<40}{us:8.1f}")
@@ -217,6 +277,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=1.5)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--lookups", action="store_true", help="revocation lookups only")
+    parser.add_argument("--rounds", type=int, default=5000)
     parser.add_argument("--serve", nargs=4, metavar=("MODE", "NATS", "REDIS", "KEYS"))
     parser.add_argument("--serve-raw")
     args = parser.parse_args()
@@ -227,6 +289,17 @@ def main() -> int:
         asyncio.run(serve_raw(args.serve_raw))
         return 0
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.lookups:
+        with tempfile.TemporaryDirectory() as tmp:
+            nats_proc = nats_server(Path(tmp) / "nats").start()
+            redis_proc = redis_server(Path(tmp) / "redis").start()
+            try:
+                print(f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}")
+                asyncio.run(lookups(nats_proc.url, redis_proc.url + "/0", args.rounds))
+            finally:
+                redis_proc.stop()
+                nats_proc.stop()
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         keys = Path(tmp) / "keys"
         generate_key(keys)

@@ -24,6 +24,8 @@ DATA_BUCKET: Final = "nexus_data"
 JOBS_BUCKET: Final = "nexus_jobs"
 # Operation registry (docs/registry.md): one key per op and worker, `<op>.<instance>`.
 OPS_BUCKET: Final = "nexus_ops"
+# Revoked token ids (docs/auth.md): one key per revoked `jti`, kept as long as a token can live.
+AUTH_REVOKED_BUCKET: Final = "nexus_auth_revoked"
 
 # Request headers (NATS header names; the HTTP shim maps X-Request-Id <-> Nexus-Request-Id)
 H_AUTHORIZATION: Final = "Authorization"

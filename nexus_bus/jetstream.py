@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Final
+
 import nats.js.errors as jserr
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
 from nexus_bus.config import JetStreamSettings
-from nexus_bus.constants import DATA_BUCKET, EVENTS_PREFIX, EVENTS_STREAM, OPS_BUCKET
+from nexus_bus.constants import (
+    AUTH_REVOKED_BUCKET,
+    DATA_BUCKET,
+    EVENTS_PREFIX,
+    EVENTS_STREAM,
+    OPS_BUCKET,
+)
+from nexus_bus.errors import Unavailable
 from nexus_bus.store import translate_nats_errors
 
 _STREAM_NAME_IN_USE = 10058  # exists with a different configuration
+# Processes lengthening a bucket's max age at once (each re-reads after its update) settle
+# in a round or two; past this many, the bucket's max age is changing under us.
+_MAX_AGE_ROUNDS: Final = 5
 
 
 def storage_type(settings: JetStreamSettings) -> StorageType:
@@ -100,3 +113,40 @@ async def ensure_ops_bucket(
             replicas=settings.replicas,
         ),
     )
+
+
+async def ensure_revocations_bucket(
+    js: JetStreamContext, settings: JetStreamSettings, *, max_age_s: float
+) -> KeyValue:
+    """The `nexus_auth_revoked` KV bucket of revoked token ids (docs/auth.md).
+
+    Its max age is how long a revocation must last (`auth.max_ttl_s + auth.leeway_s`): a
+    record goes only once no token carrying its id can still be valid. An existing bucket
+    whose max age is shorter is lengthened, or its records would expire while the tokens they
+    refuse are still accepted. A longer one is left as it is: processes with different
+    settings (a rolling change, a CLI with defaults) each ask for their own, and the longest
+    must win; were each to set its own, the shorter one would delete records the other still
+    relies on. Shortening it is an operator's decision (docs/auth.md).
+
+    Raises:
+        Unavailable: JetStream cannot be reached, or the max age keeps changing under us.
+    """
+    kv = await ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=AUTH_REVOKED_BUCKET,
+            history=1,
+            ttl=max_age_s,
+            storage=storage_type(settings),
+            replicas=settings.replicas,
+        ),
+    )
+    async with translate_nats_errors(f"bucket {AUTH_REVOKED_BUCKET}"):
+        # Stream updates have no compare-and-set: after ours, read again, so a process that
+        # wrote a shorter age over ours at the same moment is overruled in the next round.
+        for _ in range(_MAX_AGE_ROUNDS):
+            config = (await kv.status()).stream_info.config
+            if not config.max_age or config.max_age >= max_age_s:  # 0 or None: no limit
+                return kv
+            await js.update_stream(dataclasses.replace(config, max_age=max_age_s))
+    raise Unavailable(f"bucket {AUTH_REVOKED_BUCKET}: its max age keeps changing")

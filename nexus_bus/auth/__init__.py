@@ -7,8 +7,8 @@ from nexus_bus.auth.keys import Keyring, generate_key, keys_dir_of, load_keyring
 from nexus_bus.auth.limiter import FailureLimiter
 from nexus_bus.auth.revocation import (
     MemoryRevocationStore,
-    RedisRevocationStore,
     RevocationStore,
+    RevocationStoreWithCache,
 )
 from nexus_bus.auth.scopes import allows, covers, parse_duration, parse_scopes
 from nexus_bus.auth.service import (
@@ -28,8 +28,8 @@ __all__ = [
     "Keyring",
     "MemoryRevocationStore",
     "NoAuthentication",
-    "RedisRevocationStore",
     "RevocationStore",
+    "RevocationStoreWithCache",
     "SignedToken",
     "TokenAuthenticator",
     "TokenCodec",

@@ -2,8 +2,8 @@
 
 - `issue_token`: sign a token with the local keyring (how the first admin token is made:
   `auth.issue` itself needs a token).
-- `revoke_token`: record a revocation in Redis and send the notice on NATS, exactly as
-  `auth.revoke` does.
+- `revoke_token`: record a revocation in the JetStream KV bucket and in Redis, and send the
+  notice on NATS, exactly as `auth.revoke` does.
 - `dev_admin_token`: for `nexus-bus up`, create a dev signing key in the state directory when
   there is none and sign an all-scopes token with it.
 """
@@ -15,9 +15,8 @@ import time
 from typing import Final
 
 from nexus_bus.auth.keys import generate_key, keys_dir_of, load_keyring
-from nexus_bus.auth.revocation import RedisRevocationStore
 from nexus_bus.auth.scopes import WILDCARD, check_scope
-from nexus_bus.auth.service import new_jti
+from nexus_bus.auth.service import new_jti, revocation_store
 from nexus_bus.auth.tokens import SignedToken, TokenCodec, TokenPolicy
 from nexus_bus.bus.connection import connect_nats
 from nexus_bus.config import Settings
@@ -61,20 +60,18 @@ async def revoke_token(settings: Settings, jti: str) -> None:
 
     Raises:
         InvalidRequest: an empty or oversized id.
-        Unavailable: Redis or NATS cannot be reached.
+        Unavailable: NATS or JetStream cannot be reached (nothing was revoked), or Redis
+            cannot (recorded, but not yet seen by lookups: run it again).
     """
     if not 0 < len(jti) <= 128:
         raise InvalidRequest("jti must be 1 to 128 characters")
-    ttl = TokenPolicy.from_settings(settings.auth).revocation_ttl_s
+    nc = await connect_nats(settings.nats, name=f"{settings.service}-cli")
     redis = create_redis(settings.redis)
     try:
-        await RedisRevocationStore(redis).revoke(jti, ttl)
-    finally:
-        await redis.aclose()
-    nc = await connect_nats(settings.nats, name=f"{settings.service}-cli")
-    try:
+        await revocation_store(settings, redis, nc).revoke(jti)
         await nc.publish(AUTH_REVOKED_SUBJECT, jti.encode())
     finally:
+        await redis.aclose()
         await nc.drain()
 
 

@@ -1,32 +1,121 @@
-"""The revocation store: revoked token ids (`jti`) kept in Redis until their tokens expire.
+"""The revocation store: revoked token ids (`jti`), kept until their tokens expire.
 
 A revocation only needs to outlive the token it kills. `auth.revoke` is given just a `jti`, so
 the record is kept for the longest lifetime any accepted token can have (`auth.max_ttl_s`,
 which the verifier enforces as `exp - iat`, plus the clock leeway): no token carrying that id
 can still be valid when the record goes.
 
+Two copies, with two jobs:
+
+- The record: a key of the `nexus_auth_revoked` JetStream KV bucket (the system of record,
+  with the replicas and storage of every other stream); the bucket's max age is the
+  retention. Redis runs without persistence, as a cache must: were it the only copy, a Redis
+  restart would silently make every revoked token valid again.
+- The read path: Redis, `nexus:auth:revoked:<key>` with the retention as its expiry, and the
+  marker `nexus:auth:{revocations}.seeded` (no expiry) saying that Redis holds every record.
+  A lookup is one Redis round trip for both; it never touches JetStream, so a JetStream
+  leader election (a NATS node died) does not stall token checks.
+
+A lookup that finds no marker (Redis restarted empty, or first use ever) re-seeds Redis
+before it answers: it lists the bucket's keys, SETs each, and sets the marker last. Ordering:
+`revoke` puts the KV record first and SETs its Redis key second, so a revocation that
+commits while a re-seed runs is either in the listing (put before it) or SETs its own key
+before its `revoke` returns; once the marker is set, every revocation whose `revoke`
+returned is in Redis. A Redis that restarts during a re-seed must not get the marker: each
+re-seed adds a nonce to a set at its start, and the marker is set by a script only if the
+nonce is still there (a restart empties the set; that re-seed fails with 503 and the next
+lookup starts another).
+
+Caveat: the marker vouches for keys that Redis may still drop on its own. Under memory
+pressure any eviction policy but `noeviction` can evict revocation keys and keep the marker
+(the marker has no expiry and they have one, so `volatile-*` policies pick exactly them):
+those tokens would pass again until Redis restarts. Run this Redis with `maxmemory-policy
+noeviction` (Redis's default) or without `maxmemory` (`nexus-bus up` and compose set neither).
+The same holds for a Redis Cluster node that loses its keys while the marker's node keeps
+its own.
+
 Every worker asks the store when it verifies a token it has not seen (or whose cached answer
-is older than `auth.cache_ttl_s`). A store that cannot answer makes the request fail with
-503 `unavailable`: never a silent allow.
+is older than `auth.cache_ttl_s`). A store that cannot answer (Redis down; JetStream down
+while a re-seed needs it) makes the request fail with 503 `unavailable`: never a silent
+allow.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+import hashlib
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final, Protocol
 
+import nats.js.errors as jserr
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from nexus_bus.config import JetStreamSettings
 from nexus_bus.constants import AUTH_REVOKED_KEY_PREFIX
-from nexus_bus.errors import Unavailable
+from nexus_bus.errors import InvalidRequest, NexusError, Unavailable
+from nexus_bus.jetstream import ensure_revocations_bucket
+from nexus_bus.observability import logger
 from nexus_bus.redis_client import RedisClient
 from nexus_bus.redis_errors import REDIS_FAILURES, map_redis_error
+from nexus_bus.store import translate_nats_errors
+
+# Ids used as keys as they are: what `new_jti` makes (32 hex digits) and any other id made of
+# characters that are one KV key token. Matched with fullmatch().
+_PLAIN_JTI: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_HASHED_PREFIX: Final = "sha256."
+_WHAT: Final = "the token revocation store"
+# Outside the revocation keys' prefix (no id can collide with them), in one hash slot (the
+# script below touches both on a Redis Cluster).
+SEEDED_KEY: Final = "nexus:auth:{revocations}.seeded"
+_SEEDING_KEY: Final = "nexus:auth:{revocations}.seeding"
+_SEEDING_TTL_S: Final = 60  # a re-seed that died leaves its nonce this long at most
+# How long a re-seed may wait for JetStream (the bucket, then its keys): the requests behind
+# it get 503 after this, not after nats-py's own timeouts.
+SEED_TIMEOUT_S: Final = 2.0
+_SEED_BATCH: Final = 1000
+# The marker only if this re-seed's nonce survived (Redis did not restart meanwhile).
+_SEAL_LUA: Final = """
+if redis.call('SREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('SET', KEYS[2], '1')
+  return 1
+end
+return 0
+"""
+
+
+def revocation_key(jti: str) -> str:
+    """The KV key that records `jti` (and, after the prefix, its Redis key).
+
+    A token's `jti` may be any string its signer chose (and `auth.revoke` takes any 1 to 128
+    characters), but a KV key may not hold spaces, `*`, `>` or most other characters, nor be
+    of any length. Such an id is keyed by its SHA-256 instead: `sha256.<hex>`. A plain key
+    never contains a `.`, so the two kinds cannot collide.
+    """
+    if _PLAIN_JTI.fullmatch(jti):
+        return jti
+    return _HASHED_PREFIX + hashlib.sha256(jti.encode(errors="surrogatepass")).hexdigest()
 
 
 class RevocationStore(Protocol):
-    """Where revoked token ids live."""
+    """Where revoked token ids live, each as long as a token can (the store's own setting)."""
 
-    async def revoke(self, jti: str, ttl_s: int) -> None:
-        """Record `jti` as revoked for `ttl_s` seconds.
+    async def prepare(self) -> None:
+        """Get ready to answer (a worker at start).
 
         Raises:
+            Unavailable: the store cannot be reached.
+        """
+        ...
+
+    async def revoke(self, jti: str) -> None:
+        """Record `jti` as revoked.
+
+        Raises:
+            InvalidRequest: an empty id.
             Unavailable: the store cannot be reached.
         """
         ...
@@ -40,53 +129,208 @@ class RevocationStore(Protocol):
         ...
 
 
-class RedisRevocationStore:
-    """Revoked ids as Redis keys `nexus:auth:revoked:<jti>` with an expiry."""
+class RevocationStoreWithCache:
+    """Revoked ids in JetStream KV (the record) and in Redis (the read path); see above.
 
-    def __init__(self, redis: RedisClient, *, prefix: str = AUTH_REVOKED_KEY_PREFIX) -> None:
+    The bucket is created (or its max age lengthened) when first needed, not at
+    construction: an HTTP shim starts while JetStream may still be away, as it does for its
+    other buckets. A worker makes sure of it at start (`prepare`). A failed JetStream call
+    forgets the bucket, so the next one makes sure of it again (it may have been deleted).
+    """
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        js: JetStreamContext,
+        settings: JetStreamSettings,
+        *,
+        retention_s: int,
+        prefix: str = AUTH_REVOKED_KEY_PREFIX,
+    ) -> None:
+        """Args:
+        redis: the read path.
+        js: where the bucket lives.
+        settings: its replicas and storage.
+        retention_s: how long a record lasts (`TokenPolicy.revocation_ttl_s`).
+        prefix: of the Redis keys.
+        """
         self._redis = redis
+        self._js = js
+        self._settings = settings
+        self._retention_s = max(1, retention_s)
         self._prefix = prefix
+        self._kv: KeyValue | None = None
+        self._seeding: asyncio.Task[None] | None = None
+        self._seal = redis.register_script(_SEAL_LUA)
 
-    async def revoke(self, jti: str, ttl_s: int) -> None:
-        """Record `jti` as revoked for `ttl_s` seconds.
+    async def prepare(self) -> None:
+        """Make sure of the bucket now (a worker at start, where JetStream must answer anyway).
 
         Raises:
-            Unavailable: Redis cannot be reached.
+            Unavailable: JetStream cannot be reached.
         """
-        try:
-            await self._redis.set(self._prefix + jti, b"1", ex=max(1, ttl_s))
-        except REDIS_FAILURES as exc:
-            raise map_redis_error(exc, "the token revocation store") from exc
+        async with self._failing_closed():
+            await self._bucket()
+
+    async def revoke(self, jti: str) -> None:
+        """Record `jti` as revoked: the KV record first, then the Redis key (idempotent:
+        again, it only restarts the record's age).
+
+        A 503 after the KV put (Redis failed) leaves the revocation durable but not yet on
+        the read path: lookups see it only once Redis is re-seeded (it restarted) or the
+        caller retries, which it should. A failed KV put leaves nothing anywhere.
+
+        Raises:
+            InvalidRequest: an empty id.
+            Unavailable: JetStream or Redis cannot be reached.
+        """
+        if not jti:
+            raise InvalidRequest("jti must not be empty")
+        key = revocation_key(jti)
+        async with self._failing_closed():
+            kv = await self._bucket()
+            async with translate_nats_errors("put revocation"):
+                await kv.put(key, jti.encode(errors="surrogatepass"))
+        async with self._redis_failing():
+            await self._redis.set(self._prefix + key, b"1", ex=self._retention_s)
 
     async def is_revoked(self, jti: str) -> bool:
-        """Whether `jti` is revoked.
+        """Whether `jti` is revoked, as Redis says (re-seeded first when it lost its data).
 
         Raises:
-            Unavailable: Redis cannot be reached.
+            Unavailable: Redis cannot be reached, or it must be re-seeded and JetStream
+                cannot be (within `SEED_TIMEOUT_S`).
         """
+        key = self._prefix + revocation_key(jti)
+        seeded, found = await self._lookup(key)
+        if not seeded:
+            await self._reseeded()
+            seeded, found = await self._lookup(key)
+            if not seeded:  # lost again since (a second restart): the next lookup re-seeds
+                raise Unavailable(f"{_WHAT} cannot answer (Redis lost its data meanwhile)")
+        return found
+
+    async def _lookup(self, key: str) -> tuple[bool, bool]:
+        """(Redis holds every record, it holds `key`): one round trip."""
+        async with self._redis_failing():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.exists(SEEDED_KEY)
+            pipe.exists(key)
+            seeded, found = await pipe.execute()
+        return bool(seeded), bool(found)
+
+    async def _reseeded(self) -> None:
+        """One re-seed per process at a time; concurrent callers await the same one.
+
+        Shielded: a caller giving up (its deadline) does not cancel the others' re-seed.
+        """
+        if self._seeding is None:
+            task = self._seeding = asyncio.ensure_future(self._reseed())
+
+            def done(finished: asyncio.Task[None]) -> None:
+                if self._seeding is finished:
+                    self._seeding = None
+                if not finished.cancelled():
+                    finished.exception()  # retrieved: every caller may have given up
+
+            task.add_done_callback(done)
+        await asyncio.shield(self._seeding)
+
+    async def _reseed(self) -> None:
+        """Copy every KV record to Redis, then set the marker (only if Redis kept our nonce).
+
+        Raises:
+            Unavailable: JetStream did not list the keys within `SEED_TIMEOUT_S`, Redis
+                failed, or Redis restarted meanwhile.
+        """
+        nonce = uuid.uuid4().hex
+        async with self._redis_failing():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.sadd(_SEEDING_KEY, nonce)
+            pipe.expire(_SEEDING_KEY, _SEEDING_TTL_S)
+            await pipe.execute()
         try:
-            found = await self._redis.exists(self._prefix + jti)
+            async with asyncio.timeout(SEED_TIMEOUT_S), self._failing_closed():
+                kv = await self._bucket()
+                async with translate_nats_errors("list revocations"):
+                    try:
+                        keys = await kv.keys()
+                    except jserr.NoKeysError:  # an empty bucket
+                        keys = []
+        except TimeoutError:
+            detail = f"re-seed: JetStream did not list the revocations within {SEED_TIMEOUT_S} s"
+            raise Unavailable(f"{_WHAT} cannot answer ({detail})") from None
+        async with self._redis_failing():
+            for start in range(0, len(keys), _SEED_BATCH):
+                pipe = self._redis.pipeline(transaction=False)
+                for key in keys[start : start + _SEED_BATCH]:
+                    pipe.set(self._prefix + key, b"1", ex=self._retention_s)
+                await pipe.execute()
+            sealed = await self._seal(keys=[_SEEDING_KEY, SEEDED_KEY], args=[nonce])
+        if not sealed:
+            raise Unavailable(f"{_WHAT} cannot answer (Redis lost its data during a re-seed)")
+        logger.info("token revocations re-seeded into Redis: {} from JetStream KV", len(keys))
+
+    async def _bucket(self) -> KeyValue:
+        """The bucket, created or brought up to date on first use.
+
+        Concurrent first calls each make sure of it (idempotent), without a lock: behind one,
+        every waiting caller would wait out the previous one's timeout in turn while
+        JetStream does not answer.
+
+        Raises:
+            Unavailable: JetStream cannot be reached.
+        """
+        if self._kv is None:
+            self._kv = await ensure_revocations_bucket(
+                self._js, self._settings, max_age_s=self._retention_s
+            )
+        return self._kv
+
+    @asynccontextmanager
+    async def _failing_closed(self) -> AsyncIterator[None]:
+        """Any JetStream failure is 503 `unavailable` naming this store, a timeout too (a
+        retry may succeed, and no answer is ever taken for "not revoked"); the bucket is
+        looked up again next time."""
+        try:
+            yield
+        except NexusError as exc:
+            self._kv = None
+            raise Unavailable(f"{_WHAT} cannot answer ({exc.detail})") from exc
+
+    @asynccontextmanager
+    async def _redis_failing(self) -> AsyncIterator[None]:
+        """A Redis failure as the `NexusError` it means (503 when Redis cannot be reached)."""
+        try:
+            yield
         except REDIS_FAILURES as exc:
-            raise map_redis_error(exc, "the token revocation store") from exc
-        return bool(found)
+            raise map_redis_error(exc, _WHAT) from exc
 
 
 class MemoryRevocationStore:
     """An in-memory twin for unit tests (no expiry; never for production)."""
 
     def __init__(self) -> None:
-        self.revoked: dict[str, int] = {}
+        self.revoked: set[str] = set()
         self.available = True
         self.lookups = 0
 
-    async def revoke(self, jti: str, ttl_s: int) -> None:
+    async def prepare(self) -> None:
+        """Nothing to get ready.
+
+        Raises:
+            Unavailable: `available` was set to False.
+        """
+        self._check()
+
+    async def revoke(self, jti: str) -> None:
         """Record `jti`.
 
         Raises:
             Unavailable: `available` was set to False.
         """
         self._check()
-        self.revoked[jti] = ttl_s
+        self.revoked.add(jti)
 
     async def is_revoked(self, jti: str) -> bool:
         """Whether `jti` was recorded.

@@ -21,7 +21,7 @@ from nexus_bus.auth.base import Authenticator, NoAuthentication
 from nexus_bus.auth.cache import VerificationCache
 from nexus_bus.auth.keys import Keyring, load_keyring
 from nexus_bus.auth.limiter import FailureLimiter
-from nexus_bus.auth.revocation import RedisRevocationStore, RevocationStore
+from nexus_bus.auth.revocation import RevocationStore, RevocationStoreWithCache
 from nexus_bus.auth.scopes import check_scope, covers
 from nexus_bus.auth.tokens import SignedToken, TokenCodec, TokenPolicy
 from nexus_bus.auth.verifier import TokenVerifier
@@ -119,9 +119,10 @@ class TokenService:
         forgets it at once; others on the notice, or within `auth.cache_ttl_s` without it.
 
         Raises:
+            InvalidRequest: an empty id.
             Unavailable: the revocation store cannot be reached (nothing was revoked).
         """
-        await self.revocations.revoke(jti, self.codec.policy.revocation_ttl_s)
+        await self.revocations.revoke(jti)
         self.verifier.on_revoked(jti)
         if self._nc is not None and not self._nc.is_closed:
             try:
@@ -156,22 +157,38 @@ class TokenService:
             raise Unavailable(f"cannot subscribe to revocation notices: {exc}") from exc
 
 
+def revocation_store(
+    settings: Settings, redis: RedisClient, nc: Client
+) -> RevocationStoreWithCache:
+    """The revocation store every process shares: records in JetStream KV, the system of
+    record, read from Redis (re-seeded from the KV when it lost its data), each kept
+    `auth.max_ttl_s + auth.leeway_s` (the bucket is made sure of on first use)."""
+    retention_s = TokenPolicy.from_settings(settings.auth).revocation_ttl_s
+    return RevocationStoreWithCache(
+        redis, nc.jetstream(), settings.jetstream, retention_s=retention_s
+    )
+
+
 def create_token_service(
     settings: Settings,
     redis: RedisClient,
+    nc: Client,
     *,
-    nc: Client | None = None,
     keyring: Keyring | None = None,
     clock: Callable[[], float] = time.time,
 ) -> TokenService:
     """A token service from settings (the keyring from `auth.keys_dir` unless given).
+
+    Args:
+        redis: the revocation store's read path.
+        nc: the revocation store's JetStream, and where revocation notices are sent.
 
     Raises:
         ConfigError: no usable keys.
     """
     auth = settings.auth
     codec = TokenCodec(keyring or load_keyring(settings), TokenPolicy.from_settings(auth))
-    store = RedisRevocationStore(redis)
+    store = revocation_store(settings, redis, nc)
     cache = VerificationCache(ttl_s=auth.cache_ttl_s, max_entries=auth.cache_size)
     verifier = TokenVerifier(codec, store, cache, clock=clock)
     return TokenService(
@@ -189,7 +206,7 @@ async def token_service_of(services: Services) -> TokenService:
     if isinstance(found, TokenService):
         return found
     try:
-        service = create_token_service(services.settings, services.redis, nc=services.nc)
+        service = create_token_service(services.settings, services.redis, services.nc)
     except ConfigError as exc:
         raise Unavailable(f"token service is not configured: {exc.detail}") from exc
     # Stored before the first await, so concurrent first requests share one service.
@@ -203,13 +220,17 @@ async def create_authenticator(settings: Settings, services: Services) -> Authen
 
     Raises:
         ConfigError: auth is enabled but no usable keys are configured (fail at start).
-        Unavailable: notices cannot be subscribed to.
+        Unavailable: notices cannot be subscribed to, or the revocation bucket cannot be made
+            sure of (JetStream does not answer).
     """
     if not settings.auth.enabled:
         logger.warning("authentication is DISABLED (auth.enabled=false): every request passes")
         return NoAuthentication()
-    service = create_token_service(settings, services.redis, nc=services.nc)
+    service = create_token_service(settings, services.redis, services.nc)
     services.extras[_SERVICE_KEY] = service
+    # The revocation bucket now, not on the first re-seed (a shim makes sure of it when first
+    # needed instead: it starts while JetStream may still be away).
+    await service.verifier.revocations.prepare()
     return await _enforcing(service, settings, services.nc)
 
 
@@ -226,8 +247,8 @@ async def create_shim_authenticator(
 
     Args:
         settings: the shim's settings (`auth`).
-        redis: the revocation store's connection.
-        nc: where revocation notices are heard.
+        redis: the revocation store's read path.
+        nc: the revocation store's JetStream, and where revocation notices are heard.
         on_revoked: told each revoked `jti` after the cache dropped it (see `listen`).
 
     Raises:
@@ -236,7 +257,7 @@ async def create_shim_authenticator(
     """
     if not settings.auth.enabled:
         return None
-    service = create_token_service(settings, redis, nc=nc)
+    service = create_token_service(settings, redis, nc)
     return await _enforcing(service, settings, nc, on_revoked=on_revoked)
 
 

@@ -83,9 +83,10 @@ async def test_reads_are_served_and_never_older_than_a_completed_write_across_a_
     # its cache, and would answer half of these requests from another cache.
     nats_url = local_nats.url
     url = cluster.url.replace("redis://", "redis+cluster://", 1)
-    # Verified tokens stay trusted through the failover (the revocation store may live on the
-    # master that dies, and auth fails closed: 503, which would open the op's breaker). This
-    # test is about the cache: reads fail open to the KV while the cluster fails over.
+    # Verified tokens stay trusted through the failover (the revocation store's read path may
+    # live on the master that dies, and auth fails closed: 503, which would open the op's
+    # breaker). This test is about the cache: reads fail open to the KV while the cluster
+    # fails over.
     settings = make_settings(nats_url, url, auth={"cache_ttl_s": 60})
     keys = [f"ha.{uid}.{i}" for i in range(KEYS)]
     worker = Worker(settings, builtin_groups(["data"]))

@@ -21,6 +21,7 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.js.api import StorageType
 
 from nexus_bus import Gateway, InvalidToken, Operations, RequestContext, Settings, Worker
 from nexus_bus.auth import (
@@ -30,8 +31,10 @@ from nexus_bus.auth import (
     generate_key,
     token_service_of,
 )
-from nexus_bus.auth.revocation import RedisRevocationStore
+from nexus_bus.auth.service import revocation_store
 from nexus_bus.config import ConfigError
+from nexus_bus.constants import AUTH_REVOKED_BUCKET
+from nexus_bus.embedded import ServerProcess
 from nexus_bus.redis_client import create_redis
 from tests.conftest import issue_test_token, make_settings, shared_keys_dir
 
@@ -344,7 +347,7 @@ async def test_revocation_without_notice_is_bounded_by_cache_ttl(
         try:
             assert (await call(client, f"nexus.{op}.whoami", bearer=bearer))[0] == 200
             # Revoke in the store only, as if every notice were lost.
-            await RedisRevocationStore(redis).revoke(jti, 600)
+            await revocation_store(settings, redis, client).revoke(jti)
             revoked_at = time.monotonic()
             while (await call(client, f"nexus.{op}.whoami", bearer=bearer))[0] == 200:
                 assert time.monotonic() - revoked_at < ttl + 3, "revocation not seen in time"
@@ -353,6 +356,50 @@ async def test_revocation_without_notice_is_bounded_by_cache_ttl(
         finally:
             await redis.aclose()
             await client.close()
+
+
+async def test_any_jti_can_be_revoked(nc: Client, gateway: Gateway, uid: str) -> None:
+    # Not a KV key as it is (spaces, wildcards, a final dot): recorded under its hash.
+    jti = f"odd id {uid} *>."
+    bearer = TokenCodec(Keyring.from_dir(shared_keys_dir())).issue(
+        uid, frozenset({"*"}), 600, now=int(time.time()), jti=jti
+    ).token
+    assert (await call(nc, "nexus.data.get", {"key": f"none-{uid}"}, bearer=bearer))[0] == 404
+    reply = await gateway.request("auth", "revoke", {"jti": jti})
+    assert reply == {"jti": jti, "revoked": True}
+    status, problem = await call(nc, "nexus.data.get", {"key": f"none-{uid}"}, bearer=bearer)
+    assert status == 401 and "revoked" in problem["detail"]
+
+
+async def test_revocations_last_as_long_as_a_token_can(
+    local_nats: ServerProcess, redis_url: str
+) -> None:
+    def settings(max_ttl_s: int) -> Settings:
+        return make_settings(
+            local_nats.url, redis_url, auth={"max_ttl_s": max_ttl_s, "leeway_s": 5}
+        )
+
+    client = await nats.connect(local_nats.url)
+    redis = create_redis(settings(60).redis)
+    js = client.jetstream()
+    stream = f"KV_{AUTH_REVOKED_BUCKET}"
+    try:
+        await revocation_store(settings(3600), redis, client).revoke("j1")
+        config = (await js.stream_info(stream)).config
+        assert config.max_age == 3605  # auth.max_ttl_s + auth.leeway_s
+        assert config.max_msgs_per_subject == 1 and config.num_replicas == 1
+        assert config.storage == StorageType.FILE
+        assert not config.allow_direct  # reads from the leader, never a lagging follower
+        assert 3600 < await redis.ttl("nexus:auth:revoked:j1") <= 3605  # the read path's copy
+        # Longer-lived tokens allowed now: the records must last longer too.
+        await revocation_store(settings(7200), redis, client).revoke("j2")
+        assert (await js.stream_info(stream)).config.max_age == 7205
+        # A process with shorter-lived tokens (older settings) never cuts them short.
+        await revocation_store(settings(60), redis, client).revoke("j3")
+        assert (await js.stream_info(stream)).config.max_age == 7205
+    finally:
+        await redis.aclose()
+        await client.close()
 
 
 # --- key rotation ---------------------------------------------------------------------

@@ -188,13 +188,15 @@ async def test_async_submit_without_the_revocation_store_is_503(
         running_shim(settings) as own,
         httpx.AsyncClient(base_url=own.url, timeout=10) as client,
     ):
-        local_redis.kill()
+        local_redis.kill()  # the revocation store's read path
         before = await jobs_published(gateway)
         answer = await client.post(
             f"/v1/{unserved_op(uid)}/run", json={}, headers={**bearer(token), **ASYNC}
         )
         assert answer.status_code == 503, answer.text
-        assert answer.json()["code"] == "unavailable" and answer.headers["retry-after"]
+        problem = answer.json()
+        assert problem["code"] == "unavailable" and answer.headers["retry-after"]
+        assert "token revocation store" in problem["detail"]  # refused by auth, before the submit
         assert await jobs_published(gateway) == before
 
 

@@ -113,7 +113,7 @@ async def test_revocation_is_immediate_here_and_bounded_elsewhere() -> None:
     )
     await there.verify(token)
     await here.service.revoke(jti)
-    assert here.store.revoked[jti] == here.verifier.codec.policy.revocation_ttl_s
+    assert jti in here.store.revoked
     with pytest.raises(InvalidToken, match="revoked"):
         await here.service.verify(token)  # this process: at once
     await there.verify(token)  # the other: still cached...

@@ -100,7 +100,7 @@ async def test_a_lease_is_rechecked_every_cache_ttl_and_at_exp() -> None:
 async def test_a_revoked_lease_ends_once_the_notice_makes_it_stale() -> None:
     rig = Rig(cache_ttl_s=5)
     lease = await rig.lease(rig.token("shop:buy"))
-    await rig.store.revoke("j1", 60)
+    await rig.store.revoke("j1")
     assert await lease.check() is None  # still within the cached answer's bound
     rig.verifier.on_revoked("j1")
     lease.mark_stale()
@@ -119,7 +119,7 @@ async def test_a_lease_dates_its_checks_from_the_store_answer_they_rest_on() -> 
     lease = await rig.lease(token)  # t=4, answered from the cache entry of t=0
     assert lease.due_in() == 1
     rig.clock.now += 0.5
-    await rig.store.revoke("j1", 60)  # t=4.5, and the notice is lost
+    await rig.store.revoke("j1")  # t=4.5, and the notice is lost
     rig.clock.now += 0.5
     ended = await lease.check()  # t=5: within 5 s of the revocation
     assert isinstance(ended, InvalidToken) and "revoked" in ended.detail

@@ -141,4 +141,6 @@ def _api_error(
     description = getattr(exc, "description", None)
     if err_code in input_errors:
         return InvalidRequest(f"{what}: refused by JetStream: {description}")
+    if err_code is None and description is None:  # no API answer at all (JetStream is off)
+        return Unavailable(f"{what}: JetStream unavailable ({type(exc).__name__})")
     return Unavailable(f"{what}: JetStream error {err_code}: {description}")

@@ -100,6 +100,10 @@ def test_jetstream_answers_by_error_code() -> None:
     stale = nats.js.errors.APIError(code=400, err_code=10071, description="wrong last sequence")
     assert type(map_nats_error(stale, jetstream=True)) is Conflict
     assert type(map_nats_error(nats.errors.NoRespondersError(), jetstream=True)) is Unavailable
+    # What nats-py raises when the server runs without JetStream: no code, no description.
+    off = map_nats_error(nats.js.errors.ServiceUnavailableError(), "bucket b", jetstream=True)
+    assert type(off) is Unavailable
+    assert off.detail == "bucket b: JetStream unavailable (ServiceUnavailableError)"
 
 
 @pytest.mark.parametrize(

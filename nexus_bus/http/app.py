@@ -50,7 +50,7 @@ from nexus_bus.http.request import STREAMING, RequestHead, parse_head
 from nexus_bus.http.spans import serve_traced
 from nexus_bus.http.sse import EventStreams, encode_gate_request, last_event_id
 from nexus_bus.http.tickets import TicketStore, ticket_of
-from nexus_bus.observability import logger
+from nexus_bus.observability import bind_request, logger, release
 from nexus_bus.observability.access import access_log_enabled, log_http_access
 from nexus_bus.observability.tracing import TRACING
 from nexus_bus.operations import Operations
@@ -144,6 +144,23 @@ def matched_route(scope: Scope) -> tuple[str | None, str | None, str | None]:
         return route.path, None, None
     params = scope["path_params"]
     return route.path, params["op"], params["action"]
+
+
+class HeadTrace:
+    """The trace a shim log line names, worked out only when a line is written: the one the
+    worker continues (the forwarded `traceparent`), else the client's own if valid, else the
+    current span's."""
+
+    __slots__ = ("_head",)
+
+    def __init__(self, head: RequestHead) -> None:
+        self._head = head
+
+    def resolve(self) -> str | None:
+        """The trace id, for a log line."""
+        head = self._head
+        trace = parse_traceparent(head.sent_traceparent or head.traceparent)
+        return trace.trace_id if trace is not None else TRACING.current_trace_id(sampled=False)
 
 
 class ShimApp:
@@ -338,26 +355,32 @@ class ShimApp:
                 return
 
     async def _serve(self, scope: Scope, head: RequestHead, receive: Receive, send: Send) -> int:
-        """Answer one request (and log it); the status sent, as `_respond`."""
+        """Answer one request (and log it); the status sent, as `_respond`.
+
+        Every line logged while it is served names its request id and trace (`HeadTrace`,
+        worked out only if a line is written), as a worker's lines do.
+        """
         # The request id first: every answer, problem documents included, carries it.
         request_id = clean_request_id(head.request_id)
-        if not self._access_log:
-            return await self._respond(scope, head, request_id, receive, send)
-        started = time.perf_counter()
-        status = CLIENT_CLOSED  # unless an answer was sent
+        log_token = bind_request(trace_id=HeadTrace(head), correlation_id=request_id)
         try:
-            status = await self._respond(scope, head, request_id, receive, send)
+            if not self._access_log:
+                return await self._respond(scope, head, request_id, receive, send)
+            started = time.perf_counter()
+            status = CLIENT_CLOSED  # unless an answer was sent
+            try:
+                status = await self._respond(scope, head, request_id, receive, send)
+            finally:
+                self._log_access(scope, head, request_id, status, time.perf_counter() - started)
+            return status
         finally:
-            self._log_access(scope, head, request_id, status, time.perf_counter() - started)
-        return status
+            release(log_token)
 
     def _log_access(
         self, scope: Scope, head: RequestHead, request_id: str, status: int, elapsed: float
     ) -> None:
         route, op, action = matched_route(scope)
-        # The trace the worker continues: the one forwarded, else the client's own (if valid).
-        trace = parse_traceparent(head.sent_traceparent or head.traceparent)
-        trace_id = trace.trace_id if trace is not None else TRACING.current_trace_id(sampled=False)
+        trace_id = HeadTrace(head).resolve()
         log_http_access(
             method=scope["method"],
             route=route,

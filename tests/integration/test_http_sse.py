@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -11,6 +13,7 @@ import pytest
 
 from nexus_bus import Gateway, Settings, Worker
 from nexus_bus.constants import EVENTS_STREAM
+from nexus_bus.observability import configure_logging
 from tests.integration.http_shim import RunningShim, bearer, poll_until, running_shim
 
 HEARTBEAT_S = 0.3
@@ -178,3 +181,36 @@ async def test_drain_ends_streams(settings: Settings, admin_token: str | None, u
                 await reader.next_event(timeout_s=5)
         refused = await c.get(f"/v1/events/{topic_of(uid)}")
         assert refused.status_code == 503 and refused.headers["retry-after"]
+
+
+async def test_a_shim_line_logged_while_serving_names_the_request_and_its_trace(
+    settings: Settings, worker: Worker, uid: str
+) -> None:
+    """The line an event stream's end writes carries `correlation_id` and `trace_id`, the
+    fields Loki queries filter on, as a worker's lines do (not only the id in its text)."""
+    from tests.conftest import issue_test_token
+
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    sink = io.StringIO()
+    configure_logging("nexus-test", "INFO", sink=sink)
+    try:
+        async with (
+            running_shim(settings, sse_heartbeat_s=0.3) as own,
+            httpx.AsyncClient(base_url=own.url, timeout=15) as c,
+        ):
+            token = issue_test_token(("stream:read",), subject=f"short-{uid}", ttl_s=1)
+            headers = {
+                **bearer(token),
+                "X-Request-Id": f"sse-{uid}",
+                "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01",
+            }
+            async with c.stream("GET", f"/v1/events/t{uid}", headers=headers) as resp:
+                assert resp.status_code == 200
+                async for _ in resp.aiter_lines():  # until the token's exp ends the stream
+                    pass
+    finally:
+        configure_logging("nexus-test", "WARNING", json_lines=False)
+    lines = [json.loads(line) for line in sink.getvalue().splitlines()]
+    [ended] = [line for line in lines if line["message"].startswith(f"event stream t{uid}")]
+    assert ended["correlation_id"] == f"sse-{uid}"
+    assert ended["trace_id"] == trace_id

@@ -105,21 +105,40 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    """Start the embedded stack in the foreground until Ctrl-C; say so once it all answers."""
+    """Start the embedded stack in the foreground until Ctrl-C (or SIGTERM, or SIGHUP: its
+    terminal closed); say so once it all answers. One `up` at a time per state directory."""
+    from nexus_bus.stack import claim_state_dir, lock_holder, stop_leftovers
+    from nexus_bus.stackfile import read_stack
+
+    state = settings.state_dir.resolve()
+    claim = claim_state_dir(state)  # held while this stack runs, released however `up` ends
+    if claim is None:
+        holder = lock_holder(state)
+        by = f" (nexus-bus up, pid {holder})" if holder else ""
+        print(f"a stack is already running from {state}{by}", file=sys.stderr)
+        return 1
+    with claim:
+        stopped = stop_leftovers(state)  # what an `up` killed outright left running here
+        if stopped:
+            print(f"stopped what an earlier `up` left running from {state}: "
+                  f"{', '.join(stopped)}", file=sys.stderr)
+        if read_stack(state):  # live processes recorded without start times: not ours to stop
+            print(f"a stack is already running from {state}", file=sys.stderr)
+            return 1
+        return _up(args, settings)
+
+
+def _up(args: argparse.Namespace, settings: Settings) -> int:
     from nexus_bus.auth.operator import dev_admin_token
     from nexus_bus.handlers import BUILTIN
     from nexus_bus.readiness import Probe, op_probes, wait_ready
-    from nexus_bus.stack import start_stack, wait_forever
-    from nexus_bus.stackfile import read_stack
+    from nexus_bus.stack import on_stop_signals, start_stack, wait_forever
 
-    if read_stack(settings.state_dir):
-        print(f"a stack is already running from {settings.state_dir.resolve()}", file=sys.stderr)
-        return 1
     groups = load_groups(",".join(BUILTIN), args.app)  # your ops import here or fail at once
     app_args = [arg for ref in args.app for arg in ("--app", ref)]
     created_kid, admin = dev_admin_token(settings)  # before workers start: they load the keys
-    # Until wait_forever takes over, SIGTERM stops the stack as Ctrl-C does (below).
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Until wait_forever takes over, SIGTERM and SIGHUP stop the stack as Ctrl-C does (below).
+    on_stop_signals(signal.default_int_handler)
     if args.consul:  # the children inherit it (docs/discovery.md)
         os.environ.update(NEXUS_CONSUL__ENABLED="true", NEXUS_CONSUL__ADDRESS=args.consul)
     stack = start_stack(

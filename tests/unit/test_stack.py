@@ -1,0 +1,72 @@
+"""`up`'s hold on its state folder: the lock one `up` at a time takes, and stopping what an
+`up` killed outright left running, by pid and start time (never a reused pid)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from nexus_bus.stack import (
+    LOCK_FILE,
+    claim_state_dir,
+    lock_holder,
+    process_start,
+    stop_leftovers,
+)
+from nexus_bus.stackfile import STACK_FILE
+
+
+def test_one_claim_at_a_time_released_when_its_file_closes(tmp_path: Path) -> None:
+    state = tmp_path / ".nexus"
+    first = claim_state_dir(state)
+    assert first is not None
+    assert lock_holder(state) == str(os.getpid())
+    assert claim_state_dir(state) is None  # a second open file: flock excludes it too
+    first.close()
+    again = claim_state_dir(state)
+    assert again is not None
+    again.close()
+    assert (state / LOCK_FILE).read_text() == f"{os.getpid()}\n"  # rewritten, not appended
+
+
+def test_a_process_is_known_by_its_start_time(tmp_path: Path) -> None:
+    assert process_start(os.getpid()) is not None
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    assert process_start(done.pid) is None
+
+
+def test_leftovers_are_stopped_and_a_reused_pid_is_not(tmp_path: Path) -> None:
+    # A leftover that ignores SIGTERM, as a stuck server would: SIGKILL ends it.
+    stuck = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time\n"
+         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, start_new_session=True,
+    )
+    assert stuck.stdout is not None and stuck.stdout.readline()  # its handler is in place
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                              start_new_session=True)
+    try:
+        doc = {
+            "children": [{"name": "worker-1", "pid": polite.pid,
+                          "started": process_start(polite.pid)}],
+            "servers": [
+                {"name": "nats-server", "pid": stuck.pid, "started": process_start(stuck.pid)},
+                # this test's own pid, recorded with another start time: a pid reused since
+                {"name": "redis-server", "pid": os.getpid(), "started": "1"},
+            ],
+        }
+        (tmp_path / STACK_FILE).write_text(json.dumps(doc))
+        stopped = stop_leftovers(tmp_path, timeout_s=0.5)
+        assert stopped == [f"worker-1 (pid {polite.pid})", f"nats-server (pid {stuck.pid})"]
+        assert polite.wait(5) == -15 and stuck.wait(5) == -9
+        assert not (tmp_path / STACK_FILE).exists()
+        assert stop_leftovers(tmp_path) == []  # nothing recorded: nothing to do
+    finally:
+        for proc in (stuck, polite):
+            proc.kill()
+            proc.wait(5)
+        stuck.stdout.close()

@@ -8,22 +8,37 @@ TORCH_VERSION ?= 2.13.0
 
 .PHONY: up test test-compose install lint typecheck bench schemas clean system-deps
 
+# One install at a time: two makes at once (two `make up` in a fresh clone) would run venv and
+# pip on one .venv together ("pip: No such file or directory"). A stamp to make is made by a
+# make run under flock(1) on .venv.lock (util-linux; without flock, unlocked as before), which
+# finds it up to date when the other make made it meanwhile. An up-to-date stamp runs no recipe,
+# so it takes no lock.
+LOCKED = $(if $(shell command -v flock),flock $(VENV).lock) $(MAKE) --no-print-directory INSTALL_LOCKED=1
+
 # What `make up` runs on: the package and its runtime extras, no test tools (with them, every
 # process would also load aiohttp, which nats-py imports when it is installed: 9 MB each).
 # torch first, pinned: pip takes its CPU build (about 750 MB) from this machine's disk; left to
 # the ai-local extra's range alone it would pull a CUDA build of several GB (docs/ai.md).
 $(STAMP): pyproject.toml Makefile
+ifdef INSTALL_LOCKED
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install --quiet -e '.[embedded,ai-local,ai-graph]'
 	touch $(STAMP)
+else
+	$(LOCKED) $@
+endif
 
 # Plus the test tools, for the suite, the checks and the benchmarks.
 $(TEST_STAMP): $(STAMP)
+ifdef INSTALL_LOCKED
 	$(BIN)/python -m pip install --quiet -e '.[embedded,test,ai-local,ai-graph]'
 	$(MAKE) --no-print-directory $(COMPOSE_SPEC)
 	touch $(TEST_STAMP)
+else
+	$(LOCKED) $@
+endif
 
 # The Compose specification's JSON schema, which the compose checks validate against: it ships
 # inside the docker-compose 1.29.2 wheel (only the schema is taken; nothing is installed).
@@ -75,4 +90,4 @@ schemas: $(STAMP)
 	$(BIN)/nexus-bus schemas export
 
 clean:
-	rm -rf $(VENV) .nexus build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV).lock .nexus build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -15,10 +15,11 @@ import msgspec
 from nexus_bus.apps import load_groups
 from nexus_bus.bus.replies import problem_of
 from nexus_bus.config import ConfigError, Settings, load_settings
-from nexus_bus.errors import NexusError
+from nexus_bus.errors import NexusError, Unavailable
 from nexus_bus.observability import configure_logging
 from nexus_bus.observability.process import process_name, start_observability
 from nexus_bus.operations import Operations
+from nexus_bus.stackfile import STACK_FILE
 
 if TYPE_CHECKING:
     from nexus_bus.stack import Stack
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 Command = Callable[[argparse.Namespace, Settings], int]
 
 _SERVERS = frozenset({"worker", "shim", "up"})  # long-running: they log at the configured level
+# A one-shot command stops retrying its first NATS connect once it has been refused this long:
+# nothing listens (servers keep retrying for nats.initial_connect_timeout_s).
+_ONE_SHOT_REFUSED_S = 1.0
 _VERBOSE_HELP = "log at INFO (-v) or DEBUG (-vv); one-shot commands log warnings only"
 
 
@@ -98,7 +102,8 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
     try:
         reply = _run_async(call())
     except NexusError as exc:
-        print(msgspec.json.format(msgspec.json.encode(problem_of(exc, None)).decode()))
+        problem = problem_of(_explained(exc, settings), None)
+        print(msgspec.json.format(msgspec.json.encode(problem).decode()))
         return 1
     print(msgspec.json.format(msgspec.json.encode(reply).decode()))
     return 0
@@ -359,8 +364,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings_for(command: str) -> Settings:
-    """Settings; every command but `up` finds a running `up` stack (`stackfile.py`)."""
-    return load_settings(discover=command != "up")
+    """Settings; every command but `up` finds a running `up` stack (`stackfile.py`), and a
+    one-shot command gives up on a NATS that refuses it after `_ONE_SHOT_REFUSED_S`."""
+    settings = load_settings(discover=command != "up")
+    if command in _SERVERS or settings.nats.initial_refused_timeout_s is not None:
+        return settings
+    nats = settings.nats.model_copy(update={"initial_refused_timeout_s": _ONE_SHOT_REFUSED_S})
+    return settings.model_copy(update={"nats": nats})
+
+
+def _explained(exc: NexusError, settings: Settings) -> NexusError:
+    """`exc`, saying where to look when NATS refused the connection: no stack runs there."""
+    if isinstance(exc, Unavailable) and isinstance(exc.__cause__, ConnectionRefusedError):
+        path = settings.state_dir.resolve() / STACK_FILE
+        found = "stack file" if path.exists() else "no stack file"
+        exc.detail += f" — is `nexus-bus up` running? ({found}: {path})"
+    return exc
 
 
 def _log_level(args: argparse.Namespace, settings: Settings) -> str:
@@ -392,7 +411,7 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         code: int = args.func(args, settings)
     except NexusError as exc:
-        print(f"error: {exc.code}: {exc.detail}", file=sys.stderr)
+        print(f"error: {exc.code}: {_explained(exc, settings).detail}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -52,6 +52,9 @@ class NatsSettings(BaseModel):
     tls: TLSSettings = Field(default_factory=TLSSettings)
     connect_timeout_s: float = Field(2.0, gt=0)
     initial_connect_timeout_s: float = Field(10.0, gt=0)  # then fail at start, not hang
+    # Sooner while every attempt is refused (nothing listens): one-shot CLI commands use 1 s;
+    # None: as any other failure. Servers keep None, to outwait a NATS that is starting too.
+    initial_refused_timeout_s: float | None = Field(None, gt=0)
     reconnect_wait_s: float = Field(0.5, gt=0)
     max_reconnect_attempts: int = -1  # forever: a worker must outlive a broker restart
     # Bounded so that a long outage cannot replay minutes of stale requests (TRAPS.md).

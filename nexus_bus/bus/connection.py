@@ -131,18 +131,60 @@ def broker_options(settings: NatsSettings, *, name: str | None = None) -> dict[s
 async def connect_nats(settings: NatsSettings, *, name: str | None = None) -> Client:
     """Connect to NATS.
 
+    The first connect is retried for `initial_connect_timeout_s`, or only for
+    `initial_refused_timeout_s` while every attempt is refused (nothing listens there: a
+    one-shot command's case). Its failed attempts are logged at INFO, not as the connection
+    errors of a connection that was up (WARNING); the error raised names the last one's cause.
+
     Raises:
-        Unavailable: no server answered within the connect timeout.
+        Unavailable: no server answered in time; its cause is the last attempt's error.
     """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    opts = nats_options(settings, name=name)
+    connected_error_cb = opts["error_cb"]
+    connected = False
+    last: Exception | None = None  # the first connect's latest failed attempt
+    refused_only = True  # and every one so far refused
+    # With unlimited reconnects nats-py also retries the *first* connect forever: a
+    # wrong URL or credential would hang the process instead of failing it.
+    deadline = asyncio.timeout(settings.initial_connect_timeout_s)
+
+    async def on_error(exc: Exception) -> None:
+        nonlocal last, refused_only
+        if connected:
+            await connected_error_cb(exc)
+            return
+        last = exc
+        refused_only = refused_only and isinstance(exc, ConnectionRefusedError)
+        logger.info("nats connect attempt failed: {}", exc)
+        give_up_s = settings.initial_refused_timeout_s
+        if (give_up_s is not None and refused_only and not deadline.expired()
+                and loop.time() - started >= give_up_s):
+            deadline.reschedule(loop.time())
+
+    opts["error_cb"] = on_error
     try:
-        # With unlimited reconnects nats-py also retries the *first* connect forever: a
-        # wrong URL or credential would hang the process instead of failing it.
-        async with asyncio.timeout(settings.initial_connect_timeout_s):
-            nc = await nats.connect(**nats_options(settings, name=name))
+        async with deadline:
+            nc = await nats.connect(**opts)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
-        raise Unavailable(f"cannot connect to NATS at {settings.url}: {exc!r}") from exc
+        cause = last or exc
+        raise Unavailable(f"cannot connect to NATS at {settings.url}: {_describe(cause)}") \
+            from cause
+    connected = True
     install_speedups(nc, settings)
     return nc
+
+
+def _describe(error: Exception) -> str:
+    """A failed connect in words: "connection refused", not `[Errno 111] ...`."""
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, TimeoutError):
+        return "no answer in time"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or repr(error)
 
 
 def install_speedups(nc: Client, settings: NatsSettings) -> None:

@@ -248,3 +248,57 @@ def test_a_worker_whose_metrics_port_is_taken_says_so(cli_env: dict[str, str]) -
         done = run_cli("worker", "--ops", "data", env=env)
     assert done.returncode == 2
     assert done.stderr.strip().endswith("Address already in use"), done.stderr
+
+
+def test_a_one_shot_command_without_a_stack_says_so_at_once(tmp_path: Path) -> None:
+    """No stack: not ten seconds of retries, twenty warning lines and `TimeoutError()`, but
+    the refusal, where the stack file was looked for, and no log line unless -v."""
+    from nexus_bus.embedded import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env.update(
+        NEXUS_NATS__URL=f"nats://127.0.0.1:{free_port()}",  # nothing listens there
+        NEXUS_STATE_DIR=str(tmp_path),
+        NEXUS_NATS__INITIAL_CONNECT_TIMEOUT_S="60",  # the bound for any other failure
+    )
+    started = time.monotonic()
+    done = run_cli("call", "data.get", '{"key": "k"}', env=env)
+    assert time.monotonic() - started < 15  # (1 s of refusals, plus the CLI's start)
+    assert done.returncode == 1 and done.stderr == "", done.stderr
+    detail = json.loads(done.stdout)["detail"]
+    assert detail == (
+        f"cannot connect to NATS at {env['NEXUS_NATS__URL']}: connection refused"
+        f" — is `nexus-bus up` running? (no stack file: {tmp_path / 'stack.json'})"
+    )
+    listed = run_cli("ops", env=env)  # the other one-shot commands: one line on stderr
+    assert listed.returncode == 1 and listed.stdout == ""
+    assert listed.stderr == f"error: unavailable: {detail}\n"
+    verbose = run_cli("-v", "call", "data.get", '{"key": "k"}', env=env)
+    assert "nats connect attempt failed" in verbose.stderr
+
+
+async def test_a_server_still_waits_for_a_nats_that_starts_late(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """Refusals alone end only a one-shot's first connect: a shim or `up` started beside
+    NATS outwaits it (nats.initial_connect_timeout_s) as before."""
+    from nexus_bus.bus.connection import connect_nats
+    from nexus_bus.embedded import free_port, nats_server
+    from nexus_bus.errors import Unavailable
+
+    port = free_port()
+    late = settings.nats.model_copy(update={"url": f"nats://127.0.0.1:{port}"})
+    with pytest.raises(Unavailable, match=r"connection refused$"):
+        await connect_nats(late.model_copy(update={"initial_refused_timeout_s": 0.5}))
+    server = nats_server(tmp_path / "nats", port)
+    connecting = asyncio.ensure_future(connect_nats(late))
+    try:
+        await asyncio.sleep(1.5)  # three refused attempts
+        assert not connecting.done()
+        await asyncio.to_thread(server.start)
+        nc = await asyncio.wait_for(connecting, 10)
+        assert nc.is_connected
+        await nc.close()
+    finally:
+        connecting.cancel()
+        server.stop()

@@ -15,27 +15,53 @@ from collections.abc import Sequence
 from nexus_bus.operations import Operations
 
 
+class AppNotFound(ValueError):
+    """An `--ops` or `--app` argument that names nothing loadable; says which, in one line."""
+
+
 def load_groups(ops: str | None, apps: Sequence[str]) -> list[Operations]:
     """Built-in groups named in `ops` plus user groups from `module:attribute` references.
 
-    An attribute may be an `Operations` or a list of them.
+    An attribute may be an `Operations` or a list of them. An error raised while your module
+    runs (an import inside it that fails included) is raised as it is, with its traceback.
 
     Raises:
-        ValueError: an unknown built-in op, or a reference that is not operations.
+        AppNotFound: an unknown built-in op, a module or attribute that does not exist, or a
+            reference that is not operations.
     """
     from nexus_bus.handlers import builtin_groups
 
     names = [n.strip() for n in ops.split(",") if n.strip()] if ops else []
-    groups = builtin_groups(names) if (names or not apps) else []
+    try:
+        groups = builtin_groups(names) if (names or not apps) else []
+    except ValueError as exc:
+        raise AppNotFound(f"--ops {ops}: {exc}") from None
     if apps and os.getcwd() not in sys.path:
         # As uvicorn and FastStream do: `--app mypkg.pricing:ops` from the folder holding
         # `mypkg` (a console script's sys.path has only its own folder, not the current one).
         sys.path.insert(0, os.getcwd())
     for ref in apps:
-        module_name, _, attr = ref.partition(":")
-        found = getattr(importlib.import_module(module_name), attr or "ops")
-        items = found if isinstance(found, list | tuple) else [found]
-        if not all(isinstance(g, Operations) for g in items):
-            raise ValueError(f"{ref} is not an Operations group (or a list of them)")
-        groups.extend(items)
+        groups.extend(_load(ref))
     return groups
+
+
+def _load(ref: str) -> list[Operations]:
+    module_name, _, attr = ref.partition(":")
+    attr = attr or "ops"
+    if "" in module_name.split("."):  # none, or relative (`.pricing`)
+        raise AppNotFound(f"--app {ref}: expected module:attribute, e.g. mypkg.pricing:ops")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # The module named, or a package above it, does not exist. Not a module that yours
+        # imports: that is your module's error, raised with its traceback.
+        if exc.name is None or not f"{module_name}.".startswith(f"{exc.name}."):
+            raise
+        raise AppNotFound(f"--app {ref}: {exc}") from None
+    if not hasattr(module, attr):
+        raise AppNotFound(f"--app {ref}: module {module_name!r} has no attribute {attr!r}")
+    found = getattr(module, attr)
+    items = found if isinstance(found, list | tuple) else [found]
+    if not all(isinstance(g, Operations) for g in items):
+        raise AppNotFound(f"--app {ref}: not an Operations group (or a list of them)")
+    return list(items)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -12,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from nexus_bus.apps import load_groups
+from nexus_bus.apps import AppNotFound, load_groups
 from nexus_bus.bus.replies import problem_of
 from nexus_bus.config import ConfigError, Settings, load_settings
+from nexus_bus.constants import TOKEN
 from nexus_bus.errors import NexusError, Unavailable
 from nexus_bus.observability import configure_logging
 from nexus_bus.observability.process import process_name, start_observability
@@ -30,6 +32,7 @@ _SERVERS = frozenset({"worker", "shim", "up"})  # long-running: they log at the 
 # A one-shot command stops retrying its first NATS connect once it has been refused this long:
 # nothing listens (servers keep retrying for nats.initial_connect_timeout_s).
 _ONE_SHOT_REFUSED_S = 1.0
+_OPERATION = re.compile(rf"{TOKEN}\.{TOKEN}")  # what `call` takes: op.action
 _VERBOSE_HELP = "log at INFO (-v) or DEBUG (-vv); one-shot commands log warnings only"
 
 
@@ -83,6 +86,10 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
     from nexus_bus.client.gateway import Gateway
     from nexus_bus.stackfile import read_dev_token
 
+    if _OPERATION.fullmatch(args.operation) is None:  # said here, before connecting
+        print(f"error: operation {args.operation!r}: expected op.action, e.g. data.get (each a"
+              " lowercase letter, then up to 63 of a-z, 0-9, _ and -)", file=sys.stderr)
+        return 2
     op, _, action = args.operation.partition(".")
     try:
         payload = msgspec.json.decode(args.payload.encode())
@@ -413,6 +420,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except NexusError as exc:
         print(f"error: {exc.code}: {_explained(exc, settings).detail}", file=sys.stderr)
         return 1
+    except AppNotFound as exc:  # a typo in --app or --ops: no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return code

@@ -78,8 +78,13 @@ async def test_call_prints_the_reply_and_exits_nonzero_with_the_problem(
     assert missing.returncode == 1 and json.loads(missing.stdout)["code"] == "not_found"
     bad = await run_cli("call", "data.get", "{not json", env=cli_env)
     assert bad.returncode == 2 and "not JSON" in bad.stderr
-    injected = await run_cli("call", "data.get key", "{}", env=cli_env)
-    assert injected.returncode == 1 and json.loads(injected.stdout)["code"] == "invalid_request"
+    for name in ("data.get key", "pricing", "data.get.x", "Data.get"):  # refused before connecting
+        shape = await run_cli("call", name, "{}", env={**cli_env, "NEXUS_NATS__URL": "nats://-"})
+        assert (shape.returncode, shape.stdout) == (2, ""), shape
+        assert shape.stderr == (
+            f"error: operation {name!r}: expected op.action, e.g. data.get (each a lowercase"
+            " letter, then up to 63 of a-z, 0-9, _ and -)\n"
+        )
 
 
 def _alive(pid: int) -> bool:

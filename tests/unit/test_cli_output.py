@@ -50,3 +50,51 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path: Path) -> None:
         os.close(write)
     assert done.stderr == b""
     assert done.returncode == 141
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A folder holding `mypkg` with a group `pricing:ops` and a module whose import fails."""
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "pricing.py").write_text(
+        "from nexus_bus import Operations\nops = Operations('pricing')\n"
+    )
+    (tmp_path / "mypkg" / "broken.py").write_text("import mypkg.helpers  # not written yet\n")
+    return tmp_path
+
+
+def run_in(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env["NEXUS_STATE_DIR"] = str(folder / ".nexus")
+    return subprocess.run(
+        [sys.executable, "-m", "nexus_bus", *args], cwd=folder, env=env, capture_output=True,
+        text=True, timeout=60, check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["worker", "--app", "mypkg.pricng:ops"],
+         "--app mypkg.pricng:ops: No module named 'mypkg.pricng'"),
+        (["worker", "--app", "mypkg.pricing:opz"],
+         "--app mypkg.pricing:opz: module 'mypkg.pricing' has no attribute 'opz'"),
+        (["worker", "--app", "mypkg.pricing:Operations"],
+         "--app mypkg.pricing:Operations: not an Operations group (or a list of them)"),
+        (["worker", "--ops", "dta"],
+         "--ops dta: unknown built-in ops: dta; have data, stream, ai, auth"),
+        (["up", "--app", "nopkg.pricing"], "--app nopkg.pricing: No module named 'nopkg'"),
+        (["ops", "--app", ":ops"], "--app :ops: expected module:attribute, e.g. mypkg.pricing:ops"),
+    ],
+)
+def test_a_typo_in_app_or_ops_is_one_line(project: Path, args: list[str], said: str) -> None:
+    done = run_in(project, *args)
+    assert (done.returncode, done.stderr, done.stdout) == (2, f"error: {said}\n", "")
+
+
+def test_an_import_failing_inside_your_module_shows_your_traceback(project: Path) -> None:
+    done = run_in(project, "worker", "--app", "mypkg.broken:ops")
+    assert done.returncode == 1
+    assert f'File "{project / "mypkg" / "broken.py"}", line 1' in done.stderr, done.stderr
+    assert done.stderr.endswith("ModuleNotFoundError: No module named 'mypkg.helpers'\n")

@@ -255,13 +255,13 @@ async def throughput(seconds: float) -> None:
     async def one_call(text: str) -> list[list[float]]:
         return await backend.embed([text], MODEL, 30)
 
-    batcher = EmbedBatcher(lambda batch: backend.embed(batch, MODEL, 30), 64, max_running=1)
+    batcher = EmbedBatcher(lambda batch, _: backend.embed(batch, MODEL, 30), 64, max_running=1)
     sample = texts[:64]
     begin = time.perf_counter()
     await asyncio.gather(*(one_call(t) for t in sample))
     unbatched = time.perf_counter() - begin
     begin = time.perf_counter()
-    await asyncio.gather(*(batcher.embed([t]) for t in sample))
+    await asyncio.gather(*(batcher.embed([t], 30) for t in sample))
     batched = time.perf_counter() - begin
     print(
         f"\n64 concurrent single-text requests: one call each {unbatched * 1000:.0f} ms, "

@@ -77,8 +77,21 @@ class BackendGuard:
                 retry_after=max(1, math.ceil(self.breaker.retry_after_s)),
             )
 
-    async def call(self, work: Callable[[float], Awaitable[T]], remaining_s: float) -> T:
+    async def call(
+        self,
+        work: Callable[[float], Awaitable[T]],
+        remaining_s: float,
+        *,
+        cancel_is_timeout: bool = False,
+    ) -> T:
         """Run `work(timeout_s)` under the guards, within `remaining_s` of the caller's time.
+
+        Args:
+            cancel_is_timeout: a cancellation while `work` runs counts for the breaker as a
+                timeout. For a call made on behalf of callers that cancel it only when all
+                of them stopped waiting for it (an embedding batch, in a task of its own):
+                they stop at their deadlines, so such a call did not answer in time, which
+                a caller's own call would have counted when its timeout fired.
 
         Raises:
             RateLimited: inside the upstream's Retry-After window, or a 429 now.
@@ -106,6 +119,10 @@ class BackendGuard:
                 raise UpstreamTimeout(f"{self.name}: no answer within {timeout_s:.3f}s") from None
         except NexusError as exc:
             self._record(exc)
+            raise
+        except asyncio.CancelledError:
+            if cancel_is_timeout:
+                self._record(UpstreamTimeout(f"{self.name}: abandoned by every caller"))
             raise
         finally:
             self.in_flight -= 1

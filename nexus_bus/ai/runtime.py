@@ -57,10 +57,12 @@ class Route:
         """The batcher of `model` on this backend."""
         if model not in self.batchers:
 
-            async def call(texts: list[str]) -> list[list[float]]:
+            async def call(texts: list[str], remaining_s: float) -> list[list[float]]:
+                # A batch runs in a task of its own: bounded by the latest of its callers'
+                # deadlines, and cancelled once none waits, which is then their timeout.
                 return await self.guard.call(
                     lambda timeout_s: self.backend.embed(texts, model, timeout_s),
-                    self.guard.timeout_s,
+                    remaining_s, cancel_is_timeout=True,
                 )
 
             self.batchers[model] = EmbedBatcher(call, self.max_batch, self.max_running)
@@ -232,15 +234,15 @@ class AIRuntime:
         if self.charging and name != HASH_MODEL:  # hash-256 is free
             await self.charge(ctx, estimate_embed_tokens(texts))
         if cache is None or name == HASH_MODEL:  # hash-256 is cheaper than a cache lookup
-            vectors = await _within_deadline(ctx, name, batcher.embed(texts))
+            vectors = await _within_deadline(ctx, name, batcher.embed(texts, ctx.remaining_s()))
             return name, [pack(v) for v in vectors]
         if len(texts) == 1:
 
             async def alone(text: str) -> list[float]:
-                return (await batcher.embed([text]))[0]
+                return (await batcher.embed([text], ctx.remaining_s()))[0]
 
             return name, [await self._cached(ctx, cache, name, texts[0], alone)]
-        misses = MissCollector(batcher, len(texts))
+        misses = MissCollector(batcher, len(texts), ctx.remaining_s)
 
         async def one(text: str) -> bytes:
             loaded = False

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from nexus_bus.ai.runtime import EXTRAS_KEY
 from nexus_bus.errors import (
     CircuitOpen,
     InvalidRequest,
@@ -17,7 +18,7 @@ from nexus_bus.errors import (
     Unavailable,
     UpstreamTimeout,
 )
-from tests.integration.ai_serving import ai_settings, openai_backend, serving_ai
+from tests.integration.ai_serving import ai_settings, ai_worker, openai_backend, serving_ai
 from tests.model_provider_double import ProviderDouble, double_vector, provider_double
 
 CHAT = "chat/completions"
@@ -110,6 +111,31 @@ async def test_slow_upstream_is_an_upstream_timeout_within_the_callers_deadline(
         with pytest.raises(UpstreamTimeout):
             await gw.request(f"ai{uid}", "complete", {"prompt": "x"}, timeout=0.6)
     assert time.monotonic() - started < 2.0  # the caller's 0.6 s, not the backend's 10 s
+
+
+async def test_embeddings_past_their_callers_deadline_are_abandoned_and_open_the_breaker(
+    provider: ProviderDouble, nats_url: str, redis_url: str, uid: str
+) -> None:
+    # A batch runs in its own task: with only the backend's 30 s to bound it, each call
+    # outlived its caller in a bulkhead slot and no timeout reached the breaker.
+    settings = ai_settings(nats_url, redis_url, section(
+        provider, timeout_s=30, breaker_failures=2, breaker_reset_s=30, max_concurrency=4))
+    provider.latency_s = 1.0  # hangs, as far as the callers can tell (short: teardown waits)
+    codes = []
+    async with ai_worker(settings, f"ai{uid}") as (gw, worker):
+        for i in range(4):  # one text (awaited directly), then two (a request's misses)
+            texts = f"t{i} {uid}" if i % 2 == 0 else [f"t{i} {uid}", f"u{i} {uid}"]
+            try:
+                await gw.request(f"ai{uid}", "embed", {"input": texts, "model": "emb-1"},
+                                 timeout=0.25)
+            except (UpstreamTimeout, CircuitOpen) as exc:
+                codes.append(exc.code)
+        await asyncio.sleep(0.05)
+        assert worker.services is not None
+        guard = worker.services.extras[EXTRAS_KEY].routes["emb-1"].guard
+        assert guard.in_flight == 0  # nothing upstream once its callers are gone
+    assert codes == ["upstream_timeout"] * 2 + ["circuit_open"] * 2
+    assert len(provider.calls(EMBED)) == 2
 
 
 async def test_unreachable_server_is_unavailable(

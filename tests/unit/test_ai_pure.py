@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from nexus_bus.ai.backend import ChatMessage, CompletionCall
-from nexus_bus.ai.batcher import EmbedBatcher
+from nexus_bus.ai.batcher import EmbedBatcher, MissCollector
 from nexus_bus.ai.guard import BackendGuard
 from nexus_bus.ai.keys import complete_key, embed_key, estimate_tokens, is_deterministic
 from nexus_bus.ai.openai import chat_body, map_status, map_transport_error, parse_retry_after
@@ -162,13 +162,13 @@ async def test_guard_retry_after_window_and_breaker() -> None:
 async def test_batcher_joins_concurrent_callers() -> None:
     batches: list[list[str]] = []
 
-    async def embed(texts: list[str]) -> list[list[float]]:
+    async def embed(texts: list[str], remaining_s: float) -> list[list[float]]:
         batches.append(texts)
         return [[float(len(t))] for t in texts]
 
     batcher = EmbedBatcher(embed, max_batch=3)
     results = await asyncio.gather(
-        batcher.embed(["a"]), batcher.embed(["bb", "ccc"]), batcher.embed(["dddd"])
+        batcher.embed(["a"], 5), batcher.embed(["bb", "ccc"], 5), batcher.embed(["dddd"], 5)
     )
     assert results == [[[1.0]], [[2.0], [3.0]], [[4.0]]]
     assert batches == [["a", "bb", "ccc"], ["dddd"]]
@@ -178,18 +178,81 @@ async def test_batcher_with_one_call_at_a_time_batches_what_arrives_meanwhile() 
     batches: list[list[str]] = []
     release = asyncio.Event()
 
-    async def embed(texts: list[str]) -> list[list[float]]:
+    async def embed(texts: list[str], remaining_s: float) -> list[list[float]]:
         batches.append(texts)
         await release.wait()
         return [[1.0] for _ in texts]
 
     batcher = EmbedBatcher(embed, max_batch=2, max_running=1)
-    first = asyncio.ensure_future(batcher.embed(["a"]))
+    first = asyncio.ensure_future(batcher.embed(["a"], 5))
     await asyncio.sleep(0)
     await asyncio.sleep(0)
-    later = [asyncio.ensure_future(batcher.embed([t])) for t in ("b", "c", "d")]
+    later = [asyncio.ensure_future(batcher.embed([t], 5)) for t in ("b", "c", "d")]
     await asyncio.sleep(0.01)
     assert batches == [["a"]]  # b, c, d wait for the running call
     release.set()
     await asyncio.gather(first, *later)
     assert batches == [["a"], ["b", "c"], ["d"]]
+
+
+async def test_a_batch_gets_its_latest_callers_time_and_is_cancelled_when_all_have_left() -> None:
+    given: list[float] = []
+    cancelled = asyncio.Event()
+
+    async def hang(texts: list[str], remaining_s: float) -> list[list[float]]:
+        given.append(remaining_s)
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return []
+
+    batcher = EmbedBatcher(hang, max_batch=8)
+    short = asyncio.ensure_future(asyncio.wait_for(batcher.embed(["a"], 0.05), 0.05))
+    longer = asyncio.ensure_future(asyncio.wait_for(batcher.embed(["b"], 0.1), 0.1))
+    with pytest.raises(TimeoutError):
+        await short
+    assert len(given) == 1 and 0.05 < given[0] <= 0.1  # one call, for the later deadline
+    assert not cancelled.is_set()  # a caller still waits
+    with pytest.raises(TimeoutError):
+        await longer
+    await asyncio.wait_for(cancelled.wait(), 1)  # nobody waits: the call is given up
+
+
+async def test_a_requests_misses_are_given_up_once_its_caller_left() -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def hang(texts: list[str], remaining_s: float) -> list[list[float]]:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return []
+
+    misses = MissCollector(EmbedBatcher(hang, max_batch=8), 2, lambda: 30.0)
+    loads = asyncio.gather(misses.load("a"), misses.load("b"))
+    await asyncio.wait_for(started.wait(), 1)
+    loads.cancel()  # the caller left before its deadline (its handler was cancelled)
+    await asyncio.wait_for(cancelled.wait(), 1)
+
+
+async def test_guard_counts_a_call_abandoned_by_its_callers_as_a_timeout() -> None:
+    guard = BackendGuard(
+        "b", BackendSettings(base_url="http://a", models=["m"], breaker_failures=2), Clock()
+    )
+
+    async def hang(timeout_s: float) -> None:
+        await asyncio.sleep(60)
+
+    for cancel_is_timeout in (False, True, True):
+        call = asyncio.ensure_future(guard.call(hang, 30, cancel_is_timeout=cancel_is_timeout))
+        await asyncio.sleep(0)  # upstream
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    assert guard.in_flight == 0
+    with pytest.raises(CircuitOpen):  # two abandoned calls; the plain cancellation is no outcome
+        await guard.call(hang, 30)

@@ -108,7 +108,8 @@ class CacheSettings(BaseModel):
     timeout_ms: int = Field(150, gt=0, le=10_000)
     fence_timeout_ms: int = Field(200, gt=0, le=10_000)  # waiting for a peer to fence
     fence_ttl_s: float = Field(60.0, gt=0)
-    # A load slower than this is not filled: the tombstone it raced with may be gone.
+    # A versioned load slower than this is not filled: the tombstone it raced with may be
+    # gone (an unversioned, cache-aside fill needs its lease instead).
     max_fill_age_s: float = Field(5.0, gt=0)
     breaker_failures: int = Field(5, ge=1)  # consecutive failures that open the breaker
     breaker_reset_s: float = Field(0.5, gt=0)  # first probe after opening; doubles per failure

@@ -40,6 +40,9 @@ T = TypeVar("T")
 
 EXTRAS_KEY: Final = "ai.runtime"
 _BUDGET_TIMEOUT_S: Final = 0.2
+# A completion's cache lease covers the model's answer (its backend's timeout_s) and this
+# much more for the fill's round trip to Redis.
+_FILL_MARGIN_S: Final = 1.0
 _HASH_SETTINGS: Final = BackendSettings(kind="local", models=[HASH_MODEL])
 
 
@@ -127,7 +130,18 @@ class AIRuntime:
         self.embed_policy = CachePolicy(
             ttl_s=settings.cache_ttl_s, local_ttl_s=settings.local_cache_ttl_s, jitter=0.0
         )
-        self.complete_policy = CachePolicy(ttl_s=settings.cache_ttl_s, jitter=0.0)
+        # One caller per key runs the model and the others wait for its answer: the lease and
+        # the wait outlast the longest answer the backend allows (with the defaults, 2 s and
+        # 0.5 s, every identical caller of a slower model ran it too). A caller still waits
+        # no longer than its own deadline.
+        self.complete_policies = {  # by model name, as the routes
+            model: CachePolicy(
+                ttl_s=settings.cache_ttl_s, jitter=0.0,
+                lease_s=route.guard.timeout_s + _FILL_MARGIN_S,
+                wait_s=route.guard.timeout_s + _FILL_MARGIN_S,
+            )
+            for model, route in self.routes.items()
+        }
         self._graphs: GraphRegistry | None = None
         self._gateway: Gateway | None = None
 
@@ -287,7 +301,7 @@ class AIRuntime:
         Raises:
             NexusError: no backend, over budget, or the backend's mapped failure.
         """
-        _, route = self.resolve(call.model, "complete")
+        model, route = self.resolve(call.model, "complete")
         await self.charge(ctx, estimate_tokens(call))
 
         async def run() -> Completion:
@@ -300,7 +314,8 @@ class AIRuntime:
             return await run()
         result: Completion = await cache.get_or_set(
             completion_key(call), run, self.settings.cache_ttl_s,
-            namespace=COMPLETE_NAMESPACE, type=Completion, policy=self.complete_policy,
+            namespace=COMPLETE_NAMESPACE, type=Completion,
+            policy=self.complete_policies[model],
         )
         return result
 

@@ -103,8 +103,9 @@ class Cache:
         peers: the other workers, for fences and invalidation notices.
         local: an L1 cache, used by policies with `local_ttl_s`.
         floors: revision floors (a default bounded set when omitted).
-        max_fill_age_s: a load that took longer than this is not filled: a delete's tombstone
-            it raced with may have expired meanwhile.
+        max_fill_age_s: a versioned load that took longer than this is not filled: a delete's
+            tombstone it raced with may have expired meanwhile (an unversioned fill needs
+            its lease instead).
         repair_backoff: the delays between attempts to repair floors.
         clock: monotonic seconds.
         rng: randomness for TTL jitter and backoff.
@@ -232,7 +233,11 @@ class Cache:
             if token:
                 await self._attempt(self._store.release, ck, token)
             raise
-        too_old = self._clock() - started > self._max_fill_age_s
+        # A versioned fill is ordered by revision alone, so it must not outlive a tombstone it
+        # may race with. An unversioned one (cache-aside) is stored only while its lease
+        # holds, which a write or a delete revokes, however long the load took: a completion
+        # slower than max_fill_age_s was never cached, and its waiters each ran it again.
+        too_old = entry.versioned and self._clock() - started > self._max_fill_age_s
         if too_old or (entry.kind is Kind.ABSENT and not policy.caches_absence):
             if token:
                 await self._attempt(self._store.release, ck, token)

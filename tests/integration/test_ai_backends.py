@@ -260,6 +260,24 @@ async def test_deterministic_completions_and_embeddings_are_cached(
     assert e1 == e2 and len(provider.calls(EMBED)) == 1
 
 
+async def test_concurrent_identical_cached_completions_run_the_model_once(
+    provider: ProviderDouble, nats_url: str, redis_url: str, uid: str
+) -> None:
+    # The model answers after the cache's default wait (0.5 s), and after max_fill_age_s
+    # (lowered from 5 s to keep the test short): the others still wait for its answer.
+    settings = ai_settings(nats_url, redis_url, section(provider),
+                           cache={"max_fill_age_s": 0.5})
+    provider.latency_s = 1.0
+    body = {"prompt": f"same {uid}", "temperature": 0, "cache": True, "max_tokens": 16}
+    async with serving_ai(settings, f"ai{uid}") as gw:
+        replies = await asyncio.gather(
+            *(gw.request(f"ai{uid}", "complete", body, timeout=5) for _ in range(4))
+        )
+        again = await gw.request(f"ai{uid}", "complete", body)  # and it was cached
+    assert all(reply == again for reply in replies)
+    assert len(provider.calls(CHAT)) == 1
+
+
 async def test_no_backend_for_a_model_is_unavailable_naming_the_setting(
     nats_url: str, redis_url: str, uid: str
 ) -> None:

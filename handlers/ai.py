@@ -9,6 +9,7 @@ serves is `503 unavailable` naming the setting: nexus-bus never fakes a model's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Final
 
 import msgspec
@@ -20,7 +21,7 @@ from nexus_bus.ai.runtime import runtime_of
 from nexus_bus.ai.settings import HASH_MODEL
 from nexus_bus.ai.similarity import text_of, top_k
 from nexus_bus.ai.vectors import unpack
-from nexus_bus.errors import InvalidRequest, NotFound
+from nexus_bus.errors import InvalidRequest, NexusError, NotFound
 from nexus_bus.schemas.ai import (
     CompleteReply,
     CompleteRequest,
@@ -134,7 +135,8 @@ async def run(req: RunRequest, ctx: RequestContext) -> RunReply:
 
     A `NexusError` from an operation a node called (403 for a scope the token lacks) ends
     the run: the reply is `status: failed` with that error, the last state and the steps
-    run. With `topic`, every node's update is published there as it happens (SSE).
+    run. With `topic`, every node's update is published there as it happens (SSE), then an
+    `__end__` event with the run's status (and error), so a follower learns it ended.
     """
     runtime = runtime_of(ctx)
     graph = runtime.graph(req.graph)
@@ -146,15 +148,21 @@ async def run(req: RunRequest, ctx: RequestContext) -> RunReply:
 
     outcome = await run_graph(graph, bus, dict(req.input), publish if req.topic else None)
     error = outcome.error
-    if req.topic and error is None:
+    failure = RunError(
+        code=error.code, status=error.http_status, detail=error.detail,
+        call=outcome.failed_call,
+    ) if error else None
+    if req.topic and failure is None:
         await publish("__end__", {"status": "succeeded"})
+    elif req.topic:
+        # Best effort: the reply must carry the run's own error, and this publish often fails
+        # for the same reason the run did (no `stream:publish` scope, no time left).
+        with contextlib.suppress(NexusError):
+            await publish("__end__", {"status": "failed", "error": msgspec.to_builtins(failure)})
     return RunReply(
         graph=req.graph,
-        status="failed" if error else "succeeded",
+        status="failed" if failure else "succeeded",
         output=outcome.output,
         steps=outcome.steps,
-        error=RunError(
-            code=error.code, status=error.http_status, detail=error.detail,
-            call=outcome.failed_call,
-        ) if error else None,
+        error=failure,
     )

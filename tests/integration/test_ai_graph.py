@@ -83,6 +83,34 @@ async def test_a_tool_call_without_its_scope_fails_inside_the_run_with_403(
     assert provider.calls("chat/completions") == []  # the run stopped at the refused call
 
 
+async def test_a_failed_run_publishes_its_end_event_with_the_error(
+    stack: Gateway, provider: ProviderDouble, uid: str
+) -> None:
+    await stack.request("data", "put", {"key": f"doc.{uid}", "value": "Paris is in France."})
+    provider.fail(500)  # the `answer` node's ai.complete
+    token = issue_test_token(("ai:run", "data:get", "ai:complete", "stream:publish"))
+    run = {"graph": "answer", "input": {"key": f"doc.{uid}", "question": "Where?"}}
+    reply = await stack.request("ai", "run", {**run, "topic": f"run{uid}"}, token=token,
+                                timeout=10)
+    assert reply["status"] == "failed" and reply["steps"] == ["fetch"]
+    events = await stack.request("stream", "read", {"topic": f"run{uid}"})
+    assert [e["event"]["node"] for e in events["events"]] == ["fetch", "__end__"]
+    assert events["events"][1]["event"]["update"] == {"status": "failed", "error": reply["error"]}
+    assert reply["error"]["code"] == "unavailable" and reply["error"]["call"] == "ai.complete"
+    # An end event that cannot be published leaves the run's own error in the reply.
+    token = issue_test_token(("ai:run", "ai:complete", "stream:publish"))  # no data:get
+    reply = await stack.request("ai", "run", {**run, "topic": f"run{uid}"}, token=token,
+                                timeout=10)
+    assert reply["status"] == "failed" and reply["error"]["call"] == "data.get"
+    token = issue_test_token(("ai:run", "ai:complete"))  # and no stream:publish
+    reply = await stack.request("ai", "run", {**run, "topic": f"run{uid}"}, token=token,
+                                timeout=10)
+    assert reply["status"] == "failed" and reply["error"]["call"] == "data.get"
+    assert reply["error"]["code"] == "forbidden"
+    events = await stack.request("stream", "read", {"topic": f"run{uid}"})
+    assert [e["event"]["node"] for e in events["events"]] == ["fetch", "__end__", "__end__"]
+
+
 async def test_an_unknown_graph_is_404(stack: Gateway) -> None:
     from nexus_bus.errors import NotFound
 

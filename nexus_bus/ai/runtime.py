@@ -32,7 +32,7 @@ from nexus_bus.ai.vectors import pack
 from nexus_bus.cache import Cache, CachePolicy, Entry
 from nexus_bus.client.gateway import Gateway
 from nexus_bus.context import RequestContext
-from nexus_bus.errors import NexusError, Unavailable, UpstreamTimeout
+from nexus_bus.errors import InvalidRequest, NexusError, Unavailable, UpstreamTimeout
 from nexus_bus.policies.ratelimit import SharedRateLimiter
 from nexus_bus.resilience.gcra import RateLimit
 
@@ -95,7 +95,8 @@ def minute_budget(per_min: float, cost: int) -> RateLimit:
     tolerance of exactly one minute (burst per_min / c cells). The burst is fractional on
     purpose (`GCRA_LUA` reads it as a number): rounded down, a request costing more than
     half the budget could never pass. The 1e-6 keeps the float arithmetic on Redis's
-    epoch-millisecond clock from refusing a request that exactly fits.
+    epoch-millisecond clock from refusing a request that exactly fits. One costing more than
+    the whole budget never fits: `charge` refuses it before asking.
     """
     cost = max(1, cost)
     burst = per_min / cost + 1e-6
@@ -216,11 +217,20 @@ class AIRuntime:
         """Take one request and `tokens` from the caller's budget (shared by every replica).
 
         Raises:
+            InvalidRequest: `tokens` is more than a whole minute's budget, which the request
+                could never fit: a 429's Retry-After would be waited out in vain (and a job
+                retried until dead-lettered). Nothing is taken.
             RateLimitExceeded: over a budget (429 with Retry-After).
         """
         budget = self.settings.budget
         if self._limiter is None:
             return
+        if 0 < budget.tokens_per_min < tokens:
+            raise InvalidRequest(
+                f"this request is estimated at {tokens} tokens, more than the whole budget "
+                f"of {budget.tokens_per_min:g} tokens a minute (ai.budget.tokens_per_min); "
+                f"send less text or a lower max_tokens"
+            )
         subject = ctx.principal.subject if ctx.principal else None
         if budget.requests_per_min > 0:
             limit = minute_budget(budget.requests_per_min, 1)

@@ -241,6 +241,22 @@ async def test_tokens_budget_counts_max_tokens(
     assert len(provider.calls(CHAT)) == 2
 
 
+async def test_a_request_over_a_whole_minutes_token_budget_is_invalid_not_rate_limited(
+    provider: ProviderDouble, nats_url: str, redis_url: str, uid: str
+) -> None:
+    # A 429 would never stop: its Retry-After waited out, the request is refused again.
+    ai = {**section(provider), "budget": {"tokens_per_min": 300, "requests_per_min": 1}}
+    settings = ai_settings(nats_url, redis_url, ai)
+    async with serving_ai(settings, f"ai{uid}") as gw:
+        with pytest.raises(InvalidRequest, match=r"estimated at 306 tokens.* 300 tokens"):
+            await gw.request(f"ai{uid}", "complete", {"prompt": "x", "max_tokens": 305})
+        with pytest.raises(InvalidRequest, match=r"estimated at 325 tokens"):
+            await gw.request(f"ai{uid}", "embed", {"input": "x" * 1300, "model": "emb-1"})
+        # Neither took anything: the minute's one request is still there.
+        await gw.request(f"ai{uid}", "complete", {"prompt": "x", "max_tokens": 200})
+    assert len(provider.calls(CHAT)) == 1 and provider.calls(EMBED) == []
+
+
 async def test_deterministic_completions_and_embeddings_are_cached(
     provider: ProviderDouble, nats_url: str, redis_url: str, uid: str
 ) -> None:

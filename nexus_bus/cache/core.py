@@ -340,14 +340,24 @@ class Cache:
         and none takes it until the write has replaced the entry (`write` or `invalidate`
         with `sealed=True`, which this returns) or one lease has passed. When the store
         cannot be reached the write goes on without it (`write` then covers the completed
-        write as before: docs/cache.md).
+        write as before: docs/cache.md); when it did not answer, only after one lease, as
+        the seal may have run all the same.
         """
         if self._local is None or policy.local_ms <= 0:
             return False  # no L1 for this namespace: nothing to take back
         ck = self.key(namespace, key)
-        sealed = await self._attempt(self._store.seal, ck, hold_ms=policy.local_ms)
+        if not self.breaker.allow():
+            self._local.drop(ck.entry)
+            return False  # never sent, so it cleared no holder: `write` covers the write
+        sealed = await self._call(self._store.seal, ck, hold_ms=policy.local_ms)
         self._local.drop(ck.entry)
         if sealed is None:
+            # The script may have run, and collected and cleared the holders, before its
+            # answer was lost (a timeout): nobody can name them any more, and the write's
+            # own script will not find them. Every L1 copy of the value this write replaces
+            # was handed out before now, so it is gone one lease from now: the write goes
+            # on to the system of record only then.
+            await self._outwait_leases(policy)
             return False
         # A young Redis's unknown holders are waited for by `write`, as before.
         await self._revoke(ck, UNVERSIONED, Written(sealed.stored, sealed.holders))
@@ -453,7 +463,12 @@ class Cache:
             # This writer's own script may have run, and cleared the holders, before its
             # answer was lost (a timeout): nobody can name them any more. Every L1 copy of
             # an older value was handed out before now, so it is gone one lease from now.
-            await asyncio.sleep(policy.local_ttl_s * (1 + _DRIFT) + _SLACK_S)
+            await self._outwait_leases(policy)
+
+    @staticmethod
+    async def _outwait_leases(policy: CachePolicy) -> None:
+        """Wait until every read lease of `policy` handed out before now has run out."""
+        await asyncio.sleep(policy.local_ttl_s * (1 + _DRIFT) + _SLACK_S)
 
     async def _announce(self, notice: Notice) -> None:
         if self._peers is not None:
@@ -528,6 +543,13 @@ class Cache:
         """Run a store call through the breaker; None when it is open or the call failed."""
         if not self.breaker.allow():
             return None
+        return await self._call(call, *args, **kwargs)
+
+    async def _call(
+        self, call: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T | None:
+        """Run a store call the breaker allowed; None when it failed (which does not say it
+        did not run: a timeout may come after the script did its work)."""
         try:
             result = await call(*args, **kwargs)
         except CacheUnavailable as exc:

@@ -209,6 +209,28 @@ async def test_a_seal_lasts_until_every_sealing_write_ends_or_one_lease_passes()
     assert store.calls == calls  # held again
 
 
+async def test_a_seal_whose_answer_was_lost_after_it_ran_still_waits_out_the_holders() -> None:
+    """The seal's script ran (and collected and cleared b's read lease) but its answer timed
+    out: the write's own script then finds no holder, so the seal waits one lease before the
+    write goes on; without that, b's L1 served the old value after the write returned."""
+    store, peers, a, b = pair()
+    await a.write("data", "k", Entry.of(b"old", 1), POLICY)
+    assert await read(b) == b"old"  # held by b
+    original = store.seal
+
+    async def ran_then_lost(*args: object, **kwargs: object) -> object:
+        await original(*args, **kwargs)  # type: ignore[arg-type]
+        raise CacheUnavailable("timed out after the script ran")
+
+    store.seal = ran_then_lost  # type: ignore[method-assign]
+    started = time.monotonic()
+    sealed = await a.seal("data", "k", POLICY)
+    assert not sealed and time.monotonic() - started >= LEASE_S * 0.9
+    await a.write("data", "k", Entry.of(b"new", 2), POLICY, sealed=sealed)
+    assert peers.revoked == []  # nobody could name b any more
+    assert await read(b) == b"new"
+
+
 async def test_without_an_l1_or_a_store_there_is_nothing_to_seal() -> None:
     store, _, a, _ = pair()
     assert not await a.seal("data", "k", CachePolicy(ttl_s=60, local_ttl_s=0))

@@ -60,14 +60,20 @@ class Entry:
         return self.revision != UNVERSIONED
 
 
-def accepts(current: Entry | None, incoming: Entry) -> bool:
+def accepts(current: Entry | None, incoming: Entry, *, write: bool = False) -> bool:
     """Whether `incoming` may replace `current` (the compare-and-set rule).
 
     A higher revision always wins. At the same revision the same kind refreshes the entry
     (a revalidation), and a value or tombstone replaces the fence of its own write; a fence
     never replaces what it was fencing.
+
+    An unversioned `write` (a cache-aside `set`, not a fill) replaces whatever is there.
+    Unversioned entries are ordered by the lease, not by revision: the write revokes the
+    lease in the same step, so no fill loaded before it can land after it, and what it
+    replaces was written or filled before it. (At revision 0 the kind rule would keep a
+    cached "not found" over the value the source has now.)
     """
-    if current is None:
+    if current is None or (write and not incoming.versioned):
         return True
     if current.revision != incoming.revision:
         return incoming.revision > current.revision
@@ -160,10 +166,11 @@ class EntryStore(Protocol):
     ) -> Written:
         """Store `entry` if `accepts` allows it (and, with `need_lease`, if `token` holds the
         lease); the entry lives `ttl_ms`, of which the last `stale_ms` are stale. Releases the
-        lease held by `token`, or any lease with `drop_lease`. With `collect` (a write, not a
-        fill), every live read lease of the key is returned and cleared, and a store younger
-        than `hold_ms` says how much longer to wait; with `unseal`, the write ends the seal
-        it took (`seal`).
+        lease held by `token`, or any lease with `drop_lease`: an unversioned entry stored so
+        is a write, which replaces any entry (`accepts` with `write`). With `collect` (a
+        write, not a fill), every live read lease of the key is returned and cleared, and a
+        store younger than `hold_ms` says how much longer to wait; with `unseal`, the write
+        ends the seal it took (`seal`).
         """
         ...
 

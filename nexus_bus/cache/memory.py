@@ -162,7 +162,7 @@ class MemoryEntryStore:
         if need_lease and holder != token:
             return Written(False)
         current = self._live(key.entry, now)
-        stored = accepts(current.entry if current else None, entry)
+        stored = accepts(current.entry if current else None, entry, write=drop_lease)
         if stored:
             self._entries[key.entry] = _Stored(entry, now + ttl_ms / 1000, stale_ms / 1000)
         if drop_lease or (token and holder == token):

@@ -112,13 +112,14 @@ end
 
 # KEYS: entry, lease, holders[, epoch]. ARGV: revision, kind, value, ttl ms, stale ms, token,
 # need lease (0/1), drop lease (0/1), collect (0/1), hold ms, unseal (0/1). The accept rule is
-# `entries.accepts`. Returns {stored 0/1, wait ms, holder, remaining ms, ...}.
+# `entries.accepts`; an unversioned entry that drops the lease is a write (its `write`), and
+# replaces any entry. Returns {stored 0/1, wait ms, holder, remaining ms, ...}.
 FILL_LUA = """
 local holder = redis.call('GET', KEYS[2])
 if ARGV[7] == '1' and holder ~= ARGV[6] then return {0, 0} end
 local cur = redis.call('HMGET', KEYS[1], 'r', 'k')
 local stored = 1
-if cur[1] then
+if cur[1] and not (ARGV[8] == '1' and tonumber(ARGV[1]) == 0) then
   local current, incoming = tonumber(cur[1]), tonumber(ARGV[1])
   if current > incoming or (current == incoming and cur[2] ~= ARGV[2] and cur[2] ~= 'f') then
     stored = 0

@@ -135,6 +135,29 @@ async def test_l1_entries_are_revoked_in_other_workers_before_a_write_returns(
         assert loads == [1]
 
 
+async def test_a_cache_aside_set_replaces_a_cached_not_found_on_real_redis(
+    settings: Settings, uid: str
+) -> None:
+    """FILL_LUA keeps a cached absence against a fill of the same (unversioned) revision, but
+    a `set` is a write: after it returns every worker reads the value."""
+    policy = CachePolicy(ttl_s=600, negative_ttl_s=30)
+    source: dict[str, int] = {}
+
+    async def getter() -> int:
+        if uid not in source:
+            raise NotFound(uid)
+        return source[uid]
+
+    async with open_services(settings) as a, open_services(settings) as b:
+        assert a.cache is not None and b.cache is not None
+        with pytest.raises(NotFound):
+            await a.cache.get_or_set(uid, getter, 600, policy=policy)  # the absence is cached
+        source[uid] = 7
+        await a.cache.set(uid, 7, 600, policy=policy)
+        source[uid] = 8  # the cache must answer from the set, not the getter
+        assert await b.cache.get_or_set(uid, getter, 600, policy=policy) == 7
+
+
 async def test_get_or_set_runs_one_getter_across_workers(
     patient_settings: Settings, uid: str
 ) -> None:

@@ -345,3 +345,23 @@ async def test_get_or_set_set_and_delete() -> None:
         with pytest.raises(NotFound):
             await cache.get_or_set("gone", missing, policy=negative)
     assert len(calls) == 3  # two getters above, one for the cached absence
+
+
+async def test_a_cache_aside_set_replaces_a_cached_not_found() -> None:
+    """The documented pattern: the source is updated, then `set`. A cached absence and the
+    value are both unversioned; the fill rule keeps the absence, a write must not."""
+    cache = Cache(MemoryEntryStore())
+    source: dict[str, int] = {}
+    policy = CachePolicy(negative_ttl_s=30)
+
+    async def getter() -> int:
+        if "u" not in source:
+            raise NotFound("no user u")
+        return source["u"]
+
+    with pytest.raises(NotFound):
+        await cache.get_or_set("user.u", getter, policy=policy)  # the absence is cached
+    source["u"] = 7
+    await cache.set("user.u", 7, policy=policy)
+    source["u"] = 8  # the cache must answer from the set, not the getter
+    assert await cache.get_or_set("user.u", getter, policy=policy) == 7

@@ -44,6 +44,14 @@ def test_accept_rule(current: Entry | None, incoming: Entry, expected: bool) -> 
     assert accepts(current, incoming) is expected
 
 
+def test_an_unversioned_write_replaces_any_entry_where_a_fill_would_not() -> None:
+    value = Entry.of(b"x", 0)
+    for current in (Entry.absent(0), Entry.fence(0), Entry.of(b"y", 0), V7):
+        assert accepts(current, value, write=True), current
+    assert not accepts(Entry.absent(0), value)  # a fill keeps the cached absence
+    assert not accepts(V7, V5, write=True)  # versioned writes keep the revision order
+
+
 def test_entry_and_lease_share_a_cluster_slot_even_with_braces_in_the_key() -> None:
     for key in ["users.42", "a{b}c", "}x", "{", "{}", "x}{y"]:
         ck = build_key("nexus:cache", "data", key)

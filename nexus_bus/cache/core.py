@@ -69,6 +69,9 @@ _REPAIR_BACKOFF = ExponentialBackoff(base_s=0.2, cap_s=5.0, jitter=Jitter.EQUAL)
 _DRIFT = 0.01
 _MAX_NAMES = 4096
 _SLACK_S = 0.002
+# Closing waits this long at most for writes still running (`finish`); each step of one is
+# bounded by its own timeout, and a worker that drains has cancelled their callers already.
+_CLOSE_WAIT_S = 10.0
 _encode = msgspec.json.Encoder().encode
 
 
@@ -144,6 +147,7 @@ class Cache:
         self.stats = stats or CacheStats()
         self._tokens = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writes: set[asyncio.Task[Any]] = set()
         self._repair_task: asyncio.Task[None] | None = None
         # Names of recently used keys: building one validates and formats on every read,
         # and a hot key is read thousands of times a second. Bounded; cleared when full.
@@ -329,6 +333,24 @@ class Cache:
         await self.invalidate(namespace, key, policy or CachePolicy())
 
     # -- writes --------------------------------------------------------------------------
+
+    async def finish(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work`, a write of the system of record and its write-through, to its end even
+        when the caller is cancelled: cancelling only stops the caller waiting for it.
+
+        Handlers are cancelled (the worker's deadline reaper, a dispatch timeout, a drain),
+        and a write cancelled after the system of record stored it, but before its
+        write-through, left Redis serving the value it replaced for a whole TTL. The task is
+        kept referenced until it ends (the event loop keeps tasks only weakly), and `close`
+        waits for it.
+
+        Raises:
+            Whatever `work` raises.
+        """
+        task = asyncio.get_running_loop().create_task(work)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return await asyncio.shield(task)
 
     async def seal(self, namespace: str, key: str, policy: CachePolicy) -> bool:
         """Before a write of `key` reaches the system of record: take back every L1 copy of
@@ -572,7 +594,10 @@ class Cache:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        """Detach from the peers and cancel background refreshes and repairs."""
+        """Let writes still running end (for `_CLOSE_WAIT_S` at most), then detach from the
+        peers and cancel background refreshes and repairs."""
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=_CLOSE_WAIT_S)
         if self._peers is not None:
             await self._peers.close()
             self._peers = None

@@ -9,6 +9,8 @@
 
 Before either reaches the KV, the key is sealed (`Cache.seal`): every L1 copy is taken back
 and none is handed out for a lease, so no read sees the old value after any read saw the new.
+The KV write and its write-through then run as one task their caller cannot cancel
+(`Cache.finish`).
 After `put` or `delete` returns, every `get` in any worker sees that write or a newer one:
 either the entry was written through, or a peer fenced it, or every worker holds a floor for
 it (see `core.py`). This store must be the outermost wrapper of the records: a wrapper that
@@ -87,6 +89,13 @@ class CachedRecordStore:
         """
         check_key(key)
         sealed = await self._cache.seal(self._namespace, key, self._policy)  # L1s let go
+        # From here on, cancelling the caller does not stop the write: a KV write left
+        # without its write-through would leave the old value served for a whole TTL.
+        return await self._cache.finish(self._put(key, value, expected_revision, sealed))
+
+    async def _put(
+        self, key: str, value: bytes, expected_revision: int | None, sealed: bool
+    ) -> int:
         try:
             revision = await self._inner.put(key, value, expected_revision=expected_revision)
         except Conflict:
@@ -111,6 +120,9 @@ class CachedRecordStore:
         """
         check_key(key)
         sealed = await self._cache.seal(self._namespace, key, self._policy)
+        return await self._cache.finish(self._delete(key, sealed))  # as `put`
+
+    async def _delete(self, key: str, sealed: bool) -> bool:
         try:
             return await self._inner.delete(key)
         finally:

@@ -7,12 +7,14 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from nexus_bus.cache import Cache, CachePolicy, CacheResult, Entry, Kind
+from nexus_bus.cache import Cache, CachedRecordStore, CachePolicy, CacheResult, Entry, Kind
+from nexus_bus.cache.heads import Absent, Head
 from nexus_bus.cache.local import LocalCache
 from nexus_bus.cache.memory import MemoryEntryStore
 from nexus_bus.cache.notice import Notice
 from nexus_bus.errors import NotFound
 from nexus_bus.resilience import CircuitBreaker, ExponentialBackoff, Jitter
+from nexus_bus.store import Record
 
 POLICY = CachePolicy(ttl_s=60, negative_ttl_s=10, jitter=0, wait_s=1.0)
 
@@ -365,3 +367,71 @@ async def test_a_cache_aside_set_replaces_a_cached_not_found() -> None:
     await cache.set("user.u", 7, policy=policy)
     source["u"] = 8  # the cache must answer from the set, not the getter
     assert await cache.get_or_set("user.u", getter, policy=policy) == 7
+
+
+class HeldKV:
+    """The KV in memory, records and heads (with delete markers). While `answer` is clear, a
+    write is stored and its answer then held: the KV has it while its caller still waits."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, Record] = {}
+        self.markers: dict[str, int] = {}
+        self.revision = 0
+        self.stored = asyncio.Event()
+        self.answer = asyncio.Event()
+        self.answer.set()
+
+    async def _stored(self) -> None:
+        self.stored.set()
+        await self.answer.wait()
+
+    async def get(self, key: str) -> Record:
+        if key not in self.records:
+            raise NotFound(key)
+        return self.records[key]
+
+    async def put(self, key: str, value: bytes, *, expected_revision: int | None = None) -> int:
+        self.revision += 1
+        self.records[key] = Record(key, value, self.revision)
+        await self._stored()
+        return self.revision
+
+    async def delete(self, key: str) -> bool:
+        existed = self.records.pop(key, None) is not None
+        self.revision += 1
+        self.markers[key] = self.revision
+        await self._stored()
+        return existed
+
+    async def keys(self, prefix: str = "", limit: int = 100) -> list[str]:
+        return sorted(k for k in self.records if k.startswith(prefix))[:limit]
+
+    async def head(self, key: str) -> Head:
+        await asyncio.sleep(0)  # a round trip: a cancellation can land here
+        if key in self.records:
+            return self.records[key]
+        return Absent(key, self.markers.get(key, 0))
+
+
+@pytest.mark.parametrize("op", ["put", "delete"])
+async def test_a_write_cancelled_after_the_kv_stored_it_still_writes_through(op: str) -> None:
+    """The worker's deadline reaper (again and again), a dispatch timeout or a drain cancels
+    a handler; one cancelled after the KV took its write must still leave no old entry."""
+    store, kv = MemoryEntryStore(), HeldKV()
+    cache = Cache(store)
+    records = CachedRecordStore(kv, kv, cache, POLICY)
+    await records.put("k", b"old")
+    assert (await records.get("k")).value == b"old"  # cached
+    kv.stored.clear()
+    kv.answer.clear()
+    writing = asyncio.create_task(records.put("k", b"new") if op == "put" else records.delete("k"))
+    await kv.stored.wait()  # in the KV; its answer is slow
+    while not writing.done():  # the reaper cancels until the handler is gone
+        writing.cancel()
+        await asyncio.sleep(0)
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+    kv.answer.set()
+    await cache.close()  # waits for the write still running
+    expected = Entry.of(b"new", 2) if op == "put" else Entry.absent(2)
+    assert store.peek(cache.key("data", "k")) == expected

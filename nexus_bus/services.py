@@ -43,12 +43,13 @@ async def create_services(nc: Client, settings: Settings) -> Services:
     await ensure_events_stream(js, settings.jetstream)
     kv = await ensure_data_bucket(js, settings.jetstream)
     redis = create_redis(settings.redis)
-    records: RecordStore = KeyValueRecordStore(kv, js, nc=nc)
+    kv_records = KeyValueRecordStore(kv, js, nc=nc)
+    records: RecordStore = kv_records
     cache = await start_cache(nc, redis, settings) if settings.cache.enabled else None
     if cache is not None:
         # The cache wraps everything that writes records (docs/cache.md): a wrapper outside
         # it that wrote to the KV directly would leave stale entries behind.
-        records = cached_records(records, js, cache, settings.cache)
+        records = cached_records(kv_records, js, cache, settings.cache)
     return Services(
         settings=settings,
         nc=nc,

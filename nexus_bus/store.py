@@ -20,18 +20,22 @@ from nats.js.kv import KeyValue
 
 from nexus_bus.bus.metadata import check_publish_size
 from nexus_bus.bus.nats_errors import INVALID_SUBJECT, map_nats_error
+from nexus_bus.constants import DATA_BUCKET, H_KV_OPERATION, KV_STREAM_PREFIX, KV_SUBJECT_PREFIX
 from nexus_bus.errors import (
     Conflict,
     InternalError,
+    InvalidRequest,
     NotFound,
 )
 from nexus_bus.observability.tracing import TRACING, SpanKind
-from nexus_bus.schemas.common import LIST_PREFIX_PATTERN
+from nexus_bus.schemas.common import KEY_PATTERN, LIST_PREFIX_PATTERN
 
 T = TypeVar("T")
 
 # What can begin a KV key: whole tokens, each followed by one dot, then maybe part of one.
 _KEY_PREFIX: Final = re.compile(LIST_PREFIX_PATTERN)
+_KEY: Final = re.compile(KEY_PATTERN)
+_DELETE_OPERATIONS: Final = frozenset({"DEL", "PURGE"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +93,33 @@ class RecordStore(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """What a delete did.
+
+    Attributes:
+        existed: whether the key had a live value.
+        revision: the revision the key is deleted at: its delete marker's, the one this
+            delete wrote or the one already there; 0 when the key was never written.
+    """
+
+    existed: bool
+    revision: int
+
+
+class VersionedRecordStore(RecordStore, Protocol):
+    """A `RecordStore` whose deletes say their revision, as the JetStream KV's do.
+
+    A cache in front of it leaves a tombstone at that revision, which outranks every fill
+    of the value it deleted; reading the revision back after the delete would be a second
+    step that can fail, after the delete has happened (docs/cache.md).
+    """
+
+    async def delete_versioned(self, key: str) -> Deleted:
+        """Delete; whether a live value existed, and the delete's revision."""
+        ...
+
+
 @asynccontextmanager
 async def translate_nats_errors(
     what: str, *, input_errors: Collection[int] = ()
@@ -116,17 +147,27 @@ async def _translated(what: str, input_errors: Collection[int]) -> AsyncIterator
 
 
 class KeyValueRecordStore:
-    """`RecordStore` on a JetStream KV bucket."""
+    """`VersionedRecordStore` on a JetStream KV bucket."""
 
-    def __init__(self, kv: KeyValue, js: JetStreamContext, *, nc: Client | None = None) -> None:
+    def __init__(
+        self,
+        kv: KeyValue,
+        js: JetStreamContext,
+        *,
+        nc: Client | None = None,
+        bucket: str = DATA_BUCKET,
+    ) -> None:
         """Args:
         js: the context `kv` came from (for the stream's subjects, see `keys`).
         nc: the connection under `js`, whose max_payload bounds a compare-and-set write with
             its header (`check_publish_size`); None leaves only nats-py's check of the value.
+        bucket: the name of `kv` (deletes address its stream and subjects themselves).
         """
         self._kv = kv
         self._js = js
         self._nc = nc
+        self._stream = f"{KV_STREAM_PREFIX}{bucket}"
+        self._prefix = f"{KV_SUBJECT_PREFIX}.{bucket}."
 
     async def get(self, key: str) -> Record:
         """The current record of `key`.
@@ -168,15 +209,36 @@ class KeyValueRecordStore:
         """Delete `key`; whether it had a live value.
 
         Raises:
+            InvalidRequest: an invalid key.
             Unavailable: JetStream cannot be reached.
         """
+        return (await self.delete_versioned(key)).existed
+
+    async def delete_versioned(self, key: str) -> Deleted:
+        """Delete `key`: whether it had a live value, and the revision of its delete marker.
+
+        The marker is published here as the KV's own delete does (a message on the key's
+        subject with `KV-Operation: DEL`), so its sequence comes back in the PubAck, which
+        `KeyValue.delete` drops. The key's head is read from the stream leader (not a direct
+        get): a lagging follower could call a live key deleted, and the delete would skip it.
+        A key that is not live gets no new marker; its revision is the marker already there.
+
+        Raises:
+            InvalidRequest: an invalid key.
+            Unavailable: JetStream cannot be reached.
+        """
+        if len(key) > 256 or _KEY.fullmatch(key) is None:
+            raise InvalidRequest(f"invalid key {key[:64]!r}")
+        subject = self._prefix + key
         async with translate_nats_errors(f"delete {key}"):
             try:
-                await self._kv.get(key)
-            except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
-                return False
-            await self._kv.delete(key)
-            return True
+                head = await self._js.get_msg(self._stream, subject=subject)
+            except jserr.NotFoundError:
+                return Deleted(existed=False, revision=0)
+            if head.headers and head.headers.get(H_KV_OPERATION) in _DELETE_OPERATIONS:
+                return Deleted(existed=False, revision=head.seq or 0)
+            ack = await self._js.publish(subject, headers={H_KV_OPERATION: "DEL"})
+        return Deleted(existed=True, revision=ack.seq)
 
     async def keys(self, prefix: str = "", limit: int = 100) -> list[str]:
         """Live keys starting with `prefix`, in lexical order.

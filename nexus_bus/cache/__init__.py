@@ -2,13 +2,22 @@
 
 from nexus_bus.cache.core import Cache, Peers
 from nexus_bus.cache.declare import invalidates, read_through, write_through
-from nexus_bus.cache.entries import UNVERSIONED, CacheUnavailable, Entry, EntryStore, Kind, Lookup
+from nexus_bus.cache.entries import (
+    UNKNOWN_REVISION,
+    UNVERSIONED,
+    CacheUnavailable,
+    Entry,
+    EntryStore,
+    Kind,
+    Lookup,
+)
 from nexus_bus.cache.policy import CachePolicy
 from nexus_bus.cache.records import CachedRecordStore
 from nexus_bus.cache.service import cached_records, create_cache, data_policy, start_cache
 from nexus_bus.cache.stats import CacheResult, CacheStats
 
 __all__ = [
+    "UNKNOWN_REVISION",
     "UNVERSIONED",
     "Cache",
     "CachePolicy",

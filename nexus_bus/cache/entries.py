@@ -21,6 +21,10 @@ UNVERSIONED: Final = 0
 # The lowest revision a KV write can have (a JetStream stream sequence): an entry at it yields
 # to every write of the key.
 FIRST_REVISION: Final = 1
+# Above every revision a KV write will have (Lua numbers are doubles, exact up to here): the
+# fence of a write whose revision nobody can tell (it may have landed, and the KV cannot be
+# read). It hides the key's entry and refuses every fill and write until it expires.
+UNKNOWN_REVISION: Final = 2**53
 
 
 class Kind(StrEnum):

@@ -4,8 +4,9 @@
   or delete marker, with its revision), not-found is cached for the short negative TTL.
 - `put` is write-through: after the KV accepted the write, its revision is written to Redis
   with the revision compare-and-set, so no older fill can replace it.
-- `delete` writes a tombstone carrying the delete marker's revision, so a fill of the value
-  it deleted that was already in flight cannot bring it back.
+- `delete` writes a tombstone carrying the delete marker's revision, which the KV's delete
+  itself returns, so a fill of the value it deleted that was already in flight cannot bring
+  it back.
 
 Before either reaches the KV, the key is sealed (`Cache.seal`): every L1 copy is taken back
 and none is handed out for a lease, so no read sees the old value after any read saw the new.
@@ -20,12 +21,12 @@ writes to the KV around it would leave the cache behind.
 from __future__ import annotations
 
 from nexus_bus.cache.core import Cache
-from nexus_bus.cache.entries import FIRST_REVISION, UNVERSIONED, Entry, Kind
+from nexus_bus.cache.entries import FIRST_REVISION, UNKNOWN_REVISION, UNVERSIONED, Entry, Kind
 from nexus_bus.cache.heads import Absent, Head, HeadReader, check_key
 from nexus_bus.cache.policy import CachePolicy
 from nexus_bus.constants import CACHE_DATA_NAMESPACE
 from nexus_bus.errors import Conflict, NotFound
-from nexus_bus.store import Record, RecordStore
+from nexus_bus.store import Record, VersionedRecordStore
 
 
 def entry_of(head: Head) -> Entry:
@@ -39,7 +40,8 @@ class CachedRecordStore:
     """`RecordStore` with read-through gets and write-through puts and deletes.
 
     Args:
-        inner: the system of record's store (writes and listing go there).
+        inner: the system of record's store (writes and listing go there); its deletes say
+            their revision.
         heads: reads the KV head of a key (loads on a miss, revisions after deletes).
         cache: the cache.
         policy: TTLs and stampede behaviour for `data` entries.
@@ -48,7 +50,7 @@ class CachedRecordStore:
 
     def __init__(
         self,
-        inner: RecordStore,
+        inner: VersionedRecordStore,
         heads: HeadReader,
         cache: Cache,
         policy: CachePolicy,
@@ -100,7 +102,7 @@ class CachedRecordStore:
             revision = await self._inner.put(key, value, expected_revision=expected_revision)
         except Conflict:
             if sealed:  # nothing was written: end the seal with the entry as it is
-                await self._write_head(key, sealed=True)
+                await self._write_head(key, sealed=True, written=False)
             raise
         except Exception:
             # The write may have landed anyway (a timeout after the KV stored it): make sure
@@ -124,11 +126,16 @@ class CachedRecordStore:
 
     async def _delete(self, key: str, sealed: bool) -> bool:
         try:
-            return await self._inner.delete(key)
-        finally:
-            # The head read after the delete carries its marker's revision (or a newer
-            # write's); on failure it repairs whatever the cache held.
+            deleted = await self._inner.delete_versioned(key)
+        except Exception:
+            # The delete may have landed anyway: as for `put`.
             await self._write_head(key, sealed=sealed)
+            raise
+        # The delete's own revision, with no second read that could fail after the delete
+        # happened (an eviction then let a racing fill bring the value back).
+        entry = self._absent(Absent(key, deleted.revision))
+        await self._cache.write(self._namespace, key, entry, self._policy, sealed=sealed)
+        return deleted.existed
 
     async def keys(self, prefix: str = "", limit: int = 100) -> list[str]:
         """Live keys starting with `prefix`, straight from the KV (listings are not cached).
@@ -138,22 +145,34 @@ class CachedRecordStore:
         """
         return await self._inner.keys(prefix, limit)
 
-    async def _write_head(self, key: str, *, sealed: bool = False) -> None:
+    async def _write_head(self, key: str, *, sealed: bool = False, written: bool = True) -> None:
+        """After a write that failed: write the KV head through. `written`: the write may
+        have landed all the same."""
         try:
             head = await self._heads.head(key)
         except Exception:
-            # The KV cannot be read either (the caller's own error says why): evicting is
-            # the best left to do, and its failure is handled inside the cache.
-            await self._cache.invalidate(self._namespace, key, self._policy, sealed=sealed)
-            return
-        if isinstance(head, Absent) and head.revision == UNVERSIONED:
+            if not written:  # the entry is as good as it was: only the seal must end
+                await self._cache.invalidate(self._namespace, key, self._policy, sealed=sealed)
+                return
+            # The KV cannot be read either (the caller's own error says why): the write's
+            # revision is unknown. An eviction would let a fill of the old value in flight
+            # bring it back after the write. A fence above every revision hides the entry
+            # and refuses every fill (and write) for `fence_ttl_s`, longer than any fill may
+            # take (`max_fill_age_s`); reads of the key go to the KV meanwhile. Its failure
+            # is handled inside the cache.
+            entry = Entry.fence(UNKNOWN_REVISION)
+        else:
+            entry = self._absent(head) if isinstance(head, Absent) else entry_of(head)
+        await self._cache.write(self._namespace, key, entry, self._policy, sealed=sealed)
+
+    @staticmethod
+    def _absent(head: Absent) -> Entry:
+        if head.revision == UNVERSIONED:
             # Nothing was ever written under `key` (a delete that found nothing, a put that
             # failed before the KV took it). An eviction would also remove the entry of a
             # put that reached the KV after this read and wrote through before we got
             # here, and leave the cache short of the KV. A fence at the first revision any
             # write can have says "absent so far": it replaces a cached absence and yields
             # to every write.
-            entry = Entry.fence(FIRST_REVISION)
-        else:
-            entry = entry_of(head)
-        await self._cache.write(self._namespace, key, entry, self._policy, sealed=sealed)
+            return Entry.fence(FIRST_REVISION)
+        return Entry.absent(head.revision)

@@ -21,7 +21,7 @@ from nexus_bus.constants import CACHE_BREAKER, CACHE_EPOCH_SUFFIX
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.redis_client import RedisClient
 from nexus_bus.resilience import BreakerState, CircuitBreaker, ExponentialBackoff, Jitter
-from nexus_bus.store import RecordStore
+from nexus_bus.store import VersionedRecordStore
 
 _WARM_UP_S = 2.0  # at start only: learning a cluster's slots may take a while
 
@@ -111,7 +111,8 @@ async def start_cache(nc: Client, redis: RedisClient, settings: Settings) -> Cac
 
 
 def cached_records(
-    inner: RecordStore, js: JetStreamContext, cache: Cache, settings: CacheSettings
+    inner: VersionedRecordStore, js: JetStreamContext, cache: Cache, settings: CacheSettings
 ) -> CachedRecordStore:
-    """`inner` (the KV record store, or a wrapper of it) behind the cache."""
+    """`inner` (the KV record store, or a wrapper of it that says its deletes' revisions)
+    behind the cache."""
     return CachedRecordStore(inner, KeyValueHeads(js), cache, data_policy(settings))

@@ -8,7 +8,7 @@ the replaced value.
 
 from __future__ import annotations
 
-from nexus_bus.cache import Cache, CachePolicy, Entry
+from nexus_bus.cache import UNKNOWN_REVISION, Cache, CachePolicy, Entry
 from nexus_bus.constants import CACHE_DATA_NAMESPACE
 
 
@@ -23,4 +23,10 @@ class CacheWriteThrough:
     async def written(self, key: str, value: bytes | None, revision: int) -> None:
         """Store the entry at `revision` unless the cache holds a newer one. Never raises."""
         entry = Entry.absent(revision) if value is None else Entry.of(value, revision)
+        await self._cache.write(self._namespace, key, entry, self._policy)
+
+    async def fenced(self, key: str, revision: int) -> None:
+        """Fence the entry at `revision`, or above every revision when it is 0 (unknown), so
+        that nothing older is served or filled while the fence lives. Never raises."""
+        entry = Entry.fence(revision or UNKNOWN_REVISION)
         await self._cache.write(self._namespace, key, entry, self._policy)

@@ -34,7 +34,8 @@ The journal wraps the worker's record store, cache included: reads go through it
 and since journaled writes reach the KV around the cache, each one is then written through to
 the cache (`WriteThrough`) with its revision. After a write skipped on a rerun, or one whose
 batch may or may not have landed, the key's current head is written through (never the
-rerun's own value), which also repairs a cache the first run could not update before it died.
+rerun's own value), which also repairs a cache the first run could not update before it died;
+when the head cannot be read, the key is fenced instead.
 """
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ class WriteThrough(Protocol):
 
     async def written(self, key: str, value: bytes | None, revision: int) -> None:
         """`key` holds `value` (None: deleted) as of `revision`. Never raises."""
+        ...
+
+    async def fenced(self, key: str, revision: int) -> None:
+        """`key` was written at `revision` (0: at one nobody can tell), and what it holds now
+        cannot be read: nothing older may be served or filled back. Never raises."""
         ...
 
 
@@ -267,16 +273,26 @@ class JournaledRecordStore:
 
         The first run may have died before its own write-through. Its write may also be
         gone already (a later write replaced it in a one-revision bucket), so the head is
-        what the cache must hold: the skipped write's value or something newer.
+        what the cache must hold: the skipped write's value or something newer. When the
+        head cannot be read, the key is fenced at the write's `revision` (0: unknown, which
+        fences above every revision): neither the entry the write replaced nor a fill of it
+        in flight may be served after the write, and evicting would allow the fill.
+
+        Raises:
+            Unavailable / UpstreamTimeout: the head cannot be read (the key is fenced).
         """
         if self._write_through is None:
             return
+        subject = self._key_subject(key)
         try:
             async with translate_nats_errors(f"read {key}"):
-                msg = await self._js.get_last_msg(self._stream, self._key_subject(key))
+                msg = await self._js.get_last_msg(self._stream, subject)
         except LookupError:
             await self._write_through.written(key, None, revision)
             return
+        except NexusError:
+            await self._write_through.fenced(key, revision)
+            raise
         deleted = (msg.headers or {}).get(H_KV_OPERATION) in _DELETED
         value = None if deleted else (msg.data or b"")
         await self._write_through.written(key, value, msg.seq or revision)

@@ -9,6 +9,8 @@ from typing import Any
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 from prometheus_client import REGISTRY
 
 from nexus_bus import Gateway, NotFound, Operations, RequestContext, Settings, Worker
@@ -21,10 +23,11 @@ from nexus_bus.cache import (
     read_through,
     write_through,
 )
-from nexus_bus.cache.heads import Head, KeyValueHeads
+from nexus_bus.cache.heads import Absent, Head, KeyValueHeads
 from nexus_bus.embedded import free_port
+from nexus_bus.errors import InvalidRequest, Unavailable
 from nexus_bus.jetstream import ensure_data_bucket
-from nexus_bus.store import KeyValueRecordStore
+from nexus_bus.store import Deleted, KeyValueRecordStore
 from tests.conftest import make_settings, open_services
 
 
@@ -212,32 +215,107 @@ class PausingHeads:
         return head
 
 
+class PausingDeletes(KeyValueRecordStore):
+    """The real KV record store, holding a delete's answer until released: a worker stalled
+    between the KV delete and the cache write."""
+
+    def __init__(self, kv: KeyValue, js: JetStreamContext) -> None:
+        super().__init__(kv, js)
+        self.deleted = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def delete_versioned(self, key: str) -> Deleted:
+        deleted = await super().delete_versioned(key)
+        self.deleted.set()
+        await self.release.wait()
+        return deleted
+
+
 async def test_a_delete_that_found_nothing_leaves_the_entry_of_a_put_racing_it(
     patient_settings: Settings, raw_redis: aioredis.Redis, uid: str
 ) -> None:
-    """A delete of a key never written reads its head (absent, no revision) after the KV said
-    "nothing to delete"; a put lands and writes through before the delete writes the cache.
-    The delete must not evict the put's entry: the cache would fall short of the KV (a miss
-    where the latest write should be; found by `test_cache_race` under load)."""
+    """The KV says "nothing to delete" (never written, no revision); a put lands and writes
+    through before the delete writes the cache. The delete must not evict the put's entry:
+    the cache would fall short of the KV (a miss where the latest write should be; found by
+    `test_cache_race` under load)."""
     key = f"nothing.{uid}"
     async with open_services(patient_settings) as a, open_services(patient_settings) as b:
         assert a.cache is not None and b.cache is not None
         kv = await ensure_data_bucket(a.js, patient_settings.jetstream)
         policy = data_policy(patient_settings.cache)
-        heads = PausingHeads(KeyValueHeads(a.js), key)
-        deleter = CachedRecordStore(KeyValueRecordStore(kv, a.js), heads, a.cache, policy)
+        pausing = PausingDeletes(kv, a.js)
+        deleter = CachedRecordStore(pausing, KeyValueHeads(a.js), a.cache, policy)
         writer = CachedRecordStore(
             KeyValueRecordStore(kv, b.js), KeyValueHeads(b.js), b.cache, policy
         )
         deleting = asyncio.create_task(deleter.delete(key))
-        await asyncio.wait_for(heads.read.wait(), 10)  # the head said: never written
+        await asyncio.wait_for(pausing.deleted.wait(), 10)  # the KV said: never written
         revision = await writer.put(key, b'"new"')
-        heads.release.set()
+        pausing.release.set()
         assert await deleting is False
         stored = await raw_redis.hgetall(a.cache.key("data", key).entry)
         assert stored, "the delete evicted the entry of the put that raced it"
         assert (int(stored[b"r"]), stored[b"k"], stored[b"v"]) == (revision, b"v", b'"new"')
         assert (await deleter.get(key)).revision == revision
+
+
+class UnreadableHeads:
+    """A KV head reader that always fails, as JetStream does for a moment under load."""
+
+    async def head(self, key: str) -> Head:
+        raise Unavailable(f"get {key}: JetStream did not answer")
+
+
+async def test_a_delete_tombstones_its_own_revision_with_no_read_after_it(
+    patient_settings: Settings, raw_redis: aioredis.Redis, uid: str
+) -> None:
+    """The KV delete returns its marker's revision, so the tombstone needs no head read after
+    the delete: that read could fail, and the eviction left then let a fill of the deleted
+    value, loaded before the delete, bring it back after the delete had returned."""
+    key = f"undelete.{uid}"
+    settings = patient_settings
+    async with open_services(settings) as a, open_services(settings) as b:
+        assert a.cache is not None and b.cache is not None
+        kv = await ensure_data_bucket(a.js, settings.jetstream)
+        policy = data_policy(settings.cache)
+        deleter = CachedRecordStore(
+            KeyValueRecordStore(kv, a.js), UnreadableHeads(), a.cache, policy
+        )
+        reader_heads = PausingHeads(KeyValueHeads(b.js), key)
+        reader = CachedRecordStore(KeyValueRecordStore(kv, b.js), reader_heads, b.cache, policy)
+        await deleter.put(key, b'"secret"')
+        entry = a.cache.key("data", key).entry
+        await raw_redis.delete(entry)  # the entry expired: the next read loads the KV
+        reading = asyncio.create_task(reader.get(key))
+        await asyncio.wait_for(reader_heads.read.wait(), 10)  # read "secret", not filled yet
+        assert await deleter.delete(key) is True
+        reader_heads.release.set()
+        assert (await reading).value == b'"secret"'  # concurrent with the delete: allowed
+        reader_heads.key = ""
+        marker = await KeyValueHeads(a.js).head(key)
+        assert isinstance(marker, Absent)
+        stored = await raw_redis.hgetall(entry)
+        assert (stored[b"k"], int(stored[b"r"])) == (b"a", marker.revision)
+        with pytest.raises(NotFound):
+            await reader.get(key)  # begins after the delete returned
+
+
+async def test_the_kv_delete_says_the_revision_of_its_marker(settings: Settings, uid: str) -> None:
+    async with open_services(settings) as services:
+        kv = await ensure_data_bucket(services.js, settings.jetstream)
+        store = KeyValueRecordStore(kv, services.js)
+        heads = KeyValueHeads(services.js)
+        key = f"marker.{uid}"
+        assert await store.delete_versioned(key) == Deleted(existed=False, revision=0)
+        put = await store.put(key, b"1")
+        deleted = await store.delete_versioned(key)
+        assert deleted.existed and deleted.revision > put
+        assert await heads.head(key) == Absent(key, deleted.revision)
+        again = await store.delete_versioned(key)  # no new marker: the one there
+        assert again == Deleted(existed=False, revision=deleted.revision)
+        assert await store.delete(key) is False
+        with pytest.raises(InvalidRequest):
+            await store.delete_versioned("a..b")
 
 
 async def test_stampede_on_cold_keys_loads_each_key_once(

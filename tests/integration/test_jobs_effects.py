@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
+import nats.errors
 import pytest
 from nats.aio.client import Client
 
 from nexus_bus import Conflict, InternalError, NotFound, Settings, Worker
 from nexus_bus.bus.connection import connect_nats
+from nexus_bus.constants import EFFECTS_PREFIX
 from nexus_bus.effects import (
     JournaledRecordStore,
     data_stream_name,
@@ -17,6 +20,7 @@ from nexus_bus.effects import (
     effect_subject,
     ensure_effect_records,
 )
+from nexus_bus.errors import NexusError
 from nexus_bus.jetstream import ensure_data_bucket
 from nexus_bus.jobs.envelope import new_job_id
 from nexus_bus.store import KeyValueRecordStore
@@ -27,9 +31,13 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, bytes | None, int]] = []
+        self.fences: list[tuple[str, int]] = []
 
     async def written(self, key: str, value: bytes | None, revision: int) -> None:
         self.calls.append((key, value, revision))
+
+    async def fenced(self, key: str, revision: int) -> None:
+        self.fences.append((key, revision))
 
 
 @pytest.fixture
@@ -146,3 +154,33 @@ async def test_worker_start_enables_effect_records_on_the_data_bucket(worker: Wo
     info = await worker.nc.jetstream().stream_info(data_stream_name())
     assert info.config.allow_atomic and info.config.allow_msg_ttl
     assert "nexus.sys.effects.>" in (info.config.subjects or [])
+
+
+@pytest.mark.parametrize("op", ["put", "delete"])
+async def test_a_write_that_may_have_landed_on_a_key_nobody_can_read_is_fenced(
+    nc: Client, settings: Settings, uid: str, op: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's confirmation is lost (it may have landed) and the key's head cannot be
+    read back: the cache must neither keep the entry the write replaced nor take a fill of
+    it, so the key is fenced at an unknown revision (0), not left as it was."""
+    recorder = Recorder()
+    store = await journal(nc, settings, recorder)
+    key = f"lost.{uid}"
+    await store.put(key, b"old")
+    real_request = nc.request
+    lost = False
+
+    async def request(subject: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal lost
+        lost = lost or subject.startswith(f"{EFFECTS_PREFIX}.")  # the batch's commit
+        if lost:
+            raise nats.errors.TimeoutError
+        return await real_request(subject, *args, **kwargs)
+
+    monkeypatch.setattr(nc, "request", request)
+    with effect_scope(new_job_id()), pytest.raises(NexusError):
+        if op == "put":
+            await store.put(key, b"new")
+        else:
+            await store.delete(key)
+    assert recorder.fences == [(key, 0)]

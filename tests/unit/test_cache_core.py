@@ -7,14 +7,22 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from nexus_bus.cache import Cache, CachedRecordStore, CachePolicy, CacheResult, Entry, Kind
+from nexus_bus.cache import (
+    UNKNOWN_REVISION,
+    Cache,
+    CachedRecordStore,
+    CachePolicy,
+    CacheResult,
+    Entry,
+    Kind,
+)
 from nexus_bus.cache.heads import Absent, Head
 from nexus_bus.cache.local import LocalCache
 from nexus_bus.cache.memory import MemoryEntryStore
 from nexus_bus.cache.notice import Notice
-from nexus_bus.errors import NotFound
+from nexus_bus.errors import NotFound, Unavailable
 from nexus_bus.resilience import CircuitBreaker, ExponentialBackoff, Jitter
-from nexus_bus.store import Record
+from nexus_bus.store import Deleted, Record
 
 POLICY = CachePolicy(ttl_s=60, negative_ttl_s=10, jitter=0, wait_s=1.0)
 
@@ -371,7 +379,8 @@ async def test_a_cache_aside_set_replaces_a_cached_not_found() -> None:
 
 class HeldKV:
     """The KV in memory, records and heads (with delete markers). While `answer` is clear, a
-    write is stored and its answer then held: the KV has it while its caller still waits."""
+    write is stored and its answer then held: the KV has it while its caller still waits.
+    `fail_writes` loses the answers of writes it stored; `fail_heads` fails head reads."""
 
     def __init__(self) -> None:
         self.records: dict[str, Record] = {}
@@ -380,10 +389,14 @@ class HeldKV:
         self.stored = asyncio.Event()
         self.answer = asyncio.Event()
         self.answer.set()
+        self.fail_writes = False
+        self.fail_heads = False
 
     async def _stored(self) -> None:
         self.stored.set()
         await self.answer.wait()
+        if self.fail_writes:
+            raise Unavailable("the KV stored the write; its answer was lost")
 
     async def get(self, key: str) -> Record:
         if key not in self.records:
@@ -397,17 +410,24 @@ class HeldKV:
         return self.revision
 
     async def delete(self, key: str) -> bool:
-        existed = self.records.pop(key, None) is not None
+        return (await self.delete_versioned(key)).existed
+
+    async def delete_versioned(self, key: str) -> Deleted:
+        if key not in self.records:
+            return Deleted(existed=False, revision=self.markers.get(key, 0))
+        del self.records[key]
         self.revision += 1
         self.markers[key] = self.revision
         await self._stored()
-        return existed
+        return Deleted(existed=True, revision=self.revision)
 
     async def keys(self, prefix: str = "", limit: int = 100) -> list[str]:
         return sorted(k for k in self.records if k.startswith(prefix))[:limit]
 
     async def head(self, key: str) -> Head:
         await asyncio.sleep(0)  # a round trip: a cancellation can land here
+        if self.fail_heads:
+            raise Unavailable("the KV cannot be read")
         if key in self.records:
             return self.records[key]
         return Absent(key, self.markers.get(key, 0))
@@ -435,3 +455,40 @@ async def test_a_write_cancelled_after_the_kv_stored_it_still_writes_through(op:
     await cache.close()  # waits for the write still running
     expected = Entry.of(b"new", 2) if op == "put" else Entry.absent(2)
     assert store.peek(cache.key("data", "k")) == expected
+
+
+@pytest.mark.parametrize("answered", [True, False], ids=["delete-answered", "answer-lost"])
+async def test_a_delete_leaves_what_a_fill_in_flight_cannot_replace_when_the_kv_cannot_be_read(
+    answered: bool,
+) -> None:
+    """A load read the value before the delete and fills after it, while the KV cannot be
+    read: the delete's tombstone carries the revision the delete itself returned, and a
+    delete whose answer was lost (its revision unknown) fences above every revision. An
+    eviction, after a head read that failed, let the fill bring the deleted value back."""
+    store, kv = MemoryEntryStore(), HeldKV()
+    cache = Cache(store)
+    records = CachedRecordStore(kv, kv, cache, POLICY)
+    await records.put("k", b"doomed")
+    await cache.invalidate("data", "k", POLICY)  # the entry expired: the next read loads
+    gate = asyncio.Event()
+
+    async def slow_load() -> Entry:
+        head = Entry.of(b"doomed", 1)  # read from the KV before the delete
+        await gate.wait()
+        return head
+
+    reading = asyncio.create_task(cache.fetch("data", "k", slow_load, POLICY))
+    await asyncio.sleep(0.01)
+    kv.fail_heads, kv.fail_writes = True, not answered
+    if answered:
+        assert await records.delete("k") is True
+    else:
+        with pytest.raises(Unavailable):
+            await records.delete("k")
+    gate.set()
+    assert (await reading).value == b"doomed"  # concurrent with the delete: allowed
+    entry = store.peek(cache.key("data", "k"))
+    assert entry == (Entry.absent(2) if answered else Entry.fence(UNKNOWN_REVISION))
+    kv.fail_heads = False
+    with pytest.raises(NotFound):
+        await records.get("k")  # begins after the delete ended

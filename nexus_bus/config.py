@@ -108,8 +108,9 @@ class CacheSettings(BaseModel):
     timeout_ms: int = Field(150, gt=0, le=10_000)
     fence_timeout_ms: int = Field(200, gt=0, le=10_000)  # waiting for a peer to fence
     fence_ttl_s: float = Field(60.0, gt=0)
-    # A versioned load slower than this is not filled: the tombstone it raced with may be
-    # gone (an unversioned, cache-aside fill needs its lease instead).
+    # A versioned fill later than this after the read that missed (on Redis's clock) is
+    # refused: the tombstone it raced with may be gone (an unversioned, cache-aside fill
+    # needs its lease instead).
     max_fill_age_s: float = Field(5.0, gt=0)
     breaker_failures: int = Field(5, ge=1)  # consecutive failures that open the breaker
     breaker_reset_s: float = Field(0.5, gt=0)  # first probe after opening; doubles per failure
@@ -123,9 +124,17 @@ class CacheSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check_fill_age(self) -> CacheSettings:
-        # Tombstones and fences must outlive every fill that may still race with them.
-        if self.negative_ttl_s and self.negative_ttl_s <= self.max_fill_age_s:
-            raise ValueError("negative_ttl_s must be 0 or longer than max_fill_age_s")
+        # Tombstones, values and fences must outlive every fill that may still race with
+        # them, at the shortest life their jittered TTLs give them.
+        shortest = 1 - self.jitter
+        if self.negative_ttl_s and self.negative_ttl_s * shortest <= self.max_fill_age_s:
+            raise ValueError(
+                "negative_ttl_s must be 0 or, less its jitter, longer than max_fill_age_s"
+            )
+        if self.ttl_s * shortest + self.stale_s <= self.max_fill_age_s:
+            raise ValueError(
+                "ttl_s less its jitter, plus stale_s, must be longer than max_fill_age_s"
+            )
         if self.fence_ttl_s <= self.max_fill_age_s:
             raise ValueError("fence_ttl_s must be longer than max_fill_age_s")
         if self.breaker_reset_max_s < self.breaker_reset_s:

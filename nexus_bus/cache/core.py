@@ -106,9 +106,10 @@ class Cache:
         peers: the other workers, for fences and invalidation notices.
         local: an L1 cache, used by policies with `local_ttl_s`.
         floors: revision floors (a default bounded set when omitted).
-        max_fill_age_s: a versioned load that took longer than this is not filled: a delete's
-            tombstone it raced with may have expired meanwhile (an unversioned fill needs
-            its lease instead).
+        max_fill_age_s: a versioned load that took longer than this is not filled, nor a
+            versioned fill that reaches the store later than this after the read that missed
+            (on the store's clock): a delete's tombstone it raced with may have expired
+            meanwhile (an unversioned fill needs its lease instead).
         repair_backoff: the delays between attempts to repair floors.
         clock: monotonic seconds.
         rng: randomness for TTL jitter and backoff.
@@ -212,7 +213,9 @@ class Cache:
                 return await loader()
             if lookup.entry is not None:
                 if lookup.stale and lookup.lease:
-                    self._spawn(self._refresh(namespace, ck, loader, policy, token))
+                    self._spawn(
+                        self._refresh(namespace, ck, loader, policy, token, lookup.now_ms)
+                    )
                 result = CacheResult.STALE if lookup.stale else CacheResult.HIT
                 self.stats.count(namespace, CacheResult.COALESCED if waited else result)
                 if lookup.held and self._local is not None:
@@ -224,12 +227,26 @@ class Cache:
             remaining = deadline - self._clock()
             if lookup.lease or remaining <= 0:
                 self.stats.count(namespace, CacheResult.MISS)
-                return await self._load(ck, loader, policy, token if lookup.lease else "")
+                return await self._load(
+                    ck, loader, policy, token if lookup.lease else "", lookup.now_ms
+                )
             waited = True
             await asyncio.sleep(min(pause, remaining))
             pause = min(pause * 2, _MAX_POLL_S)
 
-    async def _load(self, ck: CacheKey, loader: Loader, policy: CachePolicy, token: str) -> Entry:
+    async def _load(
+        self, ck: CacheKey, loader: Loader, policy: CachePolicy, token: str, read_ms: int
+    ) -> Entry:
+        """Load and fill; `read_ms`: the store's clock at the read that missed (0: unknown).
+
+        A versioned fill of a load older than `max_fill_age_s` is refused: a tombstone (or
+        newer value) it raced with may have expired meanwhile. Measured here on this process's
+        clock, the age would miss a pause between this check and the fill's arrival, so the
+        store refuses too, on its own clock, a fill that comes later than `max_fill_age_s`
+        after `read_ms`: the read came before the load, and whatever the fill raced with was
+        written after it, on that clock, and outlives it by more than that (settings
+        validation).
+        """
         started = self._clock()
         try:
             entry = await loader()
@@ -247,19 +264,27 @@ class Cache:
                 await self._attempt(self._store.release, ck, token)
             return entry
         expiry = policy.expiry(entry.kind, self._rng)
+        versioned_read = read_ms if entry.versioned else 0  # an unversioned fill: its lease
+        not_after_ms = versioned_read + round(self._max_fill_age_s * 1000) if versioned_read else 0
         filled = await self._attempt(
             self._store.fill, ck, entry, ttl_ms=expiry.ttl_ms, stale_ms=expiry.stale_ms,
-            token=token, need_lease=not entry.versioned,
+            token=token, need_lease=not entry.versioned, not_after_ms=not_after_ms,
         )
         if filled is not None and filled.stored:
             self.floors.met(ck.entry, entry.revision)
         return entry
 
     async def _refresh(
-        self, namespace: str, ck: CacheKey, loader: Loader, policy: CachePolicy, token: str
+        self,
+        namespace: str,
+        ck: CacheKey,
+        loader: Loader,
+        policy: CachePolicy,
+        token: str,
+        read_ms: int,
     ) -> None:
         try:
-            await self._load(ck, loader, policy, token)
+            await self._load(ck, loader, policy, token, read_ms)
         except Exception as exc:
             # Nobody awaits a background refresh: log it. The stale entry is served until
             # its TTL ends, and the next stale read tries again.

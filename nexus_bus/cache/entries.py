@@ -93,12 +93,15 @@ class Lookup:
         stale: the entry is past its fresh TTL but inside its serve-stale window.
         lease: this reader won the right to load the key from the system of record.
         held: the store recorded this reader as an L1 holder of the entry (read lease).
+        now_ms: the store's clock when it read, in ms (0: unknown): a fill after this read
+            is bounded on that clock (`EntryStore.fill`'s `not_after_ms`).
     """
 
     entry: Entry | None
     stale: bool = False
     lease: bool = False
     held: bool = False
+    now_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,14 +170,16 @@ class EntryStore(Protocol):
         collect: bool = False,
         hold_ms: int = 0,
         unseal: bool = False,
+        not_after_ms: int = 0,
     ) -> Written:
         """Store `entry` if `accepts` allows it (and, with `need_lease`, if `token` holds the
-        lease); the entry lives `ttl_ms`, of which the last `stale_ms` are stale. Releases the
-        lease held by `token`, or any lease with `drop_lease`: an unversioned entry stored so
-        is a write, which replaces any entry (`accepts` with `write`). With `collect` (a
-        write, not a fill), every live read lease of the key is returned and cleared, and a
-        store younger than `hold_ms` says how much longer to wait; with `unseal`, the write
-        ends the seal it took (`seal`).
+        lease; with `not_after_ms`, if the store's clock, as `Lookup.now_ms` reads it, is not
+        past that yet); the entry lives `ttl_ms`, of which the last `stale_ms` are stale.
+        Releases the lease held by `token`, or any lease with `drop_lease`: an unversioned
+        entry stored so is a write, which replaces any entry (`accepts` with `write`). With
+        `collect` (a write, not a fill), every live read lease of the key is returned and
+        cleared, and a store younger than `hold_ms` says how much longer to wait; with
+        `unseal`, the write ends the seal it took (`seal`).
         """
         ...
 

@@ -113,15 +113,17 @@ class MemoryEntryStore:
             and stored.entry.kind is not Kind.FENCE
             and stored.entry.revision >= min_revision
         )
+        now_ms = round(now * 1000)
         if stored is None or not usable:
-            return Lookup(None, lease=self._take_lease(key.lease, token, lease_ms, now))
+            lease = self._take_lease(key.lease, token, lease_ms, now)
+            return Lookup(None, lease=lease, now_ms=now_ms)
         stale = stored.stale_s > 0 and stored.expires_at - now <= stored.stale_s
         lease = stale and self._take_lease(key.lease, token, lease_ms, now)
         held = bool(holder) and not self._sealed(key.entry, now)
         if held:
             holders = self._holders.setdefault(key.entry, {})
             holders[holder] = max(holders.get(holder, now), now + hold_ms / 1000)
-        return Lookup(stored.entry, stale=stale, lease=lease, held=held)
+        return Lookup(stored.entry, stale=stale, lease=lease, held=held, now_ms=now_ms)
 
     def _sealed(self, name: str, now: float) -> bool:
         count, until = self._seals.get(name, (0, 0.0))
@@ -155,6 +157,7 @@ class MemoryEntryStore:
         collect: bool = False,
         hold_ms: int = 0,
         unseal: bool = False,
+        not_after_ms: int = 0,
     ) -> Written:
         """See `EntryStore.fill`."""
         now = self._check()
@@ -162,7 +165,8 @@ class MemoryEntryStore:
         if need_lease and holder != token:
             return Written(False)
         current = self._live(key.entry, now)
-        stored = accepts(current.entry if current else None, entry, write=drop_lease)
+        late = 0 < not_after_ms < round(now * 1000)
+        stored = not late and accepts(current.entry if current else None, entry, write=drop_lease)
         if stored:
             self._entries[key.entry] = _Stored(entry, now + ttl_ms / 1000, stale_ms / 1000)
         if drop_lease or (token and holder == token):

@@ -41,11 +41,12 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
 # KEYS: entry, lease, holders[, epoch]. ARGV: token, lease ms, min revision, holder, hold ms.
-# Returns {0, lease} for a miss, or {1 fresh | 2 stale, lease, revision, kind, value, held}.
+# Returns {0, lease, now} for a miss, or {1 fresh | 2 stale, lease, revision, kind, value,
+# held, now}; `now` is the server's ms, from which a fill's deadline is counted (FILL_LUA).
 # A usable entry read by a `holder` records its read lease (until now + hold ms) in the
 # holders hash, in the same atomic step: a write that runs later finds it there. While the
 # key is sealed (a write is under way, `SEAL_LUA`) no lease is granted: the entry is not held.
-READ_LUA = """
+READ_LUA = _NOW_LUA + """
 local e = redis.call('HMGET', KEYS[1], 'r', 'k', 'v', 'w')
 local status = 0
 if e[1] and e[2] ~= 'f' and tonumber(e[1]) >= tonumber(ARGV[3]) then
@@ -60,13 +61,12 @@ local lease = 0
 if status ~= 1 and redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   lease = 1
 end
-if status == 0 then return {0, lease} end
+if status == 0 then return {0, lease, now} end
 local held = 0
 if ARGV[4] ~= '' then
-""" + _NOW_LUA + """
   local seal = redis.call('HMGET', KEYS[3], '!seals', '!until')
   if tonumber(seal[1] or 0) > 0 and tonumber(seal[2] or 0) > now then
-    return {status, lease, e[1], e[2], e[3], 0}  -- a write is under way: no read lease
+    return {status, lease, e[1], e[2], e[3], 0, now}  -- a write is under way: no read lease
   end
   local hold = tonumber(ARGV[5])
   local until_ms = now + hold
@@ -77,7 +77,7 @@ if ARGV[4] ~= '' then
   if #KEYS >= 4 then redis.call('SET', KEYS[4], now, 'NX') end
   held = 1
 end
-return {status, lease, e[1], e[2], e[3], held}
+return {status, lease, e[1], e[2], e[3], held, now}
 """
 
 # Shared by writes: collect and clear the live read leases of KEYS[3] into `out` (holder,
@@ -111,21 +111,25 @@ end
 """
 
 # KEYS: entry, lease, holders[, epoch]. ARGV: revision, kind, value, ttl ms, stale ms, token,
-# need lease (0/1), drop lease (0/1), collect (0/1), hold ms, unseal (0/1). The accept rule is
-# `entries.accepts`; an unversioned entry that drops the lease is a write (its `write`), and
-# replaces any entry. Returns {stored 0/1, wait ms, holder, remaining ms, ...}.
-FILL_LUA = """
+# need lease (0/1), drop lease (0/1), collect (0/1), hold ms, unseal (0/1), not after (server
+# ms, 0: none). The accept rule is `entries.accepts`; an unversioned entry that drops the
+# lease is a write (its `write`), and replaces any entry. A fill that runs after its deadline
+# is refused: the entries that would have refused it may have expired since (see
+# `Cache._load`). Returns {stored 0/1, wait ms, holder, remaining ms, ...}.
+FILL_LUA = _NOW_LUA + """
 local holder = redis.call('GET', KEYS[2])
 if ARGV[7] == '1' and holder ~= ARGV[6] then return {0, 0} end
 local cur = redis.call('HMGET', KEYS[1], 'r', 'k')
 local stored = 1
-if cur[1] and not (ARGV[8] == '1' and tonumber(ARGV[1]) == 0) then
+local deadline = tonumber(ARGV[12])
+if deadline > 0 and now > deadline then
+  stored = 0
+elseif cur[1] and not (ARGV[8] == '1' and tonumber(ARGV[1]) == 0) then
   local current, incoming = tonumber(cur[1]), tonumber(ARGV[1])
   if current > incoming or (current == incoming and cur[2] ~= ARGV[2] and cur[2] ~= 'f') then
     stored = 0
   end
 end
-""" + _NOW_LUA + """
 if stored == 1 then
   -- 't': when the entry was stored (server ms), so stale-if-error can tell its age.
   redis.call('HSET', KEYS[1], 'r', ARGV[1], 'k', ARGV[2], 'v', ARGV[3], 'w', ARGV[5], 't', now)
@@ -296,9 +300,11 @@ class RedisEntryStore:
             reply = await self._run("read", self._queue_read(self._keys(key), args))
         status, lease = int(reply[0]), bool(int(reply[1]))
         if status == 0:
-            return Lookup(None, lease=lease)
+            return Lookup(None, lease=lease, now_ms=int(reply[2]))
         entry = Entry(Kind(_text(reply[3])), int(reply[2]), _bytes(reply[4]))
-        return Lookup(entry, stale=status == 2, lease=lease, held=bool(int(reply[5])))
+        return Lookup(
+            entry, stale=status == 2, lease=lease, held=bool(int(reply[5])), now_ms=int(reply[6])
+        )
 
     def _queue_read(self, keys: list[str], args: list[str | int]) -> asyncio.Future[Any]:
         """The answer to one read, sent with every other read queued in this loop tick."""
@@ -362,6 +368,7 @@ class RedisEntryStore:
         collect: bool = False,
         hold_ms: int = 0,
         unseal: bool = False,
+        not_after_ms: int = 0,
     ) -> Written:
         """See `EntryStore.fill`.
 
@@ -370,7 +377,7 @@ class RedisEntryStore:
         """
         args = [
             entry.revision, entry.kind.value, entry.value, ttl_ms, stale_ms, token,
-            int(need_lease), int(drop_lease), int(collect), hold_ms, int(unseal),
+            int(need_lease), int(drop_lease), int(collect), hold_ms, int(unseal), not_after_ms,
         ]
         return _written(await self._run("fill", self._fill(keys=self._keys(key), args=args)))
 

@@ -16,14 +16,21 @@ from prometheus_client import REGISTRY
 from nexus_bus import Gateway, NotFound, Operations, RequestContext, Settings, Worker
 from nexus_bus.bus.metadata import new_trace
 from nexus_bus.cache import (
+    Cache,
     CachedRecordStore,
     CachePolicy,
     CacheResult,
+    Entry,
+    Kind,
+    Lookup,
     data_policy,
     read_through,
     write_through,
 )
+from nexus_bus.cache.entries import Written
 from nexus_bus.cache.heads import Absent, Head, KeyValueHeads
+from nexus_bus.cache.keys import CacheKey
+from nexus_bus.cache.redis_entries import RedisEntryStore
 from nexus_bus.embedded import free_port
 from nexus_bus.errors import InvalidRequest, Unavailable
 from nexus_bus.jetstream import ensure_data_bucket
@@ -316,6 +323,54 @@ async def test_the_kv_delete_says_the_revision_of_its_marker(settings: Settings,
         assert await store.delete(key) is False
         with pytest.raises(InvalidRequest):
             await store.delete_versioned("a..b")
+
+
+class StalledFills:
+    """An entry store whose read-through fills are held on their way to Redis: a worker
+    stalled (SIGSTOP, a long pause) after its load."""
+
+    def __init__(self, inner: RedisEntryStore, stall_s: float) -> None:
+        self.inner = inner
+        self.stall_s = stall_s
+
+    async def read(self, key: CacheKey, **kwargs: Any) -> Lookup:
+        return await self.inner.read(key, **kwargs)
+
+    async def fill(self, key: CacheKey, entry: Entry, **kwargs: Any) -> Written:
+        if not kwargs.get("collect"):  # a fill, not a write
+            await asyncio.sleep(self.stall_s)
+        return await self.inner.fill(key, entry, **kwargs)
+
+    async def evict(self, key: CacheKey, **kwargs: Any) -> Written:
+        return await self.inner.evict(key, **kwargs)
+
+    async def seal(self, key: CacheKey, **kwargs: Any) -> Written:
+        return await self.inner.seal(key, **kwargs)
+
+    async def release(self, key: CacheKey, token: str) -> None:
+        await self.inner.release(key, token)
+
+
+async def test_a_fill_that_reaches_redis_after_max_fill_age_is_refused(
+    raw_redis: aioredis.Redis, uid: str
+) -> None:
+    """FILL_LUA refuses a fill later than `max_fill_age_s` after the read that missed, on
+    Redis's clock: the tombstone it raced with expired while its worker stalled."""
+    store = RedisEntryStore(raw_redis, timeout_s=3.0)
+    policy = CachePolicy(ttl_s=60, negative_ttl_s=0.5, jitter=0)
+    writer = Cache(store, max_fill_age_s=0.3)
+    reader = Cache(StalledFills(store, stall_s=0.8), max_fill_age_s=0.3)
+
+    async def head_then_deleted() -> Entry:
+        await writer.write("data", uid, Entry.absent(2), policy)  # the delete lands
+        return Entry.of(b"doomed", 1)  # read before it
+
+    await reader.fetch("data", uid, head_then_deleted, policy)  # quick load, stalled fill
+
+    async def absent() -> Entry:
+        return Entry.absent(2)
+
+    assert (await writer.fetch("data", uid, absent, policy)).kind is Kind.ABSENT
 
 
 async def test_stampede_on_cold_keys_loads_each_key_once(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -227,6 +228,32 @@ async def test_a_slow_load_is_not_filled() -> None:
     await cache.fetch("data", "k", slow, POLICY)
     assert store.peek(cache.key("data", "k")) is None
     assert store.lease_holder(cache.key("data", "k")) is None
+
+
+async def test_a_fill_that_reaches_the_store_after_max_fill_age_is_refused() -> None:
+    """The load was quick (its age passes), but the worker stalls before its fill reaches
+    the store, longer than the tombstone it raced with lives: the store refuses the fill on
+    its own clock, counted from the read that missed."""
+    clock = FakeClock()
+    store = MemoryEntryStore(clock=clock)
+    cache = Cache(store, clock=clock, max_fill_age_s=5)
+    filling = store.fill
+
+    async def stalled_fill(*args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("collect"):  # a read-through fill, not a write
+            clock.now += 40  # past the tombstone's 10 s
+        return await filling(*args, **kwargs)
+
+    async def head_then_deleted() -> Entry:
+        await cache.write("data", "k", Entry.absent(2), POLICY)  # the delete lands
+        return Entry.of(b"doomed", 1)  # read before it
+
+    store.fill = stalled_fill  # type: ignore[method-assign]
+    await cache.fetch("data", "k", head_then_deleted, POLICY)
+    store.fill = filling  # type: ignore[method-assign]
+    assert store.peek(cache.key("data", "k")) is None  # the tombstone expired; nothing back
+    _, absent = counting(Entry.absent(2))
+    assert (await cache.fetch("data", "k", absent, POLICY)).kind is Kind.ABSENT
 
 
 async def test_a_failed_load_releases_the_lease() -> None:

@@ -12,6 +12,7 @@ from nexus_bus.cache.floors import Floors
 from nexus_bus.cache.keys import CacheKey, build_key, is_under
 from nexus_bus.cache.local import LocalCache
 from nexus_bus.cache.policy import CachePolicy
+from nexus_bus.config import CacheSettings
 
 
 class FakeClock:
@@ -89,6 +90,18 @@ def test_policy_validation_lists_every_problem() -> None:
     with pytest.raises(ValueError, match="ttl_s, jitter"):
         CachePolicy(ttl_s=0, jitter=1.5)
     assert CachePolicy().with_(ttl_s=5).ttl_s == 5
+
+
+def test_settings_require_every_jittered_ttl_to_outlive_a_fill() -> None:
+    """A tombstone or a value lives its TTL less the jitter at the shortest; a fill that
+    raced with it is refused only `max_fill_age_s` after its read."""
+    base = {"max_fill_age_s": 5.0, "jitter": 0.1}
+    with pytest.raises(ValueError, match="negative_ttl_s"):
+        CacheSettings(negative_ttl_s=5.2, **base)  # 4.68 s at the shortest
+    with pytest.raises(ValueError, match="ttl_s less its jitter"):
+        CacheSettings(ttl_s=5.2, stale_s=0, **base)
+    CacheSettings(negative_ttl_s=5.6, **base)  # 5.04 s
+    CacheSettings(negative_ttl_s=0, ttl_s=5.2, stale_s=1, **base)  # no negative cache; 5.68 s
 
 
 def test_floors_raise_meet_expire_and_repair() -> None:

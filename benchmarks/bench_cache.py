@@ -165,7 +165,8 @@ async def in_process(
     settings = _settings(nats_url, redis_url, keys_dir, cache=True)
     nc = await connect_nats(settings.nats)
     services = await create_services(nc, settings)
-    kv_store = KeyValueRecordStore(await ensure_data_bucket(services.js, settings.jetstream))
+    kv = await ensure_data_bucket(services.js, settings.jetstream)
+    kv_store = KeyValueRecordStore(kv, services.js, nc=nc)
     await services.records.get(HOT_KEY)  # cached
 
     async def from_kv() -> None:

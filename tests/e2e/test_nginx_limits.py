@@ -116,3 +116,70 @@ async def test_early_413_reaches_a_client_still_sending(edge_url: str, declared:
         writer.close()
     assert not with_reset
     assert answer.startswith(b"HTTP/1.1 413") and b"payload_too_large" in answer
+
+
+@pytest.fixture(scope="module")
+def no_replica_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The compose config in front of an upstream that no shim listens on."""
+    tmp = tmp_path_factory.mktemp("nginx-no-replica")
+    edge_port = free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(render_config(CONFIG.read_text(), tmp, edge_port, [free_port()]))
+    assert NGINX is not None
+    nginx = subprocess.Popen(
+        [NGINX, "-p", str(tmp), "-c", str(conf), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{edge_port}"
+    try:
+        asyncio.run(poll_until(lambda: reachable(url), 10))
+        yield url
+    finally:
+        stop(nginx)
+
+
+@pytest.mark.parametrize("key", [None, "idem-1"], ids=["plain", "idempotency-key"])
+async def test_nginx_answers_problem_documents_with_or_without_an_idempotency_key(
+    edge_url: str, no_replica_url: str, key: str | None
+) -> None:
+    """NGINX's own answers, for a request retried on another replica (`@retryable`) too:
+    a body over its limit, and no replica to answer."""
+    extra = b"Idempotency-Key: %s\r\n" % key.encode() if key else b""
+    head = b"POST /v1/data/put HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    answer = await first_answer(edge_url, head + extra + b"Content-Length: 3145728\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert b"application/problem+json" in answer and b"payload_too_large" in answer
+    answer = await first_answer(no_replica_url, head + extra + b"Content-Length: 2\r\n\r\n{}")
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    assert b"application/problem+json" in answer and b'"code":"unavailable"' in answer
+    assert b"Retry-After: 1" in answer and b"X-Request-Id: " in answer
+
+
+async def reachable(url: str) -> bool:
+    """Whether something accepts connections at `url` (whatever it answers)."""
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        _, writer = await asyncio.open_connection(host, int(port))
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+async def first_answer(url: str, data: bytes) -> bytes:
+    """The head and body of the first answer to `data` (NGINX may keep the connection open,
+    lingering for a body it refused)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        return head + await asyncio.wait_for(reader.readexactly(length), 10)
+    finally:
+        writer.close()

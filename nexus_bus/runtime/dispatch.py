@@ -135,10 +135,17 @@ class Dispatcher:
                 reply = await run
         except NexusError as exc:
             reply = self._fail(op, exc, request_id)
-        except Exception:
-            logger.exception("unexpected error in {}.{}", op, action)
-            error = InternalError(f"internal error; request id {request_id}")
-            reply = self._fail(op, error, request_id)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this request was cancelled (its deadline, the drain): no reply
+            # A handler let a CancelledError out that was not its own (it awaited a task
+            # someone else cancelled): a failure of that handler, which its caller hears of.
+            reply = self._unexpected(op, action, request_id)
+        except BaseException:  # Exception, or a handler's own BaseException subclass
+            reply = self._unexpected(op, action, request_id)
         finally:
             release(log_token)
         elapsed = time.perf_counter() - started
@@ -292,6 +299,13 @@ class Dispatcher:
             if isinstance(exc, NexusError):
                 raise
             raise UpstreamTimeout(f"{op}.{action} did not finish within its budget") from None
+
+    def _unexpected(self, op: str, action: str, request_id: str) -> Reply:
+        """The 500 reply for an exception no NexusError names (logged with its traceback):
+        every failure becomes a reply, so no caller waits out its timeout for it."""
+        logger.exception("unexpected error in {}.{}", op, action)
+        error = InternalError(f"internal error; request id {request_id}")
+        return self._fail(op, error, request_id)
 
     def _fail(self, op: str, error: NexusError, request_id: str) -> Reply:
         METRICS.count_error(op if op in self._groups else UNKNOWN_LABEL, error.code)

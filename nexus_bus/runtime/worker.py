@@ -39,7 +39,7 @@ from nexus_bus.config import Settings
 from nexus_bus.constants import H_REQUEST_ID, T_NATS
 from nexus_bus.discovery import WorkerDiscovery
 from nexus_bus.effects import journaled_services
-from nexus_bus.errors import PayloadTooLarge, Unavailable
+from nexus_bus.errors import PayloadTooLarge, Unavailable, UpstreamTimeout
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.operations import Operations
 from nexus_bus.registry import Registration, register
@@ -284,9 +284,14 @@ class Worker:
         action = msg.subject.rsplit(".", 1)[-1]
         assert self.dispatcher is not None
         started = time.perf_counter_ns()
-        result = await self.dispatcher.dispatch(
-            op, action, msg.headers, msg.data, deadline=deadline
-        )
+        try:
+            result = await self.dispatcher.dispatch(
+                op, action, msg.headers, msg.data, deadline=deadline
+            )
+        except asyncio.CancelledError:
+            if self._refusing and reply_to:
+                await self._abandoned(reply_to, msg)
+            raise
         if self.discovery is not None:
             self.discovery.count(op, action, started, result)  # what $SRV.STATS reports
         if isinstance(result, Expired):
@@ -361,10 +366,10 @@ class Worker:
         # only mark the subscriber stopped (after waiting for admissions in progress).
         subscriber.subscription = None
 
-    async def _finish_in_flight(self, grace: float) -> None:
-        """Let in-flight requests finish within `grace`; then refuse the rest and cancel
-        what still runs, which frees every slot an admission may be waiting for."""
-        deadline = asyncio.get_running_loop().time() + grace
+    async def _finish_in_flight(self, deadline: float) -> None:
+        """Let in-flight requests finish until `deadline` (the loop's clock); then refuse the
+        rest and cancel what still runs, which frees every slot an admission may be waiting
+        for. A cancelled request's caller is answered at once (`_serve`)."""
         while self._tasks:
             logger.info("draining {} in-flight requests", len(self._tasks))
             remaining = deadline - asyncio.get_running_loop().time()
@@ -379,6 +384,16 @@ class Worker:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _abandoned(self, reply_to: str, msg: Msg) -> None:
+        """Answer the caller of a request the drain cancelled when its grace ran out, rather
+        than leave it to its timeout: 504 `upstream_timeout`, as the timeout would have
+        said. Not 503: the handler may have done part of its work, so only an idempotent
+        request (or one with an Idempotency-Key) may be retried."""
+        error = UpstreamTimeout("the worker shut down before the request finished")
+        reply = error_reply(error, request_id_of(msg.headers or _NO_HEADERS))
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(reply_to, reply.body, headers=reply.headers)
 
     async def _refuse(self, msg: Msg) -> None:
         """Answer a delivered request this draining worker will not start: 503, retryable."""
@@ -423,13 +438,17 @@ class Worker:
         self._draining = True
         if self.discovery is not None:
             await self.discovery.stop()  # out of Consul and $SRV before anything else stops
-        grace = self._grace_s
+        # One grace for all the steps, not one each: a supervisor that kills after the grace
+        # would otherwise kill a worker still finishing (each step took up to all of it).
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self._grace_s
         if self.registration is not None:
             await self.registration.stop()  # still declared, no longer served
-        await self._stop_delivery(grace)
+        await self._stop_delivery(max(0.0, end - loop.time()))
         if self.jobs is not None:
-            await self.jobs.drain(grace)  # stop fetching jobs; unfinished ones are handed back
-        await self._finish_in_flight(grace)
+            # Stop fetching jobs; unfinished ones are handed back.
+            await self.jobs.drain(max(0.0, end - loop.time()))
+        await self._finish_in_flight(end)
         for subscriber in self._subscribers:
             await subscriber.stop()  # no admission is waiting any more: returns at once
         if self._reaper is not None:

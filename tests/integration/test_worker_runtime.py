@@ -43,6 +43,10 @@ class Seen(msgspec.Struct, frozen=True, kw_only=True):
     request_id: str
 
 
+class OddError(BaseException):
+    """A handler's own BaseException subclass."""
+
+
 class State:
     def __init__(self) -> None:
         self.started = 0
@@ -66,6 +70,12 @@ def probe_ops(op: str, state: State) -> Operations:
                 raise RuntimeError("secret internal detail")
             if req.fail == "notfound":
                 raise NotFound("no such thing")
+            if req.fail == "cancelled":  # awaiting a task someone else cancelled
+                other = asyncio.ensure_future(asyncio.sleep(10))
+                other.cancel()
+                await other
+            if req.fail == "base":
+                raise OddError("not an Exception")
             state.finished += 1
             return Seen(trace_id=ctx.trace.trace_id, request_id=ctx.request_id)
         except asyncio.CancelledError:
@@ -116,6 +126,21 @@ async def test_unexpected_exception_is_a_typed_500_and_the_worker_keeps_serving(
         await gateway.request(op, "run", {"fail": "notfound"})
     assert (await gateway.request(op, "run", {}))["request_id"]
     assert state.finished == 1
+
+
+@pytest.mark.parametrize("fail", ["cancelled", "base"])
+async def test_a_handler_letting_out_a_baseexception_is_a_500_not_a_silence(
+    probe: Callable[..., object], gateway: Gateway, fail: str
+) -> None:
+    """A CancelledError that is not the request's own cancellation (the handler awaited a
+    task someone else cancelled), or a BaseException subclass: the caller is answered at
+    once instead of waiting out its timeout."""
+    _, _, op = await probe()  # type: ignore[operator]
+    started = time.monotonic()
+    with pytest.raises(InternalError):
+        await gateway.request(op, "run", {"fail": fail}, timeout=10)
+    assert time.monotonic() - started < 2
+    assert (await gateway.request(op, "run", {}))["request_id"]
 
 
 async def test_error_reply_headers_follow_the_micro_convention(
@@ -261,6 +286,39 @@ async def test_drain_finishes_in_flight_and_takes_no_new_requests(
     assert len(await asyncio.gather(*inflight)) == 5 and state.finished == 5
     with pytest.raises(NoResponders):
         await gateway.request(op, "run", {})
+
+
+async def test_the_drain_grace_bounds_the_whole_drain(
+    probe: Callable[..., object], nats_url: str
+) -> None:
+    """Every slot busy past the grace: the drain ends within one grace (each of its steps
+    took a whole grace before), the request it cancels is answered 504 at once, and the ones
+    still waiting for a slot 503."""
+    w, state, op = await probe(concurrency=1)  # type: ignore[operator]
+    nc = await nats.connect(nats_url)
+    budget = {"Nexus-Timeout-Ms": "30000"}
+
+    async def call(seconds: float) -> str:
+        body = msgspec.json.encode({"seconds": seconds})
+        reply = await nc.request(f"nexus.{op}.run", body, timeout=10, headers=budget)
+        return (reply.headers or {}).get("Nexus-Status", "")
+
+    try:
+        inflight = asyncio.create_task(call(5))
+        for _ in range(500):
+            if state.started == 1:
+                break
+            await asyncio.sleep(0.01)
+        waiting = [asyncio.create_task(call(0.1)) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await w.drain(1.0)
+        assert time.monotonic() - started < 1.8
+        assert await asyncio.wait_for(inflight, 2) == "504"
+        assert await asyncio.wait_for(asyncio.gather(*waiting), 2) == ["503", "503"]
+        assert state.cancelled == 1
+    finally:
+        await nc.close()
 
 
 def test_sigterm_drains_a_worker_process(nats_url: str, redis_url: str, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
@@ -75,6 +76,17 @@ def render_config(source: str, tmp: Path, port: int, upstreams: list[int]) -> st
     return text
 
 
+def start_nginx(
+    prefix: Path, conf: Path, stderr: int | IO[bytes] = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
+    """NGINX in the foreground on `conf`, with `prefix` for its temp, log and pid files."""
+    assert NGINX is not None
+    return subprocess.Popen(
+        [NGINX, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL, stderr=stderr,
+    )
+
+
 def start_shim(settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -123,12 +135,8 @@ def processes(
     edge_port = free_port()
     conf = tmp_path / "nginx.conf"
     conf.write_text(render_config(CONFIG.read_text(), tmp_path, edge_port, shim_ports))
-    assert NGINX is not None
     with (tmp_path / "nginx.stderr").open("wb") as err:
-        nginx = subprocess.Popen(
-            [NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"],
-            stdout=subprocess.DEVNULL, stderr=err,
-        )
+        nginx = start_nginx(tmp_path, conf, err)
     try:
         yield f"http://127.0.0.1:{edge_port}", shims, nginx
     finally:

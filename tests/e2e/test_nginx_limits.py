@@ -10,7 +10,6 @@ lingering close. The config is the one compose runs, with its timeouts shortened
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import Iterator
 
@@ -18,7 +17,15 @@ import pytest
 
 from nexus_bus import Settings
 from nexus_bus.embedded import free_port
-from tests.e2e.test_nginx import CONFIG, NGINX, answers, render_config, start_shim, stop
+from tests.e2e.test_nginx import (
+    CONFIG,
+    NGINX,
+    answers,
+    render_config,
+    start_nginx,
+    start_shim,
+    stop,
+)
 from tests.integration.http_shim import poll_until
 
 pytestmark = pytest.mark.skipif(
@@ -38,11 +45,7 @@ def edge_url(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> It
         text = text.replace(f"{name} 10s;", f"{name} {TIMEOUT_S}s;")
     conf = tmp / "nginx.conf"
     conf.write_text(text)
-    assert NGINX is not None
-    nginx = subprocess.Popen(
-        [NGINX, "-p", str(tmp), "-c", str(conf), "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    nginx = start_nginx(tmp, conf)
     url = f"http://127.0.0.1:{edge_port}"
     try:
         asyncio.run(poll_until(lambda: answers(f"http://127.0.0.1:{shim_port}"), 30))
@@ -125,11 +128,7 @@ def no_replica_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     edge_port = free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(render_config(CONFIG.read_text(), tmp, edge_port, [free_port()]))
-    assert NGINX is not None
-    nginx = subprocess.Popen(
-        [NGINX, "-p", str(tmp), "-c", str(conf), "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    nginx = start_nginx(tmp, conf)
     url = f"http://127.0.0.1:{edge_port}"
     try:
         asyncio.run(poll_until(lambda: reachable(url), 10))

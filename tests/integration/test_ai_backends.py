@@ -281,8 +281,10 @@ async def test_concurrent_identical_cached_completions_run_the_model_once(
 ) -> None:
     # The model answers after the cache's default wait (0.5 s), and after max_fill_age_s
     # (lowered from 5 s to keep the test short): the others still wait for its answer.
+    # Redis calls get 2 s rather than 150 ms: on a loaded CI machine a slow answer would fail
+    # open (each caller loads by itself), which is not what this test is about.
     settings = ai_settings(nats_url, redis_url, section(provider),
-                           cache={"max_fill_age_s": 0.5})
+                           cache={"max_fill_age_s": 0.5, "timeout_ms": 2000})
     provider.latency_s = 1.0
     body = {"prompt": f"same {uid}", "temperature": 0, "cache": True, "max_tokens": 16}
     async with serving_ai(settings, f"ai{uid}") as gw:

@@ -1,6 +1,6 @@
 """The Redis cache: read-through, write-through and cache-aside with revisions (docs/cache.md)."""
 
-from nexus_bus.cache.core import Cache, Peers
+from nexus_bus.cache.core import Cache
 from nexus_bus.cache.declare import invalidates, read_through, write_through
 from nexus_bus.cache.entries import (
     UNKNOWN_REVISION,
@@ -11,6 +11,7 @@ from nexus_bus.cache.entries import (
     Kind,
     Lookup,
 )
+from nexus_bus.cache.notice import Peers
 from nexus_bus.cache.policy import CachePolicy
 from nexus_bus.cache.records import CachedRecordStore
 from nexus_bus.cache.service import cached_records, create_cache, data_policy, start_cache

@@ -31,7 +31,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import msgspec
 
@@ -44,10 +44,10 @@ from nexus_bus.cache.entries import (
     Kind,
     Written,
 )
-from nexus_bus.cache.floors import Floors
-from nexus_bus.cache.keys import CacheKey, build_key, is_under
+from nexus_bus.cache.floors import Floor, Floors, repair_floors
+from nexus_bus.cache.keys import CacheKey, KeyNames, is_under
 from nexus_bus.cache.local import LocalCache
-from nexus_bus.cache.notice import Notice
+from nexus_bus.cache.notice import Notice, Peers
 from nexus_bus.cache.policy import CachePolicy
 from nexus_bus.cache.stats import CacheResult, CacheStats
 from nexus_bus.constants import CACHE_DEFAULT_NAMESPACE, CACHE_KEY_PREFIX
@@ -67,33 +67,11 @@ _REPAIR_BACKOFF = ExponentialBackoff(base_s=0.2, cap_s=5.0, jitter=Jitter.EQUAL)
 # Waiting out a read lease that no holder acknowledged: Redis measured the lease on its own
 # clock; allow for clocks that run at slightly different rates, and for timer slack.
 _DRIFT = 0.01
-_MAX_NAMES = 4096
 _SLACK_S = 0.002
 # Closing waits this long at most for writes still running (`finish`); each step of one is
 # bounded by its own timeout, and a worker that drains has cancelled their callers already.
 _CLOSE_WAIT_S = 10.0
 _encode = msgspec.json.Encoder().encode
-
-
-class Peers(Protocol):
-    """The other workers, reached over NATS (`invalidation.CacheBus`)."""
-
-    async def fence(self, notice: Notice) -> bool:
-        """Ask a worker that reaches Redis to fence `notice.key`; whether one did."""
-        ...
-
-    async def announce(self, notice: Notice) -> None:
-        """Tell every worker about a write (best effort)."""
-        ...
-
-    async def revoke(self, origin: str, notice: Notice, timeout_s: float) -> bool:
-        """Ask the worker `origin` to drop `notice.key` from its L1; whether it acknowledged
-        within `timeout_s`."""
-        ...
-
-    async def close(self) -> None:
-        """Stop listening to the other workers."""
-        ...
 
 
 class Cache:
@@ -152,7 +130,7 @@ class Cache:
         self._repair_task: asyncio.Task[None] | None = None
         # Names of recently used keys: building one validates and formats on every read,
         # and a hot key is read thousands of times a second. Bounded; cleared when full.
-        self._names: dict[tuple[str, str], CacheKey] = {}
+        self._names = KeyNames(prefix)
 
     def attach(self, peers: Peers | None) -> None:
         """Connect the cache to its peers (once the bus is subscribed)."""
@@ -164,13 +142,7 @@ class Cache:
         Raises:
             ValueError: an invalid namespace or key.
         """
-        names = self._names.get((namespace, key))
-        if names is None:
-            names = build_key(self.prefix, namespace, key)
-            if len(self._names) >= _MAX_NAMES:
-                self._names.clear()
-            self._names[(namespace, key)] = names
-        return names
+        return self._names.of(namespace, key)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -570,17 +542,13 @@ class Cache:
 
     async def _repair(self) -> None:
         """Fence every floored key in Redis, retrying with backoff, until no floor is left."""
-        failures = 0
-        while pending := self.floors.pending():
-            for key, floor in pending:
-                notice = Notice(key=key, revision=floor.revision, fence_ttl_ms=floor.fence_ttl_ms)
-                if not await self.apply_fence(notice):
-                    failures += 1
-                    await asyncio.sleep(self._repair_backoff.compute(failures, self._rng))
-                    break
-                self.floors.repaired(key, floor)
-            else:
-                failures = 0
+
+        async def fence(key: str, floor: Floor) -> bool:
+            notice = Notice(key=key, revision=floor.revision, fence_ttl_ms=floor.fence_ttl_ms)
+            return await self.apply_fence(notice)
+
+        backoff, rng = self._repair_backoff, self._rng
+        await repair_floors(self.floors, fence, lambda failures: backoff.compute(failures, rng))
 
     # -- plumbing ------------------------------------------------------------------------
 

@@ -9,13 +9,15 @@ expired on its own.
 
 The set is bounded. When it overflows the worker stops trusting cached entries altogether
 (reads go to the system of record) for one entry lifetime: losing a floor silently could
-serve an old value, distrusting costs only latency. Pure; the clock is injected.
+serve an old value, distrusting costs only latency. The clock is injected, and the repair
+loop (`repair_floors`) is handed the call that fences a key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 
@@ -105,3 +107,22 @@ class Floors:
     def _prune(self, now: float) -> None:
         for key in [k for k, f in self._floors.items() if f.expires_at <= now]:
             del self._floors[key]
+
+
+async def repair_floors(
+    floors: Floors,
+    fence: Callable[[str, Floor], Awaitable[bool]],
+    backoff_s: Callable[[int], float],
+) -> None:
+    """The repair loop: fence every floored key (`fence`: whether it landed), in order,
+    waiting `backoff_s(consecutive failures)` after a failure, until no floor is left."""
+    failures = 0
+    while pending := floors.pending():
+        for key, floor in pending:
+            if not await fence(key, floor):
+                failures += 1
+                await asyncio.sleep(backoff_s(failures))
+                break
+            floors.repaired(key, floor)
+        else:
+            failures = 0

@@ -52,3 +52,27 @@ def build_key(prefix: str, namespace: str, key: str) -> CacheKey:
 def is_under(prefix: str, entry: str) -> bool:
     """Whether `entry` names a cache entry under `prefix` (checks names that came off the bus)."""
     return entry.startswith(prefix + ":")
+
+
+class KeyNames:
+    """`build_key` for one prefix, remembered: the same keys are named on every request.
+    Bounded: past `max_names` the memo starts again."""
+
+    def __init__(self, prefix: str, *, max_names: int = 4096) -> None:
+        self._prefix = prefix
+        self._max = max_names
+        self._names: dict[tuple[str, str], CacheKey] = {}
+
+    def of(self, namespace: str, key: str) -> CacheKey:
+        """The names of `key` in `namespace`.
+
+        Raises:
+            ValueError: an invalid namespace or key.
+        """
+        names = self._names.get((namespace, key))
+        if names is None:
+            names = build_key(self._prefix, namespace, key)
+            if len(self._names) >= self._max:
+                self._names.clear()
+            self._names[(namespace, key)] = names
+        return names

@@ -7,7 +7,7 @@ a request on `nexus.sys.cache.fence` when the writer could not update Redis itse
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Protocol
 
 import msgspec
 
@@ -64,3 +64,24 @@ def decode_reply(data: bytes) -> FenceReply:
         msgspec.ValidationError / msgspec.DecodeError: not a fence reply.
     """
     return _reply_decoder.decode(data)
+
+
+class Peers(Protocol):
+    """The other workers, reached over NATS (`invalidation.CacheBus`)."""
+
+    async def fence(self, notice: Notice) -> bool:
+        """Ask a worker that reaches Redis to fence `notice.key`; whether one did."""
+        ...
+
+    async def announce(self, notice: Notice) -> None:
+        """Tell every worker about a write (best effort)."""
+        ...
+
+    async def revoke(self, origin: str, notice: Notice, timeout_s: float) -> bool:
+        """Ask the worker `origin` to drop `notice.key` from its L1; whether it acknowledged
+        within `timeout_s`."""
+        ...
+
+    async def close(self) -> None:
+        """Stop listening to the other workers."""
+        ...

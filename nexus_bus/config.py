@@ -57,7 +57,8 @@ class NatsSettings(BaseModel):
     initial_refused_timeout_s: float | None = Field(None, gt=0)
     reconnect_wait_s: float = Field(0.5, gt=0)
     max_reconnect_attempts: int = -1  # forever: a worker must outlive a broker restart
-    # Bounded so that a long outage cannot replay minutes of stale requests (TRAPS.md).
+    # Bounded so that a long outage cannot replay minutes of stale requests: nats-py
+    # flushes this buffer after reconnecting, maybe after the caller already got a 504.
     pending_size_bytes: int = Field(2 * 1024 * 1024, gt=0)
     inbox_prefix: str = "_INBOX"
     # Opt-in speedups over nats-py internals, per connection (nexus_bus/bus/_speedups).

@@ -1,6 +1,6 @@
 """A Consul agent DOUBLE for tests: a real HTTP server speaking the agent API nexus-bus calls.
 
-No Consul binary can be installed on these machines (TRAPS.md), so this double stands in for
+No Consul binary can be installed on these machines, so this double stands in for
 the local agent. It is not a mock: it is an HTTP server on a real port, called by py-consul
 over the network, and it really *runs* the health checks it is given:
 

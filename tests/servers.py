@@ -1,6 +1,6 @@
 """Where tests get real servers: environment URLs, testcontainers, or local binaries.
 
-Order (STYLE.md): `NEXUS_TEST_NATS_URL` / `NEXUS_TEST_REDIS_URL` → testcontainers when a Docker
+Order: `NEXUS_TEST_NATS_URL` / `NEXUS_TEST_REDIS_URL` → testcontainers when a Docker
 engine answers → local binaries on free ports in a temp dir, killed by PID afterwards. Tests
 that kill and restart servers always use local binaries (`local_nats`, `local_redis`).
 """

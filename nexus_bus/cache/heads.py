@@ -4,7 +4,7 @@ the revision of either.
 `RecordStore.get` says only "not found" for a deleted key; the cache needs the revision of
 the delete marker too, so that a tombstone outranks every fill of the value it deleted.
 Heads are read from the stream leader (`STREAM.MSG.GET`, not direct get): a follower or
-mirror may still hold a value older than a write that already returned (TRAPS.md).
+mirror may still hold a value older than a write that already returned (docs/cache.md).
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ class Gateway:
         content_type: str | None = None,
         extra: Mapping[str, str] | None = None,
     ) -> dict[str, str]:
-        """The request headers of DESIGN.md, with a fresh deadline."""
+        """The request headers of the wire contract (docs/contract.md), with a fresh deadline."""
         trace = parse_traceparent(traceparent) if traceparent else None
         budget_ms = max(1, int(timeout_s * 1000))
         headers = {

@@ -4,7 +4,7 @@ Two paths run a handler again after it may already have written to the system of
 
 - a job: JetStream delivers it at least once; a worker dying after the handler wrote but
   before the ack gets it delivered again (`Nats-Msg-Id` dedup only covers the submission, and
-  late acks are accepted: TRAPS.md);
+  late acks are accepted: nats-server#4786);
 - a request with `Idempotency-Key`: a worker dying after the handler wrote but before the
   reply was recorded leaves the key's claim to expire, and the retry runs again
   (`policies/idempotency.py`).

@@ -37,7 +37,7 @@ TITLE: Final = "nexus-bus"
 PROBLEM_NAME: Final = "problem"
 DIGITS: Final = "^[0-9]{1,16}$"
 
-# Header schemas (NATS header = HTTP header unless noted in DESIGN.md). Header values are
+# Header schemas (NATS header = HTTP header unless noted in docs/contract.md). Header values are
 # strings on both transports, so numbers are described as digit strings.
 REQUEST_HEADERS: Final[dict[str, dict[str, Any]]] = {
     H_AUTHORIZATION: {

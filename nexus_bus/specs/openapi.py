@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document of the HTTP shim (DESIGN.md "HTTP shim"), served at `/openapi.json`.
+"""The OpenAPI 3.1 document of the HTTP shim (docs/http.md), served at `/openapi.json`.
 
 Every registered operation is a concrete path, `POST /v1/<op>/<action>`, with its request
 and reply schemas, the `202` job answer to `Prefer: respond-async`, and problem+json error

@@ -1,4 +1,4 @@
-"""The project's docs stand alone: no link leaves the repository for files users lack."""
+"""The project stands alone: no doc, comment or config names files users lack."""
 
 from __future__ import annotations
 
@@ -7,13 +7,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Everything a user reads: docs, code and its comments, tests, the compose stack's configs.
+SOURCES = [
+    path
+    for folder in ("nexus_bus", "handlers", "schemas", "tests", "benchmarks", "compose")
+    for path in sorted((ROOT / folder).rglob("*"))
+    if path.is_file() and path.suffix in {".py", ".md", ".conf", ".yml", ".yaml", ".json", ".js"}
+    and path != Path(__file__).resolve()
+]
+OUTSIDE = re.compile(r"\.\./shared/\S*|\b(?:DESIGN|TRAPS|STYLE)\.md\b")
 
 
-def test_docs_name_no_file_outside_the_repository() -> None:
+def test_no_file_names_a_file_outside_the_repository() -> None:
     outside = [
-        f"{doc.name}: {hit}"
-        for doc in DOCS
-        for hit in re.findall(r"\.\./shared/\S*|\b(?:DESIGN|TRAPS|STYLE)\.md\b", doc.read_text())
+        f"{path.relative_to(ROOT)}: {hit}"
+        for path in [*DOCS, ROOT / "Makefile", *SOURCES]
+        for hit in OUTSIDE.findall(path.read_text(errors="replace"))
     ]
     assert outside == []
 

@@ -6,7 +6,7 @@ nats-server (docs/benchmarks.md), above the 5% a private-API patch has to earn. 
 else that used to patch nats-py (a protocol parser, a one-coroutine publish) or drive its
 subscriptions by hand bought less than 5% end to end and was removed.
 
-Rules (STYLE.md, "Dependencies: their public API"):
+Rules (a dependency is used through its public API, except here):
 
 - off unless `NEXUS_NATS__SPEEDUPS=true`;
 - installed on one connection at a time (`install(nc)`), never on a class or at import, so

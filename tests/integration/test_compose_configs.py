@@ -7,16 +7,23 @@ by looking at the tree.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 import yaml
+from nats.js.api import StreamConfig
 
 from nexus_bus.config import load_settings
-from nexus_bus.embedded import find_nats_server
+from nexus_bus.embedded import find_nats_server, free_port, nats_cluster
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose"
 
@@ -101,3 +108,60 @@ def test_every_shim_and_worker_registers_with_the_compose_consul(
         monkeypatch.setenv(key, str(value))
     consul = load_settings().consul
     assert consul.enabled and (consul.check_interval_s, consul.check_timeout_s) == (5.0, 3.0)
+
+
+def test_nexus_services_wait_for_the_whole_cluster_and_restart() -> None:
+    """Workers create R3 streams at startup and exit when they cannot: each nexus service waits
+    for every NATS node, and every service comes back after it exits."""
+    services = compose_doc()["services"]
+    nexus = [name for name in services if name.startswith(("worker-", "shim-"))]
+    for name in nexus:
+        needs = services[name]["depends_on"]
+        for node in ("nats-1", "nats-2", "nats-3", "redis"):
+            assert needs[node] == {"condition": "service_healthy"}, f"{name} on {node}"
+    for name, service in services.items():
+        assert service.get("restart") == "unless-stopped", name
+
+
+def _healthz(port: int, query: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz?{query}", timeout=3) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_the_nats_healthcheck_passes_only_once_the_cluster_serves_r3_streams(
+    tmp_path: Path,
+) -> None:
+    """The real nats-server, asked what the compose healthcheck asks: a lone node of a fresh
+    cluster is not healthy (an R3 stream cannot be created yet); with all three it is."""
+    check = compose_doc()["x-nats"]["healthcheck"]["test"][-1]
+    query = urllib.parse.urlsplit(check).query
+    nodes = nats_cluster(tmp_path, 3)
+    monitor = [free_port() for _ in nodes]
+    for node, port in zip(nodes, monitor, strict=True):
+        node.argv += ["-m", str(port)]
+    try:
+        nodes[0].start()
+        time.sleep(1)  # a node alone: nothing more comes if we wait
+        assert _healthz(monitor[0], query) == 503
+        for node in nodes[1:]:
+            node.start()
+        deadline = time.monotonic() + 30
+        while _healthz(monitor[0], query) != 200:
+            assert time.monotonic() < deadline, "the cluster never became healthy"
+            time.sleep(0.2)
+        asyncio.run(_create_r3_stream(nodes[0].url))
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+async def _create_r3_stream(url: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().add_stream(StreamConfig(name="R3", num_replicas=3))
+        assert info.config.num_replicas == 3
+    finally:
+        await nc.close()

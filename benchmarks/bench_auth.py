@@ -56,9 +56,9 @@ from nexus_bus.auth import (
 )
 from nexus_bus.auth.authenticator import bearer_token
 from nexus_bus.auth.operator import issue_token
-from nexus_bus.auth.revocation import SEEDED_KEY
+from nexus_bus.auth.revocation import SEEDED_FIELD
 from nexus_bus.auth.service import new_jti, revocation_store
-from nexus_bus.constants import AUTH_REVOKED_BUCKET
+from nexus_bus.constants import AUTH_REVOKED_BUCKET, AUTH_REVOKED_KEY
 from nexus_bus.embedded import nats_server, redis_server
 from nexus_bus.observability import configure_logging
 from nexus_bus.redis_client import create_redis
@@ -172,7 +172,7 @@ async def lookups(nats_url: str, redis_url: str, rounds: int) -> None:
     cases: dict[str, Any] = {
         "store is_revoked, not revoked": lambda: store.is_revoked(new_jti()),
         "store is_revoked, revoked": lambda: store.is_revoked(revoked),
-        "Redis EXISTS alone, revoked": lambda: redis.exists(f"nexus:auth:revoked:{revoked}"),
+        "Redis HEXISTS alone, revoked": lambda: redis.hexists(AUTH_REVOKED_KEY, revoked),
         "KV get alone (nats-py), revoked": lambda: kv.get(revoked),
     }
     print(f"revocation lookup, sequential, median of 5 x {rounds // 5} (us per lookup; p99):")
@@ -194,7 +194,7 @@ async def lookups(nats_url: str, redis_url: str, rounds: int) -> None:
             await store.revoke(new_jti())
         seeds = []
         for _ in range(5):
-            await redis.delete(SEEDED_KEY)  # as after a Redis restart
+            await redis.hdel(AUTH_REVOKED_KEY, SEEDED_FIELD)  # as if Redis lost its data
             started = time.perf_counter()
             await store.is_revoked(revoked)
             seeds.append((time.perf_counter() - started) * 1e3)

@@ -11,28 +11,27 @@ Two copies, with two jobs:
   with the replicas and storage of every other stream); the bucket's max age is the
   retention. Redis runs without persistence, as a cache must: were it the only copy, a Redis
   restart would silently make every revoked token valid again.
-- The read path: Redis, `nexus:auth:revoked:<key>` with the retention as its expiry, and the
-  marker `nexus:auth:{revocations}.seeded` (no expiry) saying that Redis holds every record.
-  A lookup is one Redis round trip for both; it never touches JetStream, so a JetStream
-  leader election (a NATS node died) does not stall token checks.
+- The read path: one Redis hash, `nexus:auth:{revocations}`, a field per record (its value
+  the record's expiry, Unix ms) and the marker field `.seeded` saying that the hash holds
+  every record. A lookup is one command (`HMGET` of the marker and the id); it never touches
+  JetStream, so a JetStream leader election (a NATS node died) does not stall token checks.
 
-A lookup that finds no marker (Redis restarted empty, or first use ever) re-seeds Redis
-before it answers: it lists the bucket's keys, SETs each, and sets the marker last. Ordering:
-`revoke` puts the KV record first and SETs its Redis key second, so a revocation that
-commits while a re-seed runs is either in the listing (put before it) or SETs its own key
-before its `revoke` returns; once the marker is set, every revocation whose `revoke`
-returned is in Redis. A Redis that restarts during a re-seed must not get the marker: each
-re-seed adds a nonce to a set at its start, and the marker is set by a script only if the
-nonce is still there (a restart empties the set; that re-seed fails with 503 and the next
-lookup starts another).
+Records and marker live and die together, in one key without an expiry: Redis restarting
+empty, an eviction under any `maxmemory-policy` (`volatile-*` never picks a key without an
+expiry; `allkeys-*` drops the hash whole) or a Redis Cluster node losing it takes the marker
+with the records, so the next lookup re-seeds. (Separate keys, one per record with its own
+expiry, let `volatile-*` evict exactly the records and keep the marker: revoked tokens passed
+again.) Fields past their expiry are pruned a page at a time, on each `revoke`.
 
-Caveat: the marker vouches for keys that Redis may still drop on its own. Under memory
-pressure any eviction policy but `noeviction` can evict revocation keys and keep the marker
-(the marker has no expiry and they have one, so `volatile-*` policies pick exactly them):
-those tokens would pass again until Redis restarts. Run this Redis with `maxmemory-policy
-noeviction` (Redis's default) or without `maxmemory` (`nexus-bus up` and compose set neither).
-The same holds for a Redis Cluster node that loses its keys while the marker's node keeps
-its own.
+A lookup that finds no marker (Redis restarted empty, first use ever, an eviction) re-seeds
+Redis before it answers: it lists the bucket's keys, HSETs each, and sets the marker last.
+Ordering: `revoke` puts the KV record first and HSETs its field second, so a revocation that
+commits while a re-seed runs is either in the listing (put before it) or HSETs its own field
+before its `revoke` returns; once the marker is set, every revocation whose `revoke` returned
+is in Redis. A hash lost during a re-seed must not get the marker: each re-seed adds a nonce
+field at its start, and a script sets the marker only if that field is still there (a
+restart or an eviction drops it; that re-seed fails with 503 and the next lookup starts
+another).
 
 Every worker asks the store when it verifies a token it has not seen (or whose cached answer
 is older than `auth.cache_ttl_s`). A store that cannot answer (Redis down; JetStream down
@@ -45,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -55,7 +55,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from nexus_bus.config import JetStreamSettings
-from nexus_bus.constants import AUTH_REVOKED_KEY_PREFIX
+from nexus_bus.constants import AUTH_REVOKED_KEY
 from nexus_bus.errors import InvalidRequest, NexusError, Unavailable
 from nexus_bus.jetstream import ensure_revocations_bucket
 from nexus_bus.observability import logger
@@ -68,22 +68,36 @@ from nexus_bus.store import translate_nats_errors
 _PLAIN_JTI: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _HASHED_PREFIX: Final = "sha256."
 _WHAT: Final = "the token revocation store"
-# Outside the revocation keys' prefix (no id can collide with them), in one hash slot (the
-# script below touches both on a Redis Cluster).
-SEEDED_KEY: Final = "nexus:auth:{revocations}.seeded"
-_SEEDING_KEY: Final = "nexus:auth:{revocations}.seeding"
+# Fields of the hash beside the records: no record key starts with a dot.
+SEEDED_FIELD: Final = ".seeded"
+_SEEDING_FIELD: Final = ".seeding."  # + a re-seed's nonce
 _SEEDING_TTL_S: Final = 60  # a re-seed that died leaves its nonce this long at most
+_NEVER: Final = "never"  # the marker's "expiry": not a number, so never pruned
+_PRUNE_PAGE: Final = 100  # fields looked at per `revoke`: more than the one it adds
 # How long a re-seed may wait for JetStream (the bucket, then its keys): the requests behind
 # it get 503 after this, not after nats-py's own timeouts.
 SEED_TIMEOUT_S: Final = 2.0
 _SEED_BATCH: Final = 1000
-# The marker only if this re-seed's nonce survived (Redis did not restart meanwhile).
+# The marker only if this re-seed's nonce survived (the hash was not lost meanwhile).
 _SEAL_LUA: Final = """
-if redis.call('SREM', KEYS[1], ARGV[1]) == 1 then
-  redis.call('SET', KEYS[2], '1')
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
   return 1
 end
 return 0
+"""
+# One page of fields from cursor ARGV[1]: those whose expiry (Unix ms) is before ARGV[2] go.
+# Returns the next cursor ("0": a whole pass is done).
+_PRUNE_LUA: Final = """
+local page = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[3])
+local fields = page[2]
+for i = 1, #fields, 2 do
+  local expiry = tonumber(fields[i + 1])
+  if expiry and expiry < tonumber(ARGV[2]) then
+    redis.call('HDEL', KEYS[1], fields[i])
+  end
+end
+return page[1]
 """
 
 
@@ -145,23 +159,25 @@ class RevocationStoreWithCache:
         settings: JetStreamSettings,
         *,
         retention_s: int,
-        prefix: str = AUTH_REVOKED_KEY_PREFIX,
+        key: str = AUTH_REVOKED_KEY,
     ) -> None:
         """Args:
         redis: the read path.
         js: where the bucket lives.
         settings: its replicas and storage.
         retention_s: how long a record lasts (`TokenPolicy.revocation_ttl_s`).
-        prefix: of the Redis keys.
+        key: the Redis hash.
         """
         self._redis = redis
         self._js = js
         self._settings = settings
         self._retention_s = max(1, retention_s)
-        self._prefix = prefix
+        self._key = key
         self._kv: KeyValue | None = None
         self._seeding: asyncio.Task[None] | None = None
         self._seal = redis.register_script(_SEAL_LUA)
+        self._prune = redis.register_script(_PRUNE_LUA)
+        self._prune_cursor = b"0"
 
     async def prepare(self) -> None:
         """Make sure of the bucket now (a worker at start, where JetStream must answer anyway).
@@ -178,7 +194,8 @@ class RevocationStoreWithCache:
 
         A 503 after the KV put (Redis failed) leaves the revocation durable but not yet on
         the read path: lookups see it only once Redis is re-seeded (it restarted) or the
-        caller retries, which it should. A failed KV put leaves nothing anywhere.
+        caller retries, which it should. A failed KV put leaves nothing anywhere. Each call
+        also prunes one page of expired records.
 
         Raises:
             InvalidRequest: an empty id.
@@ -192,7 +209,12 @@ class RevocationStoreWithCache:
             async with translate_nats_errors("put revocation"):
                 await kv.put(key, jti.encode(errors="surrogatepass"))
         async with self._redis_failing():
-            await self._redis.set(self._prefix + key, b"1", ex=self._retention_s)
+            now_ms = int(time.time() * 1000)
+            await self._redis.hset(self._key, key, _ms_from_now(self._retention_s))
+            cursor = await self._prune(
+                keys=[self._key], args=[self._prune_cursor, now_ms, _PRUNE_PAGE]
+            )
+            self._prune_cursor = cursor
 
     async def is_revoked(self, jti: str) -> bool:
         """Whether `jti` is revoked, as Redis says (re-seeded first when it lost its data).
@@ -201,7 +223,7 @@ class RevocationStoreWithCache:
             Unavailable: Redis cannot be reached, or it must be re-seeded and JetStream
                 cannot be (within `SEED_TIMEOUT_S`).
         """
-        key = self._prefix + revocation_key(jti)
+        key = revocation_key(jti)
         seeded, found = await self._lookup(key)
         if not seeded:
             await self._reseeded()
@@ -211,13 +233,10 @@ class RevocationStoreWithCache:
         return found
 
     async def _lookup(self, key: str) -> tuple[bool, bool]:
-        """(Redis holds every record, it holds `key`): one round trip."""
+        """(Redis holds every record, it holds `key`): one command."""
         async with self._redis_failing():
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.exists(SEEDED_KEY)
-            pipe.exists(key)
-            seeded, found = await pipe.execute()
-        return bool(seeded), bool(found)
+            seeded, found = await self._redis.hmget(self._key, [SEEDED_FIELD, key])
+        return seeded is not None, found is not None
 
     async def _reseeded(self) -> None:
         """One re-seed per process at a time; concurrent callers await the same one.
@@ -243,12 +262,10 @@ class RevocationStoreWithCache:
             Unavailable: JetStream did not list the keys within `SEED_TIMEOUT_S`, Redis
                 failed, or Redis restarted meanwhile.
         """
-        nonce = uuid.uuid4().hex
+        nonce = _SEEDING_FIELD + uuid.uuid4().hex
         async with self._redis_failing():
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.sadd(_SEEDING_KEY, nonce)
-            pipe.expire(_SEEDING_KEY, _SEEDING_TTL_S)
-            await pipe.execute()
+            # Its expiry, like a record's: pruned after a re-seed that died.
+            await self._redis.hset(self._key, nonce, _ms_from_now(_SEEDING_TTL_S))
         try:
             async with asyncio.timeout(SEED_TIMEOUT_S), self._failing_closed():
                 kv = await self._bucket()
@@ -261,12 +278,11 @@ class RevocationStoreWithCache:
             detail = f"re-seed: JetStream did not list the revocations within {SEED_TIMEOUT_S} s"
             raise Unavailable(f"{_WHAT} cannot answer ({detail})") from None
         async with self._redis_failing():
+            expiry = _ms_from_now(self._retention_s)
             for start in range(0, len(keys), _SEED_BATCH):
-                pipe = self._redis.pipeline(transaction=False)
-                for key in keys[start : start + _SEED_BATCH]:
-                    pipe.set(self._prefix + key, b"1", ex=self._retention_s)
-                await pipe.execute()
-            sealed = await self._seal(keys=[_SEEDING_KEY, SEEDED_KEY], args=[nonce])
+                batch = keys[start : start + _SEED_BATCH]
+                await self._redis.hset(self._key, mapping=dict.fromkeys(batch, expiry))
+            sealed = await self._seal(keys=[self._key], args=[nonce, SEEDED_FIELD, _NEVER])
         if not sealed:
             raise Unavailable(f"{_WHAT} cannot answer (Redis lost its data during a re-seed)")
         logger.info("token revocations re-seeded into Redis: {} from JetStream KV", len(keys))
@@ -305,6 +321,10 @@ class RevocationStoreWithCache:
             yield
         except REDIS_FAILURES as exc:
             raise map_redis_error(exc, _WHAT) from exc
+
+
+def _ms_from_now(seconds: float) -> int:
+    return int((time.time() + seconds) * 1000)
 
 
 class MemoryRevocationStore:

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -28,12 +29,13 @@ from nexus_bus.auth import Keyring, TokenCodec
 from nexus_bus.auth.operator import revoke_token
 from nexus_bus.auth.revocation import (
     SEED_TIMEOUT_S,
-    SEEDED_KEY,
+    SEEDED_FIELD,
     RevocationStoreWithCache,
     revocation_key,
 )
 from nexus_bus.auth.service import revocation_store
-from nexus_bus.embedded import ServerProcess
+from nexus_bus.constants import AUTH_REVOKED_KEY
+from nexus_bus.embedded import ServerProcess, redis_server
 from nexus_bus.errors import Unavailable
 from nexus_bus.redis_client import create_redis
 from tests.conftest import make_settings, shared_keys_dir
@@ -201,7 +203,7 @@ async def test_a_reseed_copies_the_records_once_redis_lost_them(
     monkeypatch.setattr(RevocationStoreWithCache, "_reseed", counted)
     try:
         assert not await store.is_revoked("j0")  # first use ever: an empty bucket
-        assert reseeds == 1 and await redis.exists(SEEDED_KEY)
+        assert reseeds == 1 and await redis.hexists(AUTH_REVOKED_KEY, SEEDED_FIELD)
         ids = ["j1", "j2", "odd id *"]
         for jti in ids:
             await store.revoke(jti)
@@ -210,11 +212,72 @@ async def test_a_reseed_copies_the_records_once_redis_lost_them(
         answers = await asyncio.gather(*(store.is_revoked(j) for j in [*ids, "j0"] * 5))
         assert answers == [True, True, True, False] * 5
         assert reseeds == 2
+        now_ms = time.time() * 1000
         for jti in ids:
-            ttl = await redis.ttl(f"nexus:auth:revoked:{revocation_key(jti)}")
-            assert 600 < ttl <= 600 + settings.auth.leeway_s
-        assert await redis.ttl(SEEDED_KEY) == -1  # the marker never expires
+            expiry = int(await redis.hget(AUTH_REVOKED_KEY, revocation_key(jti)))
+            assert 600_000 < expiry - now_ms <= (600 + settings.auth.leeway_s) * 1000
+        assert await redis.ttl(AUTH_REVOKED_KEY) == -1  # neither the hash nor its marker expire
         assert await store.is_revoked("j1") and reseeds == 2  # seeded: Redis alone answers
+    finally:
+        await redis.aclose()
+        await nc.close()
+
+
+@pytest.mark.parametrize("policy", ["volatile-lru", "allkeys-lru"])
+async def test_a_revocation_outlives_evictions_under_memory_pressure(
+    local_nats: ServerProcess, tmp_path: Path, policy: str
+) -> None:
+    """A Redis with `maxmemory` and an evicting policy (ElastiCache's default is volatile-lru),
+    filled by the cache's own keys (each with an expiry): a revoked token stays revoked.
+
+    One key per revocation, each with an expiry beside a marker without one, let
+    `volatile-lru` evict exactly the revocations and keep the marker."""
+    redis_proc = redis_server(
+        tmp_path / "redis", extra_args=["--maxmemory", "4mb", "--maxmemory-policy", policy]
+    ).start()
+    settings = make_settings(local_nats.url, redis_proc.url + "/0")
+    redis = create_redis(settings.redis)
+    nc = await nats.connect(local_nats.url)
+    store = revocation_store(settings, redis, nc)
+    try:
+        revoked = [uuid.uuid4().hex for _ in range(20)]
+        for jti in revoked:
+            await store.revoke(jti)
+        assert all([await store.is_revoked(jti) for jti in revoked])  # seeded
+        filler = b"x" * 1024
+        for start in range(0, 20_000, 500):  # about 20 MB of cache entries into 4 MB
+            pipe = redis.pipeline(transaction=False)
+            for i in range(start, start + 500):
+                pipe.set(f"nexus:cache:filler:{i}", filler, ex=3600)
+            await pipe.execute()
+        assert int((await redis.info("stats"))["evicted_keys"]) > 0
+        assert [await store.is_revoked(jti) for jti in revoked] == [True] * len(revoked)
+        assert not await store.is_revoked(uuid.uuid4().hex)
+    finally:
+        await redis.aclose()
+        await nc.close()
+        redis_proc.kill()
+
+
+async def test_records_past_their_expiry_are_pruned_from_redis(
+    local_nats: ServerProcess, local_redis: ServerProcess
+) -> None:
+    """The hash has no expiry of its own: each `revoke` prunes a page of expired fields (a
+    dead re-seed's nonce too), and the marker stays."""
+    settings = make_settings(local_nats.url, local_redis.url + "/0")
+    redis = create_redis(settings.redis)
+    nc = await nats.connect(local_nats.url)
+    key = f"nexus:test:{uuid.uuid4().hex}"
+    store = RevocationStoreWithCache(
+        redis, nc.jetstream(), settings.jetstream, retention_s=1, key=key
+    )
+    try:
+        for jti in ("old1", "old2", "old3"):
+            await store.revoke(jti)
+        await redis.hset(key, mapping={SEEDED_FIELD: "never", ".seeding.dead": 1})
+        await asyncio.sleep(1.1)
+        await store.revoke("new")
+        assert sorted(await redis.hkeys(key)) == [SEEDED_FIELD.encode(), b"new"]
     finally:
         await redis.aclose()
         await nc.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client
@@ -96,6 +98,8 @@ async def start_cache(nc: Client, redis: RedisClient, settings: Settings) -> Cac
         await store.warm_up(_WARM_UP_S)
     except CacheUnavailable as exc:
         logger.warning("redis cache is not reachable at start ({}); failing open until it is", exc)
+    if warning := await eviction_warning(redis):
+        logger.warning(warning)
     if not store.holds and settings.cache.local_ttl_s > 0:
         logger.info("redis cluster: no L1 (read leases need one epoch per Redis; docs/cache.md)")
     cache = create_cache(store, settings.cache, local=store.holds)
@@ -108,6 +112,35 @@ async def start_cache(nc: Client, redis: RedisClient, settings: Settings) -> Cac
     )
     await bus.start()
     return cache
+
+
+async def eviction_warning(redis: RedisClient) -> str | None:
+    """What to tell the operator of a Redis that evicts keys under memory pressure, or None.
+
+    The cache's tombstones, fences and read leases must last their time (docs/cache.md): an
+    evicted one can let a read return a value older than a write that completed. Checked
+    once at start from `INFO memory`; a Redis that refuses `INFO` (ACLs, some managed
+    services) is not second-guessed.
+    """
+    try:
+        async with asyncio.timeout(_WARM_UP_S):
+            info: dict[str, Any] = await redis.info("memory")
+    except Exception:
+        return None
+    # A cluster client answers per node: {node: {field: value}}.
+    nodes = [info] if "maxmemory_policy" in info else list(info.values())
+    for node in nodes:
+        if not isinstance(node, dict):
+            continue
+        policy, limit = node.get("maxmemory_policy", "noeviction"), node.get("maxmemory", 0)
+        if policy != "noeviction" and int(limit or 0) > 0:
+            return (
+                f"redis evicts keys under memory pressure (maxmemory {limit} bytes, "
+                f"maxmemory-policy {policy}): the cache's tombstones, fences and read leases "
+                "may go early and a read return a value older than a completed write; "
+                "run it with maxmemory-policy noeviction (docs/cache.md)"
+            )
+    return None
 
 
 def cached_records(

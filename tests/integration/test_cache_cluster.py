@@ -13,8 +13,10 @@ from redis.asyncio.cluster import RedisCluster
 from nexus_bus import NotFound, Settings
 from nexus_bus.cache import CachedRecordStore, data_policy
 from nexus_bus.cache.heads import Absent, Head, KeyValueHeads
+from nexus_bus.cache.service import eviction_warning
 from nexus_bus.embedded import RedisClusterProcesses, redis_cluster
 from nexus_bus.jetstream import ensure_data_bucket
+from nexus_bus.redis_client import create_redis
 from nexus_bus.store import KeyValueRecordStore
 from tests.conftest import make_settings, open_services
 
@@ -122,3 +124,19 @@ async def test_cluster_stampede_races_and_cache_aside(cluster_settings: Settings
         for cache in (a.cache, b.cache, a.cache):
             assert await cache.get_or_set(f"gos.{uid}", getter, 60) == {"uid": uid}
         assert len(calls) == 1
+
+
+async def test_the_eviction_check_reads_every_node_of_a_cluster(
+    cluster_settings: Settings,
+) -> None:
+    redis = create_redis(cluster_settings.redis)
+    every = RedisCluster.ALL_NODES
+    try:
+        assert await eviction_warning(redis) is None  # the nodes keep Redis's default
+        await redis.config_set("maxmemory", "64mb", target_nodes=every)
+        await redis.config_set("maxmemory-policy", "allkeys-lru", target_nodes=every)
+        assert "maxmemory-policy allkeys-lru" in (await eviction_warning(redis) or "")
+    finally:
+        await redis.config_set("maxmemory", "0", target_nodes=every)
+        await redis.config_set("maxmemory-policy", "noeviction", target_nodes=every)
+        await redis.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -31,9 +32,10 @@ from nexus_bus.cache.entries import Written
 from nexus_bus.cache.heads import Absent, Head, KeyValueHeads
 from nexus_bus.cache.keys import CacheKey
 from nexus_bus.cache.redis_entries import RedisEntryStore
-from nexus_bus.embedded import free_port
+from nexus_bus.embedded import free_port, redis_server
 from nexus_bus.errors import InvalidRequest, Unavailable
 from nexus_bus.jetstream import ensure_data_bucket
+from nexus_bus.observability import logger
 from nexus_bus.store import Deleted, KeyValueRecordStore
 from tests.conftest import make_settings, open_services
 
@@ -452,3 +454,25 @@ async def test_declared_read_through_and_write_through_on_real_redis(
             with pytest.raises(NotFound):
                 await get(ItemRequest(id="missing"), ctx)
         assert loads == ["a", "missing"]  # one load each; the rest hit Redis
+
+
+async def test_a_worker_warns_at_start_when_redis_evicts(
+    nats_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Evicted tombstones, fences or read leases break the cache's guarantee: the operator
+    learns of such a Redis at start, and of no other."""
+    evicting = redis_server(
+        tmp_path, extra_args=["--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"]
+    ).start()
+    warnings: list[str] = []
+    sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
+    try:
+        for url in (redis_url, evicting.url):
+            async with open_services(make_settings(nats_url, url)):
+                pass
+    finally:
+        logger.remove(sink)
+        evicting.kill()
+    evictions = [w for w in warnings if "evicts keys" in w]
+    assert len(evictions) == 1
+    assert "maxmemory 67108864 bytes, maxmemory-policy volatile-lru" in evictions[0]

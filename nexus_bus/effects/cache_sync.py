@@ -8,8 +8,13 @@ the replaced value.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
 from nexus_bus.cache import UNKNOWN_REVISION, Cache, CachePolicy, Entry
 from nexus_bus.constants import CACHE_DATA_NAMESPACE
+
+T = TypeVar("T")
 
 
 class CacheWriteThrough:
@@ -24,6 +29,14 @@ class CacheWriteThrough:
         """Store the entry at `revision` unless the cache holds a newer one. Never raises."""
         entry = Entry.absent(revision) if value is None else Entry.of(value, revision)
         await self._cache.write(self._namespace, key, entry, self._policy)
+
+    async def finish(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work` to its end even when the caller is cancelled (`Cache.finish`).
+
+        Raises:
+            Whatever `work` raises.
+        """
+        return await self._cache.finish(work)
 
     async def fenced(self, key: str, revision: int) -> None:
         """Fence the entry at `revision`, or above every revision when it is 0 (unknown), so

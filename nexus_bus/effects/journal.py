@@ -35,7 +35,8 @@ and since journaled writes reach the KV around the cache, each one is then writt
 the cache (`WriteThrough`) with its revision. After a write skipped on a rerun, or one whose
 batch may or may not have landed, the key's current head is written through (never the
 rerun's own value), which also repairs a cache the first run could not update before it died;
-when the head cannot be read, the key is fenced instead.
+when the head cannot be read, the key is fenced instead. A commit and its write-through (or a
+resync) run to their end even when the handler is cancelled meanwhile (`WriteThrough.finish`).
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -81,6 +82,7 @@ _KEY: Final = re.compile(KEY_PATTERN)
 _SCOPE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}(\.[A-Za-z0-9_-]{1,128})?")
 _WRONG_LAST_SEQUENCE: Final = 10071
 _DELETED: Final = frozenset({"DEL", "PURGE"})
+T = TypeVar("T")
 
 
 class EffectRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,6 +103,15 @@ class WriteThrough(Protocol):
 
     async def written(self, key: str, value: bytes | None, revision: int) -> None:
         """`key` holds `value` (None: deleted) as of `revision`. Never raises."""
+        ...
+
+    async def finish(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work`, a write and its write-through, to its end even when the caller is
+        cancelled: cancelling only stops the caller waiting for it.
+
+        Raises:
+            Whatever `work` raises.
+        """
         ...
 
     async def fenced(self, key: str, revision: int) -> None:
@@ -223,18 +234,16 @@ class JournaledRecordStore:
                 if expected_revision is not None:
                     last = await self._expected_for(subject, key, expected_revision)
                     headers[H_NATS_EXPECTED_LAST_SUBJECT_SEQ] = str(last)
-                seq = await self._commit(subject, value, headers, record_subject, record)
+                return await self._finish(
+                    self._commit_through(subject, value, headers, record_subject, record)
+                )
             except Conflict:
                 # An earlier run's batch may have landed late (its confirmation was lost):
                 # then the key moved because of this very write, and it is done.
                 done = await self._recorded(record_subject, "put", key, scope.request)
                 if done is None:
                     raise
-            else:
-                if self._write_through is not None:
-                    await self._write_through.written(key, value, seq - 1)
-                return seq - 1
-        await self._resync(key, done[1] - 1)
+        await self._finish(self._resync(key, done[1] - 1))
         return done[1] - 1
 
     async def delete(self, key: str) -> bool:
@@ -251,22 +260,52 @@ class JournaledRecordStore:
         subject = self._key_subject(key)
         record_subject = self._next_record(scope)
         done = await self._recorded(record_subject, "delete", key, scope.request)
-        if done is not None:
-            await self._resync(key, done[1] - 1)
-            return done[0].existed
-        existed = (await self._last(subject)) is not None
-        record = EffectRecord(kind="delete", key=key, existed=existed, request=scope.request)
-        try:
-            seq = await self._commit(subject, b"", {H_KV_OPERATION: "DEL"}, record_subject, record)
-        except Conflict:  # without a CAS, only the record can refuse: a twin committed first
-            done = await self._recorded(record_subject, "delete", key, scope.request)
-            if done is None:
-                raise
-            await self._resync(key, done[1] - 1)
-            return done[0].existed
+        if done is None:
+            existed = (await self._last(subject)) is not None
+            record = EffectRecord(kind="delete", key=key, existed=existed, request=scope.request)
+            headers = {H_KV_OPERATION: "DEL"}
+            try:
+                await self._finish(
+                    self._commit_through(subject, None, headers, record_subject, record)
+                )
+                return existed
+            except Conflict:  # without a CAS, only the record can refuse: a twin committed first
+                done = await self._recorded(record_subject, "delete", key, scope.request)
+                if done is None:
+                    raise
+        await self._finish(self._resync(key, done[1] - 1))
+        return done[0].existed
+
+    async def _finish(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work`, a commit or a resync and its write-through, to its end even when the
+        caller is cancelled (`Cache.finish`, which the cache's `close` waits for).
+
+        Handlers are cancelled (the worker's deadline reaper, a dispatch timeout, a drain);
+        one cancelled after its batch was stored, but before the write-through, left Redis
+        serving the value the write replaced for a whole TTL, and a request that is never
+        retried has no rerun to repair it.
+        """
+        if self._write_through is None:
+            return await work  # no cache to keep coherent: the next run reads the record
+        return await self._write_through.finish(work)
+
+    async def _commit_through(
+        self,
+        subject: str,
+        value: bytes | None,
+        headers: dict[str, str],
+        record_subject: str,
+        record: EffectRecord,
+    ) -> int:
+        """Commit the write (`value` None: a delete) and write it through; its revision.
+
+        Raises:
+            As `_commit`.
+        """
+        seq = await self._commit(subject, value or b"", headers, record_subject, record)
         if self._write_through is not None:
-            await self._write_through.written(key, None, seq - 1)
-        return existed
+            await self._write_through.written(record.key, value, seq - 1)
+        return seq - 1
 
     async def _resync(self, key: str, revision: int) -> None:
         """After a skipped write (or an unconfirmed one), write the key's current head through.

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 
 import nats.errors
 import pytest
@@ -19,11 +19,15 @@ from nexus_bus.effects import (
     effect_scope,
     effect_subject,
     ensure_effect_records,
+    journaled_services,
 )
 from nexus_bus.errors import NexusError
 from nexus_bus.jetstream import ensure_data_bucket
 from nexus_bus.jobs.envelope import new_job_id
-from nexus_bus.store import KeyValueRecordStore
+from nexus_bus.store import KeyValueRecordStore, RecordStore
+from tests.conftest import open_services
+
+T = TypeVar("T")
 
 
 class Recorder:
@@ -38,6 +42,9 @@ class Recorder:
 
     async def fenced(self, key: str, revision: int) -> None:
         self.fences.append((key, revision))
+
+    async def finish(self, work: Coroutine[Any, Any, T]) -> T:
+        return await work
 
 
 @pytest.fixture
@@ -184,3 +191,58 @@ async def test_a_write_that_may_have_landed_on_a_key_nobody_can_read_is_fenced(
         else:
             await store.delete(key)
     assert recorder.fences == [(key, 0)]
+
+
+@pytest.mark.parametrize("stage", ["commit", "rerun"])
+@pytest.mark.parametrize("op", ["put", "delete"])
+async def test_a_journaled_write_cancelled_before_its_write_through_still_writes_through(
+    settings: Settings, uid: str, op: str, stage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's deadline reaper (again and again) or a drain cancels a handler whose
+    write is in the KV but not yet in Redis: after its batch was stored, before the handler
+    took the confirmation (`commit`); or a rerun that found the write done by a run that died
+    before its write-through, while it read the head to repair the cache (`rerun`). Another
+    worker reading through Redis must not get the replaced value for ttl_s."""
+    key, job = f"cancelled.{uid}", new_job_id()
+    async with open_services(settings) as a, open_services(settings) as b:
+        writer = await journaled_services(a, record_ttl_s=3600)
+        await writer.records.put(key, b"old")  # outside a scope: the cached store writes it
+        assert (await b.records.get(key)).value == b"old"  # in Redis
+
+        async def handler(records: RecordStore) -> None:
+            with effect_scope(job):
+                if op == "put":
+                    await records.put(key, b"new")
+                else:
+                    await records.delete(key)
+
+        if stage == "rerun":  # the first run commits, and dies before its write-through
+            await handler(await journal(a.nc, settings))
+            assert (await b.records.get(key)).value == b"old"
+        real_request = a.nc.request
+        held, answer = asyncio.Event(), asyncio.Event()
+
+        async def request(subject: str, payload: bytes = b"", **kwargs: Any) -> Any:
+            reply = await real_request(subject, payload, **kwargs)
+            committing = subject.startswith(f"{EFFECTS_PREFIX}.")
+            if committing if stage == "commit" else key.encode() in payload:
+                held.set()  # the batch is stored, or the head read
+                await answer.wait()  # the answer is slow to reach the handler
+            return reply
+
+        monkeypatch.setattr(a.nc, "request", request)
+        writing = asyncio.create_task(handler(writer.records))
+        await asyncio.wait_for(held.wait(), 10)
+        while not writing.done():  # the reaper cancels until the handler is gone
+            writing.cancel()
+            await asyncio.sleep(0)
+        with pytest.raises(asyncio.CancelledError):
+            await writing
+        answer.set()
+        assert a.cache is not None
+        await a.cache.close()  # waits for the write still running
+        if op == "put":
+            assert (await b.records.get(key)).value == b"new"
+        else:
+            with pytest.raises(NotFound):
+                await b.records.get(key)

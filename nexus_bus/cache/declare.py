@@ -16,13 +16,16 @@ The wrappers keep the handler's signature and annotations (`Operations` reads th
 and reply types from them) and use `ctx.services.cache`; without a cache they just call the
 handler. Replies are cached as JSON and decoded as the handler's return type. With
 `revision=`, entries are ordered by that revision (compare-and-set); without it, by leases.
+Each wrapper records its declaration (`declarations`), so a worker checks the policies of the
+versioned ones against its cache settings at start (`declaration_problems`).
 """
 
 from __future__ import annotations
 
 import functools
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -52,11 +55,56 @@ KeyOf = Callable[[Any], str]
 RevisionOf = Callable[[Any], int]
 
 _DEFAULT_POLICY: Final = CachePolicy()
+_DECLARATIONS: Final = "__nexus_cache_declarations__"
 _encode: Final = msgspec.json.Encoder().encode
 
 
 def _cache_of(ctx: HandlerContext) -> Cache | None:
     return getattr(ctx.services, "cache", None)
+
+
+@dataclass(frozen=True, slots=True)
+class Declaration:
+    """One cache declaration around a handler.
+
+    Attributes:
+        namespace: the cache namespace.
+        policy: its policy.
+        versioned: whether entries are ordered by a revision (`revision=`).
+    """
+
+    namespace: str
+    policy: CachePolicy
+    versioned: bool
+
+
+def declarations(handler: Handler) -> tuple[Declaration, ...]:
+    """The cache declarations around `handler`, innermost first."""
+    declared: tuple[Declaration, ...] = getattr(handler, _DECLARATIONS, ())
+    return declared
+
+
+def declaration_problems(
+    handlers: Iterable[tuple[str, Handler]], max_fill_age_s: float
+) -> list[str]:
+    """Why the versioned declarations around `handlers` (named `op.action`) cannot keep their
+    guarantee with the cache's `max_fill_age_s`: each entry names the handler, the namespace
+    and the policy field (`CachePolicy.fill_age_problems`). Empty: none.
+    """
+    return [
+        f"{name}: cache {declared.namespace!r} (revision=): {problem}"
+        for name, handler in handlers
+        for declared in declarations(handler)
+        if declared.versioned
+        for problem in declared.policy.fill_age_problems(max_fill_age_s)
+    ]
+
+
+def _declare(wrapper: Handler, namespace: str, policy: CachePolicy, versioned: bool) -> Handler:
+    # functools.wraps copied the inner declarations (the wrapped function's __dict__).
+    declared = Declaration(namespace, policy, versioned)
+    setattr(wrapper, _DECLARATIONS, (*declarations(wrapper), declared))
+    return wrapper
 
 
 def read_through(
@@ -98,7 +146,7 @@ def read_through(
                 raise missing[0] if missing else NotFound(f"{namespace}: not found")
             return msgspec.json.decode(entry.value, type=reply_type)
 
-        return cached
+        return _declare(cached, namespace, policy, revision is not None)
 
     return decorate
 
@@ -132,7 +180,7 @@ def write_through(
                 await cache.write(namespace, key(req), entry, policy)
             return reply
 
-        return writing
+        return _declare(writing, namespace, policy, revision is not None)
 
     return decorate
 
@@ -165,6 +213,6 @@ def invalidates(
                     await cache.write(namespace, key(req), Entry.fence(revision(reply)), policy)
             return reply
 
-        return invalidating
+        return _declare(invalidating, namespace, policy, revision is not None)
 
     return decorate

@@ -85,6 +85,31 @@ class CachePolicy:
         """The longest any entry written under this policy can stay in Redis."""
         return self.ttl_s * (1 + self.jitter) + self.stale_s
 
+    def fill_age_problems(self, max_fill_age_s: float) -> list[str]:
+        """What, under this policy, a versioned fill could outlive (empty: nothing).
+
+        A versioned fill is refused `max_fill_age_s` after the read that missed, so a newer
+        value or a fence it raced with must live longer than that, at the shortest TTL the
+        jitter gives it. (Not-found entries of a declaration are unversioned: they never
+        outrank a versioned fill, and `negative_ttl_s` is free.)
+
+        Args:
+            max_fill_age_s: the cache's `max_fill_age_s`.
+        """
+        problems = []
+        shortest = self.ttl_s * (1 - self.jitter) + self.stale_s
+        if shortest <= max_fill_age_s:
+            problems.append(
+                f"ttl_s less its jitter, plus stale_s ({shortest:g} s at the shortest), must be"
+                f" longer than cache.max_fill_age_s ({max_fill_age_s:g} s)"
+            )
+        if self.fence_ttl_s <= max_fill_age_s:
+            problems.append(
+                f"fence_ttl_s ({self.fence_ttl_s:g} s) must be longer than"
+                f" cache.max_fill_age_s ({max_fill_age_s:g} s)"
+            )
+        return problems
+
     @property
     def caches_absence(self) -> bool:
         """Whether "not found" is cached."""

@@ -35,11 +35,12 @@ from nexus_bus.bus.connection import broker_options, flush_subscriptions, instal
 from nexus_bus.bus.metadata import deadline_ms, headers_size, request_id_of
 from nexus_bus.bus.replies import Expired, Reply, error_reply
 from nexus_bus.bus.subjects import is_inbox, operation_wildcard, queue_group
+from nexus_bus.cache.declare import declaration_problems
 from nexus_bus.config import Settings
 from nexus_bus.constants import H_REQUEST_ID, T_NATS
 from nexus_bus.discovery import WorkerDiscovery
 from nexus_bus.effects import journaled_services
-from nexus_bus.errors import PayloadTooLarge, Unavailable, UpstreamTimeout
+from nexus_bus.errors import ConfigError, PayloadTooLarge, Unavailable, UpstreamTimeout
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.operations import Operations
 from nexus_bus.registry import Registration, register
@@ -78,6 +79,10 @@ class Worker:
 
     `start()`/`drain()` (or `run()`) drive it from a program or a test; `app` is the same
     worker as a FastStream application, whose hooks do the same steps.
+
+    Raises:
+        ConfigError: (on creation) a handler's cache declaration with `revision=` has TTLs a
+            fill may outlive (`cache.max_fill_age_s`, docs/cache.md).
     """
 
     def __init__(
@@ -89,6 +94,13 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.groups = [g for g in groups if len(g)]
+        if settings.cache.enabled:
+            # Settings check the `data` policy; users' versioned declarations are checked
+            # here, the first place that has both (docs/cache.md, guarantee 3).
+            handlers = ((f"{o.op}.{o.action}", o.handler) for g in self.groups for o in g)
+            problems = declaration_problems(handlers, settings.cache.max_fill_age_s)
+            if problems:
+                raise ConfigError("cache declarations: " + "; ".join(problems))
         self._authenticator = authenticator
         self._inbox_prefix = settings.nats.inbox_prefix
         # In-flight tasks with their op and absolute deadline (epoch ms), for the reaper.

@@ -8,10 +8,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from nexus_bus import NotFound, Operations, RequestContext
+from nexus_bus import NotFound, Operations, RequestContext, Worker
 from nexus_bus.bus.metadata import new_trace
 from nexus_bus.cache import Cache, CachePolicy, invalidates, read_through, write_through
 from nexus_bus.cache.memory import MemoryEntryStore
+from nexus_bus.config import ConfigError, load_settings
 
 
 class GetUser(msgspec.Struct, frozen=True, kw_only=True):
@@ -110,3 +111,48 @@ async def test_without_a_cache_the_handler_runs_every_time() -> None:
     for _ in range(3):
         await handler(GetUser(id="1"), context(None))
     assert reads == ["1", "1", "1"]
+
+
+def test_a_worker_refuses_versioned_declarations_whose_entries_a_late_fill_outlives() -> None:
+    """A versioned fill is refused only `cache.max_fill_age_s` after its read, so the value
+    or fence it raced with must live longer than that at the shortest jittered TTL; the
+    built-in `data` policy is checked by settings, users' declarations by the worker."""
+    settings = load_settings(
+        discover=False, nats={"url": "nats://127.0.0.1:4222"}, cache={"max_fill_age_s": 5}
+    )
+    ops = Operations("users")
+    by_version = {"revision": lambda u: u.version}
+
+    @ops.action("get")  # 5.2 s less 10 %: 4.68 s at the shortest
+    @read_through("users", key=lambda req: req.id, policy=CachePolicy(ttl_s=5.2), **by_version)
+    async def get(req: GetUser, ctx: RequestContext) -> User: ...
+
+    @ops.action("forget")
+    @invalidates("users", key=lambda req: req.id, policy=CachePolicy(fence_ttl_s=5), **by_version)
+    async def forget(req: GetUser, ctx: RequestContext) -> User: ...
+
+    with pytest.raises(ConfigError) as caught:
+        Worker(settings, [ops])
+    message = str(caught.value)
+    assert "users.get: cache 'users' (revision=): ttl_s less its jitter" in message
+    assert "users.forget: cache 'users' (revision=): fence_ttl_s" in message
+    assert "max_fill_age_s" in message
+    fine = Operations("items")
+
+    @fine.action("get")  # unversioned: ordered by its lease, not bounded by the fill age
+    @read_through("items", key=lambda req: req.id, policy=CachePolicy(ttl_s=1, fence_ttl_s=1))
+    async def get_item(req: GetUser, ctx: RequestContext) -> User: ...
+
+    @fine.action("rename")  # 5.2 s less 10 %, plus stale_s: 5.68 s
+    @write_through(
+        "items", key=lambda req: req.id, value=lambda req, reply: reply.user,
+        policy=CachePolicy(ttl_s=5.2, stale_s=1, negative_ttl_s=1), **by_version,
+    )
+    async def rename(req: Rename, ctx: RequestContext) -> Renamed: ...
+
+    Worker(settings, [fine])
+    disabled = load_settings(
+        discover=False, nats={"url": "nats://127.0.0.1:4222"},
+        cache={"enabled": False, "max_fill_age_s": 5},
+    )
+    Worker(disabled, [ops])  # without a cache the declarations only call the handler

@@ -11,7 +11,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -379,8 +387,17 @@ class BudgetSettings(BaseModel):
 
     model_config = ConfigDict(defer_build=True)
 
-    requests_per_min: float = Field(0.0, ge=0)
+    requests_per_min: float = Field(0.0, ge=0)  # below 1: one request every 1/n minutes
     tokens_per_min: float = Field(0.0, ge=0)  # estimated: prompt chars / 4 + max_tokens
+
+    @field_validator("tokens_per_min")
+    @classmethod
+    def _check_tokens(cls, value: float) -> float:
+        # A request is estimated at a token or more: over a smaller minute's budget, every
+        # one would be refused (400, docs/ai.md).
+        if 0 < value < 1:
+            raise ValueError("must be 0 (off) or at least 1: every request counts 1 token or more")
+        return value
 
 
 class AISettings(BaseModel):

@@ -97,9 +97,13 @@ def minute_budget(per_min: float, cost: int) -> RateLimit:
     half the budget could never pass. The 1e-6 keeps the float arithmetic on Redis's
     epoch-millisecond clock from refusing a request that exactly fits. One costing more than
     the whole budget never fits: `charge` refuses it before asking.
+
+    A budget below one unit a minute (`requests_per_min` 0.5: a request every two minutes)
+    has a tolerance of one unit's interval instead: a minute's worth, half a request, would
+    never fit, and every request was refused.
     """
     cost = max(1, cost)
-    burst = per_min / cost + 1e-6
+    burst = max(per_min, 1) / cost + 1e-6
     return RateLimit(per_min / 60 / cost, cast(int, burst))
 
 

@@ -257,6 +257,20 @@ async def test_a_request_over_a_whole_minutes_token_budget_is_invalid_not_rate_l
     assert len(provider.calls(CHAT)) == 1 and provider.calls(EMBED) == []
 
 
+async def test_a_request_budget_below_one_a_minute_admits_one_request_every_few_minutes(
+    provider: ProviderDouble, nats_url: str, redis_url: str, uid: str
+) -> None:
+    # 0.5 a minute: one request, then the next two minutes later (every one was refused).
+    ai = {**section(provider), "budget": {"requests_per_min": 0.5}}
+    settings = ai_settings(nats_url, redis_url, ai)
+    async with serving_ai(settings, f"ai{uid}") as gw:
+        await gw.request(f"ai{uid}", "complete", {"prompt": "x"})
+        with pytest.raises(RateLimited) as over:
+            await gw.request(f"ai{uid}", "complete", {"prompt": "x"})
+    assert over.value.retry_after is not None and 100 <= over.value.retry_after <= 120
+    assert len(provider.calls(CHAT)) == 1
+
+
 async def test_deterministic_completions_and_embeddings_are_cached(
     provider: ProviderDouble, nats_url: str, redis_url: str, uid: str
 ) -> None:

@@ -16,6 +16,7 @@ from nexus_bus.ai.openai import chat_body, map_status, map_transport_error, pars
 from nexus_bus.ai.runtime import minute_budget
 from nexus_bus.ai.settings import AISettings, BackendSettings, read_api_key
 from nexus_bus.ai.similarity import cosine, text_of, top_k
+from nexus_bus.config import ConfigError, load_settings
 from nexus_bus.errors import (
     CircuitOpen,
     InvalidRequest,
@@ -95,6 +96,28 @@ def test_minute_budget_admits_exactly_a_minutes_worth() -> None:
             tat = decision.tat_ms
     assert admitted == [True, False, True, True, False]
     assert decide(minute_budget(1000, 5000), None, now).allowed is False
+
+
+def test_a_request_budget_below_one_a_minute_spaces_requests_out() -> None:
+    """`requests_per_min` 0.5: one request every two minutes (its burst was half a request,
+    so every request was refused, and its Retry-After waited out in vain)."""
+    limit, now = minute_budget(0.5, 1), 1.7e12
+    first = decide(limit, None, now)
+    assert first.allowed
+    early = decide(limit, first.tat_ms, now + 60_000)
+    assert not early.allowed and early.retry_after_ms == pytest.approx(60_000, abs=1)
+    assert decide(limit, first.tat_ms, now + 120_000).allowed
+
+
+def test_a_token_budget_below_one_token_a_minute_is_invalid() -> None:
+    """Every request is estimated at a token or more, over such a minute's budget: each
+    would be refused (400), so the setting is refused instead, by name."""
+    with pytest.raises(ConfigError, match=r"ai\.budget\.tokens_per_min: .*at least 1"):
+        load_settings(discover=False, ai={"budget": {"tokens_per_min": 0.5}})
+    settings = load_settings(
+        discover=False, ai={"budget": {"tokens_per_min": 1, "requests_per_min": 0.5}}
+    )
+    assert settings.ai.budget.requests_per_min == 0.5
 
 
 def test_similarity() -> None:

@@ -25,10 +25,21 @@ class CacheWriteThrough:
         self._policy = policy
         self._namespace = namespace
 
-    async def written(self, key: str, value: bytes | None, revision: int) -> None:
-        """Store the entry at `revision` unless the cache holds a newer one. Never raises."""
+    async def seal(self, key: str) -> bool:
+        """Take back every L1 copy of `key` before a write (`Cache.seal`). Never raises."""
+        return await self._cache.seal(self._namespace, key, self._policy)
+
+    async def unseal(self, key: str) -> None:
+        """End the seal of a write that did not happen. Never raises."""
+        await self._cache.invalidate(self._namespace, key, self._policy, sealed=True)
+
+    async def written(
+        self, key: str, value: bytes | None, revision: int, *, sealed: bool = False
+    ) -> None:
+        """Store the entry at `revision` unless the cache holds a newer one (`sealed`: ending
+        the write's seal). Never raises."""
         entry = Entry.absent(revision) if value is None else Entry.of(value, revision)
-        await self._cache.write(self._namespace, key, entry, self._policy)
+        await self._cache.write(self._namespace, key, entry, self._policy, sealed=sealed)
 
     async def finish(self, work: Coroutine[Any, Any, T]) -> T:
         """Run `work` to its end even when the caller is cancelled (`Cache.finish`).
@@ -38,8 +49,8 @@ class CacheWriteThrough:
         """
         return await self._cache.finish(work)
 
-    async def fenced(self, key: str, revision: int) -> None:
+    async def fenced(self, key: str, revision: int, *, sealed: bool = False) -> None:
         """Fence the entry at `revision`, or above every revision when it is 0 (unknown), so
         that nothing older is served or filled while the fence lives. Never raises."""
         entry = Entry.fence(revision or UNKNOWN_REVISION)
-        await self._cache.write(self._namespace, key, entry, self._policy)
+        await self._cache.write(self._namespace, key, entry, self._policy, sealed=sealed)

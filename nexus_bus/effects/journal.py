@@ -32,7 +32,10 @@ journaled: a rerun reads the state its first run left behind.
 
 The journal wraps the worker's record store, cache included: reads go through it unchanged,
 and since journaled writes reach the KV around the cache, each one is then written through to
-the cache (`WriteThrough`) with its revision. After a write skipped on a rerun, or one whose
+the cache (`WriteThrough`) with its revision. Before its batch is sent, a write seals its key
+(`WriteThrough.seal`), as the cached store's own writes do: every L1 copy of the key is taken
+back, so no read sees the old value after any read saw the new one, and the write-through (or
+the resync after a failure) ends the seal. After a write skipped on a rerun, or one whose
 batch may or may not have landed, the key's current head is written through (never the
 rerun's own value), which also repairs a cache the first run could not update before it died;
 when the head cannot be read, the key is fenced instead. A commit and its write-through (or a
@@ -101,8 +104,22 @@ _decoder: Final = msgspec.json.Decoder(EffectRecord)
 class WriteThrough(Protocol):
     """Keeps a cache in front of the records coherent with writes made around it."""
 
-    async def written(self, key: str, value: bytes | None, revision: int) -> None:
-        """`key` holds `value` (None: deleted) as of `revision`. Never raises."""
+    async def seal(self, key: str) -> bool:
+        """Before a write of `key` is sent: take back every in-process copy of it and hand out
+        none until the write-through (`sealed=True`) or one lease. Whether it sealed (pass it
+        on). Never raises."""
+        ...
+
+    async def unseal(self, key: str) -> None:
+        """End the seal of a write that did not happen (the entry is as good as it was).
+        Never raises."""
+        ...
+
+    async def written(
+        self, key: str, value: bytes | None, revision: int, *, sealed: bool = False
+    ) -> None:
+        """`key` holds `value` (None: deleted) as of `revision` (`sealed`: ends this write's
+        seal). Never raises."""
         ...
 
     async def finish(self, work: Coroutine[Any, Any, T]) -> T:
@@ -114,9 +131,10 @@ class WriteThrough(Protocol):
         """
         ...
 
-    async def fenced(self, key: str, revision: int) -> None:
+    async def fenced(self, key: str, revision: int, *, sealed: bool = False) -> None:
         """`key` was written at `revision` (0: at one nobody can tell), and what it holds now
-        cannot be read: nothing older may be served or filled back. Never raises."""
+        cannot be read: nothing older may be served or filled back (`sealed`: as for
+        `written`). Never raises."""
         ...
 
 
@@ -227,23 +245,26 @@ class JournaledRecordStore:
         subject = self._key_subject(key)
         record_subject = self._next_record(scope)
         done = await self._recorded(record_subject, "put", key, scope.request)
+        sealed = False
         if done is None:
             record = EffectRecord(kind="put", key=key, request=scope.request)
+            sealed = await self._seal(key)
             try:
                 headers: dict[str, str] = {}
                 if expected_revision is not None:
                     last = await self._expected_for(subject, key, expected_revision)
                     headers[H_NATS_EXPECTED_LAST_SUBJECT_SEQ] = str(last)
                 return await self._finish(
-                    self._commit_through(subject, value, headers, record_subject, record)
+                    self._commit_through(subject, value, headers, record_subject, record, sealed)
                 )
             except Conflict:
                 # An earlier run's batch may have landed late (its confirmation was lost):
                 # then the key moved because of this very write, and it is done.
                 done = await self._recorded(record_subject, "put", key, scope.request)
                 if done is None:
+                    await self._unseal(key, sealed)
                     raise
-        await self._finish(self._resync(key, done[1] - 1))
+        await self._finish(self._resync(key, done[1] - 1, sealed=sealed))
         return done[1] - 1
 
     async def delete(self, key: str) -> bool:
@@ -260,20 +281,23 @@ class JournaledRecordStore:
         subject = self._key_subject(key)
         record_subject = self._next_record(scope)
         done = await self._recorded(record_subject, "delete", key, scope.request)
+        sealed = False
         if done is None:
             existed = (await self._last(subject)) is not None
             record = EffectRecord(kind="delete", key=key, existed=existed, request=scope.request)
             headers = {H_KV_OPERATION: "DEL"}
+            sealed = await self._seal(key)
             try:
                 await self._finish(
-                    self._commit_through(subject, None, headers, record_subject, record)
+                    self._commit_through(subject, None, headers, record_subject, record, sealed)
                 )
                 return existed
             except Conflict:  # without a CAS, only the record can refuse: a twin committed first
                 done = await self._recorded(record_subject, "delete", key, scope.request)
                 if done is None:
+                    await self._unseal(key, sealed)
                     raise
-        await self._finish(self._resync(key, done[1] - 1))
+        await self._finish(self._resync(key, done[1] - 1, sealed=sealed))
         return done[0].existed
 
     async def _finish(self, work: Coroutine[Any, Any, T]) -> T:
@@ -289,6 +313,13 @@ class JournaledRecordStore:
             return await work  # no cache to keep coherent: the next run reads the record
         return await self._write_through.finish(work)
 
+    async def _seal(self, key: str) -> bool:
+        return self._write_through is not None and await self._write_through.seal(key)
+
+    async def _unseal(self, key: str, sealed: bool) -> None:
+        if sealed and self._write_through is not None:
+            await self._write_through.unseal(key)
+
     async def _commit_through(
         self,
         subject: str,
@@ -296,18 +327,19 @@ class JournaledRecordStore:
         headers: dict[str, str],
         record_subject: str,
         record: EffectRecord,
+        sealed: bool,
     ) -> int:
         """Commit the write (`value` None: a delete) and write it through; its revision.
 
         Raises:
             As `_commit`.
         """
-        seq = await self._commit(subject, value or b"", headers, record_subject, record)
+        seq = await self._commit(subject, value or b"", headers, record_subject, record, sealed)
         if self._write_through is not None:
-            await self._write_through.written(record.key, value, seq - 1)
+            await self._write_through.written(record.key, value, seq - 1, sealed=sealed)
         return seq - 1
 
-    async def _resync(self, key: str, revision: int) -> None:
+    async def _resync(self, key: str, revision: int, *, sealed: bool = False) -> None:
         """After a skipped write (or an unconfirmed one), write the key's current head through.
 
         The first run may have died before its own write-through. Its write may also be
@@ -327,14 +359,14 @@ class JournaledRecordStore:
             async with translate_nats_errors(f"read {key}"):
                 msg = await self._js.get_last_msg(self._stream, subject)
         except LookupError:
-            await self._write_through.written(key, None, revision)
+            await self._write_through.written(key, None, revision, sealed=sealed)
             return
         except NexusError:
-            await self._write_through.fenced(key, revision)
+            await self._write_through.fenced(key, revision, sealed=sealed)
             raise
         deleted = (msg.headers or {}).get(H_KV_OPERATION) in _DELETED
         value = None if deleted else (msg.data or b"")
-        await self._write_through.written(key, value, msg.seq or revision)
+        await self._write_through.written(key, value, msg.seq or revision, sealed=sealed)
 
     def _key_subject(self, key: str) -> str:
         if len(key) > 256 or _KEY.fullmatch(key) is None:
@@ -410,8 +442,10 @@ class JournaledRecordStore:
         headers: dict[str, str],
         record_subject: str,
         record: EffectRecord,
+        sealed: bool = False,
     ) -> int:
         """Publish the write and its effect record as one atomic batch; the record's sequence.
+        A write that may have landed is resynced (ending its seal, `sealed`).
 
         Raises:
             Conflict: the write's compare-and-set failed, or the record exists already.
@@ -444,7 +478,7 @@ class JournaledRecordStore:
             # The batch may have landed all the same: the cache must not keep serving the
             # value it replaced (a rerun repairs it too, but there may be none).
             with contextlib.suppress(NexusError):
-                await self._resync(record.key, 0)
+                await self._resync(record.key, 0, sealed=sealed)
             raise
         doc: dict[str, Any] = json.loads(reply.data or b"{}")
         error = doc.get("error")

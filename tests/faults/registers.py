@@ -15,6 +15,7 @@ import itertools
 import json
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -48,14 +49,19 @@ def over_http(client: httpx.AsyncClient, token: str, timeout_s: float) -> Send:
     return send
 
 
-def over_nats(gateway: Gateway, timeout_s: float) -> Send:
-    """Requests through the gateway client (NATS request/reply)."""
+def over_nats(gateway: Gateway, timeout_s: float, *, keyed: bool = False) -> Send:
+    """Requests through the gateway client (NATS request/reply); `keyed`: each write with an
+    `Idempotency-Key` of its own, so that workers journal it (the effect journal)."""
 
     async def send(action: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        key = uuid.uuid4().hex if keyed and action != "get" else None
         try:
-            return 200, await gateway.request("data", action, payload, timeout=timeout_s)
+            reply = await gateway.request(
+                "data", action, payload, timeout=timeout_s, idempotency_key=key
+            )
         except NotFound:
             return 404, {}
+        return 200, reply
 
     return send
 

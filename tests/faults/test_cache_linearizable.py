@@ -23,10 +23,13 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
+from nats.aio.msg import Msg
 
 from nexus_bus import Gateway, Worker
 from nexus_bus.cache import Cache
+from nexus_bus.cache.invalidation import CacheBus
 from nexus_bus.cache.notice import Notice
+from nexus_bus.effects.cache_sync import CacheWriteThrough
 from nexus_bus.embedded import ServerProcess, free_port
 from nexus_bus.handlers import builtin_groups
 from tests.conftest import issue_test_token, make_settings, shared_keys_dir
@@ -134,9 +137,16 @@ async def _shim_ready(port: int) -> None:
 
 @contextlib.asynccontextmanager
 async def _clients(
-    recorder: Recorder, nats_url: str, keys: list[str], http_port: int | None, count: int
+    recorder: Recorder,
+    nats_url: str,
+    keys: list[str],
+    http_port: int | None,
+    count: int,
+    *,
+    keyed: bool = False,
 ) -> AsyncIterator[asyncio.Event]:
-    """`count` clients over NATS, and as many over HTTP when a shim port is given."""
+    """`count` clients over NATS, and as many over HTTP when a shim port is given; `keyed`:
+    the NATS clients' writes carry idempotency keys."""
     token = issue_test_token(("data:*",))
     settings = make_settings(nats_url, resilience={"enabled": False})
     gateway = await Gateway.connect(settings, token=token)
@@ -145,7 +155,7 @@ async def _clients(
         limits=httpx.Limits(max_connections=count + 1),
     )
     stop = asyncio.Event()
-    sends = [("nats", over_nats(gateway, TIMEOUT_S))]
+    sends = [("nats", over_nats(gateway, TIMEOUT_S, keyed=keyed))]
     if http_port:
         sends.append(("http", over_http(http, token, TIMEOUT_S)))
     tasks = [
@@ -217,7 +227,9 @@ async def test_registers_stay_linearizable_while_workers_pause_die_and_redis_res
     _assert_history(recorder, keys, tmp_path)
 
 
-async def _in_process_history(nats_url: str, redis_url: str, uid: str, seconds: float) -> Recorder:
+async def _in_process_history(
+    nats_url: str, redis_url: str, uid: str, seconds: float, *, keyed: bool = False
+) -> Recorder:
     """Three workers in this process (so a monkeypatch reaches them), NATS clients only."""
     settings = make_settings(nats_url, redis_url, cache=CACHE, jobs={"enabled": False})
     workers = [Worker(settings, builtin_groups(["data"])) for _ in range(3)]
@@ -226,7 +238,7 @@ async def _in_process_history(nats_url: str, redis_url: str, uid: str, seconds: 
     keys = [f"planted.{uid}.{n}" for n in range(3)]
     recorder = Recorder()
     try:
-        async with _clients(recorder, nats_url, keys, None, count=8):
+        async with _clients(recorder, nats_url, keys, None, count=8, keyed=keyed):
             await asyncio.sleep(seconds)
     finally:
         for worker in workers:
@@ -264,3 +276,39 @@ async def test_the_checker_catches_an_l1_that_skips_the_lease_wait(
         assert any("stale read" in p for p in problems), "the planted bug went unnoticed"
     else:
         _assert_history(recorder, [f"planted.{uid}.{n}" for n in range(3)], tmp_path)
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "planted-unsealed"])
+async def test_keyed_writes_seal_their_key_before_the_journal_commits_them(
+    local_nats: ServerProcess,
+    local_redis: ServerProcess,
+    uid: str,
+    sealed: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write with an `Idempotency-Key` goes through the effect journal, around the cached
+    store, and must seal its key as the cached store's writes do. Revocations reach their
+    holders 20 ms late here (a busy machine): a journaled write that wrote Redis first and
+    revoked the L1 copies after (the planted bug, as the journal used to) let a read see the
+    new value and a later read, on a worker still holding the key, the old one."""
+    on_revoke = CacheBus._on_revoke
+
+    async def late_revoke(self: CacheBus, msg: Msg) -> None:
+        await asyncio.sleep(0.02)
+        await on_revoke(self, msg)
+
+    monkeypatch.setattr(CacheBus, "_on_revoke", late_revoke)
+    if not sealed:
+
+        async def no_seal(self: CacheWriteThrough, key: str) -> bool:
+            return False
+
+        monkeypatch.setattr(CacheWriteThrough, "seal", no_seal)
+    redis = local_redis.url + "/0"
+    recorder = await _in_process_history(local_nats.url, redis, uid, 4.0, keyed=True)
+    keys = [f"planted.{uid}.{n}" for n in range(3)]
+    if sealed:
+        _assert_history(recorder, keys, tmp_path)
+    else:
+        assert check_history(recorder.ops).problems, "the unsealed journal went unnoticed"

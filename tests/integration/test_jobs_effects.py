@@ -36,12 +36,26 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, bytes | None, int]] = []
         self.fences: list[tuple[str, int]] = []
+        self.seals: list[str] = []  # keys sealed, and not yet unsealed by a write or unseal
 
-    async def written(self, key: str, value: bytes | None, revision: int) -> None:
+    async def seal(self, key: str) -> bool:
+        self.seals.append(key)
+        return True
+
+    async def unseal(self, key: str) -> None:
+        self.seals.remove(key)
+
+    async def written(
+        self, key: str, value: bytes | None, revision: int, *, sealed: bool = False
+    ) -> None:
         self.calls.append((key, value, revision))
+        if sealed:
+            self.seals.remove(key)
 
-    async def fenced(self, key: str, revision: int) -> None:
+    async def fenced(self, key: str, revision: int, *, sealed: bool = False) -> None:
         self.fences.append((key, revision))
+        if sealed:
+            self.seals.remove(key)
 
     async def finish(self, work: Coroutine[Any, Any, T]) -> T:
         return await work
@@ -92,6 +106,7 @@ async def test_writes_replayed_in_the_same_job_are_not_applied_again(
         (f"e.{uid}.b", None, recorder.calls[1][2]),
         (f"e.{uid}.a", b"2", second),
     ]
+    assert recorder.seals == []  # every write's seal ended with its write-through
     # The records are outside the KV's key space: listing the bucket never shows them.
     assert await store.keys(f"e.{uid}.") == [f"e.{uid}.a"]
     msg = await nc.jetstream().get_last_msg(data_stream_name(), effect_subject(job, 1))
@@ -101,7 +116,8 @@ async def test_writes_replayed_in_the_same_job_are_not_applied_again(
 async def test_compare_and_set_keeps_kv_semantics_inside_a_job(
     nc: Client, settings: Settings, uid: str
 ) -> None:
-    store = await journal(nc, settings)
+    recorder = Recorder()
+    store = await journal(nc, settings, recorder)
     key = f"cas.{uid}"
     with effect_scope(new_job_id()):
         revision = await store.put(key, b"1", expected_revision=0)
@@ -112,6 +128,7 @@ async def test_compare_and_set_keeps_kv_semantics_inside_a_job(
         assert await store.delete(key) is True
         again = await store.put(key, b"3", expected_revision=0)  # created over a delete marker
     assert (await store.get(key)).revision == again
+    assert recorder.seals == []  # a refused write ends its seal too
 
 
 async def test_twin_attempts_racing_commit_once(nc: Client, settings: Settings, uid: str) -> None:
@@ -190,7 +207,7 @@ async def test_a_write_that_may_have_landed_on_a_key_nobody_can_read_is_fenced(
             await store.put(key, b"new")
         else:
             await store.delete(key)
-    assert recorder.fences == [(key, 0)]
+    assert recorder.fences == [(key, 0)] and recorder.seals == []
 
 
 @pytest.mark.parametrize("stage", ["commit", "rerun"])

@@ -56,6 +56,7 @@ RevisionOf = Callable[[Any], int]
 
 _DEFAULT_POLICY: Final = CachePolicy()
 _DECLARATIONS: Final = "__nexus_cache_declarations__"
+_READ: Final = "read_through"
 _encode: Final = msgspec.json.Encoder().encode
 
 
@@ -68,11 +69,13 @@ class Declaration:
     """One cache declaration around a handler.
 
     Attributes:
+        kind: `read_through`, `write_through` or `invalidates`.
         namespace: the cache namespace.
         policy: its policy.
         versioned: whether entries are ordered by a revision (`revision=`).
     """
 
+    kind: str
     namespace: str
     policy: CachePolicy
     versioned: bool
@@ -87,22 +90,37 @@ def declarations(handler: Handler) -> tuple[Declaration, ...]:
 def declaration_problems(
     handlers: Iterable[tuple[str, Handler]], max_fill_age_s: float
 ) -> list[str]:
-    """Why the versioned declarations around `handlers` (named `op.action`) cannot keep their
-    guarantee with the cache's `max_fill_age_s`: each entry names the handler, the namespace
-    and the policy field (`CachePolicy.fill_age_problems`). Empty: none.
+    """Why the declarations around `handlers` (named `op.action`) cannot keep their guarantee:
+    each entry names the handler, the namespace and what to change. Empty: none.
+
+    - A versioned declaration whose TTLs a late fill outlives (`max_fill_age_s`,
+      `CachePolicy.fill_age_problems`).
+    - A write without `revision=` in a namespace read with one: a versioned fill needs no
+      lease, so neither the eviction nor the unversioned write that revokes the lease stops
+      a fill loaded before the write, and the old reply is served for `ttl_s`.
     """
-    return [
-        f"{name}: cache {declared.namespace!r} (revision=): {problem}"
-        for name, handler in handlers
-        for declared in declarations(handler)
-        if declared.versioned
-        for problem in declared.policy.fill_age_problems(max_fill_age_s)
+    declared = [(name, d) for name, handler in handlers for d in declarations(handler)]
+    read_by_revision = {d.namespace for _, d in declared if d.kind == _READ and d.versioned}
+    problems = [
+        f"{name}: cache {d.namespace!r} (revision=): {problem}"
+        for name, d in declared
+        if d.versioned
+        for problem in d.policy.fill_age_problems(max_fill_age_s)
     ]
+    problems += [
+        f"{name}: cache {d.namespace!r}: {d.kind} needs revision= like the namespace's"
+        " read_through (without it, a fill loaded before the write lands after it)"
+        for name, d in declared
+        if d.kind != _READ and not d.versioned and d.namespace in read_by_revision
+    ]
+    return problems
 
 
-def _declare(wrapper: Handler, namespace: str, policy: CachePolicy, versioned: bool) -> Handler:
+def _declare(
+    wrapper: Handler, kind: str, namespace: str, policy: CachePolicy, versioned: bool
+) -> Handler:
     # functools.wraps copied the inner declarations (the wrapped function's __dict__).
-    declared = Declaration(namespace, policy, versioned)
+    declared = Declaration(kind, namespace, policy, versioned)
     setattr(wrapper, _DECLARATIONS, (*declarations(wrapper), declared))
     return wrapper
 
@@ -146,7 +164,7 @@ def read_through(
                 raise missing[0] if missing else NotFound(f"{namespace}: not found")
             return msgspec.json.decode(entry.value, type=reply_type)
 
-        return _declare(cached, namespace, policy, revision is not None)
+        return _declare(cached, _READ, namespace, policy, revision is not None)
 
     return decorate
 
@@ -180,7 +198,7 @@ def write_through(
                 await cache.write(namespace, key(req), entry, policy)
             return reply
 
-        return _declare(writing, namespace, policy, revision is not None)
+        return _declare(writing, "write_through", namespace, policy, revision is not None)
 
     return decorate
 
@@ -213,6 +231,6 @@ def invalidates(
                     await cache.write(namespace, key(req), Entry.fence(revision(reply)), policy)
             return reply
 
-        return _declare(invalidating, namespace, policy, revision is not None)
+        return _declare(invalidating, "invalidates", namespace, policy, revision is not None)
 
     return decorate

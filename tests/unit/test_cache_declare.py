@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
@@ -103,6 +104,35 @@ async def test_read_through_write_through_and_invalidation() -> None:
         with pytest.raises(NotFound):
             await get(GetUser(id="1"), ctx)
     assert reads == ["1", "1"]  # the absence was cached
+
+
+async def test_an_unversioned_invalidation_cannot_stop_a_versioned_fill_so_workers_refuse_it(
+) -> None:
+    """`build()`'s `forget` has no `revision=` while `get` has: a read that loaded the user
+    before `forget` fills after it, and the forgotten user is served for `ttl_s`. A worker
+    refuses the mix; with `revision=` on `forget` the fill is refused instead."""
+    ops, db, _ = build()
+    ctx = context(Cache(MemoryEntryStore()))
+    get, forget = (ops.get(a).handler for a in ("get", "forget"))  # type: ignore[union-attr]
+    user, loaded = db["1"], asyncio.Event()
+
+    async def slow_read(req: GetUser, _: RequestContext) -> User:
+        loaded.set()
+        await asyncio.sleep(0.05)  # the read loaded the user, and its fill is on its way
+        return user
+
+    slow_get = read_through(
+        "users", key=lambda req: req.id, policy=POLICY, revision=lambda u: u.version
+    )(slow_read)
+    reading = asyncio.create_task(slow_get(GetUser(id="1"), ctx))
+    await loaded.wait()
+    await forget(GetUser(id="1"), ctx)  # removed, and the cached reply dropped
+    await reading
+    assert await get(GetUser(id="1"), ctx) == user  # served after it was forgotten
+    settings = load_settings(discover=False, nats={"url": "nats://127.0.0.1:4222"})
+    with pytest.raises(ConfigError) as caught:
+        Worker(settings, [ops])
+    assert "users.forget: cache 'users': invalidates needs revision=" in str(caught.value)
 
 
 async def test_without_a_cache_the_handler_runs_every_time() -> None:

@@ -26,6 +26,7 @@ from nexus_bus.schemas.problem import Problem
 _problem_encoder: Final = msgspec.json.Encoder()
 _problem_decoder: Final = msgspec.json.Decoder(Problem)
 _MAX_ERROR_HEADER: Final = 256
+_REPLY_STATUS_CLASSES: Final = frozenset("245")  # the first digit of a status a worker sends
 
 
 class Reply(NamedTuple):
@@ -85,16 +86,26 @@ def success_reply(body: bytes, content_type: str, request_id: str, status: int =
 
 
 def status_of(headers: dict[str, str] | None) -> int:
-    """The `Nexus-Status` of a received reply; a reply without one is treated as 500."""
+    """The `Nexus-Status` of a received reply; a reply without one, or with a status no
+    worker sends (1xx, 3xx, below 100), is treated as 500.
+
+    Only 2xx is a success and only 4xx and 5xx carry a problem document: taking `000` or
+    `302` as a success would hand a broken responder's body to the caller as its result
+    (and the HTTP shim cannot answer with a status below 200).
+    """
     raw = (headers or {}).get(H_STATUS, "")
-    return int(raw) if len(raw) == 3 and is_ascii_digits(raw) else 500
+    if len(raw) == 3 and is_ascii_digits(raw) and raw[0] in _REPLY_STATUS_CLASSES:
+        return int(raw)
+    return 500
 
 
 def error_of(status: int, body: bytes, headers: dict[str, str] | None = None) -> NexusError:
     """The NexusError an error reply stands for, read from its problem body and headers."""
     try:
         problem = _problem_decoder.decode(body)
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, RecursionError):
+        # A body nested deeper than the interpreter's stack raises RecursionError, even
+        # inside fields the decoder skips.
         return InternalError(f"error reply {status} without a problem document")
     error = error_from_code(problem.code, problem.detail, problem.status)
     retry_after = (headers or {}).get(H_RETRY_AFTER, "")

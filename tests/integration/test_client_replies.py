@@ -1,0 +1,66 @@
+"""The gateway client against malformed replies: a responder that is not a nexus-bus worker
+(or a broken one) answers on a real NATS server, and the client raises the documented
+`NexusError`s, never a stray exception from decoding."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import nats.aio.client
+import nats.errors
+import pytest
+
+from nexus_bus import Gateway, Settings
+from nexus_bus.errors import InternalError
+
+Replies = dict[str, tuple[dict[str, str] | None, bytes]]
+
+
+@pytest.fixture
+async def answering(
+    nats_pair: tuple[nats.aio.client.Client, ...], settings: Settings, uid: str
+) -> AsyncIterator[tuple[Gateway, str, Replies]]:
+    """A gateway, the op a fake responder serves, and the replies it gives per action."""
+    server_side, client = nats_pair
+    replies: Replies = {}
+
+    async def answer(msg: nats.aio.client.Msg) -> None:
+        headers, body = replies[msg.subject.rsplit(".", 1)[-1]]
+        await server_side.publish(msg.reply, body, headers=headers)
+
+    op = f"fake{uid}"
+    await server_side.subscribe(f"nexus.{op}.*", cb=answer)
+    await server_side.flush()
+    # A flushed subscription of another connection was still answered "no responders" now
+    # and then (about one request in a hundred): wait until it answers.
+    replies["ready"] = ({"Nexus-Status": "200"}, b"{}")
+    for _ in range(100):
+        with contextlib.suppress(nats.errors.NoRespondersError):
+            await client.request(f"nexus.{op}.ready", b"", timeout=1)
+            break
+        await asyncio.sleep(0.01)
+    yield Gateway(client, settings), op, replies
+
+
+@pytest.mark.parametrize("status", ["000", "099", "100", "199", "302"])
+async def test_a_status_no_worker_sends_is_an_internal_error(
+    answering: tuple[Gateway, str, Replies], status: str
+) -> None:
+    gateway, op, replies = answering
+    replies["get"] = ({"Nexus-Status": status}, b'{"key": "k"}')
+    with pytest.raises(InternalError):
+        await gateway.request(op, "get", {"key": "k"}, timeout=2)
+
+
+async def test_a_deeply_nested_error_body_is_an_internal_error(
+    answering: tuple[Gateway, str, Replies],
+) -> None:
+    gateway, op, replies = answering
+    deep = b'{"a":' * 5000 + b"1" + b"}" * 5000
+    replies["get"] = ({"Nexus-Status": "500"}, deep)
+    replies["put"] = (None, deep)  # no Nexus-Status: taken as 500
+    for action in ("get", "put"):
+        with pytest.raises(InternalError, match="without a problem document"):
+            await gateway.request(op, action, {}, timeout=2)

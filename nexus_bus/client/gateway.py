@@ -40,6 +40,7 @@ from nexus_bus.constants import (
     T_CLIENT,
 )
 from nexus_bus.errors import (
+    InternalError,
     NexusError,
     NoResponders,
     PayloadTooLarge,
@@ -308,6 +309,7 @@ class Gateway:
         Raises:
             NexusError: the error the reply carried, or the transport failure (see
                 `request_raw`).
+            InternalError: also a success reply whose body does not decode.
         """
         client_subject(op, action)  # validated before `op` becomes a metric label
         timeout_s = self._default_timeout_s if timeout is None else timeout
@@ -327,13 +329,7 @@ class Gateway:
             status = reply.status
             if status >= 400:
                 raise error_of(status, reply.body, reply.headers)
-            result: T = codec.decode(
-                reply.body,
-                reply_type,
-                media=codec.media_type(reply.headers.get(H_CONTENT_TYPE)),
-                max_bytes=self.nc.max_payload,
-                max_depth=self._limits.max_depth * 2,
-            )
+            result: T = self._decode_reply(op, action, reply, reply_type)
             return result
         except NexusError as exc:
             status = status or exc.http_status
@@ -341,6 +337,28 @@ class Gateway:
             raise
         finally:
             METRICS.observe(op, action, status, T_CLIENT, time.perf_counter() - started)
+
+    def _decode_reply(self, op: str, action: str, reply: Reply, reply_type: type[T] | Any) -> T:
+        """The result a success reply carries.
+
+        Raises:
+            InternalError: the body does not decode (or not into `reply_type`), or its
+                Content-Type is none the codec reads. The codec says 400 or 415, which would
+                blame the caller's request for what its responder sent back.
+        """
+        try:
+            result: T = codec.decode(
+                reply.body,
+                reply_type,
+                media=codec.media_type(reply.headers.get(H_CONTENT_TYPE)),
+                max_bytes=self.nc.max_payload,
+                max_depth=self._limits.max_depth * 2,
+            )
+        except NexusError as exc:
+            raise InternalError(
+                f"{op}.{action} replied with a body that does not decode: {exc.detail}"
+            ) from None
+        return result
 
     async def submit(
         self,

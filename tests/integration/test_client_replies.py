@@ -64,3 +64,25 @@ async def test_a_deeply_nested_error_body_is_an_internal_error(
     for action in ("get", "put"):
         with pytest.raises(InternalError, match="without a problem document"):
             await gateway.request(op, action, {}, timeout=2)
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        ({"Nexus-Status": "200"}, b"<html>oops</html>"),
+        ({"Nexus-Status": "200"}, b'{"key": "k"} trailing'),
+        ({"Nexus-Status": "200"}, b"[" * 5000),
+        ({"Nexus-Status": "200", "Content-Type": "text/html"}, b"{}"),
+        ({"Nexus-Status": "200", "Content-Type": "application/msgpack"}, b"\xc1"),
+    ],
+    ids=["not-json", "trailing", "deep", "content-type", "bad-msgpack"],
+)
+async def test_a_success_reply_that_does_not_decode_is_an_internal_error(
+    answering: tuple[Gateway, str, Replies], headers: dict[str, str], body: bytes
+) -> None:
+    # The caller's request was fine: 400 invalid_request or 415 would send it looking for a
+    # fault in its own input.
+    gateway, op, replies = answering
+    replies["get"] = (headers, body)
+    with pytest.raises(InternalError, match=f"{op}.get replied with a body"):
+        await gateway.request(op, "get", {"key": "k"}, timeout=2)

@@ -1,8 +1,9 @@
 """The streams and buckets jobs need, created (or brought up to date) idempotently.
 
-- `NEXUS_JOBS` on `nexus.jobs.>`: work-queue retention, so an acknowledged job is gone and
-  each op's subjects have exactly one durable consumer; `Nats-Msg-Id` dedup window from
-  settings.
+- `NEXUS_JOBS` on `nexus.jobs.*.*` (op and action, nothing more: no consumer takes a longer
+  subject, and acknowledged it would stay for good): work-queue retention, so an acknowledged
+  job is gone and each op's subjects have exactly one durable consumer; `Nats-Msg-Id` dedup
+  window from settings.
 - `NEXUS_DLQ` on `nexus.dlq.>`: limits retention, kept `jobs.dlq_max_age_s`.
 - `nexus_jobs` KV: one status document per job, expiring after `jobs.status_ttl_s`.
 
@@ -31,7 +32,7 @@ def jobs_stream_config(settings: Settings) -> StreamConfig:
     js = settings.jetstream
     return StreamConfig(
         name=JOBS_STREAM,
-        subjects=[f"{JOBS_PREFIX}.>"],
+        subjects=[f"{JOBS_PREFIX}.*.*"],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=storage_type(js),
         num_replicas=js.replicas,

@@ -212,13 +212,12 @@ class JobRunner:
     async def _run(self, op: str, msg: Msg) -> None:
         assert self._store is not None
         meta = msg.metadata
+        headers = dict(msg.headers or {})
         try:
             _, action = parse_job_subject(msg.subject, JOBS_PREFIX)
-        except InvalidRequest:
-            logger.warning("terminated a job on a malformed subject {!r}", msg.subject[:80])
-            await msg.term()
+        except InvalidRequest as exc:
+            await self._refuse_subject(op, msg, headers, exc)
             return
-        headers = dict(msg.headers or {})
         job_id = job_id_of_message(op, action, headers, meta.sequence.stream)
         headers[H_JOB_ID] = job_id
         if meta.num_delivered > 1:
@@ -252,6 +251,29 @@ class JobRunner:
                 return
             reply = await self._attempt(op, action, job_id, headers, msg, attempt)
             await self._settle(msg, op, action, running, revision, headers, reply, attempt)
+
+    async def _refuse_subject(
+        self, op: str, msg: Msg, headers: dict[str, str], error: InvalidRequest
+    ) -> None:
+        """End a job whose action is no valid token (published by another NATS client) as
+        `failed` with 400, unrun: a client error, not dead-lettered. Terminated without a
+        status, its publisher would wait for the id it derives (docs/jobs.md) for ever."""
+        assert self._store is not None
+        # The consumer's filter `nexus.jobs.<op>.*` leaves exactly one token after the op.
+        action = msg.subject.rsplit(".", 1)[-1]
+        job_id = job_id_of_message(op, action, headers, msg.metadata.sequence.stream)
+        request_id = request_id_of(headers)  # made up when absent: drawn once
+        with log_context(op=op, job_id=job_id, correlation_id=request_id):
+            record, loaded = await self._load(
+                job_id, op, action, msg.metadata.timestamp.timestamp()
+            )
+            if not record.finished:
+                problem = _problem(error, request_id)
+                failed = advance(record, JobStatus.FAILED, now=self._clock(), error=problem)
+                await self._store.write_unless_finished(failed, loaded)
+                JOBS_COMPLETED.labels(op, Verdict.REJECTED.value).inc()
+            logger.warning("job on a malformed subject {!r} failed unrun", msg.subject[:80])
+            await self._ack(msg)
 
     async def _load(
         self, job_id: str, op: str, action: str, enqueued_at: float

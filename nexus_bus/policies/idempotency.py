@@ -16,9 +16,10 @@ One Redis hash per (token subject, op, action, key) (`resilience.idempotency.rec
   `Idempotent-Replayed: true`, for `idempotency_retention_s` (24 h);
 - a different fingerprint: `422 idempotency_mismatch`.
 
-Replies with status 500 and above are not recorded (the key is released), so a retry after
-a server failure runs again. When Redis cannot be reached a keyed request is refused with
-503 (retryable): running it without the record could run it twice.
+Replies with status 500 and above, and 429, are not recorded (the key is released), so a
+retry after a server failure, or after the Retry-After of a rate limit, runs again. When
+Redis cannot be reached a keyed request is refused with 503 (retryable): running it without
+the record could run it twice.
 
 The record is written after the handler's effect, so a worker dying in between leaves the
 claim to expire and the next repeat runs the handler again. Its writes through
@@ -48,7 +49,7 @@ from nexus_bus.constants import (
     IDEMPOTENCY_KEY_PREFIX,
 )
 from nexus_bus.effects.journal import effect_scope
-from nexus_bus.errors import IdempotencyMismatch, Unavailable, UpstreamTimeout
+from nexus_bus.errors import IdempotencyMismatch, RateLimited, Unavailable, UpstreamTimeout
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.policies.shared import StoreHealth
 from nexus_bus.redis_client import RedisClient
@@ -170,7 +171,7 @@ class IdempotencyStore:
         except BaseException:
             await self._forget(name, owner)
             raise
-        if reply.status >= 500:
+        if not kept(reply.status):
             await self._forget(name, owner)
             return reply
         content_type = reply.headers.get(H_CONTENT_TYPE, CT_JSON)
@@ -197,6 +198,13 @@ class IdempotencyStore:
             raise Unavailable("the idempotency store cannot be reached; retry") from exc
         self.health.succeeded()
         return result
+
+
+def kept(status: int) -> bool:
+    """Whether a reply with `status` is recorded and replayed: not a server failure, nor a
+    429, whose Retry-After invites the same request again (replayed, the retry it asked
+    for would get the same 429 for the whole retention)."""
+    return status < 500 and status != RateLimited.http_status
 
 
 def _replay(found: list[Any], request_id: str) -> Reply:

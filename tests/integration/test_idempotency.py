@@ -15,9 +15,9 @@ import msgspec
 import pytest
 from prometheus_client import REGISTRY
 
-from nexus_bus import Gateway, Operations, RequestContext, Settings, Worker
+from nexus_bus import Gateway, Operations, RateLimited, RequestContext, Settings, Worker
 from nexus_bus.bus.connection import connect_nats
-from nexus_bus.constants import H_IDEMPOTENT_REPLAYED
+from nexus_bus.constants import H_IDEMPOTENT_REPLAYED, H_STATUS
 from nexus_bus.resilience.policy import PolicySettings
 from tests.conftest import issue_test_token
 from tests.integration.http_shim import RunningShim, bearer, running_shim
@@ -39,6 +39,15 @@ async def run(req: CountRequest, ctx: RequestContext) -> dict[str, Any]:
     """Count, wait a little (so duplicates overlap), answer the count at this time."""
     RUNS[req.name] = RUNS.get(req.name, 0) + 1
     await asyncio.sleep(req.sleep_ms / 1000)
+    return {"name": req.name, "run": RUNS[req.name]}
+
+
+@counted.action("limited")
+async def limited(req: CountRequest, ctx: RequestContext) -> dict[str, Any]:
+    """429 on the first run under a name (a budget or an upstream's limit), then answer."""
+    RUNS[req.name] = RUNS.get(req.name, 0) + 1
+    if RUNS[req.name] == 1:
+        raise RateLimited("over the budget for now", retry_after=0.1)
     return {"name": req.name, "run": RUNS[req.name]}
 
 
@@ -130,6 +139,28 @@ async def test_keys_are_scoped_by_subject_and_nats_callers_get_replays(
         assert (bad.headers or {}).get("Nexus-Status") == "400"
     finally:
         await nc.close()
+
+
+async def test_a_429_is_not_kept_so_the_retry_its_retry_after_invites_runs(
+    settings: Settings, shim: RunningShim, admin_token: str | None, uid: str
+) -> None:
+    # Retryable like a 5xx: replayed for idempotency_retention_s, the retry Retry-After asks
+    # for (with the same key, as a safe retry should be) got the same 429 for a day.
+    body = msgspec.json.encode({"name": f"rl{uid}"})
+    headers = {"Authorization": f"Bearer {admin_token}", "Idempotency-Key": f"rl-{uid}"}
+    nc = await connect_nats(settings.nats)
+    try:
+        limited = await nc.request(f"nexus.{COUNT_OP}.limited", body, 5, headers=headers)
+        await asyncio.sleep(0.1)
+        retried = await nc.request(f"nexus.{COUNT_OP}.limited", body, 5, headers=headers)
+        again = await nc.request(f"nexus.{COUNT_OP}.limited", body, 5, headers=headers)
+    finally:
+        await nc.close()
+    assert (limited.headers or {}).get(H_STATUS) == "429"
+    assert (retried.headers or {}).get(H_STATUS) == "200"
+    assert msgspec.json.decode(retried.data)["run"] == 2
+    assert (again.headers or {}).get(H_IDEMPOTENT_REPLAYED) == "true"  # a success is kept
+    assert again.data == retried.data and RUNS[f"rl{uid}"] == 2
 
 
 async def test_a_lost_reply_is_retried_with_its_key_and_gets_the_original_result(

@@ -62,12 +62,20 @@ def _header_safe(text: str) -> str:
     return cleaned[:_MAX_ERROR_HEADER]
 
 
+def service_error_headers(error: NexusError) -> dict[str, str]:
+    """The NATS micro error headers of an error reply (`Nats-Service-Error-Code`, and
+    `Nats-Service-Error`: `<code>: <detail>`, made safe for a header)."""
+    return {
+        H_SERVICE_ERROR_CODE: str(error.http_status),
+        H_SERVICE_ERROR: _header_safe(f"{error.code}: {error.detail}"),
+    }
+
+
 def error_reply(error: NexusError, request_id: str) -> Reply:
     """An error reply: `Nexus-Status`, the NATS micro error headers and a problem body."""
     headers = {
         H_STATUS: str(error.http_status),
-        H_SERVICE_ERROR_CODE: str(error.http_status),
-        H_SERVICE_ERROR: _header_safe(f"{error.code}: {error.detail}"),
+        **service_error_headers(error),
         H_CONTENT_TYPE: CT_PROBLEM,
         H_REQUEST_ID: request_id,
     }

@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from nexus_bus.bus.replies import Reply
+from nexus_bus.bus.replies import Reply, error_of, service_error_headers
 from nexus_bus.constants import (
     CT_JSON,
     EFFECTS_IDEMPOTENCY_TOKEN,
@@ -214,4 +214,8 @@ def _replay(found: list[Any], request_id: str) -> Reply:
     headers = {H_STATUS: str(status), H_REQUEST_ID: request_id, H_IDEMPOTENT_REPLAYED: "true"}
     if content_type != CT_JSON:
         headers[H_CONTENT_TYPE] = content_type
+    if status >= 400:
+        # The record keeps status, content type and body; the micro error headers every
+        # error reply carries (docs/contract.md) come back from its problem document.
+        headers.update(service_error_headers(error_of(status, body)))
     return Reply(status, headers, body)

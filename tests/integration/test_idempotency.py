@@ -17,7 +17,12 @@ from prometheus_client import REGISTRY
 
 from nexus_bus import Gateway, Operations, RateLimited, RequestContext, Settings, Worker
 from nexus_bus.bus.connection import connect_nats
-from nexus_bus.constants import H_IDEMPOTENT_REPLAYED, H_STATUS
+from nexus_bus.constants import (
+    H_IDEMPOTENT_REPLAYED,
+    H_SERVICE_ERROR,
+    H_SERVICE_ERROR_CODE,
+    H_STATUS,
+)
 from nexus_bus.resilience.policy import PolicySettings
 from tests.conftest import issue_test_token
 from tests.integration.http_shim import RunningShim, bearer, running_shim
@@ -139,6 +144,27 @@ async def test_keys_are_scoped_by_subject_and_nats_callers_get_replays(
         assert (bad.headers or {}).get("Nexus-Status") == "400"
     finally:
         await nc.close()
+
+
+async def test_a_replayed_error_carries_the_nats_micro_error_headers(
+    settings: Settings, worker: Worker, admin_token: str | None, uid: str
+) -> None:
+    # docs/contract.md: a reply that is not 200 carries `Nats-Service-Error-Code` and
+    # `Nats-Service-Error`; a NATS micro client tells an error by them, and without them
+    # took the replayed 409 for a success.
+    body = msgspec.json.encode({"key": f"rc.{uid}", "value": 1, "expected_revision": 99})
+    headers = {"Authorization": f"Bearer {admin_token}", "Idempotency-Key": f"rc-{uid}"}
+    nc = await connect_nats(settings.nats)
+    try:
+        first, again = [await nc.request("nexus.data.put", body, 5, headers=headers)
+                        for _ in range(2)]  # fmt: skip
+    finally:
+        await nc.close()
+    assert (again.headers or {}).get(H_IDEMPOTENT_REPLAYED) == "true"
+    for reply in (first, again):
+        assert reply.headers is not None and reply.headers[H_STATUS] == "409"
+        assert reply.headers.get(H_SERVICE_ERROR_CODE) == "409"
+        assert reply.headers.get(H_SERVICE_ERROR, "").startswith("conflict: ")
 
 
 async def test_a_429_is_not_kept_so_the_retry_its_retry_after_invites_runs(

@@ -69,6 +69,8 @@ from nexus_bus.services import Services
 _FETCH_WAIT_S: Final = 2.0  # one pull request's lifetime; bounds how long drain waits on it
 _IDLE_AFTER_ERROR_S: Final = 0.5
 _ACK_TIMEOUT_S: Final = 2.0
+# The consumer of reserved ops' jobs: no op is named so (an op starts with a letter).
+_RESERVED: Final = "_reserved"
 _TERMINAL_STATUS: Final = {Verdict.FAILED: JobStatus.FAILED, Verdict.DEAD: JobStatus.DEAD}
 
 
@@ -135,24 +137,33 @@ class JobRunner:
             authenticator=self._authenticator,
             transport=T_JOBS,
         )
-        for group in self._groups:
-            sub = await self._subscribe(group.op)
+        # Any NATS client can publish a job of a reserved op, which no worker serves as jobs:
+        # taken by no consumer it would stay in the work queue for good. One consumer, shared
+        # by every worker, fails them unrun (the dispatcher does not serve those ops: 404).
+        consumers = [(group.op, [f"{JOBS_PREFIX}.{group.op}.*"]) for group in self._groups]
+        consumers.append((_RESERVED, [f"{JOBS_PREFIX}.{op}.*" for op in sorted(RESERVED_OPS)]))
+        for label, filters in consumers:
+            sub = await self._subscribe(label, filters)
             self._subs.append(sub)
-            self._loops.append(asyncio.create_task(self._consume(group.op, sub)))
+            self._loops.append(asyncio.create_task(self._consume(label, sub)))
         if self._groups:
             logger.info("job consumers for ops {}", ",".join(self.ops))
 
-    async def _subscribe(self, op: str) -> JetStreamContext.PullSubscription:
-        name = consumer_name(op)
+    async def _subscribe(
+        self, label: str, filters: list[str]
+    ) -> JetStreamContext.PullSubscription:
+        name = consumer_name(label)
         config = ConsumerConfig(
             name=name,
             durable_name=name,
-            description=f"nexus-bus jobs of op {op}",
+            description=f"nexus-bus jobs of op {label}",
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self._conf.ack_wait_s,
             max_deliver=-1,  # the runner counts attempts itself (see the module docstring)
-            filter_subject=f"{JOBS_PREFIX}.{op}.*",
+            # One filter as `filter_subject`: the consumers of earlier versions, unchanged.
+            filter_subject=filters[0] if len(filters) == 1 else None,
+            filter_subjects=filters if len(filters) > 1 else None,
             max_ack_pending=max(1000, self._conf.concurrency * 4),
         )
         try:
@@ -189,7 +200,7 @@ class JobRunner:
     async def _handle(self, op: str, msg: Msg) -> None:
         """Run one delivery; never raises (a failure leaves the message to be redelivered)."""
         try:
-            await self._run(op, msg)
+            await self._run(msg)
         except asyncio.CancelledError:
             # Drain ran out of grace: hand the job back now instead of after ack_wait. The short
             # delay outlives any pull request this process may still have open on the server.
@@ -209,14 +220,16 @@ class JobRunner:
         with contextlib.suppress(nats.errors.Error, OSError):
             await msg.nak(delay=min(delay, self._conf.ack_wait_s))
 
-    async def _run(self, op: str, msg: Msg) -> None:
+    async def _run(self, msg: Msg) -> None:
         assert self._store is not None
         meta = msg.metadata
         headers = dict(msg.headers or {})
+        # A consumer's filters (`nexus.jobs.<op>.*`) leave an op and exactly one token.
+        op, _, action = msg.subject[len(JOBS_PREFIX) + 1 :].partition(".")
         try:
-            _, action = parse_job_subject(msg.subject, JOBS_PREFIX)
+            parse_job_subject(msg.subject, JOBS_PREFIX)
         except InvalidRequest as exc:
-            await self._refuse_subject(op, msg, headers, exc)
+            await self._refuse_subject(op, action, msg, headers, exc)
             return
         job_id = job_id_of_message(op, action, headers, meta.sequence.stream)
         headers[H_JOB_ID] = job_id
@@ -253,14 +266,12 @@ class JobRunner:
             await self._settle(msg, op, action, running, revision, headers, reply, attempt)
 
     async def _refuse_subject(
-        self, op: str, msg: Msg, headers: dict[str, str], error: InvalidRequest
+        self, op: str, action: str, msg: Msg, headers: dict[str, str], error: InvalidRequest
     ) -> None:
         """End a job whose action is no valid token (published by another NATS client) as
         `failed` with 400, unrun: a client error, not dead-lettered. Terminated without a
         status, its publisher would wait for the id it derives (docs/jobs.md) for ever."""
         assert self._store is not None
-        # The consumer's filter `nexus.jobs.<op>.*` leaves exactly one token after the op.
-        action = msg.subject.rsplit(".", 1)[-1]
         job_id = job_id_of_message(op, action, headers, msg.metadata.sequence.stream)
         request_id = request_id_of(headers)  # made up when absent: drawn once
         with log_context(op=op, job_id=job_id, correlation_id=request_id):

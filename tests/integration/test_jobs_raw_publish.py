@@ -62,3 +62,21 @@ async def test_a_job_whose_action_is_no_valid_token_fails_with_a_status(
     assert job.status is JobStatus.FAILED and job.attempts == 0
     assert job.error is not None and job.error["code"] == "invalid_request"
     assert job.op == "data" and job.action == action
+
+
+@pytest.mark.parametrize("subject", ["auth.issue", "sys.effects", "jobs.run", "dlq.x", "events.x"])
+async def test_a_job_of_a_reserved_op_fails_unrun(
+    gateway: Gateway, settings: Settings, admin_token: str, subject: str
+) -> None:
+    # No worker serves a reserved op as jobs (our client refuses to submit one), so no op's
+    # consumer takes it: acknowledged, it stayed in the work queue for good.
+    js = gateway.nc.jetstream()
+    ack = await js.publish(
+        f"nexus.jobs.{subject}", b'{"subject": "s", "scopes": ["*"]}',
+        headers={H_AUTHORIZATION: f"Bearer {admin_token}"},
+    )  # fmt: skip
+    op, action = subject.split(".")
+    job = await finished(gateway, settings, job_id_of_message(op, action, {}, ack.seq), 10)
+    assert job.status is JobStatus.FAILED and job.result is None
+    assert job.error is not None and job.error["code"] == "unknown_operation"
+    assert (job.op, job.action) == (op, action)

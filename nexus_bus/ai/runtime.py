@@ -3,7 +3,9 @@ embedding batcher, with the cache and the shared budget.
 
 Built once per worker from `settings.ai` on first use (`runtime_of`), kept in
 `services.extras`, closed with the worker's services. Model resolution never invents a
-result: a model no backend serves is `503 unavailable` naming the setting to set.
+result: a request naming a model no backend serves is `400 invalid_request` listing the
+served ones, and one naming none where no default is set is `503 unavailable` naming the
+setting to set.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ _BUDGET_TIMEOUT_S: Final = 0.2
 # A completion's cache lease covers the model's answer (its backend's timeout_s) and this
 # much more for the fill's round trip to Redis.
 _FILL_MARGIN_S: Final = 1.0
+_LISTED_MODELS: Final = 10  # served models named in the 400 for a model nobody serves
 _HASH_SETTINGS: Final = BackendSettings(kind="local", models=[HASH_MODEL])
 
 
@@ -195,7 +198,9 @@ class AIRuntime:
         """The model name and route for a request (`purpose`: "embed" or "complete").
 
         Raises:
-            Unavailable: no model given and no default set, or no backend serves the model.
+            InvalidRequest: the request names a model no backend serves (the caller's
+                choice: a 503 would count against the op's breaker, shared by every caller).
+            Unavailable: no model given and no default set.
         """
         if model is None:
             model = (
@@ -211,9 +216,12 @@ class AIRuntime:
                 )
         route = self.routes.get(model)
         if route is None:
-            raise Unavailable(
-                f"no backend serves model {model!r}: add it to a backend's models, e.g. "
-                f"NEXUS_AI__BACKENDS__<NAME>__MODELS (docs/ai.md)"
+            served = sorted(self.routes)
+            listed = ", ".join(served[:_LISTED_MODELS])
+            listed += ", ..." if served[_LISTED_MODELS:] else ""
+            raise InvalidRequest(
+                f"no backend serves model {model[:100]!r} (served: {listed or 'none'}); "
+                "operators add models with NEXUS_AI__BACKENDS__<NAME>__MODELS (docs/ai.md)"
             )
         return model, route
 

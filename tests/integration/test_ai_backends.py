@@ -310,11 +310,16 @@ async def test_concurrent_identical_cached_completions_run_the_model_once(
     assert len(provider.calls(CHAT)) == 1
 
 
-async def test_no_backend_for_a_model_is_unavailable_naming_the_setting(
+async def test_a_model_nobody_serves_is_the_callers_error_and_no_default_names_the_setting(
     nats_url: str, redis_url: str, uid: str
 ) -> None:
     async with serving_ai(ai_settings(nats_url, redis_url, {}), f"ai{uid}") as gw:
-        with pytest.raises(Unavailable, match="NEXUS_AI__BACKENDS__"):
+        # A 400, not a 503: any caller could otherwise open the op's breaker (shared by every
+        # caller and replica) by naming made-up models; the served ones are listed.
+        for n in range(8):
+            with pytest.raises(InvalidRequest, match=r"model 'nope\d' \(served: hash-256\)"):
+                await gw.request(f"ai{uid}", "embed", {"input": "x", "model": f"nope{n}"})
+        with pytest.raises(InvalidRequest, match="NEXUS_AI__BACKENDS__"):
             await gw.request(f"ai{uid}", "complete", {"prompt": "x", "model": "gpt-x"})
         with pytest.raises(Unavailable, match="NEXUS_AI__DEFAULT_COMPLETE_MODEL"):
             await gw.request(f"ai{uid}", "complete", {"prompt": "x"})

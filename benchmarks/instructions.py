@@ -20,14 +20,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import uvloop
 
-from benchmarks.bench_nats_path import _settings, bench_servers
-from benchmarks.harness import warm_up
+from benchmarks.bench_nats_path import _settings, _spawn, bench_servers
+from benchmarks.harness import stop_all, warm_up
 from nexus_bus import Gateway
 from nexus_bus.auth import Keyring, TokenCodec
+from nexus_bus.embedded import free_port
 from nexus_bus.observability import configure_logging
 
 CONCURRENCY = 16
@@ -41,6 +43,18 @@ async def callgrind_control(command: str, pid: int) -> None:
     )
     if await proc.wait() != 0:
         raise RuntimeError(f"callgrind_control {command} {pid} failed")
+
+
+async def watched(worker: subprocess.Popen[bytes], *args: Any) -> None:
+    """`load(...)`, given up at once when the worker under valgrind exits (a wrong command
+    line, say): otherwise the warm-up would wait for it ten minutes, silently."""
+    loading = asyncio.ensure_future(load(*args))
+    while not loading.done():
+        if worker.poll() is not None:
+            loading.cancel()
+            raise RuntimeError(f"the worker under valgrind exited ({worker.returncode})")
+        await asyncio.wait([loading], timeout=0.5)
+    await loading
 
 
 async def load(url: str, keys_dir: str, pid: int, requests: int, target: str) -> None:
@@ -94,16 +108,20 @@ def main() -> int:
         return 2
     with bench_servers() as (url, keys_dir), tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
+        consul_port = free_port()  # the bench worker registers with the Consul agent double
+        consul = _spawn("consul", str(consul_port))
         worker = subprocess.Popen(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", sys.executable,
-             "-m", "benchmarks.bench_nats_path", "--serve-worker", url, keys_dir],
+             "-m", "benchmarks.bench_nats_path", "--serve-worker", url, keys_dir,
+             f"http://127.0.0.1:{consul_port}"],
             stderr=subprocess.DEVNULL,
         )
         try:
-            uvloop.run(load(url, keys_dir, worker.pid, args.requests, args.target))
+            uvloop.run(watched(worker, url, keys_dir, worker.pid, args.requests, args.target))
         finally:
             worker.terminate()
             worker.wait(120)
+            stop_all([consul])
         dump = Path(f"{out}.{worker.pid}.1")  # the --dump above; the file without .1 is exit
         per_request = totals(dump) / args.requests
         print(f"worker instructions per {args.target} request (c={CONCURRENCY}, "

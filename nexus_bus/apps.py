@@ -10,24 +10,29 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
-from nexus_bus.operations import Operations
+from nexus_bus.operations import DeclarationError, Operations
 
 
 class AppNotFound(ValueError):
-    """An `--ops` or `--app` argument that names nothing loadable; says which, in one line."""
+    """An `--ops` or `--app` argument that names nothing loadable, or operations declared so
+    that they cannot be served; says which, in one line."""
 
 
 def load_groups(ops: str | None, apps: Sequence[str]) -> list[Operations]:
     """Built-in groups named in `ops` plus user groups from `module:attribute` references.
 
     An attribute may be an `Operations` or a list of them. An error raised while your module
-    runs (an import inside it that fails included) is raised as it is, with its traceback.
+    runs (an import inside it that fails included) is raised as it is, with its traceback;
+    but a `DeclarationError` (an op or action declared wrongly) is one line naming the file
+    and line of the declaration.
 
     Raises:
-        AppNotFound: an unknown built-in op, a module or attribute that does not exist, or a
-            reference that is not operations.
+        AppNotFound: an unknown built-in op, a module or attribute that does not exist, a
+            reference that is not operations, or an op or action declared wrongly.
     """
     from nexus_bus.handlers import builtin_groups
 
@@ -58,6 +63,8 @@ def _load(ref: str) -> list[Operations]:
         if exc.name is None or not f"{module_name}.".startswith(f"{exc.name}."):
             raise
         raise AppNotFound(f"--app {ref}: {exc}") from None
+    except DeclarationError as exc:
+        raise AppNotFound(f"--app {ref}: {_declared_at(exc)}{exc}") from None
     if not hasattr(module, attr):
         raise AppNotFound(f"--app {ref}: module {module_name!r} has no attribute {attr!r}")
     found = getattr(module, attr)
@@ -65,3 +72,14 @@ def _load(ref: str) -> list[Operations]:
     if not all(isinstance(g, Operations) for g in items):
         raise AppNotFound(f"--app {ref}: not an Operations group (or a list of them)")
     return list(items)
+
+
+def _declared_at(exc: BaseException) -> str:
+    """`file:line: ` of the innermost frame outside nexus-bus: the user's declaration."""
+    ours = Path(__file__).resolve().parent
+    outside = [
+        frame for frame in traceback.extract_tb(exc.__traceback__)
+        if ours not in Path(frame.filename).resolve().parents
+        and not frame.filename.startswith("<frozen")
+    ]
+    return f"{outside[-1].filename}:{outside[-1].lineno}: " if outside else ""

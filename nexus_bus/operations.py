@@ -14,6 +14,11 @@ naming the field): a misspelt optional field would otherwise be dropped without 
 a client could not tell `{"role": "admin"}` was ignored. An action that wants extras passes
 `allow_unknown_fields=True`. The rule applies to the request Struct itself; Structs nested
 in it follow their own `forbid_unknown_fields` setting.
+
+A declaration the runtime could not serve (a name that is not a subject token, a function that
+is not `async` or cannot take `(request, ctx)`, a type with no JSON form, a timeout that is
+not a positive integer number of milliseconds) raises `DeclarationError` when your module runs, not
+at the first request; `nexus-bus worker --app` prints it in one line.
 """
 
 from __future__ import annotations
@@ -31,6 +36,55 @@ from nexus_bus.bus.subjects import check_token
 from nexus_bus.constants import BUILTIN_RESERVED_OPS, RESERVED_OPS
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
+
+
+class DeclarationError(ValueError):
+    """An op or action declared so that it could not be served; names it and what is wrong."""
+
+
+def _check_name(value: str, what: str) -> None:
+    try:
+        check_token(value, what)
+    except ValueError:
+        raise DeclarationError(
+            f"{what} name {value!r}: use lowercase letters, digits, '_' and '-', starting with"
+            " a letter, at most 64 characters (it is a NATS subject token)"
+        ) from None
+
+
+def _check_type(name: str, which: str, type_: Any) -> None:
+    """Refuse a type msgspec cannot describe: it could not be decoded, encoded or exported."""
+    try:
+        msgspec.json.schema_components([type_])
+    except (TypeError, ValueError) as exc:
+        last = str(exc).strip().splitlines()[-1]
+        raise DeclarationError(f"{name}: {which} type {type_!r} has no JSON form: {last}") from None
+
+
+def _check_timeout(name: str, timeout_ms: object) -> None:
+    if timeout_ms is None:
+        return
+    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0:
+        raise DeclarationError(
+            f"{name}: timeout_ms={timeout_ms!r}: expected a positive integer number of milliseconds"
+        )
+
+
+def _signature_types(name: str, fn: Handler) -> tuple[Any, Any]:
+    """The request and reply types of `fn`, which must take `(request, ctx)`."""
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        raise DeclarationError(
+            f"{name}: the handler must take two arguments (request, ctx)"
+        ) from None
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:  # NameError, or whatever evaluating an annotation raised
+        raise DeclarationError(f"{name}: cannot resolve its type annotations: {exc}") from None
+    params = list(inspect.signature(fn).parameters)
+    return hints.get(params[0], Any), hints.get("return", Any)
+
 
 
 @functools.cache
@@ -79,9 +133,9 @@ class Operations:
     """The actions of one op; workers serve each group in its own queue group."""
 
     def __init__(self, op: str, *, description: str = "", _builtin: bool = False) -> None:
-        check_token(op, "op")
+        _check_name(op, "op")
         if op in RESERVED_OPS and not (_builtin and op in BUILTIN_RESERVED_OPS):
-            raise ValueError(f"op {op!r} is reserved for nexus-bus")
+            raise DeclarationError(f"op {op!r} is reserved for nexus-bus")
         self.op = op
         self.description = description
         self._actions: dict[str, Operation] = {}
@@ -106,24 +160,27 @@ class Operations:
                 (they are dropped); by default they are a 400 naming the field.
 
         Raises:
-            ValueError: a bad name, a duplicate, or a function that is not `async`.
+            DeclarationError: a bad name or timeout, a duplicate, a function that is not
+                `async` or cannot take `(request, ctx)`, or a type with no JSON form.
         """
-        check_token(name, "action")
+        _check_name(name, f"{self.op}: action")
+        full = f"{self.op}.{name}"
+        _check_timeout(full, timeout_ms)
 
         def register(fn: Handler) -> Handler:
             if not inspect.iscoroutinefunction(fn):
-                raise ValueError(f"{self.op}.{name}: handler must be an async function")
+                raise DeclarationError(f"{full}: the handler must be an async function")
             if name in self._actions:
-                raise ValueError(f"{self.op}.{name} is registered twice")
-            hints = typing.get_type_hints(fn)
-            params = list(inspect.signature(fn).parameters)
-            request_type = hints.get(params[0], Any) if params else Any
+                raise DeclarationError(f"{full} is registered twice")
+            request_type, reply_type = _signature_types(full, fn)
+            _check_type(full, "request", request_type)
+            _check_type(full, "reply", reply_type)
             self._actions[name] = Operation(
                 op=self.op,
                 action=name,
                 handler=fn,
                 request_type=with_unknown_fields(request_type, forbid=not allow_unknown_fields),
-                reply_type=hints.get("return", Any),
+                reply_type=reply_type,
                 public=public,
                 idempotent=idempotent,
                 timeout_ms=timeout_ms,

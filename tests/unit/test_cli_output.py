@@ -61,6 +61,13 @@ def project(tmp_path: Path) -> Path:
         "from nexus_bus import Operations\nops = Operations('pricing')\n"
     )
     (tmp_path / "mypkg" / "broken.py").write_text("import mypkg.helpers  # not written yet\n")
+    (tmp_path / "mypkg" / "sync.py").write_text(
+        "from nexus_bus import Operations\nops = Operations('sync')\n"
+        "@ops.action('go')\ndef go(req: dict, ctx: object) -> dict:\n    return req\n"
+    )
+    (tmp_path / "mypkg" / "dotted.py").write_text(
+        "from nexus_bus import Operations\nops = Operations('my.ops')\n"
+    )
     return tmp_path
 
 
@@ -91,6 +98,26 @@ def run_in(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_a_typo_in_app_or_ops_is_one_line(project: Path, args: list[str], said: str) -> None:
     done = run_in(project, *args)
     assert (done.returncode, done.stderr, done.stdout) == (2, f"error: {said}\n", "")
+
+
+@pytest.mark.parametrize(
+    ("module", "said"),
+    [
+        ("sync", "sync.py:3: sync.go: the handler must be an async function"),
+        ("dotted", "dotted.py:2: op name 'my.ops': use lowercase letters, digits, '_' and '-',"
+         " starting with a letter, at most 64 characters (it is a NATS subject token)"),
+    ],
+)
+def test_an_operation_declared_wrongly_is_one_line_naming_it(
+    project: Path, module: str, said: str
+) -> None:
+    """Before: a traceback ending in ValueError (exit 1), or "error: invalid_request: ..." as
+    if a request had been refused (exit 1)."""
+    done = run_in(project, "worker", "--app", f"mypkg.{module}:ops")
+    where = project / "mypkg"
+    assert (done.returncode, done.stderr, done.stdout) == (
+        2, f"error: --app mypkg.{module}:ops: {where}/{said}\n", "",
+    )
 
 
 def test_an_import_failing_inside_your_module_shows_your_traceback(project: Path) -> None:

@@ -1,7 +1,10 @@
+import re
+
 import msgspec
 import pytest
 
 from nexus_bus import Operations, RequestContext
+from nexus_bus.operations import DeclarationError
 
 
 class Ping(msgspec.Struct):
@@ -106,3 +109,80 @@ def test_registration_errors() -> None:
     for reserved in ("jobs", "sys", "auth", "Bad.Name"):
         with pytest.raises(ValueError):
             Operations(reserved)
+
+
+class Plain:
+    """Not a type msgspec can decode, encode or describe."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+async def _no_args() -> Pong:
+    return Pong(n=0)
+
+
+async def _one_arg(req: Ping) -> Pong:
+    return Pong(n=req.n)
+
+
+async def _plain_request(req: Plain, ctx: RequestContext) -> Pong:
+    return Pong(n=req.n)
+
+
+async def _plain_reply(req: Ping, ctx: RequestContext) -> Plain:
+    return Plain(req.n)
+
+
+async def _unresolvable(req: "Missing", ctx: RequestContext) -> Pong:  # type: ignore[name-defined]  # noqa: F821
+    return Pong(n=0)
+
+
+async def _fine(req: Ping, ctx: RequestContext) -> Pong:
+    return Pong(n=req.n)
+
+
+@pytest.mark.parametrize(
+    ("declare", "said"),
+    [
+        (lambda ops: ops.action("go")(_no_args),
+         "shop.go: the handler must take two arguments (request, ctx)"),
+        (lambda ops: ops.action("go")(_one_arg),
+         "shop.go: the handler must take two arguments (request, ctx)"),
+        (lambda ops: ops.action("go")(_plain_request),
+         f"shop.go: request type {Plain!r} has no JSON form"),
+        (lambda ops: ops.action("go")(_plain_reply),
+         f"shop.go: reply type {Plain!r} has no JSON form"),
+        (lambda ops: ops.action("go")(_unresolvable),
+         "shop.go: cannot resolve its type annotations: name 'Missing' is not defined"),
+        (lambda ops: ops.action("go", timeout_ms=0)(_fine),
+         "shop.go: timeout_ms=0: expected a positive integer number of milliseconds"),
+        (lambda ops: ops.action("go", timeout_ms=-5)(_fine), "shop.go: timeout_ms=-5"),
+        (lambda ops: ops.action("go", timeout_ms="1000")(_fine), "shop.go: timeout_ms='1000'"),
+        (lambda ops: ops.action("go", timeout_ms=True)(_fine), "shop.go: timeout_ms=True"),
+        (lambda ops: ops.action("Go")(_fine), "shop: action name 'Go': use lowercase"),
+        (lambda ops: ops.action("a.b")(_fine), "shop: action name 'a.b'"),
+        (lambda ops: ops.action("*")(_fine), "shop: action name '*'"),
+        (lambda ops: ops.action(">")(_fine), "shop: action name '>'"),
+        (lambda ops: ops.action("prix-ü")(_fine), "shop: action name 'prix-ü'"),
+    ],
+)
+def test_a_declaration_that_cannot_be_served_fails_when_declared(
+    declare: object, said: str
+) -> None:
+    """Before: each of these registered, and failed at every request (a 500 from a handler
+    called with the wrong arguments or a type it cannot encode, a 504 at once for
+    timeout_ms=0), at the registry's schema export (a traceback at start), or as a bare
+    NameError or TypeError from inside nexus-bus."""
+    ops = Operations("shop")
+    with pytest.raises(DeclarationError) as caught:
+        declare(ops)  # type: ignore[operator]
+    assert str(caught.value).startswith(said), caught.value
+    assert len(ops) == 0
+
+
+@pytest.mark.parametrize("name", ["my.ops", "Pricing", "*", ">", "prix-ü", ""])
+def test_an_op_name_that_is_not_a_subject_token_is_a_declaration_error(name: str) -> None:
+    with pytest.raises(DeclarationError, match=re.escape(f"op name {name!r}: use lowercase")):
+        Operations(name)
+

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from nexus_bus.operations import DeclarationError, Operations
+from nexus_bus.operations import DeclarationError, Operations, check_distinct
 
 
 class AppNotFound(ValueError):
@@ -32,7 +32,8 @@ def load_groups(ops: str | None, apps: Sequence[str]) -> list[Operations]:
 
     Raises:
         AppNotFound: an unknown built-in op, a module or attribute that does not exist, a
-            reference that is not operations, or an op or action declared wrongly.
+            reference that is not operations, an op or action declared wrongly, or two
+            groups with the same op.
     """
     from nexus_bus.handlers import builtin_groups
 
@@ -47,6 +48,10 @@ def load_groups(ops: str | None, apps: Sequence[str]) -> list[Operations]:
         sys.path.insert(0, os.getcwd())
     for ref in apps:
         groups.extend(_load(ref))
+    try:
+        check_distinct(groups)
+    except DeclarationError as exc:
+        raise AppNotFound(f"{' '.join(f'--app {ref}' for ref in apps)}: {exc}") from None
     return groups
 
 

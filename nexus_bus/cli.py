@@ -77,7 +77,9 @@ def cmd_shim(args: argparse.Namespace, settings: Settings) -> int:
         )
     # Your groups next to the built-in ones: the shim lets their public actions through
     # without a token on the routes it authorizes itself (docs/http.md).
-    groups = [*load_groups(None, []), *load_groups(None, args.app)] if args.app else None
+    from nexus_bus.handlers import BUILTIN
+
+    groups = load_groups(",".join(BUILTIN), args.app) if args.app else None
     return serve(settings, groups)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,21 @@ def _signature_types(name: str, fn: Handler) -> tuple[Any, Any]:
     params = list(inspect.signature(fn).parameters)
     return hints.get(params[0], Any), hints.get("return", Any)
 
+
+def check_distinct(groups: Iterable[Operations]) -> None:
+    """Refuse two groups with the same op: one process serves one group per op.
+
+    Raises:
+        DeclarationError: naming the op.
+    """
+    seen: set[str] = set()
+    for group in groups:
+        if group.op in seen:
+            raise DeclarationError(
+                f"op {group.op!r} is declared by two groups; one worker serves one group per op"
+                " (built-in ops included): rename one, or merge their actions"
+            )
+        seen.add(group.op)
 
 
 @functools.cache

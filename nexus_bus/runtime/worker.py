@@ -42,7 +42,7 @@ from nexus_bus.discovery import WorkerDiscovery
 from nexus_bus.effects import journaled_services
 from nexus_bus.errors import ConfigError, PayloadTooLarge, Unavailable, UpstreamTimeout
 from nexus_bus.observability import METRICS, logger
-from nexus_bus.operations import Operations
+from nexus_bus.operations import Operations, check_distinct
 from nexus_bus.registry import Registration, register
 from nexus_bus.runtime.dispatch import Dispatcher
 from nexus_bus.runtime.jobs import JobRunner
@@ -83,6 +83,7 @@ class Worker:
     Raises:
         ConfigError: (on creation) a handler's cache declaration with `revision=` has TTLs a
             fill may outlive (`cache.max_fill_age_s`, docs/cache.md).
+        DeclarationError: two of `groups` have the same op.
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.groups = [g for g in groups if len(g)]
+        check_distinct(self.groups)  # two subscribers in one queue group: one group's 404s
         if settings.cache.enabled:
             # Settings check the `data` policy; users' versioned declarations are checked
             # here, the first place that has both (docs/cache.md, guarantee 3).

@@ -65,6 +65,11 @@ def project(tmp_path: Path) -> Path:
         "from nexus_bus import Operations\nops = Operations('sync')\n"
         "@ops.action('go')\ndef go(req: dict, ctx: object) -> dict:\n    return req\n"
     )
+    (tmp_path / "mypkg" / "mydata.py").write_text(
+        "from nexus_bus import Operations\nops = Operations('data')\n"
+        "@ops.action('get', public=True)\nasync def get(req: dict, ctx: object) -> dict:\n"
+        "    return req\n"
+    )
     (tmp_path / "mypkg" / "dotted.py").write_text(
         "from nexus_bus import Operations\nops = Operations('my.ops')\n"
     )
@@ -118,6 +123,28 @@ def test_an_operation_declared_wrongly_is_one_line_naming_it(
     assert (done.returncode, done.stderr, done.stdout) == (
         2, f"error: --app mypkg.{module}:ops: {where}/{said}\n", "",
     )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["worker", "--app", "mypkg.mydata:ops", "--app", "mypkg.pricing:ops", "--ops", "data"],
+        ["up", "--app", "mypkg.mydata:ops", "--app", "mypkg.pricing:ops"],
+        ["shim", "--app", "mypkg.mydata:ops", "--app", "mypkg.pricing:ops"],
+    ],
+)
+def test_your_op_named_like_another_served_with_it_is_refused(
+    project: Path, args: list[str]
+) -> None:
+    """Before: `up` served both groups in one worker, whose dispatcher kept the last one, so
+    the built-in data.put answered 404 and data.get was your public handler."""
+    done = run_in(project, *args)
+    said = (
+        "error: --app mypkg.mydata:ops --app mypkg.pricing:ops: op 'data' is declared by two"
+        " groups; one worker serves one group per op (built-in ops included): rename one, or"
+        " merge their actions\n"
+    )
+    assert (done.returncode, done.stderr, done.stdout) == (2, said, "")
 
 
 def test_an_import_failing_inside_your_module_shows_your_traceback(project: Path) -> None:

@@ -4,7 +4,9 @@ import msgspec
 import pytest
 
 from nexus_bus import Operations, RequestContext
-from nexus_bus.operations import DeclarationError
+from nexus_bus.config import load_settings
+from nexus_bus.operations import DeclarationError, check_distinct
+from nexus_bus.runtime.worker import Worker
 
 
 class Ping(msgspec.Struct):
@@ -186,3 +188,15 @@ def test_an_op_name_that_is_not_a_subject_token_is_a_declaration_error(name: str
     with pytest.raises(DeclarationError, match=re.escape(f"op name {name!r}: use lowercase")):
         Operations(name)
 
+
+
+def test_two_groups_with_one_op_are_refused_by_a_worker() -> None:
+    """Before: both subscribed in queue group nexus.twin, the dispatcher kept the last group,
+    and every request for the first group's actions was 404 unknown_operation."""
+    first, second = Operations("twin"), Operations("twin")
+    first.action("one")(_fine)
+    second.action("two")(_fine)
+    with pytest.raises(DeclarationError, match="op 'twin' is declared by two groups"):
+        check_distinct([first, second])
+    with pytest.raises(DeclarationError, match="op 'twin' is declared by two groups"):
+        Worker(load_settings(), [first, second])

@@ -80,6 +80,16 @@ _info_service = ""
 _info_instance: str | None = None
 
 
+def _message_of(exc: BaseException | None) -> str:
+    """`str(exc)`, or what `traceback` writes when that raises: a handler's exception whose
+    `__str__` fails would otherwise fail the whole line, and loguru would print a multi-line
+    dump outside the JSON stream instead of it."""
+    try:
+        return str(exc)
+    except Exception:
+        return "<exception str() failed>"
+
+
 def _json_line(record: Record, service: str, instance: str | None) -> bytes:
     extra = record["extra"]
     doc: dict[str, Any] = {
@@ -100,7 +110,8 @@ def _json_line(record: Record, service: str, instance: str | None) -> bytes:
             doc[name] = extra[name]
     if record["exception"] is not None:
         exc = record["exception"]
-        doc["exception"] = f"{exc.type.__name__ if exc.type else 'Exception'}: {exc.value}"
+        name = exc.type.__name__ if exc.type else "Exception"
+        doc["exception"] = f"{name}: {_message_of(exc.value)}"
         # The whole traceback, inside the one JSON line (a multi-line dump would split it).
         doc["traceback"] = "".join(
             traceback.format_exception(exc.type, exc.value, exc.traceback)

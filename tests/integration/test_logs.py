@@ -63,6 +63,44 @@ async def test_a_handler_exception_is_logged_with_its_traceback_and_ids(
     assert "in boom" in line["traceback"]  # the handler's own frame
 
 
+class Unprintable(Exception):
+    """An exception whose message cannot be built: its `__str__` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+async def test_an_exception_whose_str_raises_is_still_one_json_line(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    """Before: the JSON sink raised building the line's `exception` field, loguru printed a
+    multi-line "Logging error in Loguru Handler" dump to stderr instead, and the ERROR line
+    (with the request and trace ids) was lost."""
+    ops = Operations(f"l{uid}")
+
+    @ops.action("boom")
+    async def boom(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        raise Unprintable
+
+    @ops.action("canary")
+    async def canary(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        return {"ok": True}
+
+    worker = Worker(settings, [ops])
+    await worker.start()
+    try:
+        with json_log() as sink:
+            with pytest.raises(InternalError):
+                await gateway.request(ops.op, "boom", {}, request_id=f"r{uid}")
+            assert await gateway.request(ops.op, "canary", {}) == {"ok": True}
+    finally:
+        await worker.drain(1)
+    [line] = [d for d in lines_of(sink, ops.op) if d["level"] == "ERROR"]
+    assert line["correlation_id"] == f"r{uid}"
+    assert line["exception"] == "Unprintable: <exception str() failed>"
+    assert "in boom" in line["traceback"]
+
+
 async def test_a_dead_letter_line_carries_the_jobs_trace_and_request_ids(
     gateway: Gateway, settings: Settings, uid: str
 ) -> None:

@@ -308,6 +308,14 @@ class Dispatcher:
         return self._fail(op, error, request_id)
 
     def _fail(self, op: str, error: NexusError, request_id: str) -> Reply:
+        if not 400 <= error.http_status <= 599:
+            # A handler's own NexusError subclass with a status that is no error's: sent as
+            # it is, a 2xx or 3xx would read as a success to every client.
+            logger.error(
+                "{} ({}) declares http_status {}, not an error status (400-599): answered 500",
+                type(error).__name__, error.code, error.http_status,
+            )  # fmt: skip
+            error = InternalError(f"internal error; request id {request_id}")
         METRICS.count_error(op if op in self._groups else UNKNOWN_LABEL, error.code)
         if error.http_status >= 500:
             logger.warning("{} {}: {}", error.http_status, error.code, error.detail)

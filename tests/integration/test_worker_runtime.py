@@ -26,7 +26,7 @@ from nexus_bus import (
     UpstreamTimeout,
     Worker,
 )
-from nexus_bus.errors import InternalError
+from nexus_bus.errors import InternalError, NexusError
 from nexus_bus.observability import METRICS, configure_logging, logger
 from tests.conftest import make_settings
 
@@ -45,6 +45,18 @@ class Seen(msgspec.Struct, frozen=True, kw_only=True):
 
 class OddError(BaseException):
     """A handler's own BaseException subclass."""
+
+
+class NotAnErrorStatus(NexusError):
+    """A user's error class declaring a status that is not an error's."""
+
+    code, http_status = "moved", 302
+
+
+class BeyondHttp(NexusError):
+    """A user's error class declaring a status HTTP does not have."""
+
+    code, http_status = "odd", 999
 
 
 class State:
@@ -76,6 +88,10 @@ def probe_ops(op: str, state: State) -> Operations:
                 await other
             if req.fail == "base":
                 raise OddError("not an Exception")
+            if req.fail == "302":
+                raise NotAnErrorStatus("see elsewhere")
+            if req.fail == "999":
+                raise BeyondHttp("off the scale")
             state.finished += 1
             return Seen(trace_id=ctx.trace.trace_id, request_id=ctx.request_id)
         except asyncio.CancelledError:
@@ -140,6 +156,28 @@ async def test_a_handler_letting_out_a_baseexception_is_a_500_not_a_silence(
     with pytest.raises(InternalError):
         await gateway.request(op, "run", {"fail": fail}, timeout=10)
     assert time.monotonic() - started < 2
+    assert (await gateway.request(op, "run", {}))["request_id"]
+
+
+@pytest.mark.parametrize("fail", ["302", "999"])
+async def test_an_error_class_with_a_status_that_is_not_an_error_status_is_a_500(
+    probe: Callable[..., object], nats_url: str, gateway: Gateway, fail: str
+) -> None:
+    """Before: `Nexus-Status: 302` with a problem body, which every client (the gateway, the
+    shim: HTTP 302 without a Location) took for a success, or `Nexus-Status: 999`, which
+    docs/contract.md has no place for."""
+    _, _, op = await probe()  # type: ignore[operator]
+    nc = await nats.connect(nats_url)
+    try:
+        msg = await nc.request(f"nexus.{op}.run", f'{{"fail": "{fail}"}}'.encode(), timeout=5)
+    finally:
+        await nc.close()
+    assert msg.headers is not None
+    assert (msg.headers["Nexus-Status"], msg.headers["Nats-Service-Error-Code"]) == ("500", "500")
+    problem = msgspec.json.decode(msg.data)
+    assert (problem["status"], problem["code"]) == (500, "internal")
+    with pytest.raises(InternalError):
+        await gateway.request(op, "run", {"fail": fail})
     assert (await gateway.request(op, "run", {}))["request_id"]
 
 

@@ -211,13 +211,12 @@ class Cache:
     ) -> Entry:
         """Load and fill; `read_ms`: the store's clock at the read that missed (0: unknown).
 
-        A versioned fill of a load older than `max_fill_age_s` is refused: a tombstone (or
-        newer value) it raced with may have expired meanwhile. Measured here on this process's
-        clock, the age would miss a pause between this check and the fill's arrival, so the
-        store refuses too, on its own clock, a fill that comes later than `max_fill_age_s`
-        after `read_ms`: the read came before the load, and whatever the fill raced with was
-        written after it, on that clock, and outlives it by more than that (settings
-        validation).
+        A versioned fill of a load older than `policy.fill_age_s(max_fill_age_s)` is refused:
+        a tombstone (or newer value) it raced with may have expired meanwhile. Measured here,
+        the age would miss a pause between this check and the fill's arrival, so the store
+        refuses too, on its own clock, a fill that comes later than that after `read_ms`: the
+        read came before the load, and whatever the fill raced with was written after it, on
+        that clock, and outlives it by more (settings validation; `fill_age_s`).
         """
         started = self._clock()
         try:
@@ -230,14 +229,15 @@ class Cache:
         # may race with. An unversioned one (cache-aside) is stored only while its lease
         # holds, which a write or a delete revokes, however long the load took: a completion
         # slower than max_fill_age_s was never cached, and its waiters each ran it again.
-        too_old = entry.versioned and self._clock() - started > self._max_fill_age_s
+        max_age_s = policy.fill_age_s(self._max_fill_age_s)
+        too_old = entry.versioned and self._clock() - started > max_age_s
         if too_old or (entry.kind is Kind.ABSENT and not policy.caches_absence):
             if token:
                 await self._attempt(self._store.release, ck, token)
             return entry
         expiry = policy.expiry(entry.kind, self._rng)
         versioned_read = read_ms if entry.versioned else 0  # an unversioned fill: its lease
-        not_after_ms = versioned_read + round(self._max_fill_age_s * 1000) if versioned_read else 0
+        not_after_ms = versioned_read + round(max_age_s * 1000) if versioned_read else 0
         filled = await self._attempt(
             self._store.fill, ck, entry, ttl_ms=expiry.ttl_ms, stale_ms=expiry.stale_ms,
             token=token, need_lease=not entry.versioned, not_after_ms=not_after_ms,

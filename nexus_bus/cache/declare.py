@@ -16,8 +16,8 @@ The wrappers keep the handler's signature and annotations (`Operations` reads th
 and reply types from them) and use `ctx.services.cache`; without a cache they just call the
 handler. Replies are cached as JSON and decoded as the handler's return type. With
 `revision=`, entries are ordered by that revision (compare-and-set); without it, by leases.
-Each wrapper records its declaration (`declarations`), so a worker checks the policies of the
-versioned ones against its cache settings at start (`declaration_problems`).
+Each wrapper records its declaration (`declarations`), so a worker checks at start that the
+declarations of a namespace agree (`declaration_problems`).
 """
 
 from __future__ import annotations
@@ -87,33 +87,24 @@ def declarations(handler: Handler) -> tuple[Declaration, ...]:
     return declared
 
 
-def declaration_problems(
-    handlers: Iterable[tuple[str, Handler]], max_fill_age_s: float
-) -> list[str]:
+def declaration_problems(handlers: Iterable[tuple[str, Handler]]) -> list[str]:
     """Why the declarations around `handlers` (named `op.action`) cannot keep their guarantee:
-    each entry names the handler, the namespace and what to change. Empty: none.
+    each entry names the handler and the namespace. Empty: none.
 
-    - A versioned declaration whose TTLs a late fill outlives (`max_fill_age_s`,
-      `CachePolicy.fill_age_problems`).
-    - A write without `revision=` in a namespace read with one: a versioned fill needs no
-      lease, so neither the eviction nor the unversioned write that revokes the lease stops
-      a fill loaded before the write, and the old reply is served for `ttl_s`.
+    A write without `revision=` in a namespace read with one cannot be ordered against the
+    reads' fills: a versioned fill needs no lease, so neither the eviction nor the unversioned
+    write that revokes the lease stops a fill loaded before the write, and the old reply is
+    served for `ttl_s`. (Short TTLs are no problem: a policy bounds its own versioned fills,
+    `CachePolicy.fill_age_s`.)
     """
     declared = [(name, d) for name, handler in handlers for d in declarations(handler)]
     read_by_revision = {d.namespace for _, d in declared if d.kind == _READ and d.versioned}
-    problems = [
-        f"{name}: cache {d.namespace!r} (revision=): {problem}"
-        for name, d in declared
-        if d.versioned
-        for problem in d.policy.fill_age_problems(max_fill_age_s)
-    ]
-    problems += [
+    return [
         f"{name}: cache {d.namespace!r}: {d.kind} needs revision= like the namespace's"
         " read_through (without it, a fill loaded before the write lands after it)"
         for name, d in declared
         if d.kind != _READ and not d.versioned and d.namespace in read_by_revision
     ]
-    return problems
 
 
 def _declare(

@@ -85,30 +85,19 @@ class CachePolicy:
         """The longest any entry written under this policy can stay in Redis."""
         return self.ttl_s * (1 + self.jitter) + self.stale_s
 
-    def fill_age_problems(self, max_fill_age_s: float) -> list[str]:
-        """What, under this policy, a versioned fill could outlive (empty: nothing).
+    def fill_age_s(self, max_fill_age_s: float) -> float:
+        """How long after its read a versioned fill under this policy may still be stored.
 
-        A versioned fill is refused `max_fill_age_s` after the read that missed, so a newer
-        value or a fence it raced with must live longer than that, at the shortest TTL the
-        jitter gives it. (Not-found entries of a declaration are unversioned: they never
-        outrank a versioned fill, and `negative_ttl_s` is free.)
-
-        Args:
-            max_fill_age_s: the cache's `max_fill_age_s`.
+        At most `max_fill_age_s` (the cache settings'), and shorter than the shortest life
+        of an entry the fill may race with: a tombstone, a fence, or a newer value at its
+        shortest jittered TTL. Settings validation guarantees that for the settings' own
+        policy; a handler's policy may live shorter, and then bounds its own fills (10%
+        short of that life, which covers the rounding of TTLs to milliseconds).
         """
-        problems = []
-        shortest = self.ttl_s * (1 - self.jitter) + self.stale_s
-        if shortest <= max_fill_age_s:
-            problems.append(
-                f"ttl_s less its jitter, plus stale_s ({shortest:g} s at the shortest), must be"
-                f" longer than cache.max_fill_age_s ({max_fill_age_s:g} s)"
-            )
-        if self.fence_ttl_s <= max_fill_age_s:
-            problems.append(
-                f"fence_ttl_s ({self.fence_ttl_s:g} s) must be longer than"
-                f" cache.max_fill_age_s ({max_fill_age_s:g} s)"
-            )
-        return problems
+        shortest = min(self.fence_ttl_s, self.ttl_s * (1 - self.jitter) + self.stale_s)
+        if self.caches_absence:
+            shortest = min(shortest, self.negative_ttl_s * (1 - self.jitter))
+        return min(max_fill_age_s, 0.9 * shortest)
 
     @property
     def caches_absence(self) -> bool:

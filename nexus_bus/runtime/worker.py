@@ -81,8 +81,8 @@ class Worker:
     worker as a FastStream application, whose hooks do the same steps.
 
     Raises:
-        ConfigError: (on creation) a handler's cache declaration with `revision=` has TTLs a
-            fill may outlive (`cache.max_fill_age_s`, docs/cache.md).
+        ConfigError: (on creation) a cache namespace read with `revision=` is written or
+            invalidated without it (docs/cache.md).
         DeclarationError: two of `groups` have the same op.
     """
 
@@ -97,10 +97,9 @@ class Worker:
         self.groups = [g for g in groups if len(g)]
         check_distinct(self.groups)  # two subscribers in one queue group: one group's 404s
         if settings.cache.enabled:
-            # Settings check the `data` policy; users' versioned declarations are checked
-            # here, the first place that has both (docs/cache.md, guarantee 3).
+            # Users' declarations of one namespace must agree (docs/cache.md).
             handlers = ((f"{o.op}.{o.action}", o.handler) for g in self.groups for o in g)
-            problems = declaration_problems(handlers, settings.cache.max_fill_age_s)
+            problems = declaration_problems(handlers)
             if problems:
                 raise ConfigError("cache declarations: " + "; ".join(problems))
         self._authenticator = authenticator

@@ -375,6 +375,31 @@ async def test_a_fill_that_reaches_redis_after_max_fill_age_is_refused(
     assert (await writer.fetch("data", uid, absent, policy)).kind is Kind.ABSENT
 
 
+async def test_a_policy_shorter_than_max_fill_age_bounds_its_own_fills(
+    raw_redis: aioredis.Redis, uid: str
+) -> None:
+    """A handler's own policy (`read_through(..., revision=..., policy=...)`) is not checked
+    against the cache settings' `max_fill_age_s`: with a tombstone living 0.3 s and fills
+    accepted for 2 s, a fill stalled 0.8 s landed after the tombstone expired, and the
+    deleted value was served again for `ttl_s`. Its fills are bounded by its own shortest
+    entry life too."""
+    store = RedisEntryStore(raw_redis, timeout_s=3.0)
+    policy = CachePolicy(ttl_s=60, negative_ttl_s=0.3, jitter=0)
+    writer = Cache(store, max_fill_age_s=2.0)
+    reader = Cache(StalledFills(store, stall_s=0.8), max_fill_age_s=2.0)
+
+    async def head_then_deleted() -> Entry:
+        await writer.write("profiles", uid, Entry.absent(2), policy)  # the delete lands
+        return Entry.of(b"doomed", 1)  # read before it
+
+    await reader.fetch("profiles", uid, head_then_deleted, policy)  # quick load, stalled fill
+
+    async def absent() -> Entry:
+        return Entry.absent(2)
+
+    assert (await writer.fetch("profiles", uid, absent, policy)).kind is Kind.ABSENT
+
+
 async def test_stampede_on_cold_keys_loads_each_key_once(
     patient_settings: Settings, uid: str
 ) -> None:

@@ -61,7 +61,15 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             print(f"error: worker.metrics_port {port}: {exc.strerror}", file=sys.stderr)
             return 2
     worker = create_worker(settings, args.ops, args.app)
-    _run_async(worker.run())
+
+    async def serve() -> None:
+        await worker.run()
+        if worker.stuck:
+            # Handlers that ignored their cancellation: asyncio.run would cancel them once
+            # more and wait for them forever. The drain is done; leave without them.
+            os._exit(1)
+
+    _run_async(serve())
     return 0
 
 

@@ -51,6 +51,9 @@ from nexus_bus.services import Services, close_services, create_services
 _NO_HEADERS: dict[str, str] = {}
 # More than a reply's headers can take (status, ids, content type, a truncated error detail).
 _HEADROOM = 8 * 1024
+# How long handlers cancelled at the end of a drain get to unwind before it goes on without
+# them (one that catches CancelledError and carries on would otherwise hold the drain forever).
+_UNWIND_S = 1.0
 
 
 async def _parse(msg: Msg) -> NatsMessage:
@@ -111,6 +114,7 @@ class Worker:
         self._draining = False
         self._refusing = False  # the drain's grace ran out: requests still waiting get 503
         self._grace_s = settings.worker.drain_grace_s
+        self.stuck = 0  # handlers still running after the drain cancelled them (`drain`)
         self._nc: Client | None = None
         self.services: Services | None = None
         self.dispatcher: Dispatcher | None = None
@@ -395,8 +399,16 @@ class Worker:
         pending = [task for task in self._tasks if not task.done()]
         for task in pending:
             task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        if not pending:
+            return
+        _, stuck = await asyncio.wait(pending, timeout=_UNWIND_S)
+        if stuck:
+            self.stuck = len(stuck)
+            ops = sorted({self._tasks[task][0] for task in stuck if task in self._tasks})
+            logger.error(
+                "{} handlers of ops {} ignored their cancellation; stopping without them",
+                len(stuck), ",".join(ops),
+            )  # fmt: skip
 
     async def _abandoned(self, reply_to: str, msg: Msg) -> None:
         """Answer the caller of a request the drain cancelled when its grace ran out, rather
@@ -418,7 +430,12 @@ class Worker:
             await self.nc.publish(msg.reply, reply.body, headers=reply.headers)
 
     async def drain(self, grace_s: float | None = None) -> None:
-        """Stop taking requests, let in-flight ones finish within `grace_s`, then disconnect."""
+        """Stop taking requests, let in-flight ones finish within `grace_s`, then disconnect.
+
+        Handlers still running then are cancelled; those that ignore it (they catch
+        CancelledError and carry on) are left running after a second, and counted in
+        `stuck`: a process should exit without waiting for them (`nexus-bus worker` does).
+        """
         if self._draining or self._nc is None:
             return
         if grace_s is not None:

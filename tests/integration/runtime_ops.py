@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import msgspec
 
@@ -23,4 +24,16 @@ ops = Operations("slowpoke", description="Test op: sleeps, then answers.")
 async def nap(req: Nap, ctx: RequestContext) -> Nap:
     """Sleep `seconds`, then echo the request."""
     await asyncio.sleep(req.seconds)
+    return req
+
+
+@ops.action("stubborn", public=True)
+async def stubborn(req: Nap, ctx: RequestContext) -> Nap:
+    """Sleep `seconds` and swallow every cancellation meanwhile (a handler with a broad
+    `except BaseException` in a retry loop)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + req.seconds
+    while loop.time() < end:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.05)
     return req

@@ -408,3 +408,55 @@ def test_sigterm_drains_a_worker_process(nats_url: str, redis_url: str, tmp_path
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_handler_ignoring_its_cancellation_does_not_hold_the_drain(
+    nats_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """A handler that catches CancelledError and carries on: before, SIGTERM never ended
+    the worker (the drain awaited the cancelled handler, then asyncio.run did, forever), so
+    only a SIGKILL did. Now the drain goes on without it, the worker serves the others until
+    then, and exits 1 after the grace plus a second, saying which op held it."""
+    settings = make_settings(nats_url, redis_url)
+    env = {
+        **os.environ,
+        "NEXUS_NATS__URL": nats_url,
+        "NEXUS_REDIS__URL": redis_url,
+        "NEXUS_AUTH__KEYS_DIR": str(settings.auth.keys_dir),
+        "NEXUS_LOG__LEVEL": "WARNING",
+        "NEXUS_WORKER__DRAIN_GRACE_S": "0.5",
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexus_bus", "worker", "--app", "tests.integration.runtime_ops:ops"],
+        env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    async def scenario() -> None:
+        nc = await nats.connect(nats_url)
+        try:
+            for _ in range(100):  # wait until the worker subscribed
+                try:
+                    await nc.request("nexus.slowpoke.nap", b'{"seconds": 0}', timeout=0.5)
+                    break
+                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                    await asyncio.sleep(0.1)
+            await nc.publish("nexus.slowpoke.stubborn", b'{"seconds": 60}', reply=nc.new_inbox())
+            await asyncio.sleep(0.3)
+            canary = await nc.request("nexus.slowpoke.nap", b'{"tag": "canary", "seconds": 0}')
+            assert msgspec.json.decode(canary.data)["tag"] == "canary"
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(scenario())
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+        assert proc.returncode == 1
+        assert time.monotonic() - sent < 5
+        assert "handlers of ops slowpoke ignored their cancellation" in stderr, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -153,6 +153,9 @@ def configure_logging(
                     "sink": out,
                     "level": level,
                     "format": "{time:HH:mm:ss.SSS} {level: <7} {message} {extra}",
+                    # loguru's default annotates each frame of a traceback with the values of
+                    # its variables: a request's body and headers, a token among them.
+                    "diagnose": False,
                 }
             ]
         )

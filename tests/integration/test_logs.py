@@ -101,6 +101,35 @@ async def test_an_exception_whose_str_raises_is_still_one_json_line(
     assert "in boom" in line["traceback"]
 
 
+async def test_human_readable_lines_show_no_values_from_the_failed_request(
+    gateway: Gateway, settings: Settings, admin_token: str, uid: str
+) -> None:
+    """With `log.json_lines` false, the traceback of a handler's exception was loguru's
+    "diagnose" one: every frame's local variables, so the request's body (a password here)
+    and its headers (cut at 100 characters, which here ended before the token) went to the
+    log."""
+    ops = Operations(f"l{uid}")
+
+    @ops.action("login")
+    async def login(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        raise RuntimeError("login failed")
+
+    worker = Worker(settings, [ops])
+    await worker.start()
+    sink = io.StringIO()
+    configure_logging("nexus-test", "INFO", json_lines=False, sink=sink)
+    try:
+        with pytest.raises(InternalError):
+            await gateway.request(ops.op, "login", {"password": f"hunter2-{uid}"})
+    finally:
+        configure_logging("nexus-test", "WARNING", json_lines=False)
+        await worker.drain(1)
+    text = sink.getvalue()
+    assert "RuntimeError: login failed" in text and "in login" in text
+    assert admin_token[:40] not in text
+    assert f"hunter2-{uid}" not in text
+
+
 async def test_a_dead_letter_line_carries_the_jobs_trace_and_request_ids(
     gateway: Gateway, settings: Settings, uid: str
 ) -> None:

@@ -70,6 +70,14 @@ def _check_timeout(name: str, timeout_ms: object) -> None:
         )
 
 
+def _check_flags(name: str, **flags: object) -> None:
+    # A truthy non-bool would be served as True, but the registry entry holding it would not
+    # decode for its readers: the op would vanish from listings, and be a 404, not a 503.
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise DeclarationError(f"{name}: {flag}={value!r}: expected True or False")
+
+
 def _signature_types(name: str, fn: Handler) -> tuple[Any, Any]:
     """The request and reply types of `fn`, which must take `(request, ctx)`."""
     try:
@@ -151,6 +159,8 @@ class Operations:
         _check_name(op, "op")
         if op in RESERVED_OPS and not (_builtin and op in BUILTIN_RESERVED_OPS):
             raise DeclarationError(f"op {op!r} is reserved for nexus-bus")
+        if not isinstance(description, str):
+            raise DeclarationError(f"op {op!r}: description={description!r}: expected a str")
         self.op = op
         self.description = description
         self._actions: dict[str, Operation] = {}
@@ -175,12 +185,15 @@ class Operations:
                 (they are dropped); by default they are a 400 naming the field.
 
         Raises:
-            DeclarationError: a bad name or timeout, a duplicate, a function that is not
+            DeclarationError: a bad name, flag or timeout, a duplicate, a function that is not
                 `async` or cannot take `(request, ctx)`, or a type with no JSON form.
         """
         _check_name(name, f"{self.op}: action")
         full = f"{self.op}.{name}"
         _check_timeout(full, timeout_ms)
+        _check_flags(
+            full, public=public, idempotent=idempotent, allow_unknown_fields=allow_unknown_fields
+        )
 
         def register(fn: Handler) -> Handler:
             if not inspect.iscoroutinefunction(fn):

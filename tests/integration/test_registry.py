@@ -9,9 +9,10 @@ import nats
 import nats.errors
 import pytest
 
-from nexus_bus import Gateway, NoResponders, Settings, UnknownOperation
+from nexus_bus import Gateway, NoResponders, Operations, Settings, UnknownOperation
 from nexus_bus.embedded import ServerProcess
 from nexus_bus.jetstream import ensure_ops_bucket
+from nexus_bus.operations import DeclarationError
 from nexus_bus.registry import OpsRegistry, register
 from nexus_bus.registry.core import declare, encode, entry_key
 from nexus_bus.runtime.worker import Worker
@@ -48,6 +49,23 @@ async def test_a_declared_op_without_workers_stays_503(
         await fresh_gateway.request(op, "hello", {}, timeout=10)
     with pytest.raises(UnknownOperation):  # not an action the op declares
         await fresh_gateway.request(op, "nosuchaction", {}, timeout=10)
+
+
+async def test_an_op_declared_with_a_flag_that_is_not_a_bool_is_refused(
+    settings: Settings, fresh_gateway: Gateway, uid: str
+) -> None:
+    """Before: `public=1` or `idempotent="no"` was served (truthy), but its registry entry
+    did not decode for readers, so once its workers stopped the op was a 404, not a 503,
+    and no listing showed it."""
+    op = f"flag{uid}"
+    for flags in ({"public": 1}, {"idempotent": "no"}, {"allow_unknown_fields": None}):
+        with pytest.raises(DeclarationError, match=f"{op}.hello: {next(iter(flags))}="):
+            Operations(op).action("hello", **flags)  # type: ignore[arg-type]
+    worker = Worker(settings, [group(op)])  # the same op declared with bools
+    await worker.start()
+    await worker.drain(1)
+    with pytest.raises(NoResponders):
+        await fresh_gateway.request(op, "hello", {}, timeout=10)
 
 
 async def test_an_op_registered_after_the_view_started_is_never_404(

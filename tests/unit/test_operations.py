@@ -200,3 +200,8 @@ def test_two_groups_with_one_op_are_refused_by_a_worker() -> None:
         check_distinct([first, second])
     with pytest.raises(DeclarationError, match="op 'twin' is declared by two groups"):
         Worker(load_settings(), [first, second])
+
+
+def test_an_op_description_that_is_not_text_is_a_declaration_error() -> None:
+    with pytest.raises(DeclarationError, match="op 'shop': description=None: expected a str"):
+        Operations("shop", description=None)  # type: ignore[arg-type]

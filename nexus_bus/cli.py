@@ -20,7 +20,7 @@ from nexus_bus.constants import TOKEN
 from nexus_bus.errors import NexusError, Unavailable
 from nexus_bus.observability import configure_logging
 from nexus_bus.observability.process import process_name, start_observability
-from nexus_bus.operations import Operations
+from nexus_bus.operations import DeclarationError, Operations
 from nexus_bus.stackfile import STACK_FILE
 
 if TYPE_CHECKING:
@@ -430,7 +430,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except NexusError as exc:
         print(f"error: {exc.code}: {_explained(exc, settings).detail}", file=sys.stderr)
         return 1
-    except AppNotFound as exc:  # a typo in --app or --ops: no traceback
+    # A typo in --app or --ops, or a type of yours named like one of ours: no traceback.
+    except (AppNotFound, DeclarationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -31,7 +31,7 @@ from nexus_bus.constants import (
 )
 from nexus_bus.errors import ERRORS_BY_CODE
 from nexus_bus.jobs.envelope import JOB_ID_PATTERN
-from nexus_bus.operations import Operation, Operations
+from nexus_bus.operations import DeclarationError, Operation, Operations
 
 TITLE: Final = "nexus-bus"
 PROBLEM_NAME: Final = "problem"
@@ -191,13 +191,16 @@ def merged(*parts: dict[str, Any]) -> dict[str, Any]:
     """Union of name -> definition maps.
 
     Raises:
-        ValueError: one name with two different definitions (a user type named like ours).
+        DeclarationError: one name with two different definitions (a user type named like
+            ours); a ValueError.
     """
     out: dict[str, Any] = {}
     for part in parts:
         for name, value in part.items():
             if name in out and out[name] != value:
-                raise ValueError(f"two different schemas are named {name!r}; rename one type")
+                raise DeclarationError(
+                    f"two different schemas are named {name!r}; rename one type"
+                )
             out[name] = value
     return out
 

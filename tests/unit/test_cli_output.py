@@ -70,6 +70,12 @@ def project(tmp_path: Path) -> Path:
         "@ops.action('get', public=True)\nasync def get(req: dict, ctx: object) -> dict:\n"
         "    return req\n"
     )
+    (tmp_path / "mypkg" / "ours.py").write_text(
+        "import msgspec\nfrom nexus_bus import Operations\n"
+        "class NexusRequestHeaders(msgspec.Struct):\n    x: int\n"
+        "ops = Operations('ours')\n@ops.action('go')\n"
+        "async def go(req: NexusRequestHeaders, ctx: object) -> dict:\n    return {}\n"
+    )
     (tmp_path / "mypkg" / "dotted.py").write_text(
         "from nexus_bus import Operations\nops = Operations('my.ops')\n"
     )
@@ -145,6 +151,13 @@ def test_your_op_named_like_another_served_with_it_is_refused(
         " merge their actions\n"
     )
     assert (done.returncode, done.stderr, done.stdout) == (2, said, "")
+
+
+def test_your_type_named_like_one_of_ours_is_one_line(project: Path) -> None:
+    """Before: `schemas export` (and `ops`) ended in a traceback from the spec builder."""
+    done = run_in(project, "schemas", "export", "--dir", "out", "--app", "mypkg.ours:ops")
+    said = "error: two different schemas are named 'NexusRequestHeaders'; rename one type\n"
+    assert (done.returncode, done.stderr) == (2, said)
 
 
 def test_an_import_failing_inside_your_module_shows_your_traceback(project: Path) -> None:

@@ -23,7 +23,8 @@ class NexusError(Exception):
     unsent: bool = False
 
     def __init__(self, detail: str | None = None, *, retry_after: float | None = None) -> None:
-        self.detail = detail or self.title
+        # A handler's `NotFound(42)`: the problem's detail is text, or clients cannot read it.
+        self.detail = str(detail) if detail else self.title
         self.retry_after = retry_after
         super().__init__(self.detail)
 

@@ -27,6 +27,9 @@ _problem_encoder: Final = msgspec.json.Encoder()
 _problem_decoder: Final = msgspec.json.Decoder(Problem)
 _MAX_ERROR_HEADER: Final = 256
 _REPLY_STATUS_CLASSES: Final = frozenset("245")  # the first digit of a status a worker sends
+# A problem's detail is for people: a handler quoting a large input in it would otherwise make
+# the error reply outgrow max_payload, and its own code and status would give way to a 413.
+_MAX_DETAIL: Final = 4096
 
 
 class Reply(NamedTuple):
@@ -46,13 +49,16 @@ class Expired:
 
 
 def problem_of(error: NexusError, request_id: str | None) -> Problem:
-    """The problem document describing `error`."""
+    """The problem document describing `error`, its detail cut at 4096 characters."""
+    detail = error.detail
+    if len(detail) > _MAX_DETAIL:
+        detail = f"{detail[:_MAX_DETAIL]}… (cut at {_MAX_DETAIL} characters)"
     return Problem(
         type=PROBLEM_TYPE_BASE + error.code,
         title=error.title,
         status=error.http_status,
         code=error.code,
-        detail=error.detail,
+        detail=detail,
         request_id=request_id,
     )
 

@@ -82,6 +82,10 @@ def probe_ops(op: str, state: State) -> Operations:
                 raise RuntimeError("secret internal detail")
             if req.fail == "notfound":
                 raise NotFound("no such thing")
+            if req.fail == "notfound-number":
+                raise NotFound(42)  # type: ignore[arg-type]
+            if req.fail == "notfound-long":  # a detail quoting a large input, say
+                raise NotFound("no such thing: " + "x" * 2_000_000)
             if req.fail == "cancelled":  # awaiting a task someone else cancelled
                 other = asyncio.ensure_future(asyncio.sleep(10))
                 other.cancel()
@@ -157,6 +161,21 @@ async def test_a_handler_letting_out_a_baseexception_is_a_500_not_a_silence(
         await gateway.request(op, "run", {"fail": fail}, timeout=10)
     assert time.monotonic() - started < 2
     assert (await gateway.request(op, "run", {}))["request_id"]
+
+
+async def test_an_error_with_a_huge_detail_keeps_its_code_and_status(
+    probe: Callable[..., object], gateway: Gateway
+) -> None:
+    """Before: the problem body outgrew max_payload, and the 404 the handler raised was
+    replaced by 413 payload_too_large, a status that tells the caller to send less."""
+    _, _, op = await probe()  # type: ignore[operator]
+    with pytest.raises(NotFound) as info:
+        await gateway.request(op, "run", {"fail": "notfound-long"})
+    assert info.value.detail.startswith("no such thing: xxx")
+    assert info.value.detail.endswith("… (cut at 4096 characters)")
+    assert len(info.value.detail) < 4200
+    with pytest.raises(NotFound, match=r"^42$"):  # before: internal, no problem document
+        await gateway.request(op, "run", {"fail": "notfound-number"})
 
 
 @pytest.mark.parametrize("fail", ["302", "999"])

@@ -51,6 +51,9 @@ from nexus_bus.services import Services, close_services, create_services
 _NO_HEADERS: dict[str, str] = {}
 # More than a reply's headers can take (status, ids, content type, a truncated error detail).
 _HEADROOM = 8 * 1024
+# A reaper tick this much later than due means the event loop was blocked (synchronous code in
+# a handler): every request of this worker waited, and the log says which ops ran meanwhile.
+_BLOCKED_S = 0.5
 # How long handlers cancelled at the end of a drain get to unwind before it goes on without
 # them (one that catches CancelledError and carries on would otherwise hold the drain forever).
 _UNWIND_S = 1.0
@@ -109,6 +112,7 @@ class Worker:
         self._inbox_prefix = settings.nats.inbox_prefix
         # In-flight tasks with their op and absolute deadline (epoch ms), for the reaper.
         self._tasks: dict[asyncio.Task[None], tuple[str, int]] = {}
+        self._ended_ops: set[str] = set()  # ops of requests ended since the reaper's last tick
         self._reaper: asyncio.Task[None] | None = None
         self.lost = asyncio.Event()  # set when the NATS connection is closed for good
         self._draining = False
@@ -287,6 +291,7 @@ class Worker:
 
         def release(task: asyncio.Task[None]) -> None:
             self._tasks.pop(task, None)
+            self._ended_ops.add(op)  # a handler that blocked the loop has ended by the next tick
             limit.release()
 
         return admit
@@ -344,8 +349,13 @@ class Worker:
         Nobody waits for their answer any more; cancelling frees the concurrency slot.
         """
         skew = self.settings.worker.clock_skew_ms
+        loop = asyncio.get_running_loop()
         while True:
+            self._ended_ops.clear()
+            due = loop.time() + interval_s
             await asyncio.sleep(interval_s)
+            if loop.time() - due >= _BLOCKED_S:
+                self._blocked(loop.time() - due)
             if self._nc is not None and self._nc.is_closed and not self._draining:
                 # nats-py closes for good on some server errors: exit, so a supervisor
                 # restarts us, instead of idling as a worker nobody can reach.
@@ -358,6 +368,15 @@ class Worker:
                 if now_ms > deadline + skew and not task.done():
                     task.cancel()
                     METRICS.expired.labels(op).inc()
+
+    def _blocked(self, late_s: float) -> None:
+        """Say that the event loop was blocked, and which ops ran meanwhile."""
+        ops = sorted(self._ended_ops | {op for op, _ in self._tasks.values()})
+        logger.warning(
+            "the event loop was blocked for {:.1f} s (synchronous code in a handler?); every"
+            " request of this worker waited; ops running meanwhile: {}",
+            late_s, ",".join(ops) or "none",
+        )  # fmt: skip
 
     async def _stop_delivery(self, grace: float) -> None:
         """Drain every op's subscription at once: no new requests reach this worker, and

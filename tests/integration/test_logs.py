@@ -5,8 +5,10 @@ Each test serves its own op (`l<uid>`) and reads the lines of that op only.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -128,6 +130,34 @@ async def test_human_readable_lines_show_no_values_from_the_failed_request(
     assert "RuntimeError: login failed" in text and "in login" in text
     assert admin_token[:40] not in text
     assert f"hunter2-{uid}" not in text
+
+
+async def test_a_handler_blocking_the_event_loop_is_named_in_a_warning(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    """Synchronous code in an async handler stops every request of its worker, other ops'
+    included, and nothing can cancel it. Before, nothing said so: the worker just went
+    silent. Now a WARNING says how long the loop was blocked and which ops ran."""
+    ops = Operations(f"l{uid}")
+
+    @ops.action("crunch")
+    async def crunch(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        time.sleep(1.0)  # noqa: ASYNC251 - the mistake under test
+        return {"done": True}
+
+    worker = Worker(settings, [ops])
+    await worker.start()
+    try:
+        with json_log() as sink:
+            assert await gateway.request(ops.op, "crunch", {}) == {"done": True}
+            await asyncio.sleep(0.3)  # the reaper's next tick
+    finally:
+        await worker.drain(1)
+    lines = [json.loads(line) for line in sink.getvalue().splitlines()]
+    # Every worker in this process says so (the tests' session worker too); ours names its op.
+    blocked = [d for d in lines if "event loop was blocked" in d["message"]]
+    assert blocked and all(d["level"] == "WARNING" for d in blocked)
+    assert any(d["message"].endswith(f"ops running meanwhile: {ops.op}") for d in blocked), blocked
 
 
 async def test_a_dead_letter_line_carries_the_jobs_trace_and_request_ids(

@@ -5,6 +5,7 @@ nats exceptions are translated here, once; handlers only see NexusErrors.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ import nats.errors
 import nats.js.errors as jserr
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
 from nats.js.kv import KeyValue
 
 from nexus_bus.bus.metadata import check_publish_size
@@ -36,6 +38,8 @@ T = TypeVar("T")
 _KEY_PREFIX: Final = re.compile(LIST_PREFIX_PATTERN)
 _KEY: Final = re.compile(KEY_PATTERN)
 _DELETE_OPERATIONS: Final = frozenset({"DEL", "PURGE"})
+# A listing's consumer is deleted when it ends; this bounds it only when that delete is lost.
+_LIST_INACTIVE_S: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,11 +248,15 @@ class KeyValueRecordStore:
         """Live keys starting with `prefix`, in lexical order.
 
         A prefix ending at a token boundary (`.`) is filtered by the server; any other
-        prefix is filtered here. The watch delivers each key's last entry, tombstones
-        included, and the snapshot ends at the entry nothing is pending after (`delta` 0).
-        nats-py's own end marker is not trusted when it comes first: it asks the consumer
-        for its pending count only after subscribing, so when the server has already sent
-        every entry (still on their way) it reports 0 and marks an empty snapshot at once.
+        prefix is filtered here. An ordered consumer delivers each key's last entry (headers
+        only), tombstones included, and the snapshot ends at the entry nothing is pending
+        after. When the consumer reports nothing pending at the start, the server may
+        already have sent every entry (still on their way), so the stream is asked whether
+        it holds any before the listing is called empty.
+
+        The consumer is deleted when the listing ends: left to its inactivity threshold,
+        every listing would hold one on the server for that long, and a client listing a
+        few times a second would fill the stream's consumer limit.
 
         A prefix no key can start with (an empty token, a character keys cannot hold) lists
         nothing without asking: as a filter it would be a malformed subject (`a..>`), or a
@@ -258,24 +266,54 @@ class KeyValueRecordStore:
         if not _KEY_PREFIX.fullmatch(prefix):
             return []
         pattern = f"{prefix}>" if prefix.endswith(".") else ">"
-        found: list[str] = []
         async with translate_nats_errors("list keys", input_errors=(INVALID_SUBJECT,)):
-            watcher = await self._kv.watch(pattern, meta_only=True)
+            sub = await self._js.subscribe(
+                self._prefix + pattern,
+                stream=self._stream,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                headers_only=True,
+                inactive_threshold=_LIST_INACTIVE_S,  # only if the delete below is lost
+            )
+            consumer: str | None = None
             try:
-                seen = False
-                async for entry in watcher:
-                    if entry is None:  # nats-py's marker: true only when entries came first
-                        if seen or not await self._holds(pattern):
-                            break
-                        continue
-                    seen = True
-                    if entry.operation is None and entry.key.startswith(prefix):
-                        found.append(entry.key)
-                    if entry.delta == 0:  # the snapshot's last entry
-                        break
+                info = await sub.consumer_info()
+                consumer = info.name
+                empty = not info.num_pending and not sub.pending_msgs
+                found = await self._snapshot(sub, prefix, pattern, maybe_empty=empty)
             finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                await self._remove(sub, consumer)
         return sorted(found)[:limit]
+
+    async def _snapshot(
+        self, sub: JetStreamContext.PushSubscription, prefix: str, pattern: str, *,
+        maybe_empty: bool,
+    ) -> list[str]:
+        """The live keys starting with `prefix` among the entries `sub` delivers.
+
+        Args:
+            maybe_empty: the consumer had nothing pending and nothing has arrived yet.
+        """
+        if maybe_empty and not await self._holds(pattern):
+            return []
+        found: list[str] = []
+        start = len(self._prefix)
+        while True:
+            msg = await sub.next_msg(timeout=None)
+            operation = msg.headers.get(H_KV_OPERATION) if msg.headers else None
+            key = msg.subject[start:]
+            if operation not in _DELETE_OPERATIONS and key.startswith(prefix):
+                found.append(key)
+            if msg.metadata.num_pending == 0:  # the snapshot's last entry
+                return found
+
+    async def _remove(self, sub: JetStreamContext.PushSubscription, consumer: str | None) -> None:
+        """Unsubscribe and delete the listing's consumer. Should the ordered consumer have
+        been reset meanwhile, its new one is left to the inactivity threshold."""
+        with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+            await sub.unsubscribe()
+            if consumer is not None:
+                await self._js.delete_consumer(self._stream, consumer)
 
     async def _holds(self, pattern: str) -> bool:
         """Whether the bucket holds any entry (live or tombstone) for a key `pattern`."""

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import nats
 
+from nexus_bus import Settings, Worker
+from nexus_bus.constants import DATA_BUCKET, KV_STREAM_PREFIX
 from nexus_bus.embedded import ServerProcess
 from nexus_bus.jetstream import ensure_data_bucket
 from nexus_bus.store import KeyValueRecordStore
 from tests.conftest import make_settings
+from tests.integration.http_shim import bearer, running_shim
 
 
 async def test_listing_a_large_bucket_never_comes_back_short(local_nats: ServerProcess) -> None:
@@ -55,5 +59,31 @@ async def test_a_prefix_no_key_starts_with_lists_nothing(nats_url: str) -> None:
         for prefix in ["..", "a..", ".a.", "odd..", "*.", "odd.*.", "a b.", "."]:
             assert await store.keys(prefix, 5) == [], prefix
         assert await store.keys("odd.", 5) == ["odd.prefix.key"]
+    finally:
+        await nc.close()
+
+
+async def test_listing_leaves_no_consumer_behind(
+    settings: Settings, worker: Worker, admin_token: str | None, uid: str
+) -> None:
+    """Each listing's consumer is deleted when it ends. nats-py's watcher only unsubscribes,
+    and the server kept the consumer for its 5 minutes of inactivity: a client calling
+    `data.list` a few times a second filled the stream's consumer limit, and then every
+    listing was 503 `unavailable`, which opened the `data` breaker for get, put and delete."""
+    nc = await nats.connect(settings.nats.url)
+    stream = f"{KV_STREAM_PREFIX}{DATA_BUCKET}"
+    try:
+        async with running_shim(settings) as shim, httpx.AsyncClient(
+            base_url=shim.url, headers=bearer(admin_token), timeout=10
+        ) as client:
+            put = await client.post("/v1/data/put", json={"key": f"lst.{uid}.a", "value": 1})
+            assert put.status_code == 200, put.text
+            before = (await nc.jetstream().stream_info(stream)).state.consumer_count
+            for prefix in [f"lst.{uid}.", f"lst.{uid}.a", f"none.{uid}."] * 10:
+                listed = await client.post("/v1/data/list", json={"prefix": prefix, "limit": 5})
+                assert listed.status_code == 200, listed.text
+            assert listed.json() == {"keys": []}
+            after = (await nc.jetstream().stream_info(stream)).state.consumer_count
+            assert after <= before, f"{after - before} consumers left by 30 listings"
     finally:
         await nc.close()

@@ -16,6 +16,7 @@ from nexus_bus.constants import (
     AUTH_SCHEME,
     CT_EVENT_STREAM,
     CT_JSON,
+    CT_MSGPACK,
     CT_PROBLEM,
     EVENTS_PREFIX,
     EVENTS_STREAM,
@@ -173,12 +174,16 @@ def _operation(operation: Operation, request: Any, reply: Any, known: dict[int, 
         "summary": summary_of(operation),
         "description": describe(operation),
         "parameters": [ref(f"#/components/parameters/{name}") for name in _PARAMETERS],
-        "requestBody": {"required": True, "content": {CT_JSON: {"schema": request}}},
+        # A MessagePack request is answered in MessagePack (problem documents stay JSON).
+        "requestBody": {
+            "required": True,
+            "content": {CT_JSON: {"schema": request}, CT_MSGPACK: {"schema": request}},
+        },
         "responses": {
             "200": {
-                "description": "The reply.",
+                "description": "The reply, in the request's media type.",
                 "headers": request_id,
-                "content": {CT_JSON: {"schema": reply}},
+                "content": {CT_JSON: {"schema": reply}, CT_MSGPACK: {"schema": reply}},
             },
             "202": {
                 "description": "Accepted as a job (`Prefer: respond-async`); poll `Location`.",

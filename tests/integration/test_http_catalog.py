@@ -79,6 +79,28 @@ async def test_asyncapi_document_is_served(client: httpx.AsyncClient) -> None:
     assert doc["asyncapi"].startswith("3.") and "data.get" in doc["channels"]
 
 
+async def test_a_messagepack_call_is_one_the_openapi_document_describes(
+    client: httpx.AsyncClient, admin_token: str | None, uid: str
+) -> None:
+    """MessagePack bodies are part of the contract, and a MessagePack request is answered in
+    MessagePack; the document listed only JSON, so a client generated from it (or a schema
+    fuzzer) could neither send the one nor accept the other."""
+    operation = (await client.get("/openapi.json")).json()["paths"]["/v1/data/get"]["post"]
+    key = f"mp.{uid}"
+    auth = bearer(admin_token)
+    put = await client.post("/v1/data/put", json={"key": key, "value": [1]}, headers=auth)
+    assert put.status_code == 200, put.text
+    got = await client.post(
+        "/v1/data/get",
+        content=msgspec.msgpack.encode({"key": key}),
+        headers={**auth, "Content-Type": "application/msgpack"},
+    )
+    assert got.status_code == 200, got.text
+    assert msgspec.msgpack.decode(got.content)["value"] == [1]
+    assert "application/msgpack" in operation["requestBody"]["content"]
+    assert got.headers["content-type"] in operation["responses"]["200"]["content"]
+
+
 async def test_ops_lists_declared_operations_and_who_serves_them(
     settings: Settings, client: httpx.AsyncClient, admin_token: str | None, uid: str
 ) -> None:

@@ -32,6 +32,7 @@ from nexus_bus.constants import (
 from nexus_bus.errors import ERRORS_BY_CODE
 from nexus_bus.jobs.envelope import JOB_ID_PATTERN
 from nexus_bus.operations import DeclarationError, Operation, Operations
+from nexus_bus.resilience.idempotency import MAX_KEY_CHARS
 
 TITLE: Final = "nexus-bus"
 PROBLEM_NAME: Final = "problem"
@@ -69,6 +70,9 @@ REQUEST_HEADERS: Final[dict[str, dict[str, Any]]] = {
     },
     H_IDEMPOTENCY_KEY: {
         "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_KEY_CHARS,
+        "pattern": "^[ -~]+$",  # printable ASCII: workers refuse any other key with 400
         "description": "Makes a non-idempotent operation safe to retry; on JetStream it "
         f"becomes `{H_NATS_MSG_ID}`.",
     },

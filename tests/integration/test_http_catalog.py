@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from urllib.parse import urljoin, urlsplit
 
 import httpx
+import jsonschema
 import msgspec
 import pytest
 
@@ -99,6 +100,25 @@ async def test_a_messagepack_call_is_one_the_openapi_document_describes(
     assert msgspec.msgpack.decode(got.content)["value"] == [1]
     assert "application/msgpack" in operation["requestBody"]["content"]
     assert got.headers["content-type"] in operation["responses"]["200"]["content"]
+
+
+async def test_an_idempotency_key_a_worker_refuses_is_one_the_openapi_document_refuses(
+    client: httpx.AsyncClient, admin_token: str | None, uid: str
+) -> None:
+    """Workers refuse a key over 255 characters with 400 (docs/resilience.md); the published
+    parameter was any string, so a client keeping to the document got that 400."""
+    doc = (await client.get("/openapi.json")).json()
+    allows = jsonschema.Draft202012Validator(
+        doc["components"]["parameters"]["Idempotency-Key"]["schema"]
+    ).is_valid
+    body = {"key": f"idem.{uid}", "value": 1}
+    long = uid + "k" * 300  # unique: a key is kept for a day, with the body it first came with
+    for key in [long[:200], long[:255], long[:256], f"{uid} a key, with = and spaces"]:
+        resp = await client.post(
+            "/v1/data/put", json=body, headers={**bearer(admin_token), "Idempotency-Key": key}
+        )
+        assert resp.status_code in (200, 400), resp.text
+        assert allows(key) == (resp.status_code == 200), (len(key), resp.text)
 
 
 async def test_ops_lists_declared_operations_and_who_serves_them(

@@ -110,11 +110,12 @@ def bus_headers(
     )
     sent = head.sent_traceparent = headers.get(H_TRACEPARENT)  # None: the span writes it
     # tracestate belongs to the caller's trace; it travels only when that trace was kept
-    # (re-written as version 00 when the caller's is a later version).
+    # (re-written as version 00 when the caller's is a later version). Tabs are the list's
+    # optional whitespace (W3C Trace Context), which a NATS header cannot carry: as spaces.
     if head.tracestate and sent is not None:
         kept = parse_traceparent(head.traceparent)
         if kept is not None and kept.traceparent == sent:
-            headers[H_TRACESTATE] = head.tracestate
+            headers[H_TRACESTATE] = head.tracestate.replace("\t", " ")
     return headers
 
 

@@ -130,6 +130,19 @@ async def test_a_later_version_traceparent_keeps_its_trace_and_tracestate(
     assert seen["tracestate"] == "congo=t61, rojo=00f067aa0ba902b7"
 
 
+async def test_a_tracestate_with_tabs_between_its_members_is_forwarded(
+    client: httpx.AsyncClient,
+) -> None:
+    """W3C Trace Context lets a tracestate list put spaces or tabs around its commas (OWS).
+    A NATS header cannot carry a tab, and the shim answered such a request 400; the tabs
+    travel as spaces, which mean the same."""
+    trace_id = uuid.uuid4().hex
+    headers = {"traceparent": f"00-{trace_id}-b7ad6b7169203331-01", "tracestate": "a=1,\tb=2"}
+    resp = await client.post(f"/v1/{PROBE_OP}/echo", json={}, headers=headers)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["trace_id"] == trace_id and resp.json()["tracestate"] == "a=1, b=2"
+
+
 async def test_timeout_budget_is_capped_and_validated(
     settings: Settings, client: httpx.AsyncClient
 ) -> None:

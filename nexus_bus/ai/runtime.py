@@ -4,7 +4,7 @@ embedding batcher, with the cache and the shared budget.
 Built once per worker from `settings.ai` on first use (`runtime_of`), kept in
 `services.extras`, closed with the worker's services. Model resolution never invents a
 result: a request naming a model no backend serves is `400 invalid_request` listing the
-served ones, and one naming none where no default is set is `503 unavailable` naming the
+served ones, and one naming none where no default is set is `400 invalid_request` naming the
 setting to set.
 """
 
@@ -198,9 +198,9 @@ class AIRuntime:
         """The model name and route for a request (`purpose`: "embed" or "complete").
 
         Raises:
-            InvalidRequest: the request names a model no backend serves (the caller's
-                choice: a 503 would count against the op's breaker, shared by every caller).
-            Unavailable: no model given and no default set.
+            InvalidRequest: the request names a model no backend serves, or none where no
+                default is set: the caller's to fix (a 503 would count against the op's
+                breaker, shared by every caller, and retry a job until dead-lettered).
         """
         if model is None:
             model = (
@@ -210,7 +210,7 @@ class AIRuntime:
             )
             if model is None:
                 setting = f"NEXUS_AI__DEFAULT_{purpose.upper()}_MODEL"
-                raise Unavailable(
+                raise InvalidRequest(
                     f"no model named and {setting} is not set; name a model or set it "
                     f"(docs/ai.md; `{HASH_MODEL}` is the built-in lexical embedding model)"
                 )

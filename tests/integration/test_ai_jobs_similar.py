@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from nexus_bus import Worker
-from nexus_bus.errors import Unavailable
+from nexus_bus.errors import InvalidRequest
 from nexus_bus.jobs.client import job_store, wait_job
 from nexus_bus.jobs.dlq import DeadLetterQueue
 from nexus_bus.schemas.jobs import JobStatus
@@ -74,7 +74,7 @@ async def test_similar_ranks_stored_values_within_the_scan_bound(
         body = {"text": "the cat sat on a mat", "prefix": prefix, "model": "hash-256"}
         ranked = await gw.request(op, "similar", {**body, "limit": 2})
         bounded = await gw.request(op, "similar", {**body, "max_scan": 2})
-        with pytest.raises(Unavailable, match="DEFAULT_EMBED_MODEL"):
+        with pytest.raises(InvalidRequest, match="DEFAULT_EMBED_MODEL"):
             await gw.request(op, "similar", {"text": "x", "prefix": prefix})
     assert ranked["model"] == "hash-256" and ranked["scanned"] == 3 and not ranked["truncated"]
     assert [m["key"] for m in ranked["matches"]] == [f"{prefix}a", f"{prefix}c"]

@@ -14,6 +14,10 @@ class NexusError(Exception):
         unsent: set on an error the gateway client raised before publishing the request
             (over a size limit, a header it refuses): no worker saw it, so it says nothing
             about the operation's health (its breaker counts no outcome).
+        misrouted: set on the gateway client's `no_responders` for a request a worker
+            answered `unknown_operation` while another worker of the op declares the action
+            (a rolling upgrade): the op is healthy, so its breaker counts no outcome, and the
+            request is retried to reach a worker that has the action.
     """
 
     code: str = "internal"
@@ -21,6 +25,7 @@ class NexusError(Exception):
     retryable: bool = False
     title: str = "Internal error"
     unsent: bool = False
+    misrouted: bool = False
 
     def __init__(self, detail: str | None = None, *, retry_after: float | None = None) -> None:
         # A handler's `NotFound(42)`: the problem's detail is text, or clients cannot read it.

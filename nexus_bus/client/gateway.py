@@ -34,7 +34,6 @@ from nexus_bus.constants import (
     H_DEADLINE,
     H_IDEMPOTENCY_KEY,
     H_REQUEST_ID,
-    H_SERVICE_ERROR,
     H_TIMEOUT_MS,
     H_TRACEPARENT,
     T_CLIENT,
@@ -52,6 +51,7 @@ from nexus_bus.observability import METRICS
 from nexus_bus.observability.tracing import TRACING, SpanKind, mark_error
 from nexus_bus.policies import PolicyLayer, create_policy_layer
 from nexus_bus.policies.fallback import Authorize
+from nexus_bus.policies.guard import error_code_of
 from nexus_bus.redis_client import RedisClient, create_redis
 from nexus_bus.registry import OpsRegistry
 from nexus_bus.schemas.jobs import Job, JobAccepted
@@ -234,8 +234,7 @@ class Gateway:
             TRACING.inject(headers)  # before the size checks: they count this header too
             reply = await self._request(op, action, body, headers, timeout_s)
             if reply.status >= 400:
-                code = reply.headers.get(H_SERVICE_ERROR, "").split(":", 1)[0]
-                mark_error(span, reply.status, code)
+                mark_error(span, reply.status, error_code_of(reply))
             return reply
 
     async def _request(
@@ -273,7 +272,27 @@ class Gateway:
                     f"{op}.{action} did not answer within {timeout_s:g}s"
                 ) from None
             raise error from exc
-        return Reply(status_of(msg.headers), msg.headers or {}, msg.data)
+        reply = Reply(status_of(msg.headers), msg.headers or {}, msg.data)
+        if reply.status == 404 and error_code_of(reply) == UnknownOperation.code:
+            return await self._lacking(op, action, reply, timeout_s)
+        return reply
+
+    async def _lacking(self, op: str, action: str, reply: Reply, budget_s: float) -> Reply:
+        """A worker answered `unknown_operation`: the reply, unless another worker of the op
+        declares the action (a rolling upgrade: the one reached runs an older version).
+
+        Raises:
+            NoResponders: the action is declared; `misrouted`, so the request is retried
+                (to reach a worker that has it) and the op's breaker counts no outcome.
+        """
+        if await self.registry.declares(op, action, within_s=budget_s):
+            error = NoResponders(
+                f"the worker reached lacks {op}.{action}, which another worker of {op}"
+                " declares (a rolling upgrade?)"
+            )
+            error.misrouted = True
+            raise error
+        return reply
 
     async def _no_responders(self, op: str, action: str, budget_s: float) -> NexusError:
         """404 for a name nobody declared (a client error), 503 for a declared op with no

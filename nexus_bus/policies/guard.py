@@ -360,8 +360,11 @@ class Guard:
             schedule = schedule or RetrySchedule.create(
                 policy.attempts, policy.backoff_base_s, policy.backoff_max_s, policy.backoff_factor
             )
+            # A misrouted attempt ran nothing and cost its worker little: it takes nothing
+            # from the retry budget, which guards the op's workers against retry storms.
+            free = failure is not None and failure.misrouted
             delay = self._retry_delay(op, action, code, headers, policy, route.budget, schedule,
-                                      attempt, deadline)
+                                      attempt, deadline, free=free)
             if delay is None:
                 return await self._give_up(op, action, body, headers, policy, failure, reply)
             METRICS.retries.labels(op, action, code).inc()
@@ -400,8 +403,11 @@ class Guard:
         schedule: RetrySchedule,
         attempt: int,
         deadline: float,
+        *,
+        free: bool = False,
     ) -> float | None:
-        """How long to wait before retrying a failed attempt; None: do not retry."""
+        """How long to wait before retrying a failed attempt; None: do not retry (`free`: a
+        retry the budget does not pay for)."""
         if budget is None:
             return None  # a pair not kept: no retries (and no metric series for its name)
         has_key = H_IDEMPOTENCY_KEY in headers
@@ -410,7 +416,7 @@ class Guard:
         delay = schedule.delay(attempt, self._clock(), deadline, self._rng)
         if delay is None:
             return None
-        if not budget.withdraw():
+        if not free and not budget.withdraw():
             METRICS.retry_budget_exhausted.labels(op, action).inc()
             return None
         return delay
@@ -441,10 +447,11 @@ class Guard:
         """The outcome as the breaker should count it ("" a success, None not at all).
 
         Some failures are no outcome at all: a request the gateway refused before
-        publishing it (`unsent`: over a size limit, say), and `unknown_operation` from the
-        gateway (nobody answered and nobody declared the name). Neither says the op's
-        workers are up, so neither may close a half-open breaker (and delete the shared
-        entry for every replica), and neither says they are down.
+        publishing it (`unsent`: over a size limit, say), `unknown_operation` from the
+        gateway (nobody answered and nobody declared the name), and a request that reached a
+        worker lacking an action another worker declares (`misrouted`: a rolling upgrade).
+        None says the op's workers are up, so none may close a half-open breaker (and delete
+        the shared entry for every replica), and none says they are down.
 
         A lost NATS connection says nothing about the op's workers either: only their
         silence (no responders, timeouts while connected) or their own 503 replies count
@@ -453,7 +460,7 @@ class Guard:
         """
         if failure is None or not code:
             return code
-        if failure.unsent or code == _UNKNOWN_OPERATION:
+        if failure.unsent or failure.misrouted or code == _UNKNOWN_OPERATION:
             return None
         if code == _UNAVAILABLE or not self.transport_up():
             return None if breaker.state is BreakerState.CLOSED else code

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import nats
 import nats.errors
 import pytest
 
-from nexus_bus import Gateway, NoResponders, Operations, Settings, UnknownOperation
+from nexus_bus import (
+    Gateway,
+    NoResponders,
+    Operations,
+    RequestContext,
+    Settings,
+    UnknownOperation,
+)
 from nexus_bus.embedded import ServerProcess
 from nexus_bus.jetstream import ensure_ops_bucket
 from nexus_bus.operations import DeclarationError
@@ -151,3 +160,36 @@ async def test_a_fresh_view_of_a_full_bucket_misses_no_declaration(
                 await registry.close()
     finally:
         await nc.close()
+
+
+async def test_during_a_rolling_upgrade_a_new_action_reaches_the_new_workers(
+    settings: Settings, fresh_gateway: Gateway, uid: str
+) -> None:
+    """An old and a new worker of one op share its queue group; only the new one has the
+    action `bye`. The old one answers it 404 (it lacks it); the gateway sees that another
+    worker declares it and retries, without counting it against the op's breaker. Before:
+    about half the calls were a permanent 404, and none was retried."""
+    op = f"roll{uid}"
+    old, new = group(op), group(op)
+
+    @new.action("bye", public=True)
+    async def bye(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        return {"bye": op}
+
+    workers = [Worker(settings, [old]), Worker(settings, [new])]
+    for worker in workers:
+        await worker.start()
+    try:
+        assert await fresh_gateway.request(op, "hello", {}) == {"hello": op}  # the op is real
+        served = 0
+        for _ in range(40):  # 3 attempts each: 1 call in 8 reaches the old worker 3 times
+            with contextlib.suppress(NoResponders):  # retryable, and never a 404
+                served += await fresh_gateway.request(op, "bye", {}) == {"bye": op}
+        assert served >= 25
+        # Those 404s were no outcome for the breaker: it is closed, and every call goes on.
+        assert await fresh_gateway.request(op, "hello", {}) == {"hello": op}
+        with pytest.raises(UnknownOperation):  # declared by nobody: still 404
+            await fresh_gateway.request(op, "nosuchaction", {}, timeout=10)
+    finally:
+        for worker in workers:
+            await worker.drain(1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import datetime
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -125,7 +126,34 @@ def decode(
         or may_hold_long_integer(body)
     ):
         check_value(value, max_depth, json_only=json_only)
+    if json_only and media == "msgpack" and any(mark in body for mark in _TIMESTAMP_MARKS):
+        _refuse_timestamps(body)
     return value
+
+
+# The timestamp extension (type -1) in its three sizes: msgspec decodes it into a datetime,
+# never an `Ext`, wherever any value or a datetime may stand. The bytes may also stand inside
+# a string or a binary value: then the untyped decode below finds no datetime.
+_TIMESTAMP_MARKS: Final = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
+
+
+def _refuse_timestamps(body: bytes) -> None:
+    """Refuse a MessagePack body holding a timestamp: an extension type, which JSON has no
+    form for (stored, it came back as an ISO string).
+
+    Raises:
+        InvalidRequest: the body holds one.
+    """
+    stack: list[Any] = [msgspec.msgpack.decode(body)]  # decoded once already: it is valid
+    while stack:
+        item = stack.pop()
+        if isinstance(item, datetime):
+            raise InvalidRequest("MessagePack extension types are not accepted (a timestamp)")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
 
 
 def may_hold_long_integer(body: bytes) -> bool:

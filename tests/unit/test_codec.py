@@ -1,3 +1,4 @@
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -43,6 +44,10 @@ NO_JSON_FORM = {
     "nan": msgspec.msgpack.encode(float("nan")),
     "infinity": msgspec.msgpack.encode({"a": [float("-inf")]}),
     "infinite-key": b"\x81\xcb\x7f\xf0\x00\x00\x00\x00\x00\x00\x01",  # {inf: 1}
+    # The timestamp extension (-1), which msgspec decodes into a datetime (stored: a string).
+    "timestamp-32": msgspec.msgpack.encode(datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)),
+    "timestamp-64": msgspec.msgpack.encode([datetime(2500, 1, 1, tzinfo=UTC)]),
+    "timestamp-96": msgspec.msgpack.encode({"a": datetime(1900, 1, 1, tzinfo=UTC)}),
 }
 
 

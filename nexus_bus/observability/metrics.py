@@ -7,12 +7,13 @@ request ids or subjects with user data.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.core import HistogramMetricFamily
@@ -38,7 +39,15 @@ from nexus_bus.constants import (
     M_SPEEDUPS_UNAVAILABLE,
     M_STALE_ANSWERS,
     M_TRACE_SPANS_DROPPED,
+    UNKNOWN_LABEL,
 )
+from nexus_bus.errors import NexusError
+
+# Codes no error class of this process declares (read from a reply body: a responder's, or
+# one a handler passes on) become labels as they come, up to this many; later ones count as
+# UNKNOWN_LABEL, since every distinct text would otherwise be a series for good.
+MAX_ERROR_CODES: Final = 128
+_ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -129,6 +138,7 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self._durations: dict[tuple[str, str, int, str], tuple[str, str, str, str]] = {}
+        self._error_codes: set[str] = set()
         self.request_duration = RequestDurations(
             M_REQUEST_DURATION,
             "Time to answer a request, by operation, status and transport.",
@@ -225,7 +235,16 @@ class Metrics:
         self.request_duration.observe(labels, seconds, trace_id)
 
     def count_error(self, op: str, code: str) -> None:
-        """Record one error reply."""
+        """Record one error reply, under its code if an error class declares it, or if it
+        has a code's shape (snake_case, at most 64 characters) and is one of the first
+        `MAX_ERROR_CODES` others seen."""
+        if code not in self._error_codes:
+            if code in _declared_codes(NexusError):
+                self._error_codes.add(code)
+            elif len(self._error_codes) >= MAX_ERROR_CODES or not _ERROR_CODE.fullmatch(code):
+                code = UNKNOWN_LABEL
+            else:
+                self._error_codes.add(code)
         self.errors.labels(op, code).inc()
 
     def forget(self, metric: Counter | Gauge, *labels: str) -> None:
@@ -233,6 +252,14 @@ class Metrics:
         series of names dropped from a bounded table would otherwise pile up."""
         with contextlib.suppress(KeyError):  # older prometheus-client: a label set never used
             metric.remove(*labels)
+
+
+def _declared_codes(cls: type[NexusError]) -> set[str]:
+    """The codes `cls` and its subclasses declare (nexus-bus's and handlers' own errors)."""
+    codes = {cls.code}
+    for sub in cls.__subclasses__():
+        codes |= _declared_codes(sub)
+    return codes
 
 
 METRICS = Metrics(REGISTRY)

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 import nats.aio.client
 import nats.errors
 import pytest
+from prometheus_client import REGISTRY
 
 from nexus_bus import Gateway, Settings
-from nexus_bus.errors import InternalError
+from nexus_bus.constants import UNKNOWN_LABEL
+from nexus_bus.errors import InternalError, NexusError
+from nexus_bus.observability.metrics import MAX_ERROR_CODES
 
 Replies = dict[str, tuple[dict[str, str] | None, bytes]]
 
@@ -86,3 +90,28 @@ async def test_a_success_reply_that_does_not_decode_is_an_internal_error(
     replies["get"] = (headers, body)
     with pytest.raises(InternalError, match=f"{op}.get replied with a body"):
         await gateway.request(op, "get", {"key": "k"}, timeout=2)
+
+
+async def test_error_codes_a_responder_invents_do_not_grow_the_metrics_without_bound(
+    answering: tuple[Gateway, str, Replies],
+) -> None:
+    """Every distinct `code` in a reply body was a new `nexus_error_rate_total` series for
+    good: a broken or hostile responder (or a handler passing on what one sent) could grow
+    the client's /metrics, and Prometheus, without bound."""
+    gateway, op, replies = answering
+    for i in range(300):
+        code = f"made_up_{i}" if i % 2 else "x" * 5000 + str(i)
+        problem = {"type": "about:blank", "title": "x", "status": 503, "code": code}
+        replies["get"] = ({"Nexus-Status": "503"}, json.dumps(problem).encode())
+        with pytest.raises(NexusError):
+            await gateway.request(op, "get", {}, timeout=2)
+    codes = {
+        sample.labels["code"]
+        for family in REGISTRY.collect()
+        if family.name == "nexus_error_rate"
+        for sample in family.samples
+        if sample.labels.get("op") == op
+    }
+    assert len(codes) <= MAX_ERROR_CODES
+    assert UNKNOWN_LABEL in codes
+    assert all(len(code) <= 64 for code in codes)

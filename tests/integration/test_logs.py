@@ -103,6 +103,38 @@ async def test_an_exception_whose_str_raises_is_still_one_json_line(
     assert "in boom" in line["traceback"]
 
 
+LOKI_MAX_LINE = 256 * 1024  # Loki's default limits_config.max_line_size
+
+
+async def test_a_handler_exception_with_a_huge_message_is_logged_in_one_bounded_line(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    """Before: a 3 MB exception message went into the ERROR line twice, as `exception` and
+    at the end of `traceback`: a 6 MB line, which a log pipeline such as Loki (256 KB per
+    line by default) rejects whole, ids and all."""
+    ops = Operations(f"l{uid}")
+
+    @ops.action("boom")
+    async def boom(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        raise RuntimeError(f"broken {uid} " + "x" * 3_000_000 + " end")
+
+    worker = Worker(settings, [ops])
+    await worker.start()
+    try:
+        with json_log() as sink, pytest.raises(InternalError):
+            await gateway.request(ops.op, "boom", {}, request_id=f"r{uid}")
+    finally:
+        await worker.drain(1)
+    assert max(map(len, sink.getvalue().splitlines())) < LOKI_MAX_LINE
+    [line] = [d for d in lines_of(sink, ops.op) if d["level"] == "ERROR"]
+    assert line["correlation_id"] == f"r{uid}"
+    assert line["exception"].startswith(f"RuntimeError: broken {uid} xxx")
+    assert line["exception"].endswith("xxx end")
+    assert "characters cut" in line["exception"]
+    assert "in boom" in line["traceback"]  # the handler's own frame is kept
+    assert line["traceback"].endswith("xxx end\n")
+
+
 async def test_human_readable_lines_show_no_values_from_the_failed_request(
     gateway: Gateway, settings: Settings, admin_token: str, uid: str
 ) -> None:

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 import msgspec
 from loguru import logger as _logger
 
+from nexus_bus.observability.bounds import cut, cut_traceback
 from nexus_bus.observability.tracing import TRACING
 
 if TYPE_CHECKING:
-    from loguru import Record, RecordException
+    from loguru import Record
 
 __all__ = ["bind_request", "configure_logging", "info_line", "log_context", "logger", "release"]
 
@@ -74,11 +75,6 @@ _EXTRA_FIELDS: Final = (
     "op", "action", "status", "duration_ms", "code", "transport", "job_id",
     "method", "route", "request_id", "client",  # access lines (access.py)
 )
-# Characters kept of a line's message and exception, and of its traceback: a handler's
-# exception can hold megabytes of a request, and log pipelines refuse a line over a limit
-# (Loki: 256 KB by default), ids and all.
-MAX_TEXT: Final = 16 * 1024
-MAX_TRACEBACK: Final = 64 * 1024
 _INFO_NO: Final = logger.level("INFO").no
 _info_sink: TextIO | None = None  # configure_logging's JSON sink, when it lets INFO through
 _info_service = ""
@@ -95,29 +91,13 @@ def _message_of(exc: BaseException | None) -> str:
         return "<exception str() failed>"
 
 
-def _cut(text: str, limit: int) -> str:
-    """`text`, or its head and tail around a marker saying how much was left out, when it
-    is longer than `limit` characters."""
-    if len(text) <= limit:
-        return text
-    half = limit // 2
-    return f"{text[:half]}...[{len(text) - 2 * half} characters cut]...{text[-half:]}"
-
-
-def _traceback_of(exc: RecordException) -> str:
-    """The whole traceback, each part (a frame, the exception's line) and the total cut to
-    size, so a huge message leaves the frames before it readable."""
-    parts = traceback.format_exception(exc.type, exc.value, exc.traceback)
-    return _cut("".join(_cut(part, MAX_TEXT) for part in parts), MAX_TRACEBACK)
-
-
 def _json_line(record: Record, service: str, instance: str | None) -> bytes:
     extra = record["extra"]
     doc: dict[str, Any] = {
         "timestamp": record["time"].isoformat(),
         "level": record["level"].name,
         "service": extra.get("service", service),
-        "message": _cut(record["message"], MAX_TEXT),
+        "message": cut(record["message"]),
         "trace_id": extra.get("trace_id"),
         "correlation_id": extra.get("correlation_id"),
     }
@@ -132,9 +112,11 @@ def _json_line(record: Record, service: str, instance: str | None) -> bytes:
     if record["exception"] is not None:
         exc = record["exception"]
         name = exc.type.__name__ if exc.type else "Exception"
-        doc["exception"] = _cut(f"{name}: {_message_of(exc.value)}", MAX_TEXT)
+        doc["exception"] = cut(f"{name}: {_message_of(exc.value)}")
         # The traceback, inside the one JSON line (a multi-line dump would split it).
-        doc["traceback"] = _traceback_of(exc)
+        doc["traceback"] = cut_traceback(
+            traceback.format_exception(exc.type, exc.value, exc.traceback)
+        )
     return _encoder.encode(doc)
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
 from typing import Final, NamedTuple
@@ -47,6 +46,8 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import AnyValue, Attributes
+
+from nexus_bus.observability.bounds import bounded_traceback, cut
 
 __all__ = [
     "CURRENT",
@@ -221,7 +222,10 @@ class LeanSpan(trace.Span):
         else:
             code = status
         self.status_code = code
-        self.status_message = description if code is StatusCode.ERROR else None
+        if code is not StatusCode.ERROR:
+            self.status_message = None
+        else:  # an exception's text (a whole request, maybe): bounded
+            self.status_message = cut(description) if description else description
 
     def record_exception(
         self,
@@ -233,8 +237,8 @@ class LeanSpan(trace.Span):
         """An `exception` event with the semantic conventions' attributes."""
         fields: dict[str, AnyValue] = {
             "exception.type": type(exception).__qualname__,
-            "exception.message": str(exception),
-            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.message": cut(str(exception)),
+            "exception.stacktrace": bounded_traceback(exception),
             "exception.escaped": str(escaped),
         }
         fields.update(attributes or {})

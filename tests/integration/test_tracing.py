@@ -19,7 +19,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from nexus_bus import Gateway, Operations, RequestContext, Settings, Worker
 from nexus_bus.config import TracingSettings
 from nexus_bus.embedded import ServerProcess
-from nexus_bus.errors import Unavailable
+from nexus_bus.errors import InternalError, Unavailable
 from nexus_bus.handlers import builtin_groups
 from nexus_bus.jobs.client import wait_job
 from nexus_bus.observability.tracing import TRACING, configure_tracing
@@ -221,6 +221,44 @@ async def test_a_job_submission_is_the_parent_of_each_delivery_attempt(
     assert attrs(attempts[0])["error.type"] == "unavailable"
     assert attempts[0].status.status_code is StatusCode.ERROR
     assert "error.type" not in attrs(attempts[1])
+
+
+def text_size(span: ReadableSpan) -> int:
+    """Characters of a span's string values: attributes, events' attributes, status."""
+    values = [*attrs(span).values(), span.status.description or ""]
+    for event in span.events:
+        values += (event.attributes or {}).values()
+    return sum(len(v) for v in values if isinstance(v, str))
+
+
+async def test_a_handler_exception_with_a_huge_message_makes_a_bounded_span(
+    spans: InMemorySpanExporter, own_settings: Settings, uid: str
+) -> None:
+    """Before: a 3 MB exception message went into the handler's span three times (the
+    exception event's message and stack trace, and the status description), a 9 MB span: a
+    few of those make an OTLP batch over a collector's request size limit, and every span of
+    that batch is lost with them."""
+    ops = Operations(f"t{uid}")
+
+    @ops.action("boom")
+    async def boom(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        raise RuntimeError(f"broken {uid} " + "x" * 3_000_000 + " end")
+
+    worker = Worker(own_settings, [ops])
+    await worker.start()
+    try:
+        async with await Gateway.connect(own_settings, token=issue_test_token()) as gw:
+            with pytest.raises(InternalError):
+                await gw.request(ops.op, "boom", {})
+    finally:
+        await worker.drain(1)
+    (handle,) = [s for s in spans.get_finished_spans() if s.name == "handle"]
+    assert max(map(text_size, spans.get_finished_spans())) < 256 * 1024
+    (event,) = [e for e in handle.events if e.name == "exception"]
+    assert (event.attributes or {})["exception.type"] == "RuntimeError"
+    assert str((event.attributes or {})["exception.message"]).startswith(f"broken {uid} xxx")
+    assert "in boom" in str((event.attributes or {})["exception.stacktrace"])
+    assert handle.status.status_code is StatusCode.ERROR
 
 
 async def test_query_strings_never_reach_a_span(

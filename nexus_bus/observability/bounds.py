@@ -17,6 +17,15 @@ MAX_TEXT: Final = 16 * 1024
 MAX_TRACEBACK: Final = 64 * 1024
 
 
+def text_of(exception: BaseException | None) -> str:
+    """`str(exception)`, or what `traceback` writes when that raises (an exception of a
+    handler's whose `__str__` fails must not fail the log line or span reporting it)."""
+    try:
+        return str(exception)
+    except Exception:
+        return "<exception str() failed>"
+
+
 def cut(text: str, limit: int = MAX_TEXT) -> str:
     """`text`, or its head and tail around `...[N characters cut]...` when it is longer
     than `limit` characters."""

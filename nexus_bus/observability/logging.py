@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 import msgspec
 from loguru import logger as _logger
 
-from nexus_bus.observability.bounds import cut, cut_traceback
+from nexus_bus.observability.bounds import cut, cut_traceback, text_of
 from nexus_bus.observability.tracing import TRACING
 
 if TYPE_CHECKING:
@@ -81,16 +81,6 @@ _info_service = ""
 _info_instance: str | None = None
 
 
-def _message_of(exc: BaseException | None) -> str:
-    """`str(exc)`, or what `traceback` writes when that raises: a handler's exception whose
-    `__str__` fails would otherwise fail the whole line, and loguru would print a multi-line
-    dump outside the JSON stream instead of it."""
-    try:
-        return str(exc)
-    except Exception:
-        return "<exception str() failed>"
-
-
 def _json_line(record: Record, service: str, instance: str | None) -> bytes:
     extra = record["extra"]
     doc: dict[str, Any] = {
@@ -112,7 +102,7 @@ def _json_line(record: Record, service: str, instance: str | None) -> bytes:
     if record["exception"] is not None:
         exc = record["exception"]
         name = exc.type.__name__ if exc.type else "Exception"
-        doc["exception"] = cut(f"{name}: {_message_of(exc.value)}")
+        doc["exception"] = cut(f"{name}: {text_of(exc.value)}")
         # The traceback, inside the one JSON line (a multi-line dump would split it).
         doc["traceback"] = cut_traceback(
             traceback.format_exception(exc.type, exc.value, exc.traceback)

@@ -47,7 +47,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import AnyValue, Attributes
 
-from nexus_bus.observability.bounds import bounded_traceback, cut
+from nexus_bus.observability.bounds import bounded_traceback, cut, text_of
 
 __all__ = [
     "CURRENT",
@@ -158,7 +158,7 @@ class LeanSpan(trace.Span):
         try:
             if error is not None and self.end_time is None:
                 self.record_exception(error, escaped=True)
-                self.set_status(StatusCode.ERROR, f"{kind.__name__}: {error}")  # type: ignore[union-attr]
+                self.set_status(StatusCode.ERROR, f"{kind.__name__}: {text_of(error)}")  # type: ignore[union-attr]
             self.end()
         finally:
             CURRENT.reset(self._current)  # type: ignore[arg-type]
@@ -237,7 +237,7 @@ class LeanSpan(trace.Span):
         """An `exception` event with the semantic conventions' attributes."""
         fields: dict[str, AnyValue] = {
             "exception.type": type(exception).__qualname__,
-            "exception.message": cut(str(exception)),
+            "exception.message": cut(text_of(exception)),
             "exception.stacktrace": bounded_traceback(exception),
             "exception.escaped": str(escaped),
         }

@@ -261,6 +261,36 @@ async def test_a_handler_exception_with_a_huge_message_makes_a_bounded_span(
     assert handle.status.status_code is StatusCode.ERROR
 
 
+class Unprintable(Exception):
+    """An exception whose message cannot be built: its `__str__` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+async def test_a_handler_exception_whose_str_raises_still_ends_its_span(
+    spans: InMemorySpanExporter, own_settings: Settings, uid: str
+) -> None:
+    ops = Operations(f"t{uid}")
+
+    @ops.action("boom")
+    async def boom(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        raise Unprintable
+
+    worker = Worker(own_settings, [ops])
+    await worker.start()
+    try:
+        async with await Gateway.connect(own_settings, token=issue_test_token()) as gw:
+            with pytest.raises(InternalError):
+                await gw.request(ops.op, "boom", {})
+    finally:
+        await worker.drain(1)
+    (handle,) = [s for s in spans.get_finished_spans() if s.name == "handle"]
+    (event,) = [e for e in handle.events if e.name == "exception"]
+    assert (event.attributes or {})["exception.type"] == "Unprintable"
+    assert handle.status.status_code is StatusCode.ERROR
+
+
 async def test_query_strings_never_reach_a_span(
     spans: InMemorySpanExporter, own_settings: Settings
 ) -> None:

@@ -227,7 +227,11 @@ class OperationRoute:
         timeout_s = budget_s(head.timeout_ms, default_ms=self._default_ms, max_ms=self._max_ms)
         headers = bus_headers(self._gateway, head, request_id, client_ip, timeout_s, media)
         if self._jobs is not None and prefers_async(head.prefer):
-            return await self._jobs.submit(op, action, body, headers), True
+            answer = await self._jobs.submit(op, action, body, headers)
+            # Any name is accepted (its job waits for a worker to come), so only a declared
+            # operation's job counts as served: invented names must not become labels.
+            declared = await self._gateway.registry.declares(op, action, within_s=timeout_s)
+            return answer, declared is True
         reply = await self._gateway.request_raw(op, action, body, headers, timeout_s=timeout_s)
         status = reply.status
         if status > 599:

@@ -2,8 +2,8 @@
 
 Pure. `op` and `action` come from the URL, so anyone can invent millions of them; a series
 per invented name would exhaust Prometheus. A pair becomes a label only once a worker has
-answered it as a real operation, and only up to a fixed number of pairs; everything else is
-counted under `OTHER`.
+answered it as a real operation (for a job: once the registry declares it), and only up to
+a fixed number of pairs; everything else is counted under `OTHER`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class OperationLabels:
 
         Args:
             served: a worker answered as a known operation (any status but
-                `unknown_operation`), so the pair is real.
+                `unknown_operation`), or the registry declares the pair of a submitted job,
+                so the pair is real.
         """
         pair = (op, action)
         if pair in self._known:

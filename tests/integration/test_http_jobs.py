@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from nexus_bus import Settings, Worker
 from tests.integration.http_shim import RunningShim, bearer, poll_until, running_shim
@@ -118,3 +119,32 @@ async def test_async_submission_is_still_validated_by_the_shim(
     assert resp.status_code == 413
     reserved = await client.post("/v1/sys/x", json={}, headers=ASYNC)
     assert reserved.status_code == 404
+
+
+def http_series(op_prefix: str) -> set[tuple[str, str]]:
+    """The (op, action) label pairs of the shim's request durations whose op starts so."""
+    return {
+        (sample.labels["op"], sample.labels["action"])
+        for family in REGISTRY.collect()
+        if family.name == "nexus_request_duration_seconds"
+        for sample in family.samples
+        if sample.labels.get("transport") == "http"
+        and sample.labels.get("op", "").startswith(op_prefix)
+    }
+
+
+async def test_jobs_for_invented_operations_do_not_become_metric_labels(
+    client: httpx.AsyncClient, uid: str
+) -> None:
+    """Before: a submission counted as served, so every invented op.action a client submitted
+    as a job (accepted: 202, waiting for a worker) became a label pair of the shim's metrics,
+    until the table of 512 was full and every real pair not yet seen was `_other`."""
+    for i in range(20):
+        accepted = await client.post(f"/v1/made{uid}x{i}/run", json={}, headers=ASYNC)
+        assert accepted.status_code == 202, accepted.text
+    assert http_series(f"made{uid}") == set()
+    accepted = await client.post(
+        "/v1/data/put", json={"key": f"job.{uid}", "value": 1}, headers=ASYNC
+    )
+    assert accepted.status_code == 202, accepted.text
+    assert ("data", "put") in http_series("data")  # a declared operation keeps its labels

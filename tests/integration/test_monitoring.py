@@ -340,3 +340,41 @@ def test_real_prometheus_scrapes_every_process_and_runs_every_dashboard_query(
         live = expr.replace("$__rate_interval", "1m").replace("$op", ".*")
         result = query(prometheus, live)
         assert result["status"] == "success", f"{title}: {result}"
+
+
+def test_the_server_errors_panel_counts_a_handlers_own_5xx_code(tmp_path: Path) -> None:
+    """A handler's own NexusError subclass (here `payment_failed`, 502) is a server error
+    the NexusHighErrorRate alert counts, by status. The "Server errors" panel listed five
+    codes by name instead, and showed nothing for it."""
+    need(PROMTOOL)
+    [expr] = [e for title, e in dashboard_queries() if title.endswith(": Server errors")]
+    live = expr.replace("$__rate_interval", "1m").replace("$op", ".*")
+    (tmp_path / "none.yml").write_text("groups: []\n")
+    # What a worker exports after answering 60 requests a minute with that error.
+    tests = {
+        "rule_files": ["none.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": 'nexus_error_rate_total{op="shop", code="payment_failed"}',
+                        "values": "0+60x5",
+                    },
+                    {
+                        "series": 'nexus_request_duration_seconds_count{op="shop", action="pay",'
+                        ' status="502", transport="nats"}',
+                        "values": "0+60x5",
+                    },
+                ],
+                "promql_expr_test": [
+                    {"expr": f"({live}) > bool 0", "eval_time": "5m",
+                     "exp_samples": [{"labels": '{transport="nats"}', "value": 1}]},
+                ],
+            }
+        ],
+    }
+    (tmp_path / "panel.test.yml").write_text(yaml.safe_dump(tests))
+    result = run(PROMTOOL, "test", "rules", "panel.test.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr

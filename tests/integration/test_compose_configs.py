@@ -84,7 +84,7 @@ def test_prometheus_rules_use_the_documented_metric_names() -> None:
         "nexus_request_duration_seconds",
         "nexus_jobs_dead_lettered_total",
         "nexus_circuit_state",
-        "nexus_cache_hit_ratio",
+        "nexus_cache_requests_total",  # the hit ratio over 5 minutes, not since start
     ):
         assert metric in exprs
     # The error ratio is counted from answers' statuses (per transport); the dashboard breaks

@@ -29,6 +29,7 @@ from opentelemetry.trace.span import TraceState
 
 from nexus_bus.config import TracingSettings
 from nexus_bus.constants import H_TRACEPARENT, H_TRACESTATE
+from nexus_bus.observability.bounds import cut
 from nexus_bus.observability.traceparent import traceparent_fields
 from nexus_bus.observability.tracer import (
     CURRENT,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["TRACING", "SpanKind", "Tracing", "configure_tracing", "mark_error"]
 
 _NOTHING: Final = contextlib.nullcontext()
+_MAX_ERROR_TYPE: Final = 256  # characters of an error answer's code kept as `error.type`
 _random_bits: Final = random.getrandbits
 
 
@@ -247,6 +249,8 @@ def mark_error(span: Span | None, status: int, code: str) -> None:
     for server errors only, since a 4xx is the client's, not the span's, failure)."""
     if span is None:
         return
+    # A reply's code is whatever its responder sent (a header of up to a megabyte).
+    code = cut(code, _MAX_ERROR_TYPE)
     span.set_attribute("error.type", code)
     if status >= 500:
         span.set_status(Status(StatusCode.ERROR, code))

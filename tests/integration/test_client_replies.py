@@ -12,12 +12,15 @@ from collections.abc import AsyncIterator
 import nats.aio.client
 import nats.errors
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
 from nexus_bus import Gateway, Settings
+from nexus_bus.config import TracingSettings
 from nexus_bus.constants import UNKNOWN_LABEL
 from nexus_bus.errors import InternalError, NexusError
 from nexus_bus.observability.metrics import MAX_ERROR_CODES
+from nexus_bus.observability.tracing import TRACING, configure_tracing
 
 Replies = dict[str, tuple[dict[str, str] | None, bytes]]
 
@@ -115,3 +118,28 @@ async def test_error_codes_a_responder_invents_do_not_grow_the_metrics_without_b
     assert len(codes) <= MAX_ERROR_CODES
     assert UNKNOWN_LABEL in codes
     assert all(len(code) <= 64 for code in codes)
+
+
+async def test_an_error_code_header_a_responder_invents_is_bounded_in_the_client_span(
+    answering: tuple[Gateway, str, Replies],
+) -> None:
+    """Before: the client span's `error.type` was the `Nats-Service-Error` header's code as
+    sent, so a responder's 500 KB header made a 500 KB attribute on every such span."""
+    gateway, op, replies = answering
+    code = "c" * 500_000
+    replies["get"] = ({"Nexus-Status": "503", "Nats-Service-Error": f"{code}: x"}, b"{}")
+    spans = InMemorySpanExporter()
+    assert configure_tracing(
+        TracingSettings(), "nexus-test", instance="t", version="0", exporter=spans
+    )
+    try:
+        with pytest.raises(NexusError):
+            await gateway.request(
+                op, "get", {}, timeout=2, traceparent=f"00-{'a' * 32}-{'b' * 16}-01"
+            )
+    finally:
+        TRACING.shutdown()
+    [span] = [s for s in spans.get_finished_spans() if s.name == f"request nexus.{op}.get"]
+    error_type = str((span.attributes or {})["error.type"])
+    assert error_type.startswith("ccc") and len(error_type) <= 300
+    assert len(span.status.description or "") <= 300

@@ -54,6 +54,10 @@ _LINK_LOCAL: Final = b"\x35" + struct.pack("<I", 0x100)  # Link.flags, the same 
 _LINK_REMOTE: Final = b"\x35" + struct.pack("<I", 0x300)
 _WARN_EVERY_S: Final = 60.0
 _ENCODE_EVERY: Final = 32  # ended spans encoded together (see `OtlpExporter.on_end`)
+# Bytes of spans in one request, whatever `max_batch` says: collectors refuse a request over
+# their limit whole (the OpenTelemetry Collector's OTLP receivers: 4 MiB over gRPC, 20 MiB over
+# HTTP), and spans of failed requests carry up to about 100 KB of error text each.
+_MAX_BATCH_BYTES: Final = 4 * 1024 * 1024
 
 
 def _varint(n: int) -> bytes:
@@ -326,12 +330,24 @@ class OtlpExporter:
             self._encode_pending()
             queue = self._queue
             while queue:
-                batch = [queue.popleft() for _ in range(min(len(queue), self._max_batch))]
+                batch = self._next_batch()
                 if not self._send(batch) and self._closed:
                     # Exiting with the collector away: one failed try is enough, or the
                     # process would wait a timeout for every batch still queued.
                     self._lost(len(queue), "the process is exiting")
                     queue.clear()
+
+    def _next_batch(self) -> list[bytes]:
+        """The spans of the next request, taken from the queue: up to `max_batch` of them and
+        `_MAX_BATCH_BYTES` (one span at least, whatever its size)."""
+        queue = self._queue
+        batch = [queue.popleft()]
+        size = len(batch[0])
+        while queue and len(batch) < self._max_batch and size + len(queue[0]) <= _MAX_BATCH_BYTES:
+            span = queue.popleft()
+            batch.append(span)
+            size += len(span)
+        return batch
 
     def close(self) -> None:
         """Send what is queued and stop the thread; a second call does nothing."""

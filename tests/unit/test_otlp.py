@@ -8,6 +8,7 @@ as a test tells it to.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import threading
 import time
@@ -157,6 +158,9 @@ class Collector(http.server.ThreadingHTTPServer):
         self.answers: list[int] = []
         self.accepted: list[bytes] = []
         self.posts = 0
+        # The OpenTelemetry Collector's OTLP/HTTP receiver refuses a body over 20 MiB
+        # (confighttp's max_request_body_size default) with 413.
+        self.max_body = 20 * 1024 * 1024
 
     @property
     def url(self) -> str:
@@ -178,6 +182,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.server.posts += 1
         status = self.server.answers.pop(0) if self.server.answers else 200
+        if len(body) > self.server.max_body:
+            status = 413
         if status == 200:
             assert self.headers["Content-Type"] == "application/x-protobuf"
             self.server.accepted.append(body)
@@ -301,3 +307,24 @@ def test_a_span_that_cannot_be_encoded_is_dropped_not_raised(collector: Collecto
     assert exporter.dropped == 1
     assert collector.span_names() == ["span 0"]
 
+
+
+def test_a_batch_of_big_spans_stays_under_a_collectors_request_limit(
+    collector: Collector,
+) -> None:
+    """Before: a batch was up to `max_batch` spans whatever their size, so 600 spans of
+    handlers failing with long messages (about 50 KB each, bounded as they are) went out as one
+    30 MB request, which the collector refused (413), dropping all 600."""
+    provider, exporter = exporting(collector, delay_s=60.0)
+    tracer = provider.get_tracer("nexus_bus")
+    for n in range(600):
+        with (
+            contextlib.suppress(RuntimeError),
+            tracer.open(f"span {n}", SpanKind.SERVER, None, n + 1),
+        ):
+            raise RuntimeError("x" * 100_000)
+    provider.force_flush()
+    assert exporter.dropped == 0
+    assert collector.span_names() == [f"span {n}" for n in range(600)]
+    assert max(map(len, collector.accepted)) <= 8 * 1024 * 1024
+    provider.shutdown()

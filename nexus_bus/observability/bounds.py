@@ -12,9 +12,11 @@ import traceback
 from typing import Final
 
 # Characters kept of a message, an exception's text, and one part of a traceback (a frame,
-# the exception's line); and of a whole traceback.
-MAX_TEXT: Final = 16 * 1024
-MAX_TRACEBACK: Final = 64 * 1024
+# the exception's line); and of a whole traceback. A character can take six bytes in a JSON
+# line (a control character is `\u0001`), so a log line's message, exception and traceback
+# together stay under 256 KB whatever they hold: 6 x (2 x 4096 + 32768) = 240 KiB.
+MAX_TEXT: Final = 4096
+MAX_TRACEBACK: Final = 32 * 1024
 
 
 def text_of(exception: BaseException | None) -> str:

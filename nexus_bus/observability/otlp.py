@@ -56,7 +56,7 @@ _WARN_EVERY_S: Final = 60.0
 _ENCODE_EVERY: Final = 32  # ended spans encoded together (see `OtlpExporter.on_end`)
 # Bytes of spans in one request, whatever `max_batch` says: collectors refuse a request over
 # their limit whole (the OpenTelemetry Collector's OTLP receivers: 4 MiB over gRPC, 20 MiB over
-# HTTP), and spans of failed requests carry up to about 100 KB of error text each.
+# HTTP), and a span of a failed request carries up to 40,960 characters of error text.
 _MAX_BATCH_BYTES: Final = 4 * 1024 * 1024
 
 

@@ -135,6 +135,34 @@ async def test_a_handler_exception_with_a_huge_message_is_logged_in_one_bounded_
     assert line["traceback"].endswith("xxx end\n")
 
 
+async def test_chained_exceptions_of_escaped_characters_still_fit_one_line(
+    gateway: Gateway, settings: Settings, uid: str
+) -> None:
+    """A control character is six bytes in a JSON line (`\\u0001`): with 16,384 characters
+    of message and 65,536 of traceback kept, a handler raising one long message from another
+    still wrote a line of 296 KB."""
+    ops = Operations(f"l{uid}")
+    text = "\x01" * 1_000_000
+
+    @ops.action("boom")
+    async def boom(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        try:
+            raise ValueError(text)
+        except ValueError as exc:
+            raise RuntimeError(text) from exc
+
+    worker = Worker(settings, [ops])
+    await worker.start()
+    try:
+        with json_log() as sink, pytest.raises(InternalError):
+            await gateway.request(ops.op, "boom", {}, request_id=f"r{uid}")
+    finally:
+        await worker.drain(1)
+    assert max(len(line.encode()) for line in sink.getvalue().splitlines()) < LOKI_MAX_LINE
+    [line] = [d for d in lines_of(sink, ops.op) if d["level"] == "ERROR"]
+    assert line["correlation_id"] == f"r{uid}" and "in boom" in line["traceback"]
+
+
 async def test_human_readable_lines_show_no_values_from_the_failed_request(
     gateway: Gateway, settings: Settings, admin_token: str, uid: str
 ) -> None:

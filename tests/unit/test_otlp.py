@@ -312,12 +312,12 @@ def test_a_span_that_cannot_be_encoded_is_dropped_not_raised(collector: Collecto
 def test_a_batch_of_big_spans_stays_under_a_collectors_request_limit(
     collector: Collector,
 ) -> None:
-    """Before: a batch was up to `max_batch` spans whatever their size, so 600 spans of
-    handlers failing with long messages (about 50 KB each, bounded as they are) went out as one
-    30 MB request, which the collector refused (413), dropping all 600."""
+    """Before: a batch was up to `max_batch` spans whatever their size, so 2000 spans of
+    handlers failing with long messages (about 16 KB each, bounded as they are) went out as
+    one 32 MB request, which the collector refused (413), dropping all 2000."""
     provider, exporter = exporting(collector, delay_s=60.0)
     tracer = provider.get_tracer("nexus_bus")
-    for n in range(600):
+    for n in range(2000):
         with (
             contextlib.suppress(RuntimeError),
             tracer.open(f"span {n}", SpanKind.SERVER, None, n + 1),
@@ -325,6 +325,6 @@ def test_a_batch_of_big_spans_stays_under_a_collectors_request_limit(
             raise RuntimeError("x" * 100_000)
     provider.force_flush()
     assert exporter.dropped == 0
-    assert collector.span_names() == [f"span {n}" for n in range(600)]
+    assert collector.span_names() == [f"span {n}" for n in range(2000)]
     assert max(map(len, collector.accepted)) <= 8 * 1024 * 1024
     provider.shutdown()

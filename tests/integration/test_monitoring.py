@@ -169,6 +169,62 @@ def test_alertmanager_config_passes_amtool_and_routes_every_severity() -> None:
     assert targets == ["alertmanager:9093"]
 
 
+ALERTMANAGER = shutil.which("prometheus-alertmanager")
+
+
+def fired_alerts() -> list[dict[str, str]]:
+    """The label sets of what the rules' tests expect to fire (as Prometheus sends them)."""
+    tests = yaml.safe_load((PROMETHEUS_DIR / "rules.test.yml").read_text())["tests"]
+    return [
+        {"alertname": case["alertname"], **alert["exp_labels"]}
+        for test in tests
+        for case in test.get("alert_rule_test", [])
+        for alert in case.get("exp_alerts", [])
+    ]
+
+
+def test_a_process_down_leaves_the_error_rate_and_latency_alerts_active(tmp_path: Path) -> None:
+    """A real Alertmanager with the compose config, sent the alerts with the labels the rules
+    give them. docs/monitoring.md said a process that is down inhibits its own error-rate and
+    latency alerts, but those alerts are per operation across replicas, with no `instance`
+    label, and the inhibit rule (`equal: [instance]`) matched none: they were never
+    inhibited. The rule is gone and the page says what happens."""
+    need(ALERTMANAGER)
+    assert ALERTMANAGER
+    port = free_port()
+    with started(
+        [
+            ALERTMANAGER,
+            f"--config.file={COMPOSE / 'alertmanager' / 'alertmanager.yml'}",
+            f"--storage.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+        ],
+        tmp_path / "alertmanager.log",
+    ):
+        base = f"http://127.0.0.1:{port}/api/v2/alerts"
+        wait_for(f"http://127.0.0.1:{port}/-/ready")
+        down = {"alertname": "NexusProcessDown", "severity": "page",
+                "job": "nexus-worker", "instance": "10.0.0.5:9100"}  # fmt: skip
+        by_name = {a["alertname"]: a for a in fired_alerts()}
+        sent = [down, by_name["NexusHighErrorRate"], by_name["NexusHighLatency"]]
+        request = urllib.request.Request(
+            base,
+            data=json.dumps([{"labels": labels} for labels in sent]).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+        states = {a["labels"]["alertname"]: a["status"] for a in json.loads(http_get(base))}
+    assert {name: state["state"] for name, state in states.items()} == {
+        "NexusProcessDown": "active",
+        "NexusHighErrorRate": "active",
+        "NexusHighLatency": "active",
+    }
+    config = yaml.safe_load((COMPOSE / "alertmanager" / "alertmanager.yml").read_text())
+    assert "inhibit_rules" not in config  # none that could never match
+
+
 def test_compose_file_is_valid_against_the_compose_specification() -> None:
     if not COMPOSE_SPEC.exists():
         pytest.skip(f"{COMPOSE_SPEC} is missing (make install extracts it)")

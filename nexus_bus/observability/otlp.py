@@ -58,6 +58,9 @@ _ENCODE_EVERY: Final = 32  # ended spans encoded together (see `OtlpExporter.on_
 # their limit whole (the OpenTelemetry Collector's OTLP receivers: 4 MiB over gRPC, 20 MiB over
 # HTTP), and a span of a failed request carries up to 40,960 characters of error text.
 _MAX_BATCH_BYTES: Final = 4 * 1024 * 1024
+# Bytes of encoded spans waiting, whatever `max_queue` says: with the collector away, 8192
+# spans of failed requests would hold 100 to 330 MB in every process.
+MAX_QUEUE_BYTES: Final = 64 * 1024 * 1024
 
 
 def _varint(n: int) -> bytes:
@@ -265,6 +268,7 @@ class OtlpExporter:
     ) -> None:
         self.endpoint = endpoint
         self.dropped = 0  # spans not exported: the queue was full, or their batch failed
+        self.queued_bytes = 0  # of the encoded spans in the queue
         self._resource = encode_resource(resource)
         self._timeout_s = timeout_s
         self._delay_s = delay_s
@@ -276,6 +280,7 @@ class OtlpExporter:
         self._wake = threading.Event()
         self._sending = threading.Lock()  # one batch on the wire at a time
         self._dropping = threading.Lock()
+        self._queueing = threading.Lock()  # `queued_bytes`, from both threads
         self._closed = False
         self._warned_at = -_WARN_EVERY_S
         self._connection = _connection(endpoint, timeout_s)
@@ -317,10 +322,19 @@ class OtlpExporter:
                 self._count_dropped(1)
                 continue
             try:
-                queue.append(encode_span(span))
+                encoded = encode_span(span)
             except Exception as error:
                 self._lost(1, f"span {span.name!r} not encodable: {type(error).__name__}: {error}")
                 continue
+            with self._queueing:
+                if self.queued_bytes + len(encoded) > MAX_QUEUE_BYTES:
+                    encoded = b""
+                else:
+                    self.queued_bytes += len(encoded)
+            if not encoded:
+                self._count_dropped(1)
+                continue
+            queue.append(encoded)
             if len(queue) == self._max_batch:
                 self._wake.set()
 
@@ -336,6 +350,8 @@ class OtlpExporter:
                     # process would wait a timeout for every batch still queued.
                     self._lost(len(queue), "the process is exiting")
                     queue.clear()
+                    with self._queueing:
+                        self.queued_bytes = 0
 
     def _next_batch(self) -> list[bytes]:
         """The spans of the next request, taken from the queue: up to `max_batch` of them and
@@ -347,6 +363,8 @@ class OtlpExporter:
             span = queue.popleft()
             batch.append(span)
             size += len(span)
+        with self._queueing:
+            self.queued_bytes -= size
         return batch
 
     def close(self) -> None:
@@ -362,6 +380,7 @@ class OtlpExporter:
         if leftover:
             self._pending.clear()
             self._queue.clear()
+            self.queued_bytes = 0
             self._lost(leftover, "they ended as the exporter closed")
         self._connection.close()
         atexit.unregister(self.close)

@@ -23,6 +23,7 @@ from opentelemetry.trace.span import TraceState
 from prometheus_client import REGISTRY
 
 from nexus_bus.observability.otlp import (
+    MAX_QUEUE_BYTES,
     OtlpExporter,
     encode_request,
     encode_resource,
@@ -327,4 +328,24 @@ def test_a_batch_of_big_spans_stays_under_a_collectors_request_limit(
     assert exporter.dropped == 0
     assert collector.span_names() == [f"span {n}" for n in range(2000)]
     assert max(map(len, collector.accepted)) <= 8 * 1024 * 1024
+    provider.shutdown()
+
+
+def test_the_queue_is_bounded_in_bytes_too(collector: Collector) -> None:
+    """Before: the queue was bounded only by its count of spans (8192 by default), so with
+    the collector away a burst of failed requests (a span with one long error message holds
+    about 13 KB of its text, with chained ones up to 40 KB) held 105 to 330 MB in every
+    process; here 6000 of them, 77 MB, were all kept."""
+    collector.answers = [503] * 100  # a collector that never accepts
+    provider, exporter = exporting(collector, delay_s=60.0, max_batch=8192, timeout_s=30.0)
+    tracer = provider.get_tracer("nexus_bus")
+    for n in range(6000):
+        with (
+            contextlib.suppress(RuntimeError),
+            tracer.open(f"span {n}", SpanKind.SERVER, None, n + 1),
+        ):
+            raise RuntimeError(f"{n} " + "x" * 100_000)
+    assert exporter.dropped > 0
+    assert exporter.queued_bytes <= MAX_QUEUE_BYTES
+    collector.answers = []
     provider.shutdown()

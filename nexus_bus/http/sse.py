@@ -168,25 +168,32 @@ class EventStreams:
         """
         subject = events_subject(topic)
         queue: asyncio.Queue[Any] = asyncio.Queue(_QUEUE_SIZE)
-
-        async def deliver(msg: Msg) -> None:
-            # Blocking here backs up into the subscription's pending limit; past it the
-            # ordered consumer notices the gap and restarts after the last delivered seq.
-            await queue.put(msg)
-
-        config = ConsumerConfig(inactive_threshold=_INACTIVE_S)
-        if after is None:
-            policy = DeliverPolicy.NEW
-        else:
-            policy = DeliverPolicy.BY_START_SEQUENCE
-            config.opt_start_seq = after + 1
         async with translate_nats_errors(f"subscribe to {topic}"):
+            if after is None:  # new events: those after the stream's last one now
+                after = (await self._js.stream_info(EVENTS_STREAM)).state.last_seq
+            sent = after
+
+            async def deliver(msg: Msg) -> None:
+                # After a restart of the ordered consumer (the server lost it, or it missed
+                # heartbeats) nats-py starts it again after the last event it delivered — or
+                # at the stream's first when it delivered none. So events at or before what
+                # this client has are skipped here, never sent twice or out of order.
+                nonlocal sent
+                seq = msg.metadata.sequence.stream
+                if seq <= sent:
+                    return
+                sent = seq
+                # Blocking here backs up into the subscription's pending limit; past it the
+                # ordered consumer notices the gap and restarts after the last delivered seq.
+                await queue.put(msg)
+
+            config = ConsumerConfig(inactive_threshold=_INACTIVE_S, opt_start_seq=after + 1)
             sub = await self._js.subscribe(
                 subject,
                 stream=EVENTS_STREAM,
                 cb=deliver,
                 ordered_consumer=True,
-                deliver_policy=policy,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                 config=config,
                 idle_heartbeat=self._heartbeat_s,
             )

@@ -2,10 +2,11 @@
 
 Each client gets an ordered JetStream consumer (ephemeral, in memory, flow-controlled) that
 starts after its `Last-Event-ID` — the stream sequence, which every frame carries as `id:` —
-or at new events when it sends none. The shim holds no event state of its own, so a client
-may resume on any replica. A comment line every `sse_heartbeat_s` keeps proxies from timing
-the stream out and detects dead clients; when the client leaves (or the shim drains) the
-consumer is deleted at once.
+or at new events when it sends none. A client slower than its topic costs a bounded backlog:
+past it the consumer is dropped, and a new one reads on once the backlog is sent. The shim
+holds no event state beyond that, so a client may resume on any replica. A comment line
+every `sse_heartbeat_s` keeps proxies from timing the stream out and detects dead clients;
+when the client leaves (or the shim drains) the consumer is deleted at once.
 
 Before streaming, the shim authorizes the client as `stream.read` on the topic itself and
 asks the workers the same (a `stream.read` call with the client's credentials): a 401 or 403
@@ -47,10 +48,14 @@ from nexus_bus.store import translate_nats_errors
 HEARTBEAT: Final = b": keepalive\n\n"
 _QUERY_LAST_ID: Final = "last_event_id"
 _MAX_SEQ_DIGITS: Final = 19
-_QUEUE_SIZE: Final = 256
+# What one stream holds for a client that reads slower than its topic is written: past either
+# bound the rest is left in JetStream and read once the client has taken what is held.
+_BACKLOG_EVENTS: Final = 256
+_BACKLOG_BYTES: Final = 1024 * 1024
 # Safety net for a consumer whose delete never arrived (shim killed): the server drops it.
 _INACTIVE_S: Final = 30.0
-_STOP: Final = object()
+_STOP: Final = object()  # wakes a stream that must end now
+_BEHIND: Final = object()  # the client fell more than the backlog behind
 _RECHECK: Final = object()  # wakes an idle stream whose token must be checked now
 _TICK: Final = object()  # nothing arrived: a heartbeat or a check is due
 _END_EVENT: Final = SSE_END_EVENT.encode()
@@ -103,6 +108,57 @@ def last_event_id(header: str | None, query_string: bytes) -> int | None:
     return int(raw)
 
 
+class _Feed:
+    """One stream's events on their way from its consumer to its client, bounded."""
+
+    def __init__(self, subject: str, after: int, lease: StreamLease | None) -> None:
+        self.subject = subject
+        self.lease = lease  # the token to re-check (None: nothing to re-check)
+        self.sent = after  # the last event queued for the client
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()  # bounded by offer()
+        self.sub: Any = None  # the consumer's subscription
+        self.stopped = False
+        self._bytes = 0
+        self.behind = False  # the backlog is full: further events are left in the stream
+
+    async def offer(self, msg: Msg) -> None:
+        """Queue an event (the subscription's callback); never blocks.
+
+        A blocked callback let the server go on pushing into nats-py's pending queue (up to
+        256 MiB a subscription, past which it drops events unseen). Past the backlog the
+        events are left in JetStream instead, and the pump reads them again from `sent`.
+        After a restart of the ordered consumer (the server lost it, or it missed
+        heartbeats) nats-py starts it after the last event it delivered — or at the
+        stream's first when it delivered none — so events up to `sent` are skipped here,
+        never sent twice or out of order.
+        """
+        seq = msg.metadata.sequence.stream
+        if self.behind or seq <= self.sent:
+            return
+        size = len(msg.data or b"")
+        full = self.queue.qsize() >= _BACKLOG_EVENTS or self._bytes + size > _BACKLOG_BYTES
+        if full and self._bytes:  # an event larger than the backlog still goes alone
+            self.behind = True
+            self.queue.put_nowait(_BEHIND)
+            return
+        self.sent = seq
+        self._bytes += size
+        self.queue.put_nowait(msg)
+
+    def taken(self, msg: Msg) -> None:
+        """An event left the queue for the client."""
+        self._bytes -= len(msg.data or b"")
+
+    def stop(self) -> None:
+        """End the stream before its next frame; what it sent has no gap."""
+        self.stopped = True
+        self.queue.put_nowait(_STOP)
+
+    def wake(self) -> None:
+        """Wake an idle stream: its token must be checked now."""
+        self.queue.put_nowait(_RECHECK)
+
+
 class EventStreams:
     """Opens, feeds and tears down the SSE streams of one shim process."""
 
@@ -111,14 +167,13 @@ class EventStreams:
         self._heartbeat_s = settings.sse_heartbeat_s
         self._retry = retry_frame(settings.sse_retry_ms)
         self._max = settings.sse_max_streams
-        # Each open stream's queue, with the lease of its token (None: nothing to re-check).
-        self._queues: dict[asyncio.Queue[Any], StreamLease | None] = {}
+        self._feeds: set[_Feed] = set()  # the open streams
         self._reserved = 0  # places held by streams being opened or served
 
     @property
     def open_count(self) -> int:
         """Streams open now."""
-        return len(self._queues)
+        return len(self._feeds)
 
     @contextlib.contextmanager
     def reserve(self) -> Iterator[None]:
@@ -138,18 +193,15 @@ class EventStreams:
 
     def close_all(self) -> None:
         """End every stream (on drain); clients reconnect elsewhere with Last-Event-ID."""
-        for queue in list(self._queues):
-            _put_stop(queue)
+        for feed in list(self._feeds):
+            feed.stop()
 
     def recheck(self, jti: str) -> None:
         """A revocation notice for `jti`: the streams holding that token check it now."""
-        for queue, lease in list(self._queues.items()):
-            if lease is not None and lease.jti == jti:
-                lease.mark_stale()
-                # Wakes an idle stream; a full queue means a busy one, which checks before
-                # its next event anyway.
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.put_nowait(_RECHECK)
+        for feed in list(self._feeds):
+            if feed.lease is not None and feed.lease.jti == jti:
+                feed.lease.mark_stale()
+                feed.wake()
 
     async def stream(
         self,
@@ -167,43 +219,18 @@ class EventStreams:
             Unavailable: JetStream cannot be reached (before the response started).
         """
         subject = events_subject(topic)
-        queue: asyncio.Queue[Any] = asyncio.Queue(_QUEUE_SIZE)
-        async with translate_nats_errors(f"subscribe to {topic}"):
-            if after is None:  # new events: those after the stream's last one now
+        if after is None:  # new events: those after the stream's last one now
+            async with translate_nats_errors(f"subscribe to {topic}"):
                 after = (await self._js.stream_info(EVENTS_STREAM)).state.last_seq
-            sent = after
-
-            async def deliver(msg: Msg) -> None:
-                # After a restart of the ordered consumer (the server lost it, or it missed
-                # heartbeats) nats-py starts it again after the last event it delivered — or
-                # at the stream's first when it delivered none. So events at or before what
-                # this client has are skipped here, never sent twice or out of order.
-                nonlocal sent
-                seq = msg.metadata.sequence.stream
-                if seq <= sent:
-                    return
-                sent = seq
-                # Blocking here backs up into the subscription's pending limit; past it the
-                # ordered consumer notices the gap and restarts after the last delivered seq.
-                await queue.put(msg)
-
-            config = ConsumerConfig(inactive_threshold=_INACTIVE_S, opt_start_seq=after + 1)
-            sub = await self._js.subscribe(
-                subject,
-                stream=EVENTS_STREAM,
-                cb=deliver,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                config=config,
-                idle_heartbeat=self._heartbeat_s,
-            )
-        self._queues[queue] = lease
-        watcher = asyncio.create_task(_watch_disconnect(receive, queue))
+        feed = _Feed(subject, after, lease)
+        await self._follow(feed)
+        self._feeds.add(feed)
+        watcher = asyncio.create_task(_watch_disconnect(receive, feed))
         try:
             headers = [*_STREAM_HEADERS, (_REQUEST_ID, request_id.encode())]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": self._retry, "more_body": True})
-            ended = await self._pump(queue, send, lease)
+            ended = await self._pump(feed, send)
             if ended is not None:
                 logger.info("event stream {} for {} ended: {}", topic, request_id, ended.detail)
                 frame = end_frame(ended, request_id)
@@ -211,16 +238,34 @@ class EventStreams:
         except Exception:
             logger.opt(exception=True).warning("event stream {} for {} failed", topic, request_id)
         finally:
-            self._queues.pop(queue, None)
+            self._feeds.discard(feed)
             watcher.cancel()
-            await _remove_consumer(self._js, sub)
+            await _remove_consumer(self._js, feed.sub)
         with contextlib.suppress(OSError):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _pump(
-        self, queue: asyncio.Queue[Any], send: Any, lease: StreamLease | None
-    ) -> NexusError | None:
+    async def _follow(self, feed: _Feed) -> None:
+        """Subscribe `feed` to its topic, after the last event it queued.
+
+        Raises:
+            Unavailable: JetStream cannot be reached.
+        """
+        config = ConsumerConfig(inactive_threshold=_INACTIVE_S, opt_start_seq=feed.sent + 1)
+        feed.behind = False  # before subscribing: events may arrive before it returns
+        async with translate_nats_errors(f"subscribe to {feed.subject}"):
+            feed.sub = await self._js.subscribe(
+                feed.subject,
+                stream=EVENTS_STREAM,
+                cb=feed.offer,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                config=config,
+                idle_heartbeat=self._heartbeat_s,
+            )
+
+    async def _pump(self, feed: _Feed, send: Any) -> NexusError | None:
         """Send events and heartbeats until told to stop (None) or the token is gone (why)."""
+        lease = feed.lease
         loop = asyncio.get_running_loop()
         next_beat = loop.time() + self._heartbeat_s
         while True:
@@ -231,11 +276,15 @@ class EventStreams:
             item: Any = _TICK
             try:
                 async with asyncio.timeout(max(0.0, wait)):
-                    item = await queue.get()
+                    item = await feed.queue.get()
             except TimeoutError:
                 pass
-            if item is _STOP:
+            if feed.stopped:
                 return None
+            if item is _BEHIND:  # the backlog is sent: read on where it ended
+                await _remove_consumer(self._js, feed.sub)
+                await self._follow(feed)
+                continue
             beat = loop.time() >= next_beat
             if lease is not None and (beat or lease.due_in() == 0):
                 ended = await lease.check()
@@ -246,25 +295,17 @@ class EventStreams:
                     await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
                     next_beat = loop.time() + self._heartbeat_s
                 continue
+            feed.taken(item)
             meta = item.metadata
             frame = event_frame(meta.sequence.stream, item.data or b"")
             await send({"type": "http.response.body", "body": frame, "more_body": True})
             next_beat = loop.time() + self._heartbeat_s
 
 
-def _put_stop(queue: asyncio.Queue[Any]) -> None:
-    while True:
-        try:
-            queue.put_nowait(_STOP)
-            return
-        except asyncio.QueueFull:
-            queue.get_nowait()  # tearing down: an undelivered event is resumed by the client
-
-
-async def _watch_disconnect(receive: Any, queue: asyncio.Queue[Any]) -> None:
+async def _watch_disconnect(receive: Any, feed: _Feed) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-    _put_stop(queue)
+    feed.stop()
 
 
 async def _remove_consumer(js: Any, sub: Any) -> None:

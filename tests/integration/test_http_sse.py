@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import tracemalloc
 from collections.abc import AsyncIterator
 
 import httpx
@@ -214,3 +215,54 @@ async def test_a_shim_line_logged_while_serving_names_the_request_and_its_trace(
     [ended] = [line for line in lines if line["message"].startswith(f"event stream t{uid}")]
     assert ended["correlation_id"] == f"sse-{uid}"
     assert ended["trace_id"] == trace_id
+
+
+async def test_a_client_that_stops_reading_holds_no_more_than_a_backlog(
+    client: httpx.AsyncClient, gateway: Gateway, uid: str
+) -> None:
+    """The shim keeps a bounded backlog for a client that reads slower than its topic is
+    written, and reads the rest from JetStream when it catches up: every event arrives, in
+    order. Before, the shim kept every event the server pushed (up to nats-py's 256 MiB a
+    subscription, past which it dropped them unseen): here all 32 MB."""
+    topic = topic_of(uid)
+    event = msgspec.json.encode("x" * 32_000)
+    js = gateway.nc.jetstream()
+    async with client.stream("GET", f"/v1/events/{topic}") as resp:
+        reader = EventReader(resp)
+        await reader.wait_comment()  # then reads nothing while the events are written
+        tracemalloc.start()
+        try:
+            seqs = [(await js.publish(f"nexus.events.{topic}", event)).seq for _ in range(1000)]
+            await asyncio.sleep(1)
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert held < 8_000_000
+        received = [(await reader.next_event())[0] for _ in seqs]
+    assert received == seqs
+
+
+async def test_drain_ends_a_busy_stream_without_a_gap(
+    settings: Settings, worker: Worker, gateway: Gateway, admin_token: str | None, uid: str
+) -> None:
+    """Draining under a client that is behind: what it got before the stream ended has no
+    hole, so resuming after its last id loses nothing. Before, making room for the stop
+    dropped the oldest event held for the client, and the ones after it were still sent."""
+    topic = topic_of(uid)
+    event = msgspec.json.encode("x" * 32_000)
+    js = gateway.nc.jetstream()
+    async with (
+        running_shim(settings, sse_heartbeat_s=HEARTBEAT_S) as own,
+        httpx.AsyncClient(base_url=own.url, headers=bearer(admin_token)) as c,
+        c.stream("GET", f"/v1/events/{topic}") as resp,
+    ):
+        reader = EventReader(resp)
+        await reader.wait_comment()
+        seqs = [(await js.publish(f"nexus.events.{topic}", event)).seq for _ in range(600)]
+        await asyncio.sleep(1)
+        own.app.begin_drain()
+        received: list[int] = []
+        with pytest.raises(AssertionError, match="stream ended"):
+            while True:
+                received.append((await reader.next_event())[0])
+    assert received == seqs[: len(received)]

@@ -17,6 +17,10 @@ from nexus_bus.constants import EVENTS_STREAM, H_NATS_MSG_ID
 from nexus_bus.store import translate_nats_errors
 
 _LAST_SEQ: Final = 2**64 - 1  # a stream sequence is a uint64
+# A read's reply must fit max_payload with its headers: room for those (as the worker's own
+# check keeps), and what each event adds around its body: {"seq":…,"event":…,"time":"…"}.
+_REPLY_HEADROOM: Final = 8 * 1024
+_EVENT_OVERHEAD: Final = 96
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,10 @@ class JetStreamEventLog:
     async def read(self, topic: str, after_seq: int = 0, limit: int = 100) -> list[StoredEvent]:
         """Read up to `limit` events after `after_seq` with direct "next by subject" gets.
 
+        Fewer when more would not fit one reply (the connection's max_payload, when known):
+        the caller reads on after the last one. The first always comes (a reply too large
+        even for it is the worker's 413).
+
         Stream sequences are unsigned 64-bit: nothing comes after the last one, and asking
         JetStream for the one past it would be a request it cannot read.
 
@@ -97,6 +105,8 @@ class JetStreamEventLog:
         if after_seq >= _LAST_SEQ:
             return events
         seq = after_seq + 1
+        budget = self._nc.max_payload - _REPLY_HEADROOM if self._nc is not None else None
+        size = 0
         async with translate_nats_errors(f"read {topic}", input_errors=(BAD_REQUEST,)):
             while len(events) < limit:
                 try:
@@ -105,7 +115,11 @@ class JetStreamEventLog:
                     break
                 if msg.seq is None:
                     break
+                data = msg.data or b""
+                size += len(data) + _EVENT_OVERHEAD
+                if events and budget is not None and size > budget:
+                    break
                 when = msg.time or datetime.now(UTC)
-                events.append(StoredEvent(msg.seq, msg.data or b"", when))
+                events.append(StoredEvent(msg.seq, data, when))
                 seq = msg.seq + 1
         return events

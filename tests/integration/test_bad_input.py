@@ -252,3 +252,30 @@ async def test_a_msgpack_value_json_cannot_carry_is_400_and_not_stored(
             await gateway.request("data", "get", {"key": name})
     else:
         assert (await gateway.request("stream", "read", {"topic": name}))["events"] == []
+
+
+async def test_stream_read_returns_what_fits_a_reply_and_reads_on(
+    small_worker: tuple[Worker, Gateway], uid: str
+) -> None:
+    """Events that fit one by one but not all in one reply: a read with the default limit
+    answered 413 `payload_too_large`, every time, so the topic could not be read past them
+    without guessing a smaller limit. Now a read returns the events that fit, and the
+    reader goes on after the last one."""
+    _, gateway = small_worker
+    topic = f"t{uid}"
+    published = [
+        (await gateway.request("stream", "publish", {"topic": topic, "event": "x" * 30_000}))[
+            "seq"
+        ]
+        for _ in range(3)
+    ]
+    read: list[int] = []
+    after = 0
+    while len(read) < len(published):
+        reply = await gateway.request(
+            "stream", "read", {"topic": topic, "after_seq": after}, timeout=5
+        )
+        assert reply["events"]
+        read += [event["seq"] for event in reply["events"]]
+        after = read[-1]
+    assert read == published

@@ -6,7 +6,8 @@ or at new events when it sends none. A client slower than its topic costs a boun
 past it the consumer is dropped, and a new one reads on once the backlog is sent. The shim
 holds no event state beyond that, so a client may resume on any replica. A comment line
 every `sse_heartbeat_s` keeps proxies from timing the stream out and detects dead clients;
-when the client leaves (or the shim drains) the consumer is deleted at once.
+when the client leaves (or the shim drains) the consumer is deleted at once. A client that
+takes none of a frame for `sse_send_timeout_s` is closed: heartbeats cannot reach it.
 
 Before streaming, the shim authorizes the client as `stream.read` on the topic itself and
 asks the workers the same (a `stream.read` call with the client's credentials): a 401 or 403
@@ -108,6 +109,10 @@ def last_event_id(header: str | None, query_string: bytes) -> int | None:
     return int(raw)
 
 
+class _Stalled(Exception):
+    """The client took none of a frame for the send timeout."""
+
+
 class _Feed:
     """One stream's events on their way from its consumer to its client, bounded."""
 
@@ -166,6 +171,7 @@ class EventStreams:
         self._js = js
         self._heartbeat_s = settings.sse_heartbeat_s
         self._retry = retry_frame(settings.sse_retry_ms)
+        self._send_timeout_s = settings.sse_send_timeout_s
         self._max = settings.sse_max_streams
         self._feeds: set[_Feed] = set()  # the open streams
         self._reserved = 0  # places held by streams being opened or served
@@ -229,12 +235,15 @@ class EventStreams:
         try:
             headers = [*_STREAM_HEADERS, (_REQUEST_ID, request_id.encode())]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": self._retry, "more_body": True})
+            await self._write(send, self._retry)
             ended = await self._pump(feed, send)
             if ended is not None:
                 logger.info("event stream {} for {} ended: {}", topic, request_id, ended.detail)
-                frame = end_frame(ended, request_id)
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
+                await self._write(send, end_frame(ended, request_id))
+        except _Stalled:
+            # Closing is all that is left: the last chunk could not be written either.
+            logger.info("event stream {} for {}: the client takes nothing", topic, request_id)
+            return
         except Exception:
             logger.opt(exception=True).warning("event stream {} for {} failed", topic, request_id)
         finally:
@@ -243,6 +252,18 @@ class EventStreams:
             await _remove_consumer(self._js, feed.sub)
         with contextlib.suppress(OSError):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _write(self, send: Any, frame: bytes) -> None:
+        """Send a frame of the stream.
+
+        Raises:
+            _Stalled: the client took none of it within the send timeout.
+        """
+        try:
+            async with asyncio.timeout(self._send_timeout_s):
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+        except TimeoutError:
+            raise _Stalled from None
 
     async def _follow(self, feed: _Feed) -> None:
         """Subscribe `feed` to its topic, after the last event it queued.
@@ -292,13 +313,12 @@ class EventStreams:
                     return ended
             if item is _TICK or item is _RECHECK:
                 if beat:
-                    await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
+                    await self._write(send, HEARTBEAT)
                     next_beat = loop.time() + self._heartbeat_s
                 continue
             feed.taken(item)
             meta = item.metadata
-            frame = event_frame(meta.sequence.stream, item.data or b"")
-            await send({"type": "http.response.body", "body": frame, "more_body": True})
+            await self._write(send, event_frame(meta.sequence.stream, item.data or b""))
             next_beat = loop.time() + self._heartbeat_s
 
 

@@ -266,3 +266,31 @@ async def test_drain_ends_a_busy_stream_without_a_gap(
             while True:
                 received.append((await reader.next_event())[0])
     assert received == seqs[: len(received)]
+
+
+async def test_a_client_that_takes_nothing_is_dropped(
+    settings: Settings, worker: Worker, gateway: Gateway, admin_token: str | None, uid: str
+) -> None:
+    """A client that stays connected but stops reading (a frozen tab, a stuck proxy): once
+    its socket is full nothing can reach it, heartbeats neither, so nothing noticed; it held
+    its place among `sse_max_streams` and its consumer for as long as the connection lived.
+    Now a frame it does not take within `sse_send_timeout_s` closes the stream."""
+    topic = topic_of(uid)
+    event = msgspec.json.encode("x" * 32_000)
+    js = gateway.nc.jetstream()
+    async with (
+        running_shim(settings, sse_heartbeat_s=HEARTBEAT_S, sse_send_timeout_s=1) as own,
+        httpx.AsyncClient(base_url=own.url, headers=bearer(admin_token)) as c,
+        c.stream("GET", f"/v1/events/{topic}") as resp,
+    ):
+        reader = EventReader(resp)  # kept: a collected line iterator closes the response
+        await reader.wait_comment()  # then reads nothing more
+        for _ in range(1000):
+            await js.publish(f"nexus.events.{topic}", event)
+        assert own.app._streams is not None
+
+        async def dropped() -> bool:
+            assert own.app._streams is not None
+            return own.app._streams.open_count == 0 and await consumers_on(gateway, topic) == 0
+
+        await poll_until(dropped, 10)

@@ -44,7 +44,8 @@ class EventLog(Protocol):
     """Append-only topics with sequence numbers and idempotent appends."""
 
     async def append(self, topic: str, data: bytes, *, event_id: str | None = None) -> Appended:
-        """Append an event; a repeated `event_id` within the dedup window is not stored twice."""
+        """Append an event; a repeated `event_id` on the same topic within the dedup window is
+        not stored twice."""
         ...
 
     async def read(self, topic: str, after_seq: int = 0, limit: int = 100) -> list[StoredEvent]:
@@ -69,7 +70,10 @@ class JetStreamEventLog:
         self._nc = nc
 
     async def append(self, topic: str, data: bytes, *, event_id: str | None = None) -> Appended:
-        """Publish to `nexus.events.<topic>`; `event_id` becomes `Nats-Msg-Id`.
+        """Publish to `nexus.events.<topic>`; `<topic>:<event_id>` becomes `Nats-Msg-Id`.
+
+        JetStream deduplicates across the whole stream, so the id is qualified by its topic
+        (which has no `:`): the same id on two topics is two events.
 
         Raises:
             InvalidRequest: a malformed topic.
@@ -78,7 +82,7 @@ class JetStreamEventLog:
             Unavailable: JetStream cannot be reached.
         """
         subject = events_subject(topic)
-        headers = {H_NATS_MSG_ID: event_id} if event_id else None
+        headers = {H_NATS_MSG_ID: f"{topic}:{event_id}"} if event_id else None
         if self._nc is not None:
             max_payload = self._nc.max_payload
             check_publish_size(f"append {topic}", data, headers, max_payload, jetstream=True)

@@ -104,15 +104,16 @@ class MemoryEventLog:
         self._seq = itertools.count(1)
 
     async def append(self, topic: str, data: bytes, *, event_id: str | None = None) -> Appended:
-        """Append an event; a repeated `event_id` is not stored twice."""
-        if event_id is not None and event_id in self._ids:
-            return Appended(seq=self._ids[event_id], duplicate=True)
+        """Append an event; a repeated `event_id` on the same topic is not stored twice."""
+        key = f"{topic}:{event_id}"
+        if event_id is not None and key in self._ids:
+            return Appended(seq=self._ids[key], duplicate=True)
         seq = next(self._seq)
         self._events.setdefault(topic, []).append(
             StoredEvent(seq=seq, data=data, time=datetime.now(UTC))
         )
         if event_id is not None:
-            self._ids[event_id] = seq
+            self._ids[key] = seq
         return Appended(seq=seq, duplicate=False)
 
     async def read(self, topic: str, after_seq: int = 0, limit: int = 100) -> list[StoredEvent]:

@@ -93,6 +93,20 @@ async def test_stream_publish_dedup_and_read(gateway: Gateway, uid: str) -> None
     assert (await gateway.request("stream", "read", {"topic": f"none{uid}"}))["events"] == []
 
 
+async def test_stream_publish_ids_are_per_topic(gateway: Gateway, uid: str) -> None:
+    """The same `id` on two topics is two events. JetStream deduplicates across the whole
+    stream, so the second publish was answered `duplicate` with the first topic's seq, and
+    its event was never stored."""
+    orders, invoices = f"orders{uid}", f"invoices{uid}"
+    first = await gateway.request("stream", "publish", {"topic": orders, "event": 1, "id": "7"})
+    other = await gateway.request("stream", "publish", {"topic": invoices, "event": 2, "id": "7"})
+    assert not other["duplicate"] and other["seq"] > first["seq"]
+    read = await gateway.request("stream", "read", {"topic": invoices})
+    assert [(e["seq"], e["event"]) for e in read["events"]] == [(other["seq"], 2)]
+    again = await gateway.request("stream", "publish", {"topic": invoices, "event": 3, "id": "7"})
+    assert again["duplicate"] and again["seq"] == other["seq"]
+
+
 @pytest.mark.parametrize("after_seq", [2**64 - 1, 2**64 - 2])
 async def test_stream_read_after_the_last_sequence_finds_nothing(
     gateway: Gateway, uid: str, after_seq: int

@@ -97,6 +97,7 @@ async def test_memory_twins_behave_like_the_stores() -> None:
     events = MemoryEventLog()
     a = await events.append("t", b"1", event_id="e1")
     assert (await events.append("t", b"1", event_id="e1")).duplicate
+    assert not (await events.append("u", b"1", event_id="e1")).duplicate  # ids are per topic
     b = await events.append("t", b"2")
     assert [e.seq for e in await events.read("t")] == [a.seq, b.seq]
     assert [e.seq for e in await events.read("t", after_seq=a.seq)] == [b.seq]

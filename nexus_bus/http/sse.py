@@ -225,12 +225,17 @@ class EventStreams:
             Unavailable: JetStream cannot be reached (before the response started).
         """
         subject = events_subject(topic)
-        if after is None:  # new events: those after the stream's last one now
-            async with translate_nats_errors(f"subscribe to {topic}"):
-                after = (await self._js.stream_info(EVENTS_STREAM)).state.last_seq
-        feed = _Feed(subject, after, lease)
-        await self._follow(feed)
+        feed = _Feed(subject, after or 0, lease)
+        # Registered before subscribing: a drain that begins meanwhile ends this stream too.
         self._feeds.add(feed)
+        try:
+            if after is None:  # new events: those after the stream's last one now
+                async with translate_nats_errors(f"subscribe to {topic}"):
+                    feed.sent = (await self._js.stream_info(EVENTS_STREAM)).state.last_seq
+            await self._follow(feed)
+        except BaseException:
+            self._feeds.discard(feed)
+            raise
         watcher = asyncio.create_task(_watch_disconnect(receive, feed))
         try:
             headers = [*_STREAM_HEADERS, (_REQUEST_ID, request_id.encode())]

@@ -294,3 +294,38 @@ async def test_a_client_that_takes_nothing_is_dropped(
             return own.app._streams.open_count == 0 and await consumers_on(gateway, topic) == 0
 
         await poll_until(dropped, 10)
+
+
+async def test_drain_ends_streams_that_were_opening(
+    settings: Settings, worker: Worker, admin_token: str | None, uid: str
+) -> None:
+    """Streams still subscribing when the drain began end too. close_all() ended only the
+    streams already registered; one between the shim's drain check and its consumer (a
+    JetStream round trip or two) then streamed on through the drain until the shim exited.
+    Forty streams opening at once, the drain at the first that starts, a few times over."""
+    for round_ in range(4):
+        async with (
+            running_shim(settings, sse_heartbeat_s=HEARTBEAT_S) as own,
+            httpx.AsyncClient(base_url=own.url, headers=bearer(admin_token), timeout=20) as c,
+        ):
+            started = asyncio.Event()
+            topics = [f"t{uid}r{round_}n{i}" for i in range(40)]
+            followers = [asyncio.create_task(follow_to_end(c, t, started)) for t in topics]
+            await started.wait()
+            own.app.begin_drain()
+            try:
+                async with asyncio.timeout(3):
+                    await asyncio.gather(*followers)
+            finally:
+                for task in followers:
+                    task.cancel()
+                await asyncio.gather(*followers, return_exceptions=True)
+
+
+async def follow_to_end(client: httpx.AsyncClient, topic: str, started: asyncio.Event) -> None:
+    """Read a stream until it ends; `started` is set once it has begun."""
+    async with client.stream("GET", f"/v1/events/{topic}") as resp:
+        if resp.status_code == 200:
+            started.set()
+            async for _ in resp.aiter_lines():
+                pass

@@ -48,7 +48,11 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 
 
 async def ensure_events_stream(js: JetStreamContext, settings: JetStreamSettings) -> None:
-    """`NEXUS_EVENTS`: `nexus.events.>`, limits retention, dedup window from settings."""
+    """`NEXUS_EVENTS`: `nexus.events.>`, limits retention, dedup window from settings.
+
+    The dedup window is at most the events' max age: JetStream refuses a longer one, and
+    events kept a shorter time than `dedup_window_s` would otherwise stop every start.
+    """
     await ensure_stream(
         js,
         StreamConfig(
@@ -57,7 +61,7 @@ async def ensure_events_stream(js: JetStreamContext, settings: JetStreamSettings
             storage=storage_type(settings),
             num_replicas=settings.replicas,
             max_age=settings.events_max_age_s,
-            duplicate_window=settings.dedup_window_s,
+            duplicate_window=min(settings.dedup_window_s, settings.events_max_age_s),
         ),
     )
 

@@ -6,7 +6,11 @@ import asyncio
 
 import pytest
 
-from nexus_bus import Conflict, Gateway, NotFound
+from nexus_bus import Conflict, Gateway, NotFound, Worker
+from nexus_bus.constants import EVENTS_STREAM
+from nexus_bus.embedded import ServerProcess
+from nexus_bus.handlers import builtin_groups
+from tests.conftest import make_settings
 
 
 async def test_put_get_list_delete(gateway: Gateway, uid: str) -> None:
@@ -105,6 +109,27 @@ async def test_stream_publish_ids_are_per_topic(gateway: Gateway, uid: str) -> N
     assert [(e["seq"], e["event"]) for e in read["events"]] == [(other["seq"], 2)]
     again = await gateway.request("stream", "publish", {"topic": invoices, "event": 3, "id": "7"})
     assert again["duplicate"] and again["seq"] == other["seq"]
+
+
+async def test_events_kept_less_than_the_dedup_window_still_start(
+    local_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str
+) -> None:
+    """`jetstream.events_max_age_s` under `dedup_window_s` (120 s): JetStream refuses a
+    duplicate window longer than the max age (10052), so the worker could not start at all
+    (`Unavailable: stream NEXUS_EVENTS`). The events' window is now at most their max age."""
+    settings = make_settings(local_nats.url, redis_url, jetstream={"events_max_age_s": 60})
+    worker = Worker(settings, builtin_groups(["stream"]))
+    await worker.start()
+    gateway = await Gateway.connect(settings, token=admin_token)
+    try:
+        publish = {"topic": f"t{uid}", "event": 1, "id": "e1"}
+        first = await gateway.request("stream", "publish", publish)
+        assert (await gateway.request("stream", "publish", publish))["seq"] == first["seq"]
+        info = await gateway.nc.jetstream().stream_info(EVENTS_STREAM)
+        assert info.config.max_age == 60 and info.config.duplicate_window == 60
+    finally:
+        await gateway.close()
+        await worker.drain(1)
 
 
 @pytest.mark.parametrize("after_seq", [2**64 - 1, 2**64 - 2])

@@ -205,6 +205,10 @@ class ConsulAgentDouble:
         with self._lock:
             return [r for r in self.runs if r.check_id == check_id]
 
+    def forget(self, service_id: str) -> None:
+        """Drop a service and its checks, as an agent restarted without its state does."""
+        self._deregister(service_id)
+
     # Agent state
 
     def _register(self, body: dict[str, Any], replace_checks: bool) -> None:

@@ -119,7 +119,19 @@ class Registration:
                 await asyncio.sleep(self._backoff.compute(attempt, self._rng))
 
     async def _beat(self) -> None:
-        """Pass (or fail, with the reason) every TTL check of this process."""
+        """Pass (or fail, with the reason) every TTL check of this process; make sure the
+        agent still knows the services whose check it runs itself (the shim's HTTP check).
+
+        Raises:
+            NotRegistered: the agent forgot one of them (a TTL update tells it by a 404).
+        """
+        others = {r.service_id for r in self._registrations if not r.check.ttl}
+        if others:
+            # Nothing else would tell: an agent restarted without its state, or one that
+            # reaped the shim after a minute of failing /readyz, would never list it again.
+            missing = others - await self._registry.local_ids()
+            if missing:
+                raise NotRegistered(f"the agent does not know {', '.join(sorted(missing))}")
         ttl_checks = [r.check.check_id for r in self._registrations if r.check.ttl]
         if not ttl_checks:
             return

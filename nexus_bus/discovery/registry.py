@@ -93,6 +93,13 @@ class ServiceRegistry(Protocol):
             RegistryUnavailable: the registry cannot be reached.
         """
 
+    async def local_ids(self) -> set[str]:
+        """The ids of the services registered with this agent.
+
+        Raises:
+            RegistryUnavailable: the registry cannot be reached.
+        """
+
     async def service_names(self) -> list[str]:
         """Every service name the registry knows.
 
@@ -240,6 +247,11 @@ class ConsulRegistry:
         known = await self._run(lambda: update(check_id, notes=note or None), "check update")
         if not known:  # py-consul answers False for the agent's 404
             raise NotRegistered(f"the agent does not know check {check_id}")
+
+    async def local_ids(self) -> set[str]:
+        """GET /v1/agent/services."""
+        services = await self._run(self._client.agent.services, "agent services")
+        return set(services or {})
 
     async def service_names(self) -> list[str]:
         """GET /v1/catalog/services."""

@@ -357,3 +357,20 @@ async def test_the_acl_token_from_a_file_is_sent_and_never_logged(
         logger.remove(sink_id)
     assert any("Permission denied" in line for line in lines), lines
     assert not any(secret in line for line in lines)
+
+
+async def test_a_shim_the_agent_forgot_registers_again(
+    settings: Settings, consul: ConsulAgentDouble
+) -> None:
+    # An agent restarted without its state, or one that reaped the shim after its check was
+    # critical for DeregisterCriticalServiceAfter (Redis down a minute): the shim has no TTL
+    # to pass, so nothing told it; it must notice and register again.
+    port = free_port()
+    values = {"enabled": True, "address": consul.address, "ttl_s": 0.6}
+    consul_settings = settings.consul.model_copy(update=values)
+    shim_settings = settings.model_copy(update={"consul": consul_settings})
+    service_id = shim_service_id(port)
+    async with running_shim(shim_settings, port=port):
+        await eventually(lambda: service_id in consul.service_ids(), "registration", 10, 0.05)
+        consul.forget(service_id)
+        await eventually(lambda: service_id in consul.service_ids(), "registered again", 5, 0.05)

@@ -222,6 +222,10 @@ class MemoryRegistry:
             raise NotRegistered(check_id)
         self.checks[check_id] = (status, note)
 
+    async def local_ids(self) -> set[str]:
+        self._maybe_fail("services")
+        return set(self.services)
+
     async def service_names(self) -> list[str]:
         return sorted({r.name for r in self.services.values()})
 

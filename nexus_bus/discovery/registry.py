@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -190,6 +191,7 @@ class ConsulRegistry:
         # and a process with Consul off (the default) never needs them.
         import consul
 
+        self._token_file = settings.token_file
         self._client = consul.Consul(
             host=host,
             port=port,
@@ -204,9 +206,26 @@ class ConsulRegistry:
         self._call_timeout_s = 2 * settings.request_timeout_s + 0.5
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="consul")
 
+    def _reread_token(self) -> None:
+        """Take the token file's content again (on this adapter's thread): a mounted secret
+        is rewritten in place when the token rotates. A file unreadable or empty for now
+        (mid-rotation) keeps the token read before; CONSUL_HTTP_TOKEN still wins."""
+        if self._token_file is None or "CONSUL_HTTP_TOKEN" in os.environ:
+            return
+        try:
+            token = self._token_file.read_text().strip()
+        except OSError:
+            return
+        if token:
+            self._client.token = token
+
+    def _call(self, call: Callable[[], T], what: str) -> T:
+        self._reread_token()
+        return _mapped(call, what)
+
     async def _run(self, call: Callable[[], T], what: str) -> T:
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, functools.partial(_mapped, call, what))
+        future = loop.run_in_executor(self._executor, functools.partial(self._call, call, what))
         try:
             async with asyncio.timeout(self._call_timeout_s):
                 return await future

@@ -374,3 +374,31 @@ async def test_a_shim_the_agent_forgot_registers_again(
         await eventually(lambda: service_id in consul.service_ids(), "registration", 10, 0.05)
         consul.forget(service_id)
         await eventually(lambda: service_id in consul.service_ids(), "registered again", 5, 0.05)
+
+
+async def test_a_rotated_token_file_is_read_again(
+    settings: Settings, uid: str, tmp_path: Path
+) -> None:
+    # A mounted secret (Kubernetes, Vault agent) is rewritten in place when the token rotates,
+    # and the old token is revoked: the registration must pick up the new one.
+    token_file = tmp_path / "consul-token"
+    token_file.write_text("old-token\n")
+    consul = {"token_file": token_file, "ttl_s": 0.6, "retry_base_s": 0.05, "retry_max_s": 0.1}
+    with ConsulAgentDouble(acl_token="old-token") as double:
+        async with consul_worker(settings, double.address, f"rot{uid}", **consul) as w:
+            assert w.discovery is not None and w.discovery.registration is not None
+            registration = w.discovery.registration
+            await eventually(
+                lambda: registration.state is RegistrationState.REGISTERED, "registered", 10
+            )
+            token_file.write_text("new-token\n")
+            double.acl_token = "new-token"
+            await eventually(
+                lambda: any(token == "new-token" for _, _, token in double.requests[-3:]),
+                "calls with the new token",
+                5,
+            )
+            await eventually(
+                lambda: registration.state is RegistrationState.REGISTERED, "registered", 5
+            )
+            assert double.requests[-1][2] == "new-token"

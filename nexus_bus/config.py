@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -484,6 +485,12 @@ def load_settings(*, discover: bool = True, **overrides: object) -> Settings:
     Raises:
         ConfigError: listing every invalid or unknown setting.
     """
+    unknown = [name for name in os.environ if not _known_env_name(name)]
+    if unknown:
+        raise ConfigError(
+            "invalid configuration: "
+            + "; ".join(f"unknown setting {name}" for name in sorted(unknown))
+        )
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
         if discover:
@@ -496,6 +503,47 @@ def load_settings(*, discover: bool = True, **overrides: object) -> Settings:
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from exc
+    except SettingsError as exc:  # a list or table setting whose value is not JSON
+        raise ConfigError(f"invalid configuration: {exc} (expected JSON)") from exc
+
+
+def _known_env_name(name: str) -> bool:
+    """Whether `name`, if it is a nested setting's (`NEXUS_<SECTION>__...`), names one.
+
+    pydantic-settings ignores what matches no field, so a misspelt name silently left its
+    setting at the default. Names without `__` are left alone: `NEXUS_TOKEN`, `NEXUS_URL`,
+    `NEXUS_CONFIG` and compose's own are not settings.
+    """
+    upper = name.upper()
+    if not upper.startswith("NEXUS_") or "__" not in upper:
+        return True
+    below: _Below = (Settings, False)
+    for part in upper.removeprefix("NEXUS_").lower().split("__"):
+        model, table = below
+        if table:  # an entry of a table (ai.backends.<name>): any name
+            below = (model, False)
+            continue
+        if model is None:
+            return False  # below a setting that has no parts
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        below = _below(field.annotation)
+    return True
+
+
+# What is below a field: the model of its parts (None: it has none), and whether a table's
+# entries, each of that model, come first.
+_Below = tuple[type[BaseModel] | None, bool]
+
+
+def _below(annotation: Any) -> _Below:
+    if get_origin(annotation) is dict:
+        return _below(get_args(annotation)[1])[0], True
+    for candidate in (annotation, *get_args(annotation)):  # `Model | None` too
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate, False
+    return None, False
 
 
 def _stack_values(settings: Settings) -> dict[str, Any]:

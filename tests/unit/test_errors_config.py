@@ -86,3 +86,46 @@ def test_redis_cluster_is_selected_by_url() -> None:
     assert tls.cluster and tls.url == "rediss://h:7000"
     single = RedisSettings(url="redis://h:6379/0")
     assert not single.cluster and single.url == "redis://h:6379/0"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "NEXUS_CONSUL__ADRESS",  # a typo of a setting
+        "NEXUS_CONSULL__ENABLED",  # a typo of a section
+        "NEXUS_NATS__URL__HOST",  # below a setting that has no parts
+        "NEXUS_AI__BACKENDS__OLLAMA__BASEURL",  # below a named entry of a table
+    ],
+)
+def test_a_misspelt_setting_in_the_environment_is_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # Ignored, it left the setting at its default: Consul off, the wrong NATS, no backend.
+    monkeypatch.setenv(name, "x")
+    with pytest.raises(ConfigError) as info:
+        load_settings(discover=False)
+    assert f"unknown setting {name}" in str(info.value)
+
+
+def test_every_setting_in_the_environment_is_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "NEXUS_CONSUL__TLS__VERIFY": "false",
+        "nexus_worker__concurrency": "3",
+        "NEXUS_AI__BACKENDS__OLLAMA__BASE_URL": "http://127.0.0.1:11434/v1",
+        "NEXUS_AI__BACKENDS__OLLAMA__MODELS": '["llama3.2"]',
+        "NEXUS_RESILIENCE__OPS__DATA__ATTEMPTS": "2",
+        "NEXUS_TOKEN": "not a setting, read by `call`",
+    }.items():
+        monkeypatch.setenv(name, value)
+    s = load_settings(discover=False)
+    assert not s.consul.tls.verify and s.worker.concurrency == 3
+    assert s.resilience.ops["data"].attempts == 2 and "ollama" in s.ai.backends
+
+
+def test_a_list_setting_that_is_not_json_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NEXUS_CONSUL__TAGS", "a,b")
+    with pytest.raises(ConfigError) as info:
+        load_settings(discover=False)
+    assert "consul" in str(info.value) and "JSON" in str(info.value)

@@ -23,7 +23,9 @@ them; request bodies are read case-insensitively, as Consul reads them):
     GET /v1/catalog/services                       (X-Consul-Index)
     GET /v1/health/service/<name>[?passing]        (X-Consul-Index)
 
-With `acl_token` set, every request must carry it in `X-Consul-Token` (403 otherwise).
+Service meta beyond Consul's limits (64 pairs, keys of 128 characters, values of 512) is
+refused with 400, as the agent does. With `acl_token` set, every request must carry it in
+`X-Consul-Token` (403 otherwise).
 Anything else answers 404. `runs` records every HTTP check run (for interval/timeout
 assertions) and `requests` every request line with its token header.
 """
@@ -140,6 +142,31 @@ class BadRequest(Exception):
     """A request the real agent refuses with 400."""
 
 
+class InvalidMeta(BadRequest):
+    """Service meta beyond Consul's limits (`structs.ValidateServiceMetadata`)."""
+
+
+_META_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _validate_meta(meta: dict[str, Any]) -> None:
+    """Consul's limits: 64 pairs, keys of 128 characters of [A-Za-z0-9_-], values of 512."""
+    if len(meta) > 64:
+        raise InvalidMeta("Invalid Service Meta: cannot contain more than 64 key/value pairs")
+    for key, value in meta.items():
+        problem = (
+            "Key cannot be blank" if not key
+            else "Key is too long (limit: 128 characters)" if len(key) > 128
+            else "Key contains invalid characters" if not _META_KEY.fullmatch(key)
+            else "Value is too long (limit: 512 characters)" if len(str(value)) > 512
+            else None
+        )
+        if problem:
+            raise InvalidMeta(
+                f"Invalid Service Meta: Couldn't load metadata pair ('{key}', '{value}'): {problem}"
+            )
+
+
 class ConsulAgentDouble:
     """The double: `start()`, point clients at `address`, `stop()`."""
 
@@ -217,6 +244,7 @@ class ConsulAgentDouble:
         if not name:
             raise BadRequest("Missing service name")
         service_id = doc.get("id") or name
+        _validate_meta(dict(doc.get("meta") or {}))
         tags = list(doc.get("tags") or [])
         service = {
             "ID": service_id,
@@ -391,6 +419,8 @@ class ConsulAgentDouble:
         try:
             doc = json.loads(body or b"{}")
             self._register(doc, query.get("replace-existing-checks", ["false"])[0] == "true")
+        except InvalidMeta as exc:
+            return 400, str(exc)
         except (BadRequest, ValueError) as exc:
             return 400, f"Request decode failed: {exc}"
         return 200, None

@@ -105,6 +105,23 @@ class ServiceRegistration:
         return doc
 
 
+# Consul refuses a service whose meta value is longer (400 Invalid Service Meta).
+META_VALUE_MAX = 512
+
+
+def listed(names: Iterable[str]) -> str:
+    """Names as one meta value, comma-separated and sorted; when they do not fit in Consul's
+    512 characters, as many as fit, then `+N more` (the full list is in `$SRV` INFO and
+    `nexus-bus ops`)."""
+    ordered = sorted(set(names))
+    text = ",".join(ordered)
+    kept = len(ordered)
+    while len(text) > META_VALUE_MAX:
+        kept -= 1
+        text = ",".join([*ordered[:kept], f"+{len(ordered) - kept} more"])
+    return text
+
+
 def _tags(settings: ConsulSettings, *extra: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((CONSUL_TAG, *extra, *settings.tags)))
 
@@ -145,7 +162,7 @@ def shim_registration(
         tags=_tags(settings, "http"),
         meta={
             CONSUL_META_VERSION: version,
-            CONSUL_META_OPS: ",".join(sorted(set(ops))),
+            CONSUL_META_OPS: listed(ops),
             CONSUL_META_INSTANCE: instance,
         },
         check=check,
@@ -183,7 +200,7 @@ def worker_registrations(
                 meta={
                     CONSUL_META_VERSION: version,
                     CONSUL_META_QUEUE_GROUP: queue_group(op),
-                    CONSUL_META_ACTIONS: ",".join(sorted(actions)),
+                    CONSUL_META_ACTIONS: listed(actions),
                     CONSUL_META_INSTANCE: instance,
                 },
                 check=CheckDefinition(

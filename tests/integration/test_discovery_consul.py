@@ -26,7 +26,7 @@ import httpx
 import nats
 import pytest
 
-from nexus_bus import Settings, Worker
+from nexus_bus import RequestContext, Settings, Worker
 from nexus_bus.discovery import RegistrationState
 from nexus_bus.embedded import ServerProcess, free_port
 from nexus_bus.observability import logger
@@ -34,7 +34,7 @@ from nexus_bus.specs.base import package_version
 from tests.conftest import issue_test_token
 from tests.consul_double import ConsulAgentDouble
 from tests.helpers import eventually
-from tests.integration.discovery_ops import discovery_ops
+from tests.integration.discovery_ops import Note, discovery_ops
 from tests.integration.http_shim import bearer, running_shim
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -402,3 +402,35 @@ async def test_a_rotated_token_file_is_read_again(
                 lambda: registration.state is RegistrationState.REGISTERED, "registered", 5
             )
             assert double.requests[-1][2] == "new-token"
+
+
+async def test_an_op_with_many_actions_registers_within_consuls_meta_limits(
+    settings: Settings, consul: ConsulAgentDouble, uid: str
+) -> None:
+    # Consul refuses a meta value over 512 characters (400 Invalid Service Meta): an op of
+    # 40 actions was never registered, its worker retrying forever as "consul unreachable".
+    op = f"wide{uid}"
+    ops = discovery_ops(op)
+    for n in range(40):
+
+        @ops.action(f"an_action_with_a_long_name_{n:02}", public=True)
+        async def handler(req: Note, ctx: RequestContext) -> Note:
+            """Echo."""
+            return req
+
+    values = {"enabled": True, "address": consul.address}
+    consul_settings = settings.consul.model_copy(update=values)
+    worker = Worker(settings.model_copy(update={"consul": consul_settings}), [ops])
+    await worker.start()
+    try:
+        assert worker.discovery is not None and worker.discovery.registration is not None
+        registration = worker.discovery.registration
+        await eventually(
+            lambda: registration.state is RegistrationState.REGISTERED, "registered", 10
+        )
+        service = consul.services[f"nexus-{op}-{worker.discovery.instance}"]
+        actions = service["Meta"]["actions"]
+        assert len(actions) <= 512 and actions.startswith("an_action_with_a_long_name_00,")
+        assert actions.endswith(" more")
+    finally:
+        await worker.drain(1)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from nexus_bus import arguments
 from nexus_bus.apps import AppNotFound, load_groups
 from nexus_bus.bus.replies import problem_of
 from nexus_bus.config import ConfigError, Settings, load_settings
@@ -24,6 +25,8 @@ from nexus_bus.operations import DeclarationError, Operations
 from nexus_bus.stackfile import STACK_FILE
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from nexus_bus.stack import Stack
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -254,6 +257,8 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     except (ValueError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        return _cannot_write(directory, exc)
     print(kid)
     print(f"wrote {directory}/{kid}.pem (private, 0600) and {kid}.pub.pem", file=sys.stderr)
     return 0
@@ -295,9 +300,19 @@ def cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         print(f"contract documents in {directory} are up to date")
         return 0
-    for path in specs.export(directory, groups):
+    try:
+        written = specs.export(directory, groups)
+    except OSError as exc:
+        return _cannot_write(directory, exc)
+    for path in written:
         print(path)
     return 0
+
+
+def _cannot_write(directory: Path, exc: OSError) -> int:
+    """One line for a folder the command cannot write in (exit 1)."""
+    print(f"error: cannot write in {directory}: {exc.strerror or exc}", file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shim", help="serve the HTTP shim (POST /v1/{op}/{action}, SSE, probes)")
     p.add_argument("--host", help="address to listen on (default: http.host)")
-    p.add_argument("--port", type=int, help="port to listen on (default: http.port)")
+    p.add_argument("--port", type=arguments.port, help="port to listen on (default: http.port)")
     p.add_argument("--app", action="append", default=[], help="module:attr of your Operations")
     p.set_defaults(func=cmd_shim)
 
@@ -321,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("operation", help="op.action")
     p.add_argument("payload", nargs="?", default="{}", help="JSON request body")
     p.add_argument("--token", help="bearer token (default: $NEXUS_TOKEN)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds")
+    p.add_argument("--timeout", type=arguments.seconds, default=None, help="seconds")
     p.add_argument("--idempotency-key")
     # SUPPRESS: absent here, the top-level `nexus-bus -v call ...` count is kept.
     p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
@@ -329,12 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_call)
 
     p = sub.add_parser("up", help="start the embedded stack: NATS, Redis, workers, HTTP shim")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--nats-port", type=int, default=4222, help="0: any free port")
-    p.add_argument("--redis-port", type=int, default=6379, help="0: any free port")
-    p.add_argument("--http-port", type=int, help="the shim's port (default: http.port; 0: any)")
+    p.add_argument("--workers", type=arguments.count, default=2)
+    p.add_argument("--nats-port", type=arguments.port, default=4222, help="0: any free port")
+    p.add_argument("--redis-port", type=arguments.port, default=6379, help="0: any free port")
+    p.add_argument("--http-port", type=arguments.port,
+                   help="the shim's port (default: http.port; 0: any)")
     p.add_argument("--app", action="append", default=[], help="module:attr of your Operations")
-    p.add_argument("--ready-timeout", type=float, default=60.0,
+    p.add_argument("--ready-timeout", type=arguments.seconds, default=60.0,
                    help="seconds to wait for every process to answer")
     p.add_argument("--consul", metavar="ADDR", help="register everything with this Consul agent")
     p.set_defaults(func=cmd_up)

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from nexus_bus import arguments
 from nexus_bus.bus.connection import connect_nats
 from nexus_bus.config import Settings
 from nexus_bus.discovery.inventory import ServiceRow, missing_ops, render_table
@@ -66,5 +67,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.add_argument("--expect", help="ops that must have a healthy instance (default: worker.ops)")
     p.add_argument("--consul", help="also ask this Consul agent (default: consul.* settings)")
-    p.add_argument("--wait", type=float, default=2.0, help="seconds to collect $SRV answers")
+    p.add_argument(
+        "--wait", type=arguments.wait_seconds, default=2.0, help="seconds to collect $SRV answers"
+    )
     p.set_defaults(func=cmd_services)

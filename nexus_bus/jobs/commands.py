@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from nexus_bus import arguments
 from nexus_bus.bus.connection import connect_nats
 from nexus_bus.bus.metadata import is_ascii_digits
 from nexus_bus.config import Settings
@@ -143,7 +144,7 @@ def add_commands(sub: Any) -> None:
     dlq = p.add_subparsers(dest="dlq_command", required=True)
     p = dlq.add_parser("list", help="list dead-lettered jobs, oldest first")
     p.add_argument("--op", help="only this op")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=arguments.count, default=100)
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_dlq_list)
     p = dlq.add_parser("replay", help="run dead-lettered jobs again")
@@ -160,5 +161,7 @@ def add_commands(sub: Any) -> None:
     jobs = p.add_subparsers(dest="jobs_command", required=True)
     p = jobs.add_parser("show", help="print a job's status")
     p.add_argument("id", help="job id")
-    p.add_argument("--wait", type=float, default=0, help="seconds to wait for it to finish")
+    p.add_argument(
+        "--wait", type=arguments.wait_seconds, default=0, help="seconds to wait for it to finish"
+    )
     p.set_defaults(func=cmd_jobs_show)

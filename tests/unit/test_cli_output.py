@@ -165,3 +165,47 @@ def test_an_import_failing_inside_your_module_shows_your_traceback(project: Path
     assert done.returncode == 1
     assert f'File "{project / "mypkg" / "broken.py"}", line 1' in done.stderr, done.stderr
     assert done.stderr.endswith("ModuleNotFoundError: No module named 'mypkg.helpers'\n")
+
+
+ABOVE_0 = "not a number above 0"
+AT_LEAST_1 = "not a whole number of at least 1"
+NOT_NEGATIVE = "not a number of 0 or more"
+NOT_A_PORT = "not a port (0-65535)"
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["call", "data.get", "--timeout", "-1"], f"argument --timeout: '-1': {ABOVE_0}"),
+        (["call", "data.get", "--timeout", "nan"], f"argument --timeout: 'nan': {ABOVE_0}"),
+        (["up", "--workers", "0"], f"argument --workers: '0': {AT_LEAST_1}"),
+        (["up", "--ready-timeout", "0"], f"argument --ready-timeout: '0': {ABOVE_0}"),
+        (["up", "--nats-port", "70000"], f"argument --nats-port: '70000': {NOT_A_PORT}"),
+        (["up", "--http-port", "-1"], f"argument --http-port: '-1': {NOT_A_PORT}"),
+        (["shim", "--port", "70000"], f"argument --port: '70000': {NOT_A_PORT}"),
+        (["dlq", "list", "--limit", "-5"], f"argument --limit: '-5': {AT_LEAST_1}"),
+        (["jobs", "show", "x", "--wait", "-3"], f"argument --wait: '-3': {NOT_NEGATIVE}"),
+        (["services", "--wait", "-1"], f"argument --wait: '-1': {NOT_NEGATIVE}"),
+    ],
+)
+def test_a_number_out_of_range_is_a_usage_error(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    """Before: `up --nats-port 70000` ended in an OverflowError traceback, `up --workers 0`
+    waited for workers it never started, `call --timeout -1` sent a request already timed
+    out (504), `shim --port 70000` listened on another port."""
+    done = run_in(tmp_path, *args)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines()[-1].endswith(f"error: {said}"), done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["keys", "generate", "--dir", "/proc/nexus"], ["schemas", "export", "--dir", "/proc/nexus"]],
+)
+def test_a_folder_that_cannot_be_written_is_one_line(tmp_path: Path, args: list[str]) -> None:
+    """Before: a FileNotFoundError traceback."""
+    done = run_in(tmp_path, *args)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("error: cannot write") and "/proc/nexus" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr

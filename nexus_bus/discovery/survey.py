@@ -21,9 +21,11 @@ _decoder = msgspec.json.Decoder(dict[str, Any])
 async def gather_srv_stats(
     nc: Client, *, wait_s: float, quiet_s: float = 0.25
 ) -> list[dict[str, Any]]:
-    """Every answer to `$SRV.STATS`: until `quiet_s` passes without one, at most `wait_s`.
+    """Every answer to `$SRV.STATS`: at most `wait_s`, and once one came, until `quiet_s`
+    passes without another.
 
     Like `nats micro ls`, a request with many answers: each service instance replies itself.
+    The first answer may take a while (a busy worker answers late): it is waited for.
     """
     inbox = nc.new_inbox()
     answers: list[dict[str, Any]] = []
@@ -34,7 +36,8 @@ async def gather_srv_stats(
         deadline = loop.time() + wait_s
         while (left := deadline - loop.time()) > 0:
             try:
-                msg = await subscription.next_msg(timeout=min(quiet_s, left))
+                timeout = min(quiet_s, left) if answers else left
+                msg = await subscription.next_msg(timeout=timeout)
             except nats.errors.TimeoutError:
                 break
             with contextlib.suppress(msgspec.DecodeError):

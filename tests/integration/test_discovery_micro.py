@@ -16,11 +16,14 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
 
 from nexus_bus import Settings, Worker
+from nexus_bus.discovery.survey import gather_srv_stats
+from nexus_bus.embedded import ServerProcess
 from tests.conftest import make_settings
 from tests.integration.discovery_ops import discovery_ops
 
@@ -158,3 +161,23 @@ async def test_draining_stops_answering_srv(micro_worker: Worker, nc: Client, ui
     await asyncio.sleep(0.05)
     with pytest.raises(nats.errors.NoRespondersError):
         await nc.request(f"$SRV.PING.nexus-srv{uid}", b"", timeout=1)
+
+
+async def test_services_waits_for_a_first_answer_that_takes_a_while(
+    local_nats: ServerProcess, uid: str
+) -> None:
+    # A worker whose event loop is busy answers $SRV late; `nexus-bus services --wait 2` gave
+    # up after 0.25 s of silence before any answer ("no nexus-bus services found", exit 1).
+    client = await nats.connect(local_nats.url)
+    stats = {"type": "io.nats.micro.v1.stats_response", "name": f"nexus-late{uid}", "id": uid}
+    try:
+
+        async def late(msg: Msg) -> None:
+            await asyncio.sleep(0.6)
+            await msg.respond(json.dumps(stats).encode())
+
+        await client.subscribe("$SRV.STATS", cb=late)
+        answers = await gather_srv_stats(client, wait_s=3)
+    finally:
+        await client.close()
+    assert answers == [stats]

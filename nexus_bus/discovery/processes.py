@@ -49,7 +49,8 @@ def advertised_address(configured: str, listen_host: str = "") -> str:
     """The address others reach this process at.
 
     `configured` wins; then a specific listen host; else this host's own address (what a
-    container's name resolves to on its network).
+    container's name resolves to on its network), or, where the host name resolves to
+    loopback, the address of the interface its default route leaves by.
     """
     if configured:
         return configured
@@ -60,9 +61,27 @@ def advertised_address(configured: str, listen_host: str = "") -> str:
         except ValueError:
             return listen_host  # a host name
     try:
-        return socket.gethostbyname(socket.gethostname())
+        resolved = socket.gethostbyname(socket.gethostname())
     except OSError:
-        return "127.0.0.1"
+        resolved = "127.0.0.1"
+    if ipaddress.ip_address(resolved).is_loopback:
+        # Debian and Ubuntu map the host name to 127.0.1.1 (/etc/hosts): registered, it is
+        # an address Consul's DNS would hand to other hosts.
+        return _routed_address() or resolved
+    return resolved
+
+
+def _routed_address() -> str | None:
+    """The address of the interface the default route leaves by (None: no route).
+
+    Connecting a UDP socket only picks the route: nothing is sent.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.254.254.254", 9))  # any address off this host
+        except OSError:
+            return None
+        return str(probe.getsockname()[0])
 
 
 def _groups_of(groups: Iterable[Operations]) -> list[tuple[str, list[str]]]:

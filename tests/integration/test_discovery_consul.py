@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import json
 import os
@@ -434,3 +435,38 @@ async def test_an_op_with_many_actions_registers_within_consuls_meta_limits(
         assert actions.endswith(" more")
     finally:
         await worker.drain(1)
+
+
+def routed_address() -> str | None:
+    """This host's address on its default route, or None (no route: nothing to compare)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.254.254.254", 9))  # picks a route; sends nothing
+        except OSError:
+            return None
+        return str(probe.getsockname()[0])
+
+
+async def test_a_shim_on_every_interface_never_registers_a_loopback_address(
+    settings: Settings, consul: ConsulAgentDouble
+) -> None:
+    # Debian and Ubuntu map the host name to 127.0.1.1 in /etc/hosts (this machine: to
+    # 127.0.0.1): a shim on 0.0.0.0 registered that, and Consul's DNS handed other hosts a
+    # loopback address for it.
+    routed = routed_address()
+    if routed is None or ipaddress.ip_address(routed).is_loopback:
+        pytest.skip("this host has no address besides loopback")
+    port = free_port()
+    consul_settings = settings.consul.model_copy(
+        update={"enabled": True, "address": consul.address}
+    )
+    shim_settings = settings.model_copy(update={"consul": consul_settings})
+    service_id = shim_service_id(port)
+    async with running_shim(shim_settings, host="0.0.0.0", port=port):
+        await eventually(lambda: service_id in consul.service_ids(), "registration", 10, 0.05)
+        address = consul.services[service_id]["Address"]
+        assert not ipaddress.ip_address(address).is_loopback, address
+        assert address == routed
+        check = consul.check_of(service_id)
+        assert check is not None
+        await eventually(lambda: check.status == "passing", "the check passing", 15, 0.05)

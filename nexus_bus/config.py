@@ -10,6 +10,7 @@ import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -32,6 +33,14 @@ from nexus_bus import stackfile
 from nexus_bus.constants import CACHE_KEY_PREFIX
 from nexus_bus.errors import ConfigError as ConfigError  # re-exported: its home was here
 from nexus_bus.resilience.policy import ResilienceSettings
+
+
+def _check_port(url: str) -> None:
+    """Raises ValueError (a setting's message) for a URL whose port is not a number."""
+    try:
+        urlsplit(url).port  # noqa: B018  # parsing it is the check
+    except ValueError as exc:
+        raise ValueError(f"{url!r}: {exc}") from None
 
 
 class TLSSettings(BaseModel):
@@ -78,6 +87,16 @@ class NatsSettings(BaseModel):
         """The comma-separated URL as a list, for clustered deployments."""
         return [u.strip() for u in self.url.split(",") if u.strip()]
 
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        for server in url.split(","):  # nats-py takes host, host:port or a nats|tls|ws|wss URL
+            scheme, sep, _ = server.strip().partition("://")
+            if sep and scheme not in ("nats", "tls", "ws", "wss"):
+                raise ValueError(f"{server.strip()!r}: use nats://, tls://, ws:// or wss://")
+            _check_port(server.strip() if sep else f"nats://{server.strip()}")
+        return url
+
 
 class RedisSettings(BaseModel):
     """The Redis cache connection; short timeouts so a sick Redis never stalls requests."""
@@ -98,6 +117,19 @@ class RedisSettings(BaseModel):
             self.url = f"{scheme.removesuffix('+cluster')}://{rest}"
             self.cluster = True
         return self
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        # Checked here, not by redis-py as the shim or a worker starts (a traceback).
+        scheme = url.partition("://")[0]
+        if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+            raise ValueError("use redis://, rediss://, redis+cluster://, rediss+cluster:// or unix://")
+        db = urlsplit(url).path.strip("/")
+        if scheme != "unix" and not (db == "" or db.isdecimal()):
+            raise ValueError(f"the database {db!r} is not a number")
+        _check_port(url)
+        return url
 
 
 class CacheSettings(BaseModel):

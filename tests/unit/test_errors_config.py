@@ -129,3 +129,44 @@ def test_a_list_setting_that_is_not_json_is_a_config_error(
     with pytest.raises(ConfigError) as info:
         load_settings(discover=False)
     assert "consul" in str(info.value) and "JSON" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        ("NEXUS_REDIS__URL", "foo", "redis.url: "),
+        ("NEXUS_REDIS__URL", "http://127.0.0.1:6379", "redis.url: "),
+        ("NEXUS_REDIS__URL", "redis://:abc", "redis.url: "),
+        ("NEXUS_REDIS__URL", "redis://127.0.0.1:6379/abc", "redis.url: "),
+        ("NEXUS_NATS__URL", "http://127.0.0.1:4222", "nats.url: "),
+        ("NEXUS_NATS__URL", "nats://127.0.0.1:4222,nats://h:port", "nats.url: "),
+    ],
+)
+def test_a_malformed_url_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, said: str
+) -> None:
+    """Before: redis-py's ValueError as a traceback when the shim or worker started (exit 3
+    or 1); nats-py's 'Name or service not known' for host 'http'."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(discover=False)
+    assert said in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("NEXUS_REDIS__URL", "redis://:secret@cache.internal:6380/2"),
+        ("NEXUS_REDIS__URL", "rediss+cluster://10.0.0.1:7000"),
+        ("NEXUS_REDIS__URL", "unix:///run/redis.sock?db=1"),
+        ("NEXUS_NATS__URL", "nats://a:1, tls://b:2"),
+        ("NEXUS_NATS__URL", "127.0.0.1:4222"),
+        ("NEXUS_NATS__URL", "nats"),
+        ("NEXUS_NATS__URL", "wss://nats.example.com/ws"),
+    ],
+)
+def test_every_url_the_clients_take_is_accepted(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    load_settings(discover=False)

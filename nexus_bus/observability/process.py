@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 
 from nexus_bus.config import Settings
@@ -22,7 +23,9 @@ def start_observability(settings: Settings, name: str) -> None:
 
     from nexus_bus.observability.tracing import configure_tracing
 
-    instance = f"{socket.gethostname()}-{os.getpid()}"
+    # A random part too: containers sharing the host's name (host networking) each run
+    # their process as pid 1, and host-pid alone named them all the same.
+    instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     configure_logging(
         name, settings.log.level, json_lines=settings.log.json_lines, instance=instance
     )

@@ -307,3 +307,35 @@ async def test_a_server_still_waits_for_a_nats_that_starts_late(
     finally:
         connecting.cancel()
         server.stop()
+
+
+def first_instance(env: dict[str, str]) -> str:
+    """The `instance` of a worker's first log line, the worker being pid 1 of a namespace of
+    its own, as in a container (here with the host's name, as with host networking)."""
+    with subprocess.Popen(
+        ["unshare", "--pid", "--mount-proc", "--kill-child", sys.executable, "-m", "nexus_bus",
+         "worker", "--ops", "data"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    ) as worker:
+        try:
+            assert worker.stderr is not None
+            for line in worker.stderr:
+                if line.startswith("{") and "instance" in json.loads(line):
+                    return str(json.loads(line)["instance"])
+            raise AssertionError("the worker logged no instance")
+        finally:
+            worker.kill()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a pid namespace needs root")
+def test_two_workers_that_are_pid_1_on_one_host_are_told_apart(
+    cli_env: dict[str, str], settings: Settings
+) -> None:
+    """Two containers sharing the host's name (host networking: `docker run --network host`,
+    Kubernetes hostNetwork pods) each run the worker as pid 1. Their log lines' `instance`,
+    also the traces' `service.instance.id`, was host-pid: the same for both."""
+    env = {**cli_env, "NEXUS_LOG__LEVEL": "INFO",
+           "NEXUS_AUTH__KEYS_DIR": str(settings.auth.keys_dir)}
+    one, other = first_instance(env), first_instance(env)
+    assert one.startswith(f"{os.uname().nodename}-1")
+    assert one != other

@@ -3,7 +3,8 @@
 nexus-bus services [--json] [--expect OPS] [--consul ADDR] [--wait SECONDS]
 
 Exits 1 when an expected op (`--expect`, else `worker.ops` from settings, else every op
-seen) has no healthy instance, or when nothing runs at all, so a deployment can wait on it.
+seen) has no healthy instance, when nothing runs at all, or when Consul does not answer (the
+`$SRV` rows are printed still), so a deployment can wait on it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _consul_settings(args: argparse.Namespace, settings: Settings) -> Settings:
     return settings.model_copy(update={"consul": consul})
 
 
-async def _rows(settings: Settings, wait_s: float) -> list[ServiceRow]:
+async def _rows(settings: Settings, wait_s: float) -> tuple[list[ServiceRow], str | None]:
     nc = await connect_nats(settings.nats, name=f"{settings.service}-cli")
     registry = ConsulRegistry(settings.consul) if settings.consul.enabled else None
     try:
@@ -45,7 +46,9 @@ def cmd_services(args: argparse.Namespace, settings: Settings) -> int:
     """Print every running instance; exit 1 when an expected op has no healthy one (or
     nothing runs)."""
     settings = _consul_settings(args, settings)
-    rows = asyncio.run(_rows(settings, args.wait))
+    rows, consul_problem = asyncio.run(_rows(settings, args.wait))
+    if consul_problem is not None:  # said first: the health column lacks Consul's view
+        print(f"consul unreachable, showing $SRV answers only: {consul_problem}", file=sys.stderr)
     if args.expect:
         expected = [o.strip() for o in args.expect.split(",") if o.strip()]
     else:  # the ops settings declare, else every op seen: each needs a healthy instance
@@ -58,7 +61,7 @@ def cmd_services(args: argparse.Namespace, settings: Settings) -> int:
         print(render_table(rows) if rows else "no nexus-bus services found")
         if missing:
             print(f"no healthy instance of: {', '.join(missing)}", file=sys.stderr)
-    return 1 if missing or not rows else 0
+    return 1 if missing or not rows or consul_problem is not None else 0
 
 
 def add_commands(sub: Any) -> None:

@@ -13,7 +13,7 @@ from nats.micro.service import ServiceVerb, control_subject
 
 from nexus_bus.constants import SERVICE_PREFIX
 from nexus_bus.discovery.inventory import ServiceRow, merge, rows_from_srv
-from nexus_bus.discovery.registry import Instance, ServiceRegistry
+from nexus_bus.discovery.registry import Instance, RegistryUnavailable, ServiceRegistry
 
 _decoder = msgspec.json.Decoder(dict[str, Any])
 
@@ -63,8 +63,13 @@ async def consul_instances(registry: ServiceRegistry) -> list[Instance]:
 
 async def survey(
     nc: Client | None, registry: ServiceRegistry | None, *, wait_s: float
-) -> list[ServiceRow]:
-    """The rows of `nexus-bus services` from whichever sources are given."""
+) -> tuple[list[ServiceRow], str | None]:
+    """The rows of `nexus-bus services` from whichever sources are given, and why Consul
+    could not be asked (None: it answered, or was not given): the `$SRV` rows still count,
+    a Consul outage being when an operator needs them most."""
     srv = rows_from_srv(await gather_srv_stats(nc, wait_s=wait_s)) if nc is not None else []
-    consul = await consul_instances(registry) if registry is not None else []
-    return merge(srv, consul)
+    try:
+        consul = await consul_instances(registry) if registry is not None else []
+    except RegistryUnavailable as exc:
+        return merge(srv, []), exc.detail
+    return merge(srv, consul), None

@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nexus_bus import Worker
 from nexus_bus.config import ConsulSettings
 from nexus_bus.discovery import ConsulRegistry, worker_registrations
-from nexus_bus.embedded import ServerProcess
+from nexus_bus.embedded import ServerProcess, free_port
+from tests.conftest import make_settings
 from tests.consul_double import ConsulAgentDouble
+from tests.integration.discovery_ops import discovery_ops
 from tests.integration.test_cli import run_cli
 
 OPS = ("ai", "auth", "data", "stream")
@@ -149,3 +152,24 @@ async def test_services_fails_on_nothing_running_and_on_an_op_seen_only_critical
     assert [(r["service"], r["instance"], r["health"]) for r in doc["services"]] == [
         ("nexus-data", "W1", "critical")
     ]
+
+
+async def test_services_shows_the_srv_answers_when_consul_is_unreachable(
+    local_nats: ServerProcess, redis_url: str, tmp_path: Path, uid: str
+) -> None:
+    """Before: 'error: unavailable: consul catalog: ConnectionError' and nothing else, so in a
+    Consul outage the operator lost the $SRV view too."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEXUS_", "CONSUL_"))}
+    env.update(NEXUS_NATS__URL=local_nats.url, NEXUS_LOG__LEVEL="WARNING")
+    worker = Worker(make_settings(local_nats.url, redis_url), [discovery_ops(f"out{uid}")])
+    await worker.start()
+    try:
+        done = await asyncio.to_thread(
+            run_cli, "services", "--wait", "1", "--consul", f"http://127.0.0.1:{free_port()}",
+            env=env, cwd=tmp_path,
+        )
+    finally:
+        await worker.drain(1)
+    assert done.returncode == 1
+    assert f"nexus-out{uid}" in done.stdout, done.stdout
+    assert done.stderr.startswith("consul unreachable, showing $SRV answers only:"), done.stderr

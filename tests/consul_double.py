@@ -25,7 +25,7 @@ them; request bodies are read case-insensitively, as Consul reads them):
 
 Service meta beyond Consul's limits (64 pairs, keys of 128 characters, values of 512) is
 refused with 400, as the agent does. With `acl_token` set, every request must carry it in
-`X-Consul-Token` (403 otherwise).
+`X-Consul-Token` (403 otherwise). With `tls`, it speaks HTTPS.
 Anything else answers 404. `runs` records every HTTP check run (for interval/timeout
 assertions) and `requests` every request line with its token header.
 """
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import threading
 import time
 import urllib.error
@@ -170,7 +171,9 @@ def _validate_meta(meta: dict[str, Any]) -> None:
 class ConsulAgentDouble:
     """The double: `start()`, point clients at `address`, `stop()`."""
 
-    def __init__(self, port: int = 0, *, acl_token: str | None = None) -> None:
+    def __init__(
+        self, port: int = 0, *, acl_token: str | None = None, tls: ssl.SSLContext | None = None
+    ) -> None:
         self._lock = threading.RLock()
         self._stopped = threading.Event()
         self.acl_token = acl_token
@@ -180,6 +183,8 @@ class ConsulAgentDouble:
         self.requests: list[tuple[str, str, str | None]] = []  # method, path, token header
         self.index = 1
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
+        if tls is not None:  # HTTPS (the agent's https port), with `tls`'s client-cert policy
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self._server.daemon_threads = True
         self._threads: list[threading.Thread] = []
 

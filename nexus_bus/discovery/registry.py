@@ -13,6 +13,8 @@ import asyncio
 import concurrent.futures
 import functools
 import os
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -186,7 +188,24 @@ class ConsulRegistry:
             raise ConfigError(f"consul.address: {exc}") from exc
         tls = settings.tls
         verify: bool | str = str(tls.ca_file) if tls.ca_file else tls.verify
-        cert = (str(tls.cert_file), str(tls.key_file)) if tls.cert_file and tls.key_file else None
+        if tls.key_file is not None and tls.cert_file is None:
+            raise ConfigError("consul.tls.key_file needs consul.tls.cert_file")
+        # A cert_file alone holds the key too (requests takes either form).
+        cert = (
+            (str(tls.cert_file), str(tls.key_file)) if tls.key_file
+            else str(tls.cert_file) if tls.cert_file else None
+        )
+        # Any TLS setting means https (docs/discovery.md), `verify = false` alone included.
+        https = tls.enabled or not tls.verify
+        if verify is False:
+            # Chosen in the settings: not urllib3's warning on every call (each TTL pass).
+            import urllib3
+
+            warnings.filterwarnings(
+                "ignore",
+                message=re.escape(f"Unverified HTTPS request is being made to host '{host}'"),
+                category=urllib3.exceptions.InsecureRequestWarning,
+            )
         # Imported here: py-consul brings requests, urllib3 and psutil (17 MB of a process),
         # and a process with Consul off (the default) never needs them.
         import consul
@@ -195,7 +214,7 @@ class ConsulRegistry:
         self._client = consul.Consul(
             host=host,
             port=port,
-            scheme="https" if tls.enabled else scheme,
+            scheme="https" if https else scheme,
             token=read_token(settings),
             dc=settings.datacenter,
             verify=verify,

@@ -44,6 +44,12 @@ def _name(cn: str) -> x509.Name:
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
+    """A throwaway CA and a server certificate in the test's folder."""
+    return make_pki(tmp_path)
+
+
+def make_pki(tmp_path: Path) -> Pki:
+    """A throwaway CA and a server certificate for 127.0.0.1 (also usable as a client's)."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ from tests.consul_double import ConsulAgentDouble
 from tests.helpers import eventually
 from tests.integration.discovery_ops import Note, discovery_ops
 from tests.integration.http_shim import bearer, running_shim
+from tests.integration.test_auth_connections import Pki, make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -470,3 +472,42 @@ async def test_a_shim_on_every_interface_never_registers_a_loopback_address(
         check = consul.check_of(service_id)
         assert check is not None
         await eventually(lambda: check.status == "passing", "the check passing", 15, 0.05)
+
+
+def agent_tls(pki: Pki, *, client_certs: bool) -> ssl.SSLContext:
+    """The agent's HTTPS: the test CA's server certificate; maybe requiring a client's."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.cert, pki.key)
+    if client_certs:
+        context.load_verify_locations(pki.ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+@pytest.mark.parametrize("mode", ["verify off", "client certificate in one file"])
+async def test_consul_tls_settings_reach_an_https_agent(
+    settings: Settings, tmp_path: Path, uid: str, mode: str
+) -> None:
+    """docs/discovery.md: any of the tls settings switches to https. Before: `verify = false`
+    alone left the address's http (spoken to the agent's TLS port, never registered), and a
+    cert_file holding the key too (no key_file) was dropped without a word (the handshake
+    refused), both retried forever as 'consul unreachable'."""
+    pki = make_pki(tmp_path)
+    if mode == "verify off":
+        tls = {"verify": False}
+        context = agent_tls(pki, client_certs=False)
+    else:
+        both = tmp_path / "client.pem"
+        both.write_bytes(pki.cert.read_bytes() + pki.key.read_bytes())
+        tls = {"ca_file": pki.ca, "cert_file": both}
+        context = agent_tls(pki, client_certs=True)
+    with ConsulAgentDouble(tls=context) as double:
+        consul_tls = settings.consul.tls.model_copy(update=tls)
+        async with consul_worker(
+            settings, f"http://127.0.0.1:{double.port}", f"tls{uid}", tls=consul_tls
+        ) as w:
+            assert w.discovery is not None and w.discovery.registration is not None
+            registration = w.discovery.registration
+            await eventually(
+                lambda: registration.state is RegistrationState.REGISTERED, "registered", 10
+            )

@@ -34,7 +34,7 @@ from nats.micro.service import (
 )
 from nats.micro.service import EndpointStats as MicroEndpointStats
 
-from nexus_bus.bus.subjects import operation_subject, queue_group
+from nexus_bus.bus.subjects import is_inbox, operation_subject, queue_group
 from nexus_bus.constants import (
     CONSUL_META_QUEUE_GROUP,
     MICRO_META_ADDRESS,
@@ -152,9 +152,17 @@ class MicroService:
 class MicroResponder:
     """Answers `$SRV.PING|INFO|STATS` for the given services on a NATS connection."""
 
-    def __init__(self, nc: Client, services: Iterable[MicroService]) -> None:
+    def __init__(
+        self, nc: Client, services: Iterable[MicroService], *, inbox_prefix: str = "_INBOX"
+    ) -> None:
+        """Args:
+        nc: the worker's connection.
+        services: one per op group.
+        inbox_prefix: answers go only to subjects under it (`nats.inbox_prefix`).
+        """
         self._nc = nc
         self._services = list(services)
+        self._inbox_prefix = inbox_prefix
         self._subscriptions: list[Subscription] = []
 
     async def start(self) -> None:
@@ -174,7 +182,9 @@ class MicroResponder:
         self, service: MicroService, verb: ServiceVerb
     ) -> Callable[[Msg], Awaitable[None]]:
         async def answer(msg: Msg) -> None:
-            if not msg.reply:
+            # As for requests (docs/runtime.md): answering any reply subject would let anyone
+            # who may publish on $SRV make every worker publish onto a subject of their choice.
+            if not msg.reply or not is_inbox(msg.reply, self._inbox_prefix):
                 return
             match verb:
                 case ServiceVerb.PING:

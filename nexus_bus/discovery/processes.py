@@ -154,7 +154,9 @@ class WorkerDiscovery:
                 )
                 for g in self.groups
             ]
-            self._responder = MicroResponder(nc, services)
+            self._responder = MicroResponder(
+                nc, services, inbox_prefix=self.settings.nats.inbox_prefix
+            )
             await self._responder.start()
         consul = self.settings.consul
         if self._registry is not None:

@@ -181,3 +181,24 @@ async def test_services_waits_for_a_first_answer_that_takes_a_while(
     finally:
         await client.close()
     assert answers == [stats]
+
+
+async def test_srv_answers_only_on_an_inbox(micro_worker: Worker, nc: Client, uid: str) -> None:
+    """A $SRV request's reply subject is anyone's choice: answered as given, it made every
+    worker publish onto any subject, with the worker's permissions (docs/runtime.md: a worker
+    answers only on inbox-shaped subjects). Here onto a subject a stream captures, as the
+    job and event streams do: each worker's document was stored there."""
+    js = nc.jetstream()
+    stream = f"KEEP{uid}"
+    await js.add_stream(name=stream, subjects=[f"keep.{uid}"])
+    name = f"nexus-srv{uid}"
+    try:
+        for verb in ("PING", "INFO", "STATS"):
+            await nc.publish(f"$SRV.{verb}", b"", reply=f"keep.{uid}")
+            await nc.publish(f"$SRV.{verb}.{name}", b"", reply=f"keep.{uid}")
+        await nc.flush()
+        await asyncio.sleep(0.3)
+        assert (await js.stream_info(stream)).state.messages == 0
+        assert (await ask(nc, f"$SRV.PING.{name}"))["name"] == name  # an inbox is answered
+    finally:
+        await js.delete_stream(stream)

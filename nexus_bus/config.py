@@ -6,10 +6,12 @@ section. Nested fields use a double underscore: `NEXUS_NATS__URL`, `NEXUS_WORKER
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import tomllib
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -33,6 +35,7 @@ from nexus_bus import stackfile
 from nexus_bus.constants import CACHE_KEY_PREFIX
 from nexus_bus.errors import ConfigError as ConfigError  # re-exported: its home was here
 from nexus_bus.resilience.policy import ResilienceSettings
+from nexus_bus.setting_paths import unknown_env_names, unknown_keys
 
 
 def _check_port(url: str) -> None:
@@ -517,11 +520,15 @@ def load_settings(*, discover: bool = True, **overrides: object) -> Settings:
     Raises:
         ConfigError: listing every invalid or unknown setting.
     """
-    unknown = [name for name in os.environ if not _known_env_name(name)]
+    unknown = unknown_env_names(Settings, os.environ)
+    toml_path = os.environ.get("NEXUS_CONFIG")
+    if toml_path:  # a file that cannot be read or parsed is the TOML source's error, below
+        with contextlib.suppress(OSError, tomllib.TOMLDecodeError):
+            document = tomllib.loads(Path(toml_path).read_text())
+            unknown += [f"{k} (in {toml_path})" for k in unknown_keys(Settings, document)]
     if unknown:
         raise ConfigError(
-            "invalid configuration: "
-            + "; ".join(f"unknown setting {name}" for name in sorted(unknown))
+            "invalid configuration: " + "; ".join(f"unknown setting {n}" for n in unknown)
         )
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
@@ -537,45 +544,6 @@ def load_settings(*, discover: bool = True, **overrides: object) -> Settings:
         raise ConfigError(f"invalid configuration: {problems}") from exc
     except SettingsError as exc:  # a list or table setting whose value is not JSON
         raise ConfigError(f"invalid configuration: {exc} (expected JSON)") from exc
-
-
-def _known_env_name(name: str) -> bool:
-    """Whether `name`, if it is a nested setting's (`NEXUS_<SECTION>__...`), names one.
-
-    pydantic-settings ignores what matches no field, so a misspelt name silently left its
-    setting at the default. Names without `__` are left alone: `NEXUS_TOKEN`, `NEXUS_URL`,
-    `NEXUS_CONFIG` and compose's own are not settings.
-    """
-    upper = name.upper()
-    if not upper.startswith("NEXUS_") or "__" not in upper:
-        return True
-    below: _Below = (Settings, False)
-    for part in upper.removeprefix("NEXUS_").lower().split("__"):
-        model, table = below
-        if table:  # an entry of a table (ai.backends.<name>): any name
-            below = (model, False)
-            continue
-        if model is None:
-            return False  # below a setting that has no parts
-        field = model.model_fields.get(part)
-        if field is None:
-            return False
-        below = _below(field.annotation)
-    return True
-
-
-# What is below a field: the model of its parts (None: it has none), and whether a table's
-# entries, each of that model, come first.
-_Below = tuple[type[BaseModel] | None, bool]
-
-
-def _below(annotation: Any) -> _Below:
-    if get_origin(annotation) is dict:
-        return _below(get_args(annotation)[1])[0], True
-    for candidate in (annotation, *get_args(annotation)):  # `Model | None` too
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate, False
-    return None, False
 
 
 def _stack_values(settings: Settings) -> dict[str, Any]:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from nexus_bus.bus.replies import error_of, error_reply, status_of
@@ -170,3 +172,22 @@ def test_every_url_the_clients_take_is_accepted(
 ) -> None:
     monkeypatch.setenv(name, value)
     load_settings(discover=False)
+
+
+def test_a_misspelt_key_in_the_toml_file_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Before: a section ignored a key it did not have, so Consul stayed off, as with a
+    misspelt variable; a misspelt top-level key was refused already."""
+    path = tmp_path / "nexus.toml"
+    path.write_text(
+        '[consul]\nenabeld = true\n[ai.backends.ollama]\nbase_url = "http://h/v1"\n'
+        'models = ["m"]\nmodel = "m"\n[resilience.ops.data]\nattempts = 2\n'
+    )
+    monkeypatch.setenv("NEXUS_CONFIG", str(path))
+    with pytest.raises(ConfigError) as info:
+        load_settings(discover=False)
+    said = str(info.value)
+    assert f"unknown setting consul.enabeld (in {path})" in said
+    assert f"unknown setting ai.backends.ollama.model (in {path})" in said
+    assert "resilience" not in said

@@ -264,8 +264,12 @@ class RedisClusterProcesses:
         Raises:
             Unavailable: a node did not start or the cluster did not reach `cluster_state:ok`.
         """
-        for node in self.nodes:
-            node.start()
+        try:
+            for node in self.nodes:
+                node.start()
+        except Unavailable:
+            self.kill()  # the nodes already started: nobody else knows of them
+            raise
         cli = find_redis_cli()
         addresses = [f"{node.host}:{node.port}" for node in self.nodes]
         created = subprocess.run(  # argv is ours: nothing from outside
@@ -310,15 +314,22 @@ class RedisClusterProcesses:
             node.kill()
 
 
-def _cluster_port() -> int:
-    # Each node also listens on its port + 10000 (the cluster bus), so ports above 55535
-    # are refused; the kernel's ephemeral range usually starts higher.
+def _cluster_port(taken: set[int]) -> int:
+    """A free port whose cluster bus port (+ 10000) is free too, neither of them in `taken`
+    (the ports of the cluster's other nodes, none started yet), which it joins."""
+    # Ports above 55535 are refused; the kernel's ephemeral range usually starts higher.
+    def usable(port: int) -> bool:
+        pair = {port, port + 10000}
+        return port <= 55535 and not pair & taken and port_is_free(port + 10000)
+
     for _ in range(200):
         port = free_port()
-        if port <= 55535 and port_is_free(port + 10000):
+        if usable(port):
+            taken.update((port, port + 10000))
             return port
     for port in range(20000, 55535):
-        if port_is_free(port) and port_is_free(port + 10000):
+        if port_is_free(port) and usable(port):
+            taken.update((port, port + 10000))
             return port
     raise Unavailable("no free port pair for a redis cluster node")
 
@@ -326,11 +337,14 @@ def _cluster_port() -> int:
 def redis_cluster(data_dir: Path, masters: int = 3, replicas: int = 0) -> RedisClusterProcesses:
     """`masters` cluster-enabled redis-servers, each with `replicas` replicas, under
     `data_dir` (call `.start()`)."""
+    # One node's bus port is another's client port unless the pairs are chosen apart: both
+    # were free when chosen, and the first to start took the port from the other.
+    taken: set[int] = set()
     return RedisClusterProcesses(
         [
             redis_server(
                 Path(data_dir) / f"node{i}",
-                _cluster_port(),
+                _cluster_port(taken),
                 extra_args=[
                     "--cluster-enabled", "yes",
                     "--cluster-config-file", "nodes.conf",

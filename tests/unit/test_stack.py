@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from nexus_bus import embedded
 from nexus_bus.stack import (
     LOCK_FILE,
     claim_state_dir,
@@ -70,3 +73,19 @@ def test_leftovers_are_stopped_and_a_reused_pid_is_not(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(5)
         stuck.stdout.close()
+
+
+def test_a_redis_clusters_nodes_get_port_pairs_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each node listens on its port and its port + 10000 (the cluster bus). Chosen while
+    both were free, one node's bus port was another's client port, and the node that started
+    second failed with "Address already in use" (a make test run, 2026-12-07)."""
+    offered = iter([30000, 40000, 30000, 20000, 30001, 31000])  # what the kernel hands out
+    monkeypatch.setattr(embedded, "free_port", lambda host="127.0.0.1": next(offered))
+    monkeypatch.setattr(embedded, "port_is_free", lambda port, host="127.0.0.1": True)
+    nodes = embedded.redis_cluster(tmp_path, masters=3).nodes
+    ports = [node.port for node in nodes]
+    assert ports == [30000, 30001, 31000]
+    listening = [p for port in ports for p in (port, port + 10000)]
+    assert len(set(listening)) == len(listening)

@@ -117,6 +117,14 @@ class Registration:
                 self._enter(RegistrationState.UNREACHABLE, exc.detail)
                 attempt += 1
                 await asyncio.sleep(self._backoff.compute(attempt, self._rng))
+            except Exception as exc:  # this loop must outlive any failure
+                # One the adapter does not map (a library's bug, an agent that is not Consul):
+                # ending here would leave the process unregistered for good, without a word.
+                logger.opt(exception=exc).error("consul registration failed unexpectedly")
+                registered = False
+                self._enter(RegistrationState.UNREACHABLE, type(exc).__name__)
+                attempt += 1
+                await asyncio.sleep(self._backoff.compute(attempt, self._rng))
 
     async def _beat(self) -> None:
         """Pass (or fail, with the reason) every TTL check of this process; make sure the

@@ -30,6 +30,7 @@ import pytest
 
 from nexus_bus import RequestContext, Settings, Worker
 from nexus_bus.discovery import RegistrationState
+from nexus_bus.discovery.registry import ConsulRegistry
 from nexus_bus.embedded import ServerProcess, free_port
 from nexus_bus.observability import logger
 from nexus_bus.specs.base import package_version
@@ -511,3 +512,38 @@ async def test_consul_tls_settings_reach_an_https_agent(
             await eventually(
                 lambda: registration.state is RegistrationState.REGISTERED, "registered", 10
             )
+
+
+async def test_an_unexpected_failure_does_not_end_the_registration_loop(
+    settings: Settings, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure the adapter does not map (a library's bug, an agent that is not Consul)
+    ended the background loop without a word: the process never registered. Now it is
+    logged with its traceback and retried."""
+    register = ConsulRegistry.register
+    failures = iter([RuntimeError("a library's bug")])
+
+    async def once_broken(self: ConsulRegistry, registration: Any) -> None:
+        if (failure := next(failures, None)) is not None:
+            raise failure
+        await register(self, registration)
+
+    monkeypatch.setattr(ConsulRegistry, "register", once_broken)
+    errors: list[str] = []
+    sink_id = logger.add(lambda m: errors.append(str(m)), level="ERROR")
+    port = free_port()
+    try:
+        with ConsulAgentDouble(port) as double:
+            consul = {"retry_base_s": 0.05, "retry_max_s": 0.1}
+            async with consul_worker(
+                settings, f"http://127.0.0.1:{port}", f"odd{uid}", **consul
+            ) as w:
+                assert w.discovery is not None and w.discovery.registration is not None
+                registration = w.discovery.registration
+                await eventually(
+                    lambda: registration.state is RegistrationState.REGISTERED, "registered", 5
+                )
+                assert len(double.service_ids()) == 1
+    finally:
+        logger.remove(sink_id)
+    assert any("failed unexpectedly" in e and "a library's bug" in e for e in errors), errors

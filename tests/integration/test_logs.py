@@ -38,6 +38,21 @@ def lines_of(sink: io.StringIO, op: str) -> list[dict[str, Any]]:
     return [d for d in map(json.loads, sink.getvalue().splitlines()) if d.get("op") == op]
 
 
+async def logged_boom(
+    gateway: Gateway, settings: Settings, ops: Operations, uid: str, **request: Any
+) -> io.StringIO:
+    """The JSON lines of one call of `ops`'s `boom` action, which raises (a 500), served by
+    a worker of its own; the request id is `r<uid>`."""
+    worker = Worker(settings, [ops])
+    await worker.start()
+    try:
+        with json_log() as sink, pytest.raises(InternalError):
+            await gateway.request(ops.op, "boom", {}, request_id=f"r{uid}", **request)
+    finally:
+        await worker.drain(1)
+    return sink
+
+
 async def test_a_handler_exception_is_logged_with_its_traceback_and_ids(
     gateway: Gateway, settings: Settings, uid: str
 ) -> None:
@@ -48,16 +63,8 @@ async def test_a_handler_exception_is_logged_with_its_traceback_and_ids(
         raise RuntimeError(f"broken {uid}")
 
     trace_id = uid.ljust(32, "a")
-    worker = Worker(settings, [ops])
-    await worker.start()
-    try:
-        with json_log() as sink, pytest.raises(InternalError):
-            await gateway.request(
-                ops.op, "boom", {}, request_id=f"r{uid}",
-                traceparent=f"00-{trace_id}-{'b' * 16}-01",
-            )
-    finally:
-        await worker.drain(1)
+    traceparent = f"00-{trace_id}-{'b' * 16}-01"
+    sink = await logged_boom(gateway, settings, ops, uid, traceparent=traceparent)
     [line] = [d for d in lines_of(sink, ops.op) if d["level"] == "ERROR"]
     assert line["trace_id"] == trace_id and line["correlation_id"] == f"r{uid}"
     assert line["exception"] == f"RuntimeError: broken {uid}"
@@ -118,13 +125,7 @@ async def test_a_handler_exception_with_a_huge_message_is_logged_in_one_bounded_
     async def boom(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
         raise RuntimeError(f"broken {uid} " + "x" * 3_000_000 + " end")
 
-    worker = Worker(settings, [ops])
-    await worker.start()
-    try:
-        with json_log() as sink, pytest.raises(InternalError):
-            await gateway.request(ops.op, "boom", {}, request_id=f"r{uid}")
-    finally:
-        await worker.drain(1)
+    sink = await logged_boom(gateway, settings, ops, uid)
     assert max(map(len, sink.getvalue().splitlines())) < LOKI_MAX_LINE
     [line] = [d for d in lines_of(sink, ops.op) if d["level"] == "ERROR"]
     assert line["correlation_id"] == f"r{uid}"
@@ -151,13 +152,7 @@ async def test_chained_exceptions_of_escaped_characters_still_fit_one_line(
         except ValueError as exc:
             raise RuntimeError(text) from exc
 
-    worker = Worker(settings, [ops])
-    await worker.start()
-    try:
-        with json_log() as sink, pytest.raises(InternalError):
-            await gateway.request(ops.op, "boom", {}, request_id=f"r{uid}")
-    finally:
-        await worker.drain(1)
+    sink = await logged_boom(gateway, settings, ops, uid)
     assert max(len(line.encode()) for line in sink.getvalue().splitlines()) < LOKI_MAX_LINE
     [line] = [d for d in lines_of(sink, ops.op) if d["level"] == "ERROR"]
     assert line["correlation_id"] == f"r{uid}" and "in boom" in line["traceback"]

@@ -12,10 +12,12 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
 import pytest
+from nats.aio.client import Client
 
 from nexus_bus import (
     Gateway,
@@ -378,8 +380,11 @@ async def test_the_drain_grace_bounds_the_whole_drain(
         await nc.close()
 
 
-def test_sigterm_drains_a_worker_process(nats_url: str, redis_url: str, tmp_path: Path) -> None:
-    """`nexus-bus worker` on SIGTERM: in-flight requests answered, then exit 0."""
+def slowpoke_worker(
+    nats_url: str, redis_url: str, cwd: Path, **popen: Any
+) -> subprocess.Popen[str]:
+    """`nexus-bus worker --app tests.integration.runtime_ops:ops` as a process of its own;
+    `NEXUS_*` in `popen["env"]` add to its environment."""
     settings = make_settings(nats_url, redis_url)
     env = {
         **os.environ,
@@ -388,22 +393,32 @@ def test_sigterm_drains_a_worker_process(nats_url: str, redis_url: str, tmp_path
         "NEXUS_AUTH__KEYS_DIR": str(settings.auth.keys_dir),
         "NEXUS_LOG__LEVEL": "WARNING",
         "PYTHONPATH": str(ROOT),
+        **popen.pop("env", {}),
     }
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "nexus_bus", "worker", "--app", "tests.integration.runtime_ops:ops"],
-        env=env,
-        cwd=tmp_path,
-    )
+        env=env, cwd=cwd, text=True, **popen,
+    )  # fmt: skip
+
+
+async def slowpoke_subscribed(nc: Client) -> None:
+    """Until the worker process answers (it subscribed)."""
+    for _ in range(100):
+        try:
+            await nc.request("nexus.slowpoke.nap", b'{"seconds": 0}', timeout=0.5)
+            return
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            await asyncio.sleep(0.1)
+
+
+def test_sigterm_drains_a_worker_process(nats_url: str, redis_url: str, tmp_path: Path) -> None:
+    """`nexus-bus worker` on SIGTERM: in-flight requests answered, then exit 0."""
+    proc = slowpoke_worker(nats_url, redis_url, tmp_path)
 
     async def scenario() -> list[dict[str, object]]:
         nc = await nats.connect(nats_url)
         try:
-            for _ in range(100):  # wait until the worker subscribed
-                try:
-                    await nc.request("nexus.slowpoke.nap", b'{"seconds": 0}', timeout=0.5)
-                    break
-                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                    await asyncio.sleep(0.1)
+            await slowpoke_subscribed(nc)
             calls = [
                 asyncio.create_task(
                     nc.request(
@@ -436,30 +451,15 @@ def test_a_handler_ignoring_its_cancellation_does_not_hold_the_drain(
     the worker (the drain awaited the cancelled handler, then asyncio.run did, forever), so
     only a SIGKILL did. Now the drain goes on without it, the worker serves the others until
     then, and exits 1 after the grace plus a second, saying which op held it."""
-    settings = make_settings(nats_url, redis_url)
-    env = {
-        **os.environ,
-        "NEXUS_NATS__URL": nats_url,
-        "NEXUS_REDIS__URL": redis_url,
-        "NEXUS_AUTH__KEYS_DIR": str(settings.auth.keys_dir),
-        "NEXUS_LOG__LEVEL": "WARNING",
-        "NEXUS_WORKER__DRAIN_GRACE_S": "0.5",
-        "PYTHONPATH": str(ROOT),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nexus_bus", "worker", "--app", "tests.integration.runtime_ops:ops"],
-        env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+    proc = slowpoke_worker(
+        nats_url, redis_url, tmp_path,
+        env={"NEXUS_WORKER__DRAIN_GRACE_S": "0.5"}, stderr=subprocess.PIPE,
     )  # fmt: skip
 
     async def scenario() -> None:
         nc = await nats.connect(nats_url)
         try:
-            for _ in range(100):  # wait until the worker subscribed
-                try:
-                    await nc.request("nexus.slowpoke.nap", b'{"seconds": 0}', timeout=0.5)
-                    break
-                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                    await asyncio.sleep(0.1)
+            await slowpoke_subscribed(nc)
             await nc.publish("nexus.slowpoke.stubborn", b'{"seconds": 60}', reply=nc.new_inbox())
             await asyncio.sleep(0.3)
             canary = await nc.request("nexus.slowpoke.nap", b'{"tag": "canary", "seconds": 0}')

@@ -44,24 +44,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final, Protocol
 
-import nats.js.errors as jserr
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from nexus_bus.config import JetStreamSettings
-from nexus_bus.constants import AUTH_REVOKED_KEY
+from nexus_bus.constants import AUTH_REVOKED_BUCKET, AUTH_REVOKED_KEY
 from nexus_bus.errors import InvalidRequest, NexusError, Unavailable
 from nexus_bus.jetstream import ensure_revocations_bucket
 from nexus_bus.observability import logger
 from nexus_bus.redis_client import RedisClient
 from nexus_bus.redis_errors import REDIS_FAILURES, map_redis_error
-from nexus_bus.store import translate_nats_errors
+from nexus_bus.store import KeyValueRecordStore, translate_nats_errors
 
 # Ids used as keys as they are: what `new_jti` makes (32 hex digits) and any other id made of
 # characters that are one KV key token. Matched with fullmatch().
@@ -269,11 +269,11 @@ class RevocationStoreWithCache:
         try:
             async with asyncio.timeout(SEED_TIMEOUT_S), self._failing_closed():
                 kv = await self._bucket()
-                async with translate_nats_errors("list revocations"):
-                    try:
-                        keys = await kv.keys()
-                    except jserr.NoKeysError:  # an empty bucket
-                        keys = []
+                # Not nats-py's `kv.keys()`: it can end before the last entries arrive (it
+                # trusts a pending count taken after subscribing), and a record missing here
+                # would be missing from Redis under the marker: a revoked token valid again.
+                records = KeyValueRecordStore(kv, self._js, bucket=AUTH_REVOKED_BUCKET)
+                keys = await records.keys("", limit=sys.maxsize)
         except TimeoutError:
             detail = f"re-seed: JetStream did not list the revocations within {SEED_TIMEOUT_S} s"
             raise Unavailable(f"{_WHAT} cannot answer ({detail})") from None

@@ -247,12 +247,14 @@ class KeyValueRecordStore:
     async def keys(self, prefix: str = "", limit: int = 100) -> list[str]:
         """Live keys starting with `prefix`, in lexical order.
 
-        A prefix ending at a token boundary (`.`) is filtered by the server; any other
-        prefix is filtered here. An ordered consumer delivers each key's last entry (headers
-        only), tombstones included, and the snapshot ends at the entry nothing is pending
-        after. When the consumer reports nothing pending at the start, the server may
-        already have sent every entry (still on their way), so the stream is asked whether
-        it holds any before the listing is called empty.
+        The server filters by the prefix's whole tokens (`users.4` by `users.>`, all of
+        `users.` by `users.>`), and the part of a token after them is filtered here: a
+        listing reads the entries under those tokens, not the whole bucket. An ordered
+        consumer delivers each key's last entry (headers only), tombstones included, and the
+        snapshot ends at the entry nothing is pending after. When the consumer reports
+        nothing pending at the start, the server may already have sent every entry (still on
+        their way), so the stream is asked whether it holds any before the listing is called
+        empty.
 
         The consumer is deleted when the listing ends: left to its inactivity threshold,
         every listing would hold one on the server for that long, and a client listing a
@@ -265,7 +267,7 @@ class KeyValueRecordStore:
         """
         if not _KEY_PREFIX.fullmatch(prefix):
             return []
-        pattern = f"{prefix}>" if prefix.endswith(".") else ">"
+        pattern = f"{prefix[: prefix.rfind('.') + 1]}>"  # its whole tokens, then any
         async with translate_nats_errors("list keys", input_errors=(INVALID_SUBJECT,)):
             sub = await self._js.subscribe(
                 self._prefix + pattern,

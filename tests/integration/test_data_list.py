@@ -5,6 +5,7 @@ pending count only after subscribing, and the server may have sent them all by t
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import nats
@@ -35,13 +36,39 @@ async def test_listing_a_large_bucket_never_comes_back_short(local_nats: ServerP
         await kv.put("t.x.gone", b"3")
         await kv.delete("t.x.gone")
         for _ in range(25):  # the race lost before the fix in about one listing in fifteen
-            assert await store.keys("t.x.a", 5) == ["t.x.a"]  # the whole bucket, filtered here
+            assert await store.keys("t.x.a", 5) == ["t.x.a"]  # `t.x.>`, then filtered here
             assert await store.keys("t.x.", 5) == ["t.x.a", "t.x.b"]  # filtered by the server
+            assert await store.keys("t", 5) == ["t.x.a", "t.x.b"]  # the whole bucket
         assert await store.keys("nothing.", 5) == []  # an empty snapshot still ends
         assert await store.keys("t.x.gone", 5) == []  # only a tombstone under the prefix
         assert len(await store.keys("k1.", 1000)) == len(
             [i for i in range(2400) if i % 37 == 1 and i % 3]
         )
+    finally:
+        await nc.close()
+
+
+async def test_the_server_filters_a_listing_by_the_prefix_s_whole_tokens(nats_url: str) -> None:
+    """A prefix that ends inside a token (`users.4`) read the whole bucket, every key's last
+    entry, and filtered here: on a bucket of 120,000 keys such a listing took 5.5 s and ran
+    into the 5 s default timeout (504). Its whole tokens (`users.`) are a subject filter the
+    server applies; this watches the JetStream API for the listings' consumers."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        kv = await ensure_data_bucket(js, make_settings(nats_url).jetstream)
+        await kv.put("lf.users.41", b"1")
+        await kv.put("lf.users.5", b"1")
+        creates = await nc.subscribe("$JS.API.CONSUMER.>")
+        store = KeyValueRecordStore(kv, js)
+        assert await store.keys("lf.users.4", 5) == ["lf.users.41"]
+        assert await store.keys("lf.us", 5) == ["lf.users.41", "lf.users.5"]
+        filters = []
+        while len(filters) < 2:
+            msg = await creates.next_msg(timeout=5)
+            if msg.subject.startswith(f"$JS.API.CONSUMER.CREATE.{KV_STREAM_PREFIX}{DATA_BUCKET}"):
+                filters.append(json.loads(msg.data)["config"]["filter_subject"])
+        assert filters == [f"$KV.{DATA_BUCKET}.lf.users.>", f"$KV.{DATA_BUCKET}.lf.>"]
     finally:
         await nc.close()
 

@@ -17,7 +17,7 @@ import nats.errors
 import nats.js.errors as jserr
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 from nexus_bus.bus.metadata import check_publish_size
@@ -40,6 +40,12 @@ _KEY: Final = re.compile(KEY_PATTERN)
 _DELETE_OPERATIONS: Final = frozenset({"DEL", "PURGE"})
 # A listing's consumer is deleted when it ends; this bounds it only when that delete is lost.
 _LIST_INACTIVE_S: Final = 5.0
+# nats-server names at most this many subjects in one stream info answer (JSMaxSubjectDetails).
+_MAX_SUBJECT_DETAILS: Final = 100_000
+# Subjects per listing consumer read by name, and the fewest read at once.
+_MAX_FILTERS: Final = 256
+_MIN_BATCH: Final = 16
+_MAX_FILTER_BYTES: Final = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,14 +253,16 @@ class KeyValueRecordStore:
     async def keys(self, prefix: str = "", limit: int = 100) -> list[str]:
         """Live keys starting with `prefix`, in lexical order.
 
-        The server filters by the prefix's whole tokens (`users.4` by `users.>`, all of
-        `users.` by `users.>`), and the part of a token after them is filtered here: a
-        listing reads the entries under those tokens, not the whole bucket. An ordered
-        consumer delivers each key's last entry (headers only), tombstones included, and the
-        snapshot ends at the entry nothing is pending after. When the consumer reports
-        nothing pending at the start, the server may already have sent every entry (still on
-        their way), so the stream is asked whether it holds any before the listing is called
-        empty.
+        The stream names the subjects under the prefix's whole tokens (`users.4` under
+        `users.>`), live keys and tombstones alike; those starting with the prefix are the
+        candidates. When there are many more of those subjects than `limit`, the first
+        candidates are read by subject, in batches, until `limit` of them are live: a listing
+        of 100 keys costs about 100 reads, not one per key in the bucket. Otherwise (or past
+        the 100,000 subjects the server names at once) every entry under the tokens is read.
+        Either way an ordered consumer delivers each key's last entry (headers only),
+        tombstones included, and the snapshot ends at the entry nothing is pending after.
+        When the consumer reports nothing pending at the start, the server may already have
+        sent every entry (still on their way): it is empty only if it delivered nothing.
 
         The consumer is deleted when the listing ends: left to its inactivity threshold,
         every listing would hold one on the server for that long, and a client listing a
@@ -269,35 +277,75 @@ class KeyValueRecordStore:
             return []
         pattern = f"{prefix[: prefix.rfind('.') + 1]}>"  # its whole tokens, then any
         async with translate_nats_errors("list keys", input_errors=(INVALID_SUBJECT,)):
-            sub = await self._js.subscribe(
-                self._prefix + pattern,
-                stream=self._stream,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                headers_only=True,
-                inactive_threshold=_LIST_INACTIVE_S,  # only if the delete below is lost
-            )
-            consumer: str | None = None
-            try:
-                info = await sub.consumer_info()
-                consumer = info.name
-                empty = not info.num_pending and not sub.pending_msgs
-                found = await self._snapshot(sub, prefix, pattern, maybe_empty=empty)
-            finally:
-                await self._remove(sub, consumer)
-        return sorted(found)[:limit]
+            subjects = await self._subjects(pattern)
+            if subjects is None:  # more than the server names at once: read them all
+                return sorted(await self._read([self._prefix + pattern], prefix))[:limit]
+            start = len(self._prefix)
+            candidates = sorted(k for s in subjects if (k := s[start:]).startswith(prefix))
+            if not candidates:
+                return []
+            if 2 * min(limit, len(candidates)) >= len(subjects):
+                # Reading every entry under the tokens costs about what checking the first
+                # `limit` candidates one by one would.
+                return sorted(await self._read([self._prefix + pattern], prefix))[:limit]
+            return await self._first_live(candidates, limit)
 
-    async def _snapshot(
-        self, sub: JetStreamContext.PushSubscription, prefix: str, pattern: str, *,
-        maybe_empty: bool,
-    ) -> list[str]:
-        """The live keys starting with `prefix` among the entries `sub` delivers.
+    async def _subjects(self, pattern: str) -> list[str] | None:
+        """The subjects holding an entry (live or tombstone) for a key `pattern`, as the
+        stream names them; None when there are more than one answer of the server names."""
+        info = await self._js.stream_info(self._stream, subjects_filter=self._prefix + pattern)
+        subjects = info.state.subjects or {}
+        return None if len(subjects) >= _MAX_SUBJECT_DETAILS else list(subjects)
 
-        Args:
-            maybe_empty: the consumer had nothing pending and nothing has arrived yet.
-        """
-        if maybe_empty and not await self._holds(pattern):
-            return []
+    async def _first_live(self, candidates: list[str], limit: int) -> list[str]:
+        """The first `limit` live keys of `candidates` (sorted keys that hold an entry), read
+        in batches by their subjects: a batch the size of what is still missing, more when
+        tombstones take its place."""
+        found: list[str] = []
+        at = 0
+        while len(found) < limit and at < len(candidates):
+            size = min(_MAX_FILTERS, max(limit - len(found), _MIN_BATCH))
+            batch: list[str] = []
+            room = _MAX_FILTER_BYTES  # the consumer's request must fit the server's max_payload
+            for key in candidates[at : at + size]:
+                room -= len(self._prefix) + len(key) + 3  # quoted, and a comma
+                if batch and room < 0:
+                    break
+                batch.append(key)
+            at += len(batch)
+            live = set(await self._read([self._prefix + key for key in batch], ""))
+            found.extend(key for key in batch if key in live)
+        return found[:limit]
+
+    async def _read(self, filters: list[str], prefix: str) -> list[str]:
+        """The live keys starting with `prefix` among the last entries of `filters`
+        (subjects or a wildcard), read with an ordered consumer that is deleted after."""
+        config = ConsumerConfig(filter_subjects=filters) if len(filters) > 1 else None
+        sub = await self._js.subscribe(
+            filters[0],
+            stream=self._stream,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            headers_only=True,
+            inactive_threshold=_LIST_INACTIVE_S,  # only if the delete below is lost
+            config=config,
+        )
+        consumer: str | None = None
+        try:
+            info = await sub.consumer_info()
+            consumer = info.name
+            # Nothing pending may mean that the server has sent every entry already (still
+            # on their way here), or that there is none: then it has delivered nothing.
+            delivered = info.delivered.consumer_seq if info.delivered else 0
+            if not info.num_pending and not delivered and not sub.pending_msgs:
+                return []
+            return await self._snapshot(sub, prefix)
+        finally:
+            await self._remove(sub, consumer)
+
+    async def _snapshot(self, sub: JetStreamContext.PushSubscription, prefix: str) -> list[str]:
+        """The live keys starting with `prefix` among the entries `sub` delivers, up to the
+        one nothing is pending after."""
         found: list[str] = []
         start = len(self._prefix)
         while True:
@@ -316,10 +364,3 @@ class KeyValueRecordStore:
             await sub.unsubscribe()
             if consumer is not None:
                 await self._js.delete_consumer(self._stream, consumer)
-
-    async def _holds(self, pattern: str) -> bool:
-        """Whether the bucket holds any entry (live or tombstone) for a key `pattern`."""
-        status = await self._kv.status()
-        stream = status.stream_info.config.name or f"KV_{status.bucket}"  # always set by the server
-        info = await self._js.stream_info(stream, subjects_filter=f"$KV.{status.bucket}.{pattern}")
-        return bool(info.state.subjects)

@@ -26,7 +26,13 @@ from typing import Final, Protocol
 
 from nexus_bus.bus.replies import Reply
 from nexus_bus.constants import H_DEADLINE, H_IDEMPOTENCY_KEY, H_SERVICE_ERROR, H_TIMEOUT_MS
-from nexus_bus.errors import CircuitOpen, NexusError, Unavailable, UnknownOperation
+from nexus_bus.errors import (
+    CircuitOpen,
+    NexusError,
+    Unavailable,
+    UnknownOperation,
+    UpstreamTimeout,
+)
 from nexus_bus.observability import METRICS
 from nexus_bus.resilience.backoff import ExponentialBackoff, Jitter
 from nexus_bus.resilience.breaker import BreakerState, CircuitBreaker
@@ -43,6 +49,8 @@ Clock = Callable[[], float]
 MAX_GUARDED_OPS: Final = 1024
 _UNAVAILABLE: Final = Unavailable.code
 _UNKNOWN_OPERATION: Final = UnknownOperation.code
+_TIMEOUT: Final = UpstreamTimeout.code
+_BUDGET_SLACK_S: Final = 0.001  # budgets are whole milliseconds on the wire
 
 
 class Fallback(Protocol):
@@ -115,6 +123,10 @@ class Guard:
         clock: monotonic seconds (breakers, budgets, deadlines).
         rng: the randomness of backoff jitter.
         sleep: how to wait between attempts.
+        default_budget_s: the budget a call gets when its caller names none. An attempt
+            given less (and less than the op's `timeout_ms` and `attempt_timeout_ms`) that
+            times out was hurried by its caller: no outcome for the breaker (`hurried`).
+            0: every timeout counts.
     """
 
     def __init__(
@@ -124,8 +136,10 @@ class Guard:
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        default_budget_s: float = 0.0,
     ) -> None:
         self.policies = policies
+        self._default_budget_s = default_budget_s
         self._clock = clock
         self._rng = rng or random.Random()
         self._sleep = sleep
@@ -305,9 +319,12 @@ class Guard:
         # The common case, inline: a closed breaker lets the first attempt through (what
         # `allow()` would say), and a success only clears its failure count.
         per_try = policy.attempt_timeout_s
+        if not 0 < per_try < timeout_s:
+            per_try = timeout_s
         try:
-            reply = await send(per_try if 0 < per_try < timeout_s else timeout_s)
+            reply = await send(per_try)
         except NexusError as exc:
+            self._mark_hurried(exc, policy, per_try)
             first: Outcome = (None, exc, exc.code)
         else:
             if reply.status < 500 and guard is not None and budget is not None:  # kept
@@ -389,8 +406,24 @@ class Guard:
         try:
             reply = await send(per_try)
         except NexusError as exc:
+            self._mark_hurried(exc, policy, per_try)
             return None, exc, exc.code
         return reply, None, error_code_of(reply) if reply.status >= 500 else ""
+
+    def _mark_hurried(self, failure: NexusError, policy: OperationPolicy, given_s: float) -> None:
+        """Mark a timeout of an attempt given less time than a call gets by default.
+
+        The caller chose that budget (an HTTP client's `Nexus-Timeout-Ms: 1`, say), and the
+        op's workers could not have answered within it however healthy: counted, any one
+        caller could open the op's breaker for every caller on every replica.
+        """
+        if failure.code != _TIMEOUT:
+            return
+        expected = min(self._default_budget_s, policy.timeout_s)
+        if policy.attempt_timeout_s:
+            expected = min(expected, policy.attempt_timeout_s)
+        if given_s < expected - _BUDGET_SLACK_S:
+            failure.hurried = True
 
     def _retry_delay(
         self,
@@ -449,7 +482,9 @@ class Guard:
         Some failures are no outcome at all: a request the gateway refused before
         publishing it (`unsent`: over a size limit, say), `unknown_operation` from the
         gateway (nobody answered and nobody declared the name), and a request that reached a
-        worker lacking an action another worker declares (`misrouted`: a rolling upgrade).
+        worker lacking an action another worker declares (`misrouted`: a rolling upgrade),
+        and a timeout of an attempt its caller gave less time than a call gets by default
+        (`hurried`: a probe so hurried gives its slot back, the next call probes).
         None says the op's workers are up, so none may close a half-open breaker (and delete
         the shared entry for every replica), and none says they are down.
 
@@ -460,7 +495,7 @@ class Guard:
         """
         if failure is None or not code:
             return code
-        if failure.unsent or failure.misrouted or code == _UNKNOWN_OPERATION:
+        if failure.unsent or failure.misrouted or failure.hurried or code == _UNKNOWN_OPERATION:
             return None
         if code == _UNAVAILABLE or not self.transport_up():
             return None if breaker.state is BreakerState.CLOSED else code

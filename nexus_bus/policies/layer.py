@@ -71,7 +71,10 @@ def create_policy_layer(
     config = settings.resilience
     if not config.enabled:
         return None
-    guard = Guard(PolicyTable.from_settings(config))
+    # What a call gets when its caller names no budget (an HTTP client's is capped at
+    # http.max_timeout_ms): a timeout within less was the caller's haste (guard.py).
+    default_ms = min(settings.client.default_timeout_ms, settings.http.max_timeout_ms)
+    guard = Guard(PolicyTable.from_settings(config), default_budget_s=default_ms / 1000)
     sync = None
     if redis is not None:
         if config.shared_breakers:

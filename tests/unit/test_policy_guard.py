@@ -218,6 +218,30 @@ async def test_a_probe_refused_before_sending_is_no_outcome_and_gives_its_slot_b
     assert len(back.calls) == 1 and guard.state("orders") is BreakerState.CLOSED
 
 
+async def test_timeouts_of_budgets_shorter_than_the_default_are_no_outcome() -> None:
+    """A caller's own short budget says nothing about the op: not a failure, and a probe so
+    hurried gives its slot back; timeouts of attempts given the default budget count."""
+    clock = FakeTime()
+    table = PolicyTable(ResilienceSettings(defaults={  # type: ignore[arg-type]
+        "attempts": 1, "breaker_failures": 2, "breaker_reset_ms": 1000}))
+    guard = Guard(table, clock=clock, rng=random.Random(1), sleep=clock.sleep,
+                  default_budget_s=5.0)
+    for _ in range(5):
+        with pytest.raises(UpstreamTimeout):
+            await guard.call("orders", "create", b"{}", {}, 0.001, Script(UpstreamTimeout()))
+    assert guard.state("orders") is BreakerState.CLOSED
+    for _ in range(2):
+        with pytest.raises(UpstreamTimeout):
+            await guard.call("orders", "create", b"{}", {}, 5.0, Script(UpstreamTimeout()))
+    assert guard.state("orders") is BreakerState.OPEN
+    clock.now += 1.0  # the reset delay has passed: the next call is the probe
+    with pytest.raises(UpstreamTimeout):
+        await guard.call("orders", "create", b"{}", {}, 0.001, Script(UpstreamTimeout()))
+    assert guard.state("orders") is BreakerState.HALF_OPEN
+    assert await guard.call("orders", "create", b"{}", {}, 5.0, Script(OK)) is OK  # probes
+    assert guard.state("orders") is BreakerState.CLOSED
+
+
 async def test_a_request_refused_before_sending_does_not_reset_the_failure_count() -> None:
     guard, _ = make(attempts=1, breaker_failures=3)
     for send in (NoResponders(), NoResponders(), unsent(HeadersTooLarge()), NoResponders()):

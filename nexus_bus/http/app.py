@@ -54,6 +54,7 @@ from nexus_bus.observability import bind_request, logger, release
 from nexus_bus.observability.access import access_log_enabled, log_http_access
 from nexus_bus.observability.tracing import TRACING
 from nexus_bus.operations import Operations
+from nexus_bus.policies.admission import create_admission
 from nexus_bus.redis_client import RedisClient, create_redis
 from nexus_bus.registry import OpsRegistry
 
@@ -245,7 +246,8 @@ class ShimApp:
         except BaseException:
             await self.shutdown()  # the server runs no shutdown after a failed startup
             raise
-        self._jobs = JobRoutes(nc, settings, self._authz)
+        # A job spends from its subject's rate limit when accepted (the job runner does not).
+        self._jobs = JobRoutes(nc, settings, self._authz, create_admission(settings, self._redis))
         self._operations = OperationRoute(
             self._gateway, settings, self._jobs, read_timeout_s=self._read_timeout_s
         )

@@ -178,8 +178,13 @@ class ShimAuthorizer:
             op=op, action=action, handler=_never_run, request_type=Any, reply_type=Any
         )
 
-    async def authorize(self, headers: Mapping[str, str], op: str, action: str) -> None:
+    async def authorize(
+        self, headers: Mapping[str, str], op: str, action: str
+    ) -> Principal | None:
         """Refuse exactly as a worker would refuse a synchronous call to `op.action`.
+
+        Returns:
+            The caller; None when auth is off or a public action was called without a token.
 
         Raises:
             InvalidToken: missing or invalid token (401).
@@ -187,8 +192,9 @@ class ShimAuthorizer:
             RateLimited: too many recent failures from this client (429).
             Unavailable: the revocation store cannot answer (503).
         """
-        if self._auth is not None:
-            await self._auth.authenticate(headers, self.operation(op, action))
+        if self._auth is None:
+            return None
+        return await self._auth.authenticate(headers, self.operation(op, action))
 
     async def authenticate(self, headers: Mapping[str, str]) -> Principal | None:
         """The caller of a route every valid token may call; None when auth is off.

@@ -21,6 +21,7 @@ from nexus_bus.errors import NotFound
 from nexus_bus.http.authz import ShimAuthorizer
 from nexus_bus.http.problems import Answer
 from nexus_bus.jobs.client import get_job, submit_job
+from nexus_bus.policies.admission import Admission
 
 _encoder: Final = msgspec.json.Encoder()
 _CT_JSON: Final = CT_JSON.encode()
@@ -36,20 +37,32 @@ def job_location(job_id: str) -> str:
 class JobRoutes:
     """Submits operations as jobs and serves their status documents."""
 
-    def __init__(self, nc: Client, settings: Settings, authorizer: ShimAuthorizer) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        settings: Settings,
+        authorizer: ShimAuthorizer,
+        admission: Admission | None = None,
+    ) -> None:
+        """Args: admission: the workers' rate limits, which a job spends from when it is
+        accepted (the job runner does not); None: no limits (`resilience.enabled` false)."""
         self._nc = nc
         self._settings = settings
         self._authz = authorizer
+        self._admission = admission
 
     async def submit(self, op: str, action: str, body: bytes, headers: dict[str, str]) -> Answer:
         """Submit `op.action` as a job: 202, `{"job_id", "status"}`, `Location`.
 
         Raises:
             InvalidToken / Forbidden / RateLimited / Unavailable: refused as a synchronous
-                call to `op.action` would be; nothing was published.
+                call to `op.action` would be (its rate limit included); nothing was published.
             NexusError: the submission was refused or JetStream did not acknowledge it.
         """
-        await self._authz.authorize(headers, op, action)
+        principal = await self._authz.authorize(headers, op, action)
+        if self._admission is not None:
+            # The job runner runs jobs without the workers' admission: the job is this call.
+            await self._admission.spend(op, action, principal)
         accepted = await submit_job(self._nc, self._settings, op, action, body, headers)
         location = job_location(accepted.job_id).encode()
         return Answer(202, _CT_JSON, [(_LOCATION, location)], _encoder.encode(accepted))

@@ -21,6 +21,7 @@ from nexus_bus.constants import (
     H_WWW_AUTHENTICATE,
 )
 from nexus_bus.errors import NexusError
+from nexus_bus.policies.ratelimit import RateLimitExceeded
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -107,5 +108,8 @@ def problem_answer(
     )
     if isinstance(error, MethodNotAllowed) and error.allow:
         headers.append((b"allow", error.allow.encode()))
+    elif isinstance(error, RateLimitExceeded):  # a job refused by its rate limit (jobs.py)
+        for name, value in error.headers.items():
+            headers.append((name.lower().encode(), value.encode()))
     body = _encoder.encode(problem_of(error, request_id))
     return Answer(error.http_status, CT_PROBLEM_BYTES, headers, body)

@@ -100,8 +100,25 @@ class Admission:
         found = None
         if policy.rate_limit_per_s > 0:
             found = RateLimit.of(policy.rate_limit_per_s, policy.rate_limit_burst)
-        self._limits[key] = found  # only registered operations reach here: bounded
+        if len(self._limits) < 4096:  # a shim's callers name ops (any, with a `*` token)
+            self._limits[key] = found
         return found
+
+    async def spend(self, op: str, action: str, principal: Principal | None) -> None:
+        """Take one call of `op.action` from the caller's rate limit (none: nothing to take).
+
+        The HTTP shim spends one for a job it accepts, which the job runner then runs
+        without this admission: a job is a call of its op like a synchronous one.
+
+        Raises:
+            RateLimitExceeded: over the op's limit for this subject (429).
+        """
+        limit = self.limit_for(op, action, principal)
+        if limit is None:
+            return
+        subject = principal.subject if principal is not None else None
+        if not self._limiter.take(limit, subject, op, action):
+            await self._limiter.check(limit, subject, op, action)  # the lease is spent
 
     async def admit(
         self,
@@ -121,10 +138,8 @@ class Admission:
             InvalidRequest / IdempotencyMismatch / UpstreamTimeout / Unavailable: see
                 `IdempotencyStore.run`.
         """
+        await self.spend(op, action, principal)
         subject = principal.subject if principal is not None else None
-        limit = self.limit_for(op, action, principal)
-        if limit is not None and not self._limiter.take(limit, subject, op, action):
-            await self._limiter.check(limit, subject, op, action)  # the lease is spent
         key = headers.get(H_IDEMPOTENCY_KEY)
         if key is None:
             return await produce()

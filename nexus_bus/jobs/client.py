@@ -5,8 +5,9 @@
 
 A submission first creates the job's status document (`pending`) with a KV `create()`, then
 publishes to `nexus.jobs.<op>.<action>` with `Nats-Msg-Id` set to the job id. The id is
-derived from the `Idempotency-Key` when one is given, so a resubmission finds the document
-and returns the same job, even after the stream's dedup window has passed.
+derived from the `Idempotency-Key` when one is given (and the subject of the submission's
+token: a key is its caller's), so a resubmission finds the document and returns the same job,
+even after the stream's dedup window has passed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Final
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
+from nexus_bus.auth.authenticator import bearer_token
+from nexus_bus.auth.tokens import unverified_subject
 from nexus_bus.bus.metadata import check_headers, check_publish_size, request_id_of
 from nexus_bus.bus.subjects import check_operation, jobs_subject
 from nexus_bus.config import Settings
@@ -77,7 +80,7 @@ async def submit_job(
     if len(body) > limits.max_body_bytes:
         raise PayloadTooLarge(f"body of {len(body)} bytes exceeds {limits.max_body_bytes}")
     key = idempotency_key_of(headers)
-    job_id = job_id_for(op, action, key)
+    job_id = job_id_for(op, action, key, submitter(headers, settings.auth.max_token_bytes))
     hdrs = job_headers(headers, job_id)
     check_headers(
         hdrs, max_value_bytes=limits.max_header_value_bytes, max_total_bytes=limits.max_header_bytes
@@ -131,6 +134,20 @@ async def submit_job(
                 logger.warning("could not remove job {} after a failed submit: {}", job_id, cleanup)
         raise
     return JobAccepted(job_id=job_id, status=JobStatus.PENDING)
+
+
+def submitter(headers: Mapping[str, str], max_token_bytes: int) -> str | None:
+    """The subject the submission's bearer token names, which scopes its idempotency key.
+
+    Read without verifying the token: the HTTP shim has verified it just before (a job it
+    authorized), and a client submitting on its own NATS connection writes the job bucket
+    itself, so a false subject gains it nothing it could not write directly.
+    """
+    try:
+        token = bearer_token(headers)
+    except NexusError:
+        return None
+    return unverified_subject(token, max_token_bytes) if token else None
 
 
 async def get_job(nc: Client, settings: Settings, job_id: str) -> Job:

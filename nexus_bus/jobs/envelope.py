@@ -54,17 +54,23 @@ def new_job_id() -> str:
     return os.urandom(16).hex()
 
 
-def job_id_for(op: str, action: str, idempotency_key: str | None) -> str:
+def job_id_for(
+    op: str, action: str, idempotency_key: str | None, subject: str | None = None
+) -> str:
     """The job id of a submission: derived from its idempotency key, else random.
 
     Deriving the id makes a resubmission with the same key address the same job, beyond the
     stream's dedup window too. The op and action are part of the hash so the same key sent to
-    two operations names two jobs.
+    two operations names two jobs, and so is the submitter's token subject when it has one:
+    a key is its caller's, as on the synchronous path (`resilience.idempotency`), so another
+    subject sending the same key gets a job of its own, not the first one's status and result.
     """
     if not idempotency_key:
         return new_job_id()
-    digest = hashlib.sha256(f"{op}\x00{action}\x00{idempotency_key}".encode())
-    return digest.hexdigest()[:32]
+    scope = f"{op}\x00{action}\x00{idempotency_key}"
+    if subject is not None:
+        scope = f"{subject}\x00{scope}"
+    return hashlib.sha256(scope.encode()).hexdigest()[:32]
 
 
 def job_id_of_message(op: str, action: str, headers: Mapping[str, str], stream_seq: int) -> str:

@@ -54,7 +54,7 @@ async def test_broker_restart_during_a_burst_loses_nothing_and_repeats_nothing(
             crash_midway(), submit_all(gateway, ledger, range(JOBS), retries=retries)
         )
         await wait_applied(ledger, gateway.nc, range(JOBS), timeout_s=60)
-        statuses = await final_statuses(gateway.nc, settings, ledger, range(JOBS))
+        statuses = await final_statuses(gateway, settings, ledger, range(JOBS))
     finally:
         await gateway.close()
         await worker.drain(1)

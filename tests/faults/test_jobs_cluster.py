@@ -71,7 +71,7 @@ async def test_losing_a_node_during_a_burst_loses_nothing_acknowledged(
         )
         await wait_applied(ledger, gateway.nc, range(JOBS), timeout_s=90)
         after = await gateway.nc.jetstream().stream_info(JOBS_STREAM)
-        statuses = await final_statuses(gateway.nc, settings, ledger, range(JOBS))
+        statuses = await final_statuses(gateway, settings, ledger, range(JOBS))
     finally:
         await gateway.close()
         await worker.drain(1)

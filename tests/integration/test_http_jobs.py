@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from nexus_bus import Settings, Worker
+from tests.conftest import issue_test_token
 from tests.integration.http_shim import RunningShim, bearer, poll_until, running_shim
 
 ASYNC = {"Prefer": "respond-async"}
@@ -95,6 +96,41 @@ async def test_same_idempotency_key_is_the_same_job(client: httpx.AsyncClient, u
     assert first.status_code == second.status_code == 202
     assert first.json()["job_id"] == second.json()["job_id"]
     assert first.headers["location"] == second.headers["location"]
+
+
+async def test_one_idempotency_key_names_one_job_per_subject(
+    shim: RunningShim, uid: str
+) -> None:
+    """Keys are the caller's, as on the synchronous path (per subject, op and key): before,
+    a second subject sending the same key got the first one's job, status and result, and
+    its own request never ran."""
+    scopes = ("data:put", "data:get")
+    alice = bearer(issue_test_token(scopes, subject=f"alice-{uid}"))
+    bob = bearer(issue_test_token(scopes, subject=f"bob-{uid}"))
+    keyed = {**ASYNC, "Idempotency-Key": "order-17"}  # a key anyone might pick
+    async with httpx.AsyncClient(base_url=shim.url, timeout=10) as c:
+        first = await c.post(
+            "/v1/data/put", json={"key": f"a.{uid}", "value": 1}, headers={**alice, **keyed}
+        )
+        second = await c.post(
+            "/v1/data/put", json={"key": f"b.{uid}", "value": 2}, headers={**bob, **keyed}
+        )
+        assert first.status_code == second.status_code == 202, (first.text, second.text)
+        assert first.json()["job_id"] != second.json()["job_id"]
+
+        async def finished() -> bool:
+            doc = (await c.get(second.headers["location"], headers=bob)).json()
+            return bool(doc["status"] in ("succeeded", "failed", "dead"))
+
+        await poll_until(finished, 20)
+        job = (await c.get(second.headers["location"], headers=bob)).json()
+        assert job["status"] == "succeeded" and job["result"]["key"] == f"b.{uid}", job
+        got = await c.post("/v1/data/get", json={"key": f"b.{uid}"}, headers=bob)
+        assert got.status_code == 200 and got.json()["value"] == 2
+        again = await c.post(  # the same subject and key: the same job
+            "/v1/data/put", json={"key": f"a.{uid}", "value": 1}, headers={**alice, **keyed}
+        )
+        assert again.json()["job_id"] == first.json()["job_id"]
 
 
 async def test_unknown_and_malformed_job_ids(client: httpx.AsyncClient) -> None:

@@ -23,6 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from nexus_bus import Gateway, NexusError, NotFound, Operations, RequestContext, Settings
+from nexus_bus.auth.tokens import unverified_subject
 from nexus_bus.constants import DATA_BUCKET
 from nexus_bus.jobs.client import get_job
 from nexus_bus.jobs.envelope import job_id_for
@@ -228,9 +229,10 @@ async def wait_applied(ledger: Ledger, nc: Client, items: range, *, timeout_s: f
 
 
 async def final_statuses(
-    nc: Client, settings: Settings, ledger: Ledger, items: range, *, timeout_s: float = 60.0
+    gateway: Gateway, settings: Settings, ledger: Ledger, items: range, *, timeout_s: float = 60.0
 ) -> dict[str, int]:
-    """How many of the items' jobs ended in each status, once each has finished.
+    """How many of the items' jobs ended in each status, once each has finished (the jobs
+    `submit_all` submitted through `gateway`, whose token's subject scopes their keys).
 
     A job can still wait for a retry after its effect was applied (its write committed but
     the confirmation was lost), so every job is polled until it finishes or `timeout_s`
@@ -239,9 +241,12 @@ async def final_statuses(
     """
     deadline = time.monotonic() + timeout_s
     slots = asyncio.Semaphore(100)
+    nc = gateway.nc
+    token = gateway.token
+    subject = unverified_subject(token, settings.auth.max_token_bytes) if token else None
 
     async def status(item: int) -> str:
-        job_id = job_id_for(ops.op, "apply", f"{ledger.name}-{item}")
+        job_id = job_id_for(ops.op, "apply", f"{ledger.name}-{item}", subject)
         async with slots:
             while True:
                 try:

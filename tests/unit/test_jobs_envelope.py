@@ -23,6 +23,9 @@ def test_job_ids_from_keys_are_stable_and_scoped_to_the_operation() -> None:
     assert a != job_id_for("orders", "cancel", "key-1")
     assert a != job_id_for("orders", "create", "key-2")
     assert check_job_id(a) == a
+    alice = job_id_for("orders", "create", "key-1", "alice")  # a key is its subject's
+    assert alice == job_id_for("orders", "create", "key-1", "alice")
+    assert len({a, alice, job_id_for("orders", "create", "key-1", "bob")}) == 3
 
 
 def test_job_ids_without_keys_are_random() -> None:

@@ -1,7 +1,8 @@
 """`auth.*`: the token service as operations.
 
 - `auth.issue` (scope `auth:issue`): mints a token for any subject, with scopes the caller
-  holds itself; a caller with `auth:issue` alone cannot mint `*`. Never without a caller
+  holds itself (a caller with `auth:issue` alone cannot mint `*`), expiring no later than the
+  caller's own token. Never without a caller
   (a worker running with auth disabled refuses it; `nexus-bus token issue` is for operators).
 - `auth.verify` (scope `auth:verify`): checks a token given in the body and returns its
   claims; 401 `invalid_token` when it is not valid. Not public: an open verification oracle

@@ -84,12 +84,13 @@ class TokenService:
         Args:
             subject: who the token stands for.
             scopes: what it grants; each must be covered by `issuer`'s own scopes.
-            ttl_s: its lifetime; default `auth.default_ttl_s`.
+            ttl_s: its lifetime; default `auth.default_ttl_s`; never past `issuer`'s expiry.
             issuer: the caller, when issuing for someone else (None: an operator with the key).
 
         Raises:
             InvalidRequest: a malformed scope, or a lifetime over `auth.max_ttl_s`.
-            Forbidden: a scope the issuer does not hold itself.
+            Forbidden: a scope the issuer does not hold itself, or an issuer whose token has
+                expired (within the clock-skew leeway verification allows).
             Unavailable: this process holds no signing key.
         """
         ttl = ttl_s or self.default_ttl_s
@@ -99,9 +100,14 @@ class TokenService:
             check_scope(scope)
             if issuer is not None and not covers(issuer.scopes, scope):
                 raise Forbidden(f"cannot grant scope {scope}: the caller does not hold it")
-        return self.codec.issue(
-            subject, scopes, ttl, now=int(self._clock()), jti=self._new_jti()
-        )
+        now = int(self._clock())
+        if issuer is not None and issuer.expires_at is not None:
+            # Delegation narrows lifetimes as it narrows scopes: a token holding `auth:issue`
+            # must not mint a longer-lived copy of itself, which outlives its revocation.
+            ttl = min(ttl, issuer.expires_at - now)
+            if ttl < 1:
+                raise Forbidden("cannot issue: the caller's own token has expired")
+        return self.codec.issue(subject, scopes, ttl, now=now, jti=self._new_jti())
 
     async def verify(self, token: str) -> Principal:
         """The principal `token` proves (see `TokenVerifier.verify`).

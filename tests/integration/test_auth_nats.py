@@ -302,6 +302,24 @@ async def test_issue_cannot_escalate_and_needs_its_scope(nc: Client, uid: str) -
     assert (status, problem["code"]) == (403, "forbidden")
 
 
+async def test_an_issued_token_does_not_outlive_its_issuers(nc: Client, uid: str) -> None:
+    """Delegation narrows lifetimes as it narrows scopes: before, a two-minute token holding
+    `auth:issue` minted itself a 30-day copy (that copy the next one, and so on), which
+    revoking or waiting out the original did not end."""
+    issuer = token("auth:issue", "data:*", subject=f"issuer-{uid}", ttl_s=120)
+    expires = json.loads(base64.urlsafe_b64decode(issuer.split(".")[1] + "=="))["exp"]
+    for ttl in ({"ttl_s": 30 * 24 * 3600}, {}):  # the longest allowed, and the 1 h default
+        status, issued = await call(
+            nc, "nexus.auth.issue",
+            {"subject": f"copy-{uid}", "scopes": ["auth:issue", "data:*"], **ttl},
+            bearer=issuer,
+        )  # fmt: skip
+        assert status == 200, issued
+        assert issued["expires_at"] <= expires, (ttl, issued["expires_at"] - expires)
+    status, _ = await call(nc, "nexus.data.get", {"key": f"k{uid}"}, bearer=issued["token"])
+    assert status == 404  # a working token, for as long as its issuer's
+
+
 async def test_revocation_reaches_every_worker_at_once(
     nats_url: str, redis_url: str, gateway: Gateway, uid: str
 ) -> None:

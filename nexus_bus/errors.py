@@ -18,9 +18,6 @@ class NexusError(Exception):
             answered `unknown_operation` while another worker of the op declares the action
             (a rolling upgrade): the op is healthy, so its breaker counts no outcome, and the
             request is retried to reach a worker that has the action.
-        hurried: set by the gateway's policy layer on an `upstream_timeout` of an attempt
-            given less time than a call gets by default (a caller's own short budget): it
-            says nothing about the operation's workers, so its breaker counts no outcome.
     """
 
     code: str = "internal"
@@ -29,7 +26,6 @@ class NexusError(Exception):
     title: str = "Internal error"
     unsent: bool = False
     misrouted: bool = False
-    hurried: bool = False
 
     def __init__(self, detail: str | None = None, *, retry_after: float | None = None) -> None:
         # A handler's `NotFound(42)`: the problem's detail is text, or clients cannot read it.

@@ -95,7 +95,9 @@ class Route:
     used: float = 0.0  # the start of its last call, for dropping the least recently used
 
 
-Outcome = tuple[Reply | None, NexusError | None, str]  # reply, failure, failure code
+# reply, failure, failure code, and whether the caller's budget was too short for the outcome
+# to say anything about the op (`Guard._outcome`)
+Outcome = tuple[Reply | None, NexusError | None, str, bool]
 
 
 def error_code_of(reply: Reply) -> str:
@@ -109,7 +111,7 @@ def shows_real(outcome: Outcome) -> bool:
     lacks); or the op's workers failed it (no responders for a name the registry declares
     or cannot vouch against, a timeout, a 503). A made-up name gets `unknown_operation`
     from the gateway; a request refused before it was sent shows nothing."""
-    reply, failure, _ = outcome
+    reply, failure, _, _ = outcome
     if failure is not None:
         return failure.code in BREAKER_FAILURES and not failure.unsent
     return reply is not None and error_code_of(reply) != _UNKNOWN_OPERATION
@@ -125,7 +127,7 @@ class Guard:
         sleep: how to wait between attempts.
         default_budget_s: the budget a call gets when its caller names none. An attempt
             given less (and less than the op's `timeout_ms` and `attempt_timeout_ms`) that
-            times out was hurried by its caller: no outcome for the breaker (`hurried`).
+            times out was hurried by its caller: no outcome for the breaker (`_outcome`).
             0: every timeout counts.
     """
 
@@ -324,8 +326,7 @@ class Guard:
         try:
             reply = await send(per_try)
         except NexusError as exc:
-            self._mark_hurried(exc, policy, per_try)
-            first: Outcome = (None, exc, exc.code)
+            first = self._outcome(None, exc, policy, per_try)
         else:
             if reply.status < 500 and guard is not None and budget is not None:  # kept
                 if guard.breaker.closed:
@@ -333,7 +334,7 @@ class Guard:
                 else:  # opened while this attempt was out: it closes, as `_report` says
                     self._report(guard, "")
                 return reply
-            first = (reply, None, error_code_of(reply) if reply.status >= 500 else "")
+            first = self._outcome(reply, None, policy, per_try)
         return await self._attempts(route, op, action, body, headers, deadline, send, first)
 
     async def _attempts(
@@ -367,7 +368,7 @@ class Guard:
                         probe.release_probe()
                     raise
             route = self._settle(route, op, action, outcome, probe)
-            reply, failure, code = outcome
+            reply, failure, code, _ = outcome
             outcome = None
             if code not in BREAKER_FAILURES:
                 if failure is not None:
@@ -395,7 +396,7 @@ class Guard:
         attempt: int,
         policy: OperationPolicy,
         send: Send,
-    ) -> tuple[Reply | None, NexusError | None, str]:
+    ) -> Outcome:
         """Send one attempt: its reply or failure, and the failure's code ("" on success)."""
         remaining = deadline - self._clock()
         per_try = remaining
@@ -406,24 +407,36 @@ class Guard:
         try:
             reply = await send(per_try)
         except NexusError as exc:
-            self._mark_hurried(exc, policy, per_try)
-            return None, exc, exc.code
-        return reply, None, error_code_of(reply) if reply.status >= 500 else ""
+            return self._outcome(None, exc, policy, per_try)
+        return self._outcome(reply, None, policy, per_try)
 
-    def _mark_hurried(self, failure: NexusError, policy: OperationPolicy, given_s: float) -> None:
-        """Mark a timeout of an attempt given less time than a call gets by default.
+    def _outcome(
+        self,
+        reply: Reply | None,
+        failure: NexusError | None,
+        policy: OperationPolicy,
+        given_s: float,
+    ) -> Outcome:
+        """An attempt's outcome, `hurried` when it timed out (the gateway gave up, or the
+        worker answered `upstream_timeout`: a handler bounded by the request's deadline)
+        having been given less time than a call gets by default.
 
         The caller chose that budget (an HTTP client's `Nexus-Timeout-Ms: 1`, say), and the
         op's workers could not have answered within it however healthy: counted, any one
         caller could open the op's breaker for every caller on every replica.
         """
-        if failure.code != _TIMEOUT:
-            return
-        expected = min(self._default_budget_s, policy.timeout_s)
-        if policy.attempt_timeout_s:
-            expected = min(expected, policy.attempt_timeout_s)
-        if given_s < expected - _BUDGET_SLACK_S:
-            failure.hurried = True
+        if failure is not None:
+            code = failure.code
+        else:
+            assert reply is not None
+            code = error_code_of(reply) if reply.status >= 500 else ""
+        hurried = False
+        if code == _TIMEOUT:
+            expected = min(self._default_budget_s, policy.timeout_s)
+            if policy.attempt_timeout_s:
+                expected = min(expected, policy.attempt_timeout_s)
+            hurried = given_s < expected - _BUDGET_SLACK_S
+        return reply, failure, code, hurried
 
     def _retry_delay(
         self,
@@ -465,9 +478,11 @@ class Guard:
         """
         if route.budget is None and shows_real(outcome):
             route = self._keep(op, action, route)
-        _, failure, code = outcome
+        _, failure, code, hurried = outcome
         guard = route.guard
-        counted = None if guard is None else self._breaker_code(failure, code, guard.breaker)
+        counted = None
+        if guard is not None and not hurried:
+            counted = self._breaker_code(failure, code, guard.breaker)
         if guard is not None and counted is not None:
             self._report(guard, counted)
         elif probe is not None:
@@ -483,10 +498,11 @@ class Guard:
         publishing it (`unsent`: over a size limit, say), `unknown_operation` from the
         gateway (nobody answered and nobody declared the name), and a request that reached a
         worker lacking an action another worker declares (`misrouted`: a rolling upgrade),
-        and a timeout of an attempt its caller gave less time than a call gets by default
-        (`hurried`: a probe so hurried gives its slot back, the next call probes).
-        None says the op's workers are up, so none may close a half-open breaker (and delete
-        the shared entry for every replica), and none says they are down.
+        and (decided by `_settle` before this) a timeout of an attempt its caller gave less
+        time than a call gets by default (`hurried`: a probe so hurried gives its slot back,
+        the next call probes). None says the op's workers are up, so none may close a
+        half-open breaker (and delete the shared entry for every replica), and none says
+        they are down.
 
         A lost NATS connection says nothing about the op's workers either: only their
         silence (no responders, timeouts while connected) or their own 503 replies count
@@ -495,7 +511,7 @@ class Guard:
         """
         if failure is None or not code:
             return code
-        if failure.unsent or failure.misrouted or failure.hurried or code == _UNKNOWN_OPERATION:
+        if failure.unsent or failure.misrouted or code == _UNKNOWN_OPERATION:
             return None
         if code == _UNAVAILABLE or not self.transport_up():
             return None if breaker.state is BreakerState.CLOSED else code

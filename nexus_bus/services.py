@@ -9,8 +9,10 @@ from typing import Any
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from nexus_bus.bus.assets import assets_of
 from nexus_bus.cache import Cache, cached_records, start_cache
 from nexus_bus.config import Settings
+from nexus_bus.constants import DATA_BUCKET, EVENTS_STREAM, KV_STREAM_PREFIX
 from nexus_bus.events import EventLog, JetStreamEventLog
 from nexus_bus.jetstream import ensure_data_bucket, ensure_events_stream
 from nexus_bus.redis_client import RedisClient, create_redis
@@ -36,12 +38,19 @@ class Services:
 async def create_services(nc: Client, settings: Settings) -> Services:
     """Create streams and buckets idempotently and wire the adapters.
 
+    Both are tracked on `nc` (`bus/assets.py`): should they go missing while the worker
+    runs, the first call that finds one gone creates them again.
+
     Raises:
         Unavailable: JetStream cannot be reached.
     """
     js = nc.jetstream()
     await ensure_events_stream(js, settings.jetstream)
     kv = await ensure_data_bucket(js, settings.jetstream)
+    assets = assets_of(nc)
+    assets.track(EVENTS_STREAM, "stream", lambda: ensure_events_stream(js, settings.jetstream))
+    data_stream = f"{KV_STREAM_PREFIX}{DATA_BUCKET}"
+    assets.track(data_stream, "bucket", lambda: ensure_data_bucket(js, settings.jetstream))
     redis = create_redis(settings.redis)
     kv_records = KeyValueRecordStore(kv, js, nc=nc)
     records: RecordStore = kv_records

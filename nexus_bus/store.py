@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
+from nexus_bus.bus.assets import again_if_missing
 from nexus_bus.bus.metadata import check_publish_size
 from nexus_bus.bus.nats_errors import INVALID_SUBJECT, map_nats_error
 from nexus_bus.constants import DATA_BUCKET, H_KV_OPERATION, KV_STREAM_PREFIX, KV_SUBJECT_PREFIX
@@ -205,6 +206,10 @@ class KeyValueRecordStore:
             # nats-py adds the expected revision as a header; a plain put sends none, and then
             # nats-py's own check of the value is the server's.
             check_publish_size(f"put {key}", value, None, self._nc.max_payload, jetstream=True)
+        # A bucket gone since start (bus/assets.py) is created again, and the write retried.
+        return await again_if_missing(self._nc, lambda: self._put(key, value, expected_revision))
+
+    async def _put(self, key: str, value: bytes, expected_revision: int | None) -> int:
         async with translate_nats_errors(f"put {key}"):
             if expected_revision is None:
                 return await self._kv.put(key, value)
@@ -275,6 +280,9 @@ class KeyValueRecordStore:
         """
         if not _KEY_PREFIX.fullmatch(prefix):
             return []
+        return await again_if_missing(self._nc, lambda: self._keys(prefix, limit))
+
+    async def _keys(self, prefix: str, limit: int) -> list[str]:
         pattern = f"{prefix[: prefix.rfind('.') + 1]}>"  # its whole tokens, then any
         async with translate_nats_errors("list keys", input_errors=(INVALID_SUBJECT,)):
             subjects = await self._subjects(pattern)

@@ -56,8 +56,10 @@ from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from nexus_bus.bus.assets import again_if_missing
 from nexus_bus.bus.metadata import check_publish_size
 from nexus_bus.constants import (
     DATA_BUCKET,
@@ -454,26 +456,34 @@ class JournaledRecordStore:
             Unavailable / UpstreamTimeout: JetStream did not confirm; the batch may or may not
                 be stored, which the next attempt finds out from the record.
         """
-        batch_id = os.urandom(16).hex()
-        write_headers = {**headers, H_NATS_BATCH_ID: batch_id, H_NATS_BATCH_SEQUENCE: "1"}
+        write_headers = {**headers, H_NATS_BATCH_ID: "0" * 32, H_NATS_BATCH_SEQUENCE: "1"}
         # A core publish: nats-py adds no header of its own, but checks the value alone.
         check_publish_size(f"write {record.key}", value, write_headers, self._nc.max_payload)
-        record_headers = {
-            H_NATS_BATCH_ID: batch_id,
-            H_NATS_BATCH_SEQUENCE: "2",
-            H_NATS_BATCH_COMMIT: "1",
-            H_NATS_EXPECTED_LAST_SUBJECT_SEQ: "0",
-            H_NATS_TTL: self._ttl,
-        }
-        try:
+
+        async def send() -> Msg:
+            batch_id = os.urandom(16).hex()  # one per batch sent
+            record_headers = {
+                H_NATS_BATCH_ID: batch_id,
+                H_NATS_BATCH_SEQUENCE: "2",
+                H_NATS_BATCH_COMMIT: "1",
+                H_NATS_EXPECTED_LAST_SUBJECT_SEQ: "0",
+                H_NATS_TTL: self._ttl,
+            }
             async with translate_nats_errors(f"write {record.key}"):
-                await self._nc.publish(subject, value, headers=write_headers)
-                reply = await self._nc.request(
+                await self._nc.publish(
+                    subject, value, headers={**write_headers, H_NATS_BATCH_ID: batch_id}
+                )
+                return await self._nc.request(
                     record_subject,
                     _encoder.encode(record),
                     timeout=self._timeout,
                     headers=record_headers,
                 )
+
+        try:
+            # No stream took the batch (the data bucket is gone since start, bus/assets.py):
+            # nothing was stored, so it is sent once more after the bucket is back.
+            reply = await again_if_missing(self._nc, send)
         except NexusError:
             # The batch may have landed all the same: the cache must not keep serving the
             # value it replaced (a rerun repairs it too, but there may be none).

@@ -13,6 +13,7 @@ import dataclasses
 
 from nats.js import JetStreamContext
 
+from nexus_bus.bus.assets import assets_of
 from nexus_bus.cache import data_policy
 from nexus_bus.constants import DATA_BUCKET, EFFECTS_PREFIX, KV_STREAM_PREFIX
 from nexus_bus.effects.cache_sync import CacheWriteThrough
@@ -64,6 +65,9 @@ async def journaled_services(services: Services, *, record_ttl_s: float) -> Serv
         Unavailable: JetStream cannot be reached, or the server is older than 2.12.
     """
     stream = await ensure_effect_records(services.js)
+    # A data bucket created again while the worker runs needs the records' settings again.
+    js = services.js
+    assets_of(services.nc).track(stream, "effect records", lambda: ensure_effect_records(js))
     cache = services.cache
     journal = JournaledRecordStore(
         services.records,

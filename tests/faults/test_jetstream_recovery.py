@@ -1,0 +1,107 @@
+"""Streams and buckets that disappear under running processes come back without a restart.
+
+A nats-server with `jetstream.storage = "memory"` restarted loses every stream; an operator
+may delete one. Before `bus/assets.py`, every call on a missing stream failed until each
+worker was restarted (data.put 503, data.list 404, job consumers fetching in vain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+
+from nexus_bus import Gateway, Settings, Worker
+from nexus_bus.embedded import ServerProcess
+from nexus_bus.errors import NexusError, NotFound
+from nexus_bus.handlers import builtin_groups
+from nexus_bus.observability import logger
+from tests.conftest import make_settings
+from tests.helpers import eventually
+
+
+def _memory_settings(url: str, redis_url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {"jetstream": {"storage": "memory"}, "cache": {"enabled": False}}
+    values.update(overrides)
+    return make_settings(url, redis_url, **values)
+
+
+async def _delete_streams(url: str, *names: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        for name in names:
+            await js.delete_stream(name)
+    finally:
+        await nc.close()
+
+
+async def _reachable(gw: Gateway, uid: str) -> None:
+    """Until a worker answers again after a restart (a missing key: 404)."""
+    for _ in range(100):
+        try:
+            await gw.request("data", "get", {"key": f"absent.{uid}"}, timeout=1)
+        except NotFound:
+            return
+        except NexusError:
+            await asyncio.sleep(0.1)
+    pytest.fail("the worker did not answer after the restart")
+
+
+@pytest.fixture
+async def served(
+    local_nats: ServerProcess, redis_url: str, admin_token: str | None
+) -> AsyncIterator[tuple[Worker, Gateway]]:
+    settings = _memory_settings(local_nats.url, redis_url)
+    worker = Worker(settings, builtin_groups(["data", "stream"]))
+    await worker.start()
+    gw = await Gateway.connect(settings, token=admin_token)
+    try:
+        yield worker, gw
+    finally:
+        await gw.close()
+        await worker.drain(1)
+
+
+async def test_data_writes_work_again_after_a_memory_storage_restart(
+    local_nats: ServerProcess, served: tuple[Worker, Gateway], uid: str
+) -> None:
+    worker, gw = served
+    await gw.request("data", "put", {"key": f"k.{uid}", "value": 1})
+    local_nats.restart()  # memory storage: every stream and bucket is gone
+    await eventually(lambda: worker.nc.is_connected and gw.nc.is_connected, "reconnects", 15)
+    await _reachable(gw, uid)
+    # The first write recreates the bucket (before: 503 unavailable, for good).
+    put = await gw.request("data", "put", {"key": f"k.{uid}", "value": 2}, timeout=5)
+    assert put["revision"] == 1  # a new bucket: what the old one held is lost
+    assert (await gw.request("data", "get", {"key": f"k.{uid}"}))["value"] == 2
+    keyed = await gw.request(
+        "data", "put", {"key": f"i.{uid}", "value": 3}, idempotency_key=uid, timeout=5
+    )
+    assert keyed["revision"] == 2  # the journal's atomic batch: the effects settings are back
+
+
+async def test_a_deleted_data_bucket_is_recreated_by_the_next_call(
+    local_nats: ServerProcess, served: tuple[Worker, Gateway], uid: str
+) -> None:
+    _, gw = served
+    await gw.request("data", "put", {"key": f"k.{uid}", "value": 1})
+    await _delete_streams(local_nats.url, "KV_nexus_data")
+    warnings: list[str] = []
+    sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
+    try:
+        # Before: 404 not_found (the listing's consumer named no stream).
+        assert (await gw.request("data", "list", {"prefix": ""}, timeout=5))["keys"] == []
+    finally:
+        logger.remove(sink)
+    recovered = [w for w in warnings if "recreated" in w]
+    assert len(recovered) == 1 and "KV_nexus_data" in recovered[0], warnings
+    await _delete_streams(local_nats.url, "KV_nexus_data")
+    # A keyed write first (the journal's batch; before: 503 "JetStream unavailable").
+    keyed = await gw.request(
+        "data", "put", {"key": f"i.{uid}", "value": 3}, idempotency_key=uid, timeout=5
+    )
+    assert keyed["revision"] == 1
+    assert (await gw.request("data", "put", {"key": f"k.{uid}", "value": 2}))["revision"] == 3

@@ -23,6 +23,7 @@ from nats.js.kv import KeyValue
 
 from nexus_bus.auth.authenticator import bearer_token
 from nexus_bus.auth.tokens import unverified_subject
+from nexus_bus.bus.assets import again_if_missing
 from nexus_bus.bus.metadata import check_headers, check_publish_size, request_id_of
 from nexus_bus.bus.subjects import check_operation, jobs_subject
 from nexus_bus.config import Settings
@@ -35,7 +36,7 @@ from nexus_bus.jobs.envelope import (
     job_id_for,
 )
 from nexus_bus.jobs.status import JobRecord, JobStore
-from nexus_bus.jobs.streams import ensure_job_streams
+from nexus_bus.jobs.streams import ensure_tracked_job_streams
 from nexus_bus.observability import logger
 from nexus_bus.observability.tracing import TRACING, SpanKind
 from nexus_bus.schemas.jobs import Job, JobAccepted, JobStatus
@@ -54,7 +55,7 @@ async def job_store(nc: Client, settings: Settings) -> JobStore:
     """
     kv = _buckets.get(nc)
     if kv is None:
-        kv = await ensure_job_streams(nc.jetstream(), settings)
+        kv = await ensure_tracked_job_streams(nc, settings)
         _buckets[nc] = kv
     return JobStore(kv, nc=nc)
 
@@ -120,8 +121,14 @@ async def submit_job(
             TRACING.inject(hdrs)  # each delivery attempt's span is a child of this one
             # The `traceparent` (and `tracestate`) just added count toward max_payload too.
             check_publish_size(what, body, hdrs, nc.max_payload, jetstream=True)
-            async with translate_nats_errors(what):
-                await nc.jetstream().publish(subject, body, stream=JOBS_STREAM, headers=hdrs)
+
+            async def publish() -> None:
+                async with translate_nats_errors(what):
+                    await nc.jetstream().publish(subject, body, stream=JOBS_STREAM, headers=hdrs)
+
+            # A stream gone since it was created here is created again, and the publish
+            # retried (bus/assets.py): no stream took the first one.
+            await again_if_missing(nc, publish)
     except NexusError as exc:
         # Without a key the caller cannot address this job again: forget its document, unless
         # the outcome is unknown (a timeout may hide a stored message that will still run). A

@@ -18,6 +18,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
+from nexus_bus.bus.assets import again_if_missing
 from nexus_bus.bus.metadata import check_publish_size
 from nexus_bus.errors import Conflict, NexusError, NotFound
 from nexus_bus.schemas.jobs import Job, JobStatus
@@ -123,9 +124,14 @@ class JobStore:
             Unavailable / UpstreamTimeout: JetStream cannot be reached.
         """
         data = self._encode_fitting(record)
-        try:
+
+        async def create() -> None:
             async with translate_nats_errors(f"job {record.id}"):
                 await self._kv.create(record.id, data)
+
+        try:
+            # A bucket gone since start is created again, and the write retried (bus/assets.py).
+            await again_if_missing(self._nc, create)
         except Conflict:
             try:
                 found, _ = await self.get(record.id)
@@ -156,8 +162,11 @@ class JobStore:
                 it: a plain put carries no header).
             Unavailable / UpstreamTimeout: JetStream cannot be reached.
         """
-        async with translate_nats_errors(f"job {record.id}"):
-            return await self._kv.put(record.id, encode_record(record))
+        async def put() -> int:
+            async with translate_nats_errors(f"job {record.id}"):
+                return await self._kv.put(record.id, encode_record(record))
+
+        return await again_if_missing(self._nc, put)
 
     async def replace(self, record: JobRecord, revision: int) -> int | None:
         """Write `record` only if the stored one is still at `revision`; its new revision.
@@ -170,9 +179,13 @@ class JobStore:
             Unavailable / UpstreamTimeout: JetStream cannot be reached.
         """
         data = self._encode_fitting(record)
-        try:
+
+        async def update() -> int:
             async with translate_nats_errors(f"job {record.id}"):
                 return await self._kv.update(record.id, data, last=revision)
+
+        try:
+            return await again_if_missing(self._nc, update)
         except Conflict:
             return None
 

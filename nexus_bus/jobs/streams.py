@@ -12,10 +12,12 @@ Replicas and storage of all of them come from `settings.jetstream`.
 
 from __future__ import annotations
 
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StreamConfig
 from nats.js.kv import KeyValue
 
+from nexus_bus.bus.assets import assets_of
 from nexus_bus.config import Settings
 from nexus_bus.constants import (
     DLQ_PREFIX,
@@ -23,6 +25,7 @@ from nexus_bus.constants import (
     JOBS_BUCKET,
     JOBS_PREFIX,
     JOBS_STREAM,
+    KV_STREAM_PREFIX,
 )
 from nexus_bus.jetstream import ensure_bucket, ensure_stream, storage_type
 
@@ -81,3 +84,21 @@ async def ensure_job_streams(js: JetStreamContext, settings: Settings) -> KeyVal
     await ensure_stream(js, jobs_stream_config(settings))
     await ensure_stream(js, dlq_stream_config(settings))
     return await ensure_jobs_bucket(js, settings)
+
+
+async def ensure_tracked_job_streams(nc: Client, settings: Settings) -> KeyValue:
+    """`ensure_job_streams` on `nc`, each stream and the bucket also tracked on it
+    (`bus/assets.py`): one gone while the process runs is created again by the next call
+    that finds it missing.
+
+    Raises:
+        Unavailable: JetStream cannot be reached or refuses a configuration.
+    """
+    js = nc.jetstream()
+    kv = await ensure_job_streams(js, settings)
+    assets = assets_of(nc)
+    assets.track(JOBS_STREAM, "stream", lambda: ensure_stream(js, jobs_stream_config(settings)))
+    assets.track(DLQ_STREAM, "stream", lambda: ensure_stream(js, dlq_stream_config(settings)))
+    assets.track(f"{KV_STREAM_PREFIX}{JOBS_BUCKET}", "bucket",
+                 lambda: ensure_jobs_bucket(js, settings))
+    return kv

@@ -32,6 +32,7 @@ from typing import Any, Final
 
 import msgspec
 import nats.errors
+import nats.js.errors as jserr
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -39,6 +40,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from nexus_bus.auth.base import Authenticator
 from nexus_bus.bus import codec
+from nexus_bus.bus.assets import assets_of, stream_missing
 from nexus_bus.bus.metadata import LazyTrace, request_id_of
 from nexus_bus.bus.replies import Expired, Reply, error_of, problem_of
 from nexus_bus.config import Settings
@@ -59,7 +61,7 @@ from nexus_bus.jobs.envelope import job_id_of_message, parse_job_subject, run_he
 from nexus_bus.jobs.metrics import JOBS_COMPLETED, JOBS_DEAD_LETTERED, JOBS_REDELIVERED
 from nexus_bus.jobs.retry import Verdict, backoff_of, decide, is_client_error
 from nexus_bus.jobs.status import JobRecord, JobStore, advance, write_outcome
-from nexus_bus.jobs.streams import ensure_job_streams
+from nexus_bus.jobs.streams import ensure_tracked_job_streams
 from nexus_bus.observability import log_context, logger
 from nexus_bus.operations import Operations
 from nexus_bus.runtime.dispatch import Dispatcher
@@ -107,6 +109,7 @@ class JobRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._subs: list[JetStreamContext.PullSubscription] = []
+        self._consumers: dict[str, ConsumerConfig] = {}  # by label, to create them again
         self._stopping = False
         self._store: JobStore | None = None
         self._dispatcher: Dispatcher | None = None
@@ -128,7 +131,9 @@ class JobRunner:
             Unavailable: JetStream cannot be reached or refuses a configuration.
         """
         self._store = JobStore(
-            await ensure_job_streams(self._js, self._settings), nc=self._nc, clock=self._clock
+            await ensure_tracked_job_streams(self._nc, self._settings),
+            nc=self._nc,
+            clock=self._clock,
         )
         self._dispatcher = Dispatcher(
             self._settings,
@@ -166,6 +171,7 @@ class JobRunner:
             filter_subjects=filters if len(filters) > 1 else None,
             max_ack_pending=max(1000, self._conf.concurrency * 4),
         )
+        self._consumers[label] = config
         try:
             await self._js.add_consumer(JOBS_STREAM, config)
             return await self._js.pull_subscribe_bind(durable=name, stream=JOBS_STREAM)
@@ -188,6 +194,8 @@ class JobRunner:
                 pass  # nothing to do right now
             except (nats.errors.Error, OSError) as exc:
                 logger.warning("job fetch for {} failed: {}", op, exc)
+                if stream_missing(exc):
+                    await self._recreate_consumer(op)
                 await asyncio.sleep(_IDLE_AFTER_ERROR_S)
             for _ in range(taken - len(msgs)):
                 slots.release()
@@ -196,6 +204,21 @@ class JobRunner:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 task.add_done_callback(lambda _t: slots.release())
+
+    async def _recreate_consumer(self, label: str) -> None:
+        """The consumer (or its stream) is gone (a memory-storage nats-server restarted, an
+        operator deleted it): restore the streams (bus/assets.py), then create the consumer
+        again. The pull subscription names it, so the next fetch reaches the new one."""
+        await assets_of(self._nc).restore()
+        config = self._consumers[label]
+        try:
+            await self._js.consumer_info(JOBS_STREAM, consumer_name(label))
+        except jserr.NotFoundError:
+            with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+                await self._js.add_consumer(JOBS_STREAM, config)
+                logger.warning("job consumer {} was missing: recreated", config.durable_name)
+        except (nats.errors.Error, OSError, TimeoutError):
+            pass  # JetStream unreachable: the next fetch fails, and asks again
 
     async def _handle(self, op: str, msg: Msg) -> None:
         """Run one delivery; never raises (a failure leaves the message to be redelivered)."""

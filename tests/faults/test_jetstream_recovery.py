@@ -17,7 +17,9 @@ from nexus_bus import Gateway, Settings, Worker
 from nexus_bus.embedded import ServerProcess
 from nexus_bus.errors import NexusError, NotFound
 from nexus_bus.handlers import builtin_groups
+from nexus_bus.jobs.client import wait_job
 from nexus_bus.observability import logger
+from nexus_bus.schemas.jobs import JobStatus
 from tests.conftest import make_settings
 from tests.helpers import eventually
 
@@ -105,3 +107,41 @@ async def test_a_deleted_data_bucket_is_recreated_by_the_next_call(
     )
     assert keyed["revision"] == 1
     assert (await gw.request("data", "put", {"key": f"k.{uid}", "value": 2}))["revision"] == 3
+
+
+async def _succeeds(gw: Gateway, key: str, value: int) -> None:
+    """A job submitted now is accepted and run to `succeeded`."""
+    accepted = await gw.submit("data", "put", {"key": key, "value": value})
+    job = await wait_job(gw.nc, gw.settings, accepted.job_id, timeout_s=10)
+    assert job.status == JobStatus.SUCCEEDED, job
+    assert (await gw.request("data", "get", {"key": key}))["value"] == value
+
+
+async def test_jobs_run_again_after_a_memory_storage_restart(
+    local_nats: ServerProcess, served: tuple[Worker, Gateway], uid: str
+) -> None:
+    worker, gw = served
+    await _succeeds(gw, f"j1.{uid}", 1)
+    local_nats.restart()  # NEXUS_JOBS, its consumers, NEXUS_DLQ and nexus_jobs are gone
+    await eventually(lambda: worker.nc.is_connected and gw.nc.is_connected, "reconnects", 15)
+    await _reachable(gw, uid)
+    # Before: the submission answered 503 (no stream), and the worker's consumers fetched in
+    # vain for good.
+    await _succeeds(gw, f"j2.{uid}", 2)
+
+
+async def test_a_deleted_jobs_stream_or_consumer_is_recreated(
+    local_nats: ServerProcess, served: tuple[Worker, Gateway], uid: str
+) -> None:
+    _, gw = served
+    await _succeeds(gw, f"j1.{uid}", 1)
+    await _delete_streams(local_nats.url, "NEXUS_JOBS")  # the status bucket stays
+    await _succeeds(gw, f"j2.{uid}", 2)  # before: 503 unavailable on submit
+    nc = await nats.connect(local_nats.url)
+    try:
+        await nc.jetstream().delete_consumer("NEXUS_JOBS", "nexus_jobs_data")
+    finally:
+        await nc.close()
+    await _succeeds(gw, f"j3.{uid}", 3)  # before: accepted, and never run
+    await _delete_streams(local_nats.url, "KV_nexus_jobs")  # the stream stays
+    await _succeeds(gw, f"j4.{uid}", 4)  # before: 503 unavailable on submit

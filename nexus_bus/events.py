@@ -10,6 +10,7 @@ import nats.js.errors as jserr
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from nexus_bus.bus.assets import STREAM_NOT_FOUND, again_if_missing
 from nexus_bus.bus.metadata import check_publish_size
 from nexus_bus.bus.nats_errors import BAD_REQUEST
 from nexus_bus.bus.subjects import events_subject
@@ -86,9 +87,15 @@ class JetStreamEventLog:
         if self._nc is not None:
             max_payload = self._nc.max_payload
             check_publish_size(f"append {topic}", data, headers, max_payload, jetstream=True)
-        async with translate_nats_errors(f"append {topic}"):
-            ack = await self._js.publish(subject, data, stream=self._stream, headers=headers)
-        return Appended(ack.seq, bool(ack.duplicate))
+
+        async def publish() -> Appended:
+            async with translate_nats_errors(f"append {topic}"):
+                ack = await self._js.publish(subject, data, stream=self._stream, headers=headers)
+            return Appended(ack.seq, bool(ack.duplicate))
+
+        # A stream gone since start is created again, and the event appended to it
+        # (bus/assets.py): no stream took the first publish.
+        return await again_if_missing(self._nc, publish)
 
     async def read(self, topic: str, after_seq: int = 0, limit: int = 100) -> list[StoredEvent]:
         """Read up to `limit` events after `after_seq` with direct "next by subject" gets.
@@ -105,9 +112,17 @@ class JetStreamEventLog:
             Unavailable: JetStream cannot be reached.
         """
         subject = events_subject(topic)
-        events: list[StoredEvent] = []
         if after_seq >= _LAST_SEQ:
-            return events
+            return []
+        # A stream gone since start is created again (bus/assets.py), and read: empty.
+        return await again_if_missing(
+            self._nc, lambda: self._read(topic, subject, after_seq, limit)
+        )
+
+    async def _read(
+        self, topic: str, subject: str, after_seq: int, limit: int
+    ) -> list[StoredEvent]:
+        events: list[StoredEvent] = []
         seq = after_seq + 1
         budget = self._nc.max_payload - _REPLY_HEADROOM if self._nc is not None else None
         size = 0
@@ -115,7 +130,9 @@ class JetStreamEventLog:
             while len(events) < limit:
                 try:
                     msg = await self._js.get_msg(self._stream, seq=seq, subject=subject, next=True)
-                except jserr.NotFoundError:
+                except jserr.NotFoundError as exc:
+                    if exc.err_code == STREAM_NOT_FOUND:
+                        raise  # the stream, not an event, is missing
                     break
                 if msg.seq is None:
                     break

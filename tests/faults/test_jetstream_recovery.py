@@ -145,3 +145,23 @@ async def test_a_deleted_jobs_stream_or_consumer_is_recreated(
     await _succeeds(gw, f"j3.{uid}", 3)  # before: accepted, and never run
     await _delete_streams(local_nats.url, "KV_nexus_jobs")  # the stream stays
     await _succeeds(gw, f"j4.{uid}", 4)  # before: 503 unavailable on submit
+
+
+async def test_a_deleted_events_stream_is_recreated_by_the_next_publish_or_read(
+    local_nats: ServerProcess, served: tuple[Worker, Gateway], uid: str
+) -> None:
+    worker, gw = served
+    topic = f"t{uid}"
+    for i in range(3):
+        await gw.request("stream", "publish", {"topic": topic, "event": i})
+    await _delete_streams(local_nats.url, "NEXUS_EVENTS")
+    # Before: 503 unavailable (NoStreamResponseError), for good.
+    published = await gw.request("stream", "publish", {"topic": topic, "event": "new"}, timeout=5)
+    assert published["seq"] == 1  # a new stream: its sequences start again
+    read = await gw.request("stream", "read", {"topic": topic})
+    assert [e["event"] for e in read["events"]] == ["new"]
+    await _delete_streams(local_nats.url, "NEXUS_EVENTS")
+    # Before: an empty read, and the stream stayed missing (an SSE client got 404).
+    assert (await gw.request("stream", "read", {"topic": topic}, timeout=5))["events"] == []
+    info = await worker.nc.jetstream().stream_info("NEXUS_EVENTS")
+    assert info.state.last_seq == 0

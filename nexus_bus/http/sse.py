@@ -229,9 +229,21 @@ class EventStreams:
         # Registered before subscribing: a drain that begins meanwhile ends this stream too.
         self._feeds.add(feed)
         try:
+            async with translate_nats_errors(f"subscribe to {topic}"):
+                last_seq = (await self._js.stream_info(EVENTS_STREAM)).state.last_seq
             if after is None:  # new events: those after the stream's last one now
-                async with translate_nats_errors(f"subscribe to {topic}"):
-                    feed.sent = (await self._js.stream_info(EVENTS_STREAM)).state.last_seq
+                feed.sent = last_seq
+            elif after > last_seq:
+                # An id this stream never reached: it came from a stream of the same name
+                # that was deleted (a memory-storage restart, an operator), and this one's
+                # sequences started again at 1. After that id, its events would be skipped
+                # until it caught up: resume at its first event instead (docs/http.md).
+                logger.info(
+                    "event stream {} for {}: Last-Event-ID {} is past the stream's last"
+                    " event {}: the stream was reset; resuming at its first event",
+                    topic, request_id, after, last_seq,
+                )  # fmt: skip
+                feed.sent = 0
             await self._follow(feed)
         except BaseException:
             self._feeds.discard(feed)

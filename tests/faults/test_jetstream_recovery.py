@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import httpx
 import nats
 import pytest
 
@@ -22,6 +23,8 @@ from nexus_bus.observability import logger
 from nexus_bus.schemas.jobs import JobStatus
 from tests.conftest import make_settings
 from tests.helpers import eventually
+from tests.integration.http_shim import bearer, running_shim
+from tests.integration.test_http_sse import EventReader, publish
 
 
 def _memory_settings(url: str, redis_url: str, **overrides: object) -> Settings:
@@ -165,3 +168,28 @@ async def test_a_deleted_events_stream_is_recreated_by_the_next_publish_or_read(
     assert (await gw.request("stream", "read", {"topic": topic}, timeout=5))["events"] == []
     info = await worker.nc.jetstream().stream_info("NEXUS_EVENTS")
     assert info.state.last_seq == 0
+
+
+async def test_sse_resuming_past_a_recreated_events_stream_starts_at_its_first_event(
+    local_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str
+) -> None:
+    settings = _memory_settings(local_nats.url, redis_url)
+    worker = Worker(settings, builtin_groups(["stream"]))
+    await worker.start()
+    topic = f"t{uid}"
+    try:
+        async with (
+            running_shim(settings, sse_heartbeat_s=0.3) as shim,
+            httpx.AsyncClient(base_url=shim.url, headers=bearer(admin_token), timeout=20) as c,
+        ):
+            old = [await publish(c, topic, {"old": i}) for i in range(3)]
+            await _delete_streams(local_nats.url, "NEXUS_EVENTS")
+            new = await publish(c, topic, "new")  # the stream is created again: seq 1
+            assert new == 1
+            headers = {"Last-Event-ID": str(old[-1])}  # what the client saw last: 3
+            async with c.stream("GET", f"/v1/events/{topic}", headers=headers) as resp:
+                assert resp.status_code == 200
+                # Before: nothing, until the new stream would pass sequence 3.
+                assert await EventReader(resp).next_event(timeout_s=5) == (1, "new")
+    finally:
+        await worker.drain(1)

@@ -7,7 +7,9 @@ past it the consumer is dropped, and a new one reads on once the backlog is sent
 holds no event state beyond that, so a client may resume on any replica. A comment line
 every `sse_heartbeat_s` keeps proxies from timing the stream out and detects dead clients;
 when the client leaves (or the shim drains) the consumer is deleted at once. A client that
-takes none of a frame for `sse_send_timeout_s` is closed: heartbeats cannot reach it.
+takes none of a frame for `sse_send_timeout_s` is closed: heartbeats cannot reach it. Should
+`NEXUS_EVENTS` be deleted and created again under open streams (its sequences start again at
+1), one check per heartbeat notices, and they read the new stream from its first event.
 
 Before streaming, the shim authorizes the client as `stream.read` on the topic itself and
 asks the workers the same (a `stream.read` call with the client's credentials): a 401 or 403
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any, Final
 from urllib.parse import parse_qs
 
@@ -58,6 +61,7 @@ _INACTIVE_S: Final = 30.0
 _STOP: Final = object()  # wakes a stream that must end now
 _BEHIND: Final = object()  # the client fell more than the backlog behind
 _RECHECK: Final = object()  # wakes an idle stream whose token must be checked now
+_RESET: Final = object()  # the events stream was created again: read the new one from its start
 _TICK: Final = object()  # nothing arrived: a heartbeat or a check is due
 _END_EVENT: Final = SSE_END_EVENT.encode()
 _encoder: Final = msgspec.json.Encoder()
@@ -125,6 +129,7 @@ class _Feed:
         self.stopped = False
         self._bytes = 0
         self.behind = False  # the backlog is full: further events are left in the stream
+        self.created: datetime | None = None  # when the stream its consumer reads was created
 
     async def offer(self, msg: Msg) -> None:
         """Queue an event (the subscription's callback); never blocks.
@@ -163,6 +168,26 @@ class _Feed:
         """Wake an idle stream: its token must be checked now."""
         self.queue.put_nowait(_RECHECK)
 
+    def reset(self, created: datetime | None) -> None:
+        """The events stream was created again (at `created`): read the new one from its first
+        event (its sequences started again at 1, which `offer` would take for events sent)."""
+        self.created = created
+        self.queue.put_nowait(_RESET)
+
+    def rewind(self) -> None:
+        """Before following the new stream from its start: forget the events queued since the
+        reset (the old consumer delivered them from the new stream; they come again, in
+        order), keeping the wake-ups."""
+        kept = []
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if item is _STOP or item is _RECHECK:
+                kept.append(item)
+        for item in kept:
+            self.queue.put_nowait(item)
+        self._bytes = 0
+        self.sent = 0
+
 
 class EventStreams:
     """Opens, feeds and tears down the SSE streams of one shim process."""
@@ -174,6 +199,7 @@ class EventStreams:
         self._send_timeout_s = settings.sse_send_timeout_s
         self._max = settings.sse_max_streams
         self._feeds: set[_Feed] = set()  # the open streams
+        self._watch: asyncio.Task[None] | None = None  # notices the stream created again
         self._reserved = 0  # places held by streams being opened or served
 
     @property
@@ -230,7 +256,8 @@ class EventStreams:
         self._feeds.add(feed)
         try:
             async with translate_nats_errors(f"subscribe to {topic}"):
-                last_seq = (await self._js.stream_info(EVENTS_STREAM)).state.last_seq
+                info = await self._js.stream_info(EVENTS_STREAM)
+            feed.created, last_seq = info.created, info.state.last_seq
             if after is None:  # new events: those after the stream's last one now
                 feed.sent = last_seq
             elif after > last_seq:
@@ -246,8 +273,10 @@ class EventStreams:
                 feed.sent = 0
             await self._follow(feed)
         except BaseException:
-            self._feeds.discard(feed)
+            self._forget(feed)
             raise
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.create_task(self._watch_stream())
         watcher = asyncio.create_task(_watch_disconnect(receive, feed))
         try:
             headers = [*_STREAM_HEADERS, (_REQUEST_ID, request_id.encode())]
@@ -264,11 +293,37 @@ class EventStreams:
         except Exception:
             logger.opt(exception=True).warning("event stream {} for {} failed", topic, request_id)
         finally:
-            self._feeds.discard(feed)
+            self._forget(feed)
             watcher.cancel()
             await _remove_consumer(self._js, feed.sub)
         with contextlib.suppress(OSError):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _forget(self, feed: _Feed) -> None:
+        self._feeds.discard(feed)
+        if not self._feeds and self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    async def _watch_stream(self) -> None:
+        """While streams are open, notice `NEXUS_EVENTS` deleted and created again under them
+        (a memory-storage nats-server restarted, an operator; docs/http.md): the new stream's
+        sequences start again at 1, so the open streams would skip its events up to the last
+        one they sent. One stream info per heartbeat for the whole process."""
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            try:
+                created = (await self._js.stream_info(EVENTS_STREAM)).created
+            except (nats.errors.Error, OSError, TimeoutError):
+                continue  # missing (nothing to read yet) or unreachable
+            stale = [f for f in self._feeds if f.created is not None and f.created != created]
+            for feed in stale:
+                feed.reset(created)
+            if stale:
+                logger.warning(
+                    "{} was created again: {} open event streams read it from its first event",
+                    EVENTS_STREAM, len(stale),
+                )  # fmt: skip
 
     async def _write(self, send: Any, frame: bytes) -> None:
         """Send a frame of the stream.
@@ -319,6 +374,11 @@ class EventStreams:
                 pass
             if feed.stopped:
                 return None
+            if item is _RESET:  # a new stream of the same name: read it from its start
+                await _remove_consumer(self._js, feed.sub)
+                feed.rewind()
+                await self._follow(feed)
+                continue
             if item is _BEHIND:  # the backlog is sent: read on where it ended
                 await _remove_consumer(self._js, feed.sub)
                 await self._follow(feed)

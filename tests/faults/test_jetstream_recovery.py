@@ -193,3 +193,31 @@ async def test_sse_resuming_past_a_recreated_events_stream_starts_at_its_first_e
                 assert await EventReader(resp).next_event(timeout_s=5) == (1, "new")
     finally:
         await worker.drain(1)
+
+
+async def test_an_open_sse_stream_follows_the_events_stream_created_again(
+    local_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str
+) -> None:
+    settings = _memory_settings(local_nats.url, redis_url)
+    worker = Worker(settings, builtin_groups(["stream"]))
+    await worker.start()
+    topic = f"t{uid}"
+    try:
+        async with (
+            running_shim(settings, sse_heartbeat_s=0.3) as shim,
+            httpx.AsyncClient(base_url=shim.url, headers=bearer(admin_token), timeout=20) as c,
+            c.stream("GET", f"/v1/events/{topic}") as resp,
+        ):
+            reader = EventReader(resp)
+            await reader.wait_comment()
+            for i in range(3):
+                seq = await publish(c, topic, {"old": i})
+                assert await reader.next_event() == (seq, {"old": i})
+            await _delete_streams(local_nats.url, "NEXUS_EVENTS")
+            assert await publish(c, topic, "new") == 1  # the stream is created again
+            # Before: nothing (sequence 1 is not after 3, the last event the stream sent).
+            assert await reader.next_event(timeout_s=5) == (1, "new")
+            assert await publish(c, topic, "next") == 2
+            assert await reader.next_event() == (2, "next")
+    finally:
+        await worker.drain(1)

@@ -20,7 +20,9 @@ import msgspec.structs
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
+from nexus_bus.bus.assets import again_if_missing, assets_of
 from nexus_bus.config import Settings
+from nexus_bus.constants import KV_STREAM_PREFIX, OPS_BUCKET
 from nexus_bus.errors import NexusError
 from nexus_bus.jetstream import ensure_ops_bucket
 from nexus_bus.observability import logger
@@ -63,13 +65,24 @@ class Registration:
             Unavailable / UpstreamTimeout: JetStream cannot be reached.
         """
         if self._kv is None:
-            self._kv = await ensure_ops_bucket(
-                self._nc.jetstream(), self._jetstream, forget_after_s=self._forget_after_s
-            )
+            js, settings = self._nc.jetstream(), self._jetstream
+            forget_after_s = self._forget_after_s
+            self._kv = await ensure_ops_bucket(js, settings, forget_after_s=forget_after_s)
+            # Gone while the worker runs, the bucket is created again by the next put that
+            # finds it missing (bus/assets.py): the heartbeat declares the ops again.
+            assets_of(self._nc).track(
+                f"{KV_STREAM_PREFIX}{OPS_BUCKET}", "bucket",
+                lambda: ensure_ops_bucket(js, settings, forget_after_s=forget_after_s),
+            )  # fmt: skip
+        kv = self._kv
         for declaration in self.declarations:
             entry = msgspec.structs.replace(declaration, state=state)
-            async with translate_nats_errors(f"register {declaration.op}"):
-                await self._kv.put(entry_key(entry.op, entry.instance), encode(entry))
+
+            async def put(entry: Declaration = entry) -> None:
+                async with translate_nats_errors(f"register {entry.op}"):
+                    await kv.put(entry_key(entry.op, entry.instance), encode(entry))
+
+            await again_if_missing(self._nc, put)
 
     async def _beat(self) -> None:
         while True:

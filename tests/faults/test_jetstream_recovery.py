@@ -221,3 +221,33 @@ async def test_an_open_sse_stream_follows_the_events_stream_created_again(
             assert await reader.next_event() == (2, "next")
     finally:
         await worker.drain(1)
+
+
+async def test_a_deleted_ops_bucket_is_recreated_by_the_next_registry_heartbeat(
+    local_nats: ServerProcess, redis_url: str
+) -> None:
+    settings = _memory_settings(local_nats.url, redis_url, registry={"heartbeat_s": 0.2})
+    worker = Worker(settings, builtin_groups(["data"]))
+    await worker.start()
+    nc = await nats.connect(local_nats.url)
+    try:
+        js = nc.jetstream()
+        await js.delete_stream("KV_nexus_ops")
+
+        async def declared() -> list[str]:
+            try:
+                return await (await js.key_value("nexus_ops")).keys()
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+                return []
+
+        # Before: every heartbeat failed with 503 (no stream), and the worker's ops stayed
+        # undeclared until it was restarted.
+        for _ in range(50):
+            if any(key.startswith("data.") for key in await declared()):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the worker's ops were not declared again")
+    finally:
+        await nc.close()
+        await worker.drain(1)

@@ -54,6 +54,7 @@ from typing import Final, Protocol
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from nexus_bus.bus.assets import stream_missing
 from nexus_bus.config import JetStreamSettings
 from nexus_bus.constants import AUTH_REVOKED_BUCKET, AUTH_REVOKED_KEY
 from nexus_bus.errors import InvalidRequest, NexusError, Unavailable
@@ -204,10 +205,14 @@ class RevocationStoreWithCache:
         if not jti:
             raise InvalidRequest("jti must not be empty")
         key = revocation_key(jti)
-        async with self._failing_closed():
-            kv = await self._bucket()
-            async with translate_nats_errors("put revocation"):
-                await kv.put(key, jti.encode(errors="surrogatepass"))
+        try:
+            await self._record(key, jti)
+        except Unavailable as exc:
+            if not stream_missing(exc):
+                raise
+            # The bucket is gone (a memory-storage nats-server restarted, an operator):
+            # `_bucket` creates it again, and the record goes there.
+            await self._record(key, jti)
         async with self._redis_failing():
             now_ms = int(time.time() * 1000)
             await self._redis.hset(self._key, key, _ms_from_now(self._retention_s))
@@ -215,6 +220,12 @@ class RevocationStoreWithCache:
                 keys=[self._key], args=[self._prune_cursor, now_ms, _PRUNE_PAGE]
             )
             self._prune_cursor = cursor
+
+    async def _record(self, key: str, jti: str) -> None:
+        async with self._failing_closed():
+            kv = await self._bucket()
+            async with translate_nats_errors("put revocation"):
+                await kv.put(key, jti.encode(errors="surrogatepass"))
 
     async def is_revoked(self, jti: str) -> bool:
         """Whether `jti` is revoked, as Redis says (re-seeded first when it lost its data).

@@ -47,7 +47,7 @@ def stream_missing(exc: BaseException | None) -> bool:
     call naming no stream 404 with err_code 10059, a bucket lookup `BucketNotFoundError`, and
     a pull request whose consumer (or stream) is gone 503.
     """
-    if isinstance(exc, NexusError):
+    while isinstance(exc, NexusError):
         exc = exc.__cause__
     if isinstance(exc, jserr.NotFoundError) and exc.err_code == STREAM_NOT_FOUND:
         return True

@@ -11,10 +11,12 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
+import msgspec
 import nats
 import pytest
 
 from nexus_bus import Gateway, Settings, Worker
+from nexus_bus.constants import H_STATUS
 from nexus_bus.embedded import ServerProcess
 from nexus_bus.errors import NexusError, NotFound
 from nexus_bus.handlers import builtin_groups
@@ -248,6 +250,33 @@ async def test_a_deleted_ops_bucket_is_recreated_by_the_next_registry_heartbeat(
             await asyncio.sleep(0.1)
         else:
             pytest.fail("the worker's ops were not declared again")
+    finally:
+        await nc.close()
+        await worker.drain(1)
+
+
+async def test_a_revocation_goes_into_a_bucket_deleted_under_the_worker(
+    local_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str
+) -> None:
+    settings = _memory_settings(local_nats.url, redis_url)
+    worker = Worker(settings, builtin_groups(["auth"]))
+    await worker.start()
+    nc = await nats.connect(local_nats.url)
+    headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+
+    async def revoke(jti: str) -> str | None:
+        body = msgspec.json.encode({"jti": jti})
+        reply = await nc.request("nexus.auth.revoke", body, timeout=5, headers=headers)
+        return (reply.headers or {}).get(H_STATUS)
+
+    try:
+        assert await revoke(f"a{uid}") == "200"
+        await nc.jetstream().delete_stream("KV_nexus_auth_revoked")
+        # Before: 503 once (the store forgot the bucket, and only the next call created it
+        # again); a NATS client that does not retry saw the revocation fail.
+        assert await revoke(f"b{uid}") == "200"
+        kv = await nc.jetstream().key_value("nexus_auth_revoked")
+        assert (await kv.get(f"b{uid}")).value == f"b{uid}".encode()
     finally:
         await nc.close()
         await worker.drain(1)

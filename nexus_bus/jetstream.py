@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Final
 
 import nats.js.errors as jserr
@@ -94,6 +95,35 @@ async def ensure_data_bucket(js: JetStreamContext, settings: JetStreamSettings) 
             replicas=settings.replicas,
         ),
     )
+
+
+async def renew_data_bucket(js: JetStreamContext, template: StreamConfig) -> KeyValue:
+    """The `nexus_data` bucket; when it is gone (while a worker runs), created again as
+    `template` (its stream's configuration when the worker started), its revisions starting
+    at the current time in epoch microseconds.
+
+    Revisions order the cache's entries (docs/cache.md): a bucket created again from 1 would
+    rank every entry the Redis cache still holds from the old one above the new writes, and
+    a key written anew would read back its old value until the entry expired. The old bucket
+    reached a higher revision only with more than a write per microsecond on average since
+    it began; and it stays far below 2^53, past which the cache cannot compare revisions. Two
+    processes creating it at once: the first one's stands (the other's is refused).
+
+    Raises:
+        Unavailable: JetStream cannot be reached.
+    """
+    async with translate_nats_errors(f"bucket {DATA_BUCKET}"):
+        try:
+            return await js.key_value(DATA_BUCKET)
+        except jserr.BucketNotFoundError:
+            pass
+        first_seq = int(time.time() * 1_000_000)
+        try:
+            await js.add_stream(dataclasses.replace(template, first_seq=first_seq))
+        except jserr.BadRequestError as exc:
+            if exc.err_code != _STREAM_NAME_IN_USE:  # in use: another process was first
+                raise
+        return await js.key_value(DATA_BUCKET)
 
 
 async def ensure_ops_bucket(

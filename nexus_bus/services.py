@@ -14,9 +14,9 @@ from nexus_bus.cache import Cache, cached_records, start_cache
 from nexus_bus.config import Settings
 from nexus_bus.constants import DATA_BUCKET, EVENTS_STREAM, KV_STREAM_PREFIX
 from nexus_bus.events import EventLog, JetStreamEventLog
-from nexus_bus.jetstream import ensure_data_bucket, ensure_events_stream
+from nexus_bus.jetstream import ensure_data_bucket, ensure_events_stream, renew_data_bucket
 from nexus_bus.redis_client import RedisClient, create_redis
-from nexus_bus.store import KeyValueRecordStore, RecordStore
+from nexus_bus.store import KeyValueRecordStore, RecordStore, translate_nats_errors
 
 
 @dataclass
@@ -50,7 +50,10 @@ async def create_services(nc: Client, settings: Settings) -> Services:
     assets = assets_of(nc)
     assets.track(EVENTS_STREAM, "stream", lambda: ensure_events_stream(js, settings.jetstream))
     data_stream = f"{KV_STREAM_PREFIX}{DATA_BUCKET}"
-    assets.track(data_stream, "bucket", lambda: ensure_data_bucket(js, settings.jetstream))
+    async with translate_nats_errors(f"stream {data_stream}"):
+        template = (await js.stream_info(data_stream)).config
+    # Created again as it is now, its revisions above the old one's (the cache's ordering).
+    assets.track(data_stream, "bucket", lambda: renew_data_bucket(js, template))
     redis = create_redis(settings.redis)
     kv_records = KeyValueRecordStore(kv, js, nc=nc)
     records: RecordStore = kv_records

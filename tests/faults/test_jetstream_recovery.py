@@ -82,12 +82,12 @@ async def test_data_writes_work_again_after_a_memory_storage_restart(
     await _reachable(gw, uid)
     # The first write recreates the bucket (before: 503 unavailable, for good).
     put = await gw.request("data", "put", {"key": f"k.{uid}", "value": 2}, timeout=5)
-    assert put["revision"] == 1  # a new bucket: what the old one held is lost
     assert (await gw.request("data", "get", {"key": f"k.{uid}"}))["value"] == 2
+    # The journal's atomic batch: the effect-record settings are back.
     keyed = await gw.request(
         "data", "put", {"key": f"i.{uid}", "value": 3}, idempotency_key=uid, timeout=5
     )
-    assert keyed["revision"] == 2  # the journal's atomic batch: the effects settings are back
+    assert keyed["revision"] == put["revision"] + 1
 
 
 async def test_a_deleted_data_bucket_is_recreated_by_the_next_call(
@@ -110,8 +110,38 @@ async def test_a_deleted_data_bucket_is_recreated_by_the_next_call(
     keyed = await gw.request(
         "data", "put", {"key": f"i.{uid}", "value": 3}, idempotency_key=uid, timeout=5
     )
-    assert keyed["revision"] == 1
-    assert (await gw.request("data", "put", {"key": f"k.{uid}", "value": 2}))["revision"] == 3
+    put = await gw.request("data", "put", {"key": f"k.{uid}", "value": 2})
+    assert put["revision"] == keyed["revision"] + 2  # the write, its record, this one
+
+
+@pytest.mark.parametrize("lost", ["deleted", "restarted"])
+async def test_a_key_written_after_the_data_bucket_came_back_is_not_read_from_the_old_cache(
+    lost: str, local_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str
+) -> None:
+    settings = _memory_settings(local_nats.url, redis_url, cache={"enabled": True})
+    worker = Worker(settings, builtin_groups(["data"]))
+    await worker.start()
+    gw = await Gateway.connect(settings, token=admin_token)
+    key = f"k.{uid}"
+    try:
+        for i in range(5):  # revision 5, cached
+            await gw.request("data", "put", {"key": key, "value": i})
+        assert (await gw.request("data", "get", {"key": key}))["value"] == 4
+        if lost == "deleted":
+            await _delete_streams(local_nats.url, "KV_nexus_data")
+        else:
+            local_nats.restart()
+            await eventually(lambda: worker.nc.is_connected and gw.nc.is_connected, "rc", 15)
+            await _reachable(gw, uid)
+        put = await gw.request("data", "put", {"key": key, "value": "new"}, timeout=5)
+        assert put["revision"] > 5
+        # Before: the bucket came back counting from 1, the cache kept its entry at revision
+        # 5 above the write's 1, and every read answered 4 until the entry expired.
+        got = await gw.request("data", "get", {"key": key})
+        assert (got["value"], got["revision"]) == ("new", put["revision"])
+    finally:
+        await gw.close()
+        await worker.drain(1)
 
 
 async def _succeeds(gw: Gateway, key: str, value: int) -> None:

@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
 from nexus_bus.config import Settings
-from nexus_bus.errors import NexusError
+from nexus_bus.errors import NexusError, Unavailable
 from nexus_bus.jetstream import ensure_ops_bucket
 from nexus_bus.observability import logger
 from nexus_bus.operations import Operations
@@ -202,6 +202,11 @@ class OpsRegistry:
             async with translate_nats_errors("read the operation registry's state"):
                 status = await self._kv.status()
             state = status.stream_info.state
+            if state.last_seq < self._seq:
+                # Sequences never go back: this is a bucket created again since the watch
+                # began (a memory-storage nats-server restarted, an operator), which the
+                # watch does not follow. Read it anew.
+                raise Unavailable("the operation registry's bucket was created again")
             target = state.last_seq if state.messages else 0
             while self._seq < target:
                 self._advanced.clear()

@@ -15,17 +15,19 @@ import msgspec
 import nats
 import pytest
 
-from nexus_bus import Gateway, Settings, Worker
+from nexus_bus import Gateway, NoResponders, Settings, Worker
 from nexus_bus.constants import H_STATUS
 from nexus_bus.embedded import ServerProcess
 from nexus_bus.errors import NexusError, NotFound
 from nexus_bus.handlers import builtin_groups
 from nexus_bus.jobs.client import wait_job
 from nexus_bus.observability import logger
+from nexus_bus.registry import register
 from nexus_bus.schemas.jobs import JobStatus
 from tests.conftest import make_settings
 from tests.helpers import eventually
 from tests.integration.http_shim import bearer, running_shim
+from tests.integration.registry_ops import group
 from tests.integration.test_http_sse import EventReader, publish
 
 
@@ -310,3 +312,31 @@ async def test_a_revocation_goes_into_a_bucket_deleted_under_the_worker(
     finally:
         await nc.close()
         await worker.drain(1)
+
+
+async def test_a_registry_view_reads_an_ops_bucket_created_again(
+    local_nats: ServerProcess, redis_url: str, uid: str
+) -> None:
+    settings = _memory_settings(local_nats.url, redis_url)
+    gw = await Gateway.connect(settings)
+    registrations = []
+    try:
+        for n in range(3):  # the old bucket reaches sequence 3
+            registration = await register(gw.nc, settings, [group(f"early{n}{uid}")])
+            assert registration is not None
+            registrations.append(registration)
+        with pytest.raises(NoResponders):  # the view is running, and has read them
+            await gw.request(f"early0{uid}", "hello", {})
+        await _delete_streams(local_nats.url, "KV_nexus_ops")
+        # Declared in the new bucket only, at sequence 1.
+        registration = await register(gw.nc, settings, [group(f"late{uid}")])
+        assert registration is not None
+        registrations.append(registration)
+        # Before: 404 unknown_operation: the view took itself for up to date (its sequence,
+        # 3, was past the new bucket's last), and its watch of the old bucket saw nothing.
+        with pytest.raises(NoResponders):
+            await gw.request(f"late{uid}", "hello", {})
+    finally:
+        for registration in registrations:
+            await registration.stop()
+        await gw.close()

@@ -40,7 +40,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from nexus_bus.auth.base import Authenticator
 from nexus_bus.bus import codec
-from nexus_bus.bus.assets import assets_of, stream_missing
+from nexus_bus.bus.assets import again_if_missing, assets_of, stream_missing
 from nexus_bus.bus.metadata import LazyTrace, request_id_of
 from nexus_bus.bus.replies import Expired, Reply, error_of, problem_of
 from nexus_bus.config import Settings
@@ -56,7 +56,7 @@ from nexus_bus.constants import (
 )
 from nexus_bus.effects import effect_scope, journaled_services
 from nexus_bus.errors import InvalidRequest, NexusError, PayloadTooLarge, Unavailable
-from nexus_bus.jobs.dlq import dead_letter, dead_letter_headers
+from nexus_bus.jobs.dlq import Stored, dead_letter, dead_letter_headers
 from nexus_bus.jobs.envelope import job_id_of_message, parse_job_subject, run_headers
 from nexus_bus.jobs.metrics import JOBS_COMPLETED, JOBS_DEAD_LETTERED, JOBS_REDELIVERED
 from nexus_bus.jobs.retry import Verdict, backoff_of, decide, is_client_error
@@ -465,22 +465,24 @@ class JobRunner:
         assert self._store is not None
         meta = msg.metadata
         now = self._clock()
-        entry = await dead_letter(
-            self._js,
-            op=op,
-            action=action,
-            data=msg.data,
-            max_payload=self._nc.max_payload,
-            headers=dead_letter_headers(
-                headers,
-                error=error,
-                attempts=attempts,
-                subject=msg.subject,
-                stream_seq=meta.sequence.stream,
-                enqueued_at=meta.timestamp.timestamp(),
-                failed_at=now,
-            ),
+        entry_headers = dead_letter_headers(
+            headers,
+            error=error,
+            attempts=attempts,
+            subject=msg.subject,
+            stream_seq=meta.sequence.stream,
+            enqueued_at=meta.timestamp.timestamp(),
+            failed_at=now,
         )
+
+        async def store_entry() -> Stored:
+            return await dead_letter(
+                self._js, op=op, action=action, data=msg.data,
+                max_payload=self._nc.max_payload, headers=entry_headers,
+            )  # fmt: skip
+
+        # A DLQ stream gone since start is created again, and the entry stored there.
+        entry = await again_if_missing(self._nc, store_entry)
         status = _TERMINAL_STATUS[verdict]
         final = advance(
             record, status, now=now, attempts=attempts, error=_problem(error, record.request_id)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import msgspec
 import nats
 import pytest
 
-from nexus_bus import Gateway, NoResponders, Settings, Worker
+from nexus_bus import Gateway, NoResponders, Operations, RequestContext, Settings, Worker
 from nexus_bus.constants import H_STATUS
 from nexus_bus.embedded import ServerProcess
 from nexus_bus.errors import NexusError, NotFound
@@ -340,3 +341,32 @@ async def test_a_registry_view_reads_an_ops_bucket_created_again(
         for registration in registrations:
             await registration.stop()
         await gw.close()
+
+
+async def test_a_job_is_dead_lettered_into_a_dlq_stream_deleted_under_the_worker(
+    local_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str
+) -> None:
+    boom = Operations("boom")
+
+    @boom.action("fail")
+    async def fail(req: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        raise RuntimeError("a server fault: dead-lettered at once")
+
+    settings = _memory_settings(local_nats.url, redis_url)
+    worker = Worker(settings, [boom])
+    await worker.start()
+    gw = await Gateway.connect(settings, token=admin_token)
+    try:
+        first = await gw.submit("boom", "fail", {})  # the streams are there (both processes)
+        assert (await wait_job(gw.nc, settings, first.job_id, timeout_s=10)).status == "failed"
+        await _delete_streams(local_nats.url, "NEXUS_DLQ")
+        accepted = await gw.submit("boom", "fail", {})
+        # Before: the DLQ publish found no stream, the delivery was handed back, and the job
+        # went round for good, never `failed`.
+        job = await wait_job(gw.nc, settings, accepted.job_id, timeout_s=10)
+        assert job.status == JobStatus.FAILED
+        info = await gw.nc.jetstream().stream_info("NEXUS_DLQ")
+        assert info.state.messages == 1
+    finally:
+        await gw.close()
+        await worker.drain(1)

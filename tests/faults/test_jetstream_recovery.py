@@ -8,6 +8,7 @@ worker was restarted (data.put 503, data.list 404, job consumers fetching in vai
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,12 +16,15 @@ import httpx
 import msgspec
 import nats
 import pytest
+from nats.js.api import StreamConfig
 
 from nexus_bus import Gateway, NoResponders, Operations, RequestContext, Settings, Worker
+from nexus_bus.bus.assets import assets_of
 from nexus_bus.constants import H_STATUS
 from nexus_bus.embedded import ServerProcess
 from nexus_bus.errors import NexusError, NotFound
 from nexus_bus.handlers import builtin_groups
+from nexus_bus.jetstream import ensure_stream
 from nexus_bus.jobs.client import wait_job
 from nexus_bus.observability import logger
 from nexus_bus.registry import register
@@ -370,3 +374,45 @@ async def test_a_job_is_dead_lettered_into_a_dlq_stream_deleted_under_the_worker
     finally:
         await gw.close()
         await worker.drain(1)
+
+
+async def test_restores_are_shared_and_held_off_after_finding_nothing_missing(
+    local_nats: ServerProcess,
+) -> None:
+    nc = await nats.connect(local_nats.url)
+    try:
+        js = nc.jetstream()
+        config = StreamConfig(name=f"S{uuid.uuid4().hex[:8]}", subjects=["recovery.>"])
+        await ensure_stream(js, config)
+        runs: list[int] = []
+
+        async def step() -> None:
+            runs.append(1)
+            await ensure_stream(js, config)
+
+        assets = assets_of(nc)
+        assets.track(config.name or "", "stream", step)
+        # Ten failing calls at once: one restore, shared.
+        assert await asyncio.gather(*(assets.restore() for _ in range(10))) == [[]] * 10
+        assert len(runs) == 1
+        # It found nothing missing: the next call within a second does not ask again.
+        await js.delete_stream(config.name or "")
+        assert await assets.restore() == []
+        assert len(runs) == 1
+        recreated: list[str] = []
+
+        async def restored() -> bool:
+            recreated.extend(await assets.restore())
+            return bool(recreated)
+
+        for _ in range(40):  # held off for a second, then restored
+            if await restored():
+                break
+            await asyncio.sleep(0.05)
+        assert recreated == [config.name]
+        assert len(runs) == 2
+        # A restore that recreated something does not hold the next one off.
+        await js.delete_stream(config.name or "")
+        assert await assets.restore() == [config.name]
+    finally:
+        await nc.close()

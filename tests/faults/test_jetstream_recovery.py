@@ -416,3 +416,28 @@ async def test_restores_are_shared_and_held_off_after_finding_nothing_missing(
         assert await assets.restore() == [config.name]
     finally:
         await nc.close()
+
+
+async def test_an_sse_client_opens_on_an_events_stream_deleted_under_the_worker(
+    local_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str
+) -> None:
+    settings = _memory_settings(local_nats.url, redis_url)
+    worker = Worker(settings, builtin_groups(["stream"]))
+    await worker.start()
+    topic = f"t{uid}"
+    try:
+        async with (
+            running_shim(settings, sse_heartbeat_s=0.3) as shim,
+            httpx.AsyncClient(base_url=shim.url, headers=bearer(admin_token), timeout=20) as c,
+        ):
+            await _delete_streams(local_nats.url, "NEXUS_EVENTS")
+            # The shim's gate (a stream.read through a worker) brings the stream back. Before:
+            # the read answered [] and left it missing, and the shim answered 404 not_found.
+            async with c.stream("GET", f"/v1/events/{topic}") as resp:
+                assert resp.status_code == 200
+                reader = EventReader(resp)
+                await reader.wait_comment()
+                seq = await publish(c, topic, "x")
+                assert await reader.next_event() == (seq, "x")
+    finally:
+        await worker.drain(1)

@@ -441,3 +441,30 @@ async def test_an_sse_client_opens_on_an_events_stream_deleted_under_the_worker(
                 assert await reader.next_event() == (seq, "x")
     finally:
         await worker.drain(1)
+
+
+async def test_a_worker_serving_jobs_restores_every_stream_after_a_restart_unasked(
+    local_nats: ServerProcess, served: tuple[Worker, Gateway]
+) -> None:
+    worker, _ = served
+    local_nats.restart()  # memory storage: nothing is left
+    await eventually(lambda: worker.nc.is_connected, "the worker reconnects", 15)
+    nc = await nats.connect(local_nats.url)
+    try:
+        js = nc.jetstream()
+        wanted = {"NEXUS_EVENTS", "KV_nexus_data", "NEXUS_JOBS", "NEXUS_DLQ", "KV_nexus_jobs"}
+        streams: set[str] = set()
+        consumers: set[str | None] = set()
+        # No call at all: the job runner's next fetch finds its consumer gone (every 2 s).
+        # Before: nothing came back until a worker restarted.
+        for _ in range(100):
+            streams = {info.config.name or "" for info in await js.streams_info()}
+            if "NEXUS_JOBS" in streams:
+                consumers = {c.name for c in await js.consumers_info("NEXUS_JOBS")}
+            if wanted <= streams and {"nexus_jobs_data", "nexus_jobs_stream"} <= consumers:
+                break
+            await asyncio.sleep(0.1)
+        assert wanted <= streams
+        assert {"nexus_jobs_data", "nexus_jobs_stream"} <= consumers
+    finally:
+        await nc.close()

@@ -48,12 +48,12 @@ async def create_services(nc: Client, settings: Settings) -> Services:
     await ensure_events_stream(js, settings.jetstream)
     kv = await ensure_data_bucket(js, settings.jetstream)
     assets = assets_of(nc)
-    assets.track(EVENTS_STREAM, "stream", lambda: ensure_events_stream(js, settings.jetstream))
+    assets.track(EVENTS_STREAM, "stream", lambda js: ensure_events_stream(js, settings.jetstream))
     data_stream = f"{KV_STREAM_PREFIX}{DATA_BUCKET}"
     async with translate_nats_errors(f"stream {data_stream}"):
         template = (await js.stream_info(data_stream)).config
     # Created again as it is now, its revisions above the old one's (the cache's ordering).
-    assets.track(data_stream, "bucket", lambda: renew_data_bucket(js, template))
+    assets.track(data_stream, "bucket", lambda js: renew_data_bucket(js, template))
     redis = create_redis(settings.redis)
     kv_records = KeyValueRecordStore(kv, js, nc=nc)
     records: RecordStore = kv_records

@@ -27,12 +27,13 @@ from typing import Final, TypeVar
 import nats.errors
 import nats.js.errors as jserr
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from nexus_bus.errors import NexusError
 from nexus_bus.observability import logger
 
 T = TypeVar("T")
-Step = Callable[[], Awaitable[object]]
+Step = Callable[[JetStreamContext], Awaitable[object]]
 
 STREAM_NOT_FOUND: Final = 10059  # JetStream's err_code for an API call naming no stream
 _MIN_INTERVAL_S: Final = 1.0
@@ -64,15 +65,17 @@ class JetStreamAssets:
     """The streams and buckets one connection's process created, and how to create them."""
 
     def __init__(self, nc: Client) -> None:
-        self._js = nc.jetstream()
+        # Held weakly, and steps get the JetStream context when they run: the registry of
+        # connections (`assets_of`) must not keep a closed connection alive.
+        self._nc = weakref.ref(nc)
         # (stream, step name) -> the step; in order, so a bucket comes before its settings.
         self._steps: dict[tuple[str, str], Step] = {}
         self._running: asyncio.Task[list[str]] | None = None
         self._last = float("-inf")  # when the last restore ended (the loop's clock)
 
     def track(self, stream: str, step: str, ensure: Step) -> None:
-        """Remember how `stream` is created (`ensure`), under a name; the same name again
-        replaces the step it had."""
+        """Remember how `stream` is created (`ensure`, given a JetStream context on the
+        connection), under a name; the same name again replaces the step it had."""
         self._steps[(stream, step)] = ensure
 
     @property
@@ -102,14 +105,18 @@ class JetStreamAssets:
             self._last = asyncio.get_running_loop().time()
 
     async def _restore(self) -> list[str]:
+        nc = self._nc()
+        if nc is None:
+            return []
+        js = nc.jetstream()
         recreated: list[str] = []
         for stream in self.streams:
             steps = [ensure for (name, _), ensure in list(self._steps.items()) if name == stream]
             exists: bool | None = None
             try:
-                exists = await self._exists(stream)
+                exists = await _exists(js, stream)
                 for ensure in steps:
-                    await ensure()
+                    await ensure(js)
             except (NexusError, nats.errors.Error, OSError, TimeoutError) as exc:
                 detail = exc.detail if isinstance(exc, NexusError) else repr(exc)
                 # Unreachable JetStream is the caller's error to report; a stream found
@@ -127,19 +134,21 @@ class JetStreamAssets:
             )
         return recreated
 
-    async def _exists(self, stream: str) -> bool:
-        """Whether JetStream has `stream`.
 
-        Raises:
-            nats.errors.Error: JetStream did not answer, or answered something else.
-        """
-        try:
-            await self._js.stream_info(stream)
-        except jserr.NotFoundError as exc:
-            if exc.err_code == STREAM_NOT_FOUND:
-                return False
-            raise
-        return True
+
+async def _exists(js: JetStreamContext, stream: str) -> bool:
+    """Whether JetStream has `stream`.
+
+    Raises:
+        nats.errors.Error: JetStream did not answer, or answered something else.
+    """
+    try:
+        await js.stream_info(stream)
+    except jserr.NotFoundError as exc:
+        if exc.err_code == STREAM_NOT_FOUND:
+            return False
+        raise
+    return True
 
 
 _assets: Final[weakref.WeakKeyDictionary[Client, JetStreamAssets]] = (

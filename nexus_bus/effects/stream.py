@@ -66,8 +66,7 @@ async def journaled_services(services: Services, *, record_ttl_s: float) -> Serv
     """
     stream = await ensure_effect_records(services.js)
     # A data bucket created again while the worker runs needs the records' settings again.
-    js = services.js
-    assets_of(services.nc).track(stream, "effect records", lambda: ensure_effect_records(js))
+    assets_of(services.nc).track(stream, "effect records", ensure_effect_records)
     cache = services.cache
     journal = JournaledRecordStore(
         services.records,

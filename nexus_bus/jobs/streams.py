@@ -94,11 +94,11 @@ async def ensure_tracked_job_streams(nc: Client, settings: Settings) -> KeyValue
     Raises:
         Unavailable: JetStream cannot be reached or refuses a configuration.
     """
-    js = nc.jetstream()
-    kv = await ensure_job_streams(js, settings)
+    kv = await ensure_job_streams(nc.jetstream(), settings)
     assets = assets_of(nc)
-    assets.track(JOBS_STREAM, "stream", lambda: ensure_stream(js, jobs_stream_config(settings)))
-    assets.track(DLQ_STREAM, "stream", lambda: ensure_stream(js, dlq_stream_config(settings)))
-    assets.track(f"{KV_STREAM_PREFIX}{JOBS_BUCKET}", "bucket",
-                 lambda: ensure_jobs_bucket(js, settings))
+    jobs, dlq = jobs_stream_config(settings), dlq_stream_config(settings)
+    assets.track(JOBS_STREAM, "stream", lambda js: ensure_stream(js, jobs))
+    assets.track(DLQ_STREAM, "stream", lambda js: ensure_stream(js, dlq))
+    bucket = f"{KV_STREAM_PREFIX}{JOBS_BUCKET}"
+    assets.track(bucket, "bucket", lambda js: ensure_jobs_bucket(js, settings))
     return kv

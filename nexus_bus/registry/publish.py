@@ -65,14 +65,15 @@ class Registration:
             Unavailable / UpstreamTimeout: JetStream cannot be reached.
         """
         if self._kv is None:
-            js, settings = self._nc.jetstream(), self._jetstream
-            forget_after_s = self._forget_after_s
-            self._kv = await ensure_ops_bucket(js, settings, forget_after_s=forget_after_s)
+            settings, forget_after_s = self._jetstream, self._forget_after_s
+            self._kv = await ensure_ops_bucket(
+                self._nc.jetstream(), settings, forget_after_s=forget_after_s
+            )
             # Gone while the worker runs, the bucket is created again by the next put that
             # finds it missing (bus/assets.py): the heartbeat declares the ops again.
             assets_of(self._nc).track(
                 f"{KV_STREAM_PREFIX}{OPS_BUCKET}", "bucket",
-                lambda: ensure_ops_bucket(js, settings, forget_after_s=forget_after_s),
+                lambda js: ensure_ops_bucket(js, settings, forget_after_s=forget_after_s),
             )  # fmt: skip
         kv = self._kv
         for declaration in self.declarations:

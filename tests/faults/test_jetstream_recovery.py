@@ -8,7 +8,9 @@ worker was restarted (data.put 503, data.list 404, job consumers fetching in vai
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +18,7 @@ import httpx
 import msgspec
 import nats
 import pytest
+from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from nexus_bus import Gateway, NoResponders, Operations, RequestContext, Settings, Worker
@@ -29,7 +32,7 @@ from nexus_bus.jobs.client import wait_job
 from nexus_bus.observability import logger
 from nexus_bus.registry import register
 from nexus_bus.schemas.jobs import JobStatus
-from tests.conftest import make_settings
+from tests.conftest import make_settings, open_services
 from tests.helpers import eventually
 from tests.integration.http_shim import bearer, running_shim
 from tests.integration.registry_ops import group
@@ -386,9 +389,9 @@ async def test_restores_are_shared_and_held_off_after_finding_nothing_missing(
         await ensure_stream(js, config)
         runs: list[int] = []
 
-        async def step() -> None:
+        async def step(context: JetStreamContext) -> None:
             runs.append(1)
-            await ensure_stream(js, config)
+            await ensure_stream(context, config)
 
         assets = assets_of(nc)
         assets.track(config.name or "", "stream", step)
@@ -468,3 +471,17 @@ async def test_a_worker_serving_jobs_restores_every_stream_after_a_restart_unask
         assert {"nexus_jobs_data", "nexus_jobs_stream"} <= consumers
     finally:
         await nc.close()
+
+
+async def test_what_a_connection_tracks_does_not_keep_it_alive(
+    local_nats: ServerProcess, redis_url: str
+) -> None:
+    settings = _memory_settings(local_nats.url, redis_url)
+    async with open_services(settings) as services:
+        connection = weakref.ref(services.nc)
+        assert assets_of(services.nc).streams == ["NEXUS_EVENTS", "KV_nexus_data"]
+    del services
+    gc.collect()
+    # Steps holding the connection's JetStream context would keep it, and all it references,
+    # alive for as long as the process runs.
+    assert connection() is None

@@ -237,10 +237,14 @@ async def test_sse_resuming_past_a_recreated_events_stream_starts_at_its_first_e
         await worker.drain(1)
 
 
+@pytest.mark.parametrize("lost", ["deleted", "restarted"])
 async def test_an_open_sse_stream_follows_the_events_stream_created_again(
-    local_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str
+    lost: str, local_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str
 ) -> None:
     settings = _memory_settings(local_nats.url, redis_url)
+    settings = settings.model_copy(
+        update={"nats": settings.nats.model_copy(update={"reconnect_wait_s": 0.2})}
+    )
     worker = Worker(settings, builtin_groups(["stream"]))
     await worker.start()
     topic = f"t{uid}"
@@ -255,8 +259,19 @@ async def test_an_open_sse_stream_follows_the_events_stream_created_again(
             for i in range(3):
                 seq = await publish(c, topic, {"old": i})
                 assert await reader.next_event() == (seq, {"old": i})
-            await _delete_streams(local_nats.url, "NEXUS_EVENTS")
-            assert await publish(c, topic, "new") == 1  # the stream is created again
+            if lost == "deleted":
+                await _delete_streams(local_nats.url, "NEXUS_EVENTS")
+                assert await publish(c, topic, "new") == 1  # the stream is created again
+            else:
+                await asyncio.to_thread(local_nats.restart)  # memory storage: all gone
+                new = 0
+                for _ in range(100):  # until shim and worker are back
+                    try:
+                        new = await publish(c, topic, "new")
+                        break
+                    except AssertionError:
+                        await asyncio.sleep(0.1)
+                assert new == 1  # the stream is created again
             # Before: nothing (sequence 1 is not after 3, the last event the stream sent).
             assert await reader.next_event(timeout_s=5) == (1, "new")
             assert await publish(c, topic, "next") == 2

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Final
 
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from nexus_bus.auth.authenticator import bearer_token
@@ -27,7 +28,7 @@ from nexus_bus.bus.assets import again_if_missing
 from nexus_bus.bus.metadata import check_headers, check_publish_size, request_id_of
 from nexus_bus.bus.subjects import check_operation, jobs_subject
 from nexus_bus.config import Settings
-from nexus_bus.constants import JOBS_STREAM
+from nexus_bus.constants import JOBS_BUCKET, JOBS_STREAM
 from nexus_bus.errors import NexusError, PayloadTooLarge, UpstreamTimeout
 from nexus_bus.jobs.envelope import (
     check_job_id,
@@ -43,7 +44,9 @@ from nexus_bus.schemas.jobs import Job, JobAccepted, JobStatus
 from nexus_bus.store import translate_nats_errors
 
 # One status-bucket handle per connection: the streams are ensured once, not per submit.
-# Two first submits racing both ensure them; that is idempotent, so no lock.
+# Two first submits racing both ensure them; that is idempotent, so no lock. The handle
+# reaches its connection through a weak proxy: a value of a weak mapping that held its key
+# would keep every connection that ever submitted a job alive.
 _buckets: Final[weakref.WeakKeyDictionary[Client, KeyValue]] = weakref.WeakKeyDictionary()
 
 
@@ -55,7 +58,9 @@ async def job_store(nc: Client, settings: Settings) -> JobStore:
     """
     kv = _buckets.get(nc)
     if kv is None:
-        kv = await ensure_tracked_job_streams(nc, settings)
+        await ensure_tracked_job_streams(nc, settings)
+        async with translate_nats_errors(f"bucket {JOBS_BUCKET}"):
+            kv = await JetStreamContext(weakref.proxy(nc)).key_value(JOBS_BUCKET)
         _buckets[nc] = kv
     return JobStore(kv, nc=nc)
 

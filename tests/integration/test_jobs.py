@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -751,3 +753,19 @@ async def test_a_result_too_large_for_the_status_document_fails_the_job_with_413
     assert info.num_pending == 0 and info.num_ack_pending == 0  # acked: nothing left to run
     assert JOBS_COMPLETED.labels(ops.op, "rejected")._value.get() == 1
     assert JOBS_COMPLETED.labels(ops.op, "succeeded")._value.get() == 0
+
+
+async def test_a_closed_connection_that_submitted_jobs_is_not_kept_alive(
+    settings: Settings, admin_token: str | None
+) -> None:
+    """The job client keeps the status bucket's handle per connection, in a weak mapping.
+    The handle referenced the connection, so no connection that had submitted a job was ever
+    freed: a program opening a gateway per task kept every one of them, with its buffers."""
+    gateway = await Gateway.connect(settings, token=admin_token)
+    accepted = await gateway.submit("data", "put", {"key": "weak.job", "value": 1})
+    assert (await gateway.job(accepted.job_id)).id == accepted.job_id
+    connection = weakref.ref(gateway.nc)
+    await gateway.close()
+    del gateway
+    gc.collect()
+    assert connection() is None

@@ -105,7 +105,9 @@ async def test_memory_twins_behave_like_the_stores() -> None:
 
 def test_the_readme_example_runs(tmp_path: Path) -> None:
     """The README's `mypkg/pricing.py` and its test, run by pytest as a user's project runs
-    them: in a folder of its own, with the README's `pyproject.toml` (asyncio auto mode)."""
+    them: in a folder of its own, with the README's `pyproject.toml` (asyncio auto mode).
+    Before: it passed with a PytestDeprecationWarning on every run (the fixture loop scope
+    pytest-asyncio asks to be set)."""
     text = (ROOT / "README.md").read_text()
     blocks = dict(re.findall(r"<!-- readme-test: (\S+) -->\n```\w+\n(.*?)```", text, re.S))
     (tmp_path / "mypkg").mkdir()
@@ -118,4 +120,6 @@ def test_the_readme_example_runs(tmp_path: Path) -> None:
         cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "1 passed" in run.stdout
+    # And nothing else: no PytestDeprecationWarning about a setting the snippet leaves unset.
+    assert run.stdout.splitlines()[-1].startswith("1 passed in "), run.stdout + run.stderr
+    assert run.stderr == ""

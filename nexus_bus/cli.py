@@ -268,15 +268,13 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     """Issue a token with the local signing key, or revoke one by its id."""
     from datetime import UTC, datetime
 
-    from nexus_bus.auth import parse_duration, parse_scopes
     from nexus_bus.auth.operator import issue_token, revoke_token
 
     if args.token_command == "revoke":
         _run_async(revoke_token(settings, args.jti))
         print(f"revoked {args.jti}", file=sys.stderr)
         return 0
-    ttl = parse_duration(args.ttl) if args.ttl else None
-    signed = issue_token(settings, args.sub, parse_scopes(args.scopes), ttl)
+    signed = issue_token(settings, args.sub, args.scopes, args.ttl)
     expires = datetime.fromtimestamp(signed.claims.exp, UTC).isoformat()
     print(signed.token)
     print(f"jti {signed.claims.jti}  kid {signed.kid}  expires {expires}", file=sys.stderr)
@@ -313,6 +311,27 @@ def _cannot_write(directory: Path, exc: OSError) -> int:
     """One line for a folder the command cannot write in (exit 1)."""
     print(f"error: cannot write in {directory}: {exc.strerror or exc}", file=sys.stderr)
     return 1
+
+
+def _scopes(text: str) -> frozenset[str]:
+    """`token issue --scopes`: a malformed scope is a usage error (exit 2), not a request
+    refused (`error: invalid_request`, exit 1): nothing was sent anywhere."""
+    from nexus_bus.auth import parse_scopes
+
+    try:
+        return parse_scopes(text)
+    except NexusError as exc:
+        raise argparse.ArgumentTypeError(exc.detail) from None
+
+
+def _duration(text: str) -> int:
+    """`token issue --ttl`: seconds; anything else is a usage error, as for `--scopes`."""
+    from nexus_bus.auth import parse_duration
+
+    try:
+        return parse_duration(text)
+    except NexusError as exc:
+        raise argparse.ArgumentTypeError(exc.detail) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,8 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     token_sub = p.add_subparsers(dest="token_command", required=True)
     p = token_sub.add_parser("issue", help="sign a token with the local key; prints it")
     p.add_argument("--sub", required=True, help="the subject (who the token stands for)")
-    p.add_argument("--scopes", required=True, help="e.g. data:get,data:put or data:* or *")
-    p.add_argument("--ttl", help="lifetime: 90s, 15m, 1h, 7d (default: auth.default_ttl_s)")
+    p.add_argument("--scopes", required=True, type=_scopes,
+                   help="e.g. data:get,data:put or data:* or *")
+    p.add_argument("--ttl", type=_duration,
+                   help="lifetime: 90s, 15m, 1h, 7d (default: auth.default_ttl_s)")
     p.set_defaults(func=cmd_token)
     p = token_sub.add_parser("revoke", help="revoke a token id on every worker")
     p.add_argument("jti", help="the token id (`jti`) to revoke")

@@ -200,6 +200,28 @@ def test_a_number_out_of_range_is_a_usage_error(
 
 
 @pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--scopes", "bogus"], "argument --scopes: invalid scope 'bogus': use op:action, op:*"
+         " or *"),
+        (["--scopes", " , "], "argument --scopes: no scopes given"),
+        (["--scopes", "data:get", "--ttl", "5x"],
+         "argument --ttl: invalid duration '5x': use e.g. 90s, 15m, 1h or 7d"),
+        (["--scopes", "data:get", "--ttl", "0"],
+         "argument --ttl: invalid duration '0': use e.g. 90s, 15m, 1h or 7d"),
+    ],
+)
+def test_a_malformed_scope_or_lifetime_is_a_usage_error(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    """Before: `error: invalid_request: invalid scope ...`, exit 1, as if a worker had refused
+    a request; nothing is sent anywhere, it is the command line that is wrong."""
+    done = run_in(tmp_path, "token", "issue", "--sub", "me", *args)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.splitlines()[-1] == f"nexus-bus token issue: error: {said}", done.stderr
+
+
+@pytest.mark.parametrize(
     "args",
     [["keys", "generate", "--dir", "/proc/nexus"], ["schemas", "export", "--dir", "/proc/nexus"]],
 )

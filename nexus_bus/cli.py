@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("worker", help="serve operations (queue group per op)")
-    p.add_argument("--ops", help="built-in ops to serve, comma-separated (default: all)")
+    p.add_argument("--ops", help="built-in ops to serve, comma-separated (default: all;"
+                   " none when --app is given)")
     p.add_argument("--app", action="append", default=[], help="module:attr of your Operations")
     p.set_defaults(func=cmd_worker)
 
@@ -401,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dir", help="target folder (default: the source tree's schemas/)")
     p.add_argument("--check", action="store_true", help="only compare; exit 1 when stale")
-    p.add_argument("--ops", help="built-in ops to describe, comma-separated (default: all)")
+    p.add_argument("--ops", help="built-in ops to describe, comma-separated (default: all;"
+                   " none when --app is given)")
     p.add_argument("--app", action="append", default=[], help="module:attr of your Operations")
     p.set_defaults(func=cmd_schemas)
 

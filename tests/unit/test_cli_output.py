@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from nexus_bus import cli
+from nexus_bus.apps import load_groups
+from nexus_bus.handlers import BUILTIN
 
 
 def test_the_banner_names_the_command_as_it_was_run(
@@ -165,6 +167,21 @@ def test_an_import_failing_inside_your_module_shows_your_traceback(project: Path
     assert done.returncode == 1
     assert f'File "{project / "mypkg" / "broken.py"}", line 1' in done.stderr, done.stderr
     assert done.stderr.endswith("ModuleNotFoundError: No module named 'mypkg.helpers'\n")
+
+
+@pytest.mark.parametrize("command", [["worker"], ["schemas", "export"]])
+def test_the_help_of_ops_says_that_app_leaves_the_built_in_ones_out(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Before: `--ops ... (default: all)`, while `--app` alone serves (and describes) the
+    app's groups only: a new user serving their group expected data.* beside it."""
+    assert [g.op for g in load_groups(None, [])] == list(BUILTIN)
+    assert [g.op for g in load_groups(None, ["tests.integration.runtime_ops:ops"])] == [
+        "slowpoke"
+    ]
+    done = run_in(tmp_path, *command, "--help")
+    assert done.returncode == 0, done.stderr
+    assert "(default: all; none when --app is given)" in " ".join(done.stdout.split())
 
 
 ABOVE_0 = "not a number above 0"

@@ -288,6 +288,14 @@ def cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:
     from nexus_bus import specs
 
     directory = Path(args.dir) if args.dir else specs.default_directory()
+    if not args.dir and (args.ops or args.app):
+        # The default folder holds the documents of every built-in group: exported there, a
+        # selection would delete the others' (and --check would call them all stale).
+        chosen = " ".join([*(["--ops", args.ops] if args.ops else []),
+                           *(a for ref in args.app for a in ("--app", ref))])
+        print(f"error: {chosen}: give --dir for these documents; the default, {directory},"
+              " holds those of every built-in group", file=sys.stderr)
+        return 2
     groups = load_groups(args.ops, args.app)
     if args.check:
         outdated = specs.stale(directory, groups)
@@ -400,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = schemas_sub.add_parser(
         "export", help="write JSON Schema, AsyncAPI and OpenAPI documents into schemas/"
     )
-    p.add_argument("--dir", help="target folder (default: the source tree's schemas/)")
+    p.add_argument("--dir", help="target folder (default: the source tree's schemas/, for all"
+                   " built-in groups only: --ops and --app need --dir)")
     p.add_argument("--check", action="store_true", help="only compare; exit 1 when stale")
     p.add_argument("--ops", help="built-in ops to describe, comma-separated (default: all;"
                    " none when --app is given)")

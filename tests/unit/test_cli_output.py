@@ -169,6 +169,29 @@ def test_an_import_failing_inside_your_module_shows_your_traceback(project: Path
     assert done.stderr.endswith("ModuleNotFoundError: No module named 'mypkg.helpers'\n")
 
 
+@pytest.mark.parametrize(
+    ("args", "chosen"),
+    [
+        (["--app", "mypkg.pricing:ops"], "--app mypkg.pricing:ops"),
+        (["--ops", "data"], "--ops data"),
+    ],
+)
+def test_a_selection_of_groups_is_not_exported_over_the_built_in_documents(
+    project: Path, args: list[str], chosen: str
+) -> None:
+    """Before: `schemas export --app mypkg.pricing:ops` (how a new user gets documents for
+    their op) wrote pricing's into the package's own schemas/ and deleted every built-in
+    group's there; `--check` (used here: it writes nothing) called them all stale."""
+    from nexus_bus.specs import default_directory
+
+    done = run_in(project, "schemas", "export", "--check", *args)
+    said = (f"error: {chosen}: give --dir for these documents; the default,"
+            f" {default_directory()}, holds those of every built-in group\n")
+    assert (done.returncode, done.stderr, done.stdout) == (2, said, "")
+    assert run_in(project, "schemas", "export", "--dir", "out", *args).returncode == 0
+    assert (project / "out" / "openapi.json").is_file()
+
+
 @pytest.mark.parametrize("command", [["worker"], ["schemas", "export"]])
 def test_the_help_of_ops_says_that_app_leaves_the_built_in_ones_out(
     tmp_path: Path, command: list[str]

@@ -18,7 +18,7 @@ from nexus_bus.apps import AppNotFound, load_groups
 from nexus_bus.bus.replies import problem_of
 from nexus_bus.config import ConfigError, Settings, load_settings
 from nexus_bus.constants import TOKEN
-from nexus_bus.errors import NexusError, Unavailable
+from nexus_bus.errors import NexusError, NoResponders, Unavailable, UnknownOperation
 from nexus_bus.observability import configure_logging
 from nexus_bus.observability.process import process_name, start_observability
 from nexus_bus.operations import DeclarationError, Operations
@@ -439,11 +439,18 @@ def _settings_for(command: str) -> Settings:
 
 
 def _explained(exc: NexusError, settings: Settings) -> NexusError:
-    """`exc`, saying where to look when NATS refused the connection: no stack runs there."""
+    """`exc`, saying where to look when NATS refused the connection: no stack runs there;
+    or, with no stack file found, which NATS said that nobody serves the operation: from a
+    folder outside the stack's, without its `export` lines, that is whatever listens on the
+    default port (`up` moved its NATS elsewhere when another one held it)."""
+    path = settings.state_dir.resolve() / STACK_FILE
     if isinstance(exc, Unavailable) and isinstance(exc.__cause__, ConnectionRefusedError):
-        path = settings.state_dir.resolve() / STACK_FILE
         found = "stack file" if path.exists() else "no stack file"
         exc.detail += f" — is `nexus-bus up` running? ({found}: {path})"
+    elif isinstance(exc, UnknownOperation | NoResponders) and not path.exists():
+        exc.detail += (
+            f" at {settings.nats.url} — is `nexus-bus up` running there? (no stack file: {path})"
+        )
     return exc
 
 

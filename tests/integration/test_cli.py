@@ -282,6 +282,26 @@ def test_a_one_shot_command_without_a_stack_says_so_at_once(tmp_path: Path) -> N
     assert "nats connect attempt failed" in verbose.stderr
 
 
+def test_an_operation_nobody_serves_names_the_nats_when_no_stack_was_found(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """From a folder outside the stack's, without its `export` lines, `call` asks whatever
+    NATS listens on the default port; on this machine another NATS held 4222, so `up` had
+    moved its own elsewhere. Before: only "data.get is not a declared operation", as if the
+    stack lacked it, with nothing to say that this was not the stack's server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env.update(NEXUS_NATS__URL=nats_url, NEXUS_STATE_DIR=str(tmp_path))  # NATS, no stack
+    where = f" at {nats_url} — is `nexus-bus up` running there? (no stack file:" \
+        f" {tmp_path / 'stack.json'})"
+    done = run_cli("call", "nobody.get", '{"key": "k"}', env=env)
+    assert done.returncode == 1 and done.stderr == "", done.stderr
+    assert json.loads(done.stdout)["detail"] == f"nobody.get is not a declared operation{where}"
+    # With the stack file there, the op's absence is the stack's: said as before.
+    (tmp_path / "stack.json").write_text("{}")
+    done = run_cli("call", "nobody.get", '{"key": "k"}', env=env)
+    assert json.loads(done.stdout)["detail"] == "nobody.get is not a declared operation"
+
+
 async def test_a_server_still_waits_for_a_nats_that_starts_late(
     tmp_path: Path, settings: Settings
 ) -> None:

@@ -138,7 +138,13 @@ def start_stack(
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "nexus_bus", *args], env=env)
+    # A session of its own, as the servers have: Ctrl-C (SIGINT to the terminal's whole
+    # foreground group) reaches `up` alone, which stops its children with SIGTERM. In `up`'s
+    # group, a child still importing died of it on the spot with "Fatal Python error:
+    # init_import_site" or a KeyboardInterrupt traceback.
+    return subprocess.Popen(
+        [sys.executable, "-m", "nexus_bus", *args], env=env, start_new_session=True
+    )
 
 
 def _record(name: str, pid: int) -> dict[str, object]:

@@ -104,6 +104,36 @@ def test_closing_the_terminal_stops_every_process_and_removes_the_stack_file(
         stop(up)
 
 
+def test_ctrl_c_while_the_stack_starts_stops_it_without_a_traceback(folder: Path) -> None:
+    """Ctrl-C is SIGINT to the terminal's whole foreground group. Before: the workers and the
+    shim were in that group too and, still importing, each died of it on the spot, printing
+    "Fatal Python error: init_import_site" or a KeyboardInterrupt traceback; now `up` alone
+    gets it and stops them with SIGTERM, as it does once the stack is up."""
+    up = start_up(folder, "up")
+    try:
+        deadline = time.monotonic() + 45
+        while "waiting for" not in output(folder, "up"):  # the children have just started
+            assert time.monotonic() < deadline and up.poll() is None, output(folder, "up")
+            time.sleep(0.01)
+        in_its_group = []
+        for pid, command in processes_in(folder).items():
+            with contextlib.suppress(OSError):  # (gone meanwhile)
+                if pid != up.pid and os.getpgid(pid) == up.pid:
+                    in_its_group.append(command)
+        assert in_its_group == []  # what a Ctrl-C in the terminal reaches besides `up`
+        os.killpg(up.pid, signal.SIGINT)
+        assert up.wait(30) == 130
+        said = output(folder, "up")
+        assert "Traceback" not in said and "Fatal Python error" not in said, said
+        deadline = time.monotonic() + 10
+        while processes_in(folder) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_in(folder) == {}
+        assert not (folder / ".nexus" / "stack.json").exists()
+    finally:
+        stop(up)
+
+
 def test_two_ups_at_the_same_instant_start_one_stack(folder: Path) -> None:
     ups = [start_up(folder, "first"), start_up(folder, "second")]
     try:

@@ -169,14 +169,14 @@ async def connect_nats(settings: NatsSettings, *, name: str | None = None) -> Cl
             nc = await nats.connect(**opts)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         cause = last or exc
-        raise Unavailable(f"cannot connect to NATS at {settings.url}: {_describe(cause)}") \
+        raise Unavailable(f"cannot connect to NATS at {settings.url}: {describe(cause)}") \
             from cause
     connected = True
     install_speedups(nc, settings)
     return nc
 
 
-def _describe(error: Exception) -> str:
+def describe(error: Exception) -> str:
     """A failed connect in words: "connection refused", not `[Errno 111] ...`."""
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"

@@ -31,7 +31,12 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from nexus_bus.auth import Authenticator, create_authenticator
-from nexus_bus.bus.connection import broker_options, flush_subscriptions, install_speedups
+from nexus_bus.bus.connection import (
+    broker_options,
+    describe,
+    flush_subscriptions,
+    install_speedups,
+)
 from nexus_bus.bus.metadata import deadline_ms, headers_size, request_id_of
 from nexus_bus.bus.replies import Expired, Reply, error_reply
 from nexus_bus.bus.subjects import is_inbox, operation_wildcard, queue_group
@@ -120,6 +125,7 @@ class Worker:
         self._grace_s = settings.worker.drain_grace_s
         self.stuck = 0  # handlers still running after the drain cancelled them (`drain`)
         self._nc: Client | None = None
+        self._connect_error: Exception | None = None  # the first connect's last failed attempt
         self.services: Services | None = None
         self.dispatcher: Dispatcher | None = None
         self.jobs: JobRunner | None = None
@@ -138,6 +144,18 @@ class Worker:
 
     def _create_broker(self) -> NatsBroker:
         opts = broker_options(self.settings.nats, name=f"{self.settings.service}-worker")
+        connected_error_cb = opts["error_cb"]
+
+        async def on_error(exc: Exception) -> None:
+            # The first connect's failed attempts, as `connect_nats` has them: at INFO (not
+            # the WARNING of a connection that was up), the last one kept for the error.
+            if self._nc is None:
+                self._connect_error = exc
+                logger.info("nats connect attempt failed: {}", exc)
+                return
+            await connected_error_cb(exc)
+
+        opts["error_cb"] = on_error
         broker = NatsBroker(
             **opts,
             parser=_parse,
@@ -196,8 +214,8 @@ class Worker:
                 # nats-py would otherwise retry the first connect forever.
                 self._nc = await self.broker.connect()
         except (OSError, TimeoutError) as exc:
-            url = self.settings.nats.url
-            raise Unavailable(f"cannot connect to NATS at {url}: {exc!r}") from exc
+            url, cause = self.settings.nats.url, self._connect_error or exc
+            raise Unavailable(f"cannot connect to NATS at {url}: {describe(cause)}") from cause
         install_speedups(self.nc, self.settings.nats)  # opt-in, off by default
         self.services = await create_services(self.nc, self.settings)
         try:
@@ -521,5 +539,12 @@ class Worker:
             await self.app.run()
         except nats.errors.Error as exc:
             await self._stopped_without_nats(exc)
+        except Unavailable as exc:
+            if self._nc is None and self._connect_error is not None:
+                # The first connect failed; FastStream's app re-raises the startup error
+                # without its cause, which says what the attempts met (the CLI names a
+                # refusal: nothing listens there).
+                raise exc from self._connect_error
+            raise
         if self.lost.is_set():
             raise Unavailable("the NATS connection was closed by the server")

@@ -282,6 +282,30 @@ def test_a_one_shot_command_without_a_stack_says_so_at_once(tmp_path: Path) -> N
     assert "nats connect attempt failed" in verbose.stderr
 
 
+def test_a_worker_without_a_nats_says_so_as_a_one_shot_command_does(tmp_path: Path) -> None:
+    """`nexus-bus worker --app ...` from your own folder without `up`'s export lines, nothing
+    on the default port. Before: a WARNING line per attempt ("nats connection error: [Errno
+    111] Connection refused", twenty in the ten seconds), then "cannot connect to NATS at
+    ...: TimeoutError()"; now the attempts at INFO and the refusal with where to look."""
+    from nexus_bus.embedded import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env.update(
+        NEXUS_NATS__URL=f"nats://127.0.0.1:{free_port()}",  # nothing listens there
+        NEXUS_STATE_DIR=str(tmp_path),
+        NEXUS_NATS__INITIAL_CONNECT_TIMEOUT_S="1.5",  # a server waits this long for NATS
+    )
+    done = run_cli("worker", "--ops", "data", env=env)
+    assert done.returncode == 1
+    *logged, said = done.stderr.splitlines()
+    assert said == (
+        f"error: unavailable: cannot connect to NATS at {env['NEXUS_NATS__URL']}: connection"
+        f" refused — is `nexus-bus up` running? (no stack file: {tmp_path / 'stack.json'})"
+    ), done.stderr
+    levels = {json.loads(line)["level"] for line in logged}
+    assert levels <= {"INFO"}, done.stderr
+
+
 def test_an_operation_nobody_serves_names_the_nats_when_no_stack_was_found(
     nats_url: str, tmp_path: Path
 ) -> None:

@@ -37,6 +37,7 @@ _SERVERS = frozenset({"worker", "shim", "up"})  # long-running: they log at the 
 _ONE_SHOT_REFUSED_S = 1.0
 _OPERATION = re.compile(rf"{TOKEN}\.{TOKEN}")  # what `call` takes: op.action
 _VERBOSE_HELP = "log at INFO (-v) or DEBUG (-vv); one-shot commands log warnings only"
+_TAKEN = "taken by another process: any free port (the banner says so)"
 
 
 def _run_async(coro: Any) -> Any:
@@ -166,9 +167,10 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
     on_stop_signals(signal.default_int_handler)
     if args.consul:  # the children inherit it (docs/discovery.md)
         os.environ.update(NEXUS_CONSUL__ENABLED="true", NEXUS_CONSUL__ADDRESS=args.consul)
+    http_asked = settings.http.port if args.http_port is None else args.http_port
     stack = start_stack(
         settings, workers=args.workers, nats_port=args.nats_port, redis_port=args.redis_port,
-        http_port=settings.http.port if args.http_port is None else args.http_port,
+        http_port=http_asked,
         worker_args=["--ops", ",".join(BUILTIN), *app_args] if args.app else [],
         extra=[["shim", *app_args]], metrics_port=settings.worker.metrics_port,
     )
@@ -190,7 +192,7 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
             return 130
         print(f"error: {exc.detail}; stopped the stack", file=sys.stderr)
         return 1
-    print(_banner(args, stack, groups, http_url), flush=True)
+    print(_banner(args, stack, groups, http_url, http_asked), flush=True)
     print(
         (f"\nCreated dev signing key {created_kid}.\n" if created_kid else "\n")
         + "Paste into another terminal (the admin token has all scopes for 24 h; in this"
@@ -231,18 +233,27 @@ AI_HINT = (
 )
 
 
-def _banner(args: argparse.Namespace, stack: Stack, groups: list[Operations], url: str) -> str:
-    """What `up` started, once every process answers."""
+def _banner(
+    args: argparse.Namespace, stack: Stack, groups: list[Operations], url: str, http_asked: int
+) -> str:
+    """What `up` started, once every process answers; which port it took for a busy one."""
     metrics = ("\n" + " " * 20).join(f"{n:<9} {e}" for n, e in stack.metrics.items())
+    nats, redis = stack.env["NEXUS_NATS__URL"], stack.env["NEXUS_REDIS__URL"]
     return (
         "nexus-bus is up\n"
-        f"  NATS (JetStream)  {stack.env['NEXUS_NATS__URL']}\n"
-        f"  Redis             {stack.env['NEXUS_REDIS__URL']}\n"
-        f"  HTTP shim         {url}  (OpenAPI: {url}/openapi.json)\n"
+        f"  NATS (JetStream)  {nats}{_was_taken(args.nats_port, nats)}\n"
+        f"  Redis             {redis}{_was_taken(args.redis_port, redis.rsplit('/', 1)[0])}\n"
+        f"  HTTP shim         {url}  (OpenAPI: {url}/openapi.json)"
+        f"{_was_taken(http_asked, url)}\n"
         f"  workers           {args.workers} (ops: {', '.join(g.op for g in groups)})\n"
         f"  metrics           {metrics}\n"
         f"  state             {stack.state_dir}"
     )
+
+
+def _was_taken(asked: int, url: str) -> str:
+    """`  (<port> was taken)` when `up` chose another port than the one asked for."""
+    return f"  ({asked} was taken)" if asked and not url.endswith(f":{asked}") else ""
 
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
@@ -372,14 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_call)
 
     p = sub.add_parser("up", help="start the embedded stack: NATS, Redis, workers, HTTP shim")
-    p.add_argument("--workers", type=arguments.count, default=2)
-    p.add_argument("--nats-port", type=arguments.port, default=4222, help="0: any free port")
-    p.add_argument("--redis-port", type=arguments.port, default=6379, help="0: any free port")
+    p.add_argument("--workers", type=arguments.count, default=2,
+                   help="worker processes (default: 2)")
+    p.add_argument("--nats-port", type=arguments.port, default=4222,
+                   help=f"default: 4222; 0, or {_TAKEN}")
+    p.add_argument("--redis-port", type=arguments.port, default=6379,
+                   help=f"default: 6379; 0, or {_TAKEN}")
     p.add_argument("--http-port", type=arguments.port,
-                   help="the shim's port (default: http.port; 0: any)")
+                   help=f"the shim's port (default: http.port, 8080); 0, or {_TAKEN}")
     p.add_argument("--app", action="append", default=[], help="module:attr of your Operations")
     p.add_argument("--ready-timeout", type=arguments.seconds, default=60.0,
-                   help="seconds to wait for every process to answer")
+                   help="seconds to wait for every process to answer (default: 60)")
     p.add_argument("--consul", metavar="ADDR", help="register everything with this Consul agent")
     p.set_defaults(func=cmd_up)
 

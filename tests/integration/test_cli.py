@@ -161,6 +161,48 @@ def test_up_starts_the_stack_serves_calls_and_stops_cleanly(tmp_path: Path) -> N
             up.stdout.close()
 
 
+def test_up_says_which_ports_it_found_taken(
+    tmp_path: Path, nats_url: str, redis_url: str
+) -> None:
+    """`make up` on a machine already running NATS on 4222 and Redis on 6379 (a developer's,
+    say): `up` takes free ports instead. Before: the banner showed the other ports without a
+    word, and `up --help` said nothing of it."""
+    import socket
+
+    taken = {"nats": int(nats_url.rsplit(":", 1)[1]),
+             "redis": int(redis_url.rsplit(":", 1)[1].split("/")[0])}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env["NEXUS_LOG__LEVEL"] = "WARNING"
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken["http"] = held.getsockname()[1]
+        argv = [sys.executable, "-m", "nexus_bus", "up", "--workers", "1", "--nats-port",
+                str(taken["nats"]), "--redis-port", str(taken["redis"]), "--http-port",
+                str(taken["http"])]
+        up = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            assert up.stdout is not None
+            lines: list[str] = []
+            while not lines or "state " not in lines[-1]:  # the banner's last line
+                line = up.stdout.readline()
+                assert line, "".join(lines)  # (readline: up's own 60 s ready timeout bounds it)
+                lines.append(line)
+            said = {line.split()[0]: line for line in lines if line.startswith("  ")}
+            assert said["NATS"].endswith(f"  ({taken['nats']} was taken)\n"), said
+            assert said["Redis"].endswith(f"  ({taken['redis']} was taken)\n"), said
+            assert said["HTTP"].endswith(f"  ({taken['http']} was taken)\n"), said
+            assert "was taken" not in said["state"]
+        finally:
+            up.send_signal(signal.SIGINT)
+            up.wait(30)
+            if up.stdout is not None:
+                up.stdout.close()
+    helped = run_cli("up", "--help", env=env)
+    assert "taken by another process: any free port" in " ".join(helped.stdout.split())
+
+
 async def test_a_one_shot_call_prints_only_its_result_and_loads_no_server_code(
     worker: Worker, cli_env: dict[str, str], uid: str
 ) -> None:

@@ -22,7 +22,7 @@ from nexus_bus.errors import NexusError, NoResponders, Unavailable, UnknownOpera
 from nexus_bus.observability import configure_logging
 from nexus_bus.observability.process import process_name, start_observability
 from nexus_bus.operations import DeclarationError, Operations
-from nexus_bus.stackfile import STACK_FILE
+from nexus_bus.stackfile import NATS_URL_VAR, STACK_FILE, read_stack
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -459,8 +459,16 @@ def _explained(exc: NexusError, settings: Settings) -> NexusError:
     default port (`up` moved its NATS elsewhere when another one held it)."""
     path = settings.state_dir.resolve() / STACK_FILE
     if isinstance(exc, Unavailable) and isinstance(exc.__cause__, ConnectionRefusedError):
-        found = "stack file" if path.exists() else "no stack file"
-        exc.detail += f" — is `nexus-bus up` running? ({found}: {path})"
+        running = read_stack(path.parent).get(NATS_URL_VAR)
+        if running and running != settings.nats.url:
+            # A stack runs there, elsewhere: the URL configured is an older `up`'s (its NATS
+            # port was taken, so each `up` picks another), and an explicit URL always wins.
+            where = NATS_URL_VAR if NATS_URL_VAR in os.environ else "the NATS URL configured"
+            exc.detail += (f" — the stack running from {path.parent} is at {running}: unset"
+                           f" {where}, or paste the `export` lines `up` printed last")
+        else:
+            found = "stack file" if path.exists() else "no stack file"
+            exc.detail += f" — is `nexus-bus up` running? ({found}: {path})"
     elif isinstance(exc, UnknownOperation | NoResponders) and not path.exists():
         exc.detail += (
             f" at {settings.nats.url} — is `nexus-bus up` running there? (no stack file: {path})"

@@ -324,6 +324,27 @@ def test_a_one_shot_command_without_a_stack_says_so_at_once(tmp_path: Path) -> N
     assert "nats connect attempt failed" in verbose.stderr
 
 
+def test_a_stale_nats_url_beside_a_running_stack_names_its_url(
+    tmp_path: Path, nats_url: str
+) -> None:
+    """Export lines pasted from an `up` that has since been restarted: where another NATS
+    holds 4222 each `up` picks a new port, and the exported URL wins over the stack file.
+    Before: "connection refused — is `nexus-bus up` running? (stack file: ...)" while it was."""
+    from nexus_bus.embedded import free_port
+
+    stack = {"NEXUS_NATS__URL": nats_url, "NEXUS_STATE_DIR": str(tmp_path), "pids": [os.getpid()]}
+    (tmp_path / "stack.json").write_text(json.dumps(stack))  # a live process: a running stack
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env.update(NEXUS_NATS__URL=f"nats://127.0.0.1:{free_port()}", NEXUS_STATE_DIR=str(tmp_path))
+    done = run_cli("call", "data.get", '{"key": "k"}', env=env)
+    assert done.returncode == 1 and done.stderr == "", done.stderr
+    assert json.loads(done.stdout)["detail"] == (
+        f"cannot connect to NATS at {env['NEXUS_NATS__URL']}: connection refused — the stack"
+        f" running from {tmp_path} is at {nats_url}: unset NEXUS_NATS__URL, or paste the"
+        " `export` lines `up` printed last"
+    )
+
+
 def test_a_worker_without_a_nats_says_so_as_a_one_shot_command_does(tmp_path: Path) -> None:
     """`nexus-bus worker --app ...` from your own folder without `up`'s export lines, nothing
     on the default port. Before: a WARNING line per attempt ("nats connection error: [Errno

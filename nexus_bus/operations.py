@@ -188,6 +188,12 @@ class Operations:
             DeclarationError: a bad name, flag or timeout, a duplicate, a function that is not
                 `async` or cannot take `(request, ctx)`, or a type with no JSON form.
         """
+        if callable(name):  # `@ops.action` on its own: the function came as the name
+            fn_name = getattr(name, "__name__", "x")
+            raise DeclarationError(
+                f"{self.op}.{fn_name}: the action needs its name: @ops.action(\"{fn_name}\"),"
+                " not @ops.action"
+            )
         _check_name(name, f"{self.op}: action")
         full = f"{self.op}.{name}"
         _check_timeout(full, timeout_ms)

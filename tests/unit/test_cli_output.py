@@ -78,6 +78,10 @@ def project(tmp_path: Path) -> Path:
         "ops = Operations('ours')\n@ops.action('go')\n"
         "async def go(req: NexusRequestHeaders, ctx: object) -> dict:\n    return {}\n"
     )
+    (tmp_path / "mypkg" / "bare.py").write_text(
+        "from nexus_bus import Operations\nops = Operations('bare')\n"
+        "@ops.action\nasync def go(req: dict, ctx: object) -> dict:\n    return req\n"
+    )
     (tmp_path / "mypkg" / "dotted.py").write_text(
         "from nexus_bus import Operations\nops = Operations('my.ops')\n"
     )
@@ -117,6 +121,9 @@ def test_a_typo_in_app_or_ops_is_one_line(project: Path, args: list[str], said: 
     ("module", "said"),
     [
         ("sync", "sync.py:3: sync.go: the handler must be an async function"),
+        # Before: "bare: action name <function go at 0x7f...>: use lowercase letters, ..."
+        ("bare", 'bare.py:3: bare.go: the action needs its name: @ops.action("go"), not'
+         " @ops.action"),
         ("dotted", "dotted.py:2: op name 'my.ops': use lowercase letters, digits, '_' and '-',"
          " starting with a letter, at most 64 characters (it is a NATS subject token)"),
     ],

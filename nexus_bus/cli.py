@@ -38,6 +38,12 @@ _ONE_SHOT_REFUSED_S = 1.0
 _OPERATION = re.compile(rf"{TOKEN}\.{TOKEN}")  # what `call` takes: op.action
 _VERBOSE_HELP = "log at INFO (-v) or DEBUG (-vv); one-shot commands log warnings only"
 _TAKEN = "taken by another process: any free port (the banner says so)"
+# What `nexus-bus --help` opens with (the module's docstring is for its readers, not users).
+_DESCRIPTION = """\
+An event-driven message-bus gateway: operations nexus.<op>.<action> served by
+workers over NATS, and over HTTP by the shim. Start a local stack with
+`nexus-bus up`, then call one from this folder:
+`nexus-bus call data.get '{"key": "k"}'`."""
 
 
 def _run_async(coro: Any) -> Any:
@@ -355,7 +361,10 @@ def _duration(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="nexus-bus", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="nexus-bus", description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # its lines as written
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help=_VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -199,6 +199,15 @@ def test_a_selection_of_groups_is_not_exported_over_the_built_in_documents(
     assert (project / "out" / "openapi.json").is_file()
 
 
+def test_the_help_opens_with_what_the_command_is_for(tmp_path: Path) -> None:
+    """Before: `nexus-bus --help` opened with the module's docstring, "The `nexus-bus`
+    command: the only place that loads settings and wires processes." (a note on the code)."""
+    done = run_in(tmp_path, "--help")
+    description = " ".join(done.stdout.split("\n\n")[1].split())
+    assert description.startswith("An event-driven message-bus gateway"), done.stdout
+    assert "`nexus-bus up`" in description and "`nexus-bus call data.get" in description
+
+
 @pytest.mark.parametrize("command", [["worker"], ["schemas", "export"]])
 def test_the_help_of_ops_says_that_app_leaves_the_built_in_ones_out(
     tmp_path: Path, command: list[str]

@@ -231,8 +231,10 @@ def _this_command() -> str:
 # How to point `ai.*` at a local Ollama (docs/ai.md); `up` prints it. No `export` words: the
 # lines above are the ones to paste into another terminal; these go into `up`'s environment.
 AI_HINT = (
-    "ai.* answers 503 until a model backend is set. For a local Ollama (ollama serve), start\n"
-    "`up` with these in its environment (docs/ai.md also has OpenAI, vLLM, local MiniLM):\n"
+    "ai.* serves only `hash-256` (a lexical embedding) until a model backend is set; a model\n"
+    "no backend serves is 400 invalid_request naming the setting. For a local Ollama (ollama\n"
+    "serve), start `up` with these in its environment (docs/ai.md also has OpenAI, vLLM, local\n"
+    "MiniLM):\n"
     "  NEXUS_AI__BACKENDS__OLLAMA__BASE_URL=http://127.0.0.1:11434/v1\n"
     "  NEXUS_AI__BACKENDS__OLLAMA__MODELS='[\"llama3.2\", \"nomic-embed-text\"]'\n"
     "  NEXUS_AI__DEFAULT_COMPLETE_MODEL=llama3.2\n\n"

@@ -310,6 +310,11 @@ async def test_concurrent_identical_cached_completions_run_the_model_once(
     assert len(provider.calls(CHAT)) == 1
 
 
+def readme_line(containing: str) -> str:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    return next(line for line in text.splitlines() if containing in line)
+
+
 async def test_a_model_nobody_serves_is_the_callers_error_and_no_default_names_the_setting(
     nats_url: str, redis_url: str, uid: str
 ) -> None:
@@ -328,6 +333,11 @@ async def test_a_model_nobody_serves_is_the_callers_error_and_no_default_names_t
             await gw.request(f"ai{uid}", "embed", {"input": "x"})
         lexical = await gw.request(f"ai{uid}", "embed", {"input": "x", "model": "hash-256"})
     assert lexical["model"] == "hash-256" and len(lexical["vectors"][0]) == 256
+    # What `up`'s banner and the README tell a new user: this, not "answers 503" as before.
+    from nexus_bus.cli import AI_HINT
+
+    for said in (" ".join(AI_HINT.split()), readme_line("NEXUS_AI__BACKENDS__<NAME>")):
+        assert "503" not in said and "400 invalid_request" in said, said
 
 
 async def test_budget_is_shared_by_every_worker_replica(

@@ -385,8 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("call", help="call one operation, e.g. call data.get '{\"key\":\"k\"}'")
     p.add_argument("operation", help="op.action")
     p.add_argument("payload", nargs="?", default="{}", help="JSON request body")
-    p.add_argument("--token", help="bearer token (default: $NEXUS_TOKEN)")
-    p.add_argument("--timeout", type=arguments.seconds, default=None, help="seconds")
+    p.add_argument("--token", help="bearer token (default: $NEXUS_TOKEN, else the admin token"
+                   " of the stack `up` started)")
+    p.add_argument("--timeout", type=arguments.seconds, default=None,
+                   help="seconds (default: client.default_timeout_ms, 5 s)")
     p.add_argument("--idempotency-key")
     # SUPPRESS: absent here, the top-level `nexus-bus -v call ...` count is kept.
     p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,

@@ -144,7 +144,8 @@ def add_commands(sub: Any) -> None:
     dlq = p.add_subparsers(dest="dlq_command", required=True)
     p = dlq.add_parser("list", help="list dead-lettered jobs, oldest first")
     p.add_argument("--op", help="only this op")
-    p.add_argument("--limit", type=arguments.count, default=100)
+    p.add_argument("--limit", type=arguments.count, default=100,
+                   help="at most this many entries (default: 100)")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_dlq_list)
     p = dlq.add_parser("replay", help="run dead-lettered jobs again")
@@ -162,6 +163,7 @@ def add_commands(sub: Any) -> None:
     p = jobs.add_parser("show", help="print a job's status")
     p.add_argument("id", help="job id")
     p.add_argument(
-        "--wait", type=arguments.wait_seconds, default=0, help="seconds to wait for it to finish"
+        "--wait", type=arguments.wait_seconds, default=0,
+        help="seconds to wait for it to finish (default: 0, not at all)",
     )
     p.set_defaults(func=cmd_jobs_show)

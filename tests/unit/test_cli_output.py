@@ -208,6 +208,26 @@ def test_the_help_opens_with_what_the_command_is_for(tmp_path: Path) -> None:
     assert "`nexus-bus up`" in description and "`nexus-bus call data.get" in description
 
 
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["call"], "--token TOKEN bearer token (default: $NEXUS_TOKEN, else the admin token of"
+         " the stack `up` started)"),
+        (["call"], "--timeout TIMEOUT seconds (default: client.default_timeout_ms, 5 s)"),
+        (["dlq", "list"], "--limit LIMIT at most this many entries (default: 100)"),
+        (["jobs", "show"], "--wait WAIT seconds to wait for it to finish (default: 0, not at all)"),
+    ],
+)
+def test_the_help_gives_the_defaults_a_command_uses(
+    tmp_path: Path, command: list[str], said: str
+) -> None:
+    """Before: `call --token` named $NEXUS_TOKEN only, though `call` falls back to the admin
+    token `up` left (the README's tour relies on it), and --timeout, --limit and --wait gave
+    no default."""
+    done = run_in(tmp_path, *command, "--help")
+    assert said in " ".join(done.stdout.split()), done.stdout
+
+
 @pytest.mark.parametrize("command", [["worker"], ["schemas", "export"]])
 def test_the_help_of_ops_says_that_app_leaves_the_built_in_ones_out(
     tmp_path: Path, command: list[str]

@@ -184,20 +184,37 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
     http_url = f"http://{settings.http.host}:{env['NEXUS_HTTP__PORT']}"
     probes = [Probe("shim", url=f"{http_url}/readyz"), *op_probes(groups)]
     try:
-        _run_async(
-            wait_ready(
-                settings.nats.model_copy(update={"url": env["NEXUS_NATS__URL"]}), probes,
-                timeout_s=args.ready_timeout,
-                report=lambda names: print(f"waiting for {', '.join(names)}", file=sys.stderr),
-                alive=lambda: all(c.poll() is None for c in stack.children),
+        try:
+            _run_async(
+                wait_ready(
+                    settings.nats.model_copy(update={"url": env["NEXUS_NATS__URL"]}), probes,
+                    timeout_s=args.ready_timeout,
+                    report=lambda names: print(f"waiting for {', '.join(names)}", file=sys.stderr),
+                    alive=lambda: all(c.poll() is None for c in stack.children),
+                )
             )
-        )
-    except (NexusError, KeyboardInterrupt) as exc:
+        except NexusError as exc:
+            stack.stop()
+            print(f"error: {exc.detail}; stopped the stack", file=sys.stderr)
+            return 1
+        _say_up(args, stack, groups, http_url, http_asked, created_kid, admin.token)
+        wait_forever(stack)
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, SIGHUP) before wait_forever took over
+        return 130
+    finally:
+        # However `up` leaves, its stack goes (done already when wait_forever returned); a
+        # second Ctrl-C meanwhile does not cut the stopping short, leaving processes behind.
+        on_stop_signals(lambda signum, frame: None)
         stack.stop()
-        if isinstance(exc, KeyboardInterrupt):
-            return 130
-        print(f"error: {exc.detail}; stopped the stack", file=sys.stderr)
-        return 1
+    return 0
+
+
+def _say_up(
+    args: argparse.Namespace, stack: Stack, groups: list[Operations], http_url: str,
+    http_asked: int, created_kid: str | None, token: str,
+) -> None:
+    """The banner and the lines to paste, once every process answers."""
+    env = stack.env
     print(_banner(args, stack, groups, http_url, http_asked), flush=True)
     print(
         (f"\nCreated dev signing key {created_kid}.\n" if created_kid else "\n")
@@ -206,7 +223,7 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
         + f"  export NEXUS_URL={http_url}\n"
         + f"  export NEXUS_NATS__URL={env['NEXUS_NATS__URL']}\n"
         + f"  export NEXUS_STATE_DIR={stack.state_dir}\n"
-        + f"  export NEXUS_TOKEN={admin.token}\n\n"
+        + f"  export NEXUS_TOKEN={token}\n\n"
         + "Then try:\n"
         + f"  {_this_command()} call data.put '{{\"key\": \"hello\", \"value\": {{\"n\": 1}}}}'\n"
         + '  curl -s "$NEXUS_URL/v1/data/get" -H "Authorization: Bearer $NEXUS_TOKEN" \\\n'
@@ -215,8 +232,6 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
         + "Ctrl-C stops everything.",
         flush=True,
     )
-    wait_forever(stack)
-    return 0
 
 
 def _this_command() -> str:

@@ -134,6 +134,50 @@ def test_ctrl_c_while_the_stack_starts_stops_it_without_a_traceback(folder: Path
         stop(up)
 
 
+def test_ctrl_c_while_the_banner_prints_stops_the_stack(folder: Path) -> None:
+    """Ctrl-C just as `up` says it is up. Before: between the readiness wait and the loop that
+    waits for Ctrl-C, the KeyboardInterrupt left `up` (exit 130) without stopping anything:
+    NATS, Redis, the workers and the shim ran on, the shim on the HTTP port. Held still here:
+    `up`'s stdout is a pipe kept full, so it blocks writing the banner until read."""
+    import threading
+
+    read, write = os.pipe()
+    fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 4096)
+    os.write(write, b"." * fcntl.fcntl(write, fcntl.F_GETPIPE_SZ))  # full: a write blocks
+    with (folder / "up.err").open("wb") as err:
+        up = subprocess.Popen(UP, cwd=folder, env=environment(), stdout=write, stderr=err,
+                              start_new_session=True)
+    os.close(write)
+    def drain() -> None:
+        while os.read(read, 65536):
+            pass
+
+    reader = threading.Thread(target=drain)
+    try:
+        deadline = time.monotonic() + 45
+        while "pipe_write" not in Path(f"/proc/{up.pid}/wchan").read_text():  # the banner
+            said = (folder / "up.err").read_text()
+            assert time.monotonic() < deadline and up.poll() is None, said
+            time.sleep(0.02)
+        os.killpg(up.pid, signal.SIGINT)
+        reader.start()  # from now on nothing blocks on the pipe
+        assert up.wait(30) == 130
+        deadline = time.monotonic() + 15
+        while processes_in(folder) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_in(folder) == {}
+        assert not (folder / ".nexus" / "stack.json").exists()
+    finally:
+        if reader.ident is None:
+            reader.start()
+        stop(up)
+        for pid in processes_in(folder):  # (before: the stack `up` left; EOF needs them gone)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        reader.join(30)
+        os.close(read)
+
+
 def test_two_ups_at_the_same_instant_start_one_stack(folder: Path) -> None:
     ups = [start_up(folder, "first"), start_up(folder, "second")]
     try:

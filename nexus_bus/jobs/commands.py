@@ -21,13 +21,30 @@ from nexus_bus import arguments
 from nexus_bus.bus.connection import connect_nats
 from nexus_bus.bus.metadata import is_ascii_digits
 from nexus_bus.config import Settings
-from nexus_bus.errors import InvalidRequest, NotFound
+from nexus_bus.errors import NotFound
 from nexus_bus.jobs.client import get_job, job_store, wait_job
 from nexus_bus.jobs.dlq import DeadLetter, DeadLetterQueue, utc
 from nexus_bus.jobs.envelope import JOB_ID_PATTERN
 
 T = TypeVar("T")
 _JOB_ID = re.compile(JOB_ID_PATTERN)
+_A_JOB_ID = "a job id (32 lowercase hex characters)"
+
+
+# A malformed id is the command line's error (exit 2, said before connecting), not a request
+# refused (`error: invalid_request`, exit 1).
+def _job_id(text: str) -> str:
+    if not _JOB_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r}: not {_A_JOB_ID}")
+    return text
+
+
+def _entry(text: str) -> str:
+    if not (is_ascii_digits(text) or _JOB_ID.fullmatch(text)):
+        raise argparse.ArgumentTypeError(
+            f"{text[:80]!r}: neither a DLQ sequence number (from `dlq list`) nor {_A_JOB_ID}"
+        )
+    return text
 
 
 def _with_dlq(settings: Settings, work: Callable[[DeadLetterQueue], Awaitable[T]]) -> T:
@@ -91,8 +108,6 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
             return await dlq.replay_all(op=args.op, token=token)
         if is_ascii_digits(args.id):
             return [await dlq.replay(int(args.id), token=token)]
-        if not _JOB_ID.fullmatch(args.id):
-            raise InvalidRequest("expected a DLQ sequence number or a 32-hex job id")
         seqs = [e.seq for e in await _all_entries(dlq, args.op) if e.job_id == args.id]
         if not seqs:
             raise NotFound(f"job {args.id} is not in the dead-letter queue")
@@ -149,7 +164,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_dlq_list)
     p = dlq.add_parser("replay", help="run dead-lettered jobs again")
-    p.add_argument("id", nargs="?", help="DLQ sequence number (from `dlq list`) or job id")
+    p.add_argument("id", nargs="?", type=_entry,
+                   help="DLQ sequence number (from `dlq list`) or job id")
     p.add_argument("--all", action="store_true", help="replay every entry")
     p.add_argument("--op", help="with --all: only this op")
     p.add_argument("--token", help="run under this bearer token instead of the job's own")
@@ -161,7 +177,7 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("jobs", help="asynchronous jobs")
     jobs = p.add_subparsers(dest="jobs_command", required=True)
     p = jobs.add_parser("show", help="print a job's status")
-    p.add_argument("id", help="job id")
+    p.add_argument("id", type=_job_id, help="job id")
     p.add_argument(
         "--wait", type=arguments.wait_seconds, default=0,
         help="seconds to wait for it to finish (default: 0, not at all)",

@@ -88,8 +88,10 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run_in(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+def run_in(
+    folder: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}, **(env or {})}
     env["NEXUS_STATE_DIR"] = str(folder / ".nexus")
     return subprocess.run(
         [sys.executable, "-m", "nexus_bus", *args], cwd=folder, env=env, capture_output=True,
@@ -260,7 +262,7 @@ NOT_A_PORT = "not a port (0-65535)"
         (["up", "--http-port", "-1"], f"argument --http-port: '-1': {NOT_A_PORT}"),
         (["shim", "--port", "70000"], f"argument --port: '70000': {NOT_A_PORT}"),
         (["dlq", "list", "--limit", "-5"], f"argument --limit: '-5': {AT_LEAST_1}"),
-        (["jobs", "show", "x", "--wait", "-3"], f"argument --wait: '-3': {NOT_NEGATIVE}"),
+        (["jobs", "show", "0" * 32, "--wait", "-3"], f"argument --wait: '-3': {NOT_NEGATIVE}"),
         (["services", "--wait", "-1"], f"argument --wait: '-1': {NOT_NEGATIVE}"),
     ],
 )
@@ -295,6 +297,28 @@ def test_a_malformed_scope_or_lifetime_is_a_usage_error(
     done = run_in(tmp_path, "token", "issue", "--sub", "me", *args)
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.splitlines()[-1] == f"nexus-bus token issue: error: {said}", done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["jobs", "show", "nope"],
+         "nexus-bus jobs show: error: argument id: 'nope': not a job id (32 lowercase hex"
+         " characters)"),
+        (["dlq", "replay", "abc"],
+         "nexus-bus dlq replay: error: argument id: 'abc': neither a DLQ sequence number (from"
+         " `dlq list`) nor a job id (32 lowercase hex characters)"),
+    ],
+)
+def test_a_malformed_job_id_is_a_usage_error(tmp_path: Path, args: list[str], said: str) -> None:
+    """Before: "error: invalid_request: invalid job id: ...", exit 1, as if refused by a
+    server; or, nothing listening, "connection refused" about an id that could not be
+    right anyway."""
+    from nexus_bus.embedded import free_port
+
+    done = run_in(tmp_path, *args, env={"NEXUS_NATS__URL": f"nats://127.0.0.1:{free_port()}"})
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.splitlines()[-1] == said, done.stderr
 
 
 @pytest.mark.parametrize(

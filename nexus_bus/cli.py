@@ -114,7 +114,7 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
     try:
         payload = msgspec.json.decode(args.payload.encode())
     except msgspec.DecodeError as exc:
-        print(f"payload is not JSON: {exc}", file=sys.stderr)
+        print(f"error: payload {args.payload[:40]!r}: not JSON ({exc})", file=sys.stderr)
         return 2
 
     async def call() -> Any:

@@ -299,6 +299,17 @@ def test_a_malformed_scope_or_lifetime_is_a_usage_error(
     assert done.stderr.splitlines()[-1] == f"nexus-bus token issue: error: {said}", done.stderr
 
 
+def test_a_payload_that_is_not_json_is_one_error_line_naming_it(tmp_path: Path) -> None:
+    """Before: "payload is not JSON: JSON is malformed: ...", the one usage error of `call`
+    without the "error: " every other one starts with."""
+    done = run_in(tmp_path, "call", "data.get", "{key: 1}")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "error: payload '{key: 1}': not JSON (JSON is malformed: object keys must be strings"
+        " (byte 1))\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "said"),
     [

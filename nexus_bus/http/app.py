@@ -200,6 +200,10 @@ class ShimApp:
         self._tickets: TicketStore | None = None
         self._catalog = Catalog(self._groups)
         self._router = self._routes()
+        self.startup_error: NexusError | None = None  # why the lifespan startup failed
+        # Set by `serve`, which raises that error itself (the CLI prints it once): the server
+        # is then not given its message to log as well.
+        self.raises_startup_error = False
 
     @property
     def ops(self) -> list[str]:
@@ -348,7 +352,9 @@ class ShimApp:
                 try:
                     await self.startup()
                 except NexusError as exc:
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    self.startup_error = exc
+                    told = "" if self.raises_startup_error else str(exc)
+                    await send({"type": "lifespan.startup.failed", "message": told})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

@@ -163,7 +163,19 @@ def serve(settings: Settings, groups: Iterable[Operations] | None = None) -> int
         settings: the whole settings object.
         groups: the operations the shim knows (default: the built-in ones); it lets their
             public actions through without a token and describes them in `/openapi.json`.
+
+    Raises:
+        NexusError: the startup failed (NATS unreachable, no usable keys...).
     """
-    server = create_server(settings, ShimApp(settings, groups) if groups is not None else None)
-    server.run()
+    app = ShimApp(settings, groups) if groups is not None else ShimApp(settings)
+    app.raises_startup_error = True
+    server = create_server(settings, app)
+    try:
+        server.run()
+    except SystemExit:
+        # uvicorn ends a failed lifespan startup with sys.exit(3). Raised instead, the error
+        # is the CLI's one line (`error: unavailable: ...`, exit 1), as a worker's is.
+        if app.startup_error is not None:
+            raise app.startup_error from app.startup_error.__cause__
+        raise
     return 0 if server.started else 1

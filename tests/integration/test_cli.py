@@ -369,6 +369,27 @@ def test_a_worker_without_a_nats_says_so_as_a_one_shot_command_does(tmp_path: Pa
     assert levels <= {"INFO"}, done.stderr
 
 
+def test_a_shim_without_a_nats_says_so_as_a_worker_does(tmp_path: Path) -> None:
+    """Before: the detail bare, then uvicorn's "Application startup failed. Exiting." and exit
+    3; now the worker's one line (where to look included) and exit 1."""
+    from nexus_bus.embedded import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env.update(
+        NEXUS_NATS__URL=f"nats://127.0.0.1:{free_port()}",  # nothing listens there
+        NEXUS_STATE_DIR=str(tmp_path),
+        NEXUS_NATS__INITIAL_CONNECT_TIMEOUT_S="1.5",
+        NEXUS_LOG__LEVEL="WARNING",
+    )
+    done = run_cli("shim", "--port", "0", env=env)
+    said = (
+        f"error: unavailable: cannot connect to NATS at {env['NEXUS_NATS__URL']}: connection"
+        f" refused — is `nexus-bus up` running? (no stack file: {tmp_path / 'stack.json'})"
+    )
+    assert (done.returncode, done.stderr.splitlines()[-1]) == (1, said), done.stderr
+    assert done.stderr.count("cannot connect to NATS") == 1, done.stderr
+
+
 def test_an_operation_nobody_serves_names_the_nats_when_no_stack_was_found(
     nats_url: str, tmp_path: Path
 ) -> None:

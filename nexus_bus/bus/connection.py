@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import nats
@@ -47,12 +48,22 @@ async def flush_subscriptions(nc: Client) -> None:
     await nc.flush()
 
 
-def nats_options(settings: NatsSettings, *, name: str | None = None) -> dict[str, Any]:
-    """Keyword arguments for `nats.connect` (and FastStream's `NatsBroker`)."""
+def nats_options(
+    settings: NatsSettings,
+    *,
+    name: str | None = None,
+    reconnected: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for `nats.connect` (and FastStream's `NatsBroker`).
+
+    `reconnected` is called after each reconnect (the shim's event streams replace their
+    consumers, which a restarted server has lost)."""
 
     async def on_reconnect() -> None:
         METRICS.nats_reconnects.inc()
         logger.warning("nats reconnected")
+        if reconnected is not None:
+            reconnected()
 
     async def on_disconnect() -> None:
         logger.info("nats disconnected")
@@ -128,8 +139,13 @@ def broker_options(settings: NatsSettings, *, name: str | None = None) -> dict[s
     return opts
 
 
-async def connect_nats(settings: NatsSettings, *, name: str | None = None) -> Client:
-    """Connect to NATS.
+async def connect_nats(
+    settings: NatsSettings,
+    *,
+    name: str | None = None,
+    reconnected: Callable[[], None] | None = None,
+) -> Client:
+    """Connect to NATS (`reconnected`: see `nats_options`).
 
     The first connect is retried for `initial_connect_timeout_s`, or only for
     `initial_refused_timeout_s` while every attempt is refused (nothing listens there: a
@@ -141,7 +157,7 @@ async def connect_nats(settings: NatsSettings, *, name: str | None = None) -> Cl
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
-    opts = nats_options(settings, name=name)
+    opts = nats_options(settings, name=name, reconnected=reconnected)
     connected_error_cb = opts["error_cb"]
     connected = False
     last: Exception | None = None  # the first connect's latest failed attempt

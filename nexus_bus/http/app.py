@@ -215,6 +215,11 @@ class ShimApp:
         """Whether the shim was told to stop (readiness is false from then on)."""
         return self._draining
 
+    def _reconnected(self) -> None:
+        """NATS is back: the event streams replace their consumers (docs/http.md)."""
+        if self._streams is not None:
+            self._streams.resume_all()
+
     async def startup(self) -> None:
         """Connect to NATS, create the Redis client and the routes.
 
@@ -223,7 +228,9 @@ class ShimApp:
             ConfigError: auth is enabled but `auth.keys_dir` holds no usable keys.
         """
         settings = self.settings
-        nc = await connect_nats(settings.nats, name=f"{settings.service}-shim")
+        nc = await connect_nats(
+            settings.nats, name=f"{settings.service}-shim", reconnected=self._reconnected
+        )
         self.nc = nc
         self._redis = create_redis(settings.redis)
         # Which names are operations at all: 404 instead of 503 when nobody declared one.

@@ -58,10 +58,15 @@ _BACKLOG_EVENTS: Final = 256
 _BACKLOG_BYTES: Final = 1024 * 1024
 # Safety net for a consumer whose delete never arrived (shim killed): the server drops it.
 _INACTIVE_S: Final = 30.0
+# Retrying a new consumer after a reconnect while JetStream is not back yet (a restarted
+# server recovers its streams before it answers): first delay, doubled up to the cap.
+_RESUME_RETRY_S: Final = 0.1
+_RESUME_RETRY_MAX_S: Final = 2.0
 _STOP: Final = object()  # wakes a stream that must end now
 _BEHIND: Final = object()  # the client fell more than the backlog behind
 _RECHECK: Final = object()  # wakes an idle stream whose token must be checked now
 _RESET: Final = object()  # the events stream was created again: read the new one from its start
+_RESUME: Final = object()  # NATS reconnected: the server may have lost the stream's consumer
 _TICK: Final = object()  # nothing arrived: a heartbeat or a check is due
 _END_EVENT: Final = SSE_END_EVENT.encode()
 _encoder: Final = msgspec.json.Encoder()
@@ -125,11 +130,12 @@ class _Feed:
         self.lease = lease  # the token to re-check (None: nothing to re-check)
         self.sent = after  # the last event queued for the client
         self.queue: asyncio.Queue[Any] = asyncio.Queue()  # bounded by offer()
-        self.sub: Any = None  # the consumer's subscription
+        self.sub: Any = None  # the consumer's subscription (None: removed, none yet)
         self.stopped = False
         self._bytes = 0
         self.behind = False  # the backlog is full: further events are left in the stream
         self.created: datetime | None = None  # when the stream its consumer reads was created
+        self.resume_delay = _RESUME_RETRY_S  # before the next try of a failed resume
 
     async def offer(self, msg: Msg) -> None:
         """Queue an event (the subscription's callback); never blocks.
@@ -188,6 +194,10 @@ class _Feed:
         self._bytes = 0
         self.sent = 0
 
+    def resume(self) -> None:
+        """Read on from `sent` on a new consumer, before the stream's next frame."""
+        self.queue.put_nowait(_RESUME)
+
 
 class EventStreams:
     """Opens, feeds and tears down the SSE streams of one shim process."""
@@ -227,6 +237,18 @@ class EventStreams:
         """End every stream (on drain); clients reconnect elsewhere with Last-Event-ID."""
         for feed in list(self._feeds):
             feed.stop()
+
+    def resume_all(self) -> None:
+        """NATS reconnected: every stream reads on from its last event on a new consumer.
+
+        A restarted server has lost the ephemeral consumers (they live in memory), and
+        nats-py makes a new one only after two of its heartbeats were missed: each stream
+        would stay silent for 2 to 4 `sse_heartbeat_s` (30 to 60 s by default) while its topic
+        is written. After a mere network break the old consumer is replaced needlessly, which
+        costs one consumer create per stream and skips nothing (`_Feed.offer`).
+        """
+        for feed in list(self._feeds):
+            feed.resume()
 
     def recheck(self, jti: str) -> None:
         """A revocation notice for `jti`: the streams holding that token check it now."""
@@ -383,6 +405,9 @@ class EventStreams:
                 await _remove_consumer(self._js, feed.sub)
                 await self._follow(feed)
                 continue
+            if item is _RESUME:
+                await self._resume(feed)
+                continue
             beat = loop.time() >= next_beat
             if lease is not None and (beat or lease.due_in() == 0):
                 ended = await lease.check()
@@ -398,6 +423,38 @@ class EventStreams:
             await self._write(send, event_frame(meta.sequence.stream, item.data or b""))
             next_beat = loop.time() + self._heartbeat_s
 
+    async def _resume(self, feed: _Feed) -> None:
+        """Replace the consumer of `feed` after a reconnect. While JetStream cannot answer
+        yet, try again later (doubling the delay up to a cap); the stream meanwhile beats,
+        checks its token and ends as usual. A server that restarted with memory storage has
+        a new `NEXUS_EVENTS`, counting from 1: the stream reads it from its first event, as
+        when the heartbeat's check finds it (`_watch_stream`), without waiting for that.
+
+        Raises:
+            NexusError: a failure that trying again cannot fix.
+        """
+        await _remove_consumer(self._js, feed.sub)
+        feed.sub = None  # a failed try leaves none to remove again
+        try:
+            async with translate_nats_errors(f"subscribe to {feed.subject}"):
+                created = (await self._js.stream_info(EVENTS_STREAM)).created
+            if feed.created is not None and created != feed.created:
+                feed.rewind()
+                feed.created = created
+                logger.warning(
+                    "{} was created again: an open event stream reads it from its first event",
+                    EVENTS_STREAM,
+                )
+            await self._follow(feed)
+        except NexusError as exc:
+            if not exc.retryable:
+                raise
+            logger.info("event stream {}: no new consumer yet: {}", feed.subject, exc.detail)
+            asyncio.get_running_loop().call_later(feed.resume_delay, feed.resume)
+            feed.resume_delay = min(feed.resume_delay * 2, _RESUME_RETRY_MAX_S)
+            return
+        feed.resume_delay = _RESUME_RETRY_S
+
 
 async def _watch_disconnect(receive: Any, feed: _Feed) -> None:
     while (await receive())["type"] != "http.disconnect":
@@ -407,6 +464,8 @@ async def _watch_disconnect(receive: Any, feed: _Feed) -> None:
 
 async def _remove_consumer(js: Any, sub: Any) -> None:
     """Unsubscribe and delete the ephemeral consumer now rather than after its idle timeout."""
+    if sub is None:
+        return
     name = getattr(sub, "_consumer", None)  # nats-py keeps the current (reset) consumer here
     with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
         await sub.unsubscribe()

@@ -69,12 +69,14 @@ if cur[1] == 'p' then return {'wait'} end
 return {'done', cur[3], cur[4], cur[5]}
 """
 
-# KEYS: record. ARGV: owner, status, content type, body, retention ms. Written only while
-# this owner still holds the claim (or nobody does). Returns 1 when recorded.
+# KEYS: record. ARGV: owner, status, content type, body, retention ms, fingerprint. Written
+# only while this owner still holds the claim (or nobody does: Redis lost it in a restart or
+# flush, or the lease ran out), always with the fingerprint, which a lost claim took along:
+# without it every repeat of the same request would be a mismatch. Returns 1 when recorded.
 COMPLETE_LUA: Final = """
 local owner = redis.call('HGET', KEYS[1], 'o')
 if owner and owner ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 's', 'd', 'st', ARGV[2], 'ct', ARGV[3], 'b', ARGV[4])
+redis.call('HSET', KEYS[1], 's', 'd', 'st', ARGV[2], 'ct', ARGV[3], 'b', ARGV[4], 'f', ARGV[6])
 redis.call('HDEL', KEYS[1], 'o')
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
@@ -153,7 +155,7 @@ class IdempotencyStore:
             verdict = _text(found[0])
             if verdict == "run":
                 with effect_scope(f"{EFFECTS_IDEMPOTENCY_TOKEN}.{digest}", request=print_):
-                    return await self._produce(name, owner, produce)
+                    return await self._produce(name, owner, print_, produce)
             if verdict == "mismatch":
                 raise IdempotencyMismatch(
                     "this Idempotency-Key was used with a different request"
@@ -165,7 +167,7 @@ class IdempotencyStore:
                 raise UpstreamTimeout("the first request with this Idempotency-Key is running")
             await asyncio.sleep(_POLL_S)  # the first one is running: wait for its reply
 
-    async def _produce(self, name: str, owner: str, produce: Produce) -> Reply:
+    async def _produce(self, name: str, owner: str, print_: str, produce: Produce) -> Reply:
         try:
             reply = await produce()
         except BaseException:
@@ -176,7 +178,7 @@ class IdempotencyStore:
             return reply
         content_type = reply.headers.get(H_CONTENT_TYPE, CT_JSON)
         args: list[str | int | bytes] = [
-            owner, reply.status, content_type, reply.body, self._retention_ms
+            owner, reply.status, content_type, reply.body, self._retention_ms, print_
         ]
         try:
             await self._call(self._complete(keys=[name], args=args))

@@ -34,6 +34,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from nexus_bus.bus.assets import stream_missing
 from nexus_bus.bus.metadata import is_ascii_digits
 from nexus_bus.bus.replies import problem_of
 from nexus_bus.bus.subjects import events_subject
@@ -447,7 +448,9 @@ class EventStreams:
                 )
             await self._follow(feed)
         except NexusError as exc:
-            if not exc.retryable:
+            # A stream lost with a memory-storage server is created again by the next
+            # stream.publish or stream.read (bus/assets.py): wait for it as for JetStream.
+            if not exc.retryable and not stream_missing(exc):
                 raise
             logger.info("event stream {}: no new consumer yet: {}", feed.subject, exc.detail)
             asyncio.get_running_loop().call_later(feed.resume_delay, feed.resume)

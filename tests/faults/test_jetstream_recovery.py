@@ -8,6 +8,7 @@ worker was restarted (data.put 503, data.list 404, job consumers fetching in vai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import uuid
 import weakref
@@ -212,29 +213,38 @@ async def test_a_deleted_events_stream_is_recreated_by_the_next_publish_or_read(
     assert info.state.last_seq == 0
 
 
-async def test_sse_resuming_past_a_recreated_events_stream_starts_at_its_first_event(
-    local_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str
-) -> None:
-    settings = _memory_settings(local_nats.url, redis_url)
+@contextlib.asynccontextmanager
+async def _stream_shim(
+    settings: Settings, admin_token: str | None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A worker serving `stream`, a shim with a 0.3 s SSE heartbeat, and a client of it."""
     worker = Worker(settings, builtin_groups(["stream"]))
     await worker.start()
-    topic = f"t{uid}"
     try:
         async with (
             running_shim(settings, sse_heartbeat_s=0.3) as shim,
             httpx.AsyncClient(base_url=shim.url, headers=bearer(admin_token), timeout=20) as c,
         ):
-            old = [await publish(c, topic, {"old": i}) for i in range(3)]
-            await _delete_streams(local_nats.url, "NEXUS_EVENTS")
-            new = await publish(c, topic, "new")  # the stream is created again: seq 1
-            assert new == 1
-            headers = {"Last-Event-ID": str(old[-1])}  # what the client saw last: 3
-            async with c.stream("GET", f"/v1/events/{topic}", headers=headers) as resp:
-                assert resp.status_code == 200
-                # Before: nothing, until the new stream would pass sequence 3.
-                assert await EventReader(resp).next_event(timeout_s=5) == (1, "new")
+            yield c
     finally:
         await worker.drain(1)
+
+
+async def test_sse_resuming_past_a_recreated_events_stream_starts_at_its_first_event(
+    local_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str
+) -> None:
+    settings = _memory_settings(local_nats.url, redis_url)
+    topic = f"t{uid}"
+    async with _stream_shim(settings, admin_token) as c:
+        old = [await publish(c, topic, {"old": i}) for i in range(3)]
+        await _delete_streams(local_nats.url, "NEXUS_EVENTS")
+        new = await publish(c, topic, "new")  # the stream is created again: seq 1
+        assert new == 1
+        headers = {"Last-Event-ID": str(old[-1])}  # what the client saw last: 3
+        async with c.stream("GET", f"/v1/events/{topic}", headers=headers) as resp:
+            assert resp.status_code == 200
+            # Before: nothing, until the new stream would pass sequence 3.
+            assert await EventReader(resp).next_event(timeout_s=5) == (1, "new")
 
 
 @pytest.mark.parametrize("lost", ["deleted", "restarted"])
@@ -245,39 +255,33 @@ async def test_an_open_sse_stream_follows_the_events_stream_created_again(
     settings = settings.model_copy(
         update={"nats": settings.nats.model_copy(update={"reconnect_wait_s": 0.2})}
     )
-    worker = Worker(settings, builtin_groups(["stream"]))
-    await worker.start()
     topic = f"t{uid}"
-    try:
-        async with (
-            running_shim(settings, sse_heartbeat_s=0.3) as shim,
-            httpx.AsyncClient(base_url=shim.url, headers=bearer(admin_token), timeout=20) as c,
-            c.stream("GET", f"/v1/events/{topic}") as resp,
-        ):
-            reader = EventReader(resp)
-            await reader.wait_comment()
-            for i in range(3):
-                seq = await publish(c, topic, {"old": i})
-                assert await reader.next_event() == (seq, {"old": i})
-            if lost == "deleted":
-                await _delete_streams(local_nats.url, "NEXUS_EVENTS")
-                assert await publish(c, topic, "new") == 1  # the stream is created again
-            else:
-                await asyncio.to_thread(local_nats.restart)  # memory storage: all gone
-                new = 0
-                for _ in range(100):  # until shim and worker are back
-                    try:
-                        new = await publish(c, topic, "new")
-                        break
-                    except AssertionError:
-                        await asyncio.sleep(0.1)
-                assert new == 1  # the stream is created again
-            # Before: nothing (sequence 1 is not after 3, the last event the stream sent).
-            assert await reader.next_event(timeout_s=5) == (1, "new")
-            assert await publish(c, topic, "next") == 2
-            assert await reader.next_event() == (2, "next")
-    finally:
-        await worker.drain(1)
+    async with (
+        _stream_shim(settings, admin_token) as c,
+        c.stream("GET", f"/v1/events/{topic}") as resp,
+    ):
+        reader = EventReader(resp)
+        await reader.wait_comment()
+        for i in range(3):
+            seq = await publish(c, topic, {"old": i})
+            assert await reader.next_event() == (seq, {"old": i})
+        if lost == "deleted":
+            await _delete_streams(local_nats.url, "NEXUS_EVENTS")
+            assert await publish(c, topic, "new") == 1  # the stream is created again
+        else:
+            await asyncio.to_thread(local_nats.restart)  # memory storage: all gone
+            new = 0
+            for _ in range(100):  # until shim and worker are back
+                try:
+                    new = await publish(c, topic, "new")
+                    break
+                except AssertionError:
+                    await asyncio.sleep(0.1)
+            assert new == 1  # the stream is created again
+        # Before: nothing (sequence 1 is not after 3, the last event the stream sent).
+        assert await reader.next_event(timeout_s=5) == (1, "new")
+        assert await publish(c, topic, "next") == 2
+        assert await reader.next_event() == (2, "next")
 
 
 async def test_a_deleted_ops_bucket_is_recreated_by_the_next_registry_heartbeat(
@@ -440,25 +444,17 @@ async def test_an_sse_client_opens_on_an_events_stream_deleted_under_the_worker(
     local_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str
 ) -> None:
     settings = _memory_settings(local_nats.url, redis_url)
-    worker = Worker(settings, builtin_groups(["stream"]))
-    await worker.start()
     topic = f"t{uid}"
-    try:
-        async with (
-            running_shim(settings, sse_heartbeat_s=0.3) as shim,
-            httpx.AsyncClient(base_url=shim.url, headers=bearer(admin_token), timeout=20) as c,
-        ):
-            await _delete_streams(local_nats.url, "NEXUS_EVENTS")
-            # The shim's gate (a stream.read through a worker) brings the stream back. Before:
-            # the read answered [] and left it missing, and the shim answered 404 not_found.
-            async with c.stream("GET", f"/v1/events/{topic}") as resp:
-                assert resp.status_code == 200
-                reader = EventReader(resp)
-                await reader.wait_comment()
-                seq = await publish(c, topic, "x")
-                assert await reader.next_event() == (seq, "x")
-    finally:
-        await worker.drain(1)
+    async with _stream_shim(settings, admin_token) as c:
+        await _delete_streams(local_nats.url, "NEXUS_EVENTS")
+        # The shim's gate (a stream.read through a worker) brings the stream back. Before:
+        # the read answered [] and left it missing, and the shim answered 404 not_found.
+        async with c.stream("GET", f"/v1/events/{topic}") as resp:
+            assert resp.status_code == 200
+            reader = EventReader(resp)
+            await reader.wait_comment()
+            seq = await publish(c, topic, "x")
+            assert await reader.next_event() == (seq, "x")
 
 
 async def test_a_worker_serving_jobs_restores_every_stream_after_a_restart_unasked(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,21 +22,31 @@ from tests.integration.test_http_sse import EventReader, publish
 HEARTBEAT_S = 0.3
 
 
-@pytest.fixture
-async def restartable(
-    local_nats: ServerProcess, redis_url: str
+@contextlib.asynccontextmanager
+async def _served(
+    nats_url: str, redis_url: str, heartbeat_s: float
 ) -> AsyncIterator[tuple[Settings, RunningShim]]:
-    settings = make_settings(local_nats.url, redis_url)
+    """A worker and a shim that reconnect to NATS within 0.2 s, streams beating every
+    `heartbeat_s`."""
+    settings = make_settings(nats_url, redis_url)
     settings = settings.model_copy(
         update={"nats": settings.nats.model_copy(update={"reconnect_wait_s": 0.2})}
     )
     worker = Worker(settings, builtin_groups())
     await worker.start()
     try:
-        async with running_shim(settings, sse_heartbeat_s=HEARTBEAT_S) as shim:
+        async with running_shim(settings, sse_heartbeat_s=heartbeat_s) as shim:
             yield settings, shim
     finally:
         await worker.drain(1)
+
+
+@pytest.fixture
+async def restartable(
+    local_nats: ServerProcess, redis_url: str
+) -> AsyncIterator[tuple[Settings, RunningShim]]:
+    async with _served(local_nats.url, redis_url, HEARTBEAT_S) as served:
+        yield served
 
 
 @pytest.mark.parametrize("resume", [False, True])
@@ -74,17 +85,8 @@ async def default_heartbeat(
     local_nats: ServerProcess, redis_url: str
 ) -> AsyncIterator[RunningShim]:
     """A worker and a shim whose streams beat every 15 s, the default."""
-    settings = make_settings(local_nats.url, redis_url)
-    settings = settings.model_copy(
-        update={"nats": settings.nats.model_copy(update={"reconnect_wait_s": 0.2})}
-    )
-    worker = Worker(settings, builtin_groups())
-    await worker.start()
-    try:
-        async with running_shim(settings, sse_heartbeat_s=15) as shim:
-            yield shim
-    finally:
-        await worker.drain(1)
+    async with _served(local_nats.url, redis_url, 15) as (_, shim):
+        yield shim
 
 
 async def test_a_stream_reads_on_at_once_after_a_broker_restart(

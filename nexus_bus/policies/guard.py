@@ -95,9 +95,9 @@ class Route:
     used: float = 0.0  # the start of its last call, for dropping the least recently used
 
 
-# reply, failure, failure code, and whether the caller's budget was too short for the outcome
-# to say anything about the op (`Guard._outcome`)
-Outcome = tuple[Reply | None, NexusError | None, str, bool]
+# reply, failure, failure code, whether the caller's budget was too short for the outcome to
+# say anything about the op (`Guard._outcome`), and when the attempt started (the guard's clock)
+Outcome = tuple[Reply | None, NexusError | None, str, bool, float]
 
 
 def error_code_of(reply: Reply) -> str:
@@ -111,7 +111,7 @@ def shows_real(outcome: Outcome) -> bool:
     lacks); or the op's workers failed it (no responders for a name the registry declares
     or cannot vouch against, a timeout, a 503). A made-up name gets `unknown_operation`
     from the gateway; a request refused before it was sent shows nothing."""
-    reply, failure, _, _ = outcome
+    reply, failure, _, _, _ = outcome
     if failure is not None:
         return failure.code in BREAKER_FAILURES and not failure.unsent
     return reply is not None and error_code_of(reply) != _UNKNOWN_OPERATION
@@ -326,7 +326,7 @@ class Guard:
         try:
             reply = await send(per_try)
         except NexusError as exc:
-            first = self._outcome(None, exc, policy, per_try)
+            first = self._outcome(None, exc, policy, per_try, now)
         else:
             if reply.status < 500 and guard is not None and budget is not None:  # kept
                 if guard.breaker.closed:
@@ -334,7 +334,7 @@ class Guard:
                 else:  # opened while this attempt was out: it closes, as `_report` says
                     self._report(guard, "")
                 return reply
-            first = self._outcome(reply, None, policy, per_try)
+            first = self._outcome(reply, None, policy, per_try, now)
         return await self._attempts(route, op, action, body, headers, deadline, send, first)
 
     async def _attempts(
@@ -368,7 +368,7 @@ class Guard:
                         probe.release_probe()
                     raise
             route = self._settle(route, op, action, outcome, probe)
-            reply, failure, code, _ = outcome
+            reply, failure, code, _, _ = outcome
             outcome = None
             if code not in BREAKER_FAILURES:
                 if failure is not None:
@@ -398,7 +398,8 @@ class Guard:
         send: Send,
     ) -> Outcome:
         """Send one attempt: its reply or failure, and the failure's code ("" on success)."""
-        remaining = deadline - self._clock()
+        started = self._clock()
+        remaining = deadline - started
         per_try = remaining
         if policy.attempt_timeout_s and policy.attempt_timeout_s < remaining:
             per_try = policy.attempt_timeout_s
@@ -407,8 +408,8 @@ class Guard:
         try:
             reply = await send(per_try)
         except NexusError as exc:
-            return self._outcome(None, exc, policy, per_try)
-        return self._outcome(reply, None, policy, per_try)
+            return self._outcome(None, exc, policy, per_try, started)
+        return self._outcome(reply, None, policy, per_try, started)
 
     def _outcome(
         self,
@@ -416,6 +417,7 @@ class Guard:
         failure: NexusError | None,
         policy: OperationPolicy,
         given_s: float,
+        started: float,
     ) -> Outcome:
         """An attempt's outcome, `hurried` when it timed out (the gateway gave up, or the
         worker answered `upstream_timeout`: a handler bounded by the request's deadline)
@@ -436,7 +438,7 @@ class Guard:
             if policy.attempt_timeout_s:
                 expected = min(expected, policy.attempt_timeout_s)
             hurried = given_s < expected - _BUDGET_SLACK_S
-        return reply, failure, code, hurried
+        return reply, failure, code, hurried, started
 
     def _retry_delay(
         self,
@@ -478,13 +480,13 @@ class Guard:
         """
         if route.budget is None and shows_real(outcome):
             route = self._keep(op, action, route)
-        _, failure, code, hurried = outcome
+        _, failure, code, hurried, started = outcome
         guard = route.guard
         counted = None
         if guard is not None and not hurried:
             counted = self._breaker_code(failure, code, guard.breaker)
         if guard is not None and counted is not None:
-            self._report(guard, counted)
+            self._report(guard, counted, started)
         elif probe is not None:
             probe.release_probe()
         return route
@@ -517,11 +519,15 @@ class Guard:
             return None if breaker.state is BreakerState.CLOSED else code
         return code
 
-    def _report(self, guard: OpGuard, code: str) -> None:
+    def _report(self, guard: OpGuard, code: str, started: float | None = None) -> None:
+        """Count an outcome (`code`, "" a success) of an attempt that began at `started`: a
+        failure of one begun before the breaker's latest success is not counted (a worker
+        that died with requests in flight, whose timeouts arrive together while the op's
+        other workers answer, would open the op's breaker for every caller)."""
         breaker = guard.breaker
         before = breaker.state
         if code in BREAKER_FAILURES:
-            breaker.record_failure()
+            breaker.record_failure(started)
             if breaker.state is BreakerState.OPEN and before is not BreakerState.OPEN:
                 guard.remote_open = False
                 if self.publisher is not None:

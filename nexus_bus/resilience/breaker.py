@@ -10,7 +10,10 @@
     else:
         ...  # fail fast or fail open
 
-Closed: calls pass; `failure_threshold` consecutive failures open it. Open: calls are
+Closed: calls pass; `failure_threshold` consecutive failures open it. A failure of a call
+that started before the latest success is not one of them, when the caller says when its
+call started: the dependency has answered since (one of several workers died with requests
+in flight, and their timeouts arrive together while the others serve). Open: calls are
 refused until a reset delay passes; the delay grows with every failed probe (exponential
 backoff), so a dead dependency is asked less and less often. Half-open: up to
 `half_open_probes` calls pass as probes; one success closes the breaker, one failure opens
@@ -93,6 +96,7 @@ class CircuitBreaker:
         self._failures = 0
         self._openings = 0  # consecutive openings without a success in between
         self._open_until = 0.0
+        self._succeeded_at = float("-inf")  # the latest success, on `clock`
         self._probes: list[float] = []  # start times of probes that have not reported
 
     @property
@@ -138,17 +142,25 @@ class CircuitBreaker:
     def record_success(self) -> None:
         """The call worked: a half-open (or open) breaker closes; failures are forgotten."""
         self._failures = 0
+        self._succeeded_at = self._clock()
         if self._state is not BreakerState.CLOSED:
             self._openings = 0
             self._probes.clear()
             self._move(BreakerState.CLOSED)
 
-    def record_failure(self) -> None:
-        """The call failed: count it, and open the breaker when the threshold is reached."""
+    def record_failure(self, started_at: float | None = None) -> None:
+        """The call failed: count it, and open the breaker when the threshold is reached.
+
+        Args:
+            started_at: when the call started, on the breaker's clock. A closed breaker does
+                not count a call that started before its latest success.
+        """
         state = self.state
         if state is BreakerState.HALF_OPEN:
             self._open()
         elif state is BreakerState.CLOSED:
+            if started_at is not None and started_at < self._succeeded_at:
+                return
             self._failures += 1
             if self._failures >= self._threshold:
                 self._open()

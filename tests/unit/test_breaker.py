@@ -122,3 +122,17 @@ def test_levels_and_invalid_parameters() -> None:
     assert [s.level for s in BreakerState] == [0, 1, 2]
     with pytest.raises(ValueError):
         CircuitBreaker(failure_threshold=0)
+
+
+def test_a_failure_of_a_call_begun_before_the_latest_success_is_not_counted() -> None:
+    clock = FakeClock()
+    b, _ = make(clock)
+    begun = clock.now
+    clock.now += 1.0
+    b.record_success()
+    for _ in range(5):
+        b.record_failure(started_at=begun)  # in flight across the success: says nothing new
+    assert b.state is BreakerState.CLOSED
+    for _ in range(3):
+        b.record_failure(started_at=clock.now)
+    assert b.state is BreakerState.OPEN

@@ -450,3 +450,39 @@ async def test_routes_and_their_retry_series_stay_bounded(
     kept = [series("nexus_retries_total", op="routes", action=f"a{i}", reason="no_responders")
             for i in range(6)]
     assert kept == [None, None, 1, 1, 1, 1]  # the two least recently called pairs dropped
+
+
+async def test_failures_of_attempts_begun_before_the_latest_success_leave_the_breaker_closed(
+) -> None:
+    """One of two workers dies with requests in flight: their timeouts arrive together, after
+    the other worker has answered calls begun since. Counted as consecutive failures, five of
+    them opened the op's breaker for every caller while it was being served (a chaos soak:
+    503 circuit_open a few seconds after a worker was killed)."""
+    guard, clock = make(attempts=1, breaker_failures=5)
+    entered: list[float] = []
+    all_sent, released = asyncio.Event(), asyncio.Event()
+
+    async def dead_worker(timeout_s: float) -> Reply:
+        entered.append(clock.now)
+        if len(entered) == 5:
+            all_sent.set()
+        await released.wait()
+        raise UpstreamTimeout()
+
+    calls = [
+        asyncio.create_task(guard.call("orders", "get", b"{}", {}, 5.0, dead_worker))
+        for _ in range(5)
+    ]
+    await all_sent.wait()
+    clock.now += 1.0
+    assert await guard.call("orders", "get", b"{}", {}, 5.0, Script(OK)) is OK  # the live one
+    clock.now += 4.0
+    released.set()
+    for call in calls:
+        with pytest.raises(UpstreamTimeout):
+            await call
+    assert guard.state("orders") is BreakerState.CLOSED
+    for _ in range(5):  # begun after the latest success: these count
+        with pytest.raises(UpstreamTimeout):
+            await guard.call("orders", "get", b"{}", {}, 5.0, Script(UpstreamTimeout()))
+    assert guard.state("orders") is BreakerState.OPEN

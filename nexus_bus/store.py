@@ -286,17 +286,16 @@ class KeyValueRecordStore:
         pattern = f"{prefix[: prefix.rfind('.') + 1]}>"  # its whole tokens, then any
         async with translate_nats_errors("list keys", input_errors=(INVALID_SUBJECT,)):
             subjects = await self._subjects(pattern)
-            if subjects is None:  # more than the server names at once: read them all
-                return sorted(await self._read([self._prefix + pattern], prefix))[:limit]
-            start = len(self._prefix)
-            candidates = sorted(k for s in subjects if (k := s[start:]).startswith(prefix))
-            if not candidates:
-                return []
-            if 2 * min(limit, len(candidates)) >= len(subjects):
-                # Reading every entry under the tokens costs about what checking the first
-                # `limit` candidates one by one would.
-                return sorted(await self._read([self._prefix + pattern], prefix))[:limit]
-            return await self._first_live(candidates, limit)
+            if subjects is not None:  # None: more than the server names at once
+                start = len(self._prefix)
+                candidates = sorted(k for s in subjects if (k := s[start:]).startswith(prefix))
+                if not candidates:
+                    return []
+                # Unless reading every entry under the tokens costs about what reading the
+                # first `limit` candidates one by one would.
+                if 2 * min(limit, len(candidates)) < len(subjects):
+                    return await self._first_live(candidates, limit)
+            return sorted(await self._read([self._prefix + pattern], prefix))[:limit]
 
     async def _subjects(self, pattern: str) -> list[str] | None:
         """The subjects holding an entry (live or tombstone) for a key `pattern`, as the

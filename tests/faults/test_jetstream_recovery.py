@@ -37,7 +37,7 @@ from tests.conftest import make_settings, open_services
 from tests.helpers import eventually
 from tests.integration.http_shim import bearer, running_shim
 from tests.integration.registry_ops import group
-from tests.integration.test_http_sse import EventReader, publish
+from tests.integration.test_http_sse import EventReader, publish, publish_when_back
 
 
 def _memory_settings(url: str, redis_url: str, **overrides: object) -> Settings:
@@ -270,14 +270,8 @@ async def test_an_open_sse_stream_follows_the_events_stream_created_again(
             assert await publish(c, topic, "new") == 1  # the stream is created again
         else:
             await asyncio.to_thread(local_nats.restart)  # memory storage: all gone
-            new = 0
-            for _ in range(100):  # until shim and worker are back
-                try:
-                    new = await publish(c, topic, "new")
-                    break
-                except AssertionError:
-                    await asyncio.sleep(0.1)
-            assert new == 1  # the stream is created again
+            # once shim and worker are back; the stream is created again
+            assert await publish_when_back(c, topic, "new", pause_s=0.1) == 1
         # Before: nothing (sequence 1 is not after 3, the last event the stream sent).
         assert await reader.next_event(timeout_s=5) == (1, "new")
         assert await publish(c, topic, "next") == 2

@@ -17,7 +17,7 @@ from nexus_bus.handlers import builtin_groups
 from nexus_bus.observability import logger
 from tests.conftest import make_settings
 from tests.integration.http_shim import RunningShim, bearer, poll_until, running_shim
-from tests.integration.test_http_sse import EventReader, publish
+from tests.integration.test_http_sse import EventReader, publish, publish_when_back
 
 HEARTBEAT_S = 0.3
 
@@ -70,12 +70,7 @@ async def test_a_stream_replays_no_event_it_was_past_after_a_broker_restart(
             await asyncio.to_thread(local_nats.kill)
             await asyncio.sleep(0.5)
             await asyncio.to_thread(local_nats.restart)
-            for _ in range(100):
-                try:
-                    new = await publish(c, topic, "new")
-                    break
-                except AssertionError:
-                    await asyncio.sleep(0.2)
+            new = await publish_when_back(c, topic, "new")
             seq, event = await reader.next_event(timeout_s=15)
             assert (seq, event) == (new, "new"), f"old events {old} replayed"
 
@@ -105,12 +100,7 @@ async def test_a_stream_reads_on_at_once_after_a_broker_restart(
         assert await reader.next_event() == (before, "before")
         await asyncio.to_thread(local_nats.stop)  # SIGTERM: the server shuts down cleanly
         await asyncio.to_thread(local_nats.start)
-        for _ in range(100):
-            try:
-                after = await publish(c, topic, "after")
-                break
-            except AssertionError:
-                await asyncio.sleep(0.2)
+        after = await publish_when_back(c, topic, "after")
         assert await reader.next_event(timeout_s=8) == (after, "after")
 
 

@@ -39,6 +39,18 @@ async def publish(client: httpx.AsyncClient, topic: str, event: object) -> int:
     return seq
 
 
+async def publish_when_back(
+    client: httpx.AsyncClient, topic: str, event: object, *, tries: int = 100, pause_s: float = 0.2
+) -> int:
+    """`publish`, tried until the servers answer again (after a restart of NATS)."""
+    for _ in range(tries - 1):
+        try:
+            return await publish(client, topic, event)
+        except AssertionError:
+            await asyncio.sleep(pause_s)
+    return await publish(client, topic, event)
+
+
 class EventReader:
     """Reads SSE frames off a streaming response: events, comments and fields."""
 

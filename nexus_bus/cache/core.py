@@ -35,6 +35,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import msgspec
 
+from nexus_bus.cache.aside import CacheAside, Loader
 from nexus_bus.cache.entries import (
     UNVERSIONED,
     CacheUnavailable,
@@ -42,6 +43,7 @@ from nexus_bus.cache.entries import (
     EntryStore,
     Holder,
     Kind,
+    Lookup,
     Written,
 )
 from nexus_bus.cache.floors import Floor, Floors, repair_floors
@@ -50,14 +52,12 @@ from nexus_bus.cache.local import LocalCache
 from nexus_bus.cache.notice import Notice, Peers
 from nexus_bus.cache.policy import CachePolicy
 from nexus_bus.cache.stats import CacheResult, CacheStats
-from nexus_bus.constants import CACHE_DEFAULT_NAMESPACE, CACHE_KEY_PREFIX
-from nexus_bus.errors import NotFound
+from nexus_bus.constants import CACHE_KEY_PREFIX
 from nexus_bus.observability import logger
 from nexus_bus.resilience import CircuitBreaker, ExponentialBackoff, Jitter
 
 P = ParamSpec("P")
 T = TypeVar("T")
-Loader = Callable[[], Awaitable[Entry]]
 
 # Waiting for another worker's load: start fast (a KV read takes about a millisecond on a
 # LAN), then back off so hundreds of waiters do not hammer Redis.
@@ -71,10 +71,9 @@ _SLACK_S = 0.002
 # Closing waits this long at most for writes still running (`finish`); each step of one is
 # bounded by its own timeout, and a worker that drains has cancelled their callers already.
 _CLOSE_WAIT_S = 10.0
-_encode = msgspec.json.Encoder().encode
 
 
-class Cache:
+class Cache(CacheAside):
     """Read-through, write-through and cache-aside on an `EntryStore`.
 
     Args:
@@ -171,15 +170,7 @@ class Cache:
         deadline = self._clock() + policy.wait_s
         pause, waited = _FIRST_POLL_S, False
         while True:
-            minimum = self.floors.minimum(ck.entry)
-            if held and self._local is not None:
-                self._local.expect(policy.local_ttl_s)
-            read_at = self._clock()  # before the read: the lease ends before Redis's record
-            lookup = await self._attempt(
-                self._store.read, ck, token=token, lease_ms=policy.lease_ms,
-                min_revision=minimum, holder=self.origin if held else "",
-                hold_ms=policy.local_ms if held else 0,
-            )
+            lookup = await self._read(ck, policy, held, token, policy.lease_ms)
             if lookup is None:
                 self.stats.count(namespace, CacheResult.BYPASS)
                 return await loader()
@@ -190,11 +181,6 @@ class Cache:
                     )
                 result = CacheResult.STALE if lookup.stale else CacheResult.HIT
                 self.stats.count(namespace, CacheResult.COALESCED if waited else result)
-                if lookup.held and self._local is not None:
-                    self._local.put(
-                        ck.entry, lookup.entry, read_at=read_at,
-                        expires_at=read_at + policy.local_ttl_s,
-                    )
                 return lookup.entry
             remaining = deadline - self._clock()
             if lookup.lease or remaining <= 0:
@@ -205,6 +191,50 @@ class Cache:
             waited = True
             await asyncio.sleep(min(pause, remaining))
             pause = min(pause * 2, _MAX_POLL_S)
+
+    async def peek(self, namespace: str, key: str, policy: CachePolicy) -> Entry | None:
+        """The fresh entry of `key` when the cache holds one, else None; never loads.
+
+        From the L1, or one store read that records this process's read lease (a writer
+        revokes it as it revokes a worker's) and takes no load lease: a caller told None
+        asks a worker, which loads and fills. None as well for a stale entry, a fence, an
+        entry below a floor, and a store that fails or whose breaker is open.
+
+        Raises:
+            ValueError: an invalid namespace or key.
+        """
+        ck = self.key(namespace, key)
+        if self.floors.distrusted:
+            return None
+        held = self._local is not None and policy.local_ttl_s > 0
+        if held and (local := self._local_entry(ck)) is not None:
+            self.stats.count(namespace, CacheResult.HIT)
+            return local
+        lookup = await self._read(ck, policy, held, "", 0)
+        if lookup is None or lookup.entry is None or lookup.stale:
+            return None
+        self.stats.count(namespace, CacheResult.HIT)
+        return lookup.entry
+
+    async def _read(
+        self, ck: CacheKey, policy: CachePolicy, held: bool, token: str, lease_ms: int
+    ) -> Lookup | None:
+        """One store read (None: it failed, or the breaker is open). With `held`, it asks
+        for a read lease, and an entry handed out under one enters the L1."""
+        local = self._local if held else None
+        if local is not None:
+            local.expect(policy.local_ttl_s)
+        read_at = self._clock()  # before the read: the lease ends before Redis's record
+        lookup = await self._attempt(
+            self._store.read, ck, token=token, lease_ms=lease_ms,
+            min_revision=self.floors.minimum(ck.entry), holder=self.origin if held else "",
+            hold_ms=policy.local_ms if held else 0,
+        )
+        if local is not None and lookup is not None and lookup.held and lookup.entry is not None:
+            local.put(
+                ck.entry, lookup.entry, read_at=read_at, expires_at=read_at + policy.local_ttl_s
+            )
+        return lookup
 
     async def _load(
         self, ck: CacheKey, loader: Loader, policy: CachePolicy, token: str, read_ms: int
@@ -261,73 +291,6 @@ class Cache:
             # Nobody awaits a background refresh: log it. The stale entry is served until
             # its TTL ends, and the next stale read tries again.
             logger.warning("cache refresh in {} failed: {}", namespace, exc)
-
-    async def get_or_set(
-        self,
-        key: str,
-        getter: Callable[[], Awaitable[T]],
-        ttl: float = 3600.0,
-        *,
-        namespace: str = CACHE_DEFAULT_NAMESPACE,
-        type: Any = Any,
-        policy: CachePolicy | None = None,
-    ) -> T:
-        """Cache-aside: the cached value of `key`, or `await getter()` cached for `ttl` seconds.
-
-        Values are stored as JSON (msgspec) and decoded as `type`, on hits and misses alike.
-        One caller per key across all workers runs `getter`; the others wait for its result.
-
-        Args:
-            key: the key in `namespace`.
-            getter: loads the value; raising `NotFound` caches the absence when the policy's
-                `negative_ttl_s` allows it.
-            ttl: seconds a value stays fresh (overrides `policy.ttl_s`).
-            namespace: the cache namespace and `cache` metric label.
-            type: what to decode the value as (any type msgspec can decode).
-            policy: the rest of the behaviour (negative TTL, stale window, L1, jitter).
-
-        Raises:
-            NotFound: the getter raised it, now or (cached) before.
-            Whatever `getter` raises; never a cache failure.
-        """
-        rules = (policy or CachePolicy()).with_(ttl_s=ttl)
-        missing: list[NotFound] = []
-
-        async def load() -> Entry:
-            try:
-                return Entry.of(_encode(await getter()))
-            except NotFound as exc:
-                missing.append(exc)
-                return Entry.absent()
-
-        entry = await self.fetch(namespace, key, load, rules)
-        if entry.kind is Kind.ABSENT:
-            raise missing[0] if missing else NotFound(f"{namespace} {key}: not found")
-        decoded: T = msgspec.json.decode(entry.value, type=type)
-        return decoded
-
-    async def set(
-        self,
-        key: str,
-        value: Any,
-        ttl: float = 3600.0,
-        *,
-        namespace: str = CACHE_DEFAULT_NAMESPACE,
-        policy: CachePolicy | None = None,
-    ) -> None:
-        """Cache-aside write: store `value` for `key` once the source has it (never raises)."""
-        rules = (policy or CachePolicy()).with_(ttl_s=ttl)
-        await self.write(namespace, key, Entry.of(_encode(value)), rules)
-
-    async def delete(
-        self,
-        key: str,
-        *,
-        namespace: str = CACHE_DEFAULT_NAMESPACE,
-        policy: CachePolicy | None = None,
-    ) -> None:
-        """Cache-aside invalidation: drop `key` so the next read loads it (never raises)."""
-        await self.invalidate(namespace, key, policy or CachePolicy())
 
     # -- writes --------------------------------------------------------------------------
 

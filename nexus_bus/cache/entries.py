@@ -152,9 +152,9 @@ class EntryStore(Protocol):
         holder: str = "",
         hold_ms: int = 0,
     ) -> Lookup:
-        """Read `key`; when it is missing, stale or below `min_revision`, try to take its lease.
-        With `holder`, a usable entry is handed out with a read lease of `hold_ms` recorded
-        for that holder (`Lookup.held`)."""
+        """Read `key`; when it is missing, stale or below `min_revision`, try to take its lease
+        (not with `lease_ms` 0: a reader that only looks). With `holder`, a usable entry is
+        handed out with a read lease of `hold_ms` recorded for that holder (`Lookup.held`)."""
         ...
 
     async def fill(

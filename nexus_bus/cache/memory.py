@@ -90,7 +90,7 @@ class MemoryEntryStore:
         return lease[0] if lease else None
 
     def _take_lease(self, name: str, token: str, lease_ms: int, now: float) -> bool:
-        if self._lease(name, now) is not None:
+        if lease_ms <= 0 or self._lease(name, now) is not None:
             return False
         self._leases[name] = (token, now + lease_ms / 1000)
         return True

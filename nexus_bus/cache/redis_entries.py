@@ -40,7 +40,8 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
-# KEYS: entry, lease, holders[, epoch]. ARGV: token, lease ms, min revision, holder, hold ms.
+# KEYS: entry, lease, holders[, epoch]. ARGV: token, lease ms (0: take no lease), min
+# revision, holder, hold ms.
 # Returns {0, lease, now} for a miss, or {1 fresh | 2 stale, lease, revision, kind, value,
 # held, now}; `now` is the server's ms, from which a fill's deadline is counted (FILL_LUA).
 # A usable entry read by a `holder` records its read lease (until now + hold ms) in the
@@ -58,8 +59,8 @@ if e[1] and e[2] ~= 'f' and tonumber(e[1]) >= tonumber(ARGV[3]) then
   end
 end
 local lease = 0
-if status ~= 1 and redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  lease = 1
+if status ~= 1 and ARGV[2] ~= '0' then  -- lease ms 0: a reader that only looks
+  if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then lease = 1 end
 end
 if status == 0 then return {0, lease, now} end
 local held = 0

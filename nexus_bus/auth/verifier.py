@@ -13,6 +13,7 @@ stale after `cache_ttl_s`, which is therefore the stated bound (docs/auth.md).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -41,6 +42,8 @@ class TokenVerifier:
         # Bumped by every revocation notice: a lookup that overlapped one is not cached, so
         # a "not revoked" answer read just before the revocation cannot be kept for ttl_s.
         self._notices = 0
+        # Revocation lookups under way, by token id, with the notice count at their start.
+        self._lookups: dict[str, tuple[asyncio.Future[bool], int]] = {}
 
     def is_known(self, token: str) -> bool:
         """Whether `token`'s signature was proven before (it is in the cache)."""
@@ -79,13 +82,37 @@ class TokenVerifier:
             principal = Principal(
                 subject=claims.sub, scopes=claims.scopes, jti=claims.jti, expires_at=claims.exp
             )
-        notices = self._notices
-        if await self.revocations.is_revoked(claims.jti):
+        revoked, notices = await self._lookup(claims.jti)
+        if revoked:
             self.cache.discard(token)
             raise InvalidToken("token revoked")
         if notices == self._notices:
             self.cache.put(token, CachedToken(claims, kid, principal, checked_at=now))
         return principal
+
+    async def _lookup(self, jti: str) -> tuple[bool, int]:
+        """Whether `jti` is revoked, and the notice count when the store was asked.
+
+        One lookup per token id at a time: callers that come while one runs share its
+        answer. Without that, every request in flight with a busy token asks the store at
+        once when its cache entry goes stale (a shim at 128 connections ran its Redis pool
+        dry: 503s). A caller that joins gets an answer at most one lookup older than its own
+        would be, well within the bound above; a revocation notice drops the lookup, so
+        callers after it ask the store again.
+        """
+        found = self._lookups.get(jti)
+        if found is None:
+            task = asyncio.ensure_future(self.revocations.is_revoked(jti))
+            found = self._lookups[jti] = (task, self._notices)
+            task.add_done_callback(lambda done: self._finished(jti, done))
+        pending, notices = found
+        return await asyncio.shield(pending), notices
+
+    def _finished(self, jti: str, task: asyncio.Future[bool]) -> None:
+        if (found := self._lookups.get(jti)) is not None and found[0] is task:
+            del self._lookups[jti]
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller may have gone (cancelled) meanwhile
 
     def on_revoked(self, jti: str) -> None:
         """A revocation notice: forget the cached token with this id, at once.
@@ -94,4 +121,5 @@ class TokenVerifier:
         themselves, so a forged notice cannot revoke anything.
         """
         self._notices += 1
+        self._lookups.pop(jti, None)  # callers from now on ask the store themselves
         self.cache.evict_jti(jti)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -135,6 +136,78 @@ async def test_a_notice_during_a_lookup_keeps_the_answer_out_of_the_cache() -> N
     rig.verifier.revocations = RacingStore()
     await rig.verifier.verify(token)
     assert not rig.verifier.is_known(token)
+
+
+class GatedStore(MemoryRevocationStore):
+    """Each lookup (counted when it starts) waits for `gate`: callers pile up behind one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def is_revoked(self, jti: str) -> bool:
+        self.lookups += 1
+        await self.gate.wait()
+        self.lookups -= 1  # the twin counts it again
+        return await super().is_revoked(jti)
+
+
+async def settle() -> None:
+    """Let every task started so far run up to its first real wait."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_concurrent_checks_of_a_stale_token_share_one_store_lookup() -> None:
+    rig = Rig()
+    token = rig.token()
+    store = GatedStore()
+    rig.verifier.revocations = store
+    checks = [asyncio.create_task(rig.verifier.verify(token)) for _ in range(128)]
+    await settle()
+    assert store.lookups == 1  # not one per request in flight (a Redis pool ran dry)
+    store.gate.set()
+    principals = await asyncio.gather(*checks)
+    assert {p.jti for p in principals} == {principals[0].jti} and store.lookups == 1
+    assert rig.verifier.is_known(token)
+
+
+async def test_a_notice_sends_later_callers_to_the_store_and_keeps_the_shared_answer_out() -> None:
+    rig = Rig()
+    token = rig.token()
+    jti = (await rig.verifier.verify(token)).jti
+    assert jti is not None
+    rig.clock.now += 10  # the cached answer is stale: the next checks ask the store
+    store = GatedStore()
+    rig.verifier.revocations = store
+    before = asyncio.create_task(rig.verifier.verify(token))
+    await settle()
+    await store.revoke(jti)
+    rig.verifier.on_revoked(jti)  # the notice
+    after = asyncio.create_task(rig.verifier.verify(token))
+    await settle()
+    assert store.lookups == 2  # the caller after the notice did not join the earlier lookup
+    store.gate.set()
+    with pytest.raises(InvalidToken, match="revoked"):
+        await after
+    with pytest.raises(InvalidToken, match="revoked"):
+        await before  # its lookup, answered after the revocation, says so too
+    assert not rig.verifier.is_known(token)
+
+
+async def test_a_cancelled_caller_leaves_the_shared_lookup_to_the_others() -> None:
+    rig = Rig()
+    token = rig.token()
+    store = GatedStore()
+    rig.verifier.revocations = store
+    first = asyncio.create_task(rig.verifier.verify(token))
+    second = asyncio.create_task(rig.verifier.verify(token))
+    await settle()
+    first.cancel()
+    store.gate.set()
+    assert (await second).subject and store.lookups == 1
+    with pytest.raises(asyncio.CancelledError):
+        await first
 
 
 async def test_unreachable_store_is_503_never_a_silent_allow() -> None:

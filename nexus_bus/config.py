@@ -306,6 +306,9 @@ class HttpSettings(BaseModel):
     sse_send_timeout_s: float = Field(30.0, gt=0)
     # Lifetime of a browser stream ticket (POST /v1/events/{topic}/ticket); single use.
     sse_ticket_ttl_s: float = Field(60.0, gt=0, le=600)
+    # The shim answers a `data.get` the cache holds fresh itself, under its own read lease,
+    # as a worker would (docs/cache.md, "The shim's cached reads"); false: workers answer all.
+    cached_reads: bool = True
 
     @model_validator(mode="after")
     def _check_proxies(self) -> HttpSettings:

@@ -39,6 +39,7 @@ from nexus_bus.constants import (
 )
 from nexus_bus.errors import InternalError, InvalidRequest, NexusError, NotFound, Unavailable
 from nexus_bus.http.authz import ShimAuthorizer, create_shim_authorizer, credentials
+from nexus_bus.http.cached_reads import CachedReads, start_cached_reads
 from nexus_bus.http.catalog import Catalog, ops_answer
 from nexus_bus.http.client_ip import TrustedProxies
 from nexus_bus.http.errors import map_http_error
@@ -194,6 +195,7 @@ class ShimApp:
         self._authz: ShimAuthorizer | None = None
         self._operations: OperationRoute | None = None
         self._jobs: JobRoutes | None = None
+        self._cached: CachedReads | None = None
         self._streams: EventStreams | None = None
         self._probes: Probes | None = None
         self._registry: OpsRegistry | None = None
@@ -257,10 +259,14 @@ class ShimApp:
         except BaseException:
             await self.shutdown()  # the server runs no shutdown after a failed startup
             raise
-        # A job spends from its subject's rate limit when accepted (the job runner does not).
-        self._jobs = JobRoutes(nc, settings, self._authz, create_admission(settings, self._redis))
+        # A job spends from its subject's rate limit when accepted (the job runner does not),
+        # and so does a data.get the shim answers from the cache.
+        admission = create_admission(settings, self._redis)
+        self._jobs = JobRoutes(nc, settings, self._authz, admission)
+        self._cached = await start_cached_reads(nc, self._redis, settings, self._authz, admission)
         self._operations = OperationRoute(
-            self._gateway, settings, self._jobs, read_timeout_s=self._read_timeout_s
+            self._gateway, settings, self._jobs, read_timeout_s=self._read_timeout_s,
+            cached=self._cached,
         )
         probes = Probes(
             lambda: nc.is_connected,
@@ -329,6 +335,8 @@ class ShimApp:
             await self._gateway.close()  # its policy layer; the connections are ours
         if self._registry is not None:
             await self._registry.close()
+        if self._cached is not None:
+            await self._cached.close()
         if self._redis is not None:
             await self._redis.aclose()
         if self.nc is not None and not self.nc.is_closed:

@@ -169,6 +169,10 @@ class ShimAuthorizer:
         """Whether tokens are checked at all."""
         return self._auth is not None
 
+    def knows(self, op: str, action: str) -> bool:
+        """Whether the shim was given `op.action` (its groups declare it)."""
+        return (op, action) in self._known
+
     def operation(self, op: str, action: str) -> Operation:
         """The operation as the shim knows it; one it does not know is not public."""
         known = self._known.get((op, action))

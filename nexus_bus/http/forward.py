@@ -35,6 +35,10 @@ from nexus_bus.errors import (
     PayloadTooLarge,
     UpstreamTimeout,
 )
+from nexus_bus.http.authz import credentials
+from nexus_bus.http.cached_reads import ACTION as CACHED_ACTION
+from nexus_bus.http.cached_reads import OP as CACHED_OP
+from nexus_bus.http.cached_reads import CachedReads
 from nexus_bus.http.jobs import JobRoutes
 from nexus_bus.http.labels import OperationLabels
 from nexus_bus.http.problems import Answer, ClientGone, retry_after_of, status_headers
@@ -146,9 +150,12 @@ class OperationRoute:
         jobs: JobRoutes | None,
         *,
         read_timeout_s: float | None,
+        cached: CachedReads | None = None,
     ) -> None:
-        """Args: read_timeout_s: the body read timeout, None when the server enforces it."""
+        """Args: read_timeout_s: the body read timeout, None when the server enforces it;
+        cached: answers hot `data.get` from the cache (None: workers answer every call)."""
         self._gateway = gateway
+        self._cached = cached
         self._jobs = jobs
         self._max_body = settings.limits.max_body_bytes
         self._max_header_value = settings.limits.max_header_value_bytes
@@ -225,6 +232,18 @@ class OperationRoute:
         if head.authorization is not None:
             check_authorization(head.authorization, self._max_header_value)
         timeout_s = budget_s(head.timeout_ms, default_ms=self._default_ms, max_ms=self._max_ms)
+        cached = self._cached
+        if (
+            cached is not None
+            and action == CACHED_ACTION
+            and op == CACHED_OP
+            and media == "json"
+            and head.idempotency_key is None
+            and head.prefer is None
+        ):
+            local = await cached.answer(body, credentials(head.authorization, client_ip))
+            if local is not None:
+                return local, True
         headers = bus_headers(self._gateway, head, request_id, client_ip, timeout_s, media)
         if self._jobs is not None and prefers_async(head.prefer):
             answer = await self._jobs.submit(op, action, body, headers)

@@ -156,6 +156,9 @@ def test_one_request_through_nginx_is_one_exported_trace(
         "NEXUS_LOG__LEVEL": "WARNING",
         "NEXUS_TRACING__OTLP_ENDPOINT": receiver.endpoint,
         "NEXUS_TRACING__BATCH_DELAY_S": "0.05",  # export within 50 ms instead of 1 s
+        # The read crosses to the worker: a shim answering it from the cache makes no
+        # worker spans (test_tracing.py follows that path).
+        "NEXUS_HTTP__CACHED_READS": "false",
     }
     nexus = [sys.executable, "-m", "nexus_bus"]
     shim_port, edge_port = free_port(), free_port()

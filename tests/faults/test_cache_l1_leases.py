@@ -1,5 +1,5 @@
-"""A worker holding a key in its L1 is paused (SIGSTOP): a write waits out its read lease,
-at most the lease time, and the worker never serves the old value once resumed."""
+"""A worker (or a shim) holding a key in its L1 is paused (SIGSTOP): a write waits out its read
+lease, at most the lease time, and it never serves the old value once resumed."""
 
 from __future__ import annotations
 
@@ -8,10 +8,18 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
+
 from nexus_bus import Gateway
-from nexus_bus.embedded import ServerProcess
+from nexus_bus.embedded import ServerProcess, free_port
 from tests.conftest import issue_test_token, make_settings, open_services
-from tests.faults.test_cache_linearizable import LEASE_S, Processes, _env, _serving_data
+from tests.faults.test_cache_linearizable import (
+    LEASE_S,
+    Processes,
+    _env,
+    _serving_data,
+    _shim_ready,
+)
 
 
 async def test_a_paused_lease_holder_delays_a_write_by_at_most_its_lease(
@@ -55,3 +63,49 @@ async def test_a_paused_lease_holder_delays_a_write_by_at_most_its_lease(
     finally:
         procs.close()
 
+
+
+async def test_a_paused_shim_holding_a_key_delays_a_write_by_at_most_its_lease(
+    local_nats: ServerProcess, local_redis: ServerProcess, tmp_path: Path, uid: str
+) -> None:
+    """The shim's cached reads (docs/cache.md): a shim process is a lease holder like a
+    worker, so pausing it costs writes its lease at most, and it serves no old value after."""
+    redis = local_redis.url + "/0"
+    procs = Processes(_env(local_nats.url, redis), tmp_path)
+    settings = make_settings(
+        local_nats.url, redis, cache={"local_ttl_s": LEASE_S}, jobs={"enabled": False}
+    )
+    key, port = f"shim.{uid}", free_port()
+    auth = {"Authorization": f"Bearer {issue_test_token(('data:*',))}"}
+    try:
+        procs.start("worker", "worker", "--ops", "data")
+        procs.start("shim", "shim", "--port", str(port))
+        await asyncio.gather(_serving_data(local_nats.url, 1), _shim_ready(port))
+        async with open_services(settings) as writer, httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", headers=auth, timeout=5
+        ) as http:
+
+            async def read() -> object:
+                got = await http.post("/v1/data/get", json={"key": key})
+                assert got.status_code == 200, got.text
+                return got.json()["value"]
+
+            await writer.records.put(key, b'"v1"')
+            assert await read() == "v1" and await read() == "v1"  # the shim now holds it
+            await asyncio.sleep(LEASE_S)  # a Redis younger than one lease: see above
+
+            started = time.monotonic()
+            await writer.records.put(key, b'"v2"')  # the shim acknowledges at once
+            assert time.monotonic() - started < LEASE_S / 2
+            assert await read() == "v2" and await read() == "v2"
+
+            procs.signal("shim", signal.SIGSTOP)
+            started = time.monotonic()
+            await writer.records.put(key, b'"v3"')  # waits out the shim's lease
+            waited = time.monotonic() - started
+            procs.signal("shim", signal.SIGCONT)
+            assert waited <= LEASE_S + 0.25, f"the write waited {waited:.3f} s"
+            assert waited >= LEASE_S * 0.5, f"the write did not wait ({waited:.3f} s)"
+            assert await read() == "v3"
+    finally:
+        procs.close()

@@ -87,7 +87,9 @@ async def test_one_http_request_is_one_trace_from_the_shim_to_redis(
 ) -> None:
     settings = own_settings
     token = issue_test_token()
-    async with running_shim(settings) as shim, httpx.AsyncClient(base_url=shim.url) as http:
+    # Through the worker: a shim answering the read from the cache would make no worker span.
+    shim_running = running_shim(settings, cached_reads=False)
+    async with shim_running as shim, httpx.AsyncClient(base_url=shim.url) as http:
         auth = {"Authorization": f"Bearer {token}"}
         put = await http.post("/v1/data/put", json={"key": f"t.{uid}", "value": 1}, headers=auth)
         assert put.status_code == 200, put.text
@@ -127,6 +129,36 @@ async def test_one_http_request_is_one_trace_from_the_shim_to_redis(
     assert redis_spans, [s.name for s in below_handler]
     # The Redis instrumentation never records a key or value: arguments become `?`.
     assert all(f"t.{uid}" not in str(attrs(s)) for s in redis_spans)
+
+
+async def test_a_read_the_shim_answers_from_the_cache_is_one_trace_in_the_shim(
+    spans: InMemorySpanExporter, own_settings: Settings, traced_worker: Worker, uid: str
+) -> None:
+    """The shim's cached read (docs/cache.md): its server span, and below it the Redis read
+    that looked the key up; no NATS request, no worker span."""
+    async with running_shim(own_settings) as shim, httpx.AsyncClient(base_url=shim.url) as http:
+        auth = {"Authorization": f"Bearer {issue_test_token()}"}
+        put = await http.post("/v1/data/put", json={"key": f"c.{uid}", "value": 1}, headers=auth)
+        assert put.status_code == 200, put.text
+        spans.clear()
+        got = await http.post(
+            "/v1/data/get",
+            json={"key": f"c.{uid}"},
+            headers={**auth, "traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01"},
+        )
+        assert got.status_code == 200 and got.json()["value"] == 1, got.text
+
+    finished = spans.get_finished_spans()
+    assert {f"{s.context.trace_id:032x}" for s in finished} == {TRACE_ID}
+    children = tree(finished)
+    (http_span,) = children[int(CALLER_SPAN, 16)]
+    assert http_span.name == "POST /v1/{op}/{action}" and http_span.kind is SpanKind.SERVER
+    below = children.get(http_span.context.span_id, [])
+    assert below and all(
+        attrs(s).get("db.system") == "redis" or attrs(s).get("db.system.name") == "redis"
+        for s in below
+    ), [s.name for s in below]
+    assert not [s for s in finished if "nexus.data.get" in s.name]
 
 
 async def test_an_error_answer_marks_the_spans_and_a_gateway_call_continues_its_caller(

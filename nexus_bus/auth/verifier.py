@@ -42,8 +42,9 @@ class TokenVerifier:
         # Bumped by every revocation notice: a lookup that overlapped one is not cached, so
         # a "not revoked" answer read just before the revocation cannot be kept for ttl_s.
         self._notices = 0
-        # Revocation lookups under way, by token id, with the notice count at their start.
-        self._lookups: dict[str, tuple[asyncio.Future[bool], int]] = {}
+        # Revocation lookups under way, by token id, with the notice count and time at their
+        # start.
+        self._lookups: dict[str, tuple[asyncio.Future[bool], int, float]] = {}
 
     def is_known(self, token: str) -> bool:
         """Whether `token`'s signature was proven before (it is in the cache)."""
@@ -82,31 +83,37 @@ class TokenVerifier:
             principal = Principal(
                 subject=claims.sub, scopes=claims.scopes, jti=claims.jti, expires_at=claims.exp
             )
-        revoked, notices = await self._lookup(claims.jti)
+        revoked, notices, asked_at = await self._lookup(claims.jti)
         if revoked:
             self.cache.discard(token)
             raise InvalidToken("token revoked")
         if notices == self._notices:
-            self.cache.put(token, CachedToken(claims, kid, principal, checked_at=now))
+            # Dated from when the store was asked, not from this call: a caller that joined
+            # a lookup under way holds an answer older than itself.
+            checked_at = min(now, asked_at)
+            self.cache.put(token, CachedToken(claims, kid, principal, checked_at=checked_at))
         return principal
 
-    async def _lookup(self, jti: str) -> tuple[bool, int]:
-        """Whether `jti` is revoked, and the notice count when the store was asked.
+    async def _lookup(self, jti: str) -> tuple[bool, int, float]:
+        """Whether `jti` is revoked, the notice count when the store was asked, and when
+        it was asked (the time the cached answer is dated from).
 
         One lookup per token id at a time: callers that come while one runs share its
         answer. Without that, every request in flight with a busy token asks the store at
         once when its cache entry goes stale (a shim at 128 connections ran its Redis pool
-        dry: 503s). A caller that joins gets an answer at most one lookup older than its own
-        would be, well within the bound above; a revocation notice drops the lookup, so
+        dry: 503s). A caller that joins gets an answer up to one lookup older than its own
+        would be, so the answer is dated from the lookup's start: the bound above still
+        holds from the revocation being stored. A revocation notice drops the lookup, so
         callers after it ask the store again.
         """
         found = self._lookups.get(jti)
         if found is None:
+            asked_at = self._clock()
             task = asyncio.ensure_future(self.revocations.is_revoked(jti))
-            found = self._lookups[jti] = (task, self._notices)
+            found = self._lookups[jti] = (task, self._notices, asked_at)
             task.add_done_callback(lambda done: self._finished(jti, done))
-        pending, notices = found
-        return await asyncio.shield(pending), notices
+        pending, notices, asked_at = found
+        return await asyncio.shield(pending), notices, asked_at
 
     def _finished(self, jti: str, task: asyncio.Future[bool]) -> None:
         if (found := self._lookups.get(jti)) is not None and found[0] is task:

@@ -210,6 +210,46 @@ async def test_a_cancelled_caller_leaves_the_shared_lookup_to_the_others() -> No
         await first
 
 
+class DelayedAnswerStore(MemoryRevocationStore):
+    """Each lookup reads the store at once, and its answer arrives when `gate` opens (a
+    Redis reply in flight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def is_revoked(self, jti: str) -> bool:
+        answer = await super().is_revoked(jti)
+        await self.gate.wait()
+        return answer
+
+
+async def test_a_caller_joining_a_lookup_keeps_the_bound_from_when_the_store_was_asked() -> None:
+    rig = Rig(cache_ttl_s=5.0)
+    token = rig.token()
+    jti = (await rig.verifier.verify(token)).jti
+    assert jti is not None
+    rig.clock.now += 10  # the cached answer is stale: the next check asks the store
+    asked_at = rig.clock.now
+    store = DelayedAnswerStore()
+    rig.verifier.revocations = store
+    first = asyncio.create_task(rig.verifier.verify(token))
+    await settle()  # the store said "not revoked" now; the answer is on its way
+    rig.clock.now += 2
+    await store.revoke(jti)  # stored at asked_at + 2; its notice is lost
+    revoked_at = rig.clock.now
+    rig.clock.now += 1
+    joined = asyncio.create_task(rig.verifier.verify(token))  # shares the earlier lookup
+    await settle()
+    store.gate.set()
+    await asyncio.gather(first, joined, return_exceptions=True)  # either answer is in bound
+    assert rig.clock.now - asked_at < 5
+    # The bound: refused within cache_ttl_s of the revocation being stored, notice lost.
+    rig.clock.now = revoked_at + 5.0 + 0.5
+    with pytest.raises(InvalidToken, match="revoked"):
+        await rig.verifier.verify(token)
+
+
 async def test_unreachable_store_is_503_never_a_silent_allow() -> None:
     rig = Rig()
     rig.store.available = False

@@ -113,6 +113,14 @@ class CachedReads:
         await self._cache.close()
 
 
+def _builtin_get(authorizer: ShimAuthorizer) -> bool:
+    """Whether the `data.get` the shim was given is the built-in one."""
+    from nexus_bus.handlers import BUILTIN  # the handlers import the package's public API
+
+    builtin = BUILTIN[OP].get(ACTION)
+    return authorizer.knows(OP, ACTION) and authorizer.operation(OP, ACTION) == builtin
+
+
 async def start_cached_reads(
     nc: Client,
     redis: RedisClient,
@@ -123,12 +131,13 @@ async def start_cached_reads(
     """The shim's cached reads, subscribed to revocations; None when they are off.
 
     Off with `http.cached_reads` false, with the cache disabled, and when the shim was not
-    given the built-in `data` operations (it does not know what `data.get` is then).
+    given the built-in `data` operations (it does not know what `data.get` is then): a
+    group of one's own named `data` may answer, and refuse, otherwise than the built-in one.
     A failure to subscribe leaves them off: every read goes to the workers.
     """
     if not (settings.http.cached_reads and settings.cache.enabled):
         return None
-    if not authorizer.knows(OP, ACTION):
+    if not _builtin_get(authorizer):
         return None
     try:
         cache = await start_cache(nc, redis, settings)

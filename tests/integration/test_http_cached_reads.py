@@ -12,13 +12,16 @@ import time
 from collections.abc import AsyncIterator
 
 import httpx
+import msgspec
 import nats
 import nats.aio.client
 import pytest
 from nats.aio.msg import Msg
 
-from nexus_bus import Gateway, Settings, Worker
+from nexus_bus import Gateway, Operations, RequestContext, Settings, Worker
+from nexus_bus.errors import Forbidden
 from nexus_bus.handlers import builtin_groups
+from nexus_bus.schemas.data import GetReply, GetRequest, PutReply, PutRequest
 from tests.conftest import issue_test_token, make_settings
 from tests.integration.http_shim import RunningShim, running_shim
 from tests.servers import ServerProcess
@@ -227,3 +230,50 @@ async def test_with_cached_reads_off_every_read_goes_to_the_worker(
                 assert (await http.post("/v1/data/get", json={"key": key})).status_code == 200
             assert await counter.settled(nc) == before + 3
 
+
+
+# A deployment's own `data` group (not the built-in one): its `get` lets a caller read only
+# the keys under its own subject. The shim knows it (it was given these groups) and must not
+# answer it as if it were the built-in `data.get`.
+own_data = Operations("data", description="Per-subject records.")
+
+
+@own_data.action("put")
+async def own_put(req: PutRequest, ctx: RequestContext) -> PutReply:
+    """Write a key under the caller's subject only."""
+    assert ctx.principal is not None
+    if not req.key.startswith(f"{ctx.principal.subject}."):
+        raise Forbidden("not your key")
+    revision = await ctx.services.records.put(req.key, msgspec.json.encode(req.value))
+    return PutReply(key=req.key, revision=revision)
+
+
+@own_data.action("get")
+async def own_get(req: GetRequest, ctx: RequestContext) -> GetReply:
+    """Read a key under the caller's subject only."""
+    assert ctx.principal is not None
+    if not req.key.startswith(f"{ctx.principal.subject}."):
+        raise Forbidden("not your key")
+    record = await ctx.services.records.get(req.key)
+    return GetReply(key=req.key, value=msgspec.json.decode(record.value), revision=record.revision)
+
+
+async def test_a_data_group_of_ones_own_is_never_answered_by_the_shim(
+    own_settings: Settings, uid: str
+) -> None:
+    worker = Worker(own_settings, [own_data])
+    await worker.start()
+    try:
+        async with running_shim(own_settings, groups=[own_data]) as shim:
+            owner = {"Authorization": f"Bearer {issue_test_token(subject=f'alice{uid}')}"}
+            other = {"Authorization": f"Bearer {issue_test_token(subject=f'bob{uid}')}"}
+            async with httpx.AsyncClient(base_url=shim.url) as http:
+                key = f"alice{uid}.k"
+                put = await http.post("/v1/data/put", json={"key": key, "value": 1}, headers=owner)
+                assert put.status_code == 200, put.text
+                mine = await http.post("/v1/data/get", json={"key": key}, headers=owner)
+                assert mine.status_code == 200, mine.text  # now cached
+                theirs = await http.post("/v1/data/get", json={"key": key}, headers=other)
+    finally:
+        await worker.drain(1)
+    assert theirs.status_code == 403, theirs.text  # the group's own rule, as its worker says

@@ -83,7 +83,7 @@ class TokenVerifier:
             principal = Principal(
                 subject=claims.sub, scopes=claims.scopes, jti=claims.jti, expires_at=claims.exp
             )
-        revoked, notices, asked_at = await self._lookup(claims.jti)
+        revoked, notices, asked_at = await self._lookup(claims.jti, now)
         if revoked:
             self.cache.discard(token)
             raise InvalidToken("token revoked")
@@ -94,7 +94,7 @@ class TokenVerifier:
             self.cache.put(token, CachedToken(claims, kid, principal, checked_at=checked_at))
         return principal
 
-    async def _lookup(self, jti: str) -> tuple[bool, int, float]:
+    async def _lookup(self, jti: str, now: float) -> tuple[bool, int, float]:
         """Whether `jti` is revoked, the notice count when the store was asked, and when
         it was asked (the time the cached answer is dated from).
 
@@ -102,13 +102,14 @@ class TokenVerifier:
         answer. Without that, every request in flight with a busy token asks the store at
         once when its cache entry goes stale (a shim at 128 connections ran its Redis pool
         dry: 503s). A caller that joins gets an answer up to one lookup older than its own
-        would be, so the answer is dated from the lookup's start: the bound above still
-        holds from the revocation being stored. A revocation notice drops the lookup, so
-        callers after it ask the store again.
+        would be, so the answer is dated from the lookup's start, and a caller joins only a
+        lookup younger than `cache_ttl_s`: the bound above still holds from the revocation
+        being stored (with the cache off, 0, every caller asks the store itself). A
+        revocation notice drops the lookup, so callers after it ask the store again.
         """
         found = self._lookups.get(jti)
-        if found is None:
-            asked_at = self._clock()
+        if found is None or now - found[2] >= self.cache.ttl_s:
+            asked_at = now
             task = asyncio.ensure_future(self.revocations.is_revoked(jti))
             found = self._lookups[jti] = (task, self._notices, asked_at)
             task.add_done_callback(lambda done: self._finished(jti, done))

@@ -250,6 +250,24 @@ async def test_a_caller_joining_a_lookup_keeps_the_bound_from_when_the_store_was
         await rig.verifier.verify(token)
 
 
+async def test_without_a_cache_every_check_asks_the_store_itself() -> None:
+    rig = Rig(cache_ttl_s=0)  # docs/auth.md: every request verifies and asks the store
+    token = rig.token()
+    jti = (await rig.verifier.verify(token)).jti
+    assert jti is not None
+    store = DelayedAnswerStore()
+    rig.verifier.revocations = store
+    first = asyncio.create_task(rig.verifier.verify(token))
+    await settle()  # the store said "not revoked"; the answer is on its way
+    await store.revoke(jti)  # its notice is lost
+    after = asyncio.create_task(rig.verifier.verify(token))  # began after the revocation
+    await settle()
+    store.gate.set()
+    assert (await first).jti == jti  # began before it
+    with pytest.raises(InvalidToken, match="revoked"):
+        await after
+
+
 async def test_unreachable_store_is_503_never_a_silent_allow() -> None:
     rig = Rig()
     rig.store.available = False

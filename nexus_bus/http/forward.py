@@ -241,7 +241,9 @@ class OperationRoute:
             and head.idempotency_key is None
             and head.prefer is None
         ):
-            local = await cached.answer(body, credentials(head.authorization, client_ip))
+            # As `bus_headers` forwards it: an empty Authorization reaches no worker.
+            caller = credentials(head.authorization or None, client_ip)
+            local = await cached.answer(body, caller)
             if local is not None:
                 return local, True
         headers = bus_headers(self._gateway, head, request_id, client_ip, timeout_s, media)

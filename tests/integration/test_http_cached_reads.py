@@ -277,3 +277,19 @@ async def test_a_data_group_of_ones_own_is_never_answered_by_the_shim(
     finally:
         await worker.drain(1)
     assert theirs.status_code == 403, theirs.text  # the group's own rule, as its worker says
+
+
+async def test_an_empty_authorization_is_refused_in_the_workers_words(
+    own_settings: Settings, shim: RunningShim, http: httpx.AsyncClient, uid: str
+) -> None:
+    key = f"c.{uid}"
+    await http.post("/v1/data/put", json={"key": key, "value": 1})
+    assert (await http.post("/v1/data/get", json={"key": key})).status_code == 200  # cached
+    empty = {"Authorization": "", "X-Request-Id": f"r-{uid}"}
+    here = await http.post("/v1/data/get", json={"key": key}, headers=empty)
+    forwarding = running_shim(own_settings, cached_reads=False)
+    async with forwarding as other, httpx.AsyncClient(base_url=other.url) as direct:
+        there = await direct.post("/v1/data/get", json={"key": key}, headers=empty)
+    assert there.status_code == 401
+    assert (here.status_code, here.content) == (there.status_code, there.content)
+    assert here.headers["www-authenticate"] == there.headers["www-authenticate"]

@@ -193,12 +193,14 @@ class Cache(CacheAside):
             pause = min(pause * 2, _MAX_POLL_S)
 
     async def peek(self, namespace: str, key: str, policy: CachePolicy) -> Entry | None:
-        """The fresh entry of `key` when the cache holds one, else None; never loads.
+        """The entry of `key` when the cache holds it, else None; never loads.
 
         From the L1, or one store read that records this process's read lease (a writer
         revokes it as it revokes a worker's) and takes no load lease: a caller told None
-        asks a worker, which loads and fills. None as well for a stale entry, a fence, an
-        entry below a floor, and a store that fails or whose breaker is open.
+        asks a worker, which loads and fills. None as well for a stale entry read from the
+        store (the worker that serves it refreshes it; it still enters the L1, as in
+        `fetch`, where it is the latest write all the same), a fence, an entry below a
+        floor, and a store that fails or whose breaker is open.
 
         Raises:
             ValueError: an invalid namespace or key.

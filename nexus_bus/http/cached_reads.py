@@ -55,6 +55,7 @@ class CachedReads:
     """`data.get` answered from the cache when it holds the key fresh.
 
     Args:
+        nc: the shim's NATS connection, on which revocations and floors reach the cache.
         cache: the shim's cache (its own L1 and origin, its peers on the shim's NATS).
         policy: the `data` policy, the workers' (`cache.*` settings).
         authorizer: refuses as a worker would (token, scope).
@@ -64,6 +65,7 @@ class CachedReads:
 
     def __init__(
         self,
+        nc: Client,
         cache: Cache,
         policy: CachePolicy,
         authorizer: ShimAuthorizer,
@@ -71,6 +73,7 @@ class CachedReads:
         *,
         max_body: int,
     ) -> None:
+        self._nc = nc
         self._cache = cache
         self._policy = policy
         self._authz = authorizer
@@ -88,7 +91,9 @@ class CachedReads:
             InvalidToken / Forbidden / RateLimited / Unavailable: the caller is refused, as
                 a worker would refuse the call (401, 403, 429, 503).
         """
-        if len(body) > self._max_body:
+        if len(body) > self._max_body or not self._nc.is_connected:
+            # Cut off from NATS, the shim hears no floor a writer announces, and no
+            # revocation (those its lease bounds): the workers answer, or nobody does.
             return None
         try:
             key = _decode_request(body).key
@@ -145,6 +150,7 @@ async def start_cached_reads(
         logger.warning("the shim answers no data.get from the cache: {}", exc)
         return None
     return CachedReads(
+        nc,
         cache,
         data_policy(settings.cache),
         authorizer,

@@ -23,7 +23,7 @@ from nexus_bus.errors import Forbidden
 from nexus_bus.handlers import builtin_groups
 from nexus_bus.schemas.data import GetReply, GetRequest, PutReply, PutRequest
 from tests.conftest import issue_test_token, make_settings
-from tests.integration.http_shim import RunningShim, running_shim
+from tests.integration.http_shim import RunningShim, poll_until, running_shim
 from tests.servers import ServerProcess
 
 LEASE_S = 2.0  # long: a stale L1 copy would still be served, were it not revoked
@@ -293,3 +293,24 @@ async def test_an_empty_authorization_is_refused_in_the_workers_words(
     assert there.status_code == 401
     assert (here.status_code, here.content) == (there.status_code, there.content)
     assert here.headers["www-authenticate"] == there.headers["www-authenticate"]
+
+
+async def test_a_shim_cut_off_from_nats_vouches_for_no_cached_value(
+    local_nats: ServerProcess, shim: RunningShim, http: httpx.AsyncClient, uid: str
+) -> None:
+    """Without NATS the shim hears no floors (nor revocations): it leaves reads to the
+    workers, which it cannot reach either. The caller gets what a failed call gets: here the
+    stale-if-error answer, marked as such (docs/resilience.md), never an unmarked value."""
+    key = f"c.{uid}"
+    await http.post("/v1/data/put", json={"key": key, "value": 1})
+    assert (await http.post("/v1/data/get", json={"key": key})).status_code == 200  # cached
+    local_nats.stop()
+    nc = shim.app.nc
+    assert nc is not None
+
+    async def cut() -> bool:
+        return not nc.is_connected
+
+    await poll_until(cut, 10)
+    cut_off = await http.post("/v1/data/get", json={"key": key})
+    assert cut_off.status_code == 200 and "nexus-stale-age" in cut_off.headers, cut_off.text

@@ -1,6 +1,7 @@
 """`bench_http --data` (issue 15, docs/benchmarks.md): `data.get` of a hot key through the shim
-and a `data` worker, with the L1 and without, beside the same at commit 9e0cb4b, the uvicorn
-bridge, nexus's own trivial op and Moleculer; and the report with issue 15's targets."""
+and a `data` worker, with the L1 and without, answered by the shim's cached reads and by the
+worker, beside the same at commit 9e0cb4b, the uvicorn bridge, nexus's own trivial op and
+Moleculer; and the report with issue 15's targets."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ DATA_BODY = b'{"key":"%s"}' % HOT_KEY.encode()
 # The hot value (as bench_cache's): written through the target before it is measured.
 PUT_BODY = msgspec.json.encode({"key": HOT_KEY, "value": {"n": 1, "s": "x" * 256}})
 BEFORE_L1: Final = "9e0cb4b"  # issue 15's "today": the Redis path before this work
+VIA_WORKER: Final = "nexus get via worker"  # http.cached_reads off
+OFF_VIA_WORKER: Final = "nexus L1 off via worker"
 MOLECULER_DIR = Path.home() / ".cache" / "nexus-bus" / "bench-moleculer"
 
 DATA_ROLES: Final = [
@@ -76,6 +79,15 @@ def data_targets(url: str, tmp: Path) -> list[Target]:
         Target("nexus data.get hot", DATA_ROLES, {}, True, **hot),  # type: ignore[arg-type]
         Target("nexus data.get L1 off", DATA_ROLES,
                {"NEXUS_CACHE__LOCAL_TTL_S": "0", "NEXUS_CACHE__KEY_PREFIX": "nexus:l1off"},
+               True, **hot),  # type: ignore[arg-type]
+        # The same two with every read answered by the worker, as before the shim's cached
+        # reads (docs/cache.md): what they bought, in the same run.
+        Target(VIA_WORKER, DATA_ROLES,
+               {"NEXUS_HTTP__CACHED_READS": "false", "NEXUS_CACHE__KEY_PREFIX": "nexus:worker"},
+               True, **hot),  # type: ignore[arg-type]
+        Target(OFF_VIA_WORKER, DATA_ROLES,
+               {"NEXUS_HTTP__CACHED_READS": "false", "NEXUS_CACHE__LOCAL_TTL_S": "0",
+                "NEXUS_CACHE__KEY_PREFIX": "nexus:l1off-worker"},
                True, **hot),  # type: ignore[arg-type]
     ]
     if (old := checkout(BEFORE_L1, tmp / "before-l1")) is not None:
@@ -135,6 +147,11 @@ def report_data(
     _verdict("c=128 data.get hot p99 <= 0.5x Moleculer's", r, None if r is None else r <= 0.5)
     r = _ratio(off16, old16)
     _verdict(f"c=16 L1 off >= 1.5x {BEFORE_L1}", r, None if r is None else r >= 1.5)
+    for name, base in (("nexus data.get hot", VIA_WORKER), ("nexus data.get L1 off",
+                                                             OFF_VIA_WORKER)):
+        r = _ratio(by.get((name, 16)), by.get((base, 16)))
+        if r is not None:
+            print(f"info: c=16 {name} answered by the shim: {r:.2f}x the same via the worker")
     for name, (idle, peak) in rss_kb.items():
         print(f"shim RSS, {name}: idle {idle / 1024:.0f} MB, peak (VmHWM, after c=128) "
               f"{peak / 1024:.0f} MB")

@@ -8,7 +8,8 @@ read lease, and forwards everything else to the workers unchanged:
 
 - a miss, a stale entry, a deleted key (the worker's 404), a fence, a floor, Redis failing;
 - a body that is not a plain JSON `{"key": ...}` the worker would accept (the worker's 400);
-- `Idempotency-Key` (the worker's journal), `Prefer: respond-async` (a job).
+- `Idempotency-Key` (the worker's journal), `Prefer: respond-async` (a job);
+- every read while the shim's NATS connection is down (it would hear no revision floor).
 
 Before answering, the shim refuses exactly as a worker would: the caller's token and scope
 (`ShimAuthorizer.authorize`, the workers' authenticator), then the caller's rate limit for

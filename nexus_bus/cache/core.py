@@ -322,10 +322,12 @@ class Cache(CacheAside):
         L1 that has not handled its revocation yet still serves the old one: a read could see
         the new value and a later read the old. After `seal` returns, no L1 holds the key,
         and none takes it until the write has replaced the entry (`write` or `invalidate`
-        with `sealed=True`, which this returns) or one lease has passed. When the store
-        cannot be reached the write goes on without it (`write` then covers the completed
-        write as before: docs/cache.md); when it did not answer, only after one lease, as
-        the seal may have run all the same.
+        with `sealed=True`, which this returns) or about one lease has passed since (the
+        store keeps the seal one lease past the longest lease it collects, which waiting for
+        a holder that does not answer may take). When the store cannot be reached the write
+        goes on without it (`write` then covers the completed write as before:
+        docs/cache.md); when it did not answer, only after one lease, as the seal may have
+        run all the same.
         """
         if self._local is None or policy.local_ms <= 0:
             return False  # no L1 for this namespace: nothing to take back

@@ -192,8 +192,9 @@ class EntryStore(Protocol):
     async def seal(self, key: CacheKey, *, hold_ms: int) -> Written:
         """Before a write reaches the system of record: collect the key's read leases like a
         write, and grant none (reads still answer, unheld) until the write's `fill` or `evict`
-        with `unseal`, or `hold_ms` at most, so that no L1 keeps the value the write replaces
-        while the new one is visible anywhere."""
+        with `unseal`, or at most `hold_ms` past the longest lease collected (which the writer
+        may wait out), so that no L1 keeps the value the write replaces while the new one is
+        visible anywhere."""
         ...
 
     async def release(self, key: CacheKey, token: str) -> None:

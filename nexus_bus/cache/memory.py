@@ -192,7 +192,9 @@ class MemoryEntryStore:
         count, until = self._seals.get(key.entry, (0, 0.0))
         if until <= now:
             count = 0
-        self._seals[key.entry] = (count + 1, max(until, now + hold_ms / 1000))
+        # One hold past the longest lease collected: the writer may wait that lease out.
+        longest = max((holder.remaining_ms for holder in written.holders), default=0) / 1000
+        self._seals[key.entry] = (count + 1, max(until, now + longest + hold_ms / 1000))
         return Written(True, written.holders, written.wait_ms)
 
     async def release(self, key: CacheKey, token: str) -> None:

@@ -84,8 +84,8 @@ return {status, lease, e[1], e[2], e[3], held, now}
 # Shared by writes: collect and clear the live read leases of KEYS[3] into `out` (holder,
 # remaining ms pairs after out[1], out[2]); keep the seals of other writes still under way
 # (the count of sealed writes, `!seals`, less this one's when ARGV[unseal_arg] is 1, until
-# `!until` at the latest: a writer that died leaves its seal for one hold); and set out[2]
-# to how long a write must still wait when the epoch KEYS[4] is younger than one hold
+# `!until` at the latest: a writer that died leaves its seal for two holds at most); and set
+# out[2] to how long a write must still wait when the epoch KEYS[4] is younger than one hold
 # (ARGV[hold_arg]): the holders of a Redis that restarted or was flushed are lost with it,
 # and ran at most one hold past it.
 _COLLECT_LUA = """
@@ -150,17 +150,23 @@ return out
 # KEYS: entry, lease, holders[, epoch]. ARGV: hold ms. Before a write reaches the system of
 # record: collect the live read leases (like a write), and count the write as sealing the
 # key, so that no read lease is granted until it has replaced the entry (its write-through
-# unseals: FILL_LUA's and EVICT_LUA's `unseal`) or one hold has passed. Returns {1, wait ms,
-# holder, remaining ms, ...} like FILL_LUA.
+# unseals: FILL_LUA's and EVICT_LUA's `unseal`) or one hold has passed after the longest
+# lease collected: the writer waits that lease out when its holder does not answer (paused),
+# and the seal must still hold when the writer goes on. Returns {1, wait ms, holder,
+# remaining ms, ...} like FILL_LUA.
 SEAL_LUA = _NOW_LUA + """
 local out = {1, 0}
 local hold_arg, unseal_arg = 1, 2
 """ + _COLLECT_LUA + """
 local hold = tonumber(ARGV[1])
+local longest = 0
+for i = 4, #out, 2 do
+  if out[i] > longest then longest = out[i] end
+end
 local seal = redis.call('HMGET', KEYS[3], '!seals', '!until')
 local seals, sealed_until = tonumber(seal[1] or 0), tonumber(seal[2] or 0)
 if sealed_until <= now then seals = 0 end
-if sealed_until < now + hold then sealed_until = now + hold end
+if sealed_until < now + longest + hold then sealed_until = now + longest + hold end
 redis.call('HSET', KEYS[3], '!seals', seals + 1, '!until', sealed_until)
 redis.call('PEXPIRE', KEYS[3], sealed_until - now)
 return out

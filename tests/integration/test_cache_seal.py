@@ -1,6 +1,7 @@
 """The seal's Lua scripts on a real Redis, rule for rule with the in-memory twin: a sealed
 key grants no read lease until every sealing write has written through, or one hold has
-passed; a write's collection keeps the seals of other writes still under way."""
+passed after the longest lease the seal collected; a write's collection keeps the seals of
+other writes still under way."""
 
 from __future__ import annotations
 
@@ -46,10 +47,15 @@ async def test_seal_collects_holders_and_grants_no_lease_until_its_write_ends(
             key, Entry.of(b"new", 3), ttl_ms=60_000, collect=True, hold_ms=HOLD_MS, unseal=True
         )
         assert await _held(store, key, "w2")  # both writes ended: leases again
-        # A write that never ends (its worker died) holds the seal for one hold at most.
-        await store.seal(key, hold_ms=HOLD_MS)
+        # A write that never ends (its worker died) holds the seal for one hold past the
+        # longest lease it collected (w2's, nearly a whole hold), which its writer may have
+        # waited out: the seal outlasts that wait.
+        sealed = await store.seal(key, hold_ms=HOLD_MS)
+        assert [h.origin for h in sealed.holders] == ["w2"]
         assert not await _held(store, key, "w3")
         await asyncio.sleep(HOLD_MS / 1000 + 0.1)
+        assert not await _held(store, key, "w3")  # the writer just went on: still sealed
+        await asyncio.sleep(HOLD_MS / 1000)
         assert await _held(store, key, "w3")
         # An eviction with `unseal` ends a delete's seal the same way.
         await store.seal(key, hold_ms=HOLD_MS)

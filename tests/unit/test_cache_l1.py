@@ -209,6 +209,35 @@ async def test_a_seal_lasts_until_every_sealing_write_ends_or_one_lease_passes()
     assert store.calls == calls  # held again
 
 
+async def test_a_seal_that_waits_out_a_paused_holder_still_holds_when_the_write_goes_on(
+) -> None:
+    """A holder that answers nothing (SIGSTOPped) makes the seal wait out its lease, nearly a
+    whole lease: the seal must outlast that wait. When it lasted one lease from its script,
+    it ended while the writer still waited, a hot reader's L1 took the old value again, and
+    once the write-through ran a read of the new value could be followed by that L1's old
+    one: the history test_cache_linearizable forbids, where workers are SIGSTOPped."""
+    store, peers = MemoryEntryStore(), LocalPeers()
+    a, paused, hot, other = (
+        peers.join(Cache(store, local=LocalCache(100), origin=name))
+        for name in ("a", "paused", "hot", "other")
+    )
+    await a.write("data", "k", Entry.of(b"old", 1), POLICY)
+    assert await read(paused) == b"old"  # held, for a whole lease
+    peers.paused.add("paused")
+    seal = asyncio.create_task(a.seal("data", "k", POLICY))
+    await asyncio.sleep(LEASE_S * 0.95)  # the seal waits for `paused` to the end of its lease
+    while not seal.done():  # meanwhile a hot reader, as the HTTP shim is, reads on
+        assert await read(hot) == b"old"
+        await asyncio.sleep(0)
+    assert seal.result()
+    peers.paused.add("hot")  # its revocation is handled late (a busy event loop)
+    write = asyncio.create_task(a.write("data", "k", Entry.of(b"new", 2), POLICY, sealed=True))
+    await asyncio.sleep(0.01)
+    assert await read(other) == b"new"  # the write-through ran: the new value is visible
+    assert await read(hot) == b"new"  # and no L1 goes back to the old one
+    await write
+
+
 async def test_a_seal_whose_answer_was_lost_after_it_ran_still_waits_out_the_holders() -> None:
     """The seal's script ran (and collected and cleared b's read lease) but its answer timed
     out: the write's own script then finds no holder, so the seal waits one lease before the

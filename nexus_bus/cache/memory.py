@@ -193,7 +193,8 @@ class MemoryEntryStore:
         if until <= now:
             count = 0
         # One hold past the longest lease collected: the writer may wait that lease out.
-        longest = max((holder.remaining_ms for holder in written.holders), default=0) / 1000
+        waits = [written.wait_ms, *(holder.remaining_ms for holder in written.holders)]
+        longest = max(waits) / 1000  # a young store's wait is waited out too
         self._seals[key.entry] = (count + 1, max(until, now + longest + hold_ms / 1000))
         return Written(True, written.holders, written.wait_ms)
 

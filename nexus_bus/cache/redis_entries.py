@@ -159,7 +159,7 @@ local out = {1, 0}
 local hold_arg, unseal_arg = 1, 2
 """ + _COLLECT_LUA + """
 local hold = tonumber(ARGV[1])
-local longest = 0
+local longest = out[2]  -- a young Redis's wait, which the writer also waits out
 for i = 4, #out, 2 do
   if out[i] > longest then longest = out[i] end
 end

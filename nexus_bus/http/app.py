@@ -42,6 +42,7 @@ from nexus_bus.http.authz import ShimAuthorizer, create_shim_authorizer, credent
 from nexus_bus.http.cached_reads import CachedReads, start_cached_reads
 from nexus_bus.http.catalog import Catalog, ops_answer
 from nexus_bus.http.client_ip import TrustedProxies
+from nexus_bus.http.deadlines import ReadDeadlines
 from nexus_bus.http.errors import map_http_error
 from nexus_bus.http.forward import CLIENT_CLOSED, OperationRoute, bus_headers
 from nexus_bus.http.jobs import JobRoutes
@@ -187,7 +188,7 @@ class ShimApp:
         self._retry_after = settings.http.retry_after_s
         self._proxies = TrustedProxies(settings.http.trusted_proxies)
         self._draining = False
-        self._read_timeout_s = settings.http.read_timeout_s  # for a whole body (408)
+        self._deadlines = ReadDeadlines(settings.http.read_timeout_s)  # a whole body's (408)
         self._access_log = access_log_enabled(settings.log)
         self.nc: Client | None = None
         self._redis: RedisClient | None = None
@@ -265,7 +266,7 @@ class ShimApp:
         self._jobs = JobRoutes(nc, settings, self._authz, admission)
         self._cached = await start_cached_reads(nc, self._redis, settings, self._authz, admission)
         self._operations = OperationRoute(
-            self._gateway, settings, self._jobs, read_timeout_s=self._read_timeout_s,
+            self._gateway, settings, self._jobs, deadlines=self._deadlines,
             cached=self._cached,
         )
         probes = Probes(
@@ -331,6 +332,7 @@ class ShimApp:
     async def shutdown(self) -> None:
         """Close what `startup` opened (after the server has finished in-flight requests)."""
         self.begin_drain()
+        self._deadlines.close()
         if self._gateway is not None:
             await self._gateway.close()  # its policy layer; the connections are ours
         if self._registry is not None:

@@ -39,6 +39,7 @@ from nexus_bus.http.authz import credentials
 from nexus_bus.http.cached_reads import ACTION as CACHED_ACTION
 from nexus_bus.http.cached_reads import OP as CACHED_OP
 from nexus_bus.http.cached_reads import CachedReads
+from nexus_bus.http.deadlines import ReadDeadlines
 from nexus_bus.http.jobs import JobRoutes
 from nexus_bus.http.labels import OperationLabels
 from nexus_bus.http.problems import Answer, ClientGone, retry_after_of, status_headers
@@ -149,17 +150,17 @@ class OperationRoute:
         settings: Settings,
         jobs: JobRoutes | None,
         *,
-        read_timeout_s: float | None,
+        deadlines: ReadDeadlines | None,
         cached: CachedReads | None = None,
     ) -> None:
-        """Args: read_timeout_s: the body read timeout, None when the server enforces it;
+        """Args: deadlines: the body read timeout, None when the server enforces it;
         cached: answers hot `data.get` from the cache (None: workers answer every call)."""
         self._gateway = gateway
         self._cached = cached
         self._jobs = jobs
         self._max_body = settings.limits.max_body_bytes
         self._max_header_value = settings.limits.max_header_value_bytes
-        self._read_timeout_s = read_timeout_s
+        self._deadlines = deadlines
         self._default_ms = settings.client.default_timeout_ms
         self._max_ms = settings.http.max_timeout_ms
         self._retry_after = settings.http.retry_after_s
@@ -228,7 +229,7 @@ class OperationRoute:
         except PayloadTooLarge:
             await discard_body(receive)  # so that the client reads the 413
             raise
-        body = await read_body(receive, self._max_body, self._read_timeout_s)
+        body = await read_body(receive, self._max_body, self._deadlines)
         if head.authorization is not None:
             check_authorization(head.authorization, self._max_header_value)
         timeout_s = budget_s(head.timeout_ms, default_ms=self._default_ms, max_ms=self._max_ms)

@@ -27,7 +27,8 @@ from nexus_bus.constants import (
     H_TRACESTATE,
 )
 from nexus_bus.errors import HeadersTooLarge, InvalidRequest, PayloadTooLarge
-from nexus_bus.http.problems import ClientGone, RequestTimeout
+from nexus_bus.http.deadlines import ReadDeadlines
+from nexus_bus.http.problems import ClientGone
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
@@ -169,27 +170,21 @@ async def discard_body(receive: Receive) -> None:
                     return
 
 
-async def read_body(receive: Receive, limit: int, timeout_s: float | None) -> bytes:
+async def read_body(receive: Receive, limit: int, deadlines: ReadDeadlines | None) -> bytes:
     """Read the whole body, refusing it as soon as it crosses `limit`.
 
     Args:
-        timeout_s: the read timeout for the whole body; None for none (uvicorn has no
+        deadlines: the read timeout for the whole body; None for none (uvicorn has no
             read timeout of its own, so the shim always passes one).
 
     Raises:
         PayloadTooLarge: more than `limit` bytes arrived.
-        RequestTimeout: the body did not arrive within `timeout_s`.
+        RequestTimeout: the body did not arrive within the timeout.
         ClientGone: the client disconnected.
     """
-    if timeout_s is None:
+    if deadlines is None:
         return await _read(receive, limit)
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await _read(receive, limit)
-    except TimeoutError as exc:
-        if isinstance(exc, RequestTimeout):
-            raise
-        raise RequestTimeout(f"request body not received within {timeout_s:g}s") from None
+    return await deadlines.run(_read(receive, limit))
 
 
 async def _read(receive: Receive, limit: int) -> bytes:

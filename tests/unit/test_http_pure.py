@@ -20,6 +20,7 @@ from nexus_bus.errors import (
     UpstreamTimeout,
 )
 from nexus_bus.http.client_ip import TrustedProxies
+from nexus_bus.http.deadlines import ReadDeadlines
 from nexus_bus.http.forward import budget_s, prefers_async
 from nexus_bus.http.jobs import job_location
 from nexus_bus.http.labels import OTHER, OperationLabels
@@ -186,7 +187,7 @@ async def test_read_body_single_and_chunked() -> None:
         {"type": "http.request", "body": b"ab", "more_body": True},
         {"type": "http.request", "body": b"cd", "more_body": False},
     )
-    assert await read_body(parts, 10, 1.0) == b"abcd"
+    assert await read_body(parts, 10, ReadDeadlines(1.0)) == b"abcd"
 
 
 async def test_read_body_refuses_as_soon_as_the_limit_is_crossed() -> None:

@@ -26,7 +26,6 @@ from nexus_bus.client.gateway import Gateway
 from nexus_bus.config import Settings
 from nexus_bus.constants import (
     H_HTTP_REQUEST_ID,
-    HTTP_API_PREFIX,
     HTTP_ASYNCAPI,
     HTTP_DOCS,
     HTTP_HEALTHZ,
@@ -34,8 +33,6 @@ from nexus_bus.constants import (
     HTTP_OPENAPI,
     HTTP_OPS,
     HTTP_READYZ,
-    JOBS_PREFIX,
-    SSE_TICKET_PATH,
 )
 from nexus_bus.errors import InternalError, InvalidRequest, NexusError, NotFound, Unavailable
 from nexus_bus.http.authz import ShimAuthorizer, create_shim_authorizer, credentials
@@ -49,6 +46,15 @@ from nexus_bus.http.jobs import JobRoutes
 from nexus_bus.http.probes import Probes
 from nexus_bus.http.problems import Answer, ClientGone, MethodNotAllowed, problem_answer
 from nexus_bus.http.request import STREAMING, RequestHead, parse_head
+from nexus_bus.http.routes import (
+    ASSET_ROUTE,
+    EVENTS_ROUTE,
+    JOB_ROUTE,
+    OPERATION_PATH,
+    OPERATION_ROUTE,
+    TICKET_ROUTE,
+    matched_route,
+)
 from nexus_bus.http.spans import serve_traced
 from nexus_bus.http.sse import EventStreams, encode_gate_request, last_event_id
 from nexus_bus.http.tickets import TicketStore, ticket_of
@@ -65,7 +71,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-_JOBS: Final = JOBS_PREFIX.rsplit(".", 1)[-1]
 _STREAM_OP: Final = ("stream", "read")  # the operation whose authorization SSE borrows
 _REQUEST_ID: Final = H_HTTP_REQUEST_ID.lower().encode()
 _CLOSE: Final = (b"connection", b"close")
@@ -75,12 +80,6 @@ _MAX_PATH_IN_DETAIL: Final = 120
 _EXCHANGE: Final = "nexus.exchange"  # scope key: the request's Exchange
 _STREAMED: Final = 200  # the status an event stream started with
 _READ: Final = ("GET", "HEAD")
-# Route templates; access lines and spans name the matched template, never the path.
-_OPERATION_ROUTE: Final = f"{HTTP_API_PREFIX}/{{op}}/{{action}}"
-_JOB_ROUTE: Final = f"{HTTP_API_PREFIX}/{_JOBS}/{{id}}"
-_EVENTS_ROUTE: Final = f"{HTTP_API_PREFIX}/events/{{topic}}"
-_TICKET_ROUTE: Final = f"{_EVENTS_ROUTE}/{SSE_TICKET_PATH}"
-_ASSET_ROUTE: Final = f"{HTTP_DOCS}/{{name}}"
 
 
 class Exchange:
@@ -132,21 +131,6 @@ class _Endpoint:
 
 async def _no_route(scope: Scope, receive: Receive, send: Send) -> None:
     raise NotFound(f"no route {scope['method']} {scope['path'][:_MAX_PATH_IN_DETAIL]}")
-
-
-def matched_route(scope: Scope) -> tuple[str | None, str | None, str | None]:
-    """The route template the router matched, with op and action for an operation route.
-
-    Returns:
-        `(route, op, action)`; route is None before routing or when no route matched.
-    """
-    route = scope.get("route")
-    if not isinstance(route, Route):
-        return None, None, None
-    if route.path != _OPERATION_ROUTE:
-        return route.path, None, None
-    params = scope["path_params"]
-    return route.path, params["op"], params["action"]
 
 
 class HeadTrace:
@@ -279,29 +263,30 @@ class ShimApp:
         self._probes = probes
 
     def _routes(self) -> Router:
-        """Starlette's router over the shim's routes; the hot one (operations) after the two
-        it would otherwise shadow."""
+        """Starlette's router over the shim's routes, the hot one (operations) first: its
+        template leaves out the two it would otherwise shadow (`_OperationName`)."""
 
         def read(what: str, handle: Handler) -> _Endpoint:
             return _Endpoint(handle, _READ, f"{what} answers GET")
 
-        def route(path: str, endpoint: _Endpoint) -> Route:
-            return Route(path, endpoint, name=path)
+        def route(template: str, endpoint: _Endpoint, path: str | None = None) -> Route:
+            return Route(path or template, endpoint, name=template)
 
         return Router(
             [
-                route(_JOB_ROUTE, _Endpoint(self._job, _READ, "job status is read with GET")),
                 route(
-                    _EVENTS_ROUTE,
-                    _Endpoint(self._events, ("GET",), "event streams are read with GET"),
-                ),
-                route(
-                    _OPERATION_ROUTE,
+                    OPERATION_ROUTE,
                     _Endpoint(self._operation, ("POST",), "operations are called with POST"),
+                    path=OPERATION_PATH,
+                ),
+                route(JOB_ROUTE, _Endpoint(self._job, _READ, "job status is read with GET")),
+                route(
+                    EVENTS_ROUTE,
+                    _Endpoint(self._events, ("GET",), "event streams are read with GET"),
                 ),
                 route(HTTP_OPS, read(HTTP_OPS, self._ops)),
                 route(
-                    _TICKET_ROUTE,
+                    TICKET_ROUTE,
                     _Endpoint(self._ticket, ("POST",), "stream tickets are issued with POST"),
                 ),
                 route(HTTP_HEALTHZ, read(HTTP_HEALTHZ, self._healthz)),
@@ -310,7 +295,7 @@ class ShimApp:
                 route(HTTP_OPENAPI, read(HTTP_OPENAPI, self._openapi)),
                 route(HTTP_ASYNCAPI, read(HTTP_ASYNCAPI, self._asyncapi)),
                 route(HTTP_DOCS, read(HTTP_DOCS, self._docs)),
-                route(_ASSET_ROUTE, read("a docs asset", self._asset)),
+                route(ASSET_ROUTE, read("a docs asset", self._asset)),
             ],
             redirect_slashes=False,  # a wrong path is a 404 problem document, not a redirect
             default=_no_route,

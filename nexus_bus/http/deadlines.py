@@ -2,9 +2,10 @@
 
 `asyncio.timeout` arms a loop timer for each request and cancels it when the body is in:
 with uvloop 25,000 instructions a request, a tenth of what the shim's app spends on a
-cached `data.get` (`python -m benchmarks.shim_instructions`). Nearly every body arrives with its head, so that timer almost
-never fires. Here a read only notes its deadline in a dict; one timer, armed while reads are
-pending, looks at them every eighth of the timeout and cancels those past their deadline.
+cached `data.get` (`python -m benchmarks.shim_instructions`). Nearly every body arrives
+with its head, so that timer almost never fires. Here a read only notes its deadline in a
+dict; one timer, armed while reads are pending, looks at them every eighth of the timeout
+and cancels those past their deadline.
 A body that has not arrived within `timeout_s` is refused (408) within `timeout_s * 9 / 8`.
 
     deadlines = ReadDeadlines(10.0)

@@ -8,7 +8,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from starlette.routing import Match
 
+from nexus_bus.config import Settings
 from nexus_bus.errors import (
     HeadersTooLarge,
     InvalidRequest,
@@ -19,6 +21,7 @@ from nexus_bus.errors import (
     Unavailable,
     UpstreamTimeout,
 )
+from nexus_bus.http.app import ShimApp
 from nexus_bus.http.client_ip import TrustedProxies
 from nexus_bus.http.deadlines import ReadDeadlines
 from nexus_bus.http.forward import budget_s, prefers_async
@@ -32,6 +35,7 @@ from nexus_bus.http.problems import (
     status_headers,
 )
 from nexus_bus.http.request import DRAIN_BYTES, DRAIN_S, declared_length, parse_head, read_body
+from nexus_bus.http.routes import EVENTS_ROUTE, JOB_ROUTE, OPERATION_ROUTE, TICKET_ROUTE
 from nexus_bus.http.sse import event_frame, last_event_id, retry_frame
 
 # --- client address ---------------------------------------------------------------------
@@ -289,3 +293,25 @@ def test_last_event_id_sources() -> None:
     for bad in ("x", "-1", "1" * 20):
         with pytest.raises(InvalidRequest):
             last_event_id(bad, b"")
+
+
+# --- route templates --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "template"),
+    [
+        ("/v1/data/get", OPERATION_ROUTE),
+        ("/v1/jobsx/run", OPERATION_ROUTE),  # only the exact first segments are left out
+        ("/v1/eventsy/read", OPERATION_ROUTE),
+        ("/v1/jobs/0123abc", JOB_ROUTE),
+        ("/v1/events/orders", EVENTS_ROUTE),
+        ("/v1/events/orders/ticket", TICKET_ROUTE),
+    ],
+)
+def test_the_operation_route_is_first_yet_shadows_no_other(path: str, template: str) -> None:
+    routes = ShimApp(Settings())._router.routes
+    assert routes[0].name == OPERATION_ROUTE
+    scope = {"type": "http", "path": path, "root_path": "", "method": "GET"}
+    matched = next(r for r in routes if r.matches(scope)[0] is Match.FULL)
+    assert matched.name == template

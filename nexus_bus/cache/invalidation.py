@@ -85,18 +85,24 @@ class CacheBus:
         """
         if not _ORIGIN.fullmatch(self._cache.origin):
             raise ValueError(f"cache origin {self._cache.origin!r} is not a subject token")
+        subjects = [
+            (CACHE_INVALIDATE_SUBJECT, self._on_invalidate),
+            (CACHE_FENCE_SUBJECT, self._on_fence),
+            (f"{CACHE_REVOKE_SUBJECT}.{self._cache.origin}", self._on_revoke),
+        ]
         try:
-            self._subscriptions = [
-                await self._nc.subscribe(CACHE_INVALIDATE_SUBJECT, cb=self._on_invalidate),
-                await self._nc.subscribe(CACHE_FENCE_SUBJECT, cb=self._on_fence),
-                await self._nc.subscribe(
-                    f"{CACHE_REVOKE_SUBJECT}.{self._cache.origin}", cb=self._on_revoke
-                ),
-            ]
-            # Make sure the server has both interests before the first write relies on them.
+            for subject, callback in subjects:
+                self._subscriptions.append(await self._nc.subscribe(subject, cb=callback))
+            # Make sure the server has every interest before the first write relies on them.
             await flush_subscriptions(self._nc)
-        except _NATS_FAILURES as exc:
-            raise Unavailable(f"cannot subscribe to cache notices: {exc}") from exc
+        except BaseException as exc:
+            # Not left half subscribed (a flush that timed out, a start cancelled): a caller
+            # that carries on without this bus, or starts another, must not have this one
+            # answer revocations and fences for a cache nobody attached it to.
+            await self.close()
+            if isinstance(exc, _NATS_FAILURES):
+                raise Unavailable(f"cannot subscribe to cache notices: {exc}") from exc
+            raise
         self._cache.attach(self)
 
     async def fence(self, notice: Notice) -> bool:

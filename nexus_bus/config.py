@@ -301,6 +301,8 @@ class HttpSettings(BaseModel):
     sse_heartbeat_s: float = Field(15.0, gt=0)
     sse_retry_ms: int = Field(2_000, ge=0)  # EventSource reconnect delay sent to clients
     sse_max_streams: int = Field(1_000, ge=1)  # open event streams per shim process
+    # ... and per caller (token subject, else client address): 429 beyond.
+    sse_max_streams_per_caller: int = Field(100, ge=1)
     # A stream whose client takes none of a frame for this long is closed: once its socket
     # is full, not even a heartbeat reaches it, so nothing else would notice a stalled client.
     sse_send_timeout_s: float = Field(30.0, gt=0)

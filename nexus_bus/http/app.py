@@ -35,7 +35,12 @@ from nexus_bus.constants import (
     HTTP_READYZ,
 )
 from nexus_bus.errors import InternalError, InvalidRequest, NexusError, NotFound, Unavailable
-from nexus_bus.http.authz import ShimAuthorizer, create_shim_authorizer, credentials
+from nexus_bus.http.authz import (
+    ShimAuthorizer,
+    StreamLease,
+    create_shim_authorizer,
+    credentials,
+)
 from nexus_bus.http.cached_reads import CachedReads, start_cached_reads
 from nexus_bus.http.catalog import Catalog, ops_answer
 from nexus_bus.http.client_ip import TrustedProxies
@@ -543,8 +548,7 @@ class ShimApp:
         assert self._streams is not None and self._gateway is not None
         assert self._authz is not None
         topic = exchange.param("topic")
-        scope, head, request_id = exchange.scope, exchange.head, exchange.request_id
-        receive, send = exchange.receive, exchange.send
+        scope, head = exchange.scope, exchange.head
         check_token(topic, "topic")
         query = scope.get("query_string", b"")
         after = last_event_id(head.last_event_id, query)
@@ -561,14 +565,25 @@ class ShimApp:
             lease = await self._authz.lease(
                 credentials(head.authorization, client_ip), *_STREAM_OP
             )
-            timeout_s = self.settings.client.default_timeout_ms / 1000
-            headers = bus_headers(self._gateway, head, request_id, client_ip, timeout_s)
-            gate = await self._gateway.request_raw(
-                *_STREAM_OP, encode_gate_request(topic, after), headers, timeout_s=timeout_s
-            )
-            if gate.status >= 400:
-                raise error_of(gate.status, gate.body, gate.headers)
-            if self._draining:  # drain began while we awaited: close_all() has passed us by
-                raise Unavailable("this replica is draining; reconnect with Last-Event-ID")
-            scope[STREAMING] = True
-            await self._streams.stream(topic, after, request_id, receive, send, lease)
+            caller = f"sub:{lease.principal.subject}" if lease is not None else f"ip:{client_ip}"
+            with self._streams.reserve_for(caller):
+                await self._stream(exchange, topic, after, lease)
+
+    async def _stream(
+        self, exchange: Exchange, topic: str, after: int | None, lease: StreamLease | None
+    ) -> None:
+        """Open the stream's gate with a worker, then stream (`_events`' places held)."""
+        assert self._streams is not None and self._gateway is not None
+        scope, head, request_id = exchange.scope, exchange.head, exchange.request_id
+        client_ip = self._client_ip(scope, head)
+        timeout_s = self.settings.client.default_timeout_ms / 1000
+        headers = bus_headers(self._gateway, head, request_id, client_ip, timeout_s)
+        gate = await self._gateway.request_raw(
+            *_STREAM_OP, encode_gate_request(topic, after), headers, timeout_s=timeout_s
+        )
+        if gate.status >= 400:
+            raise error_of(gate.status, gate.body, gate.headers)
+        if self._draining:  # drain began while we awaited: close_all() has passed us by
+            raise Unavailable("this replica is draining; reconnect with Last-Event-ID")
+        scope[STREAMING] = True
+        await self._streams.stream(topic, after, request_id, exchange.receive, exchange.send, lease)

@@ -45,7 +45,7 @@ from nexus_bus.constants import (
     H_HTTP_REQUEST_ID,
     SSE_END_EVENT,
 )
-from nexus_bus.errors import InvalidRequest, NexusError, Unavailable
+from nexus_bus.errors import InvalidRequest, NexusError, RateLimited, Unavailable
 from nexus_bus.http.authz import StreamLease
 from nexus_bus.observability import logger
 from nexus_bus.store import translate_nats_errors
@@ -209,6 +209,8 @@ class EventStreams:
         self._retry = retry_frame(settings.sse_retry_ms)
         self._send_timeout_s = settings.sse_send_timeout_s
         self._max = settings.sse_max_streams
+        self._max_per_caller = settings.sse_max_streams_per_caller
+        self._by_caller: dict[str, int] = {}  # places held, by caller (`reserve_for`)
         self._feeds: set[_Feed] = set()  # the open streams
         self._watch: asyncio.Task[None] | None = None  # notices the stream created again
         self._reserved = 0  # places held by streams being opened or served
@@ -233,6 +235,31 @@ class EventStreams:
             yield
         finally:
             self._reserved -= 1
+
+    @contextlib.contextmanager
+    def reserve_for(self, caller: str) -> Iterator[None]:
+        """Hold one of `caller`'s `sse_max_streams_per_caller` places, as `reserve` holds one
+        of the process's: one client cannot take every place, and every other client's
+        streams with them.
+
+        Args:
+            caller: who opens the stream (the token's subject, or the client address).
+
+        Raises:
+            RateLimited: the caller has that many streams open already.
+        """
+        held = self._by_caller.get(caller, 0)
+        if held >= self._max_per_caller:
+            raise RateLimited(f"too many open event streams for this caller ({held}); close one")
+        self._by_caller[caller] = held + 1
+        try:
+            yield
+        finally:
+            left = self._by_caller[caller] - 1
+            if left:
+                self._by_caller[caller] = left
+            else:
+                del self._by_caller[caller]
 
     def close_all(self) -> None:
         """End every stream (on drain); clients reconnect elsewhere with Last-Event-ID."""

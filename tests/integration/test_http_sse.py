@@ -15,6 +15,7 @@ import pytest
 from nexus_bus import Gateway, Settings, Worker
 from nexus_bus.constants import EVENTS_STREAM
 from nexus_bus.observability import configure_logging
+from tests.conftest import issue_test_token
 from tests.integration.http_shim import RunningShim, bearer, poll_until, running_shim
 
 HEARTBEAT_S = 0.3
@@ -341,3 +342,37 @@ async def follow_to_end(client: httpx.AsyncClient, topic: str, started: asyncio.
             started.set()
             async for _ in resp.aiter_lines():
                 pass
+
+
+async def test_one_caller_cannot_take_every_stream(
+    settings: Settings, worker: Worker, uid: str
+) -> None:
+    """Past `sse_max_streams_per_caller` a caller's next stream is refused (429), while
+    another caller's opens; a stream closed gives its caller the place back."""
+    greedy = bearer(issue_test_token(("stream:read",), subject=f"greedy-{uid}"))
+    other = bearer(issue_test_token(("stream:read",), subject=f"other-{uid}"))
+    topic = topic_of(uid)
+    async with (
+        running_shim(settings, sse_heartbeat_s=HEARTBEAT_S, sse_max_streams_per_caller=2) as own,
+        httpx.AsyncClient(base_url=own.url, timeout=10) as c,
+    ):
+        async with (
+            c.stream("GET", f"/v1/events/{topic}", headers=greedy) as first,
+            c.stream("GET", f"/v1/events/{topic}", headers=greedy) as second,
+        ):
+            assert first.status_code == second.status_code == 200
+            refused = await c.get(f"/v1/events/{topic}", headers=greedy)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["code"] == "rate_limited"
+            assert "too many open event streams for this caller" in refused.json()["detail"]
+            async with c.stream("GET", f"/v1/events/{topic}", headers=other) as theirs:
+                assert theirs.status_code == 200
+        # Both of greedy's streams closed: its places are free again, once the shim has
+        # seen the disconnects.
+        async with asyncio.timeout(5):
+            while True:
+                async with c.stream("GET", f"/v1/events/{topic}", headers=greedy) as again:
+                    if again.status_code == 200:
+                        break
+                    assert again.status_code == 429
+                await asyncio.sleep(0.05)

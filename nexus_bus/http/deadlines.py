@@ -37,6 +37,7 @@ class ReadDeadlines:
         self._pending: dict[asyncio.Task[Any], float] = {}  # the reading task: its deadline
         self._expired: set[asyncio.Task[Any]] = set()  # cancelled by a sweep
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the timer's
 
     async def run(self, step: Awaitable[T]) -> T:
         """Await `step` under this deadline (one at a time per task).
@@ -49,7 +50,8 @@ class ReadDeadlines:
         loop = asyncio.get_running_loop()
         pending = self._pending
         pending[task] = loop.time() + self.timeout_s
-        if self._timer is None:
+        if self._timer is None or self._loop is not loop:  # a new loop: the old timer is dead
+            self._loop = loop
             self._timer = loop.call_later(self._tick_s, self._sweep, loop)
         cancelling = task.cancelling()
         try:
@@ -67,8 +69,10 @@ class ReadDeadlines:
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
-        for task, deadline in self._pending.items():
-            if deadline <= now and task not in self._expired:
+        for task, deadline in list(self._pending.items()):
+            if task.get_loop() is not loop:  # left by a loop closed under it (tests)
+                del self._pending[task]
+            elif deadline <= now and task not in self._expired:
                 self._expired.add(task)
                 task.cancel()
         # Re-armed only while reads are pending: an idle shim keeps no timer.

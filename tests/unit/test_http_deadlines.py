@@ -90,3 +90,20 @@ async def test_close_stops_the_timer() -> None:
     deadlines.close()
     assert deadlines._timer is None
     await reading
+
+
+def test_a_second_event_loop_gets_a_timer_of_its_own() -> None:
+    """An app object outliving its loop (tests run one loop per test) keeps timing reads."""
+    deadlines = ReadDeadlines(TIMEOUT_S)
+
+    async def one_read_left_pending() -> None:
+        asyncio.get_running_loop().create_task(deadlines.run(asyncio.sleep(10)))
+        await asyncio.sleep(0)  # it began, and armed this loop's timer
+
+    asyncio.run(one_read_left_pending())  # the loop closes with the read and timer pending
+
+    async def timed_out() -> None:
+        with pytest.raises(RequestTimeout):
+            await deadlines.run(asyncio.sleep(10))
+
+    asyncio.run(timed_out())

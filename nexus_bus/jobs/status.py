@@ -8,6 +8,7 @@ they happen, including the last state when it starts watching late.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ from nexus_bus.schemas.jobs import Job, JobStatus
 from nexus_bus.store import translate_nats_errors
 
 # A job in one of these states is finished: a later delivery of its message is a duplicate.
+_WATCH_CHECK_S: Final = 1.0  # how often a watch looks whether its connection reconnected
 TERMINAL: Final = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.DEAD})
 
 
@@ -243,30 +245,58 @@ class JobStore:
     async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
         """Yield the current record, then every change, until the job finishes.
 
+        nats-py makes a KV watch's consumer again only after it missed two of the consumer's
+        heartbeats: after a reconnect (a restarted nats-server) a watch heard nothing for
+        10 to 20 s, and a waiter learned late that its job had finished. So a watch looks
+        every `_WATCH_CHECK_S` whether its connection reconnected since it was made, and if
+        so makes it again (its snapshot first: nothing is missed, and nothing yielded twice).
+
         Raises:
             Unavailable / UpstreamTimeout: JetStream cannot be reached.
         """
-        async with translate_nats_errors(f"watch job {job_id}"):
-            watcher = await self._kv.watch(job_id, ignore_deletes=True)
+        reconnects = self._nc.stats["reconnects"]
+        watcher: Any = await self._watcher(job_id)
+        seen = 0  # the revision of the last record yielded
         try:
             while True:
+                if watcher is None:  # made again after a reconnect, when JetStream answers
+                    try:
+                        watcher = await self._watcher(job_id)
+                    except NexusError:
+                        await asyncio.sleep(_WATCH_CHECK_S)
+                        continue
                 try:
                     async with translate_nats_errors(f"watch job {job_id}"):
-                        entry = await watcher.updates(timeout=3600)  # type: ignore[no-untyped-call]
+                        entry = await watcher.updates(timeout=_WATCH_CHECK_S)
                 except NexusError as exc:
-                    if isinstance(exc, TimeoutError):
-                        continue
-                    raise
-                if entry is None or entry.value is None:  # end of the initial snapshot
+                    if not isinstance(exc, TimeoutError):
+                        raise
+                    if self._nc.stats["reconnects"] != reconnects:
+                        reconnects = self._nc.stats["reconnects"]
+                        await _stop(watcher)
+                        watcher = None
                     continue
+                # None: the end of the initial snapshot.
+                if entry is None or entry.value is None or entry.revision <= seen:
+                    continue
+                seen = entry.revision
                 record = decode_record(entry.value)
                 yield record
                 if record.finished:
                     return
         finally:
-            # The connection may be gone already; the watcher goes with it.
-            with contextlib.suppress(nats.errors.Error, OSError):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+            if watcher is not None:
+                await _stop(watcher)
+
+    async def _watcher(self, job_id: str) -> Any:
+        async with translate_nats_errors(f"watch job {job_id}"):
+            return await self._kv.watch(job_id, ignore_deletes=True)
+
+
+async def _stop(watcher: Any) -> None:
+    # The connection may be gone already; the watcher goes with it.
+    with contextlib.suppress(nats.errors.Error, OSError):
+        await watcher.stop()
 
 
 class OutcomeStore(Protocol):

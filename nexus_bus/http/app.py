@@ -269,7 +269,7 @@ class ShimApp:
 
     def _routes(self) -> Router:
         """Starlette's router over the shim's routes, the hot one (operations) first: its
-        template leaves out the two it would otherwise shadow (`_OperationName`)."""
+        path leaves out the two templates it would otherwise shadow (`routes.py`)."""
 
         def read(what: str, handle: Handler) -> _Endpoint:
             return _Endpoint(handle, _READ, f"{what} answers GET")

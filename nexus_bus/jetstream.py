@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import nats.js.errors as jserr
@@ -97,7 +98,12 @@ async def ensure_data_bucket(js: JetStreamContext, settings: JetStreamSettings) 
     )
 
 
-async def renew_data_bucket(js: JetStreamContext, template: StreamConfig) -> KeyValue:
+async def renew_data_bucket(
+    js: JetStreamContext,
+    template: StreamConfig,
+    *,
+    created: Callable[[], Awaitable[None]] | None = None,
+) -> KeyValue:
     """The `nexus_data` bucket; when it is gone (while a worker runs), created again as
     `template` (its stream's configuration when the worker started), its revisions starting
     at the current time in epoch microseconds.
@@ -107,7 +113,9 @@ async def renew_data_bucket(js: JetStreamContext, template: StreamConfig) -> Key
     a key written anew would read back its old value until the entry expired. The old bucket
     reached a higher revision only with more than a write per microsecond on average since
     it began; and it stays far below 2^53, past which the cache cannot compare revisions. Two
-    processes creating it at once: the first one's stands (the other's is refused).
+    processes creating it at once: the first one's stands (the other's is refused). `created`
+    is awaited when this call created it: the cache must stop serving entries of the old one
+    (`Cache.distrust`).
 
     Raises:
         Unavailable: JetStream cannot be reached.
@@ -123,7 +131,18 @@ async def renew_data_bucket(js: JetStreamContext, template: StreamConfig) -> Key
         except jserr.BadRequestError as exc:
             if exc.err_code != _STREAM_NAME_IN_USE:  # in use: another process was first
                 raise
+        else:
+            if created is not None:
+                await created()
         return await js.key_value(DATA_BUCKET)
+
+
+def renewed_at(config: StreamConfig) -> float | None:
+    """When the data bucket with this stream configuration was created again while workers
+    ran (epoch seconds: its first revision, `renew_data_bucket`); None for one created as
+    usual, whose revisions start at 1."""
+    first = config.first_seq or 0
+    return first / 1_000_000 if first > 1 else None
 
 
 async def ensure_ops_bucket(

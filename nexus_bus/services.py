@@ -10,9 +10,10 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from nexus_bus.bus.assets import assets_of
-from nexus_bus.cache import Cache, cached_records, start_cache
+from nexus_bus.cache import Cache, cached_records, data_policy, start_cache
+from nexus_bus.cache.service import distrust_a_renewed_bucket
 from nexus_bus.config import Settings
-from nexus_bus.constants import DATA_BUCKET, EVENTS_STREAM, KV_STREAM_PREFIX
+from nexus_bus.constants import CACHE_DATA_NAMESPACE, DATA_BUCKET, EVENTS_STREAM, KV_STREAM_PREFIX
 from nexus_bus.events import EventLog, JetStreamEventLog
 from nexus_bus.jetstream import ensure_data_bucket, ensure_events_stream, renew_data_bucket
 from nexus_bus.redis_client import RedisClient, create_redis
@@ -52,13 +53,21 @@ async def create_services(nc: Client, settings: Settings) -> Services:
     data_stream = f"{KV_STREAM_PREFIX}{DATA_BUCKET}"
     async with translate_nats_errors(f"stream {data_stream}"):
         template = (await js.stream_info(data_stream)).config
-    # Created again as it is now, its revisions above the old one's (the cache's ordering).
-    assets.track(data_stream, "bucket", lambda js: renew_data_bucket(js, template))
     redis = create_redis(settings.redis)
     kv_records = KeyValueRecordStore(kv, js, nc=nc)
     records: RecordStore = kv_records
     cache = await start_cache(nc, redis, settings) if settings.cache.enabled else None
+
+    async def renewed() -> None:  # every cache stops serving what it holds of the old one
+        if cache is not None:
+            await cache.distrust(CACHE_DATA_NAMESPACE, data_policy(settings.cache).lifetime_s)
+
+    # Created again as it is now, its revisions above the old one's (the cache's ordering).
+    assets.track(
+        data_stream, "bucket", lambda js: renew_data_bucket(js, template, created=renewed)
+    )
     if cache is not None:
+        await distrust_a_renewed_bucket(cache, template, settings.cache)
         # The cache wraps everything that writes records (docs/cache.md): a wrapper outside
         # it that wrote to the KV directly would leave stale entries behind.
         records = cached_records(kv_records, js, cache, settings.cache)

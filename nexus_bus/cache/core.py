@@ -127,6 +127,7 @@ class Cache(CacheAside):
         self._tasks: set[asyncio.Task[None]] = set()
         self._writes: set[asyncio.Task[Any]] = set()
         self._repair_task: asyncio.Task[None] | None = None
+        self._distrusts: dict[str, float] = {}  # namespace: until when nothing is served
         # Names of recently used keys: building one validates and formats on every read,
         # and a hot key is read thousands of times a second. Bounded; cleared when full.
         self._names = KeyNames(prefix)
@@ -142,6 +143,35 @@ class Cache(CacheAside):
             ValueError: an invalid namespace or key.
         """
         return self._names.of(namespace, key)
+
+    async def distrust(self, namespace: str, seconds: float, *, announce: bool = True) -> None:
+        """Serve nothing cached from `namespace` for `seconds`, here and (`announce`) in
+        every peer: its system of record was replaced (the data bucket created again), and
+        every entry cached from the old one must have expired first (docs/cache.md)."""
+        self._distrust(namespace, seconds)
+        if announce:
+            millis = max(1, round(seconds * 1000))
+            key = f"{self.prefix}:{namespace}"
+            await self._announce(
+                Notice(key=key, revision=UNVERSIONED, origin=self.origin, distrust_ms=millis)
+            )
+
+    def _distrust(self, namespace: str, seconds: float) -> None:
+        until = self._clock() + seconds
+        self._distrusts[namespace] = max(until, self._distrusts.get(namespace, until))
+        if self._local is not None:
+            self._local.clear()  # reads under way are refused their answers too
+
+    def _trusted(self, namespace: str) -> bool:
+        """Whether entries of `namespace` may be served now (floors or a replaced system of
+        record may forbid it)."""
+        if self.floors.distrusted:
+            return False
+        if self._distrusts and (until := self._distrusts.get(namespace)) is not None:
+            if self._clock() < until:
+                return False
+            del self._distrusts[namespace]
+        return True
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -159,7 +189,7 @@ class Cache(CacheAside):
             Whatever `loader` raises; never a cache failure.
         """
         ck = self.key(namespace, key)
-        if self.floors.distrusted:
+        if not self._trusted(namespace):
             self.stats.count(namespace, CacheResult.BYPASS)
             return await loader()
         held = self._local is not None and policy.local_ttl_s > 0
@@ -206,7 +236,7 @@ class Cache(CacheAside):
             ValueError: an invalid namespace or key.
         """
         ck = self.key(namespace, key)
-        if self.floors.distrusted:
+        if not self._trusted(namespace):
             return None
         held = self._local is not None and policy.local_ttl_s > 0
         if held and (local := self._local_entry(ck)) is not None:
@@ -489,6 +519,9 @@ class Cache(CacheAside):
     def on_notice(self, notice: Notice) -> None:
         """Another worker wrote `notice.key`: drop it from the L1, keep its floor if unfenced."""
         if notice.origin == self.origin or not is_under(self.prefix, notice.key):
+            return
+        if notice.distrust_ms:
+            self._distrust(notice.key[len(self.prefix) + 1 :], notice.distrust_ms / 1000)
             return
         if self._local is not None:
             self._local.drop(notice.key)

@@ -25,6 +25,9 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
         scope: which Redis the entry lives in; workers on another Redis ignore the notice.
         hold_ms: the L1 read lease of the key's policy (a fencing peer waits out a young
             Redis's unknown holders for this long).
+        distrust_ms: the system of record of a whole namespace was replaced (the data
+            bucket created again): receivers serve nothing cached from it for this long,
+            every entry of the old one's lifetime. `key` is then `<prefix>:<namespace>`.
     """
 
     key: str
@@ -35,6 +38,7 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
     fence_ttl_ms: int = 60_000
     lifetime_ms: int = 0
     hold_ms: int = 0
+    distrust_ms: int = 0
 
 
 class FenceReply(msgspec.Struct, frozen=True, kw_only=True):

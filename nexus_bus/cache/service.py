@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
 
 from nexus_bus.cache.core import Cache
 from nexus_bus.cache.entries import CacheUnavailable, EntryStore
@@ -19,7 +21,8 @@ from nexus_bus.cache.policy import CachePolicy
 from nexus_bus.cache.records import CachedRecordStore
 from nexus_bus.cache.redis_entries import RedisEntryStore
 from nexus_bus.config import CacheSettings, RedisSettings, Settings
-from nexus_bus.constants import CACHE_BREAKER, CACHE_EPOCH_SUFFIX
+from nexus_bus.constants import CACHE_BREAKER, CACHE_DATA_NAMESPACE, CACHE_EPOCH_SUFFIX
+from nexus_bus.jetstream import renewed_at
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.redis_client import RedisClient
 from nexus_bus.resilience import BreakerState, CircuitBreaker, ExponentialBackoff, Jitter
@@ -112,6 +115,21 @@ async def start_cache(nc: Client, redis: RedisClient, settings: Settings) -> Cac
     )
     await bus.start()
     return cache
+
+
+async def distrust_a_renewed_bucket(
+    cache: Cache, config: StreamConfig, settings: CacheSettings
+) -> None:
+    """At start: when the data bucket (whose stream has `config`) was created again less than
+    an entry lifetime ago, entries of the old one may still be in Redis. Serve none from
+    `data` until they have all expired; the processes running then heard it at once
+    (`Cache.distrust`, announced by the worker that created it)."""
+    renewed = renewed_at(config)
+    if renewed is None:
+        return
+    left = renewed + data_policy(settings).lifetime_s - time.time()
+    if left > 0:
+        await cache.distrust(CACHE_DATA_NAMESPACE, left, announce=False)
 
 
 async def eviction_warning(redis: RedisClient) -> str | None:

@@ -33,9 +33,9 @@ from nats.aio.client import Client
 from nexus_bus.cache import Cache, Kind
 from nexus_bus.cache.heads import check_key
 from nexus_bus.cache.policy import CachePolicy
-from nexus_bus.cache.service import data_policy, start_cache
+from nexus_bus.cache.service import data_policy, distrust_a_renewed_bucket, start_cache
 from nexus_bus.config import Settings
-from nexus_bus.constants import CACHE_DATA_NAMESPACE, CT_JSON
+from nexus_bus.constants import CACHE_DATA_NAMESPACE, CT_JSON, DATA_BUCKET, KV_STREAM_PREFIX
 from nexus_bus.errors import InvalidRequest, NexusError
 from nexus_bus.http.authz import ShimAuthorizer
 from nexus_bus.http.problems import Answer
@@ -43,7 +43,9 @@ from nexus_bus.observability import logger
 from nexus_bus.policies.admission import Admission
 from nexus_bus.redis_client import RedisClient
 from nexus_bus.schemas.data import GetReply, GetRequest
+from nexus_bus.store import translate_nats_errors
 
+_DATA_STREAM: Final = f"{KV_STREAM_PREFIX}{DATA_BUCKET}"
 OP: Final = "data"
 ACTION: Final = "get"
 _CT_JSON: Final = CT_JSON.encode()
@@ -150,6 +152,13 @@ async def start_cached_reads(
     except NexusError as exc:
         logger.warning("the shim answers no data.get from the cache: {}", exc)
         return None
+    try:
+        async with translate_nats_errors(f"stream {_DATA_STREAM}"):
+            config = (await nc.jetstream().stream_info(_DATA_STREAM)).config
+    except NexusError:
+        config = None  # no bucket yet: none was created again either
+    if config is not None:
+        await distrust_a_renewed_bucket(cache, config, settings.cache)
     return CachedReads(
         nc,
         cache,

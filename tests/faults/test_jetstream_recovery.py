@@ -155,6 +155,49 @@ async def test_a_key_written_after_the_data_bucket_came_back_is_not_read_from_th
         await worker.drain(1)
 
 
+async def test_a_key_not_written_since_the_data_bucket_came_back_is_not_read_from_the_cache(
+    local_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str
+) -> None:
+    """Entries of a lost bucket are served by nobody: not the worker that created it again,
+    not a shim's cached reads, not a worker started afterwards. Before, every one of them
+    answered the old value until its entry expired (an hour by default)."""
+    settings = _memory_settings(local_nats.url, redis_url, cache={"enabled": True})
+    worker = Worker(settings, builtin_groups(["data"]))
+    await worker.start()
+    gw = await Gateway.connect(settings, token=admin_token)
+    kept = f"kept.{uid}"
+    later: Worker | None = None
+    try:
+        await gw.request("data", "put", {"key": kept, "value": "old"})
+        assert (await gw.request("data", "get", {"key": kept}))["value"] == "old"
+        async with (
+            running_shim(settings) as shim,
+            httpx.AsyncClient(base_url=shim.url, headers=bearer(admin_token)) as http,
+        ):
+            read = await http.post("/v1/data/get", json={"key": kept})
+            assert read.json()["value"] == "old"  # cached in Redis, and in the shim's L1
+            await _delete_streams(local_nats.url, "KV_nexus_data")
+            await gw.request("data", "put", {"key": f"other.{uid}", "value": 1}, timeout=5)
+            with pytest.raises(NotFound):  # the bucket came back without it
+                await gw.request("data", "get", {"key": kept})
+            for _ in range(50):  # the shim hears of it over NATS
+                read = await http.post("/v1/data/get", json={"key": kept})
+                if read.status_code == 404:
+                    break
+                await asyncio.sleep(0.1)
+            assert read.status_code == 404, read.text
+        later = Worker(settings, builtin_groups(["data"]))
+        await later.start()  # it reads when the bucket came back
+        await worker.drain(1)
+        with pytest.raises(NotFound):
+            await gw.request("data", "get", {"key": kept})
+    finally:
+        await gw.close()
+        await worker.drain(1)
+        if later is not None:
+            await later.drain(1)
+
+
 async def _succeeds(gw: Gateway, key: str, value: int) -> None:
     """A job submitted now is accepted and run to `succeeded`."""
     accepted = await gw.submit("data", "put", {"key": key, "value": value})

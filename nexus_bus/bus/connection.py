@@ -131,9 +131,14 @@ def broker_security(settings: NatsSettings) -> NatsSecurity | None:
     return NatsSecurity(ssl_context=ctx) if ctx is not None else None
 
 
-def broker_options(settings: NatsSettings, *, name: str | None = None) -> dict[str, Any]:
+def broker_options(
+    settings: NatsSettings,
+    *,
+    name: str | None = None,
+    reconnected: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Keyword arguments for FastStream's `NatsBroker`: `nats_options` with `security=`."""
-    opts = {k: v for k, v in nats_options(settings, name=name).items()
+    opts = {k: v for k, v in nats_options(settings, name=name, reconnected=reconnected).items()
             if k not in _SECURITY_OPTIONS}
     opts["security"] = broker_security(settings)
     return opts

@@ -21,13 +21,21 @@ from nexus_bus.cache.policy import CachePolicy
 from nexus_bus.cache.records import CachedRecordStore
 from nexus_bus.cache.redis_entries import RedisEntryStore
 from nexus_bus.config import CacheSettings, RedisSettings, Settings
-from nexus_bus.constants import CACHE_BREAKER, CACHE_DATA_NAMESPACE, CACHE_EPOCH_SUFFIX
+from nexus_bus.constants import (
+    CACHE_BREAKER,
+    CACHE_DATA_NAMESPACE,
+    CACHE_EPOCH_SUFFIX,
+    DATA_BUCKET,
+    KV_STREAM_PREFIX,
+)
+from nexus_bus.errors import NexusError
 from nexus_bus.jetstream import renewed_at
 from nexus_bus.observability import METRICS, logger
 from nexus_bus.redis_client import RedisClient
 from nexus_bus.resilience import BreakerState, CircuitBreaker, ExponentialBackoff, Jitter
-from nexus_bus.store import VersionedRecordStore
+from nexus_bus.store import VersionedRecordStore, translate_nats_errors
 
+_DATA_STREAM = f"{KV_STREAM_PREFIX}{DATA_BUCKET}"
 _WARM_UP_S = 2.0  # at start only: learning a cluster's slots may take a while
 
 
@@ -130,6 +138,20 @@ async def distrust_a_renewed_bucket(
     left = renewed + data_policy(settings).lifetime_s - time.time()
     if left > 0:
         await cache.distrust(CACHE_DATA_NAMESPACE, left, announce=False)
+
+
+async def recheck_a_renewed_bucket(
+    cache: Cache, js: JetStreamContext, settings: CacheSettings
+) -> None:
+    """`distrust_a_renewed_bucket` with the data stream's configuration as it is now: at a
+    shim's start, and after any reconnect, during which the announcement may have been
+    missed (never raises: without an answer, the next reconnect asks again)."""
+    try:
+        async with translate_nats_errors(f"stream {_DATA_STREAM}"):
+            info = await js.stream_info(_DATA_STREAM)
+    except NexusError:
+        return  # no bucket yet (none created again either), or JetStream not answering
+    await distrust_a_renewed_bucket(cache, info.config, settings)
 
 
 async def eviction_warning(redis: RedisClient) -> str | None:

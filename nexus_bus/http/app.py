@@ -208,9 +208,12 @@ class ShimApp:
         return self._draining
 
     def _reconnected(self) -> None:
-        """NATS is back: the event streams replace their consumers (docs/http.md)."""
+        """NATS is back: the event streams replace their consumers (docs/http.md), and the
+        cached reads look whether the data bucket was created again meanwhile."""
         if self._streams is not None:
             self._streams.resume_all()
+        if self._cached is not None:
+            self._cached.reconnected()
 
     async def startup(self) -> None:
         """Connect to NATS, create the Redis client and the routes.

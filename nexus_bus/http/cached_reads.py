@@ -25,6 +25,7 @@ a worker makes.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Final
 
 import msgspec
@@ -33,9 +34,9 @@ from nats.aio.client import Client
 from nexus_bus.cache import Cache, Kind
 from nexus_bus.cache.heads import check_key
 from nexus_bus.cache.policy import CachePolicy
-from nexus_bus.cache.service import data_policy, distrust_a_renewed_bucket, start_cache
-from nexus_bus.config import Settings
-from nexus_bus.constants import CACHE_DATA_NAMESPACE, CT_JSON, DATA_BUCKET, KV_STREAM_PREFIX
+from nexus_bus.cache.service import data_policy, recheck_a_renewed_bucket, start_cache
+from nexus_bus.config import CacheSettings, Settings
+from nexus_bus.constants import CACHE_DATA_NAMESPACE, CT_JSON
 from nexus_bus.errors import InvalidRequest, NexusError
 from nexus_bus.http.authz import ShimAuthorizer
 from nexus_bus.http.problems import Answer
@@ -43,9 +44,7 @@ from nexus_bus.observability import logger
 from nexus_bus.policies.admission import Admission
 from nexus_bus.redis_client import RedisClient
 from nexus_bus.schemas.data import GetReply, GetRequest
-from nexus_bus.store import translate_nats_errors
 
-_DATA_STREAM: Final = f"{KV_STREAM_PREFIX}{DATA_BUCKET}"
 OP: Final = "data"
 ACTION: Final = "get"
 _CT_JSON: Final = CT_JSON.encode()
@@ -64,6 +63,7 @@ class CachedReads:
         authorizer: refuses as a worker would (token, scope).
         admission: the workers' rate limits; None: none (`resilience.enabled` false).
         max_body: a body longer than this is the worker's to refuse.
+        cache_settings: the `cache.*` settings (how long a bucket created again is distrusted).
     """
 
     def __init__(
@@ -75,6 +75,7 @@ class CachedReads:
         admission: Admission | None,
         *,
         max_body: int,
+        cache_settings: CacheSettings,
     ) -> None:
         self._nc = nc
         self._cache = cache
@@ -82,6 +83,8 @@ class CachedReads:
         self._authz = authorizer
         self._admission = admission
         self._max_body = max_body
+        self._settings = cache_settings
+        self._rechecks: set[asyncio.Task[None]] = set()
 
     async def answer(self, body: bytes, credentials: dict[str, str]) -> Answer | None:
         """The answer to a `data.get` with this JSON body, or None: the workers answer it.
@@ -116,8 +119,19 @@ class CachedReads:
         reply = GetReply(key=key, value=value, revision=entry.revision)
         return Answer(200, _CT_JSON, [], _encode(reply))
 
+    def reconnected(self) -> None:
+        """NATS is back: a data bucket created again meanwhile was announced to nobody here
+        (`recheck_a_renewed_bucket`, in the background)."""
+        task = asyncio.get_running_loop().create_task(
+            recheck_a_renewed_bucket(self._cache, self._nc.jetstream(), self._settings)
+        )
+        self._rechecks.add(task)
+        task.add_done_callback(self._rechecks.discard)
+
     async def close(self) -> None:
         """Stop listening for revocations (the connections are the shim's)."""
+        for task in self._rechecks:
+            task.cancel()
         await self._cache.close()
 
 
@@ -152,13 +166,7 @@ async def start_cached_reads(
     except NexusError as exc:
         logger.warning("the shim answers no data.get from the cache: {}", exc)
         return None
-    try:
-        async with translate_nats_errors(f"stream {_DATA_STREAM}"):
-            config = (await nc.jetstream().stream_info(_DATA_STREAM)).config
-    except NexusError:
-        config = None  # no bucket yet: none was created again either
-    if config is not None:
-        await distrust_a_renewed_bucket(cache, config, settings.cache)
+    await recheck_a_renewed_bucket(cache, nc.jetstream(), settings.cache)
     return CachedReads(
         nc,
         cache,
@@ -166,4 +174,5 @@ async def start_cached_reads(
         authorizer,
         admission,
         max_body=settings.limits.max_body_bytes,
+        cache_settings=settings.cache,
     )

@@ -41,6 +41,7 @@ from nexus_bus.bus.metadata import deadline_ms, headers_size, request_id_of
 from nexus_bus.bus.replies import Expired, Reply, error_reply
 from nexus_bus.bus.subjects import is_inbox, operation_wildcard, queue_group
 from nexus_bus.cache.declare import declaration_problems
+from nexus_bus.cache.service import recheck_a_renewed_bucket
 from nexus_bus.config import Settings
 from nexus_bus.constants import H_REQUEST_ID, T_NATS
 from nexus_bus.discovery import WorkerDiscovery
@@ -118,6 +119,7 @@ class Worker:
         # In-flight tasks with their op and absolute deadline (epoch ms), for the reaper.
         self._tasks: dict[asyncio.Task[None], tuple[str, int]] = {}
         self._ended_ops: set[str] = set()  # ops of requests ended since the reaper's last tick
+        self._background: set[asyncio.Task[None]] = set()  # rechecks after a reconnect
         self._reaper: asyncio.Task[None] | None = None
         self.lost = asyncio.Event()  # set when the NATS connection is closed for good
         self._draining = False
@@ -142,8 +144,21 @@ class Worker:
             after_shutdown=[self._after_shutdown],
         )
 
+    def _reconnected(self) -> None:
+        """NATS is back: a data bucket created again meanwhile was announced to nobody here
+        (`recheck_a_renewed_bucket`, in the background)."""
+        services = self.services
+        if services is None or services.cache is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            recheck_a_renewed_bucket(services.cache, services.js, self.settings.cache)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _create_broker(self) -> NatsBroker:
-        opts = broker_options(self.settings.nats, name=f"{self.settings.service}-worker")
+        name = f"{self.settings.service}-worker"
+        opts = broker_options(self.settings.nats, name=name, reconnected=self._reconnected)
         connected_error_cb = opts["error_cb"]
 
         async def on_error(exc: Exception) -> None:

@@ -1,0 +1,121 @@
+"""A shim cut off from NATS while the data bucket came back hears of it once reconnected.
+
+The shim reaches nats-server through a TCP relay this test can cut: the worker creates the
+bucket again while the shim is away, so the shim misses the announcement (`Cache.distrust`).
+Before, its cached reads answered the old bucket's value until the entry expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
+import nats
+
+from nexus_bus import Gateway, Worker
+from nexus_bus.embedded import ServerProcess, free_port
+from nexus_bus.handlers import builtin_groups
+from tests.conftest import make_settings
+from tests.helpers import eventually
+from tests.integration.http_shim import bearer, running_shim
+
+
+class Relay:
+    """A TCP relay to nats-server that can be cut (every connection closed, none accepted)
+    and restored on the same port."""
+
+    def __init__(self, target_port: int) -> None:
+        self.port = free_port()
+        self._target = target_port
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def open(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+        for pipe in list(self._pipes):
+            pipe.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            finally:
+                dst.close()
+
+        for task in (
+            asyncio.create_task(pipe(reader, up_writer)),
+            asyncio.create_task(pipe(up_reader, writer)),
+        ):
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+
+@contextlib.asynccontextmanager
+async def relay_to(server: ServerProcess) -> AsyncIterator[Relay]:
+    relay = Relay(server.port)
+    await relay.open()
+    try:
+        yield relay
+    finally:
+        with contextlib.suppress(AssertionError):
+            await relay.cut()
+
+
+async def test_a_shim_away_while_the_bucket_came_back_stops_serving_its_entries(
+    local_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str
+) -> None:
+    direct = make_settings(local_nats.url, redis_url, cache={"enabled": True})
+    worker = Worker(direct, builtin_groups(["data"]))
+    await worker.start()
+    gw = await Gateway.connect(direct, token=admin_token)
+    kept = f"kept.{uid}"
+    try:
+        await gw.request("data", "put", {"key": kept, "value": "old"})
+        async with relay_to(local_nats) as relay:
+            relayed = make_settings(relay.url, redis_url, cache={"enabled": True})
+            relayed = relayed.model_copy(
+                update={"nats": relayed.nats.model_copy(update={"reconnect_wait_s": 0.2})}
+            )
+            async with (
+                running_shim(relayed) as shim,
+                httpx.AsyncClient(base_url=shim.url, headers=bearer(admin_token)) as http,
+            ):
+                read = await http.post("/v1/data/get", json={"key": kept})
+                assert read.json()["value"] == "old"  # from the shim's cache
+                shim_nc = shim.app.nc
+                assert shim_nc is not None
+                await relay.cut()
+                await eventually(lambda: not shim_nc.is_connected, "the shim cut off", 10)
+                nc = await nats.connect(local_nats.url)
+                try:  # the bucket is lost, and created again by the next write
+                    await nc.jetstream().delete_stream("KV_nexus_data")
+                finally:
+                    await nc.close()
+                await gw.request("data", "put", {"key": f"other.{uid}", "value": 1}, timeout=5)
+                await relay.open()
+                await eventually(lambda: shim_nc.is_connected, "the shim reconnected", 15)
+                for _ in range(50):
+                    read = await http.post("/v1/data/get", json={"key": kept})
+                    if read.status_code == 404:
+                        break
+                    await asyncio.sleep(0.1)
+                assert read.status_code == 404, read.text
+    finally:
+        await gw.close()
+        await worker.drain(1)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import httpx
 import nats
 
-from nexus_bus import Gateway, Worker
+from nexus_bus import Gateway, NotFound, Worker
 from nexus_bus.embedded import ServerProcess, free_port
 from nexus_bus.handlers import builtin_groups
 from tests.conftest import make_settings
@@ -119,3 +119,52 @@ async def test_a_shim_away_while_the_bucket_came_back_stops_serving_its_entries(
     finally:
         await gw.close()
         await worker.drain(1)
+
+
+async def test_a_worker_away_while_the_bucket_came_back_stops_serving_its_entries(
+    local_nats: ServerProcess, redis_url: str, admin_token: str | None, uid: str
+) -> None:
+    """The same for a worker: the one that creates the bucket again announces it; the one
+    cut off at that moment looks for itself once it is back."""
+    direct = make_settings(local_nats.url, redis_url, cache={"enabled": True})
+    first = Worker(direct, builtin_groups(["data"]))
+    await first.start()
+    gw = await Gateway.connect(direct, token=admin_token)
+    kept = f"kept.{uid}"
+    away: Worker | None = None
+    try:
+        async with relay_to(local_nats) as relay:
+            relayed = make_settings(relay.url, redis_url, cache={"enabled": True})
+            relayed = relayed.model_copy(
+                update={"nats": relayed.nats.model_copy(update={"reconnect_wait_s": 0.2})}
+            )
+            away = Worker(relayed, builtin_groups(["data"]))
+            await away.start()
+            await gw.request("data", "put", {"key": kept, "value": "old"})
+            for _ in range(4):  # both workers have read it: cached in Redis
+                assert (await gw.request("data", "get", {"key": kept}))["value"] == "old"
+            await relay.cut()
+            await eventually(lambda: not away.nc.is_connected, "the worker cut off", 10)
+            nc = await nats.connect(local_nats.url)
+            try:
+                await nc.jetstream().delete_stream("KV_nexus_data")
+            finally:
+                await nc.close()
+            await gw.request("data", "put", {"key": f"other.{uid}", "value": 1}, timeout=5)
+            await relay.open()
+            await eventually(lambda: away.nc.is_connected, "the worker reconnected", 15)
+            await first.drain(1)  # only the worker that was away answers from now on
+            for _ in range(50):
+                try:
+                    got = await gw.request("data", "get", {"key": kept}, timeout=2)
+                except NotFound:
+                    break
+                assert got["value"] == "old"
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the worker that was away still serves the old entry")
+    finally:
+        await gw.close()
+        await first.drain(1)
+        if away is not None:
+            await away.drain(1)

@@ -18,6 +18,18 @@ from nexus_bus.bus import _speedups
 READERS = pytest.mark.parametrize("fast", [False, True], ids=["nats-py", "speedups"])
 
 
+async def delete_streams(url: str, *names: str) -> None:
+    """Delete JetStream streams (a bucket is its `KV_` stream) from a connection of its own,
+    as an operator or a lost server would take them from under running processes."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        for name in names:
+            await js.delete_stream(name)
+    finally:
+        await nc.close()
+
+
 async def connection(url: str, fast: bool, **options: Any) -> Client:
     """A nats-py connection to `url`, with the speedups installed when `fast`."""
     nc = await nats.connect(url, **options)

@@ -12,13 +12,12 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import httpx
-import nats
 
-from nexus_bus import Gateway, NotFound, Worker
+from nexus_bus import Gateway, NotFound, Settings, Worker
 from nexus_bus.embedded import ServerProcess, free_port
 from nexus_bus.handlers import builtin_groups
 from tests.conftest import make_settings
-from tests.helpers import eventually
+from tests.helpers import delete_streams, eventually
 from tests.integration.http_shim import bearer, running_shim
 
 
@@ -32,9 +31,12 @@ class Relay:
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
 
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+    def settings(self, redis_url: str) -> Settings:
+        """Settings of a process that reaches NATS through this relay (cache on), quick to
+        reconnect once the relay is back."""
+        relayed = make_settings(f"nats://127.0.0.1:{self.port}", redis_url, cache={"enabled": True})
+        fast = relayed.nats.model_copy(update={"reconnect_wait_s": 0.2})
+        return relayed.model_copy(update={"nats": fast})
 
     async def open(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -87,35 +89,28 @@ async def test_a_shim_away_while_the_bucket_came_back_stops_serving_its_entries(
     kept = f"kept.{uid}"
     try:
         await gw.request("data", "put", {"key": kept, "value": "old"})
-        async with relay_to(local_nats) as relay:
-            relayed = make_settings(relay.url, redis_url, cache={"enabled": True})
-            relayed = relayed.model_copy(
-                update={"nats": relayed.nats.model_copy(update={"reconnect_wait_s": 0.2})}
-            )
-            async with (
-                running_shim(relayed) as shim,
-                httpx.AsyncClient(base_url=shim.url, headers=bearer(admin_token)) as http,
-            ):
+        async with (
+            relay_to(local_nats) as relay,
+            running_shim(relay.settings(redis_url)) as shim,
+            httpx.AsyncClient(base_url=shim.url, headers=bearer(admin_token)) as http,
+        ):
+            read = await http.post("/v1/data/get", json={"key": kept})
+            assert read.json()["value"] == "old"  # from the shim's cache
+            shim_nc = shim.app.nc
+            assert shim_nc is not None
+            await relay.cut()
+            await eventually(lambda: not shim_nc.is_connected, "the shim cut off", 10)
+            # The bucket is lost, and created again by the next write.
+            await delete_streams(local_nats.url, "KV_nexus_data")
+            await gw.request("data", "put", {"key": f"other.{uid}", "value": 1}, timeout=5)
+            await relay.open()
+            await eventually(lambda: shim_nc.is_connected, "the shim reconnected", 15)
+            for _ in range(50):
                 read = await http.post("/v1/data/get", json={"key": kept})
-                assert read.json()["value"] == "old"  # from the shim's cache
-                shim_nc = shim.app.nc
-                assert shim_nc is not None
-                await relay.cut()
-                await eventually(lambda: not shim_nc.is_connected, "the shim cut off", 10)
-                nc = await nats.connect(local_nats.url)
-                try:  # the bucket is lost, and created again by the next write
-                    await nc.jetstream().delete_stream("KV_nexus_data")
-                finally:
-                    await nc.close()
-                await gw.request("data", "put", {"key": f"other.{uid}", "value": 1}, timeout=5)
-                await relay.open()
-                await eventually(lambda: shim_nc.is_connected, "the shim reconnected", 15)
-                for _ in range(50):
-                    read = await http.post("/v1/data/get", json={"key": kept})
-                    if read.status_code == 404:
-                        break
-                    await asyncio.sleep(0.1)
-                assert read.status_code == 404, read.text
+                if read.status_code == 404:
+                    break
+                await asyncio.sleep(0.1)
+            assert read.status_code == 404, read.text
     finally:
         await gw.close()
         await worker.drain(1)
@@ -134,22 +129,14 @@ async def test_a_worker_away_while_the_bucket_came_back_stops_serving_its_entrie
     away: Worker | None = None
     try:
         async with relay_to(local_nats) as relay:
-            relayed = make_settings(relay.url, redis_url, cache={"enabled": True})
-            relayed = relayed.model_copy(
-                update={"nats": relayed.nats.model_copy(update={"reconnect_wait_s": 0.2})}
-            )
-            away = Worker(relayed, builtin_groups(["data"]))
+            away = Worker(relay.settings(redis_url), builtin_groups(["data"]))
             await away.start()
             await gw.request("data", "put", {"key": kept, "value": "old"})
             for _ in range(4):  # both workers have read it: cached in Redis
                 assert (await gw.request("data", "get", {"key": kept}))["value"] == "old"
             await relay.cut()
             await eventually(lambda: not away.nc.is_connected, "the worker cut off", 10)
-            nc = await nats.connect(local_nats.url)
-            try:
-                await nc.jetstream().delete_stream("KV_nexus_data")
-            finally:
-                await nc.close()
+            await delete_streams(local_nats.url, "KV_nexus_data")
             await gw.request("data", "put", {"key": f"other.{uid}", "value": 1}, timeout=5)
             await relay.open()
             await eventually(lambda: away.nc.is_connected, "the worker reconnected", 15)

@@ -34,7 +34,7 @@ from nexus_bus.observability import logger
 from nexus_bus.registry import register
 from nexus_bus.schemas.jobs import JobStatus
 from tests.conftest import make_settings, open_services
-from tests.helpers import eventually
+from tests.helpers import delete_streams, eventually
 from tests.integration.http_shim import bearer, running_shim
 from tests.integration.registry_ops import group
 from tests.integration.test_http_sse import EventReader, publish, publish_when_back
@@ -44,16 +44,6 @@ def _memory_settings(url: str, redis_url: str, **overrides: object) -> Settings:
     values: dict[str, object] = {"jetstream": {"storage": "memory"}, "cache": {"enabled": False}}
     values.update(overrides)
     return make_settings(url, redis_url, **values)
-
-
-async def _delete_streams(url: str, *names: str) -> None:
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        for name in names:
-            await js.delete_stream(name)
-    finally:
-        await nc.close()
 
 
 async def _reachable(gw: Gateway, uid: str) -> None:
@@ -106,7 +96,7 @@ async def test_a_deleted_data_bucket_is_recreated_by_the_next_call(
 ) -> None:
     _, gw = served
     await gw.request("data", "put", {"key": f"k.{uid}", "value": 1})
-    await _delete_streams(local_nats.url, "KV_nexus_data")
+    await delete_streams(local_nats.url, "KV_nexus_data")
     warnings: list[str] = []
     sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
     try:
@@ -116,7 +106,7 @@ async def test_a_deleted_data_bucket_is_recreated_by_the_next_call(
         logger.remove(sink)
     recovered = [w for w in warnings if "recreated" in w]
     assert len(recovered) == 1 and "KV_nexus_data" in recovered[0], warnings
-    await _delete_streams(local_nats.url, "KV_nexus_data")
+    await delete_streams(local_nats.url, "KV_nexus_data")
     # A keyed write first (the journal's batch; before: 503 "JetStream unavailable").
     keyed = await gw.request(
         "data", "put", {"key": f"i.{uid}", "value": 3}, idempotency_key=uid, timeout=5
@@ -139,7 +129,7 @@ async def test_a_key_written_after_the_data_bucket_came_back_is_not_read_from_th
             await gw.request("data", "put", {"key": key, "value": i})
         assert (await gw.request("data", "get", {"key": key}))["value"] == 4
         if lost == "deleted":
-            await _delete_streams(local_nats.url, "KV_nexus_data")
+            await delete_streams(local_nats.url, "KV_nexus_data")
         else:
             local_nats.restart()
             await eventually(lambda: worker.nc.is_connected and gw.nc.is_connected, "rc", 15)
@@ -176,7 +166,7 @@ async def test_a_key_not_written_since_the_data_bucket_came_back_is_not_read_fro
         ):
             read = await http.post("/v1/data/get", json={"key": kept})
             assert read.json()["value"] == "old"  # cached in Redis, and in the shim's L1
-            await _delete_streams(local_nats.url, "KV_nexus_data")
+            await delete_streams(local_nats.url, "KV_nexus_data")
             await gw.request("data", "put", {"key": f"other.{uid}", "value": 1}, timeout=5)
             with pytest.raises(NotFound):  # the bucket came back without it
                 await gw.request("data", "get", {"key": kept})
@@ -224,7 +214,7 @@ async def test_a_deleted_jobs_stream_or_consumer_is_recreated(
 ) -> None:
     _, gw = served
     await _succeeds(gw, f"j1.{uid}", 1)
-    await _delete_streams(local_nats.url, "NEXUS_JOBS")  # the status bucket stays
+    await delete_streams(local_nats.url, "NEXUS_JOBS")  # the status bucket stays
     await _succeeds(gw, f"j2.{uid}", 2)  # before: 503 unavailable on submit
     nc = await nats.connect(local_nats.url)
     try:
@@ -232,7 +222,7 @@ async def test_a_deleted_jobs_stream_or_consumer_is_recreated(
     finally:
         await nc.close()
     await _succeeds(gw, f"j3.{uid}", 3)  # before: accepted, and never run
-    await _delete_streams(local_nats.url, "KV_nexus_jobs")  # the stream stays
+    await delete_streams(local_nats.url, "KV_nexus_jobs")  # the stream stays
     await _succeeds(gw, f"j4.{uid}", 4)  # before: 503 unavailable on submit
 
 
@@ -243,13 +233,13 @@ async def test_a_deleted_events_stream_is_recreated_by_the_next_publish_or_read(
     topic = f"t{uid}"
     for i in range(3):
         await gw.request("stream", "publish", {"topic": topic, "event": i})
-    await _delete_streams(local_nats.url, "NEXUS_EVENTS")
+    await delete_streams(local_nats.url, "NEXUS_EVENTS")
     # Before: 503 unavailable (NoStreamResponseError), for good.
     published = await gw.request("stream", "publish", {"topic": topic, "event": "new"}, timeout=5)
     assert published["seq"] == 1  # a new stream: its sequences start again
     read = await gw.request("stream", "read", {"topic": topic})
     assert [e["event"] for e in read["events"]] == ["new"]
-    await _delete_streams(local_nats.url, "NEXUS_EVENTS")
+    await delete_streams(local_nats.url, "NEXUS_EVENTS")
     # Before: an empty read, and the stream stayed missing (an SSE client got 404).
     assert (await gw.request("stream", "read", {"topic": topic}, timeout=5))["events"] == []
     info = await worker.nc.jetstream().stream_info("NEXUS_EVENTS")
@@ -280,7 +270,7 @@ async def test_sse_resuming_past_a_recreated_events_stream_starts_at_its_first_e
     topic = f"t{uid}"
     async with _stream_shim(settings, admin_token) as c:
         old = [await publish(c, topic, {"old": i}) for i in range(3)]
-        await _delete_streams(local_nats.url, "NEXUS_EVENTS")
+        await delete_streams(local_nats.url, "NEXUS_EVENTS")
         new = await publish(c, topic, "new")  # the stream is created again: seq 1
         assert new == 1
         headers = {"Last-Event-ID": str(old[-1])}  # what the client saw last: 3
@@ -309,7 +299,7 @@ async def test_an_open_sse_stream_follows_the_events_stream_created_again(
             seq = await publish(c, topic, {"old": i})
             assert await reader.next_event() == (seq, {"old": i})
         if lost == "deleted":
-            await _delete_streams(local_nats.url, "NEXUS_EVENTS")
+            await delete_streams(local_nats.url, "NEXUS_EVENTS")
             assert await publish(c, topic, "new") == 1  # the stream is created again
         else:
             await asyncio.to_thread(local_nats.restart)  # memory storage: all gone
@@ -391,7 +381,7 @@ async def test_a_registry_view_reads_an_ops_bucket_created_again(
             registrations.append(registration)
         with pytest.raises(NoResponders):  # the view is running, and has read them
             await gw.request(f"early0{uid}", "hello", {})
-        await _delete_streams(local_nats.url, "KV_nexus_ops")
+        await delete_streams(local_nats.url, "KV_nexus_ops")
         # Declared in the new bucket only, at sequence 1.
         registration = await register(gw.nc, settings, [group(f"late{uid}")])
         assert registration is not None
@@ -422,7 +412,7 @@ async def test_a_job_is_dead_lettered_into_a_dlq_stream_deleted_under_the_worker
     try:
         first = await gw.submit("boom", "fail", {})  # the streams are there (both processes)
         assert (await wait_job(gw.nc, settings, first.job_id, timeout_s=10)).status == "failed"
-        await _delete_streams(local_nats.url, "NEXUS_DLQ")
+        await delete_streams(local_nats.url, "NEXUS_DLQ")
         accepted = await gw.submit("boom", "fail", {})
         # Before: the DLQ publish found no stream, the delivery was handed back, and the job
         # went round for good, never `failed`.
@@ -483,7 +473,7 @@ async def test_an_sse_client_opens_on_an_events_stream_deleted_under_the_worker(
     settings = _memory_settings(local_nats.url, redis_url)
     topic = f"t{uid}"
     async with _stream_shim(settings, admin_token) as c:
-        await _delete_streams(local_nats.url, "NEXUS_EVENTS")
+        await delete_streams(local_nats.url, "NEXUS_EVENTS")
         # The shim's gate (a stream.read through a worker) brings the stream back. Before:
         # the read answered [] and left it missing, and the shim answered 404 not_found.
         async with c.stream("GET", f"/v1/events/{topic}") as resp:

@@ -206,9 +206,7 @@ class Cache(CacheAside):
                 return await loader()
             if lookup.entry is not None:
                 if lookup.stale and lookup.lease:
-                    self._spawn(
-                        self._refresh(namespace, ck, loader, policy, token, lookup.now_ms)
-                    )
+                    self.spawn(self._refresh(namespace, ck, loader, policy, token, lookup.now_ms))
                 result = CacheResult.STALE if lookup.stale else CacheResult.HIT
                 self.stats.count(namespace, CacheResult.COALESCED if waited else result)
                 return lookup.entry
@@ -581,7 +579,8 @@ class Cache(CacheAside):
             return None
         return entry
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background, kept referenced until it ends; `close` cancels it."""
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -25,7 +25,6 @@ a worker makes.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Final
 
 import msgspec
@@ -84,7 +83,6 @@ class CachedReads:
         self._admission = admission
         self._max_body = max_body
         self._settings = cache_settings
-        self._rechecks: set[asyncio.Task[None]] = set()
 
     async def answer(self, body: bytes, credentials: dict[str, str]) -> Answer | None:
         """The answer to a `data.get` with this JSON body, or None: the workers answer it.
@@ -122,16 +120,12 @@ class CachedReads:
     def reconnected(self) -> None:
         """NATS is back: a data bucket created again meanwhile was announced to nobody here
         (`recheck_a_renewed_bucket`, in the background)."""
-        task = asyncio.get_running_loop().create_task(
+        self._cache.spawn(
             recheck_a_renewed_bucket(self._cache, self._nc.jetstream(), self._settings)
         )
-        self._rechecks.add(task)
-        task.add_done_callback(self._rechecks.discard)
 
     async def close(self) -> None:
         """Stop listening for revocations (the connections are the shim's)."""
-        for task in self._rechecks:
-            task.cancel()
         await self._cache.close()
 
 

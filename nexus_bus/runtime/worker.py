@@ -119,7 +119,6 @@ class Worker:
         # In-flight tasks with their op and absolute deadline (epoch ms), for the reaper.
         self._tasks: dict[asyncio.Task[None], tuple[str, int]] = {}
         self._ended_ops: set[str] = set()  # ops of requests ended since the reaper's last tick
-        self._background: set[asyncio.Task[None]] = set()  # rechecks after a reconnect
         self._reaper: asyncio.Task[None] | None = None
         self.lost = asyncio.Event()  # set when the NATS connection is closed for good
         self._draining = False
@@ -150,11 +149,9 @@ class Worker:
         services = self.services
         if services is None or services.cache is None:
             return
-        task = asyncio.get_running_loop().create_task(
+        services.cache.spawn(
             recheck_a_renewed_bucket(services.cache, services.js, self.settings.cache)
         )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     def _create_broker(self) -> NatsBroker:
         name = f"{self.settings.service}-worker"

@@ -1,10 +1,14 @@
 """Shared test helpers: connections with and without the opt-in speedups, waiting for a
-condition, and JSON that grows when stored."""
+condition, pausing a process, and JSON that grows when stored."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -28,6 +32,18 @@ async def delete_streams(url: str, *names: str) -> None:
             await js.delete_stream(name)
     finally:
         await nc.close()
+
+
+def pause(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGSTOP `proc` and return once it is stopped. The signal is delivered asynchronously:
+    a server that runs on for a moment on the other CPU answers what reaches it first."""
+    assert proc is not None
+    proc.send_signal(signal.SIGSTOP)
+    stat = Path(f"/proc/{proc.pid}/stat")
+    deadline = time.monotonic() + 5
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":  # the state, after the name
+        assert time.monotonic() < deadline, f"process {proc.pid} did not stop"
+        time.sleep(0.001)
 
 
 async def connection(url: str, fast: bool, **options: Any) -> Client:

@@ -25,7 +25,7 @@ from nexus_bus.auth.revocation import RevocationStore, RevocationStoreWithCache
 from nexus_bus.auth.scopes import check_scope, covers
 from nexus_bus.auth.tokens import SignedToken, TokenCodec, TokenPolicy
 from nexus_bus.auth.verifier import TokenVerifier
-from nexus_bus.bus.connection import flush_subscriptions
+from nexus_bus.bus.connection import round_trip
 from nexus_bus.config import ConfigError, Settings
 from nexus_bus.constants import AUTH_REVOKED_SUBJECT
 from nexus_bus.context import Principal
@@ -158,7 +158,7 @@ class TokenService:
 
         try:
             await nc.subscribe(AUTH_REVOKED_SUBJECT, cb=on_notice)
-            await flush_subscriptions(nc)  # a revocation published after we return reaches us
+            await round_trip(nc)  # a revocation published after we return reaches us
         except Exception as exc:
             raise Unavailable(f"cannot subscribe to revocation notices: {exc}") from exc
 

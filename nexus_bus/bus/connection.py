@@ -6,6 +6,7 @@ One place builds the options, so the gateway, workers and shim connect alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -34,18 +35,32 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
     return ctx
 
 
-async def flush_subscriptions(nc: Client) -> None:
-    """Return once the server has every command written so far, SUBs included.
+async def round_trip(nc: Client, timeout_s: float = 10.0) -> None:
+    """Return once a message this connection published has come back to it through the
+    server: every command written before it (a fresh SUB included) has been processed,
+    since the server handles a connection's commands in order, and the connection's read
+    loop runs.
 
-    nats-py's `flush()` writes its PING straight onto the socket while earlier commands (a
-    fresh SUB) may still wait in the client's pending buffer for the flusher task: the PONG
-    can come back before the server has seen the SUB, and a request sent from another
-    connection in that gap gets `no responders`. The first flush lets the flusher write the
-    buffer out (it runs while we wait for the PONG); the second PING is behind it on the
-    wire, so its PONG proves the server processed the SUB.
+    Not nats-py's `flush()`, for two reasons. Its PING goes straight onto the socket while
+    earlier commands may still wait in the client's pending buffer, so its PONG can come back
+    before the server has seen a SUB. And a flush that times out, or is cancelled, leaves its
+    PONG's future cancelled in nats-py's queue: when that PONG arrives, the read loop stops
+    for good (`InvalidStateError`), and the connection stays "connected", hears nothing, and
+    passes every later flush. A round trip given up here leaves nothing behind: its own
+    subscription is removed. (It needs the server's echo of a connection's own messages,
+    which nats-py's `no_echo` would turn off; the gateway never sets it.)
+
+    Raises:
+        nats.errors.TimeoutError: nothing came back within `timeout_s`.
+        nats.errors.Error: the connection is closed.
     """
-    await nc.flush()
-    await nc.flush()
+    sub = await nc.subscribe(nc.new_inbox())
+    try:
+        await nc.publish(sub.subject, b"")
+        await sub.next_msg(timeout=timeout_s)
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
 
 
 def nats_options(

@@ -27,7 +27,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from nexus_bus.bus.connection import flush_subscriptions
+from nexus_bus.bus.connection import round_trip
 from nexus_bus.bus.subjects import is_inbox
 from nexus_bus.cache.core import Cache
 from nexus_bus.cache.notice import FenceReply, Notice, decode_notice, decode_reply, encode
@@ -94,7 +94,7 @@ class CacheBus:
             for subject, callback in subjects:
                 self._subscriptions.append(await self._nc.subscribe(subject, cb=callback))
             # Make sure the server has every interest before the first write relies on them.
-            await flush_subscriptions(self._nc)
+            await round_trip(self._nc)
         except BaseException as exc:
             # Not left half subscribed (a flush that timed out, a start cancelled): a caller
             # that carries on without this bus, or starts another, must not have this one

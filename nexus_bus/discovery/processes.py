@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import math
 import re
 import socket
 import time
@@ -20,6 +19,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.nuid import NUID
 
+from nexus_bus.bus.connection import round_trip
 from nexus_bus.bus.replies import Expired, Reply
 from nexus_bus.config import Settings
 from nexus_bus.discovery.documents import (
@@ -185,8 +185,9 @@ class WorkerDiscovery:
         if problem is not None or self._nc is None:
             return problem or "not started"
         try:
-            # A PING/PONG round trip: the connection really carries traffic, not just "open".
-            await self._nc.flush(timeout=math.ceil(self.settings.consul.ttl_s / 3))
+            # A message through the server and back: the connection really carries traffic
+            # both ways, not just "open" (a PING/PONG flush given up would leave it deaf).
+            await round_trip(self._nc, timeout_s=max(1.0, self.settings.consul.ttl_s / 3))
         except (nats.errors.Error, TimeoutError) as exc:
             return f"NATS round trip failed: {type(exc).__name__}"
         return None

@@ -41,6 +41,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nexus_bus.auth.base import Authenticator
 from nexus_bus.bus import codec
 from nexus_bus.bus.assets import again_if_missing, assets_of, stream_missing
+from nexus_bus.bus.connection import round_trip
 from nexus_bus.bus.metadata import LazyTrace, request_id_of
 from nexus_bus.bus.replies import Expired, Reply, error_of, problem_of
 from nexus_bus.config import Settings
@@ -554,7 +555,7 @@ class JobRunner:
         # The naks and acks above are buffered publishes: send them before the worker closes
         # the connection, or handed-back jobs wait out their ack_wait instead.
         with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
-            await self._nc.flush(timeout=2)
+            await round_trip(self._nc, timeout_s=2)
 
 
 def _problem(error: NexusError, request_id: str | None) -> Any:

@@ -34,8 +34,8 @@ from nexus_bus.auth import Authenticator, create_authenticator
 from nexus_bus.bus.connection import (
     broker_options,
     describe,
-    flush_subscriptions,
     install_speedups,
+    round_trip,
 )
 from nexus_bus.bus.metadata import deadline_ms, headers_size, request_id_of
 from nexus_bus.bus.replies import Expired, Reply, error_reply
@@ -273,7 +273,7 @@ class Worker:
 
     async def _after_startup(self) -> None:
         """The subscribers are up (FastStream subscribed them last): answer from now on."""
-        await flush_subscriptions(self.nc)  # requests reach us from now
+        await round_trip(self.nc)  # requests reach us from now
         if self.discovery is not None:
             await self.discovery.start(self.nc)  # registers in the background
         logger.info("worker serving ops {}", ",".join(g.op for g in self.groups))

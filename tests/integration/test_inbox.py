@@ -8,7 +8,7 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
-from nexus_bus.bus.connection import flush_subscriptions
+from nexus_bus.bus.connection import round_trip
 from nexus_bus.client.inbox import Inbox
 from tests.helpers import READERS, connection
 
@@ -31,7 +31,7 @@ async def test_concurrent_requests_each_get_their_own_reply(
 
     try:
         await responder.subscribe(f"inbox.{uid}", cb=spawn)
-        await flush_subscriptions(responder)
+        await round_trip(responder)
         inbox = Inbox(client)
         replies = await asyncio.gather(
             *(inbox.request(f"inbox.{uid}", b"%d" % i, timeout_s=5, headers=None)
@@ -70,7 +70,7 @@ async def test_no_responders_timeout_and_cancel_leave_nothing_behind(
         assert loop.time() - started < 1  # at once, not after the timeout
 
         await responder.subscribe(f"slow.{uid}", cb=spawn)
-        await flush_subscriptions(responder)
+        await round_trip(responder)
         with pytest.raises(nats.errors.TimeoutError):
             await inbox.request(f"slow.{uid}", b"", timeout_s=0.1, headers=None)
 
@@ -92,7 +92,7 @@ async def test_reply_subjects_cannot_be_guessed_from_another(nats_url: str, uid:
     seen: list[Msg] = []
     try:
         sub = await responder.subscribe(f"guess.{uid}")
-        await flush_subscriptions(responder)
+        await round_trip(responder)
         inbox = Inbox(client)
         first = asyncio.create_task(inbox.request(f"guess.{uid}", b"1", timeout_s=5, headers=None))
         seen.append(await sub.next_msg(timeout=5))
@@ -124,7 +124,7 @@ async def test_reply_subjects_stay_unique_across_entropy_refills(nats_url: str, 
 
     try:
         await responder.subscribe(f"inbox.{uid}", cb=respond)
-        await flush_subscriptions(responder)
+        await round_trip(responder)
         inbox = Inbox(client)
         for i in range(2100):  # two refills
             reply = await inbox.request(f"inbox.{uid}", b"%d" % i, timeout_s=5, headers=None)
@@ -155,7 +155,7 @@ async def test_each_request_times_out_at_its_own_deadline(nats_url: str, uid: st
     responder, client = await nats.connect(nats_url), await nats.connect(nats_url)
     try:
         sub = await responder.subscribe(f"silent.{uid}")  # never answers
-        await flush_subscriptions(responder)
+        await round_trip(responder)
         inbox = Inbox(client)
         long = asyncio.create_task(time_to_timeout(inbox, f"silent.{uid}", 1.0))
         await asyncio.sleep(0.01)
@@ -179,7 +179,7 @@ async def test_a_burst_of_timeouts_ends_each_request_on_time(nats_url: str, uid:
     responder, client = await nats.connect(nats_url), await nats.connect(nats_url)
     try:
         await responder.subscribe(f"stalled.{uid}")  # receives, never answers
-        await flush_subscriptions(responder)
+        await round_trip(responder)
         inbox = Inbox(client)
         timeouts = [0.05 + i * 0.0005 for i in range(500)]
         took = await asyncio.gather(

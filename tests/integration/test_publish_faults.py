@@ -18,7 +18,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from nexus_bus.bus.connection import flush_subscriptions
+from nexus_bus.bus.connection import round_trip
 from nexus_bus.client.inbox import Inbox
 from nexus_bus.embedded import ServerProcess
 from tests.helpers import eventually
@@ -30,7 +30,7 @@ from tests.helpers import eventually
 async def silent_subject(nc: Client, subject: str) -> None:
     """A subscriber that never answers (requests time out, no 503)."""
     await nc.subscribe(subject)
-    await flush_subscriptions(nc)
+    await round_trip(nc)
 
 
 def assert_clean(inbox: Inbox) -> None:
@@ -109,7 +109,7 @@ async def test_shared_slot_mixed_replies_timeouts_errors_cancels_leave_nothing(
                 await msg.respond(msg.data)
 
         await responder.subscribe(f"rv.mix.{uid}", cb=answer_even)
-        await flush_subscriptions(responder)
+        await round_trip(responder)
         inbox = Inbox(client)
         subject = f"rv.mix.{uid}"
         tasks = [
@@ -285,7 +285,7 @@ async def test_cancelling_the_first_caller_during_start_leaves_the_others_runnin
             await msg.respond(msg.data)
 
         await responder.subscribe(f"rv.start.{uid}", cb=echo)
-        await flush_subscriptions(responder)
+        await round_trip(responder)
         gate = asyncio.Event()
         real_subscribe = client.subscribe
 

@@ -20,6 +20,7 @@ from nexus_bus.handlers import builtin_groups
 from nexus_bus.resilience import BreakerState
 from nexus_bus.services import Services
 from tests.conftest import make_settings, open_services
+from tests.helpers import pause
 
 # Quick breaker probes so that recovery is observed within a second or two.
 FAST_RECOVERY = {"breaker_reset_s": 0.1, "breaker_reset_max_s": 0.3}
@@ -151,7 +152,7 @@ async def test_frozen_redis_that_comes_back_with_old_entries_never_serves_them(
             await services.records.put(key, b'"old"')
             await services.records.get(key)
         assert local_redis.proc is not None
-        local_redis.proc.send_signal(signal.SIGSTOP)
+        pause(local_redis.proc)
         try:
             new_revisions = {k: await services.records.put(k, b'"new"') for k in keys[:2]}
             await services.records.delete(keys[2])

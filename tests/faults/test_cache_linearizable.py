@@ -34,6 +34,7 @@ from nexus_bus.embedded import ServerProcess, free_port
 from nexus_bus.handlers import builtin_groups
 from tests.conftest import issue_test_token, make_settings, shared_keys_dir
 from tests.faults.registers import Recorder, over_http, over_nats
+from tests.helpers import pause
 from tests.linearizability import Action, check, check_history, check_regular
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,7 +75,10 @@ class Processes:
         )
 
     def signal(self, name: str, sig: signal.Signals) -> None:
-        self.procs[name].send_signal(sig)
+        if sig == signal.SIGSTOP:
+            pause(self.procs[name])  # stopped on return, not just signalled
+        else:
+            self.procs[name].send_signal(sig)
 
     def kill(self, name: str) -> None:
         self.procs[name].kill()

@@ -1,9 +1,11 @@
 """Shared test helpers: connections with and without the opt-in speedups, waiting for a
-condition, pausing a process, and JSON that grows when stored."""
+condition, pausing a process, what the gateway's tasks are doing, and JSON that grows when
+stored."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import signal
 import subprocess
 import time
@@ -44,6 +46,27 @@ def pause(proc: subprocess.Popen[bytes] | None) -> None:
     while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":  # the state, after the name
         assert time.monotonic() < deadline, f"process {proc.pid} did not stop"
         time.sleep(0.001)
+
+
+def gateway_task_stacks() -> str:
+    """Where each asyncio task of this loop that is inside the gateway's code (an in-process
+    worker's handler, say) is waiting, innermost last: for a failure that a test cannot
+    reproduce at will to explain itself. (`Task.get_stack` shows one frame of a suspended
+    coroutine; this follows what each one awaits.)"""
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        chain: list[str] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is None:
+                break
+            code = frame.f_code
+            chain.append(f"  {code.co_filename}:{frame.f_lineno} {code.co_qualname}")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        if any("nexus_bus" in line for line in chain):
+            out.write(f"{task.get_name()}:\n" + "\n".join(chain) + "\n")
+    return out.getvalue()
 
 
 async def connection(url: str, fast: bool, **options: Any) -> Client:

@@ -27,6 +27,7 @@ import pytest
 
 from nexus_bus import Settings, Worker
 from nexus_bus.embedded import free_port
+from tests.helpers import gateway_task_stacks
 from tests.integration.http_shim import PROBE_OP, bearer, poll_until, probe_worker
 
 CONFIG = Path(__file__).resolve().parents[2] / "compose" / "nginx" / "nginx.conf"
@@ -234,6 +235,7 @@ async def test_killing_a_shim_mid_load_loses_no_request(
 ) -> None:
     callers, duration_s, kill_after_s = 12, 4.0, 1.5
     outcomes: list[tuple[float, str]] = []
+    stacks: list[str] = []  # the in-process worker's tasks at the first failure
     cut: list[str] = []  # answers cut by the kill, retried with their key
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -265,6 +267,8 @@ async def test_killing_a_shim_mid_load_loses_no_request(
                 failed = put if put.status_code != 200 else got
                 outcomes.append((loop.time() - started, "ok" if ok else f"{put.status_code}/"
                                  f"{got.status_code} {failed.text[:300]}"))
+                if not ok and not stacks:
+                    stacks.append(gateway_task_stacks())
                 i += 1
 
         async def killer() -> None:
@@ -276,6 +280,8 @@ async def test_killing_a_shim_mid_load_loses_no_request(
         await asyncio.gather(killer(), *(caller(n) for n in range(callers)))
 
     failures = [o for o in outcomes if o[1] != "ok"]
+    if failures and stacks:  # shown with the failure (pytest would truncate it in the assert)
+        print(f"the gateway's tasks at the first failure:\n{stacks[0]}", file=sys.stderr)
     assert not failures, failures[:5]
     assert len(cut) <= callers, cut  # only answers in flight at the kill
     after_kill = [t for t, _ in outcomes if t > kill_after_s + 0.2]

@@ -8,75 +8,16 @@ Before, its cached reads answered the old bucket's value until the entry expired
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 import httpx
 
-from nexus_bus import Gateway, NotFound, Settings, Worker
-from nexus_bus.embedded import ServerProcess, free_port
+from nexus_bus import Gateway, NotFound, Worker
+from nexus_bus.embedded import ServerProcess
 from nexus_bus.handlers import builtin_groups
 from tests.conftest import make_settings
 from tests.helpers import delete_streams, eventually
 from tests.integration.http_shim import bearer, running_shim
-
-
-class Relay:
-    """A TCP relay to nats-server that can be cut (every connection closed, none accepted)
-    and restored on the same port."""
-
-    def __init__(self, target_port: int) -> None:
-        self.port = free_port()
-        self._target = target_port
-        self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task[None]] = set()
-
-    def settings(self, redis_url: str) -> Settings:
-        """Settings of a process that reaches NATS through this relay (cache on), quick to
-        reconnect once the relay is back."""
-        relayed = make_settings(f"nats://127.0.0.1:{self.port}", redis_url, cache={"enabled": True})
-        fast = relayed.nats.model_copy(update={"reconnect_wait_s": 0.2})
-        return relayed.model_copy(update={"nats": fast})
-
-    async def open(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-
-    async def cut(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
-        for pipe in list(self._pipes):
-            pipe.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            finally:
-                dst.close()
-
-        for task in (
-            asyncio.create_task(pipe(reader, up_writer)),
-            asyncio.create_task(pipe(up_reader, writer)),
-        ):
-            self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
-
-
-@contextlib.asynccontextmanager
-async def relay_to(server: ServerProcess) -> AsyncIterator[Relay]:
-    relay = Relay(server.port)
-    await relay.open()
-    try:
-        yield relay
-    finally:
-        with contextlib.suppress(AssertionError):
-            await relay.cut()
+from tests.relay import relay_to
 
 
 async def test_a_shim_away_while_the_bucket_came_back_stops_serving_its_entries(

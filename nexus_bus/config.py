@@ -78,6 +78,12 @@ class NatsSettings(BaseModel):
     initial_refused_timeout_s: float | None = Field(None, gt=0)
     reconnect_wait_s: float = Field(0.5, gt=0)
     max_reconnect_attempts: int = -1  # forever: a worker must outlive a broker restart
+    # A connection whose server stopped answering (a partition, a host gone without closing
+    # its sockets) is declared stale and replaced, by another cluster node if there is one,
+    # once `max_outstanding_pings` PINGs sent `ping_interval_s` apart went unanswered: within
+    # 30 s here, where nats-py's defaults (120 s, 2) take up to 6 minutes.
+    ping_interval_s: int = Field(10, ge=1)
+    max_outstanding_pings: int = Field(2, ge=1)
     # Bounded so that a long outage cannot replay minutes of stale requests: nats-py
     # flushes this buffer after reconnecting, maybe after the caller already got a 504.
     pending_size_bytes: int = Field(2 * 1024 * 1024, gt=0)

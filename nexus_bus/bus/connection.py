@@ -92,6 +92,8 @@ def nats_options(
         "connect_timeout": settings.connect_timeout_s,
         "reconnect_time_wait": settings.reconnect_wait_s,
         "max_reconnect_attempts": settings.max_reconnect_attempts,
+        "ping_interval": settings.ping_interval_s,
+        "max_outstanding_pings": settings.max_outstanding_pings,
         "pending_size": settings.pending_size_bytes,
         "reconnected_cb": on_reconnect,
         "disconnected_cb": on_disconnect,

@@ -46,6 +46,7 @@ def test_nats_cluster_configs_are_valid_for_the_real_server(node: int) -> None:
     assert result.returncode == 0, result.stderr
     text = (COMPOSE / "nats" / f"nats-{node}.conf").read_text()
     assert "sync_interval: always" in text and "$NEXUS_NATS_PASSWORD" in text
+    assert 'ping_interval: "10s"' in text and "ping_max: 2" in text  # partitions: 30 s
 
 
 def test_services_reference_existing_files_and_services() -> None:

@@ -96,7 +96,7 @@ class CacheBus:
             # Make sure the server has every interest before the first write relies on them.
             await round_trip(self._nc)
         except BaseException as exc:
-            # Not left half subscribed (a flush that timed out, a start cancelled): a caller
+            # Not left half subscribed (a round trip that timed out, a start cancelled): a caller
             # that carries on without this bus, or starts another, must not have this one
             # answer revocations and fences for a cache nobody attached it to.
             await self.close()

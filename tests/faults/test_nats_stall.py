@@ -26,10 +26,6 @@ from tests.helpers import eventually, pause
 from tests.integration.discovery_ops import discovery_ops
 
 
-def stall(server: ServerProcess) -> None:
-    pause(server.proc)
-
-
 def resume(server: ServerProcess) -> None:
     assert server.proc is not None
     server.proc.send_signal(signal.SIGCONT)
@@ -47,7 +43,7 @@ async def test_a_round_trip_given_up_leaves_the_connection_hearing(
     try:
         await nc.subscribe(f"hear.{uid}", cb=hear)
         await round_trip(nc)
-        stall(local_nats)
+        pause(local_nats.proc)
         try:
             with pytest.raises(nats.errors.TimeoutError):
                 await round_trip(nc, timeout_s=0.5)
@@ -83,7 +79,7 @@ async def test_a_worker_whose_server_stalled_past_a_health_check_still_answers(
                 return None if check is None else check.status
 
             await eventually(lambda: status() == "passing", "passing", 10)
-            stall(local_nats)
+            pause(local_nats.proc)
             try:
                 # A check every 0.5 s, each given up after 1 s: critical, and the TTL lapses.
                 await eventually(lambda: status() == "critical", "critical while stalled", 10)

@@ -26,6 +26,7 @@ from nexus_bus.handlers import builtin_groups
 from nexus_bus.observability import configure_logging
 from nexus_bus.services import Services, close_services, create_services
 from tests import servers
+from tests.helpers import task_stacks
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -114,8 +115,7 @@ async def bounded_teardown(step: Awaitable[None], what: str, seconds: float = 20
             await step
     except TimeoutError:
         print(f"\n{what} took over {seconds} s; asyncio tasks:", file=sys.stderr)
-        for task in asyncio.all_tasks():
-            task.print_stack(file=sys.stderr)
+        print(task_stacks(), file=sys.stderr)
         raise
 
 

@@ -48,11 +48,11 @@ def pause(proc: subprocess.Popen[bytes] | None) -> None:
         time.sleep(0.001)
 
 
-def gateway_task_stacks() -> str:
-    """Where each asyncio task of this loop that is inside the gateway's code (an in-process
-    worker's handler, say) is waiting, innermost last: for a failure that a test cannot
-    reproduce at will to explain itself. (`Task.get_stack` shows one frame of a suspended
-    coroutine; this follows what each one awaits.)"""
+def task_stacks(*, gateway_only: bool = False) -> str:
+    """Where each asyncio task of this loop is waiting, innermost last (`gateway_only`: only
+    the tasks inside the gateway's code, an in-process worker's handlers say): for a hang or
+    a failure that a test cannot reproduce at will to explain itself. `Task.get_stack` shows
+    one frame of a suspended coroutine; this follows what each one awaits."""
     out = io.StringIO()
     for task in asyncio.all_tasks():
         chain: list[str] = []
@@ -64,7 +64,7 @@ def gateway_task_stacks() -> str:
             code = frame.f_code
             chain.append(f"  {code.co_filename}:{frame.f_lineno} {code.co_qualname}")
             awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
-        if any("nexus_bus" in line for line in chain):
+        if not gateway_only or any("nexus_bus" in line for line in chain):
             out.write(f"{task.get_name()}:\n" + "\n".join(chain) + "\n")
     return out.getvalue()
 

@@ -27,7 +27,7 @@ import pytest
 
 from nexus_bus import Settings, Worker
 from nexus_bus.embedded import free_port
-from tests.helpers import gateway_task_stacks
+from tests.helpers import task_stacks
 from tests.integration.http_shim import PROBE_OP, bearer, poll_until, probe_worker
 
 CONFIG = Path(__file__).resolve().parents[2] / "compose" / "nginx" / "nginx.conf"
@@ -268,7 +268,7 @@ async def test_killing_a_shim_mid_load_loses_no_request(
                 outcomes.append((loop.time() - started, "ok" if ok else f"{put.status_code}/"
                                  f"{got.status_code} {failed.text[:300]}"))
                 if not ok and not stacks:
-                    stacks.append(gateway_task_stacks())
+                    stacks.append(task_stacks(gateway_only=True))
                 i += 1
 
         async def killer() -> None:

@@ -1,7 +1,7 @@
 """`bench_http --data` (issue 15, docs/benchmarks.md): `data.get` of a hot key through the shim
 and a `data` worker, with the L1 and without, answered by the shim's cached reads and by the
-worker, beside the same at commit 9e0cb4b, the uvicorn bridge, nexus's own trivial op and
-Moleculer; and the report with issue 15's targets."""
+worker, beside the same at commit 9e0cb4b, the uvicorn bridge, uvicorn alone, nexus's own trivial
+op and Moleculer; and the report with issue 15's targets."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ HOT_KEY = "bench.hot"
 DATA_BODY = b'{"key":"%s"}' % HOT_KEY.encode()
 # The hot value (as bench_cache's): written through the target before it is measured.
 PUT_BODY = msgspec.json.encode({"key": HOT_KEY, "value": {"n": 1, "s": "x" * 256}})
+FLOOR: Final = "uvicorn alone (no NATS)"  # the HTTP server answering a constant: p99's floor
 BEFORE_L1: Final = "9e0cb4b"  # issue 15's "today": the Redis path before this work
 VIA_WORKER: Final = "nexus get via worker"  # http.cached_reads off
 OFF_VIA_WORKER: Final = "nexus L1 off via worker"
@@ -75,6 +76,9 @@ def data_targets(url: str, tmp: Path) -> list[Target]:
     targets = [
         Target("uvicorn bridge -> raw", [responder, ("bridge", [*me, "--serve-uvicorn", "{port}",
                                                                  url])]),
+        # uvicorn answering a constant with no NATS and no app: the least any request served
+        # by this HTTP server costs, and the p99 floor under the hot read's 3 ms target.
+        Target(FLOOR, [("app", [*me, "--serve-uvicorn", "{port}"])]),
         Target("nexus trivial op", NEXUS_ROLES),
         Target("nexus data.get hot", DATA_ROLES, {}, True, **hot),  # type: ignore[arg-type]
         Target("nexus data.get L1 off", DATA_ROLES,
@@ -147,6 +151,9 @@ def report_data(
     _verdict("c=128 data.get hot p99 <= 0.5x Moleculer's", r, None if r is None else r <= 0.5)
     r = _ratio(off16, old16)
     _verdict(f"c=16 L1 off >= 1.5x {BEFORE_L1}", r, None if r is None else r >= 1.5)
+    if (floor16 := by.get((FLOOR, 16))) is not None:
+        print(f"info: c=16 p99 of uvicorn alone answering a constant: {floor16.p99_ms:.2f} ms "
+              f"at {floor16.rps:,.0f} req/s: the HTTP server's own floor in this run")
     for name, base in (("nexus data.get hot", VIA_WORKER), ("nexus data.get L1 off",
                                                              OFF_VIA_WORKER)):
         r = _ratio(by.get((name, 16)), by.get((base, 16)))

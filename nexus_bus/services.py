@@ -25,6 +25,8 @@ class Services:
     """Shared, long-lived resources of a worker: connections and adapters behind seams."""
 
     settings: Settings
+    # Never `nc.flush(timeout=...)`: a nats-py flush that times out (or is cancelled) leaves
+    # the connection deaf (docs/runtime.md); `nexus_bus.bus.connection.round_trip` does not.
     nc: Client
     js: JetStreamContext
     records: RecordStore

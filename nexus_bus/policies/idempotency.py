@@ -11,7 +11,10 @@ One Redis hash per (token subject, op, action, key) (`resilience.idempotency.rec
   lease of `idempotency_lease_ms`, and runs;
 - `s=p` (running): a repeat with the same fingerprint waits for it (polling, within its own
   deadline) instead of running; when the lease expires (the first worker died before
-  recording), the next repeat claims it and runs;
+  recording), the next repeat claims it and runs. A claim that ends without a reply to
+  record (an exception, a cancellation, or the claim's own answer lost to a timeout) is
+  dropped at once, by its owner token: only a worker that died leaves its repeats waiting
+  for the lease;
 - `s=d` (done): the recorded reply (status, content type, body) is replayed with
   `Idempotent-Replayed: true`, for `idempotency_retention_s` (24 h);
 - a different fingerprint: `422 idempotency_mismatch`.
@@ -123,6 +126,7 @@ class IdempotencyStore:
         self._lease_ms = lease_ms
         self._clock = clock
         self.health = StoreHealth("idempotency")
+        self._releases: set[asyncio.Task[None]] = set()  # claims being dropped (`_drop_claim`)
 
     async def run(
         self,
@@ -151,7 +155,16 @@ class IdempotencyStore:
         print_ = fingerprint(content_type, body)
         owner = uuid.uuid4().hex
         while True:
-            found = await self._call(self._begin(keys=[name], args=[print_, owner, self._lease_ms]))
+            try:
+                found = await self._call(
+                    self._begin(keys=[name], args=[print_, owner, self._lease_ms])
+                )
+            except BaseException:
+                # The script may have claimed the key though its answer never came back (the
+                # call timed out behind a stalled event loop, or the request was cancelled):
+                # a claim nobody runs would make every repeat wait out the whole lease.
+                self._drop_claim(name, owner)
+                raise
             verdict = _text(found[0])
             if verdict == "run":
                 with effect_scope(f"{EFFECTS_IDEMPOTENCY_TOKEN}.{digest}", request=print_):
@@ -171,7 +184,7 @@ class IdempotencyStore:
         try:
             reply = await produce()
         except BaseException:
-            await self._forget(name, owner)
+            self._drop_claim(name, owner)
             raise
         if not kept(reply.status):
             await self._forget(name, owner)
@@ -186,6 +199,17 @@ class IdempotencyStore:
             # The effect happened: answer it. Unrecorded, a repeat after the lease runs again.
             logger.warning("idempotency record not written; a repeat may run again")
         return reply
+
+    def _drop_claim(self, name: str, owner: str) -> None:
+        """Release `owner`'s claim on `name` (if it holds one) in a task of its own.
+
+        Not awaited in the request's task: a request cancelled at its deadline is cancelled
+        again by the worker on every tick until it ends, which would cut the release short
+        and leave the claim to hold repeats off for the lease.
+        """
+        task = asyncio.get_running_loop().create_task(self._forget(name, owner))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     async def _forget(self, name: str, owner: str) -> None:
         with contextlib.suppress(Unavailable):  # the lease expires on its own; a repeat runs

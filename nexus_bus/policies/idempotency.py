@@ -13,8 +13,8 @@ One Redis hash per (token subject, op, action, key) (`resilience.idempotency.rec
   deadline) instead of running; when the lease expires (the first worker died before
   recording), the next repeat claims it and runs. A claim that ends without a reply to
   record (an exception, a cancellation, or the claim's own answer lost to a timeout) is
-  dropped at once, by its owner token: only a worker that died leaves its repeats waiting
-  for the lease;
+  dropped at once, by its owner token, and a record whose write got no answer is written
+  again in the background: only a worker that died leaves its repeats waiting for the lease;
 - `s=d` (done): the recorded reply (status, content type, body) is replayed with
   `Idempotent-Replayed: true`, for `idempotency_retention_s` (24 h);
 - a different fingerprint: `422 idempotency_mismatch`.
@@ -38,7 +38,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
 from nexus_bus.bus.replies import Reply, error_of, service_error_headers
@@ -93,6 +93,7 @@ return 0
 
 _POLL_S: Final = 0.02
 _CALL_TIMEOUT_S: Final = 0.5
+_RECORD_RETRIES_S: Final = (0.05, 0.25, 1.0, 4.0)  # pauses before writing a lost record again
 
 Produce = Callable[[], Awaitable[Reply]]
 
@@ -126,7 +127,7 @@ class IdempotencyStore:
         self._lease_ms = lease_ms
         self._clock = clock
         self.health = StoreHealth("idempotency")
-        self._releases: set[asyncio.Task[None]] = set()  # claims being dropped (`_drop_claim`)
+        self._background: set[asyncio.Task[None]] = set()  # claims dropped, records retried
 
     async def run(
         self,
@@ -196,9 +197,23 @@ class IdempotencyStore:
         try:
             await self._call(self._complete(keys=[name], args=args))
         except Unavailable:
-            # The effect happened: answer it. Unrecorded, a repeat after the lease runs again.
-            logger.warning("idempotency record not written; a repeat may run again")
+            # The effect happened: answer it. The record is tried again in the background, so
+            # that repeats get this reply rather than wait out the lease (the script may have
+            # run already: writing the same record twice is harmless). Never written, a repeat
+            # after the lease runs again, and the effect journal skips what was done.
+            logger.warning("idempotency record not written; trying again")
+            self._spawn(self._record_again(name, args))
         return reply
+
+    async def _record_again(self, name: str, args: list[str | int | bytes]) -> None:
+        for pause_s in _RECORD_RETRIES_S:
+            await asyncio.sleep(pause_s)
+            try:
+                await self._call(self._complete(keys=[name], args=args))
+            except Unavailable:
+                continue
+            return
+        logger.warning("idempotency record not written; a repeat after the lease runs again")
 
     def _drop_claim(self, name: str, owner: str) -> None:
         """Release `owner`'s claim on `name` (if it holds one) in a task of its own.
@@ -207,9 +222,12 @@ class IdempotencyStore:
         again by the worker on every tick until it ends, which would cut the release short
         and leave the claim to hold repeats off for the lease.
         """
-        task = asyncio.get_running_loop().create_task(self._forget(name, owner))
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
+        self._spawn(self._forget(name, owner))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)  # referenced until it ends
+        task.add_done_callback(self._background.discard)
 
     async def _forget(self, name: str, owner: str) -> None:
         with contextlib.suppress(Unavailable):  # the lease expires on its own; a repeat runs

@@ -20,7 +20,7 @@ import pytest
 
 from nexus_bus import Settings
 from nexus_bus.bus.replies import Reply
-from nexus_bus.constants import H_STATUS
+from nexus_bus.constants import H_IDEMPOTENT_REPLAYED, H_STATUS
 from nexus_bus.errors import Unavailable
 from nexus_bus.policies import idempotency
 from nexus_bus.policies.idempotency import IdempotencyStore
@@ -109,3 +109,32 @@ async def test_a_request_cancelled_on_every_tick_still_drops_its_claim(
     retry = Runs()
     reply = await run(store, key, retry, within_s=2)
     assert reply.status == 200 and retry.count == 1
+
+
+async def test_a_record_whose_answer_came_too_late_is_written_again_and_replayed(
+    redis: RedisClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = IdempotencyStore(redis, retention_s=60, lease_ms=LEASE_MS)
+    complete = store._complete
+    monkeypatch.setattr(idempotency, "_CALL_TIMEOUT_S", 0.2)
+    lost: list[bool] = []
+
+    def lost_once(**kwargs: Any) -> Awaitable[Any]:
+        async def late() -> Any:
+            await asyncio.sleep(1)  # the record's first write never answers in time
+            return await complete(**kwargs)
+
+        if lost:
+            return complete(**kwargs)
+        lost.append(True)
+        return late()
+
+    key = f"record-{uuid.uuid4().hex}"
+    first = Runs()
+    monkeypatch.setattr(store, "_complete", lost_once)
+    assert (await run(store, key, first, within_s=5)).status == 200  # the effect happened
+
+    retry = Runs()
+    reply = await run(store, key, retry, within_s=3)  # replayed, not run, not a 504
+    assert reply.status == 200 and reply.headers.get(H_IDEMPOTENT_REPLAYED) == "true"
+    assert (first.count, retry.count) == (1, 0)

@@ -34,6 +34,8 @@ from nexus_bus.stackfile import STACK_FILE
 LOCK_FILE: Final = "up.lock"  # under the state dir, locked by the `up` whose stack runs there
 # Signals that stop the stack as Ctrl-C does: SIGTERM, and SIGHUP when the terminal closes.
 STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Beyond the children's own drain grace, how long `Stack.stop` waits before aborting them.
+STOP_MARGIN_S: Final = 5.0
 
 
 @dataclass
@@ -43,21 +45,36 @@ class Stack:
     state_dir: Path
     servers: list[ServerProcess] = field(default_factory=list)
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # the children's: "worker-1", ..., "shim"
     env: dict[str, str] = field(default_factory=dict)
     # Each process's own /metrics endpoint, by process name ("worker-1", ..., "shim").
     metrics: dict[str, str] = field(default_factory=dict)
+    stop_s: float = 15.0  # children's drain grace plus STOP_MARGIN_S (start_stack sets it)
 
     def stop(self) -> None:
-        """Stop children (SIGTERM, they drain), then servers; leave no process behind."""
+        """Stop children (SIGTERM, they drain), then servers; leave no process behind.
+
+        A child still running `stop_s` after SIGTERM (its drain hung) is aborted, which
+        prints its threads' Python stacks to `up`'s stderr (children run with
+        PYTHONFAULTHANDLER), so the hang says where it was; SIGKILL if even that does not end it.
+        """
         for child in self.children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        for child in self.children:
+        deadline = time.monotonic() + self.stop_s
+        for i, child in enumerate(self.children):
             try:
-                child.wait(15)
+                child.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait(5)
+                name = self.names[i] if i < len(self.names) else "a child"  # (still starting)
+                print(f"{name} (pid {child.pid}) still running {self.stop_s:.0f} s "
+                      "after SIGTERM: aborting it (its Python stacks follow)", file=sys.stderr)
+                child.send_signal(signal.SIGABRT)
+                try:
+                    child.wait(5)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait(5)
         for server in reversed(self.servers):
             server.stop()
         (self.state_dir / STACK_FILE).unlink(missing_ok=True)
@@ -91,7 +108,8 @@ def start_stack(
         Unavailable: a server binary is missing or did not start.
     """
     state = settings.state_dir.resolve()
-    stack = Stack(state)
+    grace_s = max(settings.worker.drain_grace_s, settings.http.grace_s)
+    stack = Stack(state, stop_s=grace_s + STOP_MARGIN_S)
     try:
         nats = nats_server(state / "nats", _port(nats_port)).start()
         stack.servers.append(nats)
@@ -107,7 +125,7 @@ def start_stack(
         env = {**os.environ, **stack.env}
         host = settings.worker.metrics_host
         chosen: set[int] = set()
-        names: list[str] = []  # the children's, for stack.json
+        names = stack.names
         for i in range(1, workers + 1):
             child_env = env
             if metrics_port is not None:
@@ -142,8 +160,10 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     # foreground group) reaches `up` alone, which stops its children with SIGTERM. In `up`'s
     # group, a child still importing died of it on the spot with "Fatal Python error:
     # init_import_site" or a KeyboardInterrupt traceback.
+    # PYTHONFAULTHANDLER: a child that `Stack.stop` has to abort prints where it hung.
     return subprocess.Popen(
-        [sys.executable, "-m", "nexus_bus", *args], env=env, start_new_session=True
+        [sys.executable, "-m", "nexus_bus", *args], env={**env, "PYTHONFAULTHANDLER": "1"},
+        start_new_session=True,
     )
 
 

@@ -91,7 +91,12 @@ def test_closing_the_terminal_stops_every_process_and_removes_the_stack_file(
         assert any("nats-server" in c for c in running.values()), running
         assert any("redis-server" in c for c in running.values()), running
         os.killpg(up.pid, signal.SIGHUP)  # what the terminal does to its foreground group
-        up.wait(30)
+        try:
+            up.wait(45)  # the children's grace is 10 s; they take about 1 s
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"up still running 45 s after SIGHUP: {processes_in(folder)}\n"
+                        f"{output(folder, 'up')}")
+        assert "after SIGTERM: aborting" not in output(folder, "up"), output(folder, "up")
         deadline = time.monotonic() + 10  # the servers are `up`'s to stop: it has returned
         while processes_in(folder) and time.monotonic() < deadline:
             time.sleep(0.05)

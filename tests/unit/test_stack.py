@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from nexus_bus import embedded
 from nexus_bus.stack import (
     LOCK_FILE,
+    Stack,
     claim_state_dir,
     lock_holder,
     process_start,
@@ -89,3 +92,26 @@ def test_a_redis_clusters_nodes_get_port_pairs_apart(
     assert ports == [30000, 30001, 31000]
     listening = [p for port in ports for p in (port, port + 10000)]
     assert len(set(listening)) == len(listening)
+
+
+def test_a_child_whose_drain_hangs_is_aborted_and_says_where(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: a child still draining after 15 s was SIGKILLed without a word, so a hung
+    drain left no trace of where it hung. Now `up` names it and aborts it, and the child
+    (run with PYTHONFAULTHANDLER, as `_spawn` runs workers and shim) prints its stacks."""
+    hangs = ("import signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+             "print('ready', file=sys.stderr, flush=True)\ndef drain():\n    time.sleep(60)\n"
+             "drain()\n")
+    err = tmp_path / "child.err"
+    with err.open("wb") as out:
+        child = subprocess.Popen([sys.executable, "-c", hangs], stderr=out,
+                                 env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    deadline = time.monotonic() + 10
+    while "ready" not in err.read_text():  # SIGTERM ignored from here on
+        assert time.monotonic() < deadline and child.poll() is None
+        time.sleep(0.01)
+    Stack(tmp_path, children=[child], names=["worker-1"], stop_s=0.5).stop()
+    assert child.returncode == -signal.SIGABRT
+    assert f"worker-1 (pid {child.pid}) still running" in capsys.readouterr().err
+    assert "line 5 in drain" in err.read_text()  # where it hung

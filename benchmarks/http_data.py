@@ -26,6 +26,7 @@ FLOOR: Final = "uvicorn alone (no NATS)"  # the HTTP server answering a constant
 BEFORE_L1: Final = "9e0cb4b"  # issue 15's "today": the Redis path before this work
 VIA_WORKER: Final = "nexus get via worker"  # http.cached_reads off
 OFF_VIA_WORKER: Final = "nexus L1 off via worker"
+TWO_WRITES: Final = "nexus hot, two writes"  # http.join_writes off: uvicorn's own protocol
 MOLECULER_DIR = Path.home() / ".cache" / "nexus-bus" / "bench-moleculer"
 
 DATA_ROLES: Final = [
@@ -93,6 +94,11 @@ def data_targets(url: str, tmp: Path) -> list[Target]:
                {"NEXUS_HTTP__CACHED_READS": "false", "NEXUS_CACHE__LOCAL_TTL_S": "0",
                 "NEXUS_CACHE__KEY_PREFIX": "nexus:l1off-worker"},
                True, **hot),  # type: ignore[arg-type]
+        # The hot read with each answer written in uvicorn's two calls (head, body), as before
+        # `http.join_writes` (docs/http.md, "One write per answer").
+        Target(TWO_WRITES, DATA_ROLES,
+               {"NEXUS_HTTP__JOIN_WRITES": "false", "NEXUS_CACHE__KEY_PREFIX": "nexus:two"},
+               True, **hot),  # type: ignore[arg-type]
     ]
     if (old := checkout(BEFORE_L1, tmp / "before-l1")) is not None:
         targets.append(Target(f"nexus data.get {BEFORE_L1}", DATA_ROLES,
@@ -159,6 +165,11 @@ def report_data(
         r = _ratio(by.get((name, 16)), by.get((base, 16)))
         if r is not None:
             print(f"info: c=16 {name} answered by the shim: {r:.2f}x the same via the worker")
+    two16 = by.get((TWO_WRITES, 16))
+    if hot16 is not None and two16 is not None:
+        print(f"info: c=16 nexus data.get hot, one write per answer: "
+              f"{_ratio(hot16, two16):.2f}x the req/s of uvicorn's two writes, p99 "
+              f"{hot16.p99_ms:.2f} against {two16.p99_ms:.2f} ms")
     for name, (idle, peak) in rss_kb.items():
         print(f"shim RSS, {name}: idle {idle / 1024:.0f} MB, peak (VmHWM, after c=128) "
               f"{peak / 1024:.0f} MB")

@@ -317,6 +317,9 @@ class HttpSettings(BaseModel):
     # The shim answers a `data.get` the cache holds fresh itself, under its own read lease,
     # as a worker would (docs/cache.md, "The shim's cached reads"); false: workers answer all.
     cached_reads: bool = True
+    # Each answer written in one call, not uvicorn's two (head, body): `http/transport.py`;
+    # false: uvicorn's own httptools protocol, unchanged.
+    join_writes: bool = True
 
     @model_validator(mode="after")
     def _check_proxies(self) -> HttpSettings:

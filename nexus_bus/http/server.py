@@ -24,6 +24,7 @@ import uvicorn
 from nexus_bus.config import Settings
 from nexus_bus.discovery import ShimDiscovery
 from nexus_bus.http.app import ShimApp
+from nexus_bus.http.transport import ShimProtocol
 from nexus_bus.observability import logger
 from nexus_bus.operations import Operations
 
@@ -39,8 +40,9 @@ def create_config(app: ShimApp, settings: Settings) -> uvicorn.Config:
         loop="uvloop",
         # Only uvicorn's documented settings (docs/http.md, "Limits per deployment"): the app
         # answers heads over `max_header_bytes` with 431 and slow bodies with 408; heads that
-        # never complete, or trickle in, are NGINX's to cut off in front of it.
-        http="httptools",
+        # never complete, or trickle in, are NGINX's to cut off in front of it. The protocol
+        # is uvicorn's httptools one, writing each answer in one call (`transport.py`).
+        http=ShimProtocol if http.join_writes else "httptools",
         limit_concurrency=http.max_connections,
         ws="none",
         lifespan="on",

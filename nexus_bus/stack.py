@@ -108,7 +108,9 @@ def start_stack(
         Unavailable: a server binary is missing or did not start.
     """
     state = settings.state_dir.resolve()
-    grace_s = max(settings.worker.drain_grace_s, settings.http.grace_s)
+    # The shim stays not-ready but serving for `drain_delay_s` before its grace begins.
+    grace_s = max(settings.worker.drain_grace_s,
+                  settings.http.drain_delay_s + settings.http.grace_s)
     stack = Stack(state, stop_s=grace_s + STOP_MARGIN_S)
     try:
         nats = nats_server(state / "nats", _port(nats_port)).start()

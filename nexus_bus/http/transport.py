@@ -60,15 +60,18 @@ class JoinedWrites(asyncio.Transport):
             self._flush()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self._next_turn)
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:
             self.write(data)
 
+    def _next_turn(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
+
     def _flush(self) -> None:
         """Send what is kept, in one call (dropped if the connection closed meanwhile)."""
-        self._flush_scheduled = False
         if not self._kept:
             return
         kept = self._kept

@@ -127,7 +127,6 @@ def start_stack(
         env = {**os.environ, **stack.env}
         host = settings.worker.metrics_host
         chosen: set[int] = set()
-        names = stack.names
         for i in range(1, workers + 1):
             child_env = env
             if metrics_port is not None:
@@ -138,17 +137,19 @@ def start_stack(
                 child_env = {**env, "NEXUS_WORKER__METRICS_PORT": str(port)}
                 stack.metrics[f"worker-{i}"] = f"http://{host}:{port}/metrics"
             stack.children.append(_spawn(["worker", *(worker_args or [])], child_env))
-            names.append(f"worker-{i}")
+            stack.names.append(f"worker-{i}")
         for args in extra or []:
             stack.children.append(_spawn(args, env))
-            names.append(args[0])
+            stack.names.append(args[0])
         if "NEXUS_HTTP__PORT" in stack.env and any(a[:1] == ["shim"] for a in extra or []):
             shim_url = f"http://{settings.http.host}:{stack.env['NEXUS_HTTP__PORT']}"
             stack.metrics["shim"] = f"{shim_url}/metrics"
         doc = {
             **stack.env, "metrics": stack.metrics, "pids": [c.pid for c in stack.children],
             "servers": [_record(s.name, s.proc.pid) for s in stack.servers if s.proc],
-            "children": [_record(n, c.pid) for n, c in zip(names, stack.children, strict=True)],
+            "children": [
+                _record(n, c.pid) for n, c in zip(stack.names, stack.children, strict=True)
+            ],
         }
         (state / STACK_FILE).write_text(json.dumps(doc, indent=2))
     except BaseException:
